@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import assets  # noqa: E402
+
+if not assets.TOKENIZER_MODEL.exists() or not assets.SMOLLM2_GGUF.exists():
+    raise pytest.UsageError("test assets missing: run `python tests/assets.py` first (the README's test command does)")
+
+# Meta's reference `llama/` package is unpacked (not installed) into tests/.assets.
+sys.path.insert(0, str(assets.META_REFERENCE))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model_path() -> Path:
+    return assets.TOKENIZER_MODEL
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json_path() -> Path:
+    return assets.TOKENIZER_JSON
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    return assets.SMOLLM2_GGUF
