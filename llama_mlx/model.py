@@ -1,0 +1,314 @@
+"""The Llama 3 transformer in MLX, after Meta's reference `llama/model.py`.
+
+Parameter names follow Hugging Face / mlx-lm (`model.layers.N.self_attn.q_proj`, ...) so that
+mlx-community folders load unchanged. The KV cache is passed in, never owned by the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Feed-forward width exactly as Meta computes it from params.json."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def meta_rope_factor(params: dict) -> float:
+    """Llama 3.2 1B/3B were trained with rope factor 32, the rest with 8; params.json does not say."""
+    if params.get("rope_scaling_factor") is not None:
+        return float(params["rope_scaling_factor"])
+    return 32.0 if (params["dim"], params["n_layers"]) in {(2048, 16), (3072, 28)} else 8.0
+
+
+def config_from_meta_params(params: dict, *, rope_factor: Optional[float] = None) -> dict:
+    """Translate a Meta params.json into a Hugging Face style config dict."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    scaled = bool(params.get("use_scaled_rope", False))
+    config = {
+        "model_type": "llama",
+        "hidden_size": dim,
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": params.get("n_kv_heads") or n_heads,
+        "head_dim": dim // n_heads,
+        "intermediate_size": ffn_hidden_dim(
+            dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")
+        ),
+        "vocab_size": params["vocab_size"],
+        "rms_norm_eps": params.get("norm_eps", 1e-5),
+        "rope_theta": params.get("rope_theta", 500000.0),
+        "rope_traditional": True,  # Meta checkpoints rotate interleaved pairs
+        "max_position_embeddings": 131072 if scaled else 8192,
+        "tie_word_embeddings": bool(params.get("tie_word_embeddings", False)),
+    }
+    if scaled:
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": rope_factor if rope_factor is not None else meta_rope_factor(params),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    return config
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[dict] = None
+    rope_traditional: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 8192
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+    quantization: Optional[dict] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        """Build from a Hugging Face config.json or a Meta params.json; unknown keys are ignored."""
+        if "dim" in config and "hidden_size" not in config:
+            config = config_from_meta_params(config)
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def to_config(self) -> dict[str, Any]:
+        """The Hugging Face config.json dict (plus mlx-lm's `rope_traditional`, `quantization`)."""
+        config = {"architectures": ["LlamaForCausalLM"], **self.__dict__}
+        if config["quantization"] is None:
+            del config["quantization"]
+        return config
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> mx.array:
+    """Per-pair inverse frequencies, with Llama 3.1 "llama3" scaling when configured."""
+    inv_freq = 1.0 / (theta ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = mx.where(wavelen > old_context / low, inv_freq / factor, blended)
+    return mx.where(wavelen < old_context / high, inv_freq, scaled)
+
+
+class RoPE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.dims = args.head_dim
+        self.traditional = args.rope_traditional
+        # mx.fast.rope takes periods (1/frequency); kept out of the parameters.
+        self._periods = 1.0 / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        return mx.fast.rope(
+            x, self.dims, traditional=self.traditional, base=None, scale=1.0,
+            offset=offset, freqs=self._periods,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        dim, bias = args.hidden_size, args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        self.rope = RoPE(args)
+
+    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        if "qkv_proj" in self:  # fused at load time by `Model.fuse()`
+            qkv = self.qkv_proj(x)
+            q_width = self.n_heads * self.head_dim
+            kv_width = self.n_kv_heads * self.head_dim
+            return mx.split(qkv, [q_width, q_width + kv_width], axis=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array | str], cache: Optional[KVCache]) -> mx.array:
+        B, L, D = x.shape
+        q, k, v = self.project_qkv(x)
+        # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset)
+        k = self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # Grouped-query attention: SDPA broadcasts the K/V heads, nothing is repeated.
+        out = scaled_dot_product_attention(q, k, v, self.scale, mask, cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def scaled_dot_product_attention(q, k, v, scale, mask, cache):
+    if cache is not None and hasattr(cache, "attention"):  # quantized caches attend on their own
+        return cache.attention(q, k, v, scale, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "gate_up_proj" in self:  # fused at load time by `Model.fuse()`
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: Optional[list] = None, mask=None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        if mask is None:
+            L = h.shape[1]
+            # A single query token sees the whole cache: no mask.
+            mask = cache[0].make_mask(L) if cache[0] is not None else ("causal" if L > 1 else None)
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, mask, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """`Model(args)(tokens[B, L], cache) -> logits[B, L, vocab]`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LlamaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: Optional[list] = None, mask=None) -> mx.array:
+        h = self.model(tokens, cache, mask)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.model.layers
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop what HF checkpoints carry but the model computes (rotary tables, tied head)."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        return weights
+
+    def fuse(self) -> "Model":
+        """Fuse q/k/v and gate/up projections into one matmul each: fewer kernels per token.
+
+        Works on float and affine-quantized linears alike, since quantization groups run
+        along the input dimension and the fused weights are stacked along the output one.
+        """
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if "qkv_proj" not in attn:
+                attn.qkv_proj = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+                del attn.q_proj, attn.k_proj, attn.v_proj
+            if "gate_up_proj" not in mlp:
+                mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+                del mlp.gate_proj, mlp.up_proj
+        return self
+
+
+def _concat_linears(linears: list[nn.Module]) -> nn.Module:
+    first = linears[0]
+    if isinstance(first, nn.QuantizedLinear) and all(
+        isinstance(l, nn.QuantizedLinear) and (l.bits, l.group_size, l.mode) == (first.bits, first.group_size, first.mode)
+        for l in linears
+    ):
+        fused = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
+        nn.Module.__init__(fused)
+        fused.group_size, fused.bits, fused.mode = first.group_size, first.bits, first.mode
+        for name in ("weight", "scales", "biases", "bias"):
+            if name in first:
+                fused[name] = mx.concatenate([l[name] for l in linears], axis=0)
+        fused.freeze()
+        return fused
+    if any(isinstance(l, nn.QuantizedLinear) for l in linears):
+        return _Unfused(linears)
+    fused = nn.Linear(1, 1, bias="bias" in first)
+    fused.weight = mx.concatenate([l.weight for l in linears], axis=0)
+    if "bias" in first:
+        fused.bias = mx.concatenate([l.bias for l in linears], axis=0)
+    return fused
+
+
+class _Unfused(nn.Module):
+    """Mixed-precision projections that cannot share one matmul: run them apart, concatenate."""
+
+    def __init__(self, linears: list[nn.Module]):
+        super().__init__()
+        self.parts = linears
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.concatenate([p(x) for p in self.parts], axis=-1)

@@ -1,0 +1,82 @@
+"""Quantized linears and embeddings (affine; 4 or 8 bits; groups of 32, 64 or 128).
+
+Two entry points: `prepare_quantized(model, weights)` swaps in quantized modules wherever the
+checkpoint carries `<path>.scales`, so quantized weights load straight in without a float copy;
+`quantize(model, bits, group_size, mixed=...)` quantizes a float model and returns the config
+entry (mlx-lm's form) that describes it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+HIGH_PRECISION = ("embed_tokens", "lm_head")
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[-1]
+
+
+def inferred_params(module: nn.Module, weight: mx.array, scales: mx.array) -> dict:
+    """Bits and group size of an affine-quantized tensor, read off its packed shapes."""
+    in_features = _in_features(module)
+    group_size = in_features // scales.shape[-1]
+    bits = weight.shape[-1] * 32 // in_features
+    return {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+
+def prepare_quantized(model: nn.Module, weights: dict[str, mx.array]) -> Optional[dict]:
+    """Quantize exactly the modules whose weights arrive quantized; returns their config entry."""
+    found: dict[str, dict] = {}
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        params = inferred_params(module, weights[f"{path}.weight"], weights[f"{path}.scales"])
+        found[path] = params
+        return params
+
+    nn.quantize(model, class_predicate=predicate)
+    return _config_entry(found) if found else None
+
+
+def quantize(
+    model: nn.Module, bits: int = 4, group_size: int = 64, *, mixed: bool = False
+) -> dict:
+    """Quantize a float model in place; `mixed` keeps embeddings and output head at 8 bits."""
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"unsupported bits {bits}: MLX affine quantization takes 2, 3, 4, 5, 6 or 8")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"unsupported group size {group_size}: use 32, 64 or 128")
+    chosen: dict[str, dict] = {}
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return False
+        if _in_features(module) % group_size:
+            return False  # stays in float: the row does not split into whole groups
+        b = 8 if mixed and path.split(".")[-1] in HIGH_PRECISION else bits
+        chosen[path] = {"group_size": group_size, "bits": b, "mode": "affine"}
+        return chosen[path]
+
+    nn.quantize(model, class_predicate=predicate)
+    return _config_entry(chosen, default={"group_size": group_size, "bits": bits})
+
+
+def _config_entry(per_module: dict[str, dict], default: Optional[dict] = None) -> dict:
+    """mlx-lm's `quantization` entry: a default plus an entry for each module that differs."""
+    if default is None:
+        counts: dict[tuple, int] = {}
+        for p in per_module.values():
+            key = (p["group_size"], p["bits"])
+            counts[key] = counts.get(key, 0) + 1
+        group_size, bits = max(counts, key=counts.get)
+        default = {"group_size": group_size, "bits": bits}
+    entry: dict = dict(default)
+    for path, p in per_module.items():
+        if (p["group_size"], p["bits"]) != (default["group_size"], default["bits"]):
+            entry[path] = {"group_size": p["group_size"], "bits": p["bits"]}
+    return entry
