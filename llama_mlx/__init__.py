@@ -1,0 +1,37 @@
+"""llama-mlx: Meta's Llama 3 family on Apple silicon with MLX.
+
+    model, tokenizer = llama_mlx.load()          # the default model, or a path / name
+    print(llama_mlx.generate(model, tokenizer, "Why is the sky blue?"))
+"""
+
+from .errors import LlamaMLXError
+from .generate import GenerationResponse, PromptCache, generate, generate_step, stream_generate
+from .sample import make_logits_processors, make_sampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GenerationResponse",
+    "LlamaMLXError",
+    "PromptCache",
+    "convert",
+    "generate",
+    "generate_step",
+    "load",
+    "make_logits_processors",
+    "make_sampler",
+    "stream_generate",
+]
+
+
+def __getattr__(name):
+    # Loading and conversion pull in the checkpoint readers: only import them when asked.
+    if name == "load":
+        from .loading import load
+
+        return load
+    if name == "convert":
+        from .convert import convert
+
+        return convert
+    raise AttributeError(f"module 'llama_mlx' has no attribute {name!r}")

@@ -156,6 +156,8 @@ class QuantizedKVCache(KVCache):
         self.bits, self.group_size = bits, group_size
 
     def _quantize(self, x: mx.array) -> tuple[mx.array, ...]:
+        if x.shape[-1] % self.group_size:
+            raise ValueError(f"kv_group_size {self.group_size} does not divide the head size {x.shape[-1]}")
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
     def update_and_fetch(self, k: mx.array, v: mx.array):

@@ -1,0 +1,358 @@
+"""Generation in layers: `generate_step` yields token ids, `stream_generate` yields
+`GenerationResponse`s, `generate` returns the text.
+
+Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller, and runs
+a compiled step whose cache offset is an array, so the graph is traced once per cache capacity
+rather than once per token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterable, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import (
+    DecodeView,
+    KVCache,
+    RotatingKVCache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+)
+from .errors import ContextLengthError
+from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step: the new text and token, and running statistics.
+
+    text: the new text segment (may be empty while a character or stop string is incomplete).
+    prompt_tokens: tokens prefilled for this request (those reused from a prompt cache excluded).
+    cached_tokens: prompt tokens reused from the prompt cache.
+    peak_memory: peak memory so far, in GB.
+    finish_reason: None while generating, then "stop", "length" or "context".
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+    cached_tokens: int = 0
+    time_to_first_token: float = 0.0
+
+
+class PromptCache:
+    """A model's KV cache together with the tokens it holds.
+
+    `prepare(tokens)` keeps the longest shared prefix and returns only what must be prefilled,
+    so a chat re-prefills nothing but its new turn; `trim(n)` drops the last n tokens.
+    """
+
+    def __init__(self, model: nn.Module, *, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+                 kv_group_size: int = 64):
+        self.num_layers = len(model.layers)
+        self.options = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        self.cache = make_prompt_cache(self.num_layers, **self.options)
+        self.tokens: list[int] = []
+
+    @property
+    def offset(self) -> int:
+        return self.cache[0].offset
+
+    def reset(self) -> None:
+        self.cache = make_prompt_cache(self.num_layers, **self.options)
+        self.tokens = []
+
+    def trim(self, n: int) -> int:
+        """Drop the last `n` tokens; returns how many were dropped (0 once a rotating cache wrapped)."""
+        if not all(c.is_trimmable() for c in self.cache):
+            return 0
+        n = min(n, len(self.tokens))
+        for c in self.cache:
+            c.trim(n)
+        del self.tokens[len(self.tokens) - n :]
+        return n
+
+    def prepare(self, tokens: Sequence[int]) -> list[int]:
+        """Reuse the shared prefix; return the tokens still to prefill (always at least one)."""
+        tokens = list(tokens)
+        common = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last prompt token must run to give logits
+        if common < len(self.tokens) and self.trim(len(self.tokens) - common) != len(self.tokens) - common:
+            self.reset()  # a wrapped rotating cache cannot be cut back: start over
+            common = 0
+        return tokens[common:]
+
+    def record(self, tokens: Sequence[int]) -> None:
+        """Note what the cache now holds: the first `offset` of `tokens`."""
+        self.tokens = list(tokens)[: self.offset]
+
+    def save(self, path: Union[str, Path], metadata: Optional[dict] = None) -> None:
+        """Write the cache and its tokens to a file (atomically)."""
+        save_prompt_cache(path, self.cache, self.tokens, {"options": self.options, **(metadata or {})})
+
+    @classmethod
+    def load(cls, model: nn.Module, path: Union[str, Path]) -> tuple["PromptCache", dict]:
+        """Read what `save` wrote: (prompt cache, metadata)."""
+        cache, tokens, metadata = load_prompt_cache(path)
+        if len(cache) != len(model.layers):
+            raise ValueError(f"{path}: cache has {len(cache)} layers, the model {len(model.layers)}")
+        options = metadata.pop("options", {})
+        pc = cls(model, **options)
+        pc.cache, pc.tokens = cache, tokens
+        return pc, metadata
+
+
+class _Stepper:
+    """Runs the model on new tokens, with a compiled graph for single-token decode."""
+
+    def __init__(self, model: nn.Module, cache: list, compiled: bool):
+        self.model = model
+        self.cache = cache
+        self.compiled = compiled and all(type(c) is KVCache for c in cache)
+        if self.compiled:
+            # One compiled graph per model, reused across requests (traced once per capacity).
+            self._decode = getattr(model, "_llama_mlx_decode", None)
+            if self._decode is None:
+                self._decode = mx.compile(_decode_graph_for(model))
+                model._llama_mlx_decode = self._decode
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        """Logits of the last position, `[B, vocab]`."""
+        if not self.compiled or tokens.shape[1] != 1 or self.cache[0].keys is None:
+            return self.model(tokens, self.cache)[:, -1, :]
+        offset = self.cache[0].offset
+        buffers = []
+        for c in self.cache:
+            c._reserve(c.keys, c.values, offset + 1)
+            buffers += [c.keys, c.values]
+        logits, *buffers = self._decode(tokens, mx.array(offset, dtype=mx.int32), *buffers)
+        for i, c in enumerate(self.cache):
+            c.keys, c.values = buffers[2 * i], buffers[2 * i + 1]
+            c.offset += 1
+        return logits
+
+
+def _decode_graph_for(model: nn.Module):
+    def decode(tokens: mx.array, offset: mx.array, *buffers: mx.array):
+        views = [DecodeView(buffers[i], buffers[i + 1], offset) for i in range(0, len(buffers), 2)]
+        logits = model(tokens, views)[:, -1, :]
+        return (logits, *[a for v in views for a in (v.keys, v.values)])
+
+    return decode
+
+
+def context_length(model: nn.Module) -> int:
+    return int(model.args.max_position_embeddings)
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[Sequence[LogitsProcessor]] = None,
+    prompt_cache: Optional[list] = None,
+    prefill_step_size: int = 512,
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    compile: bool = True,
+    prompt_progress: Optional[Callable[[int, int], None]] = None,
+) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield (token id, log-probabilities) for up to `max_tokens` new tokens.
+
+    `prompt` holds the token ids not yet in `prompt_cache` (a per-layer cache list, made here
+    when not given). Prefill runs in chunks of `prefill_step_size` tokens to bound memory.
+    """
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError("prompt must be a non-empty 1-D array of token ids")
+    sampler = sampler or make_sampler()
+    processors = list(logits_processors or [])
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(
+        len(model.layers), max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size
+    )
+    step = _Stepper(model, cache, compile)
+    history = prompt if processors else None
+
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        if processors:
+            logits = apply_processors(processors, history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        if processors:
+            history = mx.concatenate([history, token])
+        return token, logprobs[0]
+
+    total = prompt.size
+    while prompt.size > 1:
+        n = min(prefill_step_size, prompt.size - 1)
+        model(prompt[None, :n], cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[n:]
+        if prompt_progress:
+            prompt_progress(total - prompt.size, total)
+        mx.clear_cache()
+
+    token, logprobs = sample(step(prompt[None]))
+    mx.async_eval(token, logprobs)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            # Queue the next step before handing this token over: the device never waits on Python.
+            next_token, next_logprobs = sample(step(token[None]))
+            mx.async_eval(next_token, next_logprobs)
+        yield token.item(), logprobs
+        if n + 1 < max_tokens:
+            token, logprobs = next_token, next_logprobs
+        if n % 256 == 255:
+            mx.clear_cache()
+
+
+def _prompt_tokens(tokenizer: Any, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, bos=tokenizer.bos_id is not None and getattr(tokenizer, "add_bos", True))
+    prompt = list(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    return [int(t) for t in prompt]
+
+
+class _StopStrings:
+    """Holds back text that may be the start of a stop string, so none of it is ever streamed."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: Prompt,
+    max_tokens: int = 256,
+    *,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[Sequence[LogitsProcessor]] = None,
+    stop: Optional[Sequence[str]] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    prefill_step_size: int = 512,
+    compile: bool = True,
+    prompt_progress: Optional[Callable[[int, int], None]] = None,
+) -> Generator[GenerationResponse, None, None]:
+    """Stream a completion of `prompt` (text, token ids, or chat messages).
+
+    Ends on a stop token (`finish_reason="stop"`), a stop string (never streamed, "stop"),
+    `max_tokens` ("length") or the model's context ("context"). With a `prompt_cache`, only the
+    tokens after the prefix it already holds are prefilled, and it holds the answer afterwards.
+    """
+    ids = _prompt_tokens(tokenizer, prompt)
+    if not ids:
+        raise ValueError("empty prompt")
+    pc = prompt_cache or PromptCache(model, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
+    rotating = isinstance(pc.cache[0], RotatingKVCache)
+    limit = context_length(model)
+    if not rotating and len(ids) >= limit:
+        raise ContextLengthError(
+            f"the prompt has {len(ids)} tokens; the model's context holds {limit} (leave room for the answer)"
+        )
+    if not rotating:
+        max_tokens = min(max_tokens, limit - len(ids))
+    todo = pc.prepare(ids)
+    cached = len(ids) - len(todo)
+    stops = set(tokenizer.stop_tokens)
+    detok = tokenizer.detokenizer()
+    stop_strings = _StopStrings(stop or [])
+    emitted: list[int] = []  # every token handed out, stop token included
+
+    start = time.perf_counter()
+    prompt_time = 0.0
+    tps = 0.0
+    steps = generate_step(
+        mx.array(todo), model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+        prompt_cache=pc.cache, prefill_step_size=prefill_step_size, compile=compile,
+        prompt_progress=prompt_progress,
+    )
+    try:
+        for n, (token, logprobs) in enumerate(steps):
+            emitted.append(token)
+            if n == 0:
+                prompt_time = time.perf_counter() - start
+                start = time.perf_counter()
+            else:
+                tps = n / (time.perf_counter() - start)
+            finish = None
+            if token in stops:
+                text, finish = detok.finalize(), "stop"
+                text, _ = stop_strings.feed(text)
+                text += stop_strings.flush()
+            else:
+                text, hit = stop_strings.feed(detok.add_token(token))
+                if hit:
+                    finish = "stop"
+                elif n + 1 == max_tokens:
+                    finish = "context" if not rotating and len(ids) + n + 1 >= limit else "length"
+                    tail, hit = stop_strings.feed(detok.finalize())
+                    text += tail + ("" if hit else stop_strings.flush())
+            yield GenerationResponse(
+                text=text, token=token, logprobs=logprobs, prompt_tokens=len(todo),
+                prompt_tps=len(todo) / max(prompt_time, 1e-9), generation_tokens=n + 1,
+                generation_tps=tps, peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+                cached_tokens=cached, time_to_first_token=prompt_time,
+            )
+            if finish:
+                break
+    finally:
+        steps.close()
+        # The step after each handed-out token is already queued, so the cache holds it too.
+        pc.record(ids + emitted)
+
+
+def generate(model: nn.Module, tokenizer: Any, prompt: Prompt, max_tokens: int = 256, **kwargs) -> str:
+    """Generate and return the completion text (see `stream_generate` for the options)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))

@@ -1,0 +1,162 @@
+"""Samplers and logits processors, as closures (`make_sampler`, `make_logits_processors`).
+
+A sampler maps log-probabilities `[B, vocab]` to token ids `[B]`. Two orders:
+- "mlx" (mlx-lm's): top-k / top-p / min-p filter the untempered distribution, the
+  temperature applies at the draw.
+- "meta" (Meta's reference `generate`): softmax(logits / temperature), then top-p on that.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+NEG_INF = float("-inf")
+
+
+def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Keep the `k` most likely tokens."""
+    if k <= 0 or k >= logprobs.shape[-1]:
+        return logprobs
+    kth = mx.sort(logprobs, axis=-1)[..., -k][..., None]
+    return mx.where(logprobs >= kth, logprobs, NEG_INF)
+
+
+def apply_min_p(logprobs: mx.array, min_p: float, min_keep: int = 1) -> mx.array:
+    """Keep tokens at least `min_p` times as likely as the most likely one."""
+    if min_p <= 0:
+        return logprobs
+    threshold = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(min_p, logprobs.dtype))
+    kth = mx.sort(logprobs, axis=-1)[..., -min_keep][..., None]
+    return mx.where((logprobs >= threshold) | (logprobs >= kth), logprobs, NEG_INF)
+
+
+def apply_top_p(logprobs: mx.array, top_p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens whose mass reaches `top_p` (Meta's rule)."""
+    if top_p >= 1.0:
+        return logprobs
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    probs = mx.softmax(sorted_lp, axis=-1)
+    # A token is dropped when the mass before it already exceeds top_p; the first always stays.
+    drop = (mx.cumsum(probs, axis=-1) - probs) > top_p
+    kept_sorted = mx.where(drop, NEG_INF, sorted_lp)
+    inverse = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(kept_sorted, inverse, axis=-1)
+
+
+def sample_inverse_cdf(probs: mx.array, u: mx.array) -> mx.array:
+    """The token whose cumulative probability first exceeds `u * total` (what multinomial does)."""
+    cdf = mx.cumsum(probs, axis=-1)
+    target = u[..., None] * cdf[..., -1:]
+    return mx.minimum((cdf <= target).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def meta_top_p(probs: mx.array, top_p: float, u: mx.array) -> mx.array:
+    """Meta's `sample_top_p`, drawing with the uniform numbers `u` instead of torch.multinomial."""
+    order = mx.argsort(-probs, axis=-1)
+    sorted_p = mx.take_along_axis(probs, order, axis=-1)
+    drop = (mx.cumsum(sorted_p, axis=-1) - sorted_p) > top_p
+    sorted_p = mx.where(drop, 0.0, sorted_p)
+    pick = sample_inverse_cdf(sorted_p, u)
+    return mx.take_along_axis(order, pick[..., None], axis=-1)[..., 0]
+
+
+def make_sampler(
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    *,
+    order: str = "mlx",
+    seed: Optional[int] = None,
+) -> Sampler:
+    """A sampler closure: greedy at temp 0; `seed` makes the draws reproducible."""
+    if temp < 0 or not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
+        raise ValueError("need temp >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p <= 1")
+    if order not in ("mlx", "meta"):
+        raise ValueError(f"unknown sampling order {order!r}: use 'mlx' or 'meta'")
+    if temp == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+
+    state = [mx.random.key(seed) if seed is not None else None]
+
+    def next_key():
+        if state[0] is None:
+            return None
+        state[0], key = mx.random.split(state[0])
+        return key
+
+    if order == "meta":
+
+        def sample_meta(logprobs: mx.array) -> mx.array:
+            probs = mx.softmax(logprobs.astype(mx.float32) / temp, axis=-1)
+            u = mx.random.uniform(shape=probs.shape[:-1], key=next_key())
+            if top_p < 1.0:
+                return meta_top_p(probs, top_p, u)
+            return sample_inverse_cdf(probs, u)
+
+        return sample_meta
+
+    def sample(logprobs: mx.array) -> mx.array:
+        logprobs = apply_top_k(logprobs, top_k)
+        logprobs = apply_top_p(logprobs, top_p)
+        logprobs = apply_min_p(logprobs, min_p, min_tokens_to_keep)
+        return mx.random.categorical(logprobs * (1 / temp), key=next_key())
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
+    """Scale down the logits of tokens among the last `context_size` (CTRL's rule)."""
+    if penalty <= 0:
+        raise ValueError(f"repetition penalty must be positive, got {penalty}")
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        recent = tokens[-context_size:]
+        selected = logits[:, recent]
+        selected = mx.where(selected < 0, selected * penalty, selected / penalty)
+        logits[:, recent] = selected
+        return logits
+
+    return process
+
+
+def make_logit_bias(bias: dict[int, float]) -> LogitsProcessor:
+    """Add a fixed bias to chosen token ids."""
+    ids = mx.array(list(bias.keys()))
+    values = mx.array(list(bias.values()))
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits.at[:, ids].add(values.astype(logits.dtype))
+
+    return process
+
+
+def make_logits_processors(
+    logit_bias: Optional[dict[int, float]] = None,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+) -> list[LogitsProcessor]:
+    """The processors the options ask for, in the order they apply."""
+    processors: list[LogitsProcessor] = []
+    if logit_bias:
+        processors.append(make_logit_bias(logit_bias))
+    if repetition_penalty and repetition_penalty != 1.0:
+        processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
+    return processors
+
+
+def apply_processors(
+    processors: Sequence[LogitsProcessor], tokens: mx.array, logits: mx.array
+) -> mx.array:
+    for process in processors:
+        logits = process(tokens, logits)
+    return logits
