@@ -282,7 +282,7 @@ def save_prompt_cache(
         "llama_mlx": json.dumps({"tokens": list(map(int, tokens)), "layers": layers}),
         "metadata": json.dumps(metadata or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")  # mlx appends the suffix otherwise
     try:
         mx.save_safetensors(str(tmp), arrays, metadata=header)
         os.replace(tmp, path)

@@ -95,7 +95,8 @@ class PromptCache:
                 break
             common += 1
         common = min(common, len(tokens) - 1)  # the last prompt token must run to give logits
-        if common < len(self.tokens) and self.trim(len(self.tokens) - common) != len(self.tokens) - common:
+        drop = len(self.tokens) - common
+        if drop and self.trim(drop) != drop:
             self.reset()  # a wrapped rotating cache cannot be cut back: start over
             common = 0
         return tokens[common:]

@@ -1,0 +1,216 @@
+"""Convert any supported checkpoint into an MLX folder, optionally quantized, written atomically.
+
+The folder is written to a hidden temporary folder beside the target and swapped in at the end,
+so an interrupted conversion never leaves a half-written model where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from .checkpoints import Checkpoint, read_checkpoint
+from .checkpoints.base import dtype_name, parse_dtype
+from .checkpoints.plan import check_options, main_dtype, plan
+from .checkpoints.writer import (
+    Progress,
+    fsync_dir,
+    generation_config_for,
+    write_json,
+    write_tokenizer,
+    write_weights,
+)
+from .errors import CheckpointError, OutputExistsError
+
+__all__ = ["ConvertResult", "Progress", "convert"]
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion produced."""
+
+    path: Path
+    source_format: str
+    parameters: int  # logical (unquantized) parameter count
+    bits_per_weight: float
+    size_bytes: int  # everything in the output folder
+    seconds: float
+    tensors: int
+    dtype: str
+    quantization: dict | None
+
+
+def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
+            dtype: str | None = None, recipe: str | None = None, force: bool = False,
+            rope_factor: float | None = None,
+            progress: Callable[[Progress], None] | None = None) -> ConvertResult:
+    """Convert the checkpoint at `src` (Meta, Hugging Face, GGUF or MLX) into an MLX folder at `dst`.
+
+    quantize/bits/group_size: affine quantization of the linear layers and embeddings (a recipe
+    implies quantize; "mixed" keeps embeddings and output head at 8 bits). dtype: float16,
+    bfloat16 or float32 for the float tensors (default: the checkpoint's). force: replace an
+    existing `dst`. rope_factor: override the Llama 3 RoPE scaling factor. progress: called
+    after each module's tensors are written. Raises LlamaMLXError subclasses on bad input.
+    """
+    start = time.perf_counter()
+    quantize = quantize or recipe is not None
+    if quantize:
+        check_options(bits, group_size, recipe)
+    out_dtype = parse_dtype(dtype)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    _check_target(src, dst, force)
+
+    ckpt = read_checkpoint(src, rope_factor=rope_factor)
+    out_dtype = out_dtype or main_dtype(ckpt)
+    items, quantization = plan(ckpt, dtype=out_dtype, quantize=quantize, bits=bits,
+                               group_size=group_size, recipe=recipe)
+    tokenizer = None if ckpt.tokenizer_files else ckpt.make_tokenizer()
+
+    parent = dst.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(parent, dst.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=parent))
+    except OSError as e:
+        raise CheckpointError(f"{parent}: cannot create the output folder: {e.strerror or e}") from None
+    try:
+        write_weights(tmp, items, progress)
+        write_json(tmp / "config.json", _output_config(ckpt, quantization, out_dtype))
+        write_tokenizer(tmp, ckpt.tokenizer_files, tokenizer)
+        generation = ckpt.generation_config or (generation_config_for(tokenizer) if tokenizer else None)
+        if generation:
+            write_json(tmp / "generation_config.json", generation)
+        fsync_dir(tmp)
+        if dst.exists() and not force:  # appeared while we were writing
+            raise OutputExistsError(f"{dst}: already exists (use --force to replace it)")
+        _swap_into_place(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = e.filename or dst
+        raise CheckpointError(f"{where}: cannot write the output: {e.strerror or e}") from None
+    except BaseException:  # KeyboardInterrupt included: never leave the partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    parameters = sum(i.parameters for i in items)
+    return ConvertResult(
+        path=dst,
+        source_format=ckpt.format,
+        parameters=parameters,
+        bits_per_weight=8 * sum(i.nbytes for i in items) / max(parameters, 1),
+        size_bytes=size,
+        seconds=time.perf_counter() - start,
+        tensors=len(items),
+        dtype=dtype_name(out_dtype),
+        quantization=quantization,
+    )
+
+
+def _check_target(src: Path, dst: Path, force: bool) -> None:
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{dst}: already exists (use --force to replace it)")
+        s, d = src.resolve(), dst.resolve()
+        if s == d or d in s.parents:
+            raise OutputExistsError(f"{dst}: is the source checkpoint (or holds it); refusing to replace it")
+
+
+def _output_config(ckpt: Checkpoint, quantization: dict | None, dtype: mx.Dtype) -> dict:
+    drop = {"quantization", "quantization_config", "converted_from", "torch_dtype", "dtype"}
+    config = {k: v for k, v in ckpt.config.items() if k not in drop}
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["torch_dtype"] = dtype_name(dtype)
+    config["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))  # mlx-lm defaults to true
+    if quantization:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization  # mlx-lm writes both
+    config["converted_from"] = {
+        "format": ckpt.format,
+        "path": str(ckpt.path.resolve()),
+        "files": [f.name for f in ckpt.files],
+        "converter": f"llama-mlx {_version()}",
+    }
+    return config
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llama-mlx")
+    except Exception:  # running from a source checkout that is not installed
+        return "0.1.0"
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Delete temporary folders of earlier conversions to the same target whose process is gone."""
+    for p in parent.glob(f".{name}.partial-*"):
+        try:
+            pid = int(p.name[len(f".{name}.partial-"):].split("-")[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _swap_into_place(tmp: Path, dst: Path) -> None:
+    """Rename tmp to dst; if dst exists, swap the two atomically (Linux) and delete the old one."""
+    if not (dst.exists() or dst.is_symlink()):
+        os.rename(tmp, dst)
+        return
+    if sys.platform.startswith("linux") and _exchange(tmp, dst):
+        _remove(tmp)  # tmp now holds the old model
+        return
+    # Elsewhere: two renames; an interruption between them leaves the old model at `old`.
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD = -100
+    rc = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

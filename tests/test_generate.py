@@ -1,0 +1,206 @@
+"""The generation engine against independent references: full forwards without a cache,
+hand-built distributions, and Meta's reference `sample_top_p`."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from llama_mlx.cache import make_prompt_cache
+from llama_mlx.generate import PromptCache, generate_step
+from llama_mlx.model import Model, ModelArgs
+from llama_mlx.sample import apply_min_p, apply_top_k, apply_top_p, make_sampler
+from oracles import TINY_META_PARAMS, meta_to_hf_names, random_meta_state_dict
+
+PARAMS = dict(TINY_META_PARAMS, dim=128)  # head_dim 32: also valid for a quantized KV cache
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Model(ModelArgs.from_dict(PARAMS))
+    # Large weights make the logits peaked, so greedy choices are far from ties.
+    weights = meta_to_hf_names(random_meta_state_dict(PARAMS, seed=7, scale=0.3))
+    m.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(m.parameters())
+    return m
+
+
+PROMPT = [int(t) for t in np.random.default_rng(11).integers(0, 256, size=9)]
+
+
+def greedy_without_cache(model, prompt, n):
+    tokens, out = list(prompt), []
+    for _ in range(n):
+        t = int(mx.argmax(model(mx.array([tokens]))[0, -1]))
+        out.append(t)
+        tokens.append(t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return greedy_without_cache(model, PROMPT, 64)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"compile": False},
+        {"max_kv_size": 128},  # rotating cache, window larger than prompt + answer
+        {"prefill_step_size": 4},  # chunked prefill
+        {"max_kv_size": 128, "prefill_step_size": 2},
+    ],
+    ids=["compiled", "uncompiled", "rotating", "chunked-prefill", "rotating-chunked"],
+)
+def test_greedy_equals_full_forward_loop(model, reference, options):
+    out = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=64, **options)]
+    assert out == reference
+
+
+def test_logprobs_are_normalised_log_softmax(model):
+    _, logprobs = next(generate_step(mx.array(PROMPT), model, max_tokens=1))
+    full = model(mx.array([PROMPT]))[0, -1]
+    np.testing.assert_allclose(np.array(logprobs), np.array(full - mx.logsumexp(full)), atol=1e-5)
+
+
+def test_quantized_kv_cache_stays_close(model):
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, 256, size=40)]
+    full = np.array(model(mx.array([tokens])))[0]
+    cache = make_prompt_cache(len(model.layers), kv_bits=8, kv_group_size=32)
+    got = [np.array(model(mx.array([tokens[:8]]), cache))[0]]
+    got += [np.array(model(mx.array([[t]]), cache))[0] for t in tokens[8:]]
+    err = np.abs(np.concatenate(got) - full).max() / np.abs(full).max()
+    assert err < 0.1  # measured 0.078 of the largest logit: 8-bit keys and values, group 32
+
+
+def test_quantized_kv_attention_equals_attention_over_dequantized_cache():
+    from llama_mlx.cache import QuantizedKVCache
+
+    cache = QuantizedKVCache(bits=4, group_size=32)
+    q = mx.random.normal((1, 4, 3, 32), key=mx.random.key(0))  # 4 query heads share 2 KV heads
+    k, v = (mx.random.normal((1, 2, 10, 32), key=mx.random.key(i)) for i in (1, 2))
+    kq, vq = cache.update_and_fetch(k, v)
+    got = cache.attention(q, kq, vq, 32**-0.5, "causal")
+    kd, vd = (mx.dequantize(*t, group_size=32, bits=4) for t in (kq, vq))
+    want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=32**-0.5, mask="causal")
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
+
+
+def test_rotating_cache_past_its_window_keeps_going(model):
+    out = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=48, max_kv_size=24)]
+    chunked = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=48, max_kv_size=24, prefill_step_size=3)]
+    assert len(out) == 48 and out == chunked
+    # Until the window fills, rotating equals plain.
+    assert out[:24 - len(PROMPT)] == greedy_without_cache(model, PROMPT, 24 - len(PROMPT))
+
+
+# --- prompt caches ---------------------------------------------------------------------------
+
+
+def next_logits(model, cache, tokens):
+    return np.array(model(mx.array([tokens]), cache)[0, -1])
+
+
+def test_saved_prompt_cache_reloads_to_same_next_token_logits(model, tmp_path):
+    history = PROMPT + [5, 17, 99, 3]
+    pc = PromptCache(model)
+    todo = pc.prepare(history + [42])
+    assert todo == history + [42]
+    model(mx.array([todo[:-1]]), pc.cache)
+    pc.record(history)
+    pc.save(tmp_path / "chat.safetensors", metadata={"note": "x"})
+
+    loaded, meta = PromptCache.load(model, tmp_path / "chat.safetensors")
+    assert meta == {"note": "x"} and loaded.tokens == history
+    assert loaded.prepare(history + [42]) == [42]  # nothing but the new token is prefilled
+    fresh = make_prompt_cache(len(model.layers))
+    want = next_logits(model, fresh, history + [42])
+    np.testing.assert_allclose(next_logits(model, loaded.cache, [42]), want, atol=1e-5)
+
+
+def test_trim_then_regenerate_equals_generating_from_shorter_prompt(model):
+    pc = PromptCache(model)
+    long_prompt = PROMPT + [1, 2, 3, 4, 5, 6]
+    model(mx.array([pc.prepare(long_prompt + [7])[:-1]]), pc.cache)
+    pc.record(long_prompt)
+    assert pc.trim(6) == 6 and pc.tokens == PROMPT and pc.offset == len(PROMPT)
+    todo = pc.prepare(PROMPT)  # the last prompt token must be re-run for its logits
+    assert todo == PROMPT[-1:] and pc.offset == len(PROMPT) - 1
+    out = [t for t, _ in generate_step(mx.array(todo), model, max_tokens=32, prompt_cache=pc.cache)]
+    assert out == greedy_without_cache(model, PROMPT, 32)
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible(model):
+    def run(seed):
+        sampler = make_sampler(temp=1.0, top_p=0.95, seed=seed)
+        return [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=24, sampler=sampler)]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def hand_built_logprobs():
+    probs = np.array([[0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.02]], dtype=np.float32)
+    perm = np.array([3, 0, 6, 1, 5, 2, 4])  # shuffled so order is not a hint
+    return mx.log(mx.array(probs[:, perm])), perm
+
+
+@pytest.mark.parametrize(
+    "kwargs, allowed_ranks",
+    [
+        ({"top_k": 2}, {0, 1}),
+        ({"top_p": 0.7}, {0, 1, 2}),  # 0.40 + 0.25 < 0.7: the third is needed
+        ({"top_p": 0.6}, {0, 1}),  # 0.40 + 0.25 passes 0.6
+        ({"min_p": 0.3}, {0, 1, 2}),  # p >= 0.3 * 0.40 = 0.12
+        ({"top_k": 3, "min_p": 0.5}, {0, 1}),
+    ],
+)
+def test_filters_never_sample_outside_the_allowed_set(kwargs, allowed_ranks):
+    logprobs, perm = hand_built_logprobs()
+    allowed = {int(np.where(perm == r)[0][0]) for r in allowed_ranks}
+    sampler = make_sampler(temp=5.0, seed=0, **kwargs)  # hot: without filters, all would appear
+    draws = [int(sampler(logprobs)[0]) for _ in range(400)]
+    assert set(draws) == allowed
+    unfiltered = make_sampler(temp=5.0, seed=0)
+    assert len({int(unfiltered(logprobs)[0]) for _ in range(400)}) == 7
+
+
+def test_filter_functions_match_definitions():
+    logprobs, perm = hand_built_logprobs()
+    kept = lambda lp: set(np.where(np.isfinite(np.array(lp))[0])[0].tolist())
+    rank = {int(np.where(perm == r)[0][0]): r for r in range(7)}
+    assert {rank[i] for i in kept(apply_top_k(logprobs, 3))} == {0, 1, 2}
+    assert {rank[i] for i in kept(apply_top_p(logprobs, 0.85))} == {0, 1, 2, 3}
+    assert {rank[i] for i in kept(apply_min_p(logprobs, 0.2))} == {0, 1, 2, 3}
+
+
+def test_meta_order_matches_meta_sample_top_p():
+    from llama.generation import sample_top_p
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
+    temperature, top_p = 0.6, 0.9
+    for row in range(6):
+        key = mx.random.key(row)
+        u = float(mx.random.uniform(shape=(1,), key=mx.random.split(key)[1])[0])
+
+        # Meta's function, with multinomial's draw made with the same uniform number u.
+        def multinomial(p, num_samples):
+            cdf = torch.cumsum(p, -1)
+            return (cdf <= u * cdf[..., -1:]).sum(-1, keepdim=True).clamp(max=p.shape[-1] - 1)
+
+        probs = torch.softmax(torch.tensor(logits[row : row + 1]) / temperature, dim=-1)
+        original = torch.multinomial
+        torch.multinomial = multinomial
+        try:
+            want = int(sample_top_p(probs, top_p)[0, 0])
+        finally:
+            torch.multinomial = original
+        sampler = make_sampler(temp=temperature, top_p=top_p, order="meta", seed=row)
+        lp = mx.array(logits[row : row + 1])
+        got = int(sampler(lp - mx.logsumexp(lp, axis=-1, keepdims=True))[0])
+        assert got == want
