@@ -176,7 +176,7 @@ def generate_step(
     max_kv_size: Optional[int] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
-    compile: bool = True,
+    compile: bool = False,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, log-probabilities) for up to `max_tokens` new tokens.
@@ -283,7 +283,7 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     prefill_step_size: int = 512,
-    compile: bool = True,
+    compile: bool = False,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion of `prompt` (text, token ids, or chat messages).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -126,6 +127,12 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> mx
     return mx.where(wavelen < old_context / high, inv_freq, scaled)
 
 
+def default_compute_dtype() -> Optional[mx.Dtype]:
+    """float32 activations on the CPU, where half-precision kernels run many times slower;
+    None (the weights' own dtype) on GPUs. Weights stay as stored either way."""
+    return mx.float32 if mx.default_device() == mx.cpu else None
+
+
 class RoPE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -155,24 +162,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
         self.rope = RoPE(args)
 
-    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        if "qkv_proj" in self:  # fused at load time by `Model.fuse()`
-            qkv = self.qkv_proj(x)
-            q_width = self.n_heads * self.head_dim
-            kv_width = self.n_kv_heads * self.head_dim
-            return mx.split(qkv, [q_width, q_width + kv_width], axis=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
     def __call__(self, x: mx.array, mask: Optional[mx.array | str], cache: Optional[KVCache]) -> mx.array:
         B, L, D = x.shape
-        q, k, v = self.project_qkv(x)
-        # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
-        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset)
-        k = self.rope(k, offset)
+        if "qkv_proj" in self:  # fused at load time by `Model.fuse()`
+            # (B, L, (nq + 2 nkv) * head_dim) -> (B, nq + 2 nkv, L, head_dim); one RoPE call for q and k
+            qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
+            n_qk = self.n_heads + self.n_kv_heads
+            qk = self.rope(qkv[:, :n_qk], offset)
+            q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, n_qk:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
+            q = self.rope(q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3), offset)
+            k = self.rope(k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3), offset)
+            v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # Grouped-query attention: SDPA broadcasts the K/V heads, nothing is repeated.
@@ -199,7 +203,13 @@ class MLP(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    # Compiled: one fused kernel instead of three elementwise ones per layer.
+    return nn.silu(gate) * up
 
 
 class TransformerBlock(nn.Module):
@@ -221,9 +231,12 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.compute_dtype = default_compute_dtype()
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None, mask=None) -> mx.array:
         h = self.embed_tokens(tokens)
+        if self.compute_dtype is not None:
+            h = h.astype(self.compute_dtype)
         if cache is None:
             cache = [None] * len(self.layers)
         if mask is None:
@@ -251,6 +264,11 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    def set_compute_dtype(self, dtype: Optional[mx.Dtype]) -> "Model":
+        """Run activations (and the KV cache) in `dtype`; None follows the weights."""
+        self.model.compute_dtype = dtype
+        return self
 
     @property
     def layers(self) -> list[TransformerBlock]:

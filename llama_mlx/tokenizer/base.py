@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import AbstractSet, Any, Collection, Iterable, Literal, Mapping, Sequence, Union
@@ -30,6 +31,13 @@ def resolve_special(
     return allowed, disallowed
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write a JSON file the way Hugging Face folders have them (indented, UTF-8)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
 def disallowed_error(token: str) -> ValueError:
     return ValueError(
         f"Encountered text corresponding to disallowed special token {token!r}. "
@@ -46,6 +54,7 @@ class BaseTokenizer(ABC):
     stop_tokens: set[int]
     special_tokens: dict[str, int]
     vocab_size: int
+    add_bos: bool  # whether a plain-text prompt should start with BOS
 
     @abstractmethod
     def encode(

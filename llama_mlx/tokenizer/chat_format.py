@@ -47,7 +47,8 @@ def _check_message(message) -> None:
     if not hasattr(message, "get") or not isinstance(message.get("role"), str):
         raise ValueError(f"a chat message must be a dict with a string 'role', got {message!r}")
     if not isinstance(message.get("content"), str):
-        raise ValueError(f"the content of a {message['role']!r} message must be a string, got {message.get('content')!r}")
+        role, content = message["role"], message.get("content")
+        raise ValueError(f"the content of a {role!r} message must be a string, got {content!r}")
 
 
 class ChatFormat:

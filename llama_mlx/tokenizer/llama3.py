@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import tiktoken
 
 from ..errors import TokenizerError
-from .base import AllowedSpecial, BaseTokenizer, ChatMessage, DisallowedSpecial, as_id_list
+from .base import AllowedSpecial, BaseTokenizer, ChatMessage, DisallowedSpecial, as_id_list, write_json
 from .chat_format import LLAMA3_CHAT_TEMPLATE, ChatFormat
 from .detokenizer import StreamingDetokenizer
 
@@ -137,6 +137,7 @@ class Llama3Tokenizer(BaseTokenizer):
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
         self.pad_id: int = -1
+        self.add_bos = True
         self.stop_tokens = {self.special_tokens[name] for name in STOP_TOKEN_NAMES}
         if eos_token_ids:
             self.add_stop_tokens(eos_token_ids)
@@ -161,9 +162,11 @@ class Llama3Tokenizer(BaseTokenizer):
         """
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}")
+        allowed = allowed_special if allowed_special == "all" else frozenset(allowed_special)
+        disallowed = disallowed_special if disallowed_special == "all" else frozenset(disallowed_special)
         ids: list[int] = [self.bos_id] if bos else []
         for piece in split_for_tiktoken(s):
-            ids.extend(self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special))
+            ids.extend(self.model.encode(piece, allowed_special=allowed, disallowed_special=disallowed))
         if eos:
             ids.append(self.eos_id)
         return ids
@@ -197,7 +200,7 @@ class Llama3Tokenizer(BaseTokenizer):
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.model`, and the equivalent Hugging Face `tokenizer.json`,
         `tokenizer_config.json` (with a chat template of this format) and `special_tokens_map.json`."""
-        from .hf import tiktoken_to_hf
+        from .hf import tiktoken_to_hf_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -206,8 +209,9 @@ class Llama3Tokenizer(BaseTokenizer):
             f.writelines(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranked)
 
         bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
-        hf = tiktoken_to_hf(self.mergeable_ranks, self.special_tokens, self.pat_str, bos_token=bos)
-        hf.save(str(folder / "tokenizer.json"))
+        hf = tiktoken_to_hf_json(self.mergeable_ranks, self.special_tokens, self.pat_str, bos_token=bos)
+        with open(folder / "tokenizer.json", "w", encoding="utf-8") as f:
+            json.dump(hf, f, ensure_ascii=False)
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": bos,
@@ -219,14 +223,8 @@ class Llama3Tokenizer(BaseTokenizer):
             "model_max_length": 131072,
             "chat_template": LLAMA3_CHAT_TEMPLATE,
         }
-        _write_json(folder / "tokenizer_config.json", config)
-        _write_json(folder / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos})
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+        write_json(folder / "tokenizer_config.json", config)
+        write_json(folder / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos})
 
 
 Tokenizer = Llama3Tokenizer  # the name Meta's reference uses
