@@ -1,9 +1,11 @@
 """Generation in layers: `generate_step` yields token ids, `stream_generate` yields
 `GenerationResponse`s, `generate` returns the text.
 
-Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller, and runs
-a compiled step whose cache offset is an array, so the graph is traced once per cache capacity
-rather than once per token.
+Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller. With
+`compile=True` the decode step is one `mx.compile`d graph whose cache offset is an array (traced
+once per cache capacity, not per token); it is off by default because attention over the whole
+fixed-size buffer needs an array mask, which MLX's fused decode-attention kernels do not take:
+measured slower on CUDA (see benchmarks/README.md).
 """
 
 from __future__ import annotations

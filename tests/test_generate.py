@@ -204,3 +204,92 @@ def test_meta_order_matches_meta_sample_top_p():
         lp = mx.array(logits[row : row + 1])
         got = int(sampler(lp - mx.logsumexp(lp, axis=-1, keepdims=True))[0])
         assert got == want
+
+
+# --- stop conditions, with Meta's real tokenizer and a scripted model output -----------------
+
+
+@pytest.fixture(scope="module")
+def llama3(tokenizer_model_path):
+    from llama_mlx.tokenizer import Llama3Tokenizer
+
+    return Llama3Tokenizer(tokenizer_model_path)
+
+
+@pytest.fixture(scope="module")
+def big_vocab_model():
+    params = dict(TINY_META_PARAMS, vocab_size=128256)
+    m = Model(ModelArgs.from_dict({**params, "use_scaled_rope": False}))
+    m.args.max_position_embeddings = 48  # a tiny context, to reach its end
+    mx.eval(m.parameters())
+    return m
+
+
+def scripted(script: list[int], prompt_len: int):
+    """A logits processor that forces the model to emit `script`, one token per step."""
+
+    def process(tokens, logits):
+        i = tokens.size - prompt_len
+        forced = mx.full(logits.shape, -1e9, logits.dtype)
+        return forced.at[:, script[min(i, len(script) - 1)]].add(2e9)
+
+    return process
+
+
+def run(model, tok, script, prompt="Hi", **kwargs):
+    from llama_mlx.generate import stream_generate
+
+    ids = tok.encode(prompt, bos=True)
+    responses = list(stream_generate(model, tok, ids, logits_processors=[scripted(script, len(ids))], **kwargs))
+    return responses
+
+
+def test_stop_token_ends_with_reason_stop_and_no_stop_text(big_vocab_model, llama3):
+    script = llama3.encode("Paris is lovely.") + [llama3.special_tokens["<|eot_id|>"]] + llama3.encode(" more")
+    out = run(big_vocab_model, llama3, script, max_tokens=20)
+    assert out[-1].finish_reason == "stop"
+    assert "".join(r.text for r in out) == "Paris is lovely."
+    assert all(r.finish_reason is None for r in out[:-1])
+
+
+@pytest.mark.parametrize("stop_id", ["<|eom_id|>", "<|end_of_text|>"])
+def test_other_llama3_stop_tokens(big_vocab_model, llama3, stop_id):
+    script = llama3.encode("ok") + [llama3.special_tokens[stop_id]]
+    out = run(big_vocab_model, llama3, script, max_tokens=10)
+    assert out[-1].finish_reason == "stop" and "".join(r.text for r in out) == "ok"
+
+
+def test_stop_string_split_across_tokens_is_never_streamed(big_vocab_model, llama3):
+    text = "alpha beta###END gamma"
+    script = llama3.encode(text)
+    # The stop string spans several tokens: check the split really is across tokens.
+    pieces = [llama3.decode([t]) for t in script]
+    assert "###END" not in pieces and any(p.endswith("#") for p in pieces)
+    out = run(big_vocab_model, llama3, script, max_tokens=20, stop=["###END"])
+    streamed = [r.text for r in out]
+    assert "".join(streamed) == "alpha beta"
+    assert all("#" not in s for s in streamed)
+    assert out[-1].finish_reason == "stop"
+
+
+def test_partial_stop_string_is_released_when_it_does_not_complete(big_vocab_model, llama3):
+    script = llama3.encode("a##b and more")
+    out = run(big_vocab_model, llama3, script, max_tokens=len(script), stop=["###"])
+    assert "".join(r.text for r in out) == "a##b and more"
+    assert out[-1].finish_reason == "length"
+
+
+def test_max_tokens_gives_reason_length(big_vocab_model, llama3):
+    out = run(big_vocab_model, llama3, llama3.encode(" one two three four five six"), max_tokens=3)
+    assert len(out) == 3 and out[-1].finish_reason == "length"
+
+
+def test_context_limit(big_vocab_model, llama3):
+    from llama_mlx.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError, match="48"):
+        run(big_vocab_model, llama3, [1], prompt="word " * 60)
+    ids = llama3.encode("Hi", bos=True)
+    out = run(big_vocab_model, llama3, llama3.encode(" go" * 100), max_tokens=500)
+    assert out[-1].finish_reason == "context"
+    assert len(ids) + len(out) == 48
