@@ -6,6 +6,7 @@ so an interrupted conversion never leaves a half-written model where a complete 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -69,6 +70,8 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
         check_options(bits, group_size, recipe)
     out_dtype = parse_dtype(dtype)
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    with contextlib.suppress(OSError):
+        _remove_stale(dst.parent, dst.name)
     _check_target(src, dst, force)
 
     ckpt = read_checkpoint(src, rope_factor=rope_factor)
@@ -80,7 +83,6 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     parent = dst.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(parent, dst.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise CheckpointError(f"{parent}: cannot create the output folder: {e.strerror or e}") from None
@@ -92,16 +94,18 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
         if generation:
             write_json(tmp / "generation_config.json", generation)
         fsync_dir(tmp)
-        if dst.exists() and not force:  # appeared while we were writing
+        if (dst.exists() or dst.is_symlink()) and not force:  # appeared while we were writing
             raise OutputExistsError(f"{dst}: already exists (use --force to replace it)")
-        _swap_into_place(tmp, dst)
+        old = _swap_into_place(tmp, dst)  # the one step that makes the new model visible
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        where = e.filename or dst
-        raise CheckpointError(f"{where}: cannot write the output: {e.strerror or e}") from None
+        what = Path(e.filename).name if isinstance(e.filename, str) and e.filename else "the output"
+        raise CheckpointError(f"{dst}: cannot write {what}: {e.strerror or e}") from None
     except BaseException:  # KeyboardInterrupt included: never leave the partial folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:  # the replaced model; if interrupted here, the next conversion sweeps it
+        _remove(old)
 
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     parameters = sum(i.parameters for i in items)
@@ -155,14 +159,20 @@ def _version() -> str:
 
 
 def _remove_stale(parent: Path, name: str) -> None:
-    """Delete temporary folders of earlier conversions to the same target whose process is gone."""
-    for p in parent.glob(f".{name}.partial-*"):
+    """Clear leftovers of earlier conversions to the same target whose process is gone."""
+    prefix = f".{name}.partial-"
+    for p in parent.glob(prefix + "*"):
         try:
-            pid = int(p.name[len(f".{name}.partial-"):].split("-")[0])
+            pid = int(p.name[len(prefix):].split("-")[0])
         except ValueError:
             continue
-        if not _alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+        if _alive(pid):
+            continue
+        target = parent / name
+        if p.name.endswith("-old") and not (target.exists() or target.is_symlink()):
+            os.rename(p, target)  # killed mid-swap: the old model goes back where it was
+        else:
+            _remove(p)
 
 
 def _alive(pid: int) -> bool:
@@ -175,36 +185,41 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_RENAME_EXCHANGE = 2
-
-
-def _swap_into_place(tmp: Path, dst: Path) -> None:
-    """Rename tmp to dst; if dst exists, swap the two atomically (Linux) and delete the old one."""
+def _swap_into_place(tmp: Path, dst: Path) -> Path | None:
+    """Rename tmp to dst; if dst exists, swap them atomically. Returns where the old model now is."""
     if not (dst.exists() or dst.is_symlink()):
         os.rename(tmp, dst)
-        return
-    if sys.platform.startswith("linux") and _exchange(tmp, dst):
-        _remove(tmp)  # tmp now holds the old model
-        return
-    # Elsewhere: two renames; an interruption between them leaves the old model at `old`.
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        return None
+    if _exchange(tmp, dst):
+        return tmp  # tmp now holds the old model
+    # No atomic swap here: two renames, undone if the second fails. A kill between them leaves
+    # the old model at `old`, which the next conversion to this target puts back.
+    old = dst.with_name(f".{dst.name}.partial-{os.getpid()}-old")
     os.rename(dst, old)
-    os.rename(tmp, dst)
-    _remove(old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    return old
 
 
 def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths: renameat2(RENAME_EXCHANGE) on Linux, renamex_np(RENAME_SWAP) on macOS."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
+        if sys.platform.startswith("linux"):
+            rc = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+        elif sys.platform == "darwin":
+            rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2)  # RENAME_SWAP
+        else:
+            return False
     except (OSError, AttributeError):
         return False
-    AT_FDCWD = -100
-    rc = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if rc == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(b))
 

@@ -1,0 +1,91 @@
+"""`llama-mlx bench`: prompt and generation speed, time to first token, peak memory and load time."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .common import (
+    OUTPUT,
+    DtypeOpt,
+    ModelOpt,
+    handle_errors,
+    model_label,
+    note_line,
+    out_console,
+    resolve_dtype,
+)
+
+EPILOG = """\
+[bold]Examples[/bold]
+
+  llama-mlx bench
+
+  llama-mlx bench -M weights/Llama-3.2-1B-Instruct -p 512 -g 128 -n 5
+
+  llama-mlx bench -p 128 -g 32 -n 3 --json
+
+Each trial loads the model, warms it up, then generates greedily after a prompt of random token ids.
+Figures are medians over trials. To compare with mlx-lm, see benchmarks/vs_mlx_lm.py.
+"""
+
+ROWS = [
+    ("prompt_tps", "prompt", "tokens/s", "{:.1f}"),
+    ("generation_tps", "generation", "tokens/s", "{:.2f}"),
+    ("ttft_s", "time to first token", "s", "{:.3f}"),
+    ("peak_memory_gb", "peak memory", "GB", "{:.3f}"),
+    ("load_s", "load time", "s", "{:.2f}"),
+]
+
+
+def bench(
+    model: ModelOpt = None,
+    prompt_tokens: Annotated[int, typer.Option(
+        "--prompt-tokens", "-p", min=1, metavar="N", help="Prompt length, in tokens (random ids).")] = 512,
+    gen_tokens: Annotated[int, typer.Option(
+        "--gen-tokens", "--generation-tokens", "-g", min=2, metavar="N", help="Tokens to generate.")] = 128,
+    trials: Annotated[int, typer.Option("--trials", "--num-trials", "-n", min=1, metavar="N",
+                                        help="Timed trials; the figures are their medians.")] = 3,
+    dtype: DtypeOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.",
+                                           rich_help_panel=OUTPUT)] = False,
+) -> None:
+    """Benchmark a model: prompt and generation tokens/s, time to first token, peak memory, load time."""
+    _run(model, prompt_tokens, gen_tokens, trials, dtype, json_out)
+
+
+@handle_errors
+def _run(model, prompt_tokens: int, gen_tokens: int, trials: int, dtype, json_out: bool) -> None:
+    from llama_mlx.benchmark import benchmark
+
+    def progress(i: int, n: int, t) -> None:
+        note_line(f"trial {i}/{n}: prompt {t.prompt_tps:.1f} tok/s, generation {t.generation_tps:.2f} tok/s, "
+                  f"time to first token {t.ttft_s:.3f} s, peak memory {t.peak_memory_gb:.3f} GB, load {t.load_s:.2f} s")
+
+    result = benchmark(model, prompt_tokens, gen_tokens, trials, dtype=resolve_dtype(dtype), progress=progress)
+    d = {"name": model_label(model), **result.to_dict()}
+    if json_out:
+        sys.stdout.write(json.dumps(d) + "\n")
+        return
+    render(d)
+
+
+def render(d: dict) -> None:
+    dev = d["device"]
+    table = Table(title=f"{d['name']} · {dev['name']} ({dev['device']}, MLX {dev['mlx']})", title_justify="left",
+                  title_style="bold", caption=f"prompt {d['prompt_tokens']} tokens, {d['generation_tokens']} generated, "
+                                              f"median of {d['trials']} trial{'s' if d['trials'] != 1 else ''}",
+                  caption_justify="left")
+    table.add_column("metric", style="cyan", no_wrap=True)
+    table.add_column("median", justify="right")
+    table.add_column("min", justify="right")
+    table.add_column("max", justify="right")
+    table.add_column("unit")
+    for key, label, unit, fmt in ROWS:
+        values = [t[key] for t in d["per_trial"]]
+        table.add_row(label, fmt.format(d[key]), fmt.format(min(values)), fmt.format(max(values)), unit)
+    out_console().print(table)

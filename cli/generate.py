@@ -1,0 +1,182 @@
+"""`llama-mlx generate`: one completion, streamed to stdout so it composes in pipes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (
+    OUTPUT,
+    DtypeOpt,
+    ExtraEosOpt,
+    GenerationOptions,
+    KVBitsOpt,
+    KVGroupSizeOpt,
+    LogitBiasOpt,
+    MaxKVSizeOpt,
+    MaxTokensOpt,
+    MinPOpt,
+    MinTokensToKeepOpt,
+    ModelOpt,
+    PrefillStepOpt,
+    RepetitionContextOpt,
+    RepetitionPenaltyOpt,
+    SamplingOrderOpt,
+    SeedOpt,
+    StopOpt,
+    SystemOpt,
+    TempOpt,
+    TopKOpt,
+    TopPOpt,
+    err_console,
+    handle_errors,
+    load_model,
+    model_label,
+    usage_error,
+)
+
+EPILOG = """\
+[bold]Examples[/bold]
+
+  llama-mlx generate "Write a haiku about the sea"
+
+  echo "Summarise: $(cat notes.txt)" | llama-mlx generate --max-tokens 200
+
+  llama-mlx generate --file prompt.txt --temp 0.7 --top-p 0.9 --seed 1 -M weights/Llama-3.2-1B-Instruct
+
+  llama-mlx generate --raw "The capital of France is" --max-tokens 8
+
+  llama-mlx generate --json "Hi" | jq .generation_tps
+"""
+
+
+def read_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
+    """The prompt from the argument, a file, or stdin ('-' or nothing given with stdin piped)."""
+    if prompt is not None and file is not None:
+        raise usage_error("give the prompt either as PROMPT or with --file, not both")
+    if file is not None and str(file) != "-":
+        if not file.exists():
+            raise FileNotFoundError(2, "prompt file does not exist", str(file))
+        if file.is_dir():
+            raise IsADirectoryError(21, "prompt file is a folder", str(file))
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{file}: prompt file is not UTF-8 text") from None
+    elif prompt == "-" or str(file) == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    elif prompt is None:
+        raise usage_error("no prompt: give PROMPT, --file FILE, or pipe the prompt on stdin")
+    else:
+        return prompt
+    # `echo` and editors end files with a newline that is not part of the prompt.
+    return text[:-1] if text.endswith("\n") else text
+
+
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(
+        help="The prompt. '-' (or nothing, with stdin piped) reads stdin.", show_default=False)] = None,
+    model: ModelOpt = None,
+    file: Annotated[Optional[Path], typer.Option(
+        "--file", "-f", metavar="FILE", help="Read the prompt from FILE ('-' for stdin).", show_default=False)] = None,
+    system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option(
+        "--raw", "--ignore-chat-template",
+        help="Use the prompt as plain text (after BOS), without the chat template.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object with the text and the statistics instead of the text.",
+        rich_help_panel=OUTPUT)] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Statistics on stderr after the text.", rich_help_panel=OUTPUT)] = False,
+    max_tokens: MaxTokensOpt = 256,
+    temp: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
+    min_tokens_to_keep: MinTokensToKeepOpt = 1,
+    seed: SeedOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    repetition_context_size: RepetitionContextOpt = 20,
+    logit_bias: LogitBiasOpt = None,
+    sampling_order: SamplingOrderOpt = "mlx",
+    stop: StopOpt = None,
+    extra_eos_token: ExtraEosOpt = None,
+    max_kv_size: MaxKVSizeOpt = None,
+    kv_bits: KVBitsOpt = None,
+    kv_group_size: KVGroupSizeOpt = 64,
+    prefill_step_size: PrefillStepOpt = 512,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate a completion of a prompt. Only the generated text goes to stdout."""
+    _run(**locals())
+
+
+@handle_errors
+def _run(prompt, model, file, system, raw, json_out, verbose, dtype, **options) -> None:
+    from llama_mlx.generate import stream_generate
+
+    opts = GenerationOptions(**{k: (v or [] if k in ("logit_bias", "stop", "extra_eos_token") else v)
+                                for k, v in options.items()})
+    text_in = read_prompt(prompt, file)
+    if raw and system is not None:
+        raise usage_error("--system needs the chat template: drop --raw")
+    opts.check_static()
+    lm, tokenizer = load_model(model, dtype)
+    opts.check(tokenizer)
+    if raw:
+        request = text_in
+    else:
+        request = ([{"role": "system", "content": system}] if system is not None else [])
+        request.append({"role": "user", "content": text_in})
+
+    out = sys.stdout
+    pieces: list[str] = []
+    last = None
+    stream = stream_generate(lm, tokenizer, request, opts.max_tokens, **opts.stream_kwargs(tokenizer),
+                             **opts.cache_kwargs())
+    try:
+        for response in stream:
+            last = response
+            pieces.append(response.text)
+            if not json_out and response.text:
+                out.write(response.text)
+                out.flush()
+    finally:
+        stream.close()
+    text = "".join(pieces)
+    stats = _stats(last)
+    if json_out:
+        out.write(json.dumps({"text": text, "model": model_label(model), **stats}, ensure_ascii=False) + "\n")
+    elif not text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+    if verbose:
+        err_console().print(stats_line(stats), style="dim", markup=False)
+
+
+def _stats(r) -> dict:
+    if r is None:
+        return {"finish_reason": None, "prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0,
+                "prompt_tps": 0.0, "generation_tps": 0.0, "time_to_first_token": 0.0, "peak_memory_gb": 0.0}
+    return {
+        "finish_reason": r.finish_reason,
+        "prompt_tokens": r.prompt_tokens,
+        "cached_tokens": r.cached_tokens,
+        "generation_tokens": r.generation_tokens,
+        "prompt_tps": round(r.prompt_tps, 3),
+        "generation_tps": round(r.generation_tps, 3),
+        "time_to_first_token": round(r.time_to_first_token, 4),
+        "peak_memory_gb": round(r.peak_memory, 4),
+    }
+
+
+def stats_line(s: dict) -> str:
+    """One line of generation statistics."""
+    return (f"prompt: {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tokens/s · "
+            f"generation: {s['generation_tokens']} tokens, {s['generation_tps']:.1f} tokens/s · "
+            f"first token after {s['time_to_first_token']:.2f}s · peak memory {s['peak_memory_gb']:.2f} GB · "
+            f"finish: {s['finish_reason']}")

@@ -1,0 +1,192 @@
+"""`llama-mlx info`: what a model is and what it will cost in memory, read from headers only."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .common import (
+    OUTPUT,
+    DtypeOpt,
+    KVBitsOpt,
+    KVGroupSizeOpt,
+    ModelOpt,
+    err_console,
+    format_bytes,
+    format_count,
+    handle_errors,
+    model_label,
+    out_console,
+    resolve_dtype,
+)
+
+EPILOG = """\
+[bold]Examples[/bold]
+
+  llama-mlx info
+
+  llama-mlx info -M weights/Llama-3.2-1B-Instruct --context 32768
+
+  llama-mlx info -M model.gguf --context 4096 --kv-bits 8 --json
+"""
+
+FORMATS = {"meta": "Meta (consolidated .pth)", "hf": "Hugging Face (safetensors)", "mlx": "MLX (safetensors)",
+           "gguf": "GGUF"}
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def kv_cache_bytes(config: dict, tokens: int, elem_bytes: int, kv_bits: Optional[int] = None,
+                   kv_group_size: int = 64) -> int:
+    """Bytes of keys and values for `tokens` positions (quantized: packed values plus a scale and bias per group)."""
+    per_layer = config["num_key_value_heads"] * config["head_dim"] * tokens
+    if kv_bits is None:
+        per_layer_bytes = per_layer * elem_bytes
+    else:
+        per_layer_bytes = per_layer * kv_bits // 8 + 2 * (per_layer // kv_group_size) * elem_bytes
+    return 2 * config["num_hidden_layers"] * per_layer_bytes
+
+
+def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] = None,
+             kv_bits: Optional[int] = None, kv_group_size: int = 64) -> dict:
+    """Figures about the checkpoint at `path`, from its config and tensor headers (no weights read)."""
+    from llama_mlx.checkpoints import read_checkpoint
+    from llama_mlx.checkpoints.base import dtype_name, parse_dtype
+    from llama_mlx.checkpoints.plan import main_dtype, plan
+
+    ckpt = read_checkpoint(path)
+    config = ckpt.config
+    stored = plan(ckpt)[0]  # as the checkpoint holds the tensors
+    memory_dtype = parse_dtype(dtype) or main_dtype(ckpt)
+    loaded = plan(ckpt, dtype=memory_dtype)[0]  # as `load` will hold them
+    parameters = sum(i.parameters for i in stored)
+    context_length = int(config.get("max_position_embeddings") or 0)
+    tokens = context or context_length
+    weights_bytes = sum(i.nbytes for i in loaded)
+    kv_bytes = kv_cache_bytes(config, tokens, memory_dtype.size, kv_bits, kv_group_size)
+    quant = config.get("quantization") or None
+    return {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "architecture": config.get("model_type", "llama"),
+        "layers": config["num_hidden_layers"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "attention_heads": config["num_attention_heads"],
+        "kv_heads": config["num_key_value_heads"],
+        "head_dim": config["head_dim"],
+        "vocab_size": config["vocab_size"],
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "rope_theta": config.get("rope_theta"),
+        "rope_scaling": config.get("rope_scaling"),
+        "parameters": parameters,
+        "quantization": quant,
+        "dtype": dtype_name(main_dtype(ckpt)),
+        "bits_per_weight": round(8 * sum(i.nbytes for i in stored) / max(parameters, 1), 3),
+        "context_length": context_length,
+        "size_on_disk": disk_size(ckpt.path),
+        "weight_files": [str(f) for f in ckpt.files],
+        "weight_files_bytes": sum(Path(f).stat().st_size for f in ckpt.files),
+        "tensor_bytes": sum(i.nbytes for i in stored),
+        "memory": {
+            "dtype": dtype_name(memory_dtype),
+            "weights": weights_bytes,
+            "kv_cache_tokens": tokens,
+            "kv_bits": kv_bits,
+            "kv_cache": kv_bytes,
+            "total": weights_bytes + kv_bytes,
+        },
+    }
+
+
+def _quant_text(q: Optional[dict], dtype: str) -> str:
+    if not q:
+        return f"none ({dtype})"
+    text = f"{q.get('bits', 4)}-bit affine, group size {q.get('group_size', 64)}"
+    overrides = {k: v for k, v in q.items() if isinstance(v, dict)}
+    if overrides:
+        parts = sorted({f"{v.get('bits', q.get('bits'))}-bit" for v in overrides.values()})
+        names = [k.rpartition(".")[2] for k in overrides]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        text += f"; {shown} at {'/'.join(parts)}"
+    skipped = [k for k, v in q.items() if v is False]
+    if skipped:
+        text += f"; {len(skipped)} modules unquantized"
+    return text
+
+
+def render(d: dict, name: str) -> None:
+    console = out_console()
+    mem = d["memory"]
+    rope = f"theta {d['rope_theta']:g}" if d["rope_theta"] is not None else "default"
+    if d["rope_scaling"]:
+        scaling = d["rope_scaling"]
+        rope += f", {scaling.get('rope_type', scaling.get('type', 'scaled'))} scaling ×{scaling.get('factor', '?')}"
+    kv = f"{mem['kv_bits']}-bit" if mem["kv_bits"] else mem["dtype"]
+    table = Table(show_header=False, box=None, padding=(0, 2), title=name, title_justify="left",
+                  title_style="bold")
+    table.add_column(style="cyan", no_wrap=True)
+    table.add_column()
+    rows = [
+        ("path", d["path"]),
+        ("format", FORMATS.get(d["format"], d["format"])),
+        ("architecture", f"{d['architecture']}: {d['layers']} layers, hidden size {d['hidden_size']}, "
+                         f"MLP {d['intermediate_size']}, {d['attention_heads']} attention heads / "
+                         f"{d['kv_heads']} KV heads × {d['head_dim']}"),
+        ("vocabulary", f"{d['vocab_size']:,} tokens" + (", embeddings tied" if d["tie_word_embeddings"] else "")),
+        ("RoPE", rope),
+        ("parameters", f"{format_count(d['parameters'])} ({d['parameters']:,})"),
+        ("quantization", _quant_text(d["quantization"], d["dtype"]) + f" · {d['bits_per_weight']:.2f} bits/weight"),
+        ("context length", f"{d['context_length']:,} tokens"),
+        ("size on disk", f"{format_bytes(d['size_on_disk'])} ({d['size_on_disk']:,} bytes)"),
+        ("memory", f"weights {format_bytes(mem['weights'])} ({mem['dtype']}) + KV cache "
+                   f"{format_bytes(mem['kv_cache'])} for {mem['kv_cache_tokens']:,} tokens ({kv}) "
+                   f"= {format_bytes(mem['total'])}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    console.print("memory is an estimate: weights plus KV cache, without activations and runtime overhead",
+                  style="dim")
+
+
+def info(
+    model: ModelOpt = None,
+    context: Annotated[Optional[int], typer.Option(
+        "--context", "-c", min=1, metavar="N",
+        help="Estimate the KV cache for N tokens (default: the model's context length).")] = None,
+    kv_bits: KVBitsOpt = None,
+    kv_group_size: KVGroupSizeOpt = 64,
+    dtype: DtypeOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.",
+                                           rich_help_panel=OUTPUT)] = False,
+) -> None:
+    """Show a model's architecture, size, quantization, context length and memory needs."""
+    _run(model, context, kv_bits, kv_group_size, dtype, json_out)
+
+
+@handle_errors
+def _run(model, context, kv_bits, kv_group_size, dtype, json_out) -> None:
+    from llama_mlx.loading import resolve_model
+
+    console = err_console()
+    if model is None and console.is_terminal:
+        with console.status(f"Resolving {model_label(model)}…"):
+            path = resolve_model(model)
+    else:
+        path = resolve_model(model)
+    d = describe(path, context=context, dtype=resolve_dtype(dtype), kv_bits=kv_bits, kv_group_size=kv_group_size)
+    if json_out:
+        sys.stdout.write(json.dumps({"name": model_label(model), **d}) + "\n")
+    else:
+        render(d, model_label(model))

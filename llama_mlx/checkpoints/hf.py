@@ -1,0 +1,123 @@
+"""Safetensors folders: Hugging Face (`config.json` + `model*.safetensors`) and MLX (mlx-lm's, maybe quantized)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..errors import CheckpointError, ConfigError
+from .base import Checkpoint, Tensor, check_config, read_json
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+INDEX = "model.safetensors.index.json"
+DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def is_safetensors_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX
+    if index.is_file():
+        data = read_json(index, "safetensors index")
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        files = sorted({folder / name for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing (listed in {INDEX})")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+
+
+def load_safetensors(file: Path) -> tuple[dict[str, mx.array], dict]:
+    """mx.load a safetensors file (lazily: data is read on evaluation), errors naming the file."""
+    try:
+        arrays, metadata = mx.load(str(file), return_metadata=True)
+    except (RuntimeError, ValueError, OSError) as e:
+        msg = str(e).split("] ", 1)[-1]
+        raise CheckpointError(f"{file}: truncated or corrupt safetensors file: {msg}") from None
+    return arrays, metadata or {}
+
+
+def normalize_rope(config: dict) -> None:
+    """Transformers 5 writes `rope_parameters`; mlx-lm and we read `rope_theta` + `rope_scaling`."""
+    rp = config.pop("rope_parameters", None)
+    if isinstance(rp, dict):
+        config.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+        if "rope_scaling" not in config:
+            kind = rp.get("rope_type", rp.get("type", "default"))
+            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+            config["rope_scaling"] = None if kind == "default" else scaling
+
+
+def read_safetensors_folder(folder: Path) -> Checkpoint:
+    """Read a Hugging Face or MLX folder: config.json, (sharded) safetensors, tokenizer, generation config."""
+    from ..tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    config = read_json(config_file, "config.json")
+    qc = config.get("quantization_config")
+    if "quantization" not in config and isinstance(qc, dict) and qc.get("quant_method"):
+        raise ConfigError(f"{config_file}: quantization method {qc['quant_method']!r} is not supported")
+    normalize_rope(config)
+    files = _weight_files(folder)
+    if not files:
+        raise CheckpointError(f"{folder}: no model*.safetensors weight files")
+
+    tensors: dict[str, Tensor] = {}
+    is_mlx = "quantization" in config
+    for f in files:
+        arrays, metadata = load_safetensors(f)
+        is_mlx = is_mlx or metadata.get("format") == "mlx"
+        for name, a in arrays.items():
+            if name.endswith(DROPPED_SUFFIXES):
+                continue
+            if name in tensors:
+                raise CheckpointError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
+            tensors[name] = Tensor.of(a, f)
+
+    if "tie_word_embeddings" not in config:
+        config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+    if config["tie_word_embeddings"]:  # some exports save the tied head too
+        for suffix in ("weight", "scales", "biases"):
+            tensors.pop(f"lm_head.{suffix}", None)
+    config = check_config(config, config_file)
+
+    gen_file = folder / "generation_config.json"
+    generation = read_json(gen_file, "generation config") if gen_file.is_file() else None
+    eos = _eos_ids(generation)
+    tok_files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    return Checkpoint(
+        format="mlx" if is_mlx else "hf",
+        path=folder,
+        config=config,
+        tensors=tensors,
+        files=files,
+        make_tokenizer=lambda: load_tokenizer(folder, eos_token_ids=eos),
+        tokenizer_files=tok_files,
+        generation_config=generation,
+    )
+
+
+def _eos_ids(generation: dict | None) -> list[int] | None:
+    eos = (generation or {}).get("eos_token_id")
+    if eos is None:
+        return None
+    return [eos] if isinstance(eos, int) else [int(e) for e in eos]

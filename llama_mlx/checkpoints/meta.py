@@ -1,0 +1,162 @@
+"""Meta's own layout: params.json, tokenizer.model, consolidated.NN.pth (one per model-parallel rank)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..errors import CheckpointError, ConfigError
+from ..model import ffn_hidden_dim, meta_rope_factor
+from .base import Checkpoint, Tensor, check_config, read_json
+from .keymap import meta_shard_axis, meta_to_hf
+from .safe_pickle import PthTensor, load_pth
+
+IGNORED = {"rope.freqs"}  # precomputed frequencies some Meta checkpoints carry
+
+
+def is_meta_folder(folder: Path) -> bool:
+    return (folder / "params.json").is_file() or bool(_shards(folder))
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("consolidated.*.pth")) or sorted(folder.glob("*.pth"))
+
+
+def _int(params: dict, key: str, file: Path, default=None) -> int:
+    value = params.get(key)
+    value = default if value is None else value
+    if value is None:
+        raise ConfigError(f"{file}: missing key {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{file}: {key!r} must be a positive integer, found {value!r}")
+    return value
+
+
+def _float(params: dict, key: str, file: Path, default: float) -> float:
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{file}: {key!r} must be a number, found {value!r}")
+    return float(value)
+
+
+def llama3_rope_scaling(factor: float) -> dict:
+    return {
+        "rope_type": "llama3",
+        "factor": float(factor),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
+def config_from_params(params: dict, file: Path, *, vocab_size: int | None = None,
+                       tied: bool = False, rope_factor: float | None = None) -> dict:
+    """Turn a Meta params.json dict into an HF config.json dict (with rope_traditional true).
+
+    The RoPE factor is not in params.json: 32 for the Llama 3.2 1B/3B shapes, else 8, unless given.
+    """
+    dim = _int(params, "dim", file)
+    n_layers = _int(params, "n_layers", file)
+    n_heads = _int(params, "n_heads", file)
+    n_kv = _int(params, "n_kv_heads", file, n_heads)
+    multiple_of = _int(params, "multiple_of", file, 256)
+    mult = _float(params, "ffn_dim_multiplier", file, None)
+    vocab = params.get("vocab_size", -1)
+    if not isinstance(vocab, int) or vocab <= 0:
+        vocab = vocab_size
+    if dim % n_heads:
+        raise ConfigError(f"{file}: dim {dim} is not a multiple of n_heads {n_heads}")
+    scaled = bool(params.get("use_scaled_rope", False))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dim,
+        "intermediate_size": ffn_hidden_dim(dim, multiple_of, mult),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": dim // n_heads,
+        "vocab_size": vocab,
+        "rms_norm_eps": _float(params, "norm_eps", file, 1e-5),
+        "rope_theta": _float(params, "rope_theta", file, 500000.0),
+        "max_position_embeddings": 131072 if scaled else 8192,
+        "tie_word_embeddings": tied,
+        "rope_traditional": True,  # Meta's q/k rows rotate interleaved pairs
+        "rope_scaling": None,
+    }
+    if scaled or rope_factor is not None:
+        if rope_factor is None:  # 32 for the Llama 3.2 1B/3B shapes, else 8
+            rope_factor = meta_rope_factor({**params, "dim": dim, "n_layers": n_layers})
+        config["rope_scaling"] = llama3_rope_scaling(rope_factor)
+    if vocab is None:
+        raise ConfigError(f"{file}: no usable 'vocab_size'")
+    return check_config(config, file)
+
+
+def _merge(name: str, parts: list[PthTensor], files: list[Path]) -> Tensor:
+    axis = meta_shard_axis(name)
+    first = parts[0]
+    if axis is None or len(parts) == 1:
+        for p, f in zip(parts[1:], files[1:]):
+            if p.shape != first.shape:
+                raise CheckpointError(f"{f}: replicated tensor {name!r} has shape {list(p.shape)}, "
+                                      f"shard 0 has {list(first.shape)}")
+        return Tensor(first.shape, first.mx_dtype, files[0], first.to_mlx)
+    shape = list(first.shape)
+    for p, f in zip(parts[1:], files[1:]):
+        if len(p.shape) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(p.shape, shape)) if i != axis):
+            raise CheckpointError(f"{f}: shard of {name!r} has shape {list(p.shape)}, shard 0 has {list(first.shape)}")
+        shape[axis] += p.shape[axis]
+    if any(p.mx_dtype != first.mx_dtype for p in parts):
+        raise CheckpointError(f"{files[0]}: shards of {name!r} have different dtypes")
+
+    def read() -> mx.array:
+        return mx.concatenate([p.to_mlx() for p in parts], axis=axis)
+
+    return Tensor(tuple(shape), first.mx_dtype, files[0], read)
+
+
+def read_meta(folder: Path, *, rope_factor: float | None = None) -> Checkpoint:
+    """Read a Meta checkpoint folder, merging model-parallel shards the way Llama 3 split them."""
+    from ..tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    params_file = folder / "params.json"
+    params = read_json(params_file, "params.json")
+    shard_files = _shards(folder)
+    if not shard_files:
+        raise CheckpointError(f"{folder}: no consolidated.NN.pth weight files")
+    shards = [load_pth(f) for f in shard_files]
+    names = list(shards[0])
+    for f, s in zip(shard_files[1:], shards[1:]):
+        if set(s) != set(names):
+            diff = sorted(set(s) ^ set(names))
+            raise CheckpointError(f"{f}: tensor names differ from {shard_files[0].name} (e.g. {diff[0]!r})")
+
+    tensors: dict[str, Tensor] = {}
+    for name in names:
+        if name in IGNORED:
+            continue
+        hf = meta_to_hf(name)
+        if hf is None:
+            raise CheckpointError(f"{shard_files[0]}: unexpected tensor {name!r} in a Llama checkpoint")
+        tensors[hf] = _merge(name, [s[name] for s in shards], shard_files)
+
+    emb = tensors.get("model.embed_tokens.weight")
+    config = config_from_params(
+        params, params_file,
+        vocab_size=emb.shape[0] if emb is not None else None,
+        tied="lm_head.weight" not in tensors,
+        rope_factor=rope_factor,
+    )
+    return Checkpoint(
+        format="meta",
+        path=folder,
+        config=config,
+        tensors=tensors,
+        files=shard_files,
+        make_tokenizer=lambda: load_tokenizer(folder),
+    )

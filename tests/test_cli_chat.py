@@ -1,0 +1,214 @@
+"""`llama-mlx chat` in a real pseudo-terminal on the real SmolLM2 model (greedy, short answers)."""
+
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x01\x02]")
+SPINNER = re.compile(r"[\u2800-\u28ff]")
+STATS = re.compile(
+    r"([\d.]+)s to first token · prompt (\d+) tok at [\d.]+ tok/s \((\d+) cached\) · (\d+) tok at [\d.]+ tok/s"
+    r" · context (\d+)/(\d+) · peak [\d.]+ GB(?: · ([a-z -]+))?")
+PROMPT = ">>> "
+
+
+def command() -> list[str]:
+    exe = Path(sys.executable).with_name("llama-mlx")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("llama-mlx")
+    return [found] if found else [sys.executable, "-m", "llama_mlx_cli.main"]
+
+
+def clean(text: str) -> str:
+    return SPINNER.sub("", ANSI.sub("", text)).replace("\r", "")
+
+
+class Chat:
+    """A chat process in a pty, with helpers that wait for the prompt."""
+
+    def __init__(self, *args: str, timeout: float = 240):
+        env = dict(os.environ, TERM="xterm", LLAMA_MLX_HISTORY="", COLUMNS="200")
+        env.pop("NO_COLOR", None)
+        env.pop("FORCE_COLOR", None)
+        cmd = command()
+        self.p = pexpect.spawn(cmd[0], [*cmd[1:], "chat", *args], env=env, encoding="utf-8",
+                               timeout=timeout, dimensions=(50, 200))
+        self.log: list[str] = []
+        self.wait_prompt()
+
+    def wait_prompt(self) -> str:
+        self.p.expect_exact(PROMPT)
+        out = clean(self.p.before)
+        self.log.append(out)
+        return out
+
+    def command(self, line: str) -> str:
+        """Send a line that produces no answer; returns what it printed."""
+        self.p.sendline(line)
+        out = self.wait_prompt()
+        return out.split("\n", 1)[1] if "\n" in out else ""  # drop the echoed input
+
+    def ask(self, line: str) -> tuple[str, re.Match]:
+        """Send a question; returns (everything printed before the stats line, the stats match)."""
+        self.p.sendline(line)
+        self.p.expect(r"peak [\d.]+ GB[^\r\n]*")
+        text = clean(self.p.before + self.p.after)
+        self.wait_prompt()
+        match = STATS.search(text)
+        assert match, text
+        return text[: match.start()], match
+
+
+@pytest.fixture(scope="module")
+def gguf(smollm2_gguf_path):
+    return str(smollm2_gguf_path)
+
+
+def test_chat_conversation_commands_interrupt_and_resume(gguf, tmp_path):
+    session_file = tmp_path / "talk.safetensors"
+    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "12")
+
+    # 1. A question gets a streamed answer: its words arrive before the answer ends.
+    chat.p.sendline("What is the capital of France?")
+    chat.p.expect(r"\?25h")  # the spinner stops at the first token
+    chat.p.expect(r"[A-Za-z]+")
+    first_word_at = time.monotonic()
+    chat.p.expect("Paris")
+    paris_at = time.monotonic()
+    chat.p.expect(r"peak [\d.]+ GB[^\r\n]*")
+    stats1 = STATS.search(clean(chat.p.before + chat.p.after))
+    chat.wait_prompt()
+    assert stats1 and int(stats1.group(3)) == 0  # nothing cached on the first turn
+    assert paris_at - first_word_at > 0.05, "the answer came in one piece, not streamed"
+    context1 = int(stats1.group(5))
+    assert int(stats1.group(6)) == 8192
+
+    # 2. A second turn uses the history: the elliptical question is understood, and only
+    #    the new turn is prefilled (the first exchange comes from the cache).
+    answer, stats2 = chat.ask("And of Germany?")
+    assert "Berlin" in answer
+    assert int(stats2.group(3)) >= context1 - 1
+    assert int(stats2.group(2)) < 25
+    context2 = int(stats2.group(5))
+
+    # /retry answers the same question again (greedy: the same answer), reusing the cache.
+    out = chat.command("/set temp 0")  # also exercises /set
+    assert "temp = 0.0" in out
+    answer, stats3 = chat.ask("/retry")
+    assert "Berlin" in answer
+    assert int(stats3.group(2)) <= 2 and int(stats3.group(5)) == context2
+
+    # /undo drops the exchange and trims the cache back.
+    out = chat.command("/undo")
+    assert "dropped the last exchange" in out
+    out = chat.command("/history")
+    assert "France" in out and "Germany" not in out
+    out = chat.command("/stats")
+    used = int(re.search(r"context: (\d+)/8192", out).group(1))
+    assert context1 <= used < context2
+
+    # Multi-line input: a trailing backslash continues the message, and so does a paste.
+    chat.p.sendline("/system You are terse.\\")
+    chat.p.expect_exact("... ")
+    chat.command("Answer in one word.")
+    assert "You are terse.\\nAnswer in one word." in chat.command("/system")
+    chat.command("/system -")
+    chat.p.send("/system pasted one\rpasted two\r")  # arrives at once, as a paste does
+    chat.wait_prompt()
+    assert "pasted one\\npasted two" in chat.command("/system")
+    chat.p.sendline('"""/system block one')
+    chat.p.expect_exact("... ")
+    chat.command('block two"""')
+    assert "block one\\nblock two" in chat.command("/system")
+    chat.command("/system -")
+
+    # 3. Ctrl-C mid-answer: back at the prompt, the process alive, the partial answer kept.
+    chat.command("/set max-tokens 300")
+    chat.p.sendline("Tell me a long story about a dragon who loves books.")
+    chat.p.expect(r"\?25h")
+    chat.p.expect(r"[A-Za-z]+\W+[A-Za-z]+\W+[A-Za-z]+")  # a few words have streamed
+    chat.p.sendintr()
+    chat.p.expect(r"peak [\d.]+ GB[^\r\n]*")
+    stopped = STATS.search(clean(chat.p.before + chat.p.after))
+    chat.wait_prompt()
+    assert stopped and stopped.group(7) == "stopped"
+    assert int(stopped.group(4)) < 300
+    assert chat.p.isalive()
+    history = chat.command("/history")
+    assert "dragon" in history and history.rstrip().split("assistant:")[-1].strip()
+
+    # The cache is consistent with the kept partial answer: the next turn reuses it.
+    chat.command("/set max-tokens 12")
+    answer, stats4 = chat.ask("What is 2 + 2?")
+    assert int(stats4.group(3)) >= int(stopped.group(5)) - 4
+
+    # /save, then Ctrl-D exits with code 0.
+    out = chat.command(f"/save {session_file}")
+    assert "saved" in out and session_file.exists()
+    saved_tokens = int(re.search(r"and (\d+) cached tokens", out).group(1))
+    chat.p.sendeof()
+    chat.p.expect(pexpect.EOF)
+    chat.p.close()
+    assert chat.p.exitstatus == 0
+
+    # /load in a new process continues the same conversation without prefilling it again.
+    again = Chat("--model", gguf, "--temp", "0", "--max-tokens", "12")
+    out = again.command(f"/load {session_file}")
+    assert f"{saved_tokens} tokens already in the KV cache" in out
+    assert "dragon" in again.command("/history")
+    answer, stats5 = again.ask("And what is 3 + 3?")
+    assert int(stats5.group(3)) >= saved_tokens - 2
+    assert int(stats5.group(2)) < 25
+
+    # /reset forgets everything; Ctrl-C at the prompt exits cleanly with code 0.
+    assert "conversation cleared" in again.command("/reset")
+    assert "context: 0/8192" in again.command("/stats")
+    again.p.sendintr()
+    again.p.expect(pexpect.EOF)
+    again.p.close()
+    assert again.p.exitstatus == 0
+
+
+def test_chat_drops_oldest_turns_when_the_context_is_full(gguf):
+    # An 80-token window: the third exchange no longer fits with the first one.
+    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "8", "--max-kv-size", "80",
+                "--system", "Answer briefly.")
+    seen = ""
+    for question in ("What is the capital of France?", "What is the capital of Spain?",
+                     "What is the capital of Italy?", "What is the capital of Japan?"):
+        answer, stats = chat.ask(question)
+        seen += answer
+        assert int(stats.group(5)) <= 80
+        if "outgrew the context" in answer:
+            break
+    assert "outgrew the context: dropped the oldest exchange" in seen
+    history = chat.command("/history")
+    assert "Answer briefly." in history  # the system prompt stays
+    assert "France" not in history  # the oldest exchange went
+    chat.p.sendeof()
+    chat.p.expect(pexpect.EOF)
+    chat.p.close()
+    assert chat.p.exitstatus == 0
+
+
+def test_chat_with_piped_input_and_output_is_plain_text(gguf):
+    import subprocess
+
+    env = dict(os.environ, TERM="xterm-256color", LLAMA_MLX_HISTORY="")
+    env.pop("FORCE_COLOR", None)
+    r = subprocess.run([*command(), "chat", "--model", gguf, "--temp", "0", "--max-tokens", "4"],
+                       input="Hello!\n/undo\n/stats\n/nonsense\n/exit\n", capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b[" not in r.stdout and "\x1b[" not in r.stderr
+    assert STATS.search(r.stdout)
+    assert "dropped the last exchange" in r.stdout and "context: 0/8192" in r.stdout
+    assert "error: unknown command /nonsense" in r.stderr  # the session went on after it
