@@ -336,13 +336,11 @@ def parse_logit_bias(items, tokenizer) -> Optional[dict[int, float]]:
 
 
 def resolve_dtype(dtype: Optional[str]) -> Optional[str]:
-    """The dtype to ask `load` for: 'auto' (or None) means float32 on the CPU backend, else the checkpoint's."""
-    if dtype not in (None, "auto"):
-        return dtype
-    import mlx.core as mx
+    """The dtype to ask `load` for: 'auto' (or None) keeps the checkpoint's weights as stored.
 
-    # Half-precision matmuls have no fast path on CPU; float32 is several times faster there.
-    return "float32" if mx.default_device() == mx.cpu else None
+    The library already runs activations in float32 on the CPU backend, where half-precision
+    kernels are many times slower, without growing the weights in memory."""
+    return None if dtype in (None, "auto") else dtype
 
 
 def model_label(model: Optional[str]) -> str:

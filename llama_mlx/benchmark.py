@@ -1,8 +1,8 @@
 """Measure a generation runtime on one model, and write random-weight models of real shapes.
 
 One trial loads the model (timed until its weights are evaluated), warms it up, generates
-`gen_tokens` tokens greedily after a prompt of random token ids, optionally times decode at
-growing context positions, then frees everything. Two runtimes are measured the same way:
+`gen_tokens` tokens greedily after a prompt of random token ids, then frees everything; a curve
+trial times decode steps at growing context positions. Two runtimes are measured the same way:
 
 - ``llama-mlx``: `llama_mlx.loading.load` + `llama_mlx.generate.generate_step`
 - ``mlx-lm``: `mlx_lm.load` + `mlx_lm.generate.generate_step`
@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -41,7 +41,9 @@ __all__ = [
     "BenchResult",
     "Trial",
     "benchmark",
+    "curve_trial",
     "decode_curve",
+    "default_warmup_tokens",
     "device_summary",
     "free_memory",
     "get_runtime",
@@ -252,6 +254,10 @@ class Runtime:
     def offset(cache: list) -> int:
         return int(cache[0].offset)
 
+    def synchronize(self) -> None:
+        """Wait for everything queued, on every stream the runtime uses."""
+        mx.synchronize()
+
 
 class LlamaMLX(Runtime):
     name = "llama-mlx"
@@ -323,6 +329,12 @@ class MlxLm(Runtime):
         gen = generate_step(prompt, model, max_tokens=max_tokens, sampler=None, prompt_cache=cache, **kwargs)
         return (token for token, _ in gen)  # sampler None: mlx-lm's greedy argmax
 
+    def synchronize(self) -> None:
+        from mlx_lm.generate import generation_stream
+
+        mx.synchronize(generation_stream)  # its decode runs ahead on a stream of its own
+        mx.synchronize()
+
 
 RUNTIMES = {"llama-mlx": LlamaMLX, "mlx-lm": MlxLm}
 
@@ -361,11 +373,13 @@ def _drain(gen: Iterator[int]) -> None:
 
 def measure_generation(runtime: Runtime, model, prompt_ids: Sequence[int], gen_tokens: int,
                        prefill_step_size: Optional[int] = None) -> dict:
-    """Time one greedy generation: time to first token, prompt and generation tokens/s, peak memory."""
+    """Time one greedy generation: time to first token, prompt and generation tokens/s, peak memory
+    (and `resident_gb`, the memory in use when it starts: the weights, and anything else alive)."""
     if gen_tokens < 2:
         raise ValueError("gen_tokens must be at least 2 (generation speed is timed after the first token)")
     prompt = mx.array(list(prompt_ids))
     free_memory()
+    resident = mx.get_active_memory() / 1e9
     mx.reset_peak_memory()
     start = time.perf_counter()
     gen = runtime.steps(model, prompt, gen_tokens, prefill_step_size=prefill_step_size)
@@ -375,11 +389,11 @@ def measure_generation(runtime: Runtime, model, prompt_ids: Sequence[int], gen_t
     for _ in gen:
         n += 1
     end = time.perf_counter()
-    mx.synchronize()
+    runtime.synchronize()
     peak = mx.get_peak_memory() / 1e9
     ttft = first - start
     return {"ttft_s": ttft, "prompt_tps": len(prompt_ids) / ttft, "generation_tps": (n - 1) / (end - first),
-            "generation_tokens": n, "peak_memory_gb": peak}
+            "generation_tokens": n, "peak_memory_gb": peak, "resident_gb": resident}
 
 
 def decode_curve(runtime: Runtime, model, positions: Sequence[int], *, vocab_size: int, steps: int = 16,
@@ -406,7 +420,7 @@ def decode_curve(runtime: Runtime, model, positions: Sequence[int], *, vocab_siz
             next(gen)
         out[position] = (time.perf_counter() - t0) / steps * 1e3
         _drain(gen)
-        mx.synchronize()
+        runtime.synchronize()
     del cache
     free_memory()
     return out
@@ -423,7 +437,7 @@ class Trial:
     peak_memory_gb: float
     prompt_tokens: int
     generation_tokens: int
-    decode_ms: dict[int, float] = field(default_factory=dict)  # context position -> ms per token
+    resident_gb: float = 0.0  # memory in use when the timed generation started (weights included)
 
 
 METRICS = ("prompt_tps", "generation_tps", "ttft_s", "peak_memory_gb", "load_s")
@@ -440,36 +454,59 @@ def preload(runtime: Runtime, path: str | Path, dtype: Optional[str] = None) -> 
     return seconds
 
 
+def _release(model) -> None:
+    # The compiled decode step holds the model: drop it so the weights can go.
+    model.__dict__.pop("_llama_mlx_decode", None)
+
+
+def default_warmup_tokens(prompt_tokens: int) -> int:
+    """The whole prompt on a GPU, where kernels are compiled for the shapes they first meet; on the CPU
+    backend a short prompt does (its compiled kernels do not depend on the prompt length), and a full
+    prefill there costs as much as the measurement."""
+    return prompt_tokens if mx.default_device() == mx.gpu else min(prompt_tokens, 16)
+
+
 def run_trial(runtime: Runtime, path: str | Path, prompt_ids: Sequence[int], gen_tokens: int, *,
               dtype: Optional[str] = None, warmup_tokens: Optional[int] = None,
-              positions: Sequence[int] = (), decode_steps: int = 16, prefill_step_size: Optional[int] = None,
-              seed: int = 0) -> Trial:
-    """Load, warm up, time a generation (and decode at `positions`), free. The model is gone afterwards.
+              prefill_step_size: Optional[int] = None) -> Trial:
+    """Load (timed), warm up, time one generation, free: the model is gone afterwards.
 
-    warmup_tokens: prompt length of the untimed warm-up generation (default: the full prompt, so
-    kernels for the timed shapes are ready; 0 skips it).
+    warmup_tokens: prompt length of the untimed warm-up generation (0 skips it; default: see
+    `default_warmup_tokens`).
     """
     free_memory()
     start = time.perf_counter()
     model, tokenizer = runtime.load(Path(path), dtype=dtype)
     load_s = time.perf_counter() - start
     try:
-        vocab_size = int(model.args.vocab_size)
-        warm = len(prompt_ids) if warmup_tokens is None else min(warmup_tokens, len(prompt_ids))
+        warm = default_warmup_tokens(len(prompt_ids)) if warmup_tokens is None else min(warmup_tokens,
+                                                                                          len(prompt_ids))
         if warm > 0:
             _drain(runtime.steps(model, mx.array(list(prompt_ids[:warm])), 3, prefill_step_size=prefill_step_size))
-            mx.synchronize()
+            runtime.synchronize()
         m = measure_generation(runtime, model, prompt_ids, gen_tokens, prefill_step_size)
-        curve = decode_curve(runtime, model, positions, vocab_size=vocab_size, steps=decode_steps, seed=seed + 1,
-                             prefill_step_size=prefill_step_size) if positions else {}
     finally:
-        # The compiled decode step holds the model: drop it so the weights can go.
-        model.__dict__.pop("_llama_mlx_decode", None)
+        _release(model)
         del model, tokenizer
         free_memory()
     return Trial(load_s=load_s, ttft_s=m["ttft_s"], prompt_tps=m["prompt_tps"], generation_tps=m["generation_tps"],
                  peak_memory_gb=m["peak_memory_gb"], prompt_tokens=len(prompt_ids),
-                 generation_tokens=m["generation_tokens"], decode_ms=curve)
+                 generation_tokens=m["generation_tokens"], resident_gb=m["resident_gb"])
+
+
+def curve_trial(runtime: Runtime, path: str | Path, positions: Sequence[int], *, dtype: Optional[str] = None,
+                steps: int = 16, prefill_step_size: Optional[int] = None, seed: int = 1) -> dict[int, float]:
+    """Load, `decode_curve` (ms per token at each position), free. Separate from `run_trial`, so caches
+    the long prefills leave behind cannot weigh on a generation trial's peak memory."""
+    free_memory()
+    model, tokenizer = runtime.load(Path(path), dtype=dtype)
+    try:
+        return decode_curve(runtime, model, positions, vocab_size=int(model.args.vocab_size), steps=steps,
+                            seed=seed, prefill_step_size=prefill_step_size)
+    finally:
+        _release(model)
+        del model, tokenizer
+        free_memory()
 
 
 def median_of(trials: Sequence[Trial], metric: str) -> float:
@@ -515,8 +552,7 @@ def benchmark(model: str | Path | None = None, prompt_tokens: int = 512, gen_tok
     preload(rt, path, dtype)
     results = []
     for i in range(trials):
-        results.append(run_trial(rt, path, prompt_ids, gen_tokens, dtype=dtype, warmup_tokens=warmup_tokens,
-                                 seed=seed))
+        results.append(run_trial(rt, path, prompt_ids, gen_tokens, dtype=dtype, warmup_tokens=warmup_tokens))
         if progress:
             progress(i + 1, trials, results[-1])
     return BenchResult(runtime=rt.name, model=str(path), prompt_tokens=prompt_tokens, generation_tokens=gen_tokens,

@@ -292,7 +292,7 @@ def save_prompt_cache(
 
 def load_prompt_cache(path: Union[str, Path]) -> tuple[list[KVCache], list[int], dict]:
     """Load what `save_prompt_cache` wrote: (cache, tokens, metadata)."""
-    arrays, header = mx.load(str(path), return_metadata=True)
+    arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
     info = json.loads(header["llama_mlx"])
     cache = []
     for i, layer in enumerate(info["layers"]):

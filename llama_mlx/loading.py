@@ -80,7 +80,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = ckpt.make_tokenizer()
     model = build_model(ckpt.config, weights, lazy=lazy, source=ckpt.path)
-    return model, tokenizer
+    return model.fuse(), tokenizer
 
 
 def build_model(config: dict, weights: Mapping[str, mx.array], *, lazy: bool = True, source: Path | None = None):

@@ -103,19 +103,16 @@ def random_meta_state_dict(params: dict, seed: int = 0, scale: float = 0.08) -> 
     return sd
 
 
+def hf_name(meta_name: str) -> str:
+    """A Meta parameter name under Hugging Face's naming (written out here, independently of the converter)."""
+    base = meta_name.removesuffix(".weight")
+    top = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+    if base in top:
+        return top[base] + ".weight"
+    _, i, rest = base.split(".", 2)
+    return f"model.layers.{i}.{_META_TO_HF_LAYER[rest]}.weight"
+
+
 def meta_to_hf_names(state_dict: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Rename (not permute) Meta weights to HF names, as numpy: the oracle side of parity tests."""
-    out = {}
-    for name, t in state_dict.items():
-        base = name.removesuffix(".weight")
-        if base == "tok_embeddings":
-            new = "model.embed_tokens"
-        elif base == "norm":
-            new = "model.norm"
-        elif base == "output":
-            new = "lm_head"
-        else:
-            _, i, rest = base.split(".", 2)
-            new = f"model.layers.{i}.{_META_TO_HF_LAYER[rest]}"
-        out[new + ".weight"] = t.float().numpy()
-    return out
+    return {hf_name(name): t.float().numpy() for name, t in state_dict.items()}

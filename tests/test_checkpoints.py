@@ -150,7 +150,7 @@ def test_unsupported_gguf_tensor_type(tmp_path):
 def test_smollm2_gguf_answers_paris(smollm2_gguf_path):
     from llama_mlx import generate
 
-    model, tokenizer = load(smollm2_gguf_path, dtype="float32")  # float32: the fast path on CPU
+    model, tokenizer = load(smollm2_gguf_path)
     answer = generate(model, tokenizer, [{"role": "user", "content": "What is the capital of France?"}],
                       max_tokens=16)
     assert "Paris" in answer

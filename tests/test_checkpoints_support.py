@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -93,25 +92,15 @@ def permute_for_hf(w, n_heads: int):
 
 
 def hf_state_dict(sd: dict, params: dict = TINY_PARAMS) -> dict:
-    names = {
-        "tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
-        "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    }
+    from oracles import hf_name
+
     out = {}
     for name, t in sd.items():
-        module = name[: -len(".weight")]
-        if module.startswith("layers."):
-            _, i, rest = module.split(".", 2)
-            hf = f"model.layers.{i}.{names[rest]}"
-        else:
-            hf = names[module]
-        if module.endswith("attention.wq"):
+        if name.endswith("attention.wq.weight"):
             t = permute_for_hf(t, params["n_heads"])
-        elif module.endswith("attention.wk"):
+        elif name.endswith("attention.wk.weight"):
             t = permute_for_hf(t, params["n_kv_heads"])
-        out[hf + ".weight"] = t
+        out[hf_name(name)] = t
     return out
 
 
@@ -236,37 +225,15 @@ def write_gguf(path: Path, sd: dict, params: dict, types: dict[str, str] | None 
     return held
 
 
-_DIST_READY = False
-
-
 def meta_reference_logits(sd: dict, params: dict = TINY_PARAMS, tokens=TOKENS) -> np.ndarray:
-    """Logits of Meta's reference `llama.model.Transformer` (meta-llama3==0.0.1) holding `sd`.
-
-    Patched at run time only: a 1-process gloo group and fairscale model parallel of size 1,
-    and torch.Tensor.cuda as identity while the model (whose caches call .cuda()) is built.
-    """
-    global _DIST_READY
+    """Logits of Meta's reference `llama.model.Transformer` (meta-llama3==0.0.1) holding `sd`."""
     import torch
-    import torch.distributed as dist
-    from fairscale.nn.model_parallel import initialize as fs_init
 
-    if not dist.is_initialized():
-        store = tempfile.NamedTemporaryFile(prefix="llama-mlx-gloo-", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
-    from llama.model import ModelArgs, Transformer
+    from oracles import meta_reference
 
-    args = ModelArgs(**{k: v for k, v in params.items() if k != "use_scaled_rope"}, max_batch_size=1, max_seq_len=64)
-    cuda = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        model = Transformer(args)
-    finally:
-        torch.Tensor.cuda = cuda
     full = dict(sd)
     full.setdefault("output.weight", full["tok_embeddings.weight"])  # tied checkpoints
-    model.load_state_dict({k: v.float() for k, v in full.items()})
+    model = meta_reference(params, {k: v.float() for k, v in full.items()}, max_seq_len=64)
     return model(torch.tensor(tokens), 0).float().numpy()
 
 

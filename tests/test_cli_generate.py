@@ -30,7 +30,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def expected(smollm2_gguf_path):
-    # The CLI loads with dtype "auto" (float32 on the CPU backend); the library is asked for the same.
+    # The CLI loads with dtype "auto" (weights as stored); the library is asked for the same.
     model, tokenizer = load(smollm2_gguf_path, dtype=resolve_dtype(None))
     text = generate(model, tokenizer, [{"role": "user", "content": PROMPT}], MAX_TOKENS)
     assert text.strip()

@@ -103,7 +103,7 @@ def test_quantized_conversion_loads_in_mlx_lm_with_the_same_logits(work, hf_fold
     ours, _ = load(dst)
     theirs, _ = load_model(dst)
     np.testing.assert_allclose(mlx_lm_logits(theirs), S.our_logits(ours), atol=1e-5, rtol=1e-5)
-    assert isinstance(ours.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert isinstance(ours.model.layers[0].self_attn.qkv_proj, nn.QuantizedLinear)  # fused at load
 
 
 def test_mlx_lm_quantized_folder_loads_in_ours(work, hf_folder):
@@ -141,7 +141,7 @@ def test_options_dtype_bits_group_size_and_mixed_recipe(work, tiny_gguf, referen
     assert r.quantization == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8},
                               "lm_head": {"group_size": 32, "bits": 8}}
     model = load(mixed)[0]
-    assert (model.lm_head.bits, model.model.layers[0].mlp.up_proj.bits) == (8, 4)
+    assert (model.lm_head.bits, model.model.layers[0].mlp.gate_up_proj.bits) == (8, 4)
 
     for bad in [dict(quantize=True, bits=7), dict(quantize=True, group_size=48), dict(dtype="float64"),
                 dict(recipe="fancy")]:

@@ -293,3 +293,24 @@ def test_context_limit(big_vocab_model, llama3):
     out = run(big_vocab_model, llama3, llama3.encode(" go" * 100), max_tokens=500)
     assert out[-1].finish_reason == "context"
     assert len(ids) + len(out) == 48
+
+
+def test_smollm2_greedy_matches_mlx_lm_token_for_token(smollm2_gguf_path, tmp_path_factory):
+    import mlx_lm
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+
+    from llama_mlx import load
+    from llama_mlx.convert import convert
+
+    folder = tmp_path_factory.mktemp("smollm2") / "SmolLM2-f32"
+    # float32 scales: mlx-lm then computes in float32 as we do on the CPU, so ties cannot differ.
+    convert(smollm2_gguf_path, folder, dtype="float32")
+    ours, tokenizer = load(folder)
+    theirs, their_tokenizer = mlx_lm.load(str(folder))
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    ids = tokenizer.apply_chat_template(messages)
+    assert ids == their_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    want = [t for t, _ in mlx_lm_generate_step(mx.array(ids), theirs, max_tokens=24)]
+    got = [t for t, _ in generate_step(mx.array(ids), ours, max_tokens=24)]
+    assert got == want
+    assert len(set(got)) > 5  # a real answer, not a degenerate loop
