@@ -273,8 +273,7 @@ class LlamaMLX(Runtime):
     def load(self, path, dtype=None):
         from .loading import load
 
-        model, tokenizer = load(path, dtype=dtype)
-        mx.eval(model.parameters())
+        model, tokenizer = load(path, dtype=dtype, lazy=False)
         return model, tokenizer
 
     def make_cache(self, model):

@@ -79,8 +79,14 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = ckpt.make_tokenizer()
-    model = build_model(ckpt.config, weights, lazy=lazy, source=ckpt.path)
-    return model.fuse(), tokenizer
+    model = build_model(ckpt.config, weights, lazy=True, source=ckpt.path).fuse()
+    del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
+    if not lazy:
+        # One layer at a time: fusing never holds two copies of more than one layer's weights.
+        for layer in model.layers:
+            mx.eval(layer.parameters())
+        mx.eval(model.parameters())
+    return model, tokenizer
 
 
 def build_model(config: dict, weights: Mapping[str, mx.array], *, lazy: bool = True, source: Path | None = None):
