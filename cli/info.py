@@ -73,7 +73,10 @@ def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] 
     context_length = int(config.get("max_position_embeddings") or 0)
     tokens = context or context_length
     weights_bytes = sum(i.nbytes for i in loaded)
-    kv_bytes = kv_cache_bytes(config, tokens, memory_dtype.size, kv_bits, kv_group_size)
+    from llama_mlx.model import default_compute_dtype
+
+    kv_dtype = default_compute_dtype() or memory_dtype  # the cache holds activations' dtype
+    kv_bytes = kv_cache_bytes(config, tokens, kv_dtype.size, kv_bits, kv_group_size)
     quant = config.get("quantization") or None
     return {
         "path": str(ckpt.path),
@@ -103,6 +106,7 @@ def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] 
             "weights": weights_bytes,
             "kv_cache_tokens": tokens,
             "kv_bits": kv_bits,
+            "kv_dtype": dtype_name(kv_dtype),
             "kv_cache": kv_bytes,
             "total": weights_bytes + kv_bytes,
         },
@@ -132,7 +136,7 @@ def render(d: dict, name: str) -> None:
     if d["rope_scaling"]:
         scaling = d["rope_scaling"]
         rope += f", {scaling.get('rope_type', scaling.get('type', 'scaled'))} scaling ×{scaling.get('factor', '?')}"
-    kv = f"{mem['kv_bits']}-bit" if mem["kv_bits"] else mem["dtype"]
+    kv = f"{mem['kv_bits']}-bit" if mem["kv_bits"] else mem["kv_dtype"]
     table = Table(show_header=False, box=None, padding=(0, 2), title=name, title_justify="left",
                   title_style="bold")
     table.add_column(style="cyan", no_wrap=True)

@@ -19,7 +19,7 @@ from llama_mlx.checkpoints.safe_pickle import load_pth
 from llama_mlx.errors import CheckpointError, UnsafeCheckpointError
 from llama_mlx.loading import load_checkpoint
 
-torch = pytest.importorskip("torch")
+import torch
 
 
 @pytest.fixture(scope="module")

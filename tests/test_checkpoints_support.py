@@ -12,20 +12,10 @@ from pathlib import Path
 import numpy as np
 
 import assets
+from oracles import TINY_META_PARAMS
 
 # A tiny Llama 3: dim 64, 2 layers, 4 heads of 16, 2 kv heads, SwiGLU width 192.
-TINY_PARAMS = {
-    "dim": 64,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "vocab_size": 256,
-    "multiple_of": 32,
-    "ffn_dim_multiplier": None,
-    "norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "use_scaled_rope": False,
-}
+TINY_PARAMS = {**TINY_META_PARAMS, "ffn_dim_multiplier": None, "use_scaled_rope": False}
 FFN = 192
 TOKENS = [[1, 17, 42, 200, 3, 99, 128, 7, 255, 64, 31, 5]]
 

@@ -46,8 +46,23 @@ def gguf_value(reader, key):
     return field.parts[field.data[0]][0]
 
 
-def test_info_on_the_gguf_agrees_with_the_file(smollm2_gguf_path):
-    gguf = pytest.importorskip("gguf")
+@pytest.fixture(scope="module")
+def cache_itemsize(smollm2_gguf_path):
+    """Bytes per KV-cache element, as a real forward pass stores them (activations' dtype)."""
+    import mlx.core as mx
+
+    from llama_mlx import load
+    from llama_mlx.cache import make_prompt_cache
+
+    model, _ = load(smollm2_gguf_path, dtype="float16")
+    cache = make_prompt_cache(len(model.layers))
+    model(mx.array([[1, 2]]), cache)
+    return cache[0].keys.dtype.size
+
+
+def test_info_on_the_gguf_agrees_with_the_file(smollm2_gguf_path, cache_itemsize):
+    import gguf
+
     reader = gguf.GGUFReader(str(smollm2_gguf_path))
     d = info_json("--model", smollm2_gguf_path, "--context", 4096, "--dtype", "float16")
     assert d["format"] == "gguf"
@@ -59,11 +74,11 @@ def test_info_on_the_gguf_agrees_with_the_file(smollm2_gguf_path):
     head_dim = int(gguf_value(reader, "llama.embedding_length")) // int(gguf_value(reader, "llama.attention.head_count"))
     assert (d["layers"], d["kv_heads"], d["head_dim"]) == (layers, kv_heads, head_dim)
     assert d["quantization"]["bits"] == 4 and d["quantization"]["group_size"] == 32  # Q4_1: 4 bits, blocks of 32
-    assert d["memory"]["kv_cache"] == kv_bytes(layers, kv_heads, head_dim, 4096, 2)
+    assert d["memory"]["kv_cache"] == kv_bytes(layers, kv_heads, head_dim, 4096, cache_itemsize)
     assert d["memory"]["total"] == d["memory"]["weights"] + d["memory"]["kv_cache"]
 
 
-def test_info_on_the_default_model_agrees_with_its_folder(smollm2_gguf_path):
+def test_info_on_the_default_model_agrees_with_its_folder(smollm2_gguf_path, cache_itemsize):
     d = info_json("--dtype", "float16")  # the default model (fetched and converted on first use)
     folder = Path(d["path"])
     assert folder.is_dir() and d["format"] in ("mlx", "hf")
@@ -95,7 +110,7 @@ def test_info_on_the_default_model_agrees_with_its_folder(smollm2_gguf_path):
     assert d["context_length"] == config["max_position_embeddings"]
     assert d["quantization"]["bits"] == quant["bits"]
     assert d["memory"]["kv_cache"] == kv_bytes(config["num_hidden_layers"], config["num_key_value_heads"],
-                                               config["head_dim"], config["max_position_embeddings"], 2)
+                                               config["head_dim"], config["max_position_embeddings"], cache_itemsize)
 
     # The table shows the same figures.
     r = run("info", "--dtype", "float16")

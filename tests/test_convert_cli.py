@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import test_checkpoints_support as S
 from llama_mlx.checkpoints import writer
 
-torch = pytest.importorskip("torch")
+import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
