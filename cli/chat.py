@@ -226,8 +226,7 @@ class ChatSession:
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            stream.close()  # the generator's finally records what the cache holds
-            self.ensure_cache_consistent()
+            stream.close()  # the generator's finally records what the cache holds (or resets it)
         if last is not None:
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
             self._account(last)
@@ -246,33 +245,13 @@ class ChatSession:
             t["generation_seconds"] += (r.generation_tokens - 1) / r.generation_tps
         t["peak_memory"] = max(t["peak_memory"], r.peak_memory)
 
-    def ensure_cache_consistent(self) -> bool:
-        """After an abrupt stop, start the cache afresh if its layers disagree (the next turn re-prefills)."""
-        from llama_mlx.cache import RotatingKVCache
-
-        cache = self.cache
-        offsets = {c.offset for c in cache.cache}
-        rotating = isinstance(cache.cache[0], RotatingKVCache)
-        ok = len(offsets) == 1 and (len(cache.tokens) <= cache.offset if rotating
-                                    else len(cache.tokens) == cache.offset)
-        if not ok:
-            cache.reset()
-        return ok
-
     def _trim_cache_to_messages(self) -> None:
         """Drop cached tokens past what the remaining conversation shares with them."""
         target: list[int] = []
         if self.messages:
             with contextlib.suppress(Exception):
                 target = self._template(self.messages, False)
-        common = 0
-        for a, b in zip(self.cache.tokens, target):
-            if a != b:
-                break
-            common += 1
-        drop = len(self.cache.tokens) - common
-        if drop and self.cache.trim(drop) != drop:
-            self.cache.reset()
+        self.cache.keep_prefix(target)
 
     # --- commands ----------------------------------------------------------------------
 
@@ -352,22 +331,15 @@ class ChatSession:
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in meta["messages"]
                     if isinstance(m, dict) and "role" in m and "content" in m]
         self.cache, self.messages, self.last = cache, messages, None
-        self.ensure_cache_consistent()
         return path
 
 
 def session_path(path: Path, must_exist: bool = False) -> Path:
-    """Session files are safetensors; MLX picks the format by the suffix, so add it when missing."""
+    """The session file as the user named it (the library reads it as safetensors whatever its suffix)."""
     path = Path(path).expanduser()
-    if path.suffix == ".safetensors":
-        candidate = path
-    else:
-        candidate = path.with_name(path.name + ".safetensors")
-        if must_exist and path.is_file() and not candidate.exists():
-            raise ChatError(f"{path}: session files end in .safetensors (save with /save {path})")
-    if must_exist and not candidate.is_file():
-        raise ChatError(f"{candidate}: no such file")
-    return candidate
+    if must_exist and not path.is_file():
+        raise ChatError(f"{path}: no such file")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,13 +590,11 @@ class ChatApp:
                 turn = s.respond(on_text, lambda: self._stop, on_progress, ids=ids)
             except KeyboardInterrupt:  # a second Ctrl-C before the stream began
                 s.drop_unanswered()
-                s.ensure_cache_consistent()
                 t.write("\n")
                 t.note("(stopped before the answer began)")
                 return
             except BaseException:
                 s.drop_unanswered()
-                s.ensure_cache_consistent()
                 raise
         finally:
             if status is not None:

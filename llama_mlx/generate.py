@@ -88,23 +88,36 @@ class PromptCache:
         del self.tokens[len(self.tokens) - n :]
         return n
 
-    def prepare(self, tokens: Sequence[int]) -> list[int]:
-        """Reuse the shared prefix; return the tokens still to prefill (always at least one)."""
-        tokens = list(tokens)
+    def keep_prefix(self, tokens: Sequence[int]) -> int:
+        """Cut the cache back to its longest common prefix with `tokens`; returns that length.
+
+        A rotating cache that has wrapped cannot be cut back: it starts over instead.
+        """
         common = 0
         for a, b in zip(self.tokens, tokens):
             if a != b:
                 break
             common += 1
-        common = min(common, len(tokens) - 1)  # the last prompt token must run to give logits
         drop = len(self.tokens) - common
         if drop and self.trim(drop) != drop:
-            self.reset()  # a wrapped rotating cache cannot be cut back: start over
-            common = 0
-        return tokens[common:]
+            self.reset()
+        return len(self.tokens)
+
+    def prepare(self, tokens: Sequence[int]) -> list[int]:
+        """Reuse the shared prefix; return the tokens still to prefill (always at least one)."""
+        tokens = list(tokens)
+        # The last prompt token must run again to give logits.
+        return tokens[self.keep_prefix(tokens[:-1]):]
 
     def record(self, tokens: Sequence[int]) -> None:
-        """Note what the cache now holds: the first `offset` of `tokens`."""
+        """Note what the cache now holds: the first `offset` of `tokens`.
+
+        An interrupt in the middle of a forward pass can leave layers at different offsets;
+        such a cache is unusable, so it starts over.
+        """
+        if len({c.offset for c in self.cache}) != 1:
+            self.reset()
+            return
         self.tokens = list(tokens)[: self.offset]
 
     def save(self, path: Union[str, Path], metadata: Optional[dict] = None) -> None:

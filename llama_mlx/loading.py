@@ -79,7 +79,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = ckpt.make_tokenizer()
-    model = build_model(ckpt.config, weights, lazy=True, source=ckpt.path).fuse()
+    model = build_model(ckpt.config, weights, source=ckpt.path).fuse()
     del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
     if not lazy:
         # One layer at a time: fusing never holds two copies of more than one layer's weights.
@@ -89,7 +89,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     return model, tokenizer
 
 
-def build_model(config: dict, weights: Mapping[str, mx.array], *, lazy: bool = True, source: Path | None = None):
+def build_model(config: dict, weights: Mapping[str, mx.array], *, source: Path | None = None):
     """Instantiate llama_mlx.model.Model for an HF-style config, quantize it as the config says, load weights."""
     from .model import Model, ModelArgs
     from .quant import prepare_quantized
@@ -101,8 +101,6 @@ def build_model(config: dict, weights: Mapping[str, mx.array], *, lazy: bool = T
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise CheckpointError(f"{source or 'checkpoint'}: weights do not fit the model: {e}") from None
-    if not lazy:
-        mx.eval(model.parameters())
     model.eval()
     return model
 

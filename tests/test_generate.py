@@ -45,8 +45,8 @@ def reference(model):
 @pytest.mark.parametrize(
     "options",
     [
+        {"compile": True},
         {},
-        {"compile": False},
         {"max_kv_size": 128},  # rotating cache, window larger than prompt + answer
         {"prefill_step_size": 4},  # chunked prefill
         {"max_kv_size": 128, "prefill_step_size": 2},
@@ -117,6 +117,22 @@ def test_saved_prompt_cache_reloads_to_same_next_token_logits(model, tmp_path):
     fresh = make_prompt_cache(len(model.layers))
     want = next_logits(model, fresh, history + [42])
     np.testing.assert_allclose(next_logits(model, loaded.cache, [42]), want, atol=1e-5)
+
+
+def test_a_cache_left_inconsistent_by_an_interrupt_starts_over(model):
+    pc = PromptCache(model)
+    model(mx.array([PROMPT]), pc.cache)
+    pc.cache[-1].trim(3)  # as if a Ctrl-C landed between two layers of a forward pass
+    pc.record(PROMPT)
+    assert pc.tokens == [] and pc.offset == 0
+    assert pc.prepare(PROMPT) == PROMPT
+
+
+def test_keep_prefix_cuts_back_to_the_shared_tokens(model):
+    pc = PromptCache(model)
+    model(mx.array([PROMPT]), pc.cache)
+    pc.record(PROMPT)
+    assert pc.keep_prefix(PROMPT[:4] + [0, 0]) == 4 and pc.offset == 4 and pc.tokens == PROMPT[:4]
 
 
 def test_trim_then_regenerate_equals_generating_from_shorter_prompt(model):
