@@ -167,8 +167,7 @@ def model_folder(name: str, args, work: Path) -> Path:
     if not (folder / "config.json").is_file():
         log(f"writing random {name} weights to {folder}")
         t = time.perf_counter()
-        B.write_random_model(folder, name, bits=args.bits, group_size=args.group_size, dtype=dtype, seed=args.seed,
-                             log=log)
+        B.write_random_model(folder, name, bits=args.bits, group_size=args.group_size, dtype=dtype, seed=args.seed)
         log(f"  written in {time.perf_counter() - t:.1f} s")
     else:
         B.write_random_model(folder, name, bits=args.bits, group_size=args.group_size, dtype=dtype, seed=args.seed)

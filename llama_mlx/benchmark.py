@@ -152,7 +152,7 @@ def _write_tokenizer(folder: Path, size: int = 256) -> None:
 
 def write_random_model(folder: str | Path, shape: str | dict = "1b", *, bits: int = 4, group_size: int = 64,
                        dtype: str = "bfloat16", seed: int = 0, max_shard_bytes: int = 1 << 30,
-                       force: bool = False, log=None) -> Path:
+                       force: bool = False) -> Path:
     """Write a random-weight, quantized MLX folder of a model shape (see SHAPES); returns its path.
 
     The folder has config.json (Hugging Face keys, `quantization`, explicit `tie_word_embeddings`),
@@ -172,22 +172,16 @@ def write_random_model(folder: str | Path, shape: str | dict = "1b", *, bits: in
         if old == made:
             return folder
         raise FileExistsError(f"{folder}: exists and was not made with these settings (use force to replace it)")
+    from .checkpoints.plan import Item
+    from .checkpoints.writer import write_weights
+
     float_dtype = getattr(mx, dtype)
-    specs = _param_specs(config, bits, group_size)
 
-    def nbytes(spec) -> int:
-        _, shp, stored = spec
-        size = math.prod(shp)
-        return size * (stored.size if stored == mx.uint32 else float_dtype.size)
-
-    shards: list[list] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + nbytes(spec) > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes(spec)
+    def item(name: str, shape: tuple[int, ...], stored: Any) -> Item:
+        out_dtype = stored if stored == mx.uint32 else float_dtype
+        return Item(name, [(name, shape, out_dtype)],
+                    lambda: {name: _random_tensor(name, shape, stored, float_dtype, bits, group_size, seed)},
+                    math.prod(shape))
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
@@ -195,20 +189,9 @@ def write_random_model(folder: str | Path, shape: str | dict = "1b", *, bits: in
     tmp.mkdir()
     try:
         mx.random.seed(seed)
-        n = len(shards)
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{n:05d}.safetensors"
-            arrays = {p: _random_tensor(p, shp, stored, float_dtype, bits, group_size, seed) for p, shp, stored in shard}
-            mx.eval(arrays)
-            mx.save_safetensors(str(tmp / name), arrays, metadata={"format": "mlx"})
-            weight_map.update({p: name for p in arrays})
-            del arrays
-            mx.clear_cache()
-            if log:
-                log(f"{folder.name}: wrote shard {i}/{n}")
-        index = {"metadata": {"total_size": sum(nbytes(s) for s in specs)}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        # The converter's writer: shards of bounded size with an index, one tensor in memory at a time.
+        write_weights(tmp, [item(*spec) for spec in _param_specs(config, bits, group_size)],
+                      max_shard_bytes=max_shard_bytes)
         _write_tokenizer(tmp)
         quantization = {"group_size": group_size, "bits": bits}
         full = {**config, "torch_dtype": dtype, "quantization": quantization, "quantization_config": quantization,
