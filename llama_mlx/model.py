@@ -10,7 +10,7 @@ import inspect
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,11 +33,26 @@ def meta_rope_factor(params: dict) -> float:
     return 32.0 if (params["dim"], params["n_layers"]) in {(2048, 16), (3072, 28)} else 8.0
 
 
+def llama3_rope_scaling(factor: float) -> dict:
+    """Llama 3.1's "llama3" RoPE scaling with Meta's constants (only the factor varies)."""
+    return {
+        "rope_type": "llama3",
+        "factor": float(factor),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
 def config_from_meta_params(params: dict, *, rope_factor: Optional[float] = None) -> dict:
-    """Translate a Meta params.json into a Hugging Face style config dict."""
+    """Translate a Meta params.json into a Hugging Face style config dict.
+
+    Scaled RoPE applies when params.json says `use_scaled_rope` or a `rope_factor` is given.
+    """
     dim, n_heads = params["dim"], params["n_heads"]
-    scaled = bool(params.get("use_scaled_rope", False))
+    scaled = bool(params.get("use_scaled_rope", False)) or rope_factor is not None
     config = {
+        "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": dim,
         "num_hidden_layers": params["n_layers"],
@@ -53,15 +68,12 @@ def config_from_meta_params(params: dict, *, rope_factor: Optional[float] = None
         "rope_traditional": True,  # Meta checkpoints rotate interleaved pairs
         "max_position_embeddings": 131072 if scaled else 8192,
         "tie_word_embeddings": bool(params.get("tie_word_embeddings", False)),
+        "rope_scaling": None,
     }
     if scaled:
-        config["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": rope_factor if rope_factor is not None else meta_rope_factor(params),
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        }
+        config["rope_scaling"] = llama3_rope_scaling(
+            rope_factor if rope_factor is not None else meta_rope_factor(params)
+        )
     return config
 
 
@@ -98,13 +110,6 @@ class ModelArgs:
             config = config_from_meta_params(config)
         names = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in config.items() if k in names})
-
-    def to_config(self) -> dict[str, Any]:
-        """The Hugging Face config.json dict (plus mlx-lm's `rope_traditional`, `quantization`)."""
-        config = {"architectures": ["LlamaForCausalLM"], **self.__dict__}
-        if config["quantization"] is None:
-            del config["quantization"]
-        return config
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> mx.array:

@@ -24,7 +24,6 @@ from llama_mlx.checkpoints import read_checkpoint, writer
 from llama_mlx.convert import convert
 from llama_mlx.errors import ConfigError, ModelNotFoundError, OutputExistsError
 
-import torch  # noqa: F401  (the reference side of these tests)
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama_mlx.cache import KVCache, make_prompt_cache
-from llama_mlx.model import Model, ModelArgs, ffn_hidden_dim, rope_frequencies
+from llama_mlx.cache import make_prompt_cache
+from llama_mlx.model import Model, ModelArgs, rope_frequencies
 from oracles import TINY_META_PARAMS, meta_reference, meta_to_hf_names, random_meta_state_dict
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, ConfigError
-from ..model import ffn_hidden_dim, meta_rope_factor
+from ..model import config_from_meta_params
 from .base import Checkpoint, Tensor, check_config, read_json
 from .keymap import meta_shard_axis, meta_to_hf
 from .safe_pickle import PthTensor, load_pth
@@ -42,16 +42,6 @@ def _float(params: dict, key: str, file: Path, default: float) -> float:
     return float(value)
 
 
-def llama3_rope_scaling(factor: float) -> dict:
-    return {
-        "rope_type": "llama3",
-        "factor": float(factor),
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    }
-
-
 def config_from_params(params: dict, file: Path, *, vocab_size: int | None = None,
                        tied: bool = False, rope_factor: float | None = None) -> dict:
     """Turn a Meta params.json dict into an HF config.json dict (with rope_traditional true).
@@ -69,30 +59,14 @@ def config_from_params(params: dict, file: Path, *, vocab_size: int | None = Non
         vocab = vocab_size
     if dim % n_heads:
         raise ConfigError(f"{file}: dim {dim} is not a multiple of n_heads {n_heads}")
-    scaled = bool(params.get("use_scaled_rope", False))
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": dim,
-        "intermediate_size": ffn_hidden_dim(dim, multiple_of, mult),
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": dim // n_heads,
-        "vocab_size": vocab,
-        "rms_norm_eps": _float(params, "norm_eps", file, 1e-5),
-        "rope_theta": _float(params, "rope_theta", file, 500000.0),
-        "max_position_embeddings": 131072 if scaled else 8192,
-        "tie_word_embeddings": tied,
-        "rope_traditional": True,  # Meta's q/k rows rotate interleaved pairs
-        "rope_scaling": None,
-    }
-    if scaled or rope_factor is not None:
-        if rope_factor is None:  # 32 for the Llama 3.2 1B/3B shapes, else 8
-            rope_factor = meta_rope_factor({**params, "dim": dim, "n_layers": n_layers})
-        config["rope_scaling"] = llama3_rope_scaling(rope_factor)
     if vocab is None:
         raise ConfigError(f"{file}: no usable 'vocab_size'")
+    checked = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv, "vocab_size": vocab,
+               "multiple_of": multiple_of, "ffn_dim_multiplier": mult,
+               "norm_eps": _float(params, "norm_eps", file, 1e-5),
+               "rope_theta": _float(params, "rope_theta", file, 500000.0),
+               "use_scaled_rope": bool(params.get("use_scaled_rope", False)), "tie_word_embeddings": tied}
+    config = config_from_meta_params(checked, rope_factor=rope_factor)
     return check_config(config, file)
 
 
