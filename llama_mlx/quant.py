@@ -2,8 +2,8 @@
 
 Two entry points: `prepare_quantized(model, weights)` swaps in quantized modules wherever the
 checkpoint carries `<path>.scales`, so quantized weights load straight in without a float copy;
-`quantize(model, bits, group_size, mixed=...)` quantizes a float model and returns the config
-entry (mlx-lm's form) that describes it.
+`quantize(model, bits, group_size)` quantizes a float model and returns the config entry
+(mlx-lm's form) that describes it. The converter's mixed recipe lives in `checkpoints.plan`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-
-HIGH_PRECISION = ("embed_tokens", "lm_head")
 
 
 def _in_features(module: nn.Module) -> int:
@@ -43,38 +41,29 @@ def prepare_quantized(model: nn.Module, weights: dict[str, mx.array]) -> Optiona
     return _config_entry(found) if found else None
 
 
-def quantize(
-    model: nn.Module, bits: int = 4, group_size: int = 64, *, mixed: bool = False
-) -> dict:
-    """Quantize a float model in place; `mixed` keeps embeddings and output head at 8 bits."""
+def quantize(model: nn.Module, bits: int = 4, group_size: int = 64) -> dict:
+    """Quantize a float model in place (rows that do not split into whole groups stay float)."""
     if bits not in (2, 3, 4, 5, 6, 8):
         raise ValueError(f"unsupported bits {bits}: MLX affine quantization takes 2, 3, 4, 5, 6 or 8")
     if group_size not in (32, 64, 128):
         raise ValueError(f"unsupported group size {group_size}: use 32, 64 or 128")
-    chosen: dict[str, dict] = {}
-
-    def predicate(path: str, module: nn.Module):
+    def predicate(path: str, module: nn.Module) -> bool:
         if not hasattr(module, "to_quantized") or isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             return False
-        if _in_features(module) % group_size:
-            return False  # stays in float: the row does not split into whole groups
-        b = 8 if mixed and path.split(".")[-1] in HIGH_PRECISION else bits
-        chosen[path] = {"group_size": group_size, "bits": b, "mode": "affine"}
-        return chosen[path]
+        return _in_features(module) % group_size == 0  # otherwise the row does not split into whole groups
 
-    nn.quantize(model, class_predicate=predicate)
-    return _config_entry(chosen, default={"group_size": group_size, "bits": bits})
+    nn.quantize(model, group_size=group_size, bits=bits, mode="affine", class_predicate=predicate)
+    return {"group_size": group_size, "bits": bits}
 
 
-def _config_entry(per_module: dict[str, dict], default: Optional[dict] = None) -> dict:
-    """mlx-lm's `quantization` entry: a default plus an entry for each module that differs."""
-    if default is None:
-        counts: dict[tuple, int] = {}
-        for p in per_module.values():
-            key = (p["group_size"], p["bits"])
-            counts[key] = counts.get(key, 0) + 1
-        group_size, bits = max(counts, key=counts.get)
-        default = {"group_size": group_size, "bits": bits}
+def _config_entry(per_module: dict[str, dict]) -> dict:
+    """mlx-lm's `quantization` entry: the commonest setting plus an entry for each module that differs."""
+    counts: dict[tuple, int] = {}
+    for p in per_module.values():
+        key = (p["group_size"], p["bits"])
+        counts[key] = counts.get(key, 0) + 1
+    group_size, bits = max(counts, key=counts.get)
+    default = {"group_size": group_size, "bits": bits}
     entry: dict = dict(default)
     for path, p in per_module.items():
         if (p["group_size"], p["bits"]) != (default["group_size"], default["bits"]):
