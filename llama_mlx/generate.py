@@ -245,7 +245,7 @@ def generate_step(
 
 def _prompt_tokens(tokenizer: Any, prompt: Prompt) -> list[int]:
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, bos=tokenizer.bos_id is not None and getattr(tokenizer, "add_bos", True))
+        return tokenizer.encode(prompt, bos=tokenizer.add_bos and tokenizer.bos_id is not None)
     prompt = list(prompt)
     if prompt and isinstance(prompt[0], dict):
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
