@@ -1,11 +1,11 @@
 """Generation in layers: `generate_step` yields token ids, `stream_generate` yields
 `GenerationResponse`s, `generate` returns the text.
 
-Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller. With
-`compile=True` the decode step is one `mx.compile`d graph whose cache offset is an array (traced
-once per cache capacity, not per token); it is off by default because attention over the whole
-fixed-size buffer needs an array mask, which MLX's fused decode-attention kernels do not take:
-measured slower on CUDA (see benchmarks/README.md).
+Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller. A compiled
+decode step (`compile=True`) is one `mx.compile`d graph whose cache offset is an array, traced
+once per cache capacity, not per token. On MLX's CUDA backend it is the fused step of
+`cuda_decode` (six graph nodes per layer) and on by default (`compile=None`); elsewhere it
+attends over the whole buffer with a mask and stays off unless asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Callable, Generator, Iterable, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cuda_decode
 from .cache import (
     DecodeView,
     KVCache,
@@ -137,29 +138,45 @@ class PromptCache:
 
 
 class _Stepper:
-    """Runs the model on new tokens, with a compiled graph for single-token decode."""
+    """Runs the model on new tokens, with a compiled graph for single-token decode.
 
-    def __init__(self, model: nn.Module, cache: list, compiled: bool):
+    `compiled=None` chooses: compiled where the fused CUDA step applies (`cuda_decode.supported`).
+    """
+
+    def __init__(self, model: nn.Module, cache: list, compiled: Optional[bool]):
         self.model = model
         self.cache = cache
-        self.compiled = compiled and all(type(c) is KVCache for c in cache)
+        plain = all(type(c) is KVCache for c in cache)
+        fused = plain and cuda_decode.supported(model)
+        self.compiled = plain and (fused if compiled is None else compiled)
         if self.compiled:
             # One compiled graph per model, reused across requests (traced once per capacity).
-            self._decode = getattr(model, "_llama_mlx_decode", None)
+            self._fused = fused
+            key = "_llama_mlx_fused_decode" if fused else "_llama_mlx_decode"
+            self._decode = getattr(model, key, None)
             if self._decode is None:
-                self._decode = mx.compile(_decode_graph_for(model))
-                model._llama_mlx_decode = self._decode
+                self._decode = mx.compile(cuda_decode.FusedDecoder(model) if fused else _decode_graph_for(model))
+                setattr(model, key, self._decode)
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Logits of the last position, `[B, vocab]`."""
-        if not self.compiled or tokens.shape[1] != 1 or self.cache[0].keys is None:
+        if (not self.compiled or tokens.shape[1] != 1 or self.cache[0].keys is None
+                or (self._fused and tokens.shape[0] != 1)):
             return self.model(tokens, self.cache)[:, -1, :]
         offset = self.cache[0].offset
         buffers = []
         for c in self.cache:
             c._reserve(c.keys, c.values, offset + 1)
             buffers += [c.keys, c.values]
-        logits, *buffers = self._decode(tokens, mx.array(offset, dtype=mx.int32), *buffers)
+            # Only the step holds the buffers now, so their update happens in place.
+            c.keys = c.values = None
+        try:
+            position = mx.array([offset] if self._fused else offset, dtype=mx.int32)
+            logits, *buffers = self._decode(tokens, position, *buffers)
+        except BaseException:
+            for i, c in enumerate(self.cache):
+                c.keys, c.values = buffers[2 * i], buffers[2 * i + 1]
+            raise
         for i, c in enumerate(self.cache):
             c.keys, c.values = buffers[2 * i], buffers[2 * i + 1]
             c.offset += 1
@@ -191,7 +208,7 @@ def generate_step(
     max_kv_size: Optional[int] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
-    compile: bool = False,
+    compile: Optional[bool] = None,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, log-probabilities) for up to `max_tokens` new tokens.
@@ -298,7 +315,7 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     prefill_step_size: int = 512,
-    compile: bool = False,
+    compile: Optional[bool] = None,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion of `prompt` (text, token ids, or chat messages).

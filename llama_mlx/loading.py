@@ -69,17 +69,22 @@ def load_checkpoint(path: str | Path, *, rope_factor: float | None = None) -> tu
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool = True,
-         rope_factor: float | None = None):
+         rope_factor: float | None = None, fuse: bool | None = None):
     """Load a model and its tokenizer from a Meta folder, HF folder, GGUF file or MLX folder.
 
     path: a file, a folder, a model name under the weights folder, or None for the default model.
     dtype: float16 / bfloat16 / float32 for float tensors (default: the checkpoint's own).
     lazy: leave weights unread until first used (safetensors are read from disk on demand).
+    fuse: merge q/k/v and gate/up projections (`Model.fuse`); default on GPUs, where a decode
+    step is bound by its number of graph nodes, and off on the CPU, where it would only cost
+    a copy of those weights at load.
     """
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = ckpt.make_tokenizer()
-    model = build_model(ckpt.config, weights, source=ckpt.path).fuse()
+    model = build_model(ckpt.config, weights, source=ckpt.path)
+    if fuse if fuse is not None else mx.default_device() == mx.gpu:
+        model.fuse()
     del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
     if not lazy:
         # One layer at a time: fusing never holds two copies of more than one layer's weights.

@@ -170,14 +170,18 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask: Optional[mx.array | str], cache: Optional[KVCache]) -> mx.array:
         B, L, D = x.shape
         offset = cache.offset if cache is not None else 0
-        if "qkv_proj" in self:  # fused at load time by `Model.fuse()`
-            # (B, L, (nq + 2 nkv) * head_dim) -> (B, nq + 2 nkv, L, head_dim); one RoPE call for q and k
+        if "qkv_proj" in self and L == 1:  # fused at load time by `Model.fuse()`
+            # (B, 1, (nq + 2 nkv) * head_dim) -> (B, nq + 2 nkv, 1, head_dim); one RoPE call for q and k
             qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
             n_qk = self.n_heads + self.n_kv_heads
             qk = self.rope(qkv[:, :n_qk], offset)
             q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, n_qk:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if "qkv_proj" in self:
+                q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+                q, k, v = row_blocks(self.qkv_proj, x, [q_dim, kv_dim, kv_dim])
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
             # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
             q = self.rope(q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3), offset)
             k = self.rope(k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3), offset)
@@ -205,7 +209,10 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:  # fused at load time by `Model.fuse()`
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            if x.shape[1] == 1:
+                gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            else:
+                gate, up = row_blocks(self.gate_up_proj, x, 2)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(swiglu(gate, up))
@@ -301,6 +308,34 @@ class Model(nn.Module):
                 mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
                 del mlp.gate_proj, mlp.up_proj
         return self
+
+
+def row_blocks(linear: nn.Module, x: mx.array, sizes: list[int] | int) -> list[mx.array]:
+    """A fused projection applied as consecutive row blocks of its weight (sizes, or n equal ones).
+
+    Used for multi-token inputs: MLX's GPU backends may dequantize a weight whole for a
+    multi-token quantized matmul, and the blocks keep that transient as small as unfused weights.
+    """
+    if isinstance(linear, _Unfused):
+        return [p(x) for p in linear.parts]
+    rows = linear.weight.shape[0]
+    if isinstance(sizes, int):
+        sizes = [rows // sizes] * sizes
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    out = []
+    for a, n in zip(starts, sizes):
+        if isinstance(linear, nn.QuantizedLinear):
+            y = mx.quantized_matmul(
+                x, linear["weight"][a : a + n], scales=linear["scales"][a : a + n],
+                biases=linear["biases"][a : a + n] if "biases" in linear else None,
+                transpose=True, group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
+            )
+        else:
+            y = x @ linear["weight"][a : a + n].T
+        if "bias" in linear:
+            y = y + linear["bias"][a : a + n]
+        out.append(y)
+    return out
 
 
 def _concat_linears(linears: list[nn.Module]) -> nn.Module:

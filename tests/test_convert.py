@@ -99,9 +99,10 @@ def test_quantized_conversion_loads_in_mlx_lm_with_the_same_logits(work, hf_fold
     assert config["quantization"] == {"group_size": 64, "bits": 4} == config["quantization_config"]
     assert config["rope_traditional"] is False and result.source_format == "hf"
     assert 4 < result.bits_per_weight < 6
-    ours, _ = load(dst)
     theirs, _ = load_model(dst)
-    np.testing.assert_allclose(mlx_lm_logits(theirs), S.our_logits(ours), atol=1e-5, rtol=1e-5)
+    for fuse in (False, True):
+        ours, _ = load(dst, fuse=fuse)
+        np.testing.assert_allclose(mlx_lm_logits(theirs), S.our_logits(ours), atol=1e-5, rtol=1e-5)
     assert isinstance(ours.model.layers[0].self_attn.qkv_proj, nn.QuantizedLinear)  # fused at load
 
 

@@ -53,12 +53,19 @@ def test_meta_parity_token_by_token_with_cache(meta_pair):
     assert cache[0].offset == 20
 
 
-def test_fused_projections_keep_logits(meta_pair):
-    _, ours = meta_pair
-    tokens = mx.array(np.random.default_rng(2).integers(0, 256, size=(1, 16)))
-    want = np.array(ours(tokens))
+def test_fused_projections_match_meta_token_by_token(meta_pair):
+    # Fused q/k/v and gate/up: a prompt runs them as row blocks, single tokens as one matmul each.
+    ref, ours = meta_pair
     fused = build(TINY_META_PARAMS, {k: np.array(v) for k, v in _flat(ours).items()}).fuse()
-    np.testing.assert_allclose(np.array(fused(tokens)), want, atol=1e-5, rtol=0)
+    assert "qkv_proj" in fused.layers[0].self_attn and "gate_up_proj" in fused.layers[0].mlp
+    tokens = np.random.default_rng(2).integers(0, 256, size=(1, 16))
+    cache = make_prompt_cache(len(fused.layers))
+    want = [ref(torch.tensor(tokens[:, :6]), 0).numpy()]
+    got = [np.array(fused(mx.array(tokens[:, :6]), cache))]
+    for pos in range(6, 16):
+        want.append(ref(torch.tensor(tokens[:, pos : pos + 1]), pos).numpy())
+        got.append(np.array(fused(mx.array(tokens[:, pos : pos + 1]), cache)))
+    np.testing.assert_allclose(np.concatenate(got, 1), np.concatenate(want, 1), atol=1e-4, rtol=0)
 
 
 def _flat(model):

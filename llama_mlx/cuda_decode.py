@@ -1,0 +1,106 @@
+"""One-token decode step for MLX's CUDA backend, in six graph nodes per layer.
+
+MLX's CUDA backend costs the host about 4-5 microseconds per graph node at evaluation, so the
+plain model's ~15 nodes per layer make decode host-bound (benchmarks/README.md). This step runs
+the same transformer with the kernels in `kernels.py`:
+
+    qkv   = matvec(rms_norm(a + b) * input_layernorm) + RoPE, split into q, k, v
+    K, V  = slice_update(K, k), slice_update(V, v)      (in place: the buffers are donated)
+    attn  = decode_attention(q, K, V, offset)
+    o     = matvec(attn)
+    gu    = matvec(rms_norm(h + o) * post_attention_layernorm)
+    m     = matvec(silu(gate) * up)                      -> the next layer's (a, b) = (h + o, m)
+
+The cache offset is an array and the K/V buffers have a fixed capacity, so `mx.compile` traces
+the step once per capacity. It applies to 4-bit affine models (group size a multiple of 32)
+with float16/bfloat16 activations and batch 1; `supported(model)` says whether it does.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import kernels
+
+
+def _q4(module: nn.Module) -> bool:
+    return (
+        isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        and getattr(module, "mode", "affine") == "affine"
+        and "bias" not in module
+        and "biases" in module
+        and kernels.matvec_supported(module["weight"].shape[1] * 32 // module.bits, module.bits, module.group_size)
+    )
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether `FusedDecoder` can run this model here (CUDA, fused 4-bit projections, fp16/bf16)."""
+    if not kernels.cuda_available() or getattr(model, "model_type", None) != "llama":
+        return False
+    args = model.args
+    dtype = model.model.compute_dtype
+    head = model.model.embed_tokens if args.tie_word_embeddings else getattr(model, "lm_head", None)
+    if head is None or not _q4(head):
+        return False
+    if dtype is None:
+        dtype = head.scales.dtype
+    if not kernels.attention_supported(args.num_attention_heads, args.num_key_value_heads, args.head_dim, dtype):
+        return False
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if "qkv_proj" not in attn or "gate_up_proj" not in mlp:
+            return False
+        if not all(_q4(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+            return False
+    return True
+
+
+class FusedDecoder:
+    """`decoder(tokens[1, 1], offset, *kv_buffers) -> (logits[1, vocab], *kv_buffers)`.
+
+    kv_buffers are each layer's keys then values, [1, Hkv, capacity, D]; `offset` (int32 array of
+    shape [1]) is the position of the new token. Wrap it in `mx.compile`.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        args = model.args
+        attn = model.layers[0].self_attn
+        self.rope = dict(
+            inv_freq=1.0 / attn.rope._periods, n_heads=args.num_attention_heads,
+            n_kv_heads=args.num_key_value_heads, head_dim=args.head_dim, traditional=attn.rope.traditional,
+        )
+        self.scale = attn.scale
+        self.eps = args.rms_norm_eps
+
+    @staticmethod
+    def _weights(m: nn.Module) -> tuple:
+        return m["weight"], m["scales"], m["biases"], m.group_size
+
+    def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
+        inner = self.model.model
+        a = inner.embed_tokens(tokens).reshape(-1)
+        if inner.compute_dtype is not None:
+            a = a.astype(inner.compute_dtype)
+        b = mx.zeros_like(a)
+        norm = lambda m: m.weight.astype(a.dtype)  # noqa: E731  (a no-op when the dtypes agree)
+        rope = dict(self.rope, offset=offset)
+        out = []
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v, h = kernels.fused_matvec(
+                *self._weights(attn.qkv_proj), residual=(a, b, norm(layer.input_layernorm), self.eps), rope=rope
+            )
+            keys = mx.slice_update(buffers[2 * i], k, offset, axes=(2,))
+            values = mx.slice_update(buffers[2 * i + 1], v, offset, axes=(2,))
+            out += [keys, values]
+            o = kernels.fused_matvec(*self._weights(attn.o_proj),
+                                     x=kernels.decode_attention(q, keys, values, offset, self.scale))
+            gu, h = kernels.fused_matvec(
+                *self._weights(mlp.gate_up_proj), residual=(h, o, norm(layer.post_attention_layernorm), self.eps)
+            )
+            a, b = h, kernels.fused_matvec(*self._weights(mlp.down_proj), gate_up=gu)
+        head = inner.embed_tokens if self.model.args.tie_word_embeddings else self.model.lm_head
+        logits, _ = kernels.fused_matvec(*self._weights(head), residual=(a, b, norm(inner.norm), self.eps))
+        return (logits[None], *out)

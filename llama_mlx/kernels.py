@@ -1,0 +1,472 @@
+"""Single-token decode kernels for MLX's CUDA backend (`mx.fast.cuda_kernel`).
+
+On CUDA, MLX spends about 4-5 microseconds of host time per graph node when it evaluates a
+decode step, whatever the node does; a Llama decode step of ~15 nodes per layer is therefore
+bound by the host, not by the GPU. These kernels fold a layer into six nodes, each fusing
+what the MLX graph would run as several:
+
+- `fused_matvec`: a 4-bit affine matrix-vector product whose prologue stages x in shared memory
+  as one of: x itself; `rms_norm(a + b) * weight` (also writing the residual `a + b`); or
+  `silu(gate) * up`. Its epilogue can apply RoPE to the q/k rows and split the output into
+  q, k and v. Each lane loads its share of a weight row as 16-byte words before the prologue,
+  so the row is in flight while x is staged.
+- `decode_attention`: attention of one query token over the first `offset + 1` positions of
+  fixed-capacity K/V buffers, `offset` being an array: a compiled step never retraces per token
+  and never reads unwritten positions. Each warp scores 32 positions at a time (a lane each), with an online softmax.
+
+Every function here needs the CUDA backend (`cuda_available()`); callers fall back to MLX ops.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Optional
+
+import mlx.core as mx
+
+ROWS_PER_BLOCK = 16  # one warp per output row
+ATTN_CHUNK = 128  # positions per attention block (a warp each 32); blocks are merged in a second pass
+ATTN_WARPS = 4
+
+_HEADER = r"""
+#define NEG_INF __int_as_float(0xff800000u)
+constexpr float LOG2E = 1.4426950408889634f;
+// 2^23 + q as float bits; subtracting 2^23 gives q exactly, with no int-to-float conversion.
+__device__ __forceinline__ float nibble(uint32_t w, int shift) {
+  return __int_as_float(0x4B000000u | ((w >> shift) & 15u)) - 8388608.0f;
+}
+// N consecutive values as floats, in one load where they make 4, 8 or 16 bytes.
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* p, float* o) {
+  if constexpr (sizeof(T) * N == 16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const T* h = reinterpret_cast<const T*>(&u);
+    #pragma unroll
+    for (int i = 0; i < N; i++) o[i] = static_cast<float>(h[i]);
+  } else if constexpr (sizeof(T) * N == 8) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const T* h = reinterpret_cast<const T*>(&u);
+    #pragma unroll
+    for (int i = 0; i < N; i++) o[i] = static_cast<float>(h[i]);
+  } else if constexpr (sizeof(T) * N == 4) {
+    const uint32_t u = *reinterpret_cast<const uint32_t*>(p);
+    const T* h = reinterpret_cast<const T*>(&u);
+    #pragma unroll
+    for (int i = 0; i < N; i++) o[i] = static_cast<float>(h[i]);
+  } else {
+    #pragma unroll
+    for (int i = 0; i < N; i++) o[i] = static_cast<float>(p[i]);
+  }
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+"""
+
+# Template constants: T (activations), S (scales), K (input width), N (rows), G (group size),
+# PRO (0 x, 1 rms_norm(a + b), 2 swiglu), EPI (0 out, 1 RoPE + q/k/v split), EPS_BITS,
+# and for EPI 1: NQ, NKV, D, TRAD (interleaved RoPE pairs).
+_MATVEC = r"""
+  constexpr int CHUNKS = K / 32;              // 32 weights = one 16-byte word
+  constexpr int PER_LANE = (CHUNKS + 31) / 32;
+  constexpr int PAD = 36;                     // floats per chunk in shared memory: no bank conflicts
+  extern __shared__ float smem[];
+  float* xs = smem;                           // [CHUNKS][PAD]
+  float* xsum = xs + CHUNKS * PAD;            // [CHUNKS]
+  float* red = xsum + CHUNKS;                 // [32]
+  float* res = red + 32;                      // [ROWS]
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  int row = blockIdx.x * ROWS + warp;
+{ROWMAP}  const bool live = row < N;
+  const size_t r = live ? row : 0;
+  const uint4* wr = reinterpret_cast<const uint4*>(w) + r * CHUNKS;
+  const S* sr = scales + r * (K / G);
+  const S* br = biases + r * (K / G);
+
+  uint4 wv[PER_LANE];
+  #pragma unroll
+  for (int i = 0; i < PER_LANE; i++) {
+    const int c = lane + 32 * i;
+    if (c < CHUNKS) wv[i] = wr[c];
+  }
+
+  // Stage x: thread t owns 32-element chunks t, t + blockDim.x, ... and their sums.
+  static_assert(sizeof(T) == 2, "16-bit activations");
+  float ss = 0.0f;
+  for (int c = tid; c < CHUNKS; c += blockDim.x) {
+    float s = 0.0f;
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int i0 = c * 32 + j * 8;
+      float xv[8];
+{STAGE}
+      #pragma unroll
+      for (int t = 0; t < 8; t++) s += xv[t];
+      float4* dst = reinterpret_cast<float4*>(xs + c * PAD + j * 8);
+      dst[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);
+      dst[1] = make_float4(xv[4], xv[5], xv[6], xv[7]);
+    }
+    xsum[c] = s;
+  }
+{NORM}
+  __syncthreads();
+
+  float acc = 0.0f;
+  if (live) {
+    #pragma unroll
+    for (int i = 0; i < PER_LANE; i++) {
+      const int c = lane + 32 * i;
+      if (c < CHUNKS) {
+        const float4* xp = reinterpret_cast<const float4*>(xs + c * PAD);
+        const uint32_t words[4] = {wv[i].x, wv[i].y, wv[i].z, wv[i].w};
+        float qx = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const float4 u = xp[2 * j], v = xp[2 * j + 1];
+          qx = fmaf(nibble(words[j], 0), u.x, qx);
+          qx = fmaf(nibble(words[j], 4), u.y, qx);
+          qx = fmaf(nibble(words[j], 8), u.z, qx);
+          qx = fmaf(nibble(words[j], 12), u.w, qx);
+          qx = fmaf(nibble(words[j], 16), v.x, qx);
+          qx = fmaf(nibble(words[j], 20), v.y, qx);
+          qx = fmaf(nibble(words[j], 24), v.z, qx);
+          qx = fmaf(nibble(words[j], 28), v.w, qx);
+        }
+        const int g = (c * 32) / G;
+        acc = fmaf(static_cast<float>(sr[g]), qx, acc);
+        acc = fmaf(static_cast<float>(br[g]), xsum[c], acc);
+      }
+    }
+    acc = warp_sum(acc);
+  }
+
+{STORE}"""
+
+_ROWMAP_ROPE = r"""
+  constexpr int ROPE_ROWS = (NQ + NKV) * D;
+  // Rotation pairs share a block: warps w and w + 8 hold the two rows of pair p.
+  const bool rope = blockIdx.x * ROWS < ROPE_ROWS;
+  const int pair = (blockIdx.x % (D / 16)) * 8 + (warp & 7);
+  if (rope) row = (blockIdx.x / (D / 16)) * D + (TRAD ? 2 * pair + (warp >> 3) : pair + (warp >> 3) * (D / 2));
+"""
+_STAGE = {
+    0: "      load_floats<T, 8>(x + i0, xv);\n",
+    1: r"""      float av[8], bv[8];
+      load_floats<T, 8>(a + i0, av);
+      load_floats<T, 8>(b + i0, bv);
+      alignas(16) T hv[8];
+      #pragma unroll
+      for (int t = 0; t < 8; t++) {
+        hv[t] = static_cast<T>(av[t] + bv[t]);
+        xv[t] = static_cast<float>(hv[t]);
+        ss = fmaf(xv[t], xv[t], ss);
+      }
+      if (blockIdx.x == 0) *reinterpret_cast<uint4*>(h + i0) = *reinterpret_cast<const uint4*>(hv);
+""",
+    2: r"""      float gv[8], uv[8];
+      load_floats<T, 8>(gu + i0, gv);
+      load_floats<T, 8>(gu + K + i0, uv);
+      #pragma unroll
+      for (int t = 0; t < 8; t++) {
+        const T act = static_cast<T>(gv[t] / (1.0f + __expf(-gv[t])));
+        xv[t] = static_cast<float>(static_cast<T>(static_cast<float>(act) * uv[t]));
+      }
+""",
+}
+# rms_norm(a + b) * weight: the block's sum of squares, then each thread rescales its own chunks.
+_NORM = r"""
+  ss = warp_sum(ss);
+  if (lane == 0) red[warp] = ss;
+  __syncthreads();
+  float total = 0.0f;
+  #pragma unroll
+  for (int i = 0; i < ROWS; i++) total += red[i];
+  const float inv = rsqrtf(total / K + __int_as_float(EPS_BITS));
+  for (int c = tid; c < CHUNKS; c += blockDim.x) {
+    float s = 0.0f;
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+      float nv[8];
+      load_floats<T, 8>(nw + c * 32 + j * 8, nv);
+      float* xc = xs + c * PAD + j * 8;
+      #pragma unroll
+      for (int t = 0; t < 8; t++) {
+        xc[t] = static_cast<float>(static_cast<T>(xc[t] * inv * nv[t]));
+        s += xc[t];
+      }
+    }
+    xsum[c] = s;
+  }
+"""
+_STORE = {
+    0: "  if (live && lane == 0) out[row] = static_cast<T>(acc);\n",
+    1: r"""
+  if (rope) {
+    if (lane == 0) res[warp] = static_cast<float>(static_cast<T>(acc));
+    __syncthreads();
+    if (lane == 0) {
+      const float x0 = res[warp & 7], x1 = res[(warp & 7) + 8];
+      float sn, cs;
+      sincosf(static_cast<float>(offset[0]) * inv_freq[pair], &sn, &cs);
+      acc = (warp >> 3) ? fmaf(x0, sn, x1 * cs) : fmaf(x0, cs, -x1 * sn);
+    }
+  }
+  if (live && lane == 0) {
+    const T val = static_cast<T>(acc);
+    if (row < NQ * D) q[row] = val;
+    else if (row < ROPE_ROWS) k[row - NQ * D] = val;
+    else v[row - ROPE_ROWS] = val;
+  }
+""",
+}
+
+
+def _matvec_source(pro: int, epi: int) -> str:
+    return (_MATVEC.replace("{ROWMAP}", _ROWMAP_ROPE if epi else "")
+            .replace("{STAGE}", _STAGE[pro]).replace("{NORM}", _NORM if pro == 1 else "")
+            .replace("{STORE}", _STORE[epi]))
+
+
+_PROLOGUE_INPUTS = {0: ["x"], 1: ["a", "b", "nw"], 2: ["gu"]}
+_kernels: dict[tuple, object] = {}
+
+
+def _float_bits(x: float) -> int:
+    # Template arguments are integers: floats travel as their float32 bit patterns.
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _smem_bytes(K: int) -> int:
+    return ((K // 32) * 37 + 32 + ROWS_PER_BLOCK) * 4
+
+
+def _matvec_kernel(pro: int, epi: int, K: int):
+    # Dynamic shared memory is fixed per kernel object: one object per (prologue, epilogue, K).
+    key = (pro, epi, K)
+    if key not in _kernels:
+        inputs = _PROLOGUE_INPUTS[pro] + ["w", "scales", "biases"] + (["offset", "inv_freq"] if epi else [])
+        outputs = (["q", "k", "v"] if epi else ["out"]) + (["h"] if pro == 1 else [])
+        _kernels[key] = mx.fast.cuda_kernel(
+            name=f"llama_mlx_matvec_p{pro}_e{epi}", input_names=inputs, output_names=outputs,
+            source=_matvec_source(pro, epi), header=_HEADER, shared_memory=_smem_bytes(K),
+        )
+    return _kernels[key]
+
+
+def cuda_available() -> bool:
+    """Whether MLX runs on its CUDA backend here, so these kernels can be launched."""
+    try:
+        return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    except AttributeError:
+        return False
+
+
+def matvec_supported(K: int, bits: int, group_size: int) -> bool:
+    """Whether `fused_matvec` takes a 4-bit affine weight of input width K and this group size."""
+    return bits == 4 and K % 32 == 0 and group_size % 32 == 0 and K % group_size == 0 and _smem_bytes(K) <= 200_000
+
+
+def fused_matvec(
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    group_size: int,
+    *,
+    x: Optional[mx.array] = None,
+    residual: Optional[tuple[mx.array, mx.array, mx.array, float]] = None,
+    gate_up: Optional[mx.array] = None,
+    rope: Optional[dict] = None,
+):
+    """One token's `x @ dequantize(w).T` for a 4-bit affine `w` [N, K/8], with x given as one of:
+
+    x: [K];  residual=(a, b, norm_weight, eps): x = rms_norm(a + b) * norm_weight, and `a + b` is
+    returned too;  gate_up: [2K] = [gate, up], x = silu(gate) * up.
+    rope=dict(offset, inv_freq, n_heads, n_kv_heads, head_dim, traditional) rotates the q and k rows
+    at position `offset` (int32 array, shape [1]) and returns q [1, Hq, 1, D], k and v [1, Hkv, 1, D].
+    Returns the output ([N], or q, k, v), followed by `a + b` [K] with `residual`.
+    """
+    pro = 0 if x is not None else (1 if residual is not None else 2)
+    epi = 1 if rope is not None else 0
+    N, K = w.shape[0], w.shape[1] * 8
+    if pro == 0:
+        inputs, dtype = [x], x.dtype
+    elif pro == 1:
+        a, b, nw, eps = residual
+        inputs, dtype = [a, b, nw], a.dtype
+    else:
+        inputs, dtype = [gate_up], gate_up.dtype
+    inputs += [w, scales, biases]
+    template = [("T", dtype), ("S", scales.dtype), ("K", K), ("N", N), ("G", group_size), ("PRO", pro),
+                ("EPI", epi), ("ROWS", ROWS_PER_BLOCK), ("EPS_BITS", _float_bits(residual[3]) if residual else 0)]
+    if epi:
+        nq, nkv, D = rope["n_heads"], rope["n_kv_heads"], rope["head_dim"]
+        inputs += [rope["offset"], rope["inv_freq"]]
+        template += [("NQ", nq), ("NKV", nkv), ("D", D), ("TRAD", bool(rope["traditional"]))]
+        shapes = [(1, nq, 1, D), (1, nkv, 1, D), (1, nkv, 1, D)]
+    else:
+        template += [("NQ", 0), ("NKV", 0), ("D", 0), ("TRAD", False)]
+        shapes = [(N,)]
+    if pro == 1:
+        shapes.append((K,))
+    outs = _matvec_kernel(pro, epi, K)(
+        inputs=inputs, template=template,
+        grid=(N * 32, 1, 1), threadgroup=(ROWS_PER_BLOCK * 32, 1, 1),
+        output_shapes=shapes, output_dtypes=[dtype] * len(shapes),
+    )
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+# q: [Hq*D] (B = 1), k/v: [Hkv, C, D], offset: [1] int32 (the position just written).
+# SINGLE: out [Hq*D]; otherwise o_part [Hq, S, D] and ml [Hq, S, 2] (float), merged below.
+_ATTENTION = r"""
+  constexpr int S = (C + CHUNK - 1) / CHUNK;
+  constexpr int DL = D / 32;                        // output dims per lane
+  __shared__ float qs[D];
+  __shared__ float wm[WARPS], wl[WARPS];
+  __shared__ float wacc[WARPS][D];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int hq = blockIdx.x, split = blockIdx.y;
+  const int kvh = hq / (HQ / HKV);
+  const int n = offset[0] + 1;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    qs[d] = static_cast<float>(q[hq * D + d]) * (__int_as_float(SCALE_BITS) * LOG2E);
+  __syncthreads();
+
+  float m = NEG_INF, l = 0.0f;
+  float acc[DL];
+  #pragma unroll
+  for (int i = 0; i < DL; i++) acc[i] = 0.0f;
+  const int end = min(n, (split + 1) * CHUNK);
+  for (int p0 = split * CHUNK + warp * 32; p0 < end; p0 += WARPS * 32) {
+    const int p = p0 + lane;
+    float score = NEG_INF;
+    if (p < end) {
+      const uint4* kp = reinterpret_cast<const uint4*>(k + ((size_t)kvh * C + p) * D);
+      float s = 0.0f;
+      #pragma unroll
+      for (int j = 0; j < D / 8; j++) {
+        const uint4 u = kp[j];
+        const T* hv = reinterpret_cast<const T*>(&u);
+        #pragma unroll
+        for (int t = 0; t < 8; t++) s = fmaf(static_cast<float>(hv[t]), qs[j * 8 + t], s);
+      }
+      score = s;
+    }
+    const float m_new = fmaxf(m, warp_max(score));
+    const float corr = (m == NEG_INF) ? 0.0f : exp2f(m - m_new);
+    const float e = (p < end) ? exp2f(score - m_new) : 0.0f;
+    l = l * corr + warp_sum(e);
+    #pragma unroll
+    for (int i = 0; i < DL; i++) acc[i] *= corr;
+    // Lane owns DL consecutive output dims; eight positions' loads in flight at a time.
+    const T* vb = v + ((size_t)kvh * C + p0) * D + lane * DL;
+    const int last = min(32, end - p0);
+    #pragma unroll 8
+    for (int j = 0; j < 32; j++) {
+      if (j < last) {
+        const float wj = __shfl_sync(0xffffffffu, e, j);
+        float vals[DL];
+        load_floats<T, DL>(vb + (size_t)j * D, vals);
+        #pragma unroll
+        for (int i = 0; i < DL; i++) acc[i] = fmaf(wj, vals[i], acc[i]);
+      }
+    }
+    m = m_new;
+  }
+  if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+  #pragma unroll
+  for (int i = 0; i < DL; i++) wacc[warp][lane * DL + i] = acc[i];
+  __syncthreads();
+
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float M = NEG_INF;
+    for (int i = 0; i < WARPS; i++) M = fmaxf(M, wm[i]);
+    float num = 0.0f, den = 0.0f;
+    for (int i = 0; i < WARPS; i++) {
+      if (wm[i] == NEG_INF) continue;
+      const float c = exp2f(wm[i] - M);
+      den = fmaf(c, wl[i], den);
+      num = fmaf(c, wacc[i][d], num);
+    }
+{STORE}
+  }
+"""
+
+_ATTN_STORE_SINGLE = "    out[hq * D + d] = static_cast<T>(num / den);\n"
+_ATTN_STORE_SPLIT = r"""    o_part[((size_t)hq * S + split) * D + d] = num;
+    if (d == 0) { ml[(hq * S + split) * 2] = M; ml[(hq * S + split) * 2 + 1] = den; }
+"""
+
+_MERGE = r"""
+  const int hq = blockIdx.x, d = threadIdx.x;
+  float M = NEG_INF;
+  for (int s = 0; s < S; s++) M = fmaxf(M, ml[(hq * S + s) * 2]);
+  float num = 0.0f, den = 0.0f;
+  for (int s = 0; s < S; s++) {
+    const float ms = ml[(hq * S + s) * 2];
+    if (ms == NEG_INF) continue;
+    const float c = exp2f(ms - M);
+    den = fmaf(c, ml[(hq * S + s) * 2 + 1], den);
+    num = fmaf(c, o_part[((size_t)hq * S + s) * D + d], num);
+  }
+  out[hq * D + d] = static_cast<T>(num / den);
+"""
+
+
+def _attention_kernel(name: str):
+    if name not in _kernels:
+        if name == "single":
+            k = mx.fast.cuda_kernel(name="llama_mlx_attention", input_names=["q", "k", "v", "offset"],
+                                    output_names=["out"], source=_ATTENTION.replace("{STORE}", _ATTN_STORE_SINGLE),
+                                    header=_HEADER)
+        elif name == "split":
+            k = mx.fast.cuda_kernel(name="llama_mlx_attention_split", input_names=["q", "k", "v", "offset"],
+                                    output_names=["o_part", "ml"],
+                                    source=_ATTENTION.replace("{STORE}", _ATTN_STORE_SPLIT), header=_HEADER)
+        else:
+            k = mx.fast.cuda_kernel(name="llama_mlx_attention_merge", input_names=["o_part", "ml"],
+                                    output_names=["out"], source=_MERGE, header=_HEADER)
+        _kernels[name] = k
+    return _kernels[name]
+
+
+def attention_supported(q_heads: int, kv_heads: int, head_dim: int, dtype: mx.Dtype) -> bool:
+    """Whether `decode_attention` handles this head layout and dtype."""
+    return head_dim % 32 == 0 and q_heads % kv_heads == 0 and dtype in (mx.float16, mx.bfloat16)
+
+
+def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
+    """Attention of one token over positions 0..offset of K/V buffers, batch 1, on CUDA.
+
+    q: [1, Hq, 1, D]; keys/values: [1, Hkv, C, D] buffers in q's dtype; offset: int32 array of shape [1],
+    the position of the token just written. Returns [Hq * D].
+    """
+    _, HQ, _, D = q.shape
+    HKV, C = keys.shape[1], keys.shape[2]
+    S = -(-C // ATTN_CHUNK)
+    template = [("T", q.dtype), ("HQ", HQ), ("HKV", HKV), ("C", C), ("D", D), ("CHUNK", ATTN_CHUNK), ("WARPS", ATTN_WARPS),
+                ("SCALE_BITS", _float_bits(scale))]
+    inputs = [q, keys, values, offset]
+    launch = dict(grid=(HQ * ATTN_WARPS * 32, S, 1), threadgroup=(ATTN_WARPS * 32, 1, 1))
+    if S == 1:
+        (out,) = _attention_kernel("single")(inputs=inputs, template=template, output_shapes=[(HQ * D,)],
+                                            output_dtypes=[q.dtype], **launch)
+        return out
+    o_part, ml = _attention_kernel("split")(inputs=inputs, template=template,
+                                            output_shapes=[(HQ, S, D), (HQ, S, 2)],
+                                            output_dtypes=[mx.float32, mx.float32], **launch)
+    (out,) = _attention_kernel("merge")(
+        inputs=[o_part, ml], template=[("T", q.dtype), ("S", S), ("D", D)],
+        grid=(HQ * D, 1, 1), threadgroup=(D, 1, 1), output_shapes=[(HQ * D,)], output_dtypes=[q.dtype],
+    )
+    return out
