@@ -31,9 +31,10 @@ ATTN_WARPS = 4
 _HEADER = r"""
 #define NEG_INF __int_as_float(0xff800000u)
 constexpr float LOG2E = 1.4426950408889634f;
-// 2^23 + q as float bits; subtracting 2^23 gives q exactly, with no int-to-float conversion.
-__device__ __forceinline__ float nibble(uint32_t w, int shift) {
-  return __int_as_float(0x4B000000u | ((w >> shift) & 15u)) - 8388608.0f;
+// A masked nibble q * 16^j (j < 4) as float: 2^23 + q * 16^j in float bits, minus 2^23, exactly;
+// x is stored premultiplied by 16^-j, so no shift or int-to-float conversion is needed.
+__device__ __forceinline__ float nib(uint32_t masked) {
+  return __int_as_float(0x4B000000u | masked) - 8388608.0f;
 }
 // N consecutive values as floats, in one load where they make 4, 8 or 16 bytes.
 template <typename T, int N>
@@ -100,7 +101,9 @@ _MATVEC = r"""
     if (c < CHUNKS) wv[i] = wr[c];
   }
 
-  // Stage x: thread t owns 32-element chunks t, t + blockDim.x, ... and their sums.
+  // Stage x: thread t owns 32-element chunks t, t + blockDim.x, ... and their sums. Element e of
+  // each group of 4 is stored times 16^-e, to meet nibble e of a weight word unshifted.
+  constexpr bool PRE = PRO != 1;  // rms_norm scales first, then premultiplies
   static_assert(sizeof(T) == 2, "16-bit activations");
   float ss = 0.0f;
   for (int c = tid; c < CHUNKS; c += blockDim.x) {
@@ -113,8 +116,9 @@ _MATVEC = r"""
       #pragma unroll
       for (int t = 0; t < 8; t++) s += xv[t];
       float4* dst = reinterpret_cast<float4*>(xs + c * PAD + j * 8);
-      dst[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);
-      dst[1] = make_float4(xv[4], xv[5], xv[6], xv[7]);
+      const float k1 = PRE ? 0.0625f : 1.0f, k2 = PRE ? 0.00390625f : 1.0f, k3 = PRE ? 0.000244140625f : 1.0f;
+      dst[0] = make_float4(xv[0], xv[1] * k1, xv[2] * k2, xv[3] * k3);
+      dst[1] = make_float4(xv[4], xv[5] * k1, xv[6] * k2, xv[7] * k3);
     }
     xsum[c] = s;
   }
@@ -133,14 +137,15 @@ _MATVEC = r"""
         #pragma unroll
         for (int j = 0; j < 4; j++) {
           const float4 u = xp[2 * j], v = xp[2 * j + 1];
-          qx = fmaf(nibble(words[j], 0), u.x, qx);
-          qx = fmaf(nibble(words[j], 4), u.y, qx);
-          qx = fmaf(nibble(words[j], 8), u.z, qx);
-          qx = fmaf(nibble(words[j], 12), u.w, qx);
-          qx = fmaf(nibble(words[j], 16), v.x, qx);
-          qx = fmaf(nibble(words[j], 20), v.y, qx);
-          qx = fmaf(nibble(words[j], 24), v.z, qx);
-          qx = fmaf(nibble(words[j], 28), v.w, qx);
+          const uint32_t lo = words[j], hi = words[j] >> 16;
+          qx = fmaf(nib(lo & 0xFu), u.x, qx);
+          qx = fmaf(nib(lo & 0xF0u), u.y, qx);
+          qx = fmaf(nib(lo & 0xF00u), u.z, qx);
+          qx = fmaf(nib(lo & 0xF000u), u.w, qx);
+          qx = fmaf(nib(hi & 0xFu), v.x, qx);
+          qx = fmaf(nib(hi & 0xF0u), v.y, qx);
+          qx = fmaf(nib(hi & 0xF00u), v.z, qx);
+          qx = fmaf(nib(hi & 0xF000u), v.w, qx);
         }
         const int g = (c * 32) / G;
         acc = fmaf(static_cast<float>(sr[g]), qx, acc);
@@ -201,8 +206,9 @@ _NORM = r"""
       float* xc = xs + c * PAD + j * 8;
       #pragma unroll
       for (int t = 0; t < 8; t++) {
-        xc[t] = static_cast<float>(static_cast<T>(xc[t] * inv * nv[t]));
-        s += xc[t];
+        const float y = static_cast<float>(static_cast<T>(xc[t] * inv * nv[t]));
+        s += y;
+        xc[t] = y * (t % 4 == 0 ? 1.0f : t % 4 == 1 ? 0.0625f : t % 4 == 2 ? 0.00390625f : 0.000244140625f);
       }
     }
     xsum[c] = s;

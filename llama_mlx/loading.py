@@ -22,6 +22,7 @@ from .checkpoints import LazyWeights, read_checkpoint
 from .checkpoints.base import parse_dtype
 from .checkpoints.plan import main_dtype
 from .errors import CheckpointError, ModelNotFoundError, OutputExistsError
+from .quant import use_cpu_threads
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
@@ -77,14 +78,18 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     lazy: leave weights unread until first used (safetensors are read from disk on demand).
     fuse: merge q/k/v and gate/up projections (`Model.fuse`); default on GPUs, where a decode
     step is bound by its number of graph nodes, and off on the CPU, where it would only cost
-    a copy of those weights at load.
+    a copy of those weights at load. On the CPU, quantized matmuls are spread over its cores
+    (`quant.use_cpu_threads`).
     """
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = ckpt.make_tokenizer()
     model = build_model(ckpt.config, weights, source=ckpt.path)
-    if fuse if fuse is not None else mx.default_device() == mx.gpu:
+    on_gpu = mx.default_device() == mx.gpu
+    if fuse if fuse is not None else on_gpu:
         model.fuse()
+    if not on_gpu:
+        use_cpu_threads(model)
     del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
     if not lazy:
         # One layer at a time: fusing never holds two copies of more than one layer's weights.

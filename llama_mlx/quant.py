@@ -8,6 +8,7 @@ checkpoint carries `<path>.scales`, so quantized weights load straight in withou
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import mlx.core as mx
@@ -69,3 +70,67 @@ def _config_entry(per_module: dict[str, dict]) -> dict:
         if (p["group_size"], p["bits"]) != (default["group_size"], default["bits"]):
             entry[path] = {"group_size": p["group_size"], "bits": p["bits"]}
     return entry
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU threads. MLX's CPU backend runs one quantized matmul on one thread; each CPU stream has a
+# thread of its own, so a matmul split by output rows over n streams runs on n cores.
+
+_cpu_streams: list = []
+
+
+def _streams(n: int) -> list:
+    while len(_cpu_streams) < n:
+        _cpu_streams.append(mx.new_stream(mx.cpu))
+    return _cpu_streams[:n]
+
+
+def threaded_quantized_matmul(x: mx.array, module: nn.Module, threads: int) -> mx.array:
+    """`x @ W.T` for a quantized linear or embedding, its rows spread over `threads` CPU streams."""
+    w, scales, biases = module["weight"], module["scales"], module.get("biases")
+    kwargs = dict(transpose=True, group_size=module.group_size, bits=module.bits, mode=module.mode)
+    rows = w.shape[0]
+    n = min(threads, rows // 256)
+    if n < 2:
+        return mx.quantized_matmul(x, w, scales=scales, biases=biases, **kwargs)
+    bounds = [rows * i // n for i in range(n + 1)]
+    parts = []
+    for stream, a, b in zip(_streams(n), bounds, bounds[1:]):
+        with mx.stream(stream):
+            parts.append(mx.quantized_matmul(x, w[a:b], scales=scales[a:b],
+                                              biases=None if biases is None else biases[a:b], **kwargs))
+    return mx.concatenate(parts, axis=-1)
+
+
+class ThreadedQuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear` whose matmul runs on several CPU threads (`use_cpu_threads`)."""
+
+    threads = 2
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = threaded_quantized_matmul(x, self, self.threads)
+        return y + self["bias"] if "bias" in self else y
+
+
+class ThreadedQuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` whose tied output head runs on several CPU threads."""
+
+    threads = 2
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return threaded_quantized_matmul(x, self, self.threads)
+
+
+def use_cpu_threads(model: nn.Module, threads: Optional[int] = None) -> int:
+    """Spread the model's quantized matmuls over `threads` CPU threads (default: the CPU count, at
+    most 8). Results are unchanged: each output row is computed exactly as before. Returns the count."""
+    threads = threads or min(os.cpu_count() or 1, 8)
+    if threads < 2:
+        return 1
+    swap = {nn.QuantizedLinear: ThreadedQuantizedLinear, nn.QuantizedEmbedding: ThreadedQuantizedEmbedding}
+    for _, module in model.named_modules():
+        cls = swap.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
+            module.threads = threads
+    return threads

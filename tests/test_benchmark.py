@@ -94,3 +94,12 @@ def test_bench_command_json(tiny_folder):
         assert math.isfinite(d[key]) and d[key] > 0, key
     assert d["prompt_tokens"] == 16 and d["generation_tokens"] == 8 and d["trials"] == 1
     assert len(d["per_trial"]) == 1 and d["device"]["mlx"]
+
+
+def test_decode_probe_script_end_to_end(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode_probe.py"), "--models", "tiny", "-p", "16", "-g", "6",
+           "--no-parity"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("tiny:")]
+    assert len(lines) == 2 and all("tok/s" in line and "async_eval" in line for line in lines)

@@ -140,7 +140,7 @@ def test_options_dtype_bits_group_size_and_mixed_recipe(work, tiny_gguf, referen
     r = convert(tiny_gguf, mixed, recipe="mixed", bits=4, group_size=32)
     assert r.quantization == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8},
                               "lm_head": {"group_size": 32, "bits": 8}}
-    model = load(mixed)[0]
+    model = load(mixed, fuse=True)[0]
     assert (model.lm_head.bits, model.model.layers[0].mlp.gate_up_proj.bits) == (8, 4)
 
     for bad in [dict(quantize=True, bits=7), dict(quantize=True, group_size=48), dict(dtype="float64"),

@@ -1,0 +1,119 @@
+"""Where a decode step's time goes, and whether the fused CUDA step agrees with the plain one.
+
+    python3 benchmarks/decode_probe.py --models 1b,8b             # GPU: parity, then the breakdown
+    python3 benchmarks/decode_probe.py --models tiny --no-parity  # anywhere, seconds
+
+Random-weight models of the shapes in `llama_mlx.benchmark.SHAPES` are built in memory (4-bit,
+group 64, bfloat16 on GPUs). For each decode path (`generate_step(compile=False)`: the model's
+graph; `compile=None`: the default, which is the fused step of `llama_mlx.cuda_decode` on CUDA)
+it prints generation tokens/s over `-g` tokens after `-p` prompt tokens, then the median per-step
+split of host and device time: building the graph in Python, `mx.async_eval` (MLX encoding the
+graph for the device), and waiting for the result. Parity compares the two paths' logits over
+ten decode steps, after a short prompt and after one long enough for split attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from llama_mlx.benchmark import shape_config  # noqa: E402
+from llama_mlx.cache import make_prompt_cache  # noqa: E402
+from llama_mlx.generate import _Stepper, generate_step  # noqa: E402
+from llama_mlx.model import Model, ModelArgs  # noqa: E402
+
+
+def build(shape: str) -> Model:
+    model = Model(ModelArgs.from_dict(shape_config(shape)))
+    if mx.default_device() == mx.gpu:
+        model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    model.fuse()
+    mx.eval(model.parameters())
+    return model
+
+
+def parity(model: Model, n_prompt: int, vocab: int) -> str:
+    p = mx.random.randint(0, vocab, (n_prompt + 10,))
+    outs, paths = [], []
+    for compile in (False, None):
+        cache = make_prompt_cache(len(model.layers))
+        step = _Stepper(model, cache, compile)
+        model(p[None, :n_prompt], cache)
+        logits = [step(p[None, i : i + 1]).astype(mx.float32) for i in range(n_prompt, n_prompt + 10)]
+        mx.eval(logits)
+        outs.append(mx.stack(logits))
+        paths.append("fused" if getattr(step, "_fused", False) else ("compiled" if step.compiled else "graph"))
+    diff = mx.abs(outs[0] - outs[1]).max().item()
+    agree = (mx.argmax(outs[0], -1) == mx.argmax(outs[1], -1)).mean().item()
+    return (f"parity after {n_prompt} tokens ({paths[0]} vs {paths[1]}): max |logit difference| {diff:.3g} "
+            f"(largest |logit| {mx.abs(outs[0]).max().item():.3g}), same argmax {agree:.0%}")
+
+
+def breakdown(model: Model, compile, prompt: int, gen: int, vocab: int) -> str:
+    p = mx.random.randint(0, vocab, (prompt,))
+    for _ in generate_step(p, model, max_tokens=4, compile=compile):  # traces, kernels
+        pass
+    t0 = None
+    for n, _ in enumerate(generate_step(p, model, max_tokens=gen, compile=compile)):
+        if n == 1:
+            t0 = time.perf_counter()
+    tps = (gen - 2) / (time.perf_counter() - t0)
+
+    cache = make_prompt_cache(len(model.layers))
+    step = _Stepper(model, cache, compile)
+    model(p[None, :-1], cache)
+    y = mx.argmax(step(p[None, -1:]), axis=-1)
+    mx.eval(y)
+    build_s, encode_s, wait_s = [], [], []
+    for _ in range(20):
+        t1 = time.perf_counter()
+        y = mx.argmax(step(y[None]), axis=-1)
+        t2 = time.perf_counter()
+        mx.async_eval(y)
+        t3 = time.perf_counter()
+        y.item()
+        t4 = time.perf_counter()
+        build_s.append(t2 - t1)
+        encode_s.append(t3 - t2)
+        wait_s.append(t4 - t3)
+    ms = lambda v: statistics.median(v) * 1e3  # noqa: E731
+    return (f"{'default' if compile is None else 'graph'}: {tps:7.1f} tok/s | per step: build {ms(build_s):.2f} ms, "
+            f"async_eval {ms(encode_s):.2f} ms, wait {ms(wait_s):.2f} ms")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="1b,8b")
+    ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
+    ap.add_argument("-g", "--gen-tokens", type=int, default=128)
+    ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--parity-only", action="store_true")
+    args = ap.parse_args(argv)
+    print(f"mlx {mx.__version__} on {mx.default_device()} ({mx.device_info().get('device_name', '?')})", flush=True)
+    for name in args.models.split(","):
+        model = build(name)
+        vocab = min(model.args.vocab_size, 1000)
+        if not args.no_parity:
+            for n in (30, 2100):
+                print(f"{name}: {parity(model, n, vocab)}", flush=True)
+        for compile in () if args.parity_only else (False, None):
+            print(f"{name}: {breakdown(model, compile, args.prompt_tokens, args.gen_tokens, vocab)}", flush=True)
+        del model
+        gc.collect()
+        mx.clear_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
