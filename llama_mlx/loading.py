@@ -86,14 +86,15 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     tokenizer = ckpt.make_tokenizer()
     model = build_model(ckpt.config, weights, source=ckpt.path)
     on_gpu = mx.default_device() == mx.gpu
-    if fuse if fuse is not None else on_gpu:
+    fused = fuse if fuse is not None else on_gpu
+    if fused:
         model.fuse()
     if not on_gpu:
         use_cpu_threads(model)
     del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
     if not lazy:
-        # One layer at a time: fusing never holds two copies of more than one layer's weights.
-        for layer in model.layers:
+        # Fused: one layer at a time, so fusing never holds two copies of more than one layer's weights.
+        for layer in model.layers if fused else []:
             mx.eval(layer.parameters())
         mx.eval(model.parameters())
     return model, tokenizer

@@ -14,6 +14,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .model import MLP, swiglu
+
 
 def _in_features(module: nn.Module) -> int:
     return module.weight.shape[-1]
@@ -85,21 +87,30 @@ def _streams(n: int) -> list:
     return _cpu_streams[:n]
 
 
+def _row_parts(module: nn.Module, threads: int) -> list[tuple[int, int]]:
+    rows = module["weight"].shape[0]
+    n = min(threads, rows // 256)
+    return [(rows * i // n, rows * (i + 1) // n) for i in range(n)] if n >= 2 else []
+
+
+def _rows_matmul(x: mx.array, module: nn.Module, a: Optional[int] = None, b: Optional[int] = None) -> mx.array:
+    w, scales, biases = module["weight"], module["scales"], module.get("biases")
+    if a is not None:
+        w, scales, biases = w[a:b], scales[a:b], None if biases is None else biases[a:b]
+    return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=module.group_size,
+                               bits=module.bits, mode=module.mode)
+
+
 def threaded_quantized_matmul(x: mx.array, module: nn.Module, threads: int) -> mx.array:
     """`x @ W.T` for a quantized linear or embedding, its rows spread over `threads` CPU streams."""
-    w, scales, biases = module["weight"], module["scales"], module.get("biases")
-    kwargs = dict(transpose=True, group_size=module.group_size, bits=module.bits, mode=module.mode)
-    rows = w.shape[0]
-    n = min(threads, rows // 256)
-    if n < 2:
-        return mx.quantized_matmul(x, w, scales=scales, biases=biases, **kwargs)
-    bounds = [rows * i // n for i in range(n + 1)]
-    parts = []
-    for stream, a, b in zip(_streams(n), bounds, bounds[1:]):
+    parts = _row_parts(module, threads)
+    if not parts:
+        return _rows_matmul(x, module)
+    outs = []
+    for stream, (a, b) in zip(_streams(len(parts)), parts):
         with mx.stream(stream):
-            parts.append(mx.quantized_matmul(x, w[a:b], scales=scales[a:b],
-                                              biases=None if biases is None else biases[a:b], **kwargs))
-    return mx.concatenate(parts, axis=-1)
+            outs.append(_rows_matmul(x, module, a, b))
+    return mx.concatenate(outs, axis=-1)
 
 
 class ThreadedQuantizedLinear(nn.QuantizedLinear):
@@ -121,13 +132,32 @@ class ThreadedQuantizedEmbedding(nn.QuantizedEmbedding):
         return threaded_quantized_matmul(x, self, self.threads)
 
 
+class ThreadedMLP(MLP):
+    """SwiGLU MLP whose gate, up and activation run per thread on matching row blocks, so only the
+    activation (not gate and up) is joined: less memory than the plain MLP, on several cores."""
+
+    threads = 2
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = self.get("gate_proj"), self.get("up_proj")
+        parts = _row_parts(gate, self.threads) if isinstance(gate, nn.QuantizedLinear) else []
+        if not parts or not isinstance(up, nn.QuantizedLinear) or "bias" in gate or "bias" in up:
+            return super().__call__(x)
+        acts = []
+        for stream, (a, b) in zip(_streams(len(parts)), parts):
+            with mx.stream(stream):
+                acts.append(swiglu(_rows_matmul(x, gate, a, b), _rows_matmul(x, up, a, b)))
+        return self.down_proj(mx.concatenate(acts, axis=-1))
+
+
 def use_cpu_threads(model: nn.Module, threads: Optional[int] = None) -> int:
     """Spread the model's quantized matmuls over `threads` CPU threads (default: the CPU count, at
     most 8). Results are unchanged: each output row is computed exactly as before. Returns the count."""
     threads = threads or min(os.cpu_count() or 1, 8)
     if threads < 2:
         return 1
-    swap = {nn.QuantizedLinear: ThreadedQuantizedLinear, nn.QuantizedEmbedding: ThreadedQuantizedEmbedding}
+    swap = {nn.QuantizedLinear: ThreadedQuantizedLinear, nn.QuantizedEmbedding: ThreadedQuantizedEmbedding,
+            MLP: ThreadedMLP}
     for _, module in model.named_modules():
         cls = swap.get(type(module))
         if cls is not None:
