@@ -39,17 +39,21 @@ def test_meta_parity_whole_prompt(meta_pair):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def _token_by_token(ref, model, tokens, prompt: int):
+    """Logits of a prompt, then one token at a time, on both sides with their KV caches."""
+    cache = make_prompt_cache(len(model.layers))
+    want = [ref(torch.tensor(tokens[:, :prompt]), 0).numpy()]
+    got = [np.array(model(mx.array(tokens[:, :prompt]), cache))]
+    for pos in range(prompt, tokens.shape[1]):
+        want.append(ref(torch.tensor(tokens[:, pos : pos + 1]), pos).numpy())
+        got.append(np.array(model(mx.array(tokens[:, pos : pos + 1]), cache)))
+    np.testing.assert_allclose(np.concatenate(got, 1), np.concatenate(want, 1), atol=1e-4, rtol=0)
+    return cache
+
+
 def test_meta_parity_token_by_token_with_cache(meta_pair):
     ref, ours = meta_pair
-    tokens = np.random.default_rng(1).integers(0, 256, size=(1, 20))
-    cache = make_prompt_cache(len(ours.layers))
-    # a prompt of 5 tokens, then one token at a time: both sides use their KV cache
-    want = [ref(torch.tensor(tokens[:, :5]), 0).numpy()]
-    got = [np.array(ours(mx.array(tokens[:, :5]), cache))]
-    for pos in range(5, 20):
-        want.append(ref(torch.tensor(tokens[:, pos : pos + 1]), pos).numpy())
-        got.append(np.array(ours(mx.array(tokens[:, pos : pos + 1]), cache)))
-    np.testing.assert_allclose(np.concatenate(got, 1), np.concatenate(want, 1), atol=1e-4, rtol=0)
+    cache = _token_by_token(ref, ours, np.random.default_rng(1).integers(0, 256, size=(1, 20)), 5)
     assert cache[0].offset == 20
 
 
@@ -58,14 +62,7 @@ def test_fused_projections_match_meta_token_by_token(meta_pair):
     ref, ours = meta_pair
     fused = build(TINY_META_PARAMS, {k: np.array(v) for k, v in _flat(ours).items()}).fuse()
     assert "qkv_proj" in fused.layers[0].self_attn and "gate_up_proj" in fused.layers[0].mlp
-    tokens = np.random.default_rng(2).integers(0, 256, size=(1, 16))
-    cache = make_prompt_cache(len(fused.layers))
-    want = [ref(torch.tensor(tokens[:, :6]), 0).numpy()]
-    got = [np.array(fused(mx.array(tokens[:, :6]), cache))]
-    for pos in range(6, 16):
-        want.append(ref(torch.tensor(tokens[:, pos : pos + 1]), pos).numpy())
-        got.append(np.array(fused(mx.array(tokens[:, pos : pos + 1]), cache)))
-    np.testing.assert_allclose(np.concatenate(got, 1), np.concatenate(want, 1), atol=1e-4, rtol=0)
+    _token_by_token(ref, fused, np.random.default_rng(2).integers(0, 256, size=(1, 16)), 6)
 
 
 def _flat(model):
