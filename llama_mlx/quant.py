@@ -8,6 +8,7 @@ checkpoint carries `<path>.scales`, so quantized weights load straight in withou
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Optional
 
@@ -82,9 +83,18 @@ _cpu_streams: list = []
 
 
 def _streams(n: int) -> list:
+    if not _cpu_streams:
+        atexit.register(_drain)
     while len(_cpu_streams) < n:
         _cpu_streams.append(mx.new_stream(mx.cpu))
     return _cpu_streams[:n]
+
+
+def _drain() -> None:
+    # Work still queued at exit (a decode step runs one token ahead) must finish before MLX tears
+    # its stream threads down: a stream waiting on another one already stopped would never return.
+    for stream in [mx.default_stream(mx.cpu), *_cpu_streams]:
+        mx.synchronize(stream)
 
 
 def _row_parts(module: nn.Module, threads: int) -> list[tuple[int, int]]:
