@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 from typing import Optional
 
 import mlx.core as mx
@@ -83,10 +84,21 @@ _cpu_streams: list = []
 
 
 def _streams(n: int) -> list:
+    if len(_cpu_streams) >= n:
+        return _cpu_streams[:n]
     if not _cpu_streams:
         atexit.register(_drain)
-    while len(_cpu_streams) < n:
-        _cpu_streams.append(mx.new_stream(mx.cpu))
+    # A new stream starts a thread, which inherits this thread's signal mask: with SIGINT blocked
+    # there, Ctrl-C always reaches the main thread (else it may wake a worker and be missed).
+    blocking = hasattr(signal, "pthread_sigmask")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
+    try:
+        while len(_cpu_streams) < n:
+            _cpu_streams.append(mx.new_stream(mx.cpu))
+            mx.synchronize(_cpu_streams[-1])
+    finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return _cpu_streams[:n]
 
 
