@@ -1,6 +1,7 @@
 """`llama-mlx chat` in a real pseudo-terminal on the real SmolLM2 model (greedy, short answers)."""
 
 import os
+import signal
 import re
 import shutil
 import sys
@@ -39,8 +40,11 @@ class Chat:
         env.pop("NO_COLOR", None)
         env.pop("FORCE_COLOR", None)
         cmd = command()
+        # A job started in the background of a shell ignores SIGINT, and a child inherits that:
+        # give the chat the disposition of a terminal session, where Ctrl-C interrupts.
         self.p = pexpect.spawn(cmd[0], [*cmd[1:], "chat", *args], env=env, encoding="utf-8",
-                               timeout=timeout, dimensions=(50, 200))
+                               timeout=timeout, dimensions=(50, 200),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.log: list[str] = []
         self.wait_prompt()
 
