@@ -1,9 +1,9 @@
 """`llama-mlx chat` in a real pseudo-terminal on the real SmolLM2 model (greedy, short answers)."""
 
 import os
-import signal
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
