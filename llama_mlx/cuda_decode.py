@@ -1,4 +1,4 @@
-"""One-token decode step for MLX's CUDA backend, in six graph nodes per layer.
+"""One-token decode step for MLX's CUDA backend, in eight graph nodes per layer.
 
 MLX's CUDA backend costs the host about 4-5 microseconds per graph node at evaluation, so the
 plain model's ~15 nodes per layer make decode host-bound (benchmarks/README.md). This step runs
@@ -84,7 +84,10 @@ class FusedDecoder:
         if inner.compute_dtype is not None:
             a = a.astype(inner.compute_dtype)
         b = mx.zeros_like(a)
-        norm = lambda m: m.weight.astype(a.dtype)  # noqa: E731  (a no-op when the dtypes agree)
+
+        def norm(module: nn.Module) -> mx.array:
+            return module.weight.astype(a.dtype)  # a no-op when the dtypes agree
+
         rope = dict(self.rope, offset=offset)
         out = []
         for i, layer in enumerate(inner.layers):

@@ -4,7 +4,7 @@
 Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller. A compiled
 decode step (`compile=True`) is one `mx.compile`d graph whose cache offset is an array, traced
 once per cache capacity, not per token. On MLX's CUDA backend it is the fused step of
-`cuda_decode` (six graph nodes per layer) and on by default (`compile=None`); elsewhere it
+`cuda_decode` (eight graph nodes per layer) and on by default (`compile=None`); elsewhere it
 attends over the whole buffer with a mask and stays off unless asked for.
 """
 

@@ -2,7 +2,7 @@
 
 On CUDA, MLX spends about 4-5 microseconds of host time per graph node when it evaluates a
 decode step, whatever the node does; a Llama decode step of ~15 nodes per layer is therefore
-bound by the host, not by the GPU. These kernels fold a layer into six nodes, each fusing
+bound by the host, not by the GPU. These kernels fold a layer into eight nodes, each fusing
 what the MLX graph would run as several:
 
 - `fused_matvec`: a 4-bit affine matrix-vector product whose prologue stages x in shared memory
