@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    OUTPUT,
     DtypeOpt,
+    JsonOpt,
     ModelOpt,
     handle_errors,
     model_label,
@@ -51,8 +51,7 @@ def bench(
     trials: Annotated[int, typer.Option("--trials", "--num-trials", "-n", min=1, metavar="N",
                                         help="Timed trials; the figures are their medians.")] = 3,
     dtype: DtypeOpt = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.",
-                                           rich_help_panel=OUTPUT)] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Benchmark a model: prompt and generation tokens/s, time to first token, peak memory, load time."""
     _run(model, prompt_tokens, gen_tokens, trials, dtype, json_out)

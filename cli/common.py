@@ -197,6 +197,8 @@ DtypeOpt = Annotated[Optional[str], typer.Option(
     "--dtype", metavar="auto|float16|bfloat16|float32", callback=_dtype, rich_help_panel=MODEL,
     help="Float type of the weights in memory. auto: float32 on the CPU backend (much faster there), "
          "else the checkpoint's own.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.",
+                                      rich_help_panel=OUTPUT)]
 MaxTokensOpt = Annotated[int, typer.Option(
     "--max-tokens", "-m", min=1, help="Most tokens to generate (per answer).", rich_help_panel=SAMPLING)]
 TempOpt = Annotated[float, typer.Option(

@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    OUTPUT,
     DtypeOpt,
+    JsonOpt,
     KVBitsOpt,
     KVGroupSizeOpt,
     ModelOpt,
@@ -172,8 +172,7 @@ def info(
     kv_bits: KVBitsOpt = None,
     kv_group_size: KVGroupSizeOpt = 64,
     dtype: DtypeOpt = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.",
-                                           rich_help_panel=OUTPUT)] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Show a model's architecture, size, quantization, context length and memory needs."""
     _run(model, context, kv_bits, kv_group_size, dtype, json_out)

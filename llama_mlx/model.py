@@ -322,20 +322,24 @@ def row_blocks(linear: nn.Module, x: mx.array, sizes: list[int] | int) -> list[m
     if isinstance(sizes, int):
         sizes = [rows // sizes] * sizes
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    out = []
-    for a, n in zip(starts, sizes):
-        if isinstance(linear, nn.QuantizedLinear):
-            y = mx.quantized_matmul(
-                x, linear["weight"][a : a + n], scales=linear["scales"][a : a + n],
-                biases=linear["biases"][a : a + n] if "biases" in linear else None,
-                transpose=True, group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
-            )
-        else:
-            y = x @ linear["weight"][a : a + n].T
-        if "bias" in linear:
-            y = y + linear["bias"][a : a + n]
-        out.append(y)
-    return out
+    return [linear_rows(linear, x, a, a + n) for a, n in zip(starts, sizes)]
+
+
+def linear_rows(linear: nn.Module, x: mx.array, start: Optional[int] = None, stop: Optional[int] = None) -> mx.array:
+    """Output features start..stop (all by default) of a float or affine-quantized linear (or a
+    quantized embedding used as one), from row views of its weight: nothing is copied."""
+
+    def rows(name: str) -> mx.array:
+        return linear[name] if start is None else linear[name][start:stop]
+
+    if "scales" in linear:
+        y = mx.quantized_matmul(
+            x, rows("weight"), scales=rows("scales"), biases=rows("biases") if "biases" in linear else None,
+            transpose=True, group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
+        )
+    else:
+        y = x @ rows("weight").T
+    return y + rows("bias") if "bias" in linear else y
 
 
 def _concat_linears(linears: list[nn.Module]) -> nn.Module:

@@ -16,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .model import MLP, swiglu
+from .model import MLP, linear_rows, swiglu
 
 
 def _in_features(module: nn.Module) -> int:
@@ -115,23 +115,15 @@ def _row_parts(module: nn.Module, threads: int) -> list[tuple[int, int]]:
     return [(rows * i // n, rows * (i + 1) // n) for i in range(n)] if n >= 2 else []
 
 
-def _rows_matmul(x: mx.array, module: nn.Module, a: Optional[int] = None, b: Optional[int] = None) -> mx.array:
-    w, scales, biases = module["weight"], module["scales"], module.get("biases")
-    if a is not None:
-        w, scales, biases = w[a:b], scales[a:b], None if biases is None else biases[a:b]
-    return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=module.group_size,
-                               bits=module.bits, mode=module.mode)
-
-
 def threaded_quantized_matmul(x: mx.array, module: nn.Module, threads: int) -> mx.array:
-    """`x @ W.T` for a quantized linear or embedding, its rows spread over `threads` CPU streams."""
+    """`x @ W.T` (+ bias) for a quantized linear or embedding, its rows spread over `threads` CPU streams."""
     parts = _row_parts(module, threads)
     if not parts:
-        return _rows_matmul(x, module)
+        return linear_rows(module, x)
     outs = []
     for stream, (a, b) in zip(_streams(len(parts)), parts):
         with mx.stream(stream):
-            outs.append(_rows_matmul(x, module, a, b))
+            outs.append(linear_rows(module, x, a, b))
     return mx.concatenate(outs, axis=-1)
 
 
@@ -141,8 +133,7 @@ class ThreadedQuantizedLinear(nn.QuantizedLinear):
     threads = 2
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = threaded_quantized_matmul(x, self, self.threads)
-        return y + self["bias"] if "bias" in self else y
+        return threaded_quantized_matmul(x, self, self.threads)
 
 
 class ThreadedQuantizedEmbedding(nn.QuantizedEmbedding):
@@ -163,12 +154,12 @@ class ThreadedMLP(MLP):
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = self.get("gate_proj"), self.get("up_proj")
         parts = _row_parts(gate, self.threads) if isinstance(gate, nn.QuantizedLinear) else []
-        if not parts or not isinstance(up, nn.QuantizedLinear) or "bias" in gate or "bias" in up:
+        if not parts or not isinstance(up, nn.QuantizedLinear):
             return super().__call__(x)
         acts = []
         for stream, (a, b) in zip(_streams(len(parts)), parts):
             with mx.stream(stream):
-                acts.append(swiglu(_rows_matmul(x, gate, a, b), _rows_matmul(x, up, a, b)))
+                acts.append(swiglu(linear_rows(gate, x, a, b), linear_rows(up, x, a, b)))
         return self.down_proj(mx.concatenate(acts, axis=-1))
 
 
