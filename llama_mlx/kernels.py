@@ -12,7 +12,8 @@ what the MLX graph would run as several:
   so the row is in flight while x is staged.
 - `decode_attention`: attention of one query token over the first `offset + 1` positions of
   fixed-capacity K/V buffers, `offset` being an array: a compiled step never retraces per token
-  and never reads unwritten positions. Each warp scores 32 positions at a time (a lane each), with an online softmax.
+  and never reads unwritten positions. Each warp scores 32 positions at a time (a lane each),
+  with an online softmax; blocks of 128 positions are merged by a second kernel.
 
 Every function here needs the CUDA backend (`cuda_available()`); callers fall back to MLX ops.
 """
