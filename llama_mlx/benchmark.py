@@ -36,6 +36,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
+from .config import llama3_rope_scaling
+
 __all__ = [
     "SHAPES",
     "BenchResult",
@@ -58,8 +60,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # Model shapes
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
 
 SHAPES: dict[str, dict[str, Any]] = {
     # A few-MB model for tests: every code path of the real ones, in milliseconds.
@@ -85,7 +85,7 @@ def shape_config(shape: str | dict) -> dict:
         "rope_theta": 500000.0,
         "rope_traditional": False,
         "max_position_embeddings": 131072,
-        "rope_scaling": {**_LLAMA3_ROPE, "factor": float(factor)},
+        "rope_scaling": llama3_rope_scaling(factor),
         "attention_bias": False,
         "mlp_bias": False,
         "hidden_act": "silu",

@@ -75,7 +75,7 @@ def meta_reference(params: dict, state_dict: dict, max_seq_len: int = 256):
 
 def random_meta_state_dict(params: dict, seed: int = 0, scale: float = 0.08) -> dict[str, torch.Tensor]:
     """A random Llama 3 state dict of Meta's names and shapes."""
-    from llama_mlx.model import ffn_hidden_dim
+    from llama_mlx.config import ffn_hidden_dim
 
     g = torch.Generator().manual_seed(seed)
     dim, n_heads = params["dim"], params["n_heads"]

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError
 from .base import Checkpoint, Tensor, check_config
 from .keymap import gguf_to_hf
-from ..model import llama3_rope_scaling
+from ..config import llama3_rope_scaling
 
 GGML_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, ConfigError
-from ..model import config_from_meta_params
+from ..config import config_from_meta_params
 from .base import Checkpoint, Tensor, check_config, read_json
 from .keymap import meta_shard_axis, meta_to_hf
 from .safe_pickle import PthTensor, load_pth
