@@ -3,7 +3,7 @@
     python3 benchmarks/decode_probe.py --models 1b,8b             # GPU: parity, then the breakdown
     python3 benchmarks/decode_probe.py --models tiny --no-parity  # anywhere, seconds
 
-Random-weight models of the shapes in `llama_mlx.benchmark.SHAPES` are built in memory (4-bit,
+Random-weight models of the shapes in `benchmarks.random_model.SHAPES` are built in memory (4-bit,
 group 64, bfloat16 on GPUs). For each decode path (`generate_step(compile=False)`: the model's
 graph; `compile=None`: the default, which is the fused step of `llama_mlx.cuda_decode` on CUDA)
 it prints generation tokens/s over `-g` tokens after `-p` prompt tokens, then the median per-step
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from llama_mlx.benchmark import shape_config  # noqa: E402
+from benchmarks.random_model import shape_config  # noqa: E402
 from llama_mlx.cache import make_prompt_cache  # noqa: E402
 from llama_mlx.generate import _Stepper, generate_step  # noqa: E402
 from llama_mlx.model import Model, ModelArgs  # noqa: E402

@@ -3,9 +3,12 @@
 
 For each model: both runtimes load the same MLX folder, are fed the same random prompt ids,
 decode greedily the same number of tokens, and are timed around the same phases (see
-llama_mlx/benchmark.py). Each trial loads the model afresh and frees it afterwards, so the two
-runtimes' models are never resident together. Ratios ours/mlx-lm are taken per trial pair and
-reported as median [min, max]. Decode cost as the context grows is measured per runtime too.
+llama_mlx/benchmark.py; mlx-lm's runtime is benchmarks/runtimes.py). Each trial loads the model
+afresh and frees it afterwards, so the two runtimes' models are never resident together. Ratios
+ours/mlx-lm are taken per trial pair and reported as median [min, max]. Decode cost as the
+context grows is measured per runtime too.
+
+Needs the `bench` (or `test`) extra: mlx-lm, and matplotlib for the chart.
 
 Results go to --out as vs_mlx_lm-<tag>.md (tables), .png (chart) and .json (every number),
 rewritten after each model so an interrupted run keeps what it finished.
@@ -38,6 +41,8 @@ if str(ROOT) not in sys.path:
 
 import mlx.core as mx  # noqa: E402
 
+from benchmarks.random_model import write_random_model  # noqa: E402
+from benchmarks.runtimes import get_runtime, versions  # noqa: E402
 from llama_mlx import benchmark as B  # noqa: E402
 
 OURS, THEIRS = "llama-mlx", "mlx-lm"
@@ -167,10 +172,10 @@ def model_folder(name: str, args, work: Path) -> Path:
     if not (folder / "config.json").is_file():
         log(f"writing random {name} weights to {folder}")
         t = time.perf_counter()
-        B.write_random_model(folder, name, bits=args.bits, group_size=args.group_size, dtype=dtype, seed=args.seed)
+        write_random_model(folder, name, bits=args.bits, group_size=args.group_size, dtype=dtype, seed=args.seed)
         log(f"  written in {time.perf_counter() - t:.1f} s")
     else:
-        B.write_random_model(folder, name, bits=args.bits, group_size=args.group_size, dtype=dtype, seed=args.seed)
+        write_random_model(folder, name, bits=args.bits, group_size=args.group_size, dtype=dtype, seed=args.seed)
     return folder
 
 
@@ -391,12 +396,12 @@ def slug(text: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = B.device_summary()
+    device = versions()
     tag = args.tag or f"{device['backend']}-{slug(device['name'])}"
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log(f"device: {device['name']} ({device['device']}), MLX {device['mlx']}, mlx-lm {device.get('mlx_lm')}")
-    runtimes = {OURS: B.get_runtime(OURS), THEIRS: B.get_runtime(THEIRS)}
+    runtimes = {OURS: get_runtime(OURS), THEIRS: get_runtime(THEIRS)}
     run = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/vs_mlx_lm.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -6,6 +6,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import assets  # noqa: E402
 
+# The repository root, for `benchmarks` (random-weight models, the mlx-lm runtime), which is not installed.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(1, _ROOT)
+
 if not assets.TOKENIZER_MODEL.exists() or not assets.SMOLLM2_GGUF.exists():
     raise pytest.UsageError("test assets missing: run `python tests/assets.py` first (the README's test command does)")
 

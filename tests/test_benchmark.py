@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from benchmarks import random_model as R
 from llama_mlx import benchmark as B
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +21,7 @@ METRICS = ("prompt_tps", "generation_tps", "ttft_s", "peak_memory_gb", "load_s")
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    return B.write_random_model(tmp_path_factory.mktemp("bench") / "tiny", "tiny", dtype="float32")
+    return R.write_random_model(tmp_path_factory.mktemp("bench") / "tiny", "tiny", dtype="float32")
 
 
 def test_random_folder_is_the_same_model_in_both_runtimes(tiny_folder):
@@ -41,23 +42,23 @@ def test_random_folder_is_the_same_model_in_both_runtimes(tiny_folder):
 
 
 def test_random_folder_reused_and_guarded(tiny_folder, tmp_path):
-    assert B.write_random_model(tiny_folder, "tiny", dtype="float32") == tiny_folder  # same settings: reused
+    assert R.write_random_model(tiny_folder, "tiny", dtype="float32") == tiny_folder  # same settings: reused
     with pytest.raises(FileExistsError):
-        B.write_random_model(tiny_folder, "tiny", dtype="float32", seed=1)
-    sharded = B.write_random_model(tmp_path / "sharded", "tiny", dtype="float32", max_shard_bytes=20_000)
+        R.write_random_model(tiny_folder, "tiny", dtype="float32", seed=1)
+    sharded = R.write_random_model(tmp_path / "sharded", "tiny", dtype="float32", max_shard_bytes=20_000)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
 
 
 def test_real_shapes():
-    one = B.shape_config("1b")
+    one = R.shape_config("1b")
     assert (one["hidden_size"], one["num_hidden_layers"], one["num_attention_heads"], one["num_key_value_heads"],
             one["intermediate_size"], one["vocab_size"]) == (2048, 16, 32, 8, 8192, 128256)
     assert one["tie_word_embeddings"] and one["rope_scaling"]["factor"] == 32.0
-    eight = B.shape_config("8b")
+    eight = R.shape_config("8b")
     assert (eight["hidden_size"], eight["num_hidden_layers"], eight["intermediate_size"]) == (4096, 32, 14336)
     assert not eight["tie_word_embeddings"] and eight["rope_scaling"]["factor"] == 8.0
-    names = {name for name, _, _ in B._param_specs(eight, 4, 64)}  # lazily built: nothing is computed
+    names = {name for name, _, _ in R._param_specs(eight, 4, 64)}  # lazily built: nothing is computed
     assert "lm_head.scales" in names and "model.layers.31.mlp.down_proj.biases" in names
 
 
