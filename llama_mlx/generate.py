@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
