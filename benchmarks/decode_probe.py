@@ -5,7 +5,7 @@
 
 Random-weight models of the shapes in `benchmarks.random_model.SHAPES` are built in memory (4-bit,
 group 64, bfloat16 on GPUs). For each decode path (`generate_step(compile=False)`: the model's
-graph; `compile=None`: the default, which is the fused step of `llama_mlx.cuda_decode` on CUDA)
+graph; `compile=None`: the default, which is the fused step of `llama_mlx.backends.cuda` on CUDA)
 it prints generation tokens/s over `-g` tokens after `-p` prompt tokens, then the median per-step
 split of host and device time: building the graph in Python, `mx.async_eval` (MLX encoding the
 graph for the device), and waiting for the result. Parity compares the two paths' logits over
@@ -27,8 +27,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from benchmarks.random_model import shape_config  # noqa: E402
+from llama_mlx import backends  # noqa: E402
 from llama_mlx.cache import make_prompt_cache  # noqa: E402
-from llama_mlx.generate import _Stepper, generate_step  # noqa: E402
+from llama_mlx.generate import generate_step  # noqa: E402
 from llama_mlx.model import Model, ModelArgs  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def build(shape: str) -> Model:
         model.set_dtype(mx.bfloat16)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
-    model.fuse()
+    backends.prepare(model, fuse=True, threads=1)  # fused everywhere, one CPU thread: the paths compared
     mx.eval(model.parameters())
     return model
 
@@ -48,12 +49,12 @@ def parity(model: Model, n_prompt: int, vocab: int) -> str:
     outs, paths = [], []
     for compile in (False, None):
         cache = make_prompt_cache(len(model.layers))
-        step = _Stepper(model, cache, compile)
+        step = backends.decode_step(model, cache, compile)
         model(p[None, :n_prompt], cache)
         logits = [step(p[None, i : i + 1]).astype(mx.float32) for i in range(n_prompt, n_prompt + 10)]
         mx.eval(logits)
         outs.append(mx.stack(logits))
-        paths.append("fused" if getattr(step, "_fused", False) else ("compiled" if step.compiled else "graph"))
+        paths.append(step.kind)
     diff = mx.abs(outs[0] - outs[1]).max().item()
     agree = (mx.argmax(outs[0], -1) == mx.argmax(outs[1], -1)).mean().item()
     return (f"parity after {n_prompt} tokens ({paths[0]} vs {paths[1]}): max |logit difference| {diff:.3g} "
@@ -71,7 +72,7 @@ def breakdown(model: Model, compile, prompt: int, gen: int, vocab: int) -> str:
     tps = (gen - 2) / (time.perf_counter() - t0)
 
     cache = make_prompt_cache(len(model.layers))
-    step = _Stepper(model, cache, compile)
+    step = backends.decode_step(model, cache, compile)
     model(p[None, :-1], cache)
     y = mx.argmax(step(p[None, -1:]), axis=-1)
     mx.eval(y)

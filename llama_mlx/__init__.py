@@ -4,8 +4,9 @@
     print(llama_mlx.generate(model, tokenizer, "Why is the sky blue?"))
 """
 
+from .cache import PromptCache
 from .errors import LlamaMLXError
-from .generate import GenerationResponse, PromptCache, generate, generate_step, stream_generate
+from .generate import GenerationResponse, generate, generate_step, stream_generate
 from .sample import make_logits_processors, make_sampler
 
 __version__ = "0.1.0"

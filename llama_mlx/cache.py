@@ -2,7 +2,9 @@
 
 `KVCache` preallocates in steps and writes new keys in place; `RotatingKVCache` bounds memory
 to `max_size` tokens while keeping the first `keep`; `QuantizedKVCache` stores keys and values
-quantized; `DecodeView` is the fixed-capacity form a compiled decode step traces.
+quantized; `DecodeView` is the fixed-capacity form a compiled decode step traces. Each saves
+and loads through `state` (its arrays), `meta_state` (its settings) and `from_state`.
+`PromptCache` is a model's cache together with the tokens it holds.
 """
 
 from __future__ import annotations
@@ -10,12 +12,27 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 
+__all__ = [
+    "DecodeView",
+    "KVCache",
+    "PromptCache",
+    "QuantizedKVCache",
+    "RotatingKVCache",
+    "make_prompt_cache",
+]
+
 
 class KVCache:
+    """Keys and values [B, heads, positions, head_dim], preallocated in steps of `step` positions.
+
+    Compiled steps take the buffers whole: `reserve(n)`, then `hand_over()` (the cache holds
+    nothing meanwhile, so the step's writes happen in place), then `take_back(keys, values, n)`.
+    """
+
     step = 256
 
     def __init__(self):
@@ -23,7 +40,7 @@ class KVCache:
         self.values: Optional[mx.array] = None
         self.offset = 0
 
-    def _reserve(self, k: mx.array, v: mx.array, needed: int) -> None:
+    def _grow(self, k: mx.array, v: mx.array, needed: int) -> None:
         if self.keys is not None and needed <= self.keys.shape[2]:
             return
         B, H, _, Dk = k.shape
@@ -37,7 +54,7 @@ class KVCache:
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         start = self.offset
-        self._reserve(k, v, start + k.shape[2])
+        self._grow(k, v, start + k.shape[2])
         self.offset += k.shape[2]
         self.keys[..., start : self.offset, :] = k
         self.values[..., start : self.offset, :] = v
@@ -46,9 +63,22 @@ class KVCache:
     def make_mask(self, L: int):
         return "causal" if L > 1 else None
 
-    @property
-    def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+    def reserve(self, n: int) -> None:
+        """Room for `n` positions after `offset` in the buffers (which a first update creates)."""
+        if self.keys is None:
+            raise ValueError("an empty cache has no buffers to grow: update it first")
+        self._grow(self.keys, self.values, self.offset + n)
+
+    def hand_over(self) -> tuple[mx.array, mx.array]:
+        """The whole key and value buffers; the cache keeps no reference until `take_back`."""
+        keys, values = self.keys, self.values
+        self.keys = self.values = None
+        return keys, values
+
+    def take_back(self, keys: mx.array, values: mx.array, advance: int = 0) -> None:
+        """Hold `keys` and `values` (as `hand_over` gave them, updated) and `advance` the offset."""
+        self.keys, self.values = keys, values
+        self.offset += advance
 
     @property
     def state(self) -> list[mx.array]:
@@ -56,14 +86,18 @@ class KVCache:
             return []
         return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
 
-    @state.setter
-    def state(self, arrays: list[mx.array]) -> None:
-        if not arrays:
-            self.keys = self.values = None
-            self.offset = 0
-            return
-        self.keys, self.values = arrays
-        self.offset = self.keys.shape[2]
+    @property
+    def meta_state(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_state(cls, state: list[mx.array], meta_state: dict) -> "KVCache":
+        """A cache holding what `state` and `meta_state` describe."""
+        cache = cls()
+        if state:
+            cache.keys, cache.values = state
+            cache.offset = cache.keys.shape[2]
+        return cache
 
     def is_trimmable(self) -> bool:
         return True
@@ -72,10 +106,6 @@ class KVCache:
         n = min(self.offset, n)
         self.offset -= n
         return n
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
 
 
 class RotatingKVCache(KVCache):
@@ -133,11 +163,18 @@ class RotatingKVCache(KVCache):
             return []
         return list(self._temporal())
 
-    @state.setter
-    def state(self, arrays: list[mx.array]) -> None:
-        KVCache.state.fset(self, arrays)
-        self._write = self.keys.shape[2] if arrays else 0
-        self._ordered = True
+    @property
+    def meta_state(self) -> dict:
+        return {"max_size": self.max_size, "keep": self.keep, "offset": self.offset}
+
+    @classmethod
+    def from_state(cls, state: list[mx.array], meta_state: dict) -> "RotatingKVCache":
+        cache = cls(meta_state["max_size"], meta_state["keep"])
+        if state:
+            cache.keys, cache.values = state
+            cache._write = cache.keys.shape[2]
+        cache.offset = meta_state["offset"]
+        return cache
 
     def is_trimmable(self) -> bool:
         return self.offset < self.max_size
@@ -207,14 +244,17 @@ class QuantizedKVCache(KVCache):
             return []
         return [a[..., : self.offset, :] for a in self.keys + self.values]
 
-    @state.setter
-    def state(self, arrays):
-        if not arrays:
-            self.keys = self.values = None
-            self.offset = 0
-            return
-        self.keys, self.values = tuple(arrays[:3]), tuple(arrays[3:])
-        self.offset = self.keys[0].shape[2]
+    @property
+    def meta_state(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_state(cls, state: list[mx.array], meta_state: dict) -> "QuantizedKVCache":
+        cache = cls(meta_state["bits"], meta_state["group_size"])
+        if state:
+            cache.keys, cache.values = tuple(state[:3]), tuple(state[3:])
+            cache.offset = cache.keys[0].shape[2]
+        return cache
 
 
 class DecodeView:
@@ -254,57 +294,102 @@ def make_prompt_cache(
     return [KVCache() for _ in range(num_layers)]
 
 
-def trim_prompt_cache(cache: list[KVCache], n: int) -> int:
-    """Drop the last `n` tokens from every layer; returns how many were dropped."""
-    if not cache or not all(c.is_trimmable() for c in cache):
-        return 0
-    return [c.trim(n) for c in cache][0]
-
-
 _KINDS = {cls.__name__: cls for cls in (KVCache, RotatingKVCache, QuantizedKVCache)}
 
 
-def save_prompt_cache(
-    path: Union[str, Path], cache: list[KVCache], tokens: list[int], metadata: Optional[dict] = None
-) -> None:
-    """Save a cache with the token history it holds (safetensors), atomically."""
-    path = Path(path)
-    arrays = {f"{i}.{j}": a for i, c in enumerate(cache) for j, a in enumerate(c.state)}
-    layers = []
-    for c in cache:
-        info = {"kind": type(c).__name__, "n": len(c.state)}
-        if isinstance(c, RotatingKVCache):
-            info.update(max_size=c.max_size, keep=c.keep, offset=c.offset)
-        if isinstance(c, QuantizedKVCache):
-            info.update(bits=c.bits, group_size=c.group_size)
-        layers.append(info)
-    header = {
-        "llama_mlx": json.dumps({"tokens": list(map(int, tokens)), "layers": layers}),
-        "metadata": json.dumps(metadata or {}),
-    }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")  # mlx appends the suffix otherwise
-    try:
-        mx.save_safetensors(str(tmp), arrays, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+class PromptCache:
+    """A model's KV cache together with the tokens it holds.
 
+    `prepare(tokens)` keeps the longest shared prefix and returns only what must be prefilled,
+    so a chat re-prefills nothing but its new turn; `trim(n)` drops the last n tokens.
+    """
 
-def load_prompt_cache(path: Union[str, Path]) -> tuple[list[KVCache], list[int], dict]:
-    """Load what `save_prompt_cache` wrote: (cache, tokens, metadata)."""
-    arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
-    info = json.loads(header["llama_mlx"])
-    cache = []
-    for i, layer in enumerate(info["layers"]):
-        kind = _KINDS[layer["kind"]]
-        if kind is RotatingKVCache:
-            c = RotatingKVCache(layer["max_size"], layer["keep"])
-        elif kind is QuantizedKVCache:
-            c = QuantizedKVCache(layer["bits"], layer["group_size"])
-        else:
-            c = KVCache()
-        c.state = [arrays[f"{i}.{j}"] for j in range(layer["n"])]
-        if kind is RotatingKVCache:
-            c.offset = layer["offset"]
-        cache.append(c)
-    return cache, info["tokens"], json.loads(header.get("metadata", "{}"))
+    def __init__(self, model, *, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+                 kv_group_size: int = 64):
+        self.num_layers = len(model.layers)
+        self.options = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        self.cache = make_prompt_cache(self.num_layers, **self.options)
+        self.tokens: list[int] = []
+
+    @property
+    def offset(self) -> int:
+        return self.cache[0].offset
+
+    def reset(self) -> None:
+        self.cache = make_prompt_cache(self.num_layers, **self.options)
+        self.tokens = []
+
+    def trim(self, n: int) -> int:
+        """Drop the last `n` tokens; returns how many were dropped (0 once a rotating cache wrapped)."""
+        if not all(c.is_trimmable() for c in self.cache):
+            return 0
+        n = min(n, len(self.tokens))
+        for c in self.cache:
+            c.trim(n)
+        del self.tokens[len(self.tokens) - n :]
+        return n
+
+    def keep_prefix(self, tokens: Sequence[int]) -> int:
+        """Cut the cache back to its longest common prefix with `tokens`; returns that length.
+
+        A rotating cache that has wrapped cannot be cut back: it starts over instead.
+        """
+        common = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        drop = len(self.tokens) - common
+        if drop and self.trim(drop) != drop:
+            self.reset()
+        return len(self.tokens)
+
+    def prepare(self, tokens: Sequence[int]) -> list[int]:
+        """Reuse the shared prefix; return the tokens still to prefill (always at least one)."""
+        tokens = list(tokens)
+        # The last prompt token must run again to give logits.
+        return tokens[self.keep_prefix(tokens[:-1]):]
+
+    def record(self, tokens: Sequence[int]) -> None:
+        """Note what the cache now holds: the first `offset` of `tokens`.
+
+        An interrupt in the middle of a forward pass can leave layers at different offsets;
+        such a cache is unusable, so it starts over.
+        """
+        if len({c.offset for c in self.cache}) != 1:
+            self.reset()
+            return
+        self.tokens = list(tokens)[: self.offset]
+
+    def save(self, path: Union[str, Path], metadata: Optional[dict] = None) -> None:
+        """Write the cache and its tokens to a file (safetensors), atomically."""
+        path = Path(path)
+        arrays = {f"{i}.{j}": a for i, c in enumerate(self.cache) for j, a in enumerate(c.state)}
+        layers = [{"kind": type(c).__name__, "n": len(c.state), **c.meta_state} for c in self.cache]
+        header = {
+            "llama_mlx": json.dumps({"tokens": list(map(int, self.tokens)), "layers": layers}),
+            "metadata": json.dumps({"options": self.options, **(metadata or {})}),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")  # mlx appends the suffix otherwise
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=header)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, model, path: Union[str, Path]) -> tuple["PromptCache", dict]:
+        """Read what `save` wrote: (prompt cache, metadata)."""
+        arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
+        info = json.loads(header["llama_mlx"])
+        cache = []
+        for i, layer in enumerate(info["layers"]):
+            meta = {k: v for k, v in layer.items() if k not in ("kind", "n")}
+            state = [arrays[f"{i}.{j}"] for j in range(layer["n"])]
+            cache.append(_KINDS[layer["kind"]].from_state(state, meta))
+        if len(cache) != len(model.layers):
+            raise ValueError(f"{path}: cache has {len(cache)} layers, the model {len(model.layers)}")
+        metadata = json.loads(header.get("metadata", "{}"))
+        pc = cls(model, **metadata.pop("options", {}))
+        pc.cache, pc.tokens = cache, info["tokens"]
+        return pc, metadata

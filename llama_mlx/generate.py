@@ -1,34 +1,27 @@
 """Generation in layers: `generate_step` yields token ids, `stream_generate` yields
 `GenerationResponse`s, `generate` returns the text.
 
-Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller. A compiled
-decode step (`compile=True`) is one `mx.compile`d graph whose cache offset is an array, traced
-once per cache capacity, not per token. On MLX's CUDA backend it is the fused step of
-`cuda_decode` (eight graph nodes per layer) and on by default (`compile=None`); elsewhere it
-attends over the whole buffer with a mask and stays off unless asked for.
+Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller. Which step
+runs (the model's graph, or a compiled one) is the backend seam's choice (`backends.decode_step`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cuda_decode
-from .cache import (
-    DecodeView,
-    KVCache,
-    RotatingKVCache,
-    load_prompt_cache,
-    make_prompt_cache,
-    save_prompt_cache,
-)
+from . import backends
+from .backends import Step
+from .cache import PromptCache, RotatingKVCache, make_prompt_cache
 from .errors import ContextLengthError
 from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
+
+__all__ = ["GenerationResponse", "Prompt", "PromptCache", "context_length", "generate", "generate_step",
+           "stream_generate"]
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -57,141 +50,6 @@ class GenerationResponse:
     time_to_first_token: float = 0.0
 
 
-class PromptCache:
-    """A model's KV cache together with the tokens it holds.
-
-    `prepare(tokens)` keeps the longest shared prefix and returns only what must be prefilled,
-    so a chat re-prefills nothing but its new turn; `trim(n)` drops the last n tokens.
-    """
-
-    def __init__(self, model: nn.Module, *, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
-                 kv_group_size: int = 64):
-        self.num_layers = len(model.layers)
-        self.options = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
-        self.cache = make_prompt_cache(self.num_layers, **self.options)
-        self.tokens: list[int] = []
-
-    @property
-    def offset(self) -> int:
-        return self.cache[0].offset
-
-    def reset(self) -> None:
-        self.cache = make_prompt_cache(self.num_layers, **self.options)
-        self.tokens = []
-
-    def trim(self, n: int) -> int:
-        """Drop the last `n` tokens; returns how many were dropped (0 once a rotating cache wrapped)."""
-        if not all(c.is_trimmable() for c in self.cache):
-            return 0
-        n = min(n, len(self.tokens))
-        for c in self.cache:
-            c.trim(n)
-        del self.tokens[len(self.tokens) - n :]
-        return n
-
-    def keep_prefix(self, tokens: Sequence[int]) -> int:
-        """Cut the cache back to its longest common prefix with `tokens`; returns that length.
-
-        A rotating cache that has wrapped cannot be cut back: it starts over instead.
-        """
-        common = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        drop = len(self.tokens) - common
-        if drop and self.trim(drop) != drop:
-            self.reset()
-        return len(self.tokens)
-
-    def prepare(self, tokens: Sequence[int]) -> list[int]:
-        """Reuse the shared prefix; return the tokens still to prefill (always at least one)."""
-        tokens = list(tokens)
-        # The last prompt token must run again to give logits.
-        return tokens[self.keep_prefix(tokens[:-1]):]
-
-    def record(self, tokens: Sequence[int]) -> None:
-        """Note what the cache now holds: the first `offset` of `tokens`.
-
-        An interrupt in the middle of a forward pass can leave layers at different offsets;
-        such a cache is unusable, so it starts over.
-        """
-        if len({c.offset for c in self.cache}) != 1:
-            self.reset()
-            return
-        self.tokens = list(tokens)[: self.offset]
-
-    def save(self, path: Union[str, Path], metadata: Optional[dict] = None) -> None:
-        """Write the cache and its tokens to a file (atomically)."""
-        save_prompt_cache(path, self.cache, self.tokens, {"options": self.options, **(metadata or {})})
-
-    @classmethod
-    def load(cls, model: nn.Module, path: Union[str, Path]) -> tuple["PromptCache", dict]:
-        """Read what `save` wrote: (prompt cache, metadata)."""
-        cache, tokens, metadata = load_prompt_cache(path)
-        if len(cache) != len(model.layers):
-            raise ValueError(f"{path}: cache has {len(cache)} layers, the model {len(model.layers)}")
-        options = metadata.pop("options", {})
-        pc = cls(model, **options)
-        pc.cache, pc.tokens = cache, tokens
-        return pc, metadata
-
-
-class _Stepper:
-    """Runs the model on new tokens, with a compiled graph for single-token decode.
-
-    `compiled=None` chooses: compiled where the fused CUDA step applies (`cuda_decode.supported`).
-    """
-
-    def __init__(self, model: nn.Module, cache: list, compiled: Optional[bool]):
-        self.model = model
-        self.cache = cache
-        plain = all(type(c) is KVCache for c in cache)
-        fused = plain and cuda_decode.supported(model)
-        self.compiled = plain and (fused if compiled is None else compiled)
-        if self.compiled:
-            # One compiled graph per model, reused across requests (traced once per capacity).
-            self._fused = fused
-            key = "_llama_mlx_fused_decode" if fused else "_llama_mlx_decode"
-            self._decode = getattr(model, key, None)
-            if self._decode is None:
-                self._decode = mx.compile(cuda_decode.FusedDecoder(model) if fused else _decode_graph_for(model))
-                setattr(model, key, self._decode)
-
-    def __call__(self, tokens: mx.array) -> mx.array:
-        """Logits of the last position, `[B, vocab]`."""
-        if (not self.compiled or tokens.shape[1] != 1 or self.cache[0].keys is None
-                or (self._fused and tokens.shape[0] != 1)):
-            return self.model(tokens, self.cache)[:, -1, :]
-        offset = self.cache[0].offset
-        buffers = []
-        for c in self.cache:
-            c._reserve(c.keys, c.values, offset + 1)
-            buffers += [c.keys, c.values]
-            # Only the step holds the buffers now, so their update happens in place.
-            c.keys = c.values = None
-        try:
-            position = mx.array([offset] if self._fused else offset, dtype=mx.int32)
-            logits, *buffers = self._decode(tokens, position, *buffers)
-        except BaseException:
-            for i, c in enumerate(self.cache):
-                c.keys, c.values = buffers[2 * i], buffers[2 * i + 1]
-            raise
-        for i, c in enumerate(self.cache):
-            c.keys, c.values = buffers[2 * i], buffers[2 * i + 1]
-            c.offset += 1
-        return logits
-
-
-def _decode_graph_for(model: nn.Module):
-    def decode(tokens: mx.array, offset: mx.array, *buffers: mx.array):
-        views = [DecodeView(buffers[i], buffers[i + 1], offset) for i in range(0, len(buffers), 2)]
-        logits = model(tokens, views)[:, -1, :]
-        return (logits, *[a for v in views for a in (v.keys, v.values)])
-
-    return decode
-
-
 def context_length(model: nn.Module) -> int:
     return int(model.args.max_position_embeddings)
 
@@ -210,20 +68,26 @@ def generate_step(
     kv_group_size: int = 64,
     compile: Optional[bool] = None,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
+    step: Optional[Step] = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, log-probabilities) for up to `max_tokens` new tokens.
 
     `prompt` holds the token ids not yet in `prompt_cache` (a per-layer cache list, made here
     when not given). Prefill runs in chunks of `prefill_step_size` tokens to bound memory.
+    `step` (`step(tokens[B, L]) -> logits[B, vocab]`, over `prompt_cache`) runs the rest; by
+    default `backends.decode_step(model, cache, compile)` picks it.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt must be a non-empty 1-D array of token ids")
+    if step is not None and prompt_cache is None:
+        raise ValueError("a step runs over a given cache: pass that prompt_cache too")
     sampler = sampler or make_sampler()
     processors = list(logits_processors or [])
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(
         len(model.layers), max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size
     )
-    step = _Stepper(model, cache, compile)
+    if step is None:
+        step = backends.decode_step(model, cache, compile)
     history = prompt if processors else None
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:

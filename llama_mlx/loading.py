@@ -18,11 +18,11 @@ from typing import Any, Mapping
 
 import mlx.core as mx
 
+from . import backends
 from .checkpoints import LazyWeights, read_checkpoint
 from .checkpoints.base import parse_dtype
 from .checkpoints.plan import main_dtype
 from .errors import CheckpointError, ModelNotFoundError, OutputExistsError
-from .quant import use_cpu_threads
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
@@ -76,25 +76,17 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     path: a file, a folder, a model name under the weights folder, or None for the default model.
     dtype: float16 / bfloat16 / float32 for float tensors (default: the checkpoint's own).
     lazy: leave weights unread until first used (safetensors are read from disk on demand).
-    fuse: merge q/k/v and gate/up projections (`Model.fuse`); default on GPUs, where a decode
-    step is bound by its number of graph nodes, and off on the CPU, where it would only cost
-    a copy of those weights at load. On the CPU, quantized matmuls are spread over its cores
-    (`quant.use_cpu_threads`).
+    fuse: merge q/k/v and gate/up projections; default on GPUs only. The model is fitted to the
+    device by `backends.prepare` (see there for fusion, compute dtype and CPU threads).
     """
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = ckpt.make_tokenizer()
-    model = build_model(ckpt.config, weights, source=ckpt.path)
-    on_gpu = mx.default_device() == mx.gpu
-    fused = fuse if fuse is not None else on_gpu
-    if fused:
-        model.fuse()
-    if not on_gpu:
-        use_cpu_threads(model)
+    model = backends.prepare(build_model(ckpt.config, weights, source=ckpt.path), fuse=fuse)
     del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
     if not lazy:
-        # Fused: one layer at a time, so fusing never holds two copies of more than one layer's weights.
-        for layer in model.layers if fused else []:
+        # One layer at a time, so fusing never holds two copies of more than one layer's weights.
+        for layer in model.layers:
             mx.eval(layer.parameters())
         mx.eval(model.parameters())
     return model, tokenizer

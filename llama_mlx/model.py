@@ -1,7 +1,8 @@
 """The Llama 3 transformer in MLX, after Meta's reference `llama/model.py`.
 
 Parameter names follow Hugging Face / mlx-lm (`model.layers.N.self_attn.q_proj`, ...) so that
-mlx-community folders load unchanged. The KV cache is passed in, never owned by the model.
+mlx-community folders load unchanged. The KV cache is passed in, never owned by the model. The
+model is plain: activations' dtype, fusion and threading are set from outside by `backends.prepare`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCache
-from .config import config_from_meta_params
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "LlamaModel",
+    "Model",
+    "ModelArgs",
+    "RoPE",
+    "TransformerBlock",
+    "rope_frequencies",
+    "swiglu",
+]
 
 
 @dataclass
@@ -47,9 +59,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
-        """Build from a Hugging Face config.json or a Meta params.json; unknown keys are ignored."""
-        if "dim" in config and "hidden_size" not in config:
-            config = config_from_meta_params(config)
+        """Build from a Hugging Face config.json dict; unknown keys are ignored."""
         names = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in config.items() if k in names})
 
@@ -72,12 +82,6 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> mx
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     scaled = mx.where(wavelen > old_context / low, inv_freq / factor, blended)
     return mx.where(wavelen < old_context / high, inv_freq, scaled)
-
-
-def default_compute_dtype() -> Optional[mx.Dtype]:
-    """float32 activations on the CPU, where half-precision kernels run many times slower;
-    None (the weights' own dtype) on GPUs. Weights stay as stored either way."""
-    return mx.float32 if mx.default_device() == mx.cpu else None
 
 
 class RoPE(nn.Module):
@@ -111,28 +115,21 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Optional[mx.array | str], cache: Optional[KVCache]) -> mx.array:
         B, L, D = x.shape
-        offset = cache.offset if cache is not None else 0
-        if "qkv_proj" in self and L == 1:  # fused at load time by `Model.fuse()`
-            # (B, 1, (nq + 2 nkv) * head_dim) -> (B, nq + 2 nkv, 1, head_dim); one RoPE call for q and k
-            qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
-            n_qk = self.n_heads + self.n_kv_heads
-            qk = self.rope(qkv[:, :n_qk], offset)
-            q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, n_qk:]
-        else:
-            if "qkv_proj" in self:
-                q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-                q, k, v = row_blocks(self.qkv_proj, x, [q_dim, kv_dim, kv_dim])
-            else:
-                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
-            q = self.rope(q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3), offset)
-            k = self.rope(k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3), offset)
-            v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = self.project(x, cache.offset if cache is not None else 0)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # Grouped-query attention: SDPA broadcasts the K/V heads, nothing is repeated.
         out = scaled_dot_product_attention(q, k, v, self.scale, mask, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries and keys rotated to `offset`, and values: each (B, heads, L, head_dim)."""
+        B, L, _ = x.shape
+        # (B, L, heads * head_dim) -> (B, heads, L, head_dim)
+        q = self.rope(self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3), offset)
+        k = self.rope(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3), offset)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return q, k, v
 
 
 def scaled_dot_product_attention(q, k, v, scale, mask, cache):
@@ -150,14 +147,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if "gate_up_proj" in self:  # fused at load time by `Model.fuse()`
-            if x.shape[1] == 1:
-                gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-            else:
-                gate, up = row_blocks(self.gate_up_proj, x, 2)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(swiglu(gate, up))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 @partial(mx.compile, shapeless=True)
@@ -185,7 +175,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.compute_dtype = default_compute_dtype()
+        # Activations' dtype (None: the weights'); the backend seam sets it for the device.
+        self.compute_dtype: Optional[mx.Dtype] = None
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None, mask=None) -> mx.array:
         h = self.embed_tokens(tokens)
@@ -219,100 +210,6 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def set_compute_dtype(self, dtype: Optional[mx.Dtype]) -> "Model":
-        """Run activations (and the KV cache) in `dtype`; None follows the weights."""
-        self.model.compute_dtype = dtype
-        return self
-
     @property
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drop what HF checkpoints carry but the model computes (rotary tables, tied head)."""
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        return weights
-
-    def fuse(self) -> "Model":
-        """Fuse q/k/v and gate/up projections into one matmul each: fewer kernels per token.
-
-        Works on float and affine-quantized linears alike, since quantization groups run
-        along the input dimension and the fused weights are stacked along the output one.
-        """
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if "qkv_proj" not in attn:
-                attn.qkv_proj = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-                del attn.q_proj, attn.k_proj, attn.v_proj
-            if "gate_up_proj" not in mlp:
-                mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
-                del mlp.gate_proj, mlp.up_proj
-        return self
-
-
-def row_blocks(linear: nn.Module, x: mx.array, sizes: list[int] | int) -> list[mx.array]:
-    """A fused projection applied as consecutive row blocks of its weight (sizes, or n equal ones).
-
-    Used for multi-token inputs: MLX's GPU backends may dequantize a weight whole for a
-    multi-token quantized matmul, and the blocks keep that transient as small as unfused weights.
-    """
-    if isinstance(linear, _Unfused):
-        return [p(x) for p in linear.parts]
-    rows = linear.weight.shape[0]
-    if isinstance(sizes, int):
-        sizes = [rows // sizes] * sizes
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [linear_rows(linear, x, a, a + n) for a, n in zip(starts, sizes)]
-
-
-def linear_rows(linear: nn.Module, x: mx.array, start: Optional[int] = None, stop: Optional[int] = None) -> mx.array:
-    """Output features start..stop (all by default) of a float or affine-quantized linear (or a
-    quantized embedding used as one), from row views of its weight: nothing is copied."""
-
-    def rows(name: str) -> mx.array:
-        return linear[name] if start is None else linear[name][start:stop]
-
-    if "scales" in linear:
-        y = mx.quantized_matmul(
-            x, rows("weight"), scales=rows("scales"), biases=rows("biases") if "biases" in linear else None,
-            transpose=True, group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
-        )
-    else:
-        y = x @ rows("weight").T
-    return y + rows("bias") if "bias" in linear else y
-
-
-def _concat_linears(linears: list[nn.Module]) -> nn.Module:
-    first = linears[0]
-    if isinstance(first, nn.QuantizedLinear) and all(
-        isinstance(l, nn.QuantizedLinear) and (l.bits, l.group_size, l.mode) == (first.bits, first.group_size, first.mode)
-        for l in linears
-    ):
-        fused = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
-        nn.Module.__init__(fused)
-        fused.group_size, fused.bits, fused.mode = first.group_size, first.bits, first.mode
-        for name in ("weight", "scales", "biases", "bias"):
-            if name in first:
-                fused[name] = mx.concatenate([l[name] for l in linears], axis=0)
-        fused.freeze()
-        return fused
-    if any(isinstance(l, nn.QuantizedLinear) for l in linears):
-        return _Unfused(linears)
-    fused = nn.Linear(1, 1, bias="bias" in first)
-    fused.weight = mx.concatenate([l.weight for l in linears], axis=0)
-    if "bias" in first:
-        fused.bias = mx.concatenate([l.bias for l in linears], axis=0)
-    return fused
-
-
-class _Unfused(nn.Module):
-    """Mixed-precision projections that cannot share one matmul: run them apart, concatenate."""
-
-    def __init__(self, linears: list[nn.Module]):
-        super().__init__()
-        self.parts = linears
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.concatenate([p(x) for p in self.parts], axis=-1)

@@ -8,15 +8,12 @@ checkpoint carries `<path>.scales`, so quantized weights load straight in withou
 
 from __future__ import annotations
 
-import atexit
-import os
-import signal
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .model import MLP, linear_rows, swiglu
+__all__ = ["inferred_params", "linear_rows", "prepare_quantized", "quantize"]
 
 
 def _in_features(module: nn.Module) -> int:
@@ -76,104 +73,18 @@ def _config_entry(per_module: dict[str, dict]) -> dict:
     return entry
 
 
-# ------------------------------------------------------------------------------------------------
-# CPU threads. MLX's CPU backend runs one quantized matmul on one thread; each CPU stream has a
-# thread of its own, so a matmul split by output rows over n streams runs on n cores.
+def linear_rows(linear: nn.Module, x: mx.array, start: Optional[int] = None, stop: Optional[int] = None) -> mx.array:
+    """Output features start..stop (all by default) of a float or affine-quantized linear (or a
+    quantized embedding used as one), from row views of its weight: nothing is copied."""
 
-_cpu_streams: list = []
+    def rows(name: str) -> mx.array:
+        return linear[name] if start is None else linear[name][start:stop]
 
-
-def _streams(n: int) -> list:
-    if len(_cpu_streams) >= n:
-        return _cpu_streams[:n]
-    if not _cpu_streams:
-        atexit.register(_drain)
-    # A new stream starts a thread, which inherits this thread's signal mask: with SIGINT blocked
-    # there, Ctrl-C always reaches the main thread (else it may wake a worker and be missed).
-    blocking = hasattr(signal, "pthread_sigmask")
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
-    try:
-        while len(_cpu_streams) < n:
-            _cpu_streams.append(mx.new_stream(mx.cpu))
-            mx.synchronize(_cpu_streams[-1])
-    finally:
-        if blocking:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    return _cpu_streams[:n]
-
-
-def _drain() -> None:
-    # Work still queued at exit (a decode step runs one token ahead) must finish before MLX tears
-    # its stream threads down: a stream waiting on another one already stopped would never return.
-    for stream in [mx.default_stream(mx.cpu), *_cpu_streams]:
-        mx.synchronize(stream)
-
-
-def _row_parts(module: nn.Module, threads: int) -> list[tuple[int, int]]:
-    rows = module["weight"].shape[0]
-    n = min(threads, rows // 256)
-    return [(rows * i // n, rows * (i + 1) // n) for i in range(n)] if n >= 2 else []
-
-
-def threaded_quantized_matmul(x: mx.array, module: nn.Module, threads: int) -> mx.array:
-    """`x @ W.T` (+ bias) for a quantized linear or embedding, its rows spread over `threads` CPU streams."""
-    parts = _row_parts(module, threads)
-    if not parts:
-        return linear_rows(module, x)
-    outs = []
-    for stream, (a, b) in zip(_streams(len(parts)), parts):
-        with mx.stream(stream):
-            outs.append(linear_rows(module, x, a, b))
-    return mx.concatenate(outs, axis=-1)
-
-
-class ThreadedQuantizedLinear(nn.QuantizedLinear):
-    """`nn.QuantizedLinear` whose matmul runs on several CPU threads (`use_cpu_threads`)."""
-
-    threads = 2
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return threaded_quantized_matmul(x, self, self.threads)
-
-
-class ThreadedQuantizedEmbedding(nn.QuantizedEmbedding):
-    """`nn.QuantizedEmbedding` whose tied output head runs on several CPU threads."""
-
-    threads = 2
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        return threaded_quantized_matmul(x, self, self.threads)
-
-
-class ThreadedMLP(MLP):
-    """SwiGLU MLP whose gate, up and activation run per thread on matching row blocks, so only the
-    activation (not gate and up) is joined: less memory than the plain MLP, on several cores."""
-
-    threads = 2
-
-    def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.get("gate_proj"), self.get("up_proj")
-        parts = _row_parts(gate, self.threads) if isinstance(gate, nn.QuantizedLinear) else []
-        if not parts or not isinstance(up, nn.QuantizedLinear):
-            return super().__call__(x)
-        acts = []
-        for stream, (a, b) in zip(_streams(len(parts)), parts):
-            with mx.stream(stream):
-                acts.append(swiglu(linear_rows(gate, x, a, b), linear_rows(up, x, a, b)))
-        return self.down_proj(mx.concatenate(acts, axis=-1))
-
-
-def use_cpu_threads(model: nn.Module, threads: Optional[int] = None) -> int:
-    """Spread the model's quantized matmuls over `threads` CPU threads (default: the CPU count, at
-    most 8). Results are unchanged: each output row is computed exactly as before. Returns the count."""
-    threads = threads or min(os.cpu_count() or 1, 8)
-    if threads < 2:
-        return 1
-    swap = {nn.QuantizedLinear: ThreadedQuantizedLinear, nn.QuantizedEmbedding: ThreadedQuantizedEmbedding,
-            MLP: ThreadedMLP}
-    for _, module in model.named_modules():
-        cls = swap.get(type(module))
-        if cls is not None:
-            module.__class__ = cls
-            module.threads = threads
-    return threads
+    if "scales" in linear:
+        y = mx.quantized_matmul(
+            x, rows("weight"), scales=rows("scales"), biases=rows("biases") if "biases" in linear else None,
+            transpose=True, group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
+        )
+    else:
+        y = x @ rows("weight").T
+    return y + rows("bias") if "bias" in linear else y

@@ -73,9 +73,9 @@ def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] 
     context_length = int(config.get("max_position_embeddings") or 0)
     tokens = context or context_length
     weights_bytes = sum(i.nbytes for i in loaded)
-    from llama_mlx.model import default_compute_dtype
+    from llama_mlx.backends import compute_dtype
 
-    kv_dtype = default_compute_dtype() or memory_dtype  # the cache holds activations' dtype
+    kv_dtype = compute_dtype() or memory_dtype  # the cache holds activations' dtype
     kv_bytes = kv_cache_bytes(config, tokens, kv_dtype.size, kv_bits, kv_group_size)
     quant = config.get("quantization") or None
     return {

@@ -3,7 +3,7 @@
 The CUDA kernels cannot run here, so each is replaced by MLX ops computing what its docstring
 says (`fused_matvec`: residual + RMSNorm / SwiGLU prologue, 4-bit matvec, RoPE and q/k/v split;
 `decode_attention`: attention over the first offset + 1 buffer positions). The step that
-`generate_step` compiles around them (residual stream, norms, cache writes at an array offset,
+`backends.decode_step` compiles around them (residual stream, norms, cache writes at an array offset,
 retracing when the cache grows) must then give mlx-lm's logits token by token. The kernels
 themselves are compared with the plain graph on the GPU by `benchmarks/decode_probe.py`.
 """
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from llama_mlx import cuda_decode
+from llama_mlx import backends
+from llama_mlx.backends import cuda, fusion
 from llama_mlx.cache import make_prompt_cache
-from llama_mlx.generate import _Stepper
 from llama_mlx.model import Model, ModelArgs
 
 CONFIG = {
@@ -62,9 +62,9 @@ def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, tied, tradit
     from mlx_lm.models import llama as mlx_lm_llama
     from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
-    monkeypatch.setattr(cuda_decode, "supported", lambda model: True)
-    monkeypatch.setattr(cuda_decode.kernels, "fused_matvec", matvec)
-    monkeypatch.setattr(cuda_decode.kernels, "decode_attention", attention)
+    monkeypatch.setattr(cuda, "supported", lambda model: True)
+    monkeypatch.setattr(cuda.kernels, "fused_matvec", matvec)
+    monkeypatch.setattr(cuda.kernels, "decode_attention", attention)
 
     config = dict(CONFIG, tie_word_embeddings=tied, rope_traditional=traditional)
     mx.random.seed(3)
@@ -76,13 +76,13 @@ def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, tied, tradit
     ours = Model(ModelArgs.from_dict(config))
     nn.quantize(ours, group_size=32, bits=4)
     ours.load_weights(tree_flatten(theirs.parameters()), strict=True)
-    ours.fuse()
+    fusion.fuse(ours)
 
     ids = np.random.default_rng(4).integers(0, 256, size=262)
     prompt, steps = mx.array(ids[None, :250]), ids[250:]  # the cache grows past 256: a second trace
     cache, their_cache = make_prompt_cache(len(ours.layers)), mlx_lm_cache(theirs)
-    step = _Stepper(ours, cache, None)
-    assert step._fused
+    step = backends.decode_step(ours, cache)
+    assert step.kind == "fused"
     ours(prompt, cache)
     theirs(prompt, cache=their_cache)
     got, want = [], []

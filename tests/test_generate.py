@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from llama_mlx.cache import make_prompt_cache
-from llama_mlx.generate import PromptCache, generate_step
+from llama_mlx.cache import PromptCache, make_prompt_cache
+from llama_mlx.config import config_from_meta_params
+from llama_mlx.generate import generate_step
 from llama_mlx.model import Model, ModelArgs
 from llama_mlx.sample import apply_min_p, apply_top_k, apply_top_p, make_sampler
 from oracles import TINY_META_PARAMS, meta_to_hf_names, random_meta_state_dict
@@ -17,7 +18,7 @@ PARAMS = dict(TINY_META_PARAMS, dim=128)  # head_dim 32: also valid for a quanti
 
 @pytest.fixture(scope="module")
 def model():
-    m = Model(ModelArgs.from_dict(PARAMS))
+    m = Model(ModelArgs.from_dict(config_from_meta_params(PARAMS)))
     # Large weights make the logits peaked, so greedy choices are far from ties.
     weights = meta_to_hf_names(random_meta_state_dict(PARAMS, seed=7, scale=0.3))
     m.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
@@ -117,6 +118,78 @@ def test_saved_prompt_cache_reloads_to_same_next_token_logits(model, tmp_path):
     fresh = make_prompt_cache(len(model.layers))
     want = next_logits(model, fresh, history + [42])
     np.testing.assert_allclose(next_logits(model, loaded.cache, [42]), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"max_kv_size": 128}, {"kv_bits": 8, "kv_group_size": 32}],
+                         ids=["rotating", "quantized"])
+def test_every_cache_kind_saves_and_reloads_through_its_state(model, tmp_path, options):
+    history = PROMPT + [5, 17, 99, 3]
+    pc = PromptCache(model, **options)
+    model(mx.array([history]), pc.cache)
+    pc.record(history)
+    pc.save(tmp_path / "c.safetensors")
+    loaded, meta = PromptCache.load(model, tmp_path / "c.safetensors")
+    assert meta == {} and loaded.tokens == history and loaded.options == pc.options
+    assert [type(c) for c in loaded.cache] == [type(c) for c in pc.cache]
+    assert [c.meta_state for c in loaded.cache] == [c.meta_state for c in pc.cache]
+    got = next_logits(model, loaded.cache, [42])
+    np.testing.assert_allclose(got, next_logits(model, pc.cache, [42]), atol=1e-5)
+    if "max_kv_size" in options:  # inside its window, a rotating cache is exact: the full forward is the oracle
+        np.testing.assert_allclose(got, np.array(model(mx.array([history + [42]]))[0, -1]), atol=1e-4)
+
+
+def test_compiled_step_writes_the_cache_through_its_public_api(model):
+    from llama_mlx import backends
+
+    cache = make_prompt_cache(len(model.layers))
+    step = backends.decode_step(model, cache, compile=True)
+    assert step.kind == "compiled"
+    model(mx.array([PROMPT]), cache)
+    logits = step(mx.array([[7]]))
+    assert cache[0].offset == len(PROMPT) + 1 and cache[0].keys is not None
+    want = model(mx.array([PROMPT + [7]]))[:, -1, :]
+    np.testing.assert_allclose(np.array(logits), np.array(want), atol=1e-4)
+    # Prompt caches of other kinds, and an explicit False, run the model's own graph.
+    assert backends.decode_step(model, make_prompt_cache(len(model.layers), max_kv_size=64), True).kind == "graph"
+    assert backends.decode_step(model, cache, compile=False).kind == "graph"
+
+
+def test_a_compiled_step_never_keeps_its_model_alive():
+    import gc
+    import weakref
+
+    from llama_mlx.backends import GRAPHS
+
+    m = Model(ModelArgs.from_dict(config_from_meta_params(PARAMS)))
+    mx.eval(m.parameters())
+    before = len(GRAPHS)
+    out = [t for t, _ in generate_step(mx.array(PROMPT), m, max_tokens=4, compile=True)]
+    assert len(out) == 4 and len(GRAPHS) == before + 1
+    assert not [k for k in vars(m) if "decode" in k]  # nothing hung on the model
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None and len(GRAPHS) == before
+
+
+def test_a_given_step_needs_its_cache(model):
+    with pytest.raises(ValueError, match="prompt_cache"):
+        next(generate_step(mx.array(PROMPT), model, step=lambda tokens: tokens))
+
+
+def test_a_given_step_runs_the_decode(model, reference):
+    from llama_mlx import backends
+
+    cache = make_prompt_cache(len(model.layers))
+    calls = []
+    inner = backends.decode_step(model, cache)
+
+    def step(tokens):
+        calls.append(tokens.shape)
+        return inner(tokens)
+
+    out = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=8, prompt_cache=cache, step=step)]
+    assert out == reference[:8] and calls == [(1, 1)] * 8
 
 
 def test_a_cache_left_inconsistent_by_an_interrupt_starts_over(model):
@@ -235,7 +308,7 @@ def llama3(tokenizer_model_path):
 @pytest.fixture(scope="module")
 def big_vocab_model():
     params = dict(TINY_META_PARAMS, vocab_size=128256)
-    m = Model(ModelArgs.from_dict({**params, "use_scaled_rope": False}))
+    m = Model(ModelArgs.from_dict(config_from_meta_params({**params, "use_scaled_rope": False})))
     m.args.max_position_embeddings = 48  # a tiny context, to reach its end
     mx.eval(m.parameters())
     return m

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+from llama_mlx.backends import fusion
 from llama_mlx.cache import make_prompt_cache
+from llama_mlx.config import config_from_meta_params
 from llama_mlx.model import Model, ModelArgs, rope_frequencies
 from oracles import TINY_META_PARAMS, meta_reference, meta_to_hf_names, random_meta_state_dict
 
 
 def build(config: dict, weights: dict) -> Model:
+    if "dim" in config:  # a Meta params.json
+        config = config_from_meta_params(config)
     model = Model(ModelArgs.from_dict(config))
-    weights = model.sanitize({k: mx.array(v) for k, v in weights.items()})
+    # transformers' state dict carries the tied head too; the model computes it from the embedding.
+    skip = "lm_head." if model.args.tie_word_embeddings else None
+    weights = {k: mx.array(v) for k, v in weights.items() if not (skip and k.startswith(skip))}
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
@@ -60,8 +66,10 @@ def test_meta_parity_token_by_token_with_cache(meta_pair):
 def test_fused_projections_match_meta_token_by_token(meta_pair):
     # Fused q/k/v and gate/up: a prompt runs them as row blocks, single tokens as one matmul each.
     ref, ours = meta_pair
-    fused = build(TINY_META_PARAMS, {k: np.array(v) for k, v in _flat(ours).items()}).fuse()
+    fused = fusion.fuse(build(TINY_META_PARAMS, {k: np.array(v) for k, v in _flat(ours).items()}))
     assert "qkv_proj" in fused.layers[0].self_attn and "gate_up_proj" in fused.layers[0].mlp
+    assert isinstance(fused.layers[0].self_attn, fusion.FusedAttention) and isinstance(fused.layers[0].mlp, fusion.FusedMLP)
+    assert "q_proj" not in fused.layers[0].self_attn and "gate_proj" not in fused.layers[0].mlp
     _token_by_token(ref, fused, np.random.default_rng(2).integers(0, 256, size=(1, 16)), 6)
 
 
@@ -136,7 +144,7 @@ def test_transformers_parity_llama3_rope_tied_embeddings():
 def test_real_shapes_ffn_width_and_rope(name, params, hidden):
     from llama.model import FeedForward
 
-    args = ModelArgs.from_dict(json.loads(json.dumps(params)))
+    args = ModelArgs.from_dict(config_from_meta_params(json.loads(json.dumps(params))))
     assert args.intermediate_size == hidden
     assert args.head_dim == params["dim"] // params["n_heads"]
     # Meta's own FeedForward computes the same width (built on the meta device: no memory).

@@ -25,6 +25,14 @@ from typing import Optional
 
 import mlx.core as mx
 
+__all__ = [
+    "attention_supported",
+    "cuda_available",
+    "decode_attention",
+    "fused_matvec",
+    "matvec_supported",
+]
+
 ROWS_PER_BLOCK = 16  # one warp per output row
 ATTN_CHUNK = 128  # positions per attention block (a warp each 32); blocks are merged in a second pass
 ATTN_WARPS = 4

@@ -2,7 +2,7 @@
 
 MLX's CUDA backend costs the host about 4-5 microseconds per graph node at evaluation, so the
 plain model's ~15 nodes per layer make decode host-bound (benchmarks/README.md). This step runs
-the same transformer with the kernels in `kernels.py`:
+the same transformer with the kernels in `cuda_kernels.py`:
 
     qkv   = matvec(rms_norm(a + b) * input_layernorm) + RoPE, split into q, k, v
     K, V  = slice_update(K, k), slice_update(V, v)      (in place: the buffers are donated)
@@ -18,10 +18,15 @@ with float16/bfloat16 activations and batch 1; `supported(model)` says whether i
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import cuda_kernels as kernels
+from .fusion import FusedAttention, FusedMLP
+
+__all__ = ["FusedDecoder", "supported"]
 
 
 def _q4(module: nn.Module) -> bool:
@@ -49,7 +54,7 @@ def supported(model: nn.Module) -> bool:
         return False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if "qkv_proj" not in attn or "gate_up_proj" not in mlp:
+        if not isinstance(attn, FusedAttention) or not isinstance(mlp, FusedMLP):
             return False
         if not all(_q4(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
             return False
@@ -60,11 +65,12 @@ class FusedDecoder:
     """`decoder(tokens[1, 1], offset, *kv_buffers) -> (logits[1, vocab], *kv_buffers)`.
 
     kv_buffers are each layer's keys then values, [1, Hkv, capacity, D]; `offset` (int32 array of
-    shape [1]) is the position of the new token. Wrap it in `mx.compile`.
+    shape [1]) is the position of the new token. Wrap it in `mx.compile`. It holds the model
+    weakly, so a compiled step kept for the model never keeps it alive.
     """
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self._model = weakref.ref(model)
         args = model.args
         attn = model.layers[0].self_attn
         self.rope = dict(
@@ -79,7 +85,8 @@ class FusedDecoder:
         return m["weight"], m["scales"], m["biases"], m.group_size
 
     def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
-        inner = self.model.model
+        model = self._model()
+        inner = model.model
         a = inner.embed_tokens(tokens).reshape(-1)
         if inner.compute_dtype is not None:
             a = a.astype(inner.compute_dtype)
@@ -104,6 +111,6 @@ class FusedDecoder:
                 *self._weights(mlp.gate_up_proj), residual=(h, o, norm(layer.post_attention_layernorm), self.eps)
             )
             a, b = h, kernels.fused_matvec(*self._weights(mlp.down_proj), gate_up=gu)
-        head = inner.embed_tokens if self.model.args.tie_word_embeddings else self.model.lm_head
+        head = inner.embed_tokens if model.args.tie_word_embeddings else model.lm_head
         logits, _ = kernels.fused_matvec(*self._weights(head), residual=(a, b, norm(inner.norm), self.eps))
         return (logits[None], *out)

@@ -1,0 +1,73 @@
+"""The one place that decides by device; the model, the cache and generation ask it nothing else.
+
+- `compute_dtype(device)`: activations' dtype, float32 on the CPU, the weights' own on GPUs.
+- `prepare(model, fuse=, threads=)`: fits a built model to the default device, in place: sets
+  the compute dtype, fuses q/k/v and gate/up (`fusion`, GPUs) or spreads quantized matmuls over
+  the CPU cores (`cpu`). `loading.load` calls it once.
+- `decode_step(model, cache, compile=)`: the step generation runs, `step(tokens[B, L]) ->
+  logits[B, vocab]`: on CUDA the fused decoder of `cuda` (eight graph nodes a layer), elsewhere
+  the model's graph, or on request a compiled masked step (`steps`).
+
+A new backend adds a module here and a branch in these three functions, nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KVCache
+from . import cpu, cuda, fusion
+from .steps import GRAPHS, CompiledStep, GraphStep, MaskedDecoder
+
+__all__ = ["Step", "compute_dtype", "decode_step", "prepare"]
+
+Step = Callable[[mx.array], mx.array]
+
+
+def compute_dtype(device: Optional[mx.Device] = None) -> Optional[mx.Dtype]:
+    """Activations' (and the KV cache's) dtype on `device` (default: MLX's default device).
+
+    float32 on the CPU, where half-precision kernels run many times slower; None (the weights'
+    own dtype) on GPUs. Weights stay as stored either way.
+    """
+    device = device if device is not None else mx.default_device()
+    return mx.float32 if device == mx.cpu else None
+
+
+def prepare(model: nn.Module, *, fuse: Optional[bool] = None, threads: Optional[int] = None) -> nn.Module:
+    """Fit a built model to the default device, in place; returns it.
+
+    fuse: merge q/k/v and gate/up projections; default on GPUs, where a decode step is bound by
+    its number of graph nodes, and off on the CPU, where it would only cost a copy of those weights.
+    threads: on the CPU, quantized matmuls run over this many cores (default: the CPU count, at
+    most 8; 1 keeps one). Ignored on GPUs.
+    """
+    on_gpu = mx.default_device() == mx.gpu
+    model.model.compute_dtype = compute_dtype()
+    if fuse if fuse is not None else on_gpu:
+        fusion.fuse(model)
+    if not on_gpu:
+        cpu.use_threads(model, threads)
+    return model
+
+
+def decode_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -> Step:
+    """The step that runs `model` on new tokens over `cache` (a per-layer list).
+
+    `step(tokens[B, L]) -> logits[B, vocab]` of the last position, updating the cache. `compile`:
+    None picks the CUDA fused decoder where it applies (`cuda.supported`) and the model's graph
+    elsewhere; True compiles single-token steps (fused on CUDA, else masked over the buffers);
+    False keeps the graph. Compiling needs plain `KVCache`s; the compiled graph is traced once per
+    model and cache capacity, and kept for the model (never on it) while the model lives.
+    The step's `kind` says which runs: "graph", "compiled" or "fused".
+    """
+    plain = all(type(c) is KVCache for c in cache)
+    fused = plain and cuda.supported(model)
+    if not (plain and (fused if compile is None else compile)):
+        return GraphStep(model, cache)
+    kind = "fused" if fused else "compiled"
+    graph = GRAPHS.get(model, kind, cuda.FusedDecoder if fused else MaskedDecoder)
+    return CompiledStep(model, cache, graph, kind)

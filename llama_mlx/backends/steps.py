@@ -1,0 +1,112 @@
+"""Decode steps: `step(tokens[B, L]) -> logits[B, vocab]` of the last position, over a cache.
+
+`GraphStep` runs the model's own graph. `CompiledStep` runs single tokens through one compiled
+graph over the cache's whole buffers (handed over, so updates happen in place) and anything else
+through the model. Compiled graphs are kept per model in `GRAPHS`, holding the model weakly.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import DecodeView
+
+__all__ = ["GRAPHS", "CompiledStep", "GraphStep", "MaskedDecoder"]
+
+
+class GraphStep:
+    """The model's graph on any tokens."""
+
+    kind = "graph"
+
+    def __init__(self, model: nn.Module, cache: list):
+        self.model, self.cache = model, cache
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return self.model(tokens, self.cache)[:, -1, :]
+
+
+class CompiledStep(GraphStep):
+    """Single tokens through `graph(tokens, position, *kv_buffers) -> (logits, *kv_buffers)`.
+
+    kind "fused" (the CUDA decoder: batch 1, position an int32 array of shape [1]) or
+    "compiled" (`MaskedDecoder`: position a scalar). Prompts and empty caches take the graph.
+    """
+
+    def __init__(self, model: nn.Module, cache: list, graph: Callable, kind: str):
+        super().__init__(model, cache)
+        self.graph, self.kind = graph, kind
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        B, L = tokens.shape
+        offset = self.cache[0].offset
+        if L != 1 or offset == 0 or (self.kind == "fused" and B != 1):
+            return super().__call__(tokens)
+        buffers = []
+        for c in self.cache:
+            c.reserve(1)
+            buffers += c.hand_over()
+        try:
+            position = mx.array([offset] if self.kind == "fused" else offset, dtype=mx.int32)
+            logits, *buffers = self.graph(tokens, position, *buffers)
+        except BaseException:
+            for i, c in enumerate(self.cache):
+                c.take_back(buffers[2 * i], buffers[2 * i + 1])
+            raise
+        for i, c in enumerate(self.cache):
+            c.take_back(buffers[2 * i], buffers[2 * i + 1], advance=1)
+        return logits
+
+
+class MaskedDecoder:
+    """`decoder(tokens[B, 1], offset, *kv_buffers) -> (logits[B, vocab], *kv_buffers)`: the model's
+    graph attending over whole fixed-capacity buffers with a mask, for `mx.compile` (traced once
+    per capacity). Holds the model weakly."""
+
+    def __init__(self, model: nn.Module):
+        self._model = weakref.ref(model)
+
+    def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
+        views = [DecodeView(buffers[i], buffers[i + 1], offset) for i in range(0, len(buffers), 2)]
+        logits = self._model()(tokens, views)[:, -1, :]
+        return (logits, *[a for v in views for a in (v.keys, v.values)])
+
+
+class _PerModel:
+    """Compiled graphs per model, by identity, dropped with the model.
+
+    A `WeakKeyDictionary` cannot hold modules (MLX modules are dicts: unhashable), so entries are
+    keyed by `id` and removed by a weak reference's callback. The graphs hold the model weakly.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, dict]] = {}
+
+    def get(self, model: nn.Module, kind: str, make: Callable[[nn.Module], Callable]) -> Callable:
+        key = id(model)
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is not model:
+
+            def drop(ref, key=key):
+                if self._entries.get(key, (None,))[0] is ref:
+                    del self._entries[key]
+
+            entry = self._entries[key] = (weakref.ref(model, drop), {})
+        graphs = entry[1]
+        if kind not in graphs:
+            graphs[kind] = mx.compile(make(model))
+        return graphs[kind]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Forget every compiled graph (they are traced again when next asked for)."""
+        self._entries.clear()
+
+
+GRAPHS = _PerModel()
