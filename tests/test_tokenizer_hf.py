@@ -9,7 +9,8 @@ import pytest
 from test_tokenizer_corpus import CORPUS, hf_llama3, llama3, smollm2, smollm2_metadata
 
 from llama_mlx.errors import TokenizerError
-from llama_mlx.tokenizer import HFTokenizer, load_tokenizer, read_gguf_metadata
+from llama_mlx.gguf_file import read_gguf_metadata
+from llama_mlx.tokenizer import HFTokenizer, load_tokenizer
 
 SMOLLM2_CHATS = [
     [{"role": "user", "content": "Hi there! What is 12345 + 678?"}],
