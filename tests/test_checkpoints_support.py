@@ -156,9 +156,9 @@ def smollm2_tokenizer_metadata() -> dict:
     """The tokenizer.* metadata of the real SmolLM2 GGUF (vocabulary 49152), read from its header only."""
     global _SMOL_TOKENIZER
     if _SMOL_TOKENIZER is None:
-        from llama_mlx.checkpoints.gguf import read_header
+        from llama_mlx.gguf_file import read_gguf_metadata
 
-        meta = read_header(assets.SMOLLM2_GGUF).metadata
+        meta = read_gguf_metadata(assets.SMOLLM2_GGUF)
         _SMOL_TOKENIZER = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
     return _SMOL_TOKENIZER
 

@@ -9,7 +9,8 @@ import pytest
 from test_tokenizer_corpus import CORPUS, hf_llama3, llama3, smollm2, smollm2_metadata
 
 from llama_mlx.errors import TokenizerError
-from llama_mlx.tokenizer import HFTokenizer, load_tokenizer, read_gguf_metadata
+from llama_mlx.gguf_file import read_gguf_metadata
+from llama_mlx.tokenizer import HFTokenizer, load_tokenizer
 
 SMOLLM2_CHATS = [
     [{"role": "user", "content": "Hi there! What is 12345 + 678?"}],
@@ -302,6 +303,19 @@ def test_load_tokenizer_from_gguf_file_and_folder(tmp_path):
     (tmp_path / "y.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + b"\x05" + b"\x00" * 7)
     with pytest.raises(TokenizerError, match="truncated"):
         load_tokenizer(tmp_path / "y.gguf")
+
+
+def test_load_tokenizer_from_a_source(tmp_path):
+    from llama_mlx.tokenizer import TokenizerSource
+
+    read = load_tokenizer(TokenizerSource("gguf", assets.SMOLLM2_GGUF, eos_token_ids=(0,)))
+    assert (read.vocab_size, read.bos_id, read.eos_id, read.stop_tokens) == (49152, 1, 2, {0, 2})
+    gone = tmp_path / "gone.gguf"  # metadata the reader already parsed: the file is not read again
+    carried = load_tokenizer(TokenizerSource("gguf", gone, gguf_metadata=smollm2_metadata()), eos_token_ids=[3])
+    assert (carried.vocab_size, carried.bos_id, carried.stop_tokens) == (49152, 1, {2, 3})
+    with pytest.raises(TokenizerError, match="gone.gguf: cannot read"):
+        load_tokenizer(TokenizerSource("gguf", gone))
+    assert isinstance(load_tokenizer(TokenizerSource("hf-json", assets.TOKENIZER_JSON.parent)), HFTokenizer)
 
 
 def test_bad_gguf_metadata_is_refused():

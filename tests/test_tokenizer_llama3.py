@@ -10,7 +10,8 @@ from test_tokenizer_corpus import CORPUS, hf_llama3, llama3, meta_tokenizer
 
 from llama_mlx.errors import TokenizerError
 from llama_mlx.tokenizer import ChatFormat, HFTokenizer, Llama3Tokenizer, load_tokenizer
-from llama_mlx.tokenizer.llama3 import Tokenizer, split_for_tiktoken
+from llama_mlx.tokenizer.bpe import split_for_tiktoken
+from llama_mlx.tokenizer.llama3 import Tokenizer
 
 # Llama 3.0 names (Meta's reference) -> Llama 3.1 names (ours), same ids.
 RENAMED = {

@@ -6,11 +6,28 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import mlx.core as mx
 
 from ..errors import CheckpointError, ConfigError
+from ..tokenizer_source import TokenizerSource
+
+__all__ = [
+    "Checkpoint",
+    "FLOAT_DTYPES",
+    "LazyWeights",
+    "REQUIRED_CONFIG_KEYS",
+    "Tensor",
+    "check_config",
+    "check_tensors",
+    "dtype_name",
+    "expected_shapes",
+    "is_float",
+    "module_quantization",
+    "parse_dtype",
+    "read_json",
+]
 
 REQUIRED_CONFIG_KEYS = (
     "hidden_size",
@@ -54,7 +71,7 @@ class Checkpoint:
     config: dict  # HF config.json keys, plus `quantization` and `rope_traditional`
     tensors: dict[str, Tensor]
     files: list[Path]  # weight files, for provenance
-    make_tokenizer: Callable[[], Any]
+    tokenizer_source: TokenizerSource | None  # None: no usable tokenizer beside the weights
     tokenizer_files: list[Path] = field(default_factory=list)  # copied verbatim by the writer
     generation_config: dict | None = None
 

@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp): header checked here, tensors read by `mx.load`, metadata turned into an HF config.
+"""GGUF files (llama.cpp): header parsed by `llama_mlx.gguf_file` and checked here, tensors read by `mx.load`,
+metadata turned into an HF config.
 
 `mx.load` returns Q4_0/Q4_1/Q8_0 tensors as MLX affine-quantized triples (group size 32) and
 F16/F32 as arrays; BF16 it widens to float16, so those are read here, exactly, from the mapped file.
@@ -8,126 +9,39 @@ q/k rows of llama.cpp's files are in Meta's interleaved RoPE layout: the config 
 from __future__ import annotations
 
 import math
-import mmap
-import struct
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from ..config import LLAMA3_ROPE, llama3_rope_scaling
 from ..errors import CheckpointError, ConfigError
+from ..gguf_file import GGUFHeader, GGUFTensorInfo, read_gguf_header
+from ..tokenizer_source import TokenizerSource
 from .base import Checkpoint, Tensor, check_config
 from .keymap import gguf_to_hf
-from ..config import llama3_rope_scaling
 
-GGML_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
-    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
-    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
-    27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
-}
+__all__ = ["BLOCKS", "config_from_metadata", "read_gguf", "rope_scaling_from_freqs"]
+
 # Supported types: (elements per block, bytes per block).
 BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
 GROUP_SIZE = 32  # of every GGUF block type MLX reads
 
-# GGUF metadata value types: struct format of the scalars, 8 = string, 9 = array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-
-@dataclass
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # numpy order (GGUF lists the fastest-moving dimension first)
-    type: str
-    offset: int  # from the start of the file
-
-
-@dataclass
-class Header:
-    version: int
-    metadata: dict
-    tensors: dict[str, TensorInfo]
-
-
-class _Reader:
-    def __init__(self, data, path: Path):
-        self.data, self.pos, self.path = data, 0, path
-
-    def take(self, n: int):
-        if self.pos + n > len(self.data):
-            raise CheckpointError(f"{self.path}: truncated GGUF header")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def scalar(self, fmt: str):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        try:
-            return bytes(self.take(n)).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{self.path}: corrupt GGUF header (a string is not UTF-8)") from None
-
-    def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
-        if vtype == 8:
-            return self.string()
-        if vtype == 9:
-            itype, count = self.scalar("<I"), self.scalar("<Q")
-            if itype in _SCALARS:  # read numeric arrays in one go
-                fmt = _SCALARS[itype]
-                size = struct.calcsize(fmt)
-                return np.frombuffer(self.take(size * count), dtype=np.dtype(fmt)).tolist()
-            return [self.value(itype) for _ in range(count)]
-        raise CheckpointError(f"{self.path}: corrupt GGUF header (unknown value type {vtype})")
-
-
-def read_header(path: Path) -> Header:
-    """Parse and validate a GGUF header: magic, version, metadata, tensor infos, file size."""
-    try:
-        with open(path, "rb") as f:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if f.seek(0, 2) else b""
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
-    r = _Reader(memoryview(data), path)
-    if bytes(r.take(4)) != b"GGUF":
-        raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
-    version = r.scalar("<I")
-    if version not in (2, 3):
-        raise CheckpointError(f"{path}: unsupported GGUF version {version}")
-    n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
-    metadata = {}
-    for _ in range(n_kv):
-        key = r.string()
-        metadata[key] = r.value(r.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = r.string()
-        dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]
-        type_id, offset = r.scalar("<I"), r.scalar("<Q")
-        infos.append((name, tuple(reversed(dims)), type_id, offset))
-    align = int(metadata.get("general.alignment", 32))
-    start = (r.pos + align - 1) // align * align
-    tensors = {}
-    for name, shape, type_id, offset in infos:
-        kind = GGML_TYPES.get(type_id, f"type {type_id}")
-        if kind not in BLOCKS:
+def _check_tensors(header: GGUFHeader, path: Path) -> None:
+    """Every tensor of a type MLX reads, whole blocks, inside the file."""
+    for name, info in header.tensors.items():
+        if info.type not in BLOCKS:
             raise CheckpointError(
-                f"{path}: unsupported GGUF tensor type {kind} (tensor {name!r}); "
+                f"{path}: unsupported GGUF tensor type {info.type} (tensor {name!r}); "
                 f"supported: {', '.join(BLOCKS)}")
-        per, nbytes = BLOCKS[kind]
-        numel = math.prod(shape)
+        per, nbytes = BLOCKS[info.type]
+        numel = math.prod(info.shape)
         if numel % per:
-            raise CheckpointError(f"{path}: tensor {name!r} of {numel} elements is not whole {kind} blocks")
-        if start + offset + numel // per * nbytes > len(data):
+            raise CheckpointError(f"{path}: tensor {name!r} of {numel} elements is not whole {info.type} blocks")
+        if info.offset + numel // per * nbytes > header.file_size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} extends past the end of the file")
-        tensors[name] = TensorInfo(name, shape, kind, start + offset)
-    return Header(version, metadata, tensors)
 
 
 def _meta(metadata: dict, key: str, path: Path, default=None, kind=int):
@@ -192,7 +106,8 @@ def rope_scaling_from_freqs(factors: np.ndarray, config: dict, original: int, pa
     scaling["original_max_position_embeddings"] = original
     dim = config["head_dim"]
     freqs = 1.0 / config["rope_theta"] ** (np.arange(0, dim, 2) / dim)
-    low_wl, high_wl = original / 1.0, original / 4.0
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    low_wl, high_wl = original / low, original / high
     want = []
     for f in freqs:
         wl = 2 * math.pi / f
@@ -201,7 +116,7 @@ def rope_scaling_from_freqs(factors: np.ndarray, config: dict, original: int, pa
         elif wl > low_wl:
             want.append(factor)
         else:
-            s = (original / wl - 1.0) / (4.0 - 1.0)
+            s = (original / wl - low) / (high - low)
             want.append(1 / ((1 - s) / factor + s))
     if factors.shape != (dim // 2,) or not np.allclose(factors, want, rtol=1e-3):
         raise ConfigError(f"{path}: rope_freqs do not match Llama 3 RoPE scaling")
@@ -210,10 +125,9 @@ def rope_scaling_from_freqs(factors: np.ndarray, config: dict, original: int, pa
 
 def read_gguf(path: Path) -> Checkpoint:
     """Read a llama-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 tensors)."""
-    from ..tokenizer import load_tokenizer
-
     path = Path(path)
-    header = read_header(path)
+    header = read_gguf_header(path)
+    _check_tensors(header, path)
     config = config_from_metadata(header.metadata, header.tensors, path)
     try:
         arrays = mx.load(str(path))
@@ -235,24 +149,24 @@ def read_gguf(path: Path) -> Checkpoint:
             a = _read_bf16(path, info)
         tensors[hf] = Tensor.of(a, path)
     if rope_freqs is not None:
-        original = int(header.metadata.get("llama.rope.scaling.original_context_length", 8192))
+        original = int(header.metadata.get("llama.rope.scaling.original_context_length",
+                                           LLAMA3_ROPE["original_max_position_embeddings"]))
         config["rope_scaling"] = rope_scaling_from_freqs(rope_freqs, config, original, path)
 
     quantization = _quantization(tensors)
     if quantization:
         config["quantization"] = quantization
-    metadata = header.metadata
     return Checkpoint(
         format="gguf",
         path=path,
         config=config,
         tensors=tensors,
         files=[path],
-        make_tokenizer=lambda: load_tokenizer(path, gguf_metadata=metadata),
+        tokenizer_source=TokenizerSource("gguf", path, gguf_metadata=header.metadata),
     )
 
 
-def _read_bf16(path: Path, info: TensorInfo) -> mx.array:
+def _read_bf16(path: Path, info: GGUFTensorInfo) -> mx.array:
     raw = np.memmap(path, dtype=np.uint16, mode="r", offset=info.offset, shape=info.shape)
     return mx.array(np.ascontiguousarray(raw)).view(mx.bfloat16)
 

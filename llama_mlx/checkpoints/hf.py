@@ -7,7 +7,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, ConfigError
+from ..tokenizer_source import find_tokenizer_source
 from .base import Checkpoint, Tensor, check_config, read_json
+
+__all__ = ["TOKENIZER_FILES", "is_safetensors_folder", "load_safetensors", "normalize_rope", "read_safetensors_folder"]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -68,8 +71,6 @@ def normalize_rope(config: dict) -> None:
 
 def read_safetensors_folder(folder: Path) -> Checkpoint:
     """Read a Hugging Face or MLX folder: config.json, (sharded) safetensors, tokenizer, generation config."""
-    from ..tokenizer import load_tokenizer
-
     folder = Path(folder)
     config_file = folder / "config.json"
     config = read_json(config_file, "config.json")
@@ -102,7 +103,6 @@ def read_safetensors_folder(folder: Path) -> Checkpoint:
 
     gen_file = folder / "generation_config.json"
     generation = read_json(gen_file, "generation config") if gen_file.is_file() else None
-    eos = _eos_ids(generation)
     tok_files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
     return Checkpoint(
         format="mlx" if is_mlx else "hf",
@@ -110,14 +110,8 @@ def read_safetensors_folder(folder: Path) -> Checkpoint:
         config=config,
         tensors=tensors,
         files=files,
-        make_tokenizer=lambda: load_tokenizer(folder, eos_token_ids=eos),
+        tokenizer_source=find_tokenizer_source(folder, required=False),
         tokenizer_files=tok_files,
         generation_config=generation,
     )
 
-
-def _eos_ids(generation: dict | None) -> list[int] | None:
-    eos = (generation or {}).get("eos_token_id")
-    if eos is None:
-        return None
-    return [eos] if isinstance(eos, int) else [int(e) for e in eos]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+__all__ = ["GGUF_TO_HF", "META_SHARD_AXIS", "META_TO_HF", "gguf_to_hf", "meta_shard_axis", "meta_to_hf"]
+
 META_TO_HF = {
     "tok_embeddings": "model.embed_tokens",
     "norm": "model.norm",

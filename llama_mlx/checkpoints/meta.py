@@ -6,11 +6,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..errors import CheckpointError, ConfigError
 from ..config import config_from_meta_params
+from ..errors import CheckpointError, ConfigError
+from ..tokenizer_source import find_tokenizer_source
 from .base import Checkpoint, Tensor, check_config, read_json
 from .keymap import meta_shard_axis, meta_to_hf
 from .safe_pickle import PthTensor, load_pth
+
+__all__ = ["config_from_params", "is_meta_folder", "read_meta"]
 
 IGNORED = {"rope.freqs"}  # precomputed frequencies some Meta checkpoints carry
 
@@ -95,8 +98,6 @@ def _merge(name: str, parts: list[PthTensor], files: list[Path]) -> Tensor:
 
 def read_meta(folder: Path, *, rope_factor: float | None = None) -> Checkpoint:
     """Read a Meta checkpoint folder, merging model-parallel shards the way Llama 3 split them."""
-    from ..tokenizer import load_tokenizer
-
     folder = Path(folder)
     params_file = folder / "params.json"
     params = read_json(params_file, "params.json")
@@ -132,5 +133,5 @@ def read_meta(folder: Path, *, rope_factor: float | None = None) -> Checkpoint:
         config=config,
         tensors=tensors,
         files=shard_files,
-        make_tokenizer=lambda: load_tokenizer(folder),
+        tokenizer_source=find_tokenizer_source(folder, required=False),
     )

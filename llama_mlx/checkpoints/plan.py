@@ -14,6 +14,17 @@ import mlx.core as mx
 from ..errors import ConfigError
 from .base import Checkpoint, is_float, module_quantization
 
+__all__ = [
+    "GROUP_SIZES",
+    "HIGH_PRECISION",
+    "Item",
+    "MLX_BITS",
+    "RECIPES",
+    "check_options",
+    "main_dtype",
+    "plan",
+]
+
 MLX_BITS = (2, 3, 4, 5, 6, 8)  # affine bit widths mx.quantize supports
 GROUP_SIZES = (32, 64, 128)
 RECIPES = ("uniform", "mixed")

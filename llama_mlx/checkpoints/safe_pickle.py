@@ -20,6 +20,8 @@ import numpy as np
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 
+__all__ = ["PthTensor", "STORAGE_DTYPES", "load_pth"]
+
 # torch storage class -> (numpy dtype, mlx dtype). bfloat16 has no numpy dtype: read as uint16, view in MLX.
 STORAGE_DTYPES = {
     "FloatStorage": (np.float32, mx.float32),

@@ -18,6 +18,19 @@ import mlx.core as mx
 from ..errors import CheckpointError
 from .plan import Item
 
+__all__ = [
+    "INDEX",
+    "MAX_SHARD_BYTES",
+    "Progress",
+    "SAFETENSORS_DTYPES",
+    "fsync_dir",
+    "generation_config_for",
+    "shard_items",
+    "write_json",
+    "write_tokenizer",
+    "write_weights",
+]
+
 MAX_SHARD_BYTES = 5 * 10**9  # "at most 5 GB" whichever way GB is read
 SAFETENSORS_DTYPES = {
     mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32",

@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import TokenizerError
+from ..gguf_file import read_gguf_metadata
+from ..tokenizer_source import TokenizerSource, find_tokenizer_source
 from .base import BaseTokenizer
 from .chat_format import LLAMA3_CHAT_TEMPLATE, ChatFormat, Dialog, Message
 from .detokenizer import NaiveStreamingDetokenizer, StreamingDetokenizer
-from .gguf import read_gguf_metadata
-from .hf import HFTokenizer, folder_eos_token_ids
-from .llama3 import Llama3Tokenizer, is_tiktoken_file
+from .hf import HFTokenizer
+from .llama3 import Llama3Tokenizer
 
 __all__ = [
     "BaseTokenizer",
@@ -25,68 +27,46 @@ __all__ = [
     "NaiveStreamingDetokenizer",
     "StreamingDetokenizer",
     "TokenizerError",
+    "TokenizerSource",
     "load_tokenizer",
-    "read_gguf_metadata",
 ]
 
 
-def _tiktoken_or_refuse(path: Path, eos_token_ids: Sequence[int] | None) -> Llama3Tokenizer:
-    try:
-        tiktoken_file = is_tiktoken_file(path)
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not tiktoken_file:
-        raise TokenizerError(
-            f"{path}: not a tiktoken BPE file (a SentencePiece model?); "
-            "only Llama 3's tokenizer.model is read, give a folder with tokenizer.json for other models"
-        )
-    return Llama3Tokenizer(path, eos_token_ids=eos_token_ids)
-
-
-def _from_gguf_file(path: Path, eos_token_ids: Sequence[int] | None) -> HFTokenizer:
-    return HFTokenizer.from_gguf_metadata(read_gguf_metadata(path), eos_token_ids=eos_token_ids, source=str(path))
-
-
 def load_tokenizer(
-    folder_or_file: str | Path | None = None,
+    source: TokenizerSource | str | Path | None = None,
     *,
     gguf_metadata: Mapping[str, Any] | None = None,
     eos_token_ids: Sequence[int] | None = None,
 ) -> BaseTokenizer:
-    """The tokenizer of a checkpoint.
+    """The tokenizer a `TokenizerSource` (a checkpoint's `tokenizer_source`) or a file or folder names.
 
-    - `gguf_metadata` (from `mx.load(gguf, return_metadata=True)[1]`): its vocabulary and chat template.
     - a folder: Meta's tiktoken `tokenizer.model` if it has one, else `tokenizer.json` with its
       `tokenizer_config.json` (chat template, BOS/EOS) and the eos ids of `generation_config.json`,
-      else its single `.gguf` file.
+      else its single `.gguf` file (see `find_tokenizer_source`).
     - a file: `tokenizer.model`, `tokenizer.json` or a `.gguf`.
+    - `gguf_metadata` (a GGUF file's metadata, e.g. `mx.load(gguf, return_metadata=True)[1]`):
+      its vocabulary and chat template; `source` then only names it in errors.
 
     `eos_token_ids` become extra stop tokens. Raises TokenizerError naming the file when the
     input is missing, malformed, or a SentencePiece `tokenizer.model` without `tokenizer.json`.
     """
     if gguf_metadata is not None:
-        source = str(folder_or_file) if folder_or_file is not None else "GGUF metadata"
-        return HFTokenizer.from_gguf_metadata(gguf_metadata, eos_token_ids=eos_token_ids, source=source)
-    if folder_or_file is None:
+        name = str(source.path if isinstance(source, TokenizerSource) else source or "GGUF metadata")
+        return HFTokenizer.from_gguf_metadata(gguf_metadata, eos_token_ids=eos_token_ids, source=name)
+    if source is None:
         raise TokenizerError("no tokenizer given: pass a folder, a file or GGUF metadata")
-    path = Path(folder_or_file)
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return _from_gguf_file(path, eos_token_ids)
-        if path.name == "tokenizer.json":
-            return HFTokenizer.from_folder(path.parent, eos_token_ids=eos_token_ids)
-        return _tiktoken_or_refuse(path, eos_token_ids)
-    if not path.is_dir():
-        raise TokenizerError(f"{path}: no such file or folder")
-    model = path / "tokenizer.model"
-    if model.is_file() and is_tiktoken_file(model):
-        eos = list(eos_token_ids or []) + folder_eos_token_ids(path)
-        return Llama3Tokenizer(model, eos_token_ids=eos)
-    if (path / "tokenizer.json").is_file():
-        return HFTokenizer.from_folder(path, eos_token_ids=eos_token_ids)
-    if model.is_file():
-        return _tiktoken_or_refuse(model, eos_token_ids)
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return _from_gguf_file(ggufs[0], eos_token_ids)
-    raise TokenizerError(f"{path}: no tokenizer.model, tokenizer.json or single .gguf file")
+    if not isinstance(source, TokenizerSource):
+        source = find_tokenizer_source(source, eos_token_ids=eos_token_ids or ())
+    elif eos_token_ids:
+        source = replace(source, eos_token_ids=source.eos_token_ids + tuple(int(i) for i in eos_token_ids))
+    eos = list(source.eos_token_ids)
+    if source.kind == "tiktoken":
+        return Llama3Tokenizer(source.path, eos_token_ids=eos)
+    if source.kind == "hf-json":
+        return HFTokenizer.from_folder(source.path, eos_token_ids=eos)
+    if source.kind == "gguf":
+        metadata = source.gguf_metadata
+        if metadata is None:
+            metadata = read_gguf_metadata(source.path, error=TokenizerError)
+        return HFTokenizer.from_gguf_metadata(metadata, eos_token_ids=eos, source=str(source.path))
+    raise TokenizerError(f"{source.path}: unknown tokenizer kind {source.kind!r}")

@@ -7,6 +7,17 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import AbstractSet, Any, Collection, Iterable, Literal, Mapping, Sequence, Union
 
+__all__ = [
+    "AllowedSpecial",
+    "BaseTokenizer",
+    "ChatMessage",
+    "DisallowedSpecial",
+    "as_id_list",
+    "disallowed_error",
+    "resolve_special",
+    "write_json",
+]
+
 AllowedSpecial = Union[Literal["all"], AbstractSet[str]]
 DisallowedSpecial = Union[Literal["all"], Collection[str]]
 ChatMessage = Mapping[str, Any]

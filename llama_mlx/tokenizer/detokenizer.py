@@ -9,6 +9,8 @@ from __future__ import annotations
 import codecs
 from typing import Callable, Sequence
 
+__all__ = ["NaiveStreamingDetokenizer", "StreamingDetokenizer"]
+
 _REPLACEMENT = "\ufffd"
 
 

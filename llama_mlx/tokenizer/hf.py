@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, normalizers
 
 from ..errors import TokenizerError
+from ..tokenizer_source import folder_eos_token_ids
 from .base import (
     AllowedSpecial,
     BaseTokenizer,
@@ -21,28 +22,20 @@ from .base import (
     resolve_special,
     write_json,
 )
+from .bpe import (
+    CHAR_TO_BYTE,
+    LLAMA3_PAT_STR,
+    bos_post_processor,
+    byte_level_pre_tokenizer,
+    component_state,
+    split_for_tiktoken,
+)
 from .chat_format import ChatFormat
 from .chat_template import render_chat_template
 from .detokenizer import NaiveStreamingDetokenizer, StreamingDetokenizer
-from .llama3 import PAT_STR as LLAMA3_PAT_STR
-from .llama3 import split_for_tiktoken
 
+__all__ = ["GPT2_PAT_STR", "HFTokenizer", "QWEN2_PAT_STR", "gguf_tokenizer"]
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's printable spelling of the 256 bytes, which byte-level BPE vocabularies are written in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    spelling, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            spelling[byte] = chr(byte)
-        else:
-            spelling[byte] = chr(256 + extra)
-            extra += 1
-    return spelling
-
-
-BYTE_TO_CHAR = _byte_alphabet()
-CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPM_SPACE = "\u2581"
 
@@ -61,95 +54,6 @@ _GGUF_PRE = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), ("split", QWEN2_PAT_STR)),
 }
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
-
-
-def _byte_level_pre_tokenizer(kind: str, pattern: str):
-    if kind == "split":
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-            ]
-        )
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if kind == "digits":
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return byte_level
-
-
-def _bos_post_processor(bos_token: str, bos_id: int):
-    return processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{bos_token}:0 $A:0",
-                pair=f"{bos_token}:0 $A:0 {bos_token}:1 $B:1",
-                special_tokens=[(bos_token, bos_id)],
-            ),
-        ]
-    )
-
-
-def tiktoken_to_hf_json(
-    ranks: Mapping[bytes, int], special_tokens: Mapping[str, int], pat_str: str, bos_token: str | None = None
-) -> dict:
-    """The `tokenizer.json` (as a dict) of the Hugging Face tokenizer equivalent to a tiktoken encoding.
-
-    Every token becomes its GPT-2 byte spelling; the merges are every split of a token into two
-    tokens, in the token's rank order (the same list Hugging Face's Llama 3 conversion has), and
-    `ignore_merges` takes a piece that is itself a token whole, as tiktoken does.
-    """
-    if len(ranks) >= 1 << 20:
-        raise ValueError("vocabulary too large")
-    spelling = {byte: char for byte, char in BYTE_TO_CHAR.items()}
-    spelled = [""] * len(ranks)
-    for token, rank in ranks.items():
-        spelled[rank] = token.decode("latin-1").translate(spelling)
-    get = ranks.get
-    keys = []
-    for token, rank in ranks.items():
-        for i in range(1, len(token)):
-            left = get(token[:i])
-            if left is not None:
-                right = get(token[i:])
-                if right is not None:
-                    keys.append((rank << 40) | (left << 20) | right)  # sorts by (rank, left, right)
-    keys.sort()
-    mask = (1 << 20) - 1
-    merges = [[spelled[(key >> 20) & mask], spelled[key & mask]] for key in keys]
-    ordered = sorted(special_tokens.items(), key=lambda item: item[1])
-    if ordered and ordered[0][1] != len(ranks):
-        raise ValueError("special tokens must follow the ordinary tokens")
-    if bos_token is not None:
-        post_processor = _bos_post_processor(bos_token, special_tokens[bos_token])
-    else:
-        post_processor = processors.ByteLevel(trim_offsets=False)
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [
-            {"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
-            for name, i in ordered
-        ],
-        "normalizer": None,
-        "pre_tokenizer": _state(_byte_level_pre_tokenizer("split", pat_str)),
-        "post_processor": _state(post_processor),
-        "decoder": _state(decoders.ByteLevel()),
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": True,
-            "vocab": {token: rank for rank, token in enumerate(spelled)},
-            "merges": merges,
-        },
-    }
 
 
 def _value(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -217,7 +121,7 @@ def gguf_tokenizer(metadata: Mapping[str, Any], source: str = "GGUF metadata") -
         llama3 = kind == "split" and pattern == LLAMA3_PAT_STR
         # llama.cpp takes a piece that is a whole token as is for Llama 3 vocabularies, as tiktoken does.
         tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=llama3))
-        tok.pre_tokenizer = _byte_level_pre_tokenizer(kind, pattern)
+        tok.pre_tokenizer = byte_level_pre_tokenizer(kind, pattern)
         tok.decoder = decoders.ByteLevel()
         if add_bos is None:
             add_bos = llama3
@@ -249,7 +153,7 @@ def gguf_tokenizer(metadata: Mapping[str, Any], source: str = "GGUF metadata") -
     )
     add_bos = bool(add_bos) and bos is not None
     if add_bos and model == "gpt2":
-        tok.post_processor = _bos_post_processor(bos, vocab[bos])
+        tok.post_processor = bos_post_processor(bos, vocab[bos])
     return HFTokenizer(
         tok,
         bos_token=bos,
@@ -269,10 +173,6 @@ def _find(obj: Any, predicate) -> bool:
     if isinstance(obj, list):
         return any(_find(v, predicate) for v in obj)
     return False
-
-
-def _state(component) -> Any:
-    return json.loads(component.__getstate__()) if component is not None else None
 
 
 def _decoder_kind(decoder: Any) -> tuple[str, bool]:
@@ -345,11 +245,11 @@ class HFTokenizer(BaseTokenizer):
         self.chat_template = chat_template or None
         self._config = dict(tokenizer_config or {})
 
-        pre = _state(tokenizer.pre_tokenizer)
+        pre = component_state(tokenizer.pre_tokenizer)
         llama3_split = _find(pre, lambda d: d.get("type") == "Split" and d.get("pattern") == {"Regex": LLAMA3_PAT_STR})
         # A Llama 3 vocabulary cuts long text the way Meta's tiktoken tokenizer does, so both give the same ids.
         self.meta_splitting = llama3_split if meta_splitting is None else meta_splitting
-        self._decoder_kind, self._strip_first_space = _decoder_kind(_state(tokenizer.decoder))
+        self._decoder_kind, self._strip_first_space = _decoder_kind(component_state(tokenizer.decoder))
         self._pieces: dict[int, bytes | int] = {}
 
         if add_bos_token is None:  # as the post-processor does it
@@ -628,15 +528,6 @@ def _has_surrogates(text: str) -> bool:
 
 def _fix_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def folder_eos_token_ids(folder: Path) -> list[int]:
-    """The eos ids a model folder's generation_config.json and config.json list."""
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        value = _read_json(folder / name).get("eos_token_id")
-        ids += [] if value is None else [int(v) for v in value] if isinstance(value, list) else [int(value)]
-    return ids
 
 
 def _read_json(path: Path) -> dict:

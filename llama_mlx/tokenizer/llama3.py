@@ -5,21 +5,27 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import tiktoken
 
 from ..errors import TokenizerError
 from .base import AllowedSpecial, BaseTokenizer, ChatMessage, DisallowedSpecial, as_id_list, write_json
+from .bpe import LLAMA3_PAT_STR, split_for_tiktoken, tiktoken_to_hf_json
 from .chat_format import LLAMA3_CHAT_TEMPLATE, ChatFormat
 from .detokenizer import StreamingDetokenizer
 
-PAT_STR = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+__all__ = [
+    "Llama3Tokenizer",
+    "NAMED_SPECIAL_TOKENS",
+    "NUM_RESERVED_SPECIAL_TOKENS",
+    "STOP_TOKEN_NAMES",
+    "Tokenizer",
+    "load_tiktoken_bpe",
+    "special_token_names",
+]
+
 NUM_RESERVED_SPECIAL_TOKENS = 256
 NAMED_SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -37,47 +43,12 @@ NAMED_SPECIAL_TOKENS = (
 )
 STOP_TOKEN_NAMES = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 
-# tiktoken panics on more than ~400k characters at once, and slows down badly on very long runs
-# of whitespace or non-whitespace (openai/tiktoken#195); Meta cuts the text first, and so do we.
-TIKTOKEN_MAX_ENCODE_CHARS = 400_000
-MAX_NO_WHITESPACES_CHARS = 25_000
-
-_RUNS = re.compile(r"\s+|\S+")  # re's \s is exactly str.isspace(), the test Meta uses
-_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
-
 
 def special_token_names(count: int = NUM_RESERVED_SPECIAL_TOKENS) -> list[str]:
     """The Llama 3.1 names of the special tokens, in id order."""
     names = list(NAMED_SPECIAL_TOKENS)
     names += [f"<|reserved_special_token_{2 + i}|>" for i in range(count - len(names))]
     return names
-
-
-def split_for_tiktoken(
-    s: str, max_chars: int = TIKTOKEN_MAX_ENCODE_CHARS, max_run: int = MAX_NO_WHITESPACES_CHARS
-) -> Iterator[str]:
-    """Meta's cuts: blocks of `max_chars`, then within each block a cut every `max_run`
-    characters of a longer run of whitespace or non-whitespace."""
-    for start in range(0, len(s), max_chars):
-        block = s[start : start + max_chars]
-        if len(block) <= max_run:
-            yield block
-            continue
-        cut = 0
-        for run in _RUNS.finditer(block):
-            begin, end = run.span()
-            for at in range(begin + max_run, end, max_run):
-                yield block[cut:at]
-                cut = at
-        yield block[cut:]
-
-
-def is_tiktoken_file(path: str | Path) -> bool:
-    """Whether `path` looks like a tiktoken BPE file (`base64 rank` lines), not a SentencePiece model."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    first = head.split(b"\n", 1)[0]
-    return bool(_TIKTOKEN_LINE.match(first))
 
 
 def load_tiktoken_bpe(path: str | Path) -> dict[bytes, int]:
@@ -114,7 +85,7 @@ class Llama3Tokenizer(BaseTokenizer):
     """Meta's Llama 3 tokenizer (the API of `llama/tokenizer.py`) on tiktoken."""
 
     num_reserved_special_tokens = NUM_RESERVED_SPECIAL_TOKENS
-    pat_str = PAT_STR
+    pat_str = LLAMA3_PAT_STR
 
     def __init__(self, model_path: str | Path, *, eos_token_ids: Sequence[int] | None = None):
         path = Path(model_path)
@@ -200,8 +171,6 @@ class Llama3Tokenizer(BaseTokenizer):
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.model`, and the equivalent Hugging Face `tokenizer.json`,
         `tokenizer_config.json` (with a chat template of this format) and `special_tokens_map.json`."""
-        from .hf import tiktoken_to_hf_json
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         ranked = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
