@@ -4,25 +4,30 @@ consoles that drop colour when not on a terminal, and the error policy (one stde
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, get_type_hints
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-try:  # recent Typer vendors its own Click: its exceptions are the ones raised
-    from typer._click import exceptions as cx
-    from typer._click.globals import get_current_context
-except ImportError:  # pragma: no cover - older Typer on the click package
-    from click import exceptions as cx
-    from click import get_current_context
-
 from llama_mlx.errors import LlamaMLXError
+
+
+def _click_class(name: str) -> type:
+    # Recent Typer runs on its own copy of Click, whose exceptions are the ones raised: reach them
+    # through a public export rather than the private module.
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+ClickException = _click_class("ClickException")
+UsageError = _click_class("UsageError")
 
 DEBUG_ENV = "LLAMA_MLX_DEBUG"  # set to 1 to see tracebacks of unexpected errors
 
@@ -71,8 +76,8 @@ def note_line(message: str) -> None:
 
 
 def usage_error(message: str) -> Exception:
-    """A usage error (exit 2) for the current command."""
-    return cx.UsageError(message, ctx=get_current_context(silent=True))
+    """A usage error (exit 2) for the current command (Click names the command when it passes by)."""
+    return UsageError(message)
 
 
 def describe_exception(e: BaseException) -> str:
@@ -95,7 +100,7 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, cx.ClickException):
+        except (typer.Exit, typer.Abort, ClickException):
             raise
         except KeyboardInterrupt:
             print(file=sys.stderr)
@@ -118,21 +123,25 @@ def handle_errors(fn: Callable) -> Callable:
 class LlamaGroup(TyperGroup):
     """Typer's group, with usage errors printed as one line (`error: ...`, exit 2) instead of a panel."""
 
+    def parse_args(self, ctx, args):
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            # Typer's rich help prints itself (and returns ""); plain help comes back as text.
+            text = ctx.get_help()
+            if text.strip():
+                typer.echo(text)
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except cx.NoArgsIsHelpError as e:
-            # Typer's rich help printed itself while the error was built; plain help is in the message.
-            if e.format_message().strip():
-                typer.echo(e.format_message())
-            sys.exit(0)
-        except cx.UsageError as e:
+        except UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             error_line(e.format_message().rstrip(".") + hint)
             sys.exit(e.exit_code)
-        except cx.ClickException as e:
+        except ClickException as e:
             error_line(e.format_message())
             sys.exit(e.exit_code)
         except typer.Abort:
@@ -250,25 +259,31 @@ SystemOpt = Annotated[Optional[str], typer.Option(
 
 @dataclass
 class GenerationOptions:
-    """The sampling and cache options a command was given, turned into library arguments."""
+    """The sampling and cache options chat and generate share: each field is its command-line option
+    (see `generation_options`), and the methods turn them into library arguments."""
 
-    max_tokens: int = 256
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    min_tokens_to_keep: int = 1
-    seed: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    repetition_context_size: int = 20
-    logit_bias: list[str] = field(default_factory=list)
-    sampling_order: str = "mlx"
-    stop: list[str] = field(default_factory=list)
-    extra_eos_token: list[str] = field(default_factory=list)
-    max_kv_size: Optional[int] = None
-    kv_bits: Optional[int] = None
-    kv_group_size: int = 64
-    prefill_step_size: int = 512
+    max_tokens: MaxTokensOpt = 256
+    temp: TempOpt = 0.0
+    top_p: TopPOpt = 1.0
+    top_k: TopKOpt = 0
+    min_p: MinPOpt = 0.0
+    min_tokens_to_keep: MinTokensToKeepOpt = 1
+    seed: SeedOpt = None
+    repetition_penalty: RepetitionPenaltyOpt = None
+    repetition_context_size: RepetitionContextOpt = 20
+    logit_bias: LogitBiasOpt = None
+    sampling_order: SamplingOrderOpt = "mlx"
+    stop: StopOpt = None
+    extra_eos_token: ExtraEosOpt = None
+    max_kv_size: MaxKVSizeOpt = None
+    kv_bits: KVBitsOpt = None
+    kv_group_size: KVGroupSizeOpt = 64
+    prefill_step_size: PrefillStepOpt = 512
+
+    def __post_init__(self):
+        # repeatable options arrive as None when not given
+        self.logit_bias, self.stop, self.extra_eos_token = (list(v or []) for v in (
+            self.logit_bias, self.stop, self.extra_eos_token))
 
     def sampler(self):
         from llama_mlx.sample import make_sampler
@@ -301,6 +316,37 @@ class GenerationOptions:
         parse_logit_bias(self.logit_bias, tokenizer)
         if self.extra_eos_token:
             tokenizer.add_stop_tokens(token_or_id(t) for t in self.extra_eos_token)
+
+
+def generation_options(**defaults: Any) -> Callable:
+    """Give a command the options of `GenerationOptions` (these `defaults` overriding its own) in place
+    of its `options` parameter, which receives them as one `GenerationOptions`."""
+    hints = get_type_hints(GenerationOptions, include_extras=True)
+    names = [f.name for f in dataclasses.fields(GenerationOptions)]
+    unknown = set(defaults) - set(names)
+    if unknown:
+        raise TypeError(f"not generation options: {sorted(unknown)}")
+
+    def decorate(fn: Callable) -> Callable:
+        own = list(inspect.signature(fn, eval_str=True).parameters.values())
+        at = [p.name for p in own].index("options")
+        shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                    default=defaults.get(f.name, f.default))
+                  for f in dataclasses.fields(GenerationOptions)]
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        params[at : at + 1] = shared
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            options = GenerationOptions(**{name: kwargs.pop(name) for name in names})
+            return fn(options=options, **kwargs)
+
+        del command.__wrapped__  # Typer reads the signature below, not the wrapped function's
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
 
 
 def token_or_id(text: str):

@@ -12,27 +12,11 @@ import typer
 from .common import (
     OUTPUT,
     DtypeOpt,
-    ExtraEosOpt,
     GenerationOptions,
-    KVBitsOpt,
-    KVGroupSizeOpt,
-    LogitBiasOpt,
-    MaxKVSizeOpt,
-    MaxTokensOpt,
-    MinPOpt,
-    MinTokensToKeepOpt,
     ModelOpt,
-    PrefillStepOpt,
-    RepetitionContextOpt,
-    RepetitionPenaltyOpt,
-    SamplingOrderOpt,
-    SeedOpt,
-    StopOpt,
     SystemOpt,
-    TempOpt,
-    TopKOpt,
-    TopPOpt,
     err_console,
+    generation_options,
     handle_errors,
     load_model,
     model_label,
@@ -77,6 +61,7 @@ def read_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
+@generation_options()
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(
         help="The prompt. '-' (or nothing, with stdin piped) reads stdin.", show_default=False)] = None,
@@ -92,35 +77,17 @@ def generate(
         rich_help_panel=OUTPUT)] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Statistics on stderr after the text.", rich_help_panel=OUTPUT)] = False,
-    max_tokens: MaxTokensOpt = 256,
-    temp: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    min_p: MinPOpt = 0.0,
-    min_tokens_to_keep: MinTokensToKeepOpt = 1,
-    seed: SeedOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    repetition_context_size: RepetitionContextOpt = 20,
-    logit_bias: LogitBiasOpt = None,
-    sampling_order: SamplingOrderOpt = "mlx",
-    stop: StopOpt = None,
-    extra_eos_token: ExtraEosOpt = None,
-    max_kv_size: MaxKVSizeOpt = None,
-    kv_bits: KVBitsOpt = None,
-    kv_group_size: KVGroupSizeOpt = 64,
-    prefill_step_size: PrefillStepOpt = 512,
+    options: GenerationOptions = None,
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate a completion of a prompt. Only the generated text goes to stdout."""
-    _run(**locals())
+    _run(prompt, model, file, system, raw, json_out, verbose, dtype, options)
 
 
 @handle_errors
-def _run(prompt, model, file, system, raw, json_out, verbose, dtype, **options) -> None:
+def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: GenerationOptions) -> None:
     from llama_mlx.generate import stream_generate
 
-    opts = GenerationOptions(**{k: (v or [] if k in ("logit_bias", "stop", "extra_eos_token") else v)
-                                for k, v in options.items()})
     text_in = read_prompt(prompt, file)
     if raw and system is not None:
         raise usage_error("--system needs the chat template: drop --raw")

@@ -101,17 +101,25 @@ class ChatFormat:
         *,
         add_generation_prompt: bool = True,
         previous_stop: int | None = None,
+        after_generation_prompt: bool = False,
     ) -> list[int]:
         """Only the tokens a new turn adds to a running conversation (no BOS).
 
         `previous_stop` is the stop token that ended the previous answer when it was sampled
-        but never fed to the model: it goes first, closing that answer. With the ids already
+        but never fed to the model: it goes first, closing that answer. `after_generation_prompt`:
+        the conversation already ends with the assistant header that asked for an answer, so the
+        first message (the assistant's answer) goes on without its header. With the ids already
         in the cache, these continue exactly `encode_dialog_prompt` of the whole conversation
         whenever the cached answer ids are those its text encodes to.
         """
         tokens = [] if previous_stop is None else [int(previous_stop)]
-        for message in messages:
-            tokens.extend(self.encode_message(message))
+        for i, message in enumerate(messages):
+            ids = self.encode_message(message)
+            if i == 0 and after_generation_prompt:
+                if message["role"] != "assistant":
+                    raise ValueError(f"after the generation prompt comes an assistant message, not {message['role']!r}")
+                ids = ids[len(self.encode_header(message)) :]
+            tokens.extend(ids)
         if add_generation_prompt:
             tokens.extend(self.encode_header({"role": "assistant", "content": ""}))
         return tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 import jinja2
 from jinja2 import nodes
@@ -64,3 +64,30 @@ def render_chat_template(source: str, messages: list[dict], add_generation_promp
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
     except jinja2.exceptions.TemplateError as e:
         raise TokenizerError(f"chat template: {e}") from None
+
+
+class TemplateNotIncrementalError(TokenizerError):
+    """The template renders the conversation so far differently once a turn follows it (a template that
+    rewrites earlier turns), so the turn's tokens cannot just be appended: encode the whole conversation."""
+
+
+def render_turn(
+    source: str,
+    history: Sequence[dict],
+    messages: Sequence[dict],
+    *,
+    add_generation_prompt: bool,
+    after_generation_prompt: bool = False,
+    **context: Any,
+) -> tuple[str, str]:
+    """(the conversation so far, the conversation with `messages`) as the template renders them.
+
+    `after_generation_prompt`: the conversation so far was rendered asking for an answer. The first text
+    is a prefix of the second, else TemplateNotIncrementalError.
+    """
+    before = render_chat_template(source, list(history), after_generation_prompt, **context) if history else ""
+    after = render_chat_template(source, [*history, *messages], add_generation_prompt, **context)
+    if not after.startswith(before):
+        raise TemplateNotIncrementalError("the chat template renders the conversation so far differently once "
+                                          "a turn follows")
+    return before, after

@@ -30,8 +30,8 @@ from .bpe import (
     component_state,
     split_for_tiktoken,
 )
-from .chat_format import ChatFormat
-from .chat_template import render_chat_template
+from .chat_format import LLAMA3_CHAT_TEMPLATE, ChatFormat
+from .chat_template import TemplateNotIncrementalError, render_chat_template, render_turn
 from .detokenizer import NaiveStreamingDetokenizer, StreamingDetokenizer
 
 __all__ = ["GPT2_PAT_STR", "HFTokenizer", "QWEN2_PAT_STR", "gguf_tokenizer"]
@@ -460,11 +460,52 @@ class HFTokenizer(BaseTokenizer):
                 ids.extend(self.encode(part.translate(restore)))
         return ids
 
-    def encode_turn(self, messages: Sequence[ChatMessage], **kwargs) -> list[int]:
-        """For a Llama 3 vocabulary: the tokens a new turn adds (see `ChatFormat.encode_turn`)."""
+    def encode_turn(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        history: Sequence[ChatMessage] | None = None,
+        add_generation_prompt: bool = True,
+        after_generation_prompt: bool = False,
+        previous_stop: int | None = None,
+    ) -> list[int]:
+        """The tokens a new turn adds to a running conversation: `apply_chat_template` of `history`
+        plus `messages`, less that of `history` (no BOS).
+
+        Meta's chat format (a Llama 3 vocabulary without a template of its own, or with Llama 3's)
+        needs no `history`: see `ChatFormat.encode_turn`. The checkpoint's Jinja template does: the turn
+        is the text it adds, encoded from the last special token before it on (text after a special
+        token encodes the same whatever precedes it). TemplateNotIncrementalError when the template
+        renders `history` differently once `messages` follow.
+        """
+        template = self.chat_template not in (None, LLAMA3_CHAT_TEMPLATE)
+        if template and history is not None:
+            stop = [] if previous_stop is None else [int(previous_stop)]
+            return stop + self._template_turn(history, messages, add_generation_prompt, after_generation_prompt)
         if self.chat_format is None:
-            raise TokenizerError(f"{self.source}: encode_turn needs Llama 3's chat format; this vocabulary lacks it")
-        return self.chat_format.encode_turn(messages, **kwargs)
+            need = "the conversation so far (history)" if template else "Llama 3's chat format or a chat template"
+            raise TokenizerError(f"{self.source}: encode_turn needs {need}")
+        return self.chat_format.encode_turn(messages, add_generation_prompt=add_generation_prompt,
+                                            previous_stop=previous_stop,
+                                            after_generation_prompt=after_generation_prompt)
+
+    def _template_turn(self, history, messages, add_generation_prompt: bool, after_generation_prompt: bool):
+        history, messages = [dict(m) for m in history], [dict(m) for m in messages]
+        guarded, restore = self._guard(history + messages)  # one set of stand-ins for both renderings
+        context = {name: getattr(self, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        before, after = render_turn(self.chat_template, guarded[: len(history)], guarded[len(history) :],
+                                    add_generation_prompt=add_generation_prompt,
+                                    after_generation_prompt=after_generation_prompt, **context)
+        start = 0
+        if self._special_re is not None:
+            for match in self._special_re.finditer(before):
+                start = match.start()
+        encode = (lambda t: self._encode_guarded(t, restore)) if restore else (
+            lambda t: self.encode(t, allowed_special="all"))
+        head, ids = encode(before[start:]), encode(after[start:])
+        if ids[: len(head)] != head:
+            raise TemplateNotIncrementalError("the new turn's text merges into the tokens of the conversation so far")
+        return ids[len(head) :]
 
     # -- streaming and saving
 

@@ -160,9 +160,20 @@ class Llama3Tokenizer(BaseTokenizer):
         """Meta's dialog prompt: BOS, each message, then (by default) the assistant header."""
         return self.chat_format.encode_dialog_prompt(messages, add_generation_prompt=add_generation_prompt)
 
-    def encode_turn(self, messages: Sequence[ChatMessage], **kwargs) -> list[int]:
-        """The tokens a new turn adds to a running conversation; see `ChatFormat.encode_turn`."""
-        return self.chat_format.encode_turn(messages, **kwargs)
+    def encode_turn(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        history: Sequence[ChatMessage] | None = None,
+        add_generation_prompt: bool = True,
+        after_generation_prompt: bool = False,
+        previous_stop: int | None = None,
+    ) -> list[int]:
+        """The tokens a new turn adds to a running conversation; see `ChatFormat.encode_turn`
+        (Meta's format encodes each message on its own: `history` is not needed)."""
+        return self.chat_format.encode_turn(messages, add_generation_prompt=add_generation_prompt,
+                                            previous_stop=previous_stop,
+                                            after_generation_prompt=after_generation_prompt)
 
     def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer over this vocabulary."""
