@@ -5,6 +5,7 @@
 """
 
 from .cache import PromptCache
+from .chat import ChatSession
 from .errors import LlamaMLXError
 from .generate import GenerationResponse, generate, generate_step, stream_generate
 from .sample import make_logits_processors, make_sampler
@@ -12,6 +13,7 @@ from .sample import make_logits_processors, make_sampler
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChatSession",
     "GenerationResponse",
     "LlamaMLXError",
     "PromptCache",

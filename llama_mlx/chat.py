@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+from .cache import PromptCache
 from .errors import ContextLengthError, LlamaMLXError
-from .generate import GenerationResponse, PromptCache, context_length, stream_generate
+from .generate import GenerationResponse, context_length, stream_generate
 from .tokenizer.chat_template import TemplateNotIncrementalError
 
 __all__ = [
