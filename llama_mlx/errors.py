@@ -31,3 +31,7 @@ class ModelNotFoundError(LlamaMLXError):
 
 class OutputExistsError(LlamaMLXError):
     """The output of a conversion exists and --force was not given."""
+
+
+class UnsafeOutputError(LlamaMLXError):
+    """An output path is something a save must not replace (a link, device node, FIFO, socket or folder)."""
