@@ -1,5 +1,17 @@
 """Named exceptions: the library raises these, the CLI turns them into one line and exit code 1."""
 
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ContextLengthError",
+    "LlamaMLXError",
+    "ModelNotFoundError",
+    "OutputExistsError",
+    "TokenizerError",
+    "UnsafeCheckpointError",
+    "UnsafeOutputError",
+]
+
 
 class LlamaMLXError(Exception):
     """Base class of every error llama_mlx raises on bad input."""
