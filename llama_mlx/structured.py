@@ -116,11 +116,16 @@ class JSONLogitsProcessor:
 
     The first call sees the prompt as history; each later call consumes the tokens sampled since.
     Tokens the grammar forbids get -inf; when the document is complete only stop tokens remain.
-    Make a fresh one per generation (it holds the parse state).
+    Make a fresh one per generation (it holds the parse state). With `max_tokens` (the answer's
+    budget), the last `reserve` steps keep, where the grammar allows any, only tokens that close a
+    string, object or array, so the document most likely ends before the budget does.
     """
 
-    def __init__(self, tokenizer, grammar: str):
+    def __init__(self, tokenizer, grammar: str, *, max_tokens: Optional[int] = None, reserve: int = 48):
         self.tokenizer = tokenizer
+        self.max_tokens, self.reserve = max_tokens, reserve
+        self._generated = 0
+        self._closing: Optional[np.ndarray] = None
         self.matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer), grammar, log_level=0)
         if self.matcher.is_error():
             raise ResponseFormatError(f"response_format: {self.matcher.get_error()}")
@@ -152,14 +157,31 @@ class JSONLogitsProcessor:
         bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")
         return bits[: self.tokenizer.vocab_size].astype(bool)
 
+    def _closing_tokens(self) -> np.ndarray:
+        if self._closing is None:
+            tok = self.tokenizer
+            specials = set(tok.special_tokens.values())
+            closing = np.zeros(tok.vocab_size, dtype=bool)
+            for i in range(tok.vocab_size):
+                closing[i] = i not in specials and any(c in tok.token_bytes(i) for c in (b'"', b"}", b"]"))
+            closing[self.stop_tokens] = True
+            self._closing = closing
+        return self._closing
+
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         n = int(history.size)
         if self._seen is None:
             self._seen = n  # the prompt
         elif n > self._seen:
             self.consume(history[self._seen :].tolist())
+            self._generated += n - self._seen
             self._seen = n
-        mask = mx.array(self.allowed())
+        allowed = self.allowed()
+        if self.max_tokens is not None and self._generated >= self.max_tokens - self.reserve:
+            closing = allowed & self._closing_tokens()
+            if closing.any():
+                allowed = closing
+        mask = mx.array(allowed)
         V = logits.shape[-1]
         if V > mask.size:  # a model head padded beyond the vocabulary: those ids are never text
             mask = mx.concatenate([mask, mx.zeros((V - mask.size,), dtype=mx.bool_)])
@@ -167,14 +189,19 @@ class JSONLogitsProcessor:
 
 
 def json_logits_processor(
-    tokenizer, response_format: Optional[Mapping[str, Any]], *, whitespace_flexible: bool = False
+    tokenizer,
+    response_format: Optional[Mapping[str, Any]],
+    *,
+    max_tokens: Optional[int] = None,
+    whitespace_flexible: bool = False,
 ) -> Optional[JSONLogitsProcessor]:
     """A fresh logits processor for an OpenAI `response_format`, or None when it asks for plain text.
 
     Pass it in `logits_processors` of `stream_generate`; generation stops at the stop token the
-    grammar forces once the JSON is complete. Raises ResponseFormatError on a bad format or schema.
+    grammar forces once the JSON is complete; give `max_tokens` (the generation's budget) to steer
+    the last steps toward closing the document. Raises ResponseFormatError on a bad format or schema.
     """
     grammar = grammar_for_response_format(response_format, whitespace_flexible=whitespace_flexible)
     if grammar is None:
         return None
-    return JSONLogitsProcessor(tokenizer, grammar)
+    return JSONLogitsProcessor(tokenizer, grammar, max_tokens=max_tokens)
