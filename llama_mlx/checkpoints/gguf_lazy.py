@@ -1,8 +1,8 @@
 """GGUF tensors read lazily: each one memory-mapped and converted when asked for, then unmapped.
 
 So loading holds the weights once and converting holds about one tensor at a time, never the file.
-A quantized tensor becomes three (weight, scales, biases); they are decoded together on the first
-read and handed out once each, so the three reads decode the blocks once.
+A quantized tensor becomes three (weight, scales, biases), decoded together: reading the weight
+then its scales and biases (as the writer and the model do) decodes the blocks once.
 """
 
 from __future__ import annotations
@@ -56,18 +56,23 @@ class _Quantized:
                 "biases": ((self.rows, groups), self.scale_dtype)}
 
     def read(self, part: str) -> mx.array:
-        if part not in self._parts:
-            per, nbytes = Q.BLOCKS[self.kind]
-            raw = _map(self.path, self.info.offset, np.uint8, (self.rows * self.cols // per * nbytes,))
-            try:
-                *triple, exact = Q.to_affine(self.kind, raw, self.rows, self.scale_dtype, with_exact=True)
-                if self.measure:
-                    self.error = Q.measure(self.kind, Q.dequantize(self.kind, raw), triple, exact,
-                                           self.scale_dtype)
-            finally:
-                del raw
-            self._parts = dict(zip(("weight", "scales", "biases"), triple))
-        return self._parts.pop(part)
+        # Scales and biases of the last decode wait for their read; the weight is never kept, so a
+        # shapes-only read (quant.prepare_quantized) cannot leave a second copy of it behind.
+        if part in self._parts:
+            return self._parts.pop(part)
+        per, nbytes = Q.BLOCKS[self.kind]
+        raw = _map(self.path, self.info.offset, np.uint8, (self.rows * self.cols // per * nbytes,))
+        try:
+            *triple, exact = Q.to_affine(self.kind, raw, self.rows, self.scale_dtype, with_exact=True)
+            if self.measure:
+                self.error = Q.measure(self.kind, Q.dequantize(self.kind, raw), triple, exact, self.scale_dtype)
+        finally:
+            del raw
+        parts = dict(zip(("weight", "scales", "biases"), triple))
+        out = parts.pop(part)
+        parts.pop("weight", None)
+        self._parts = parts
+        return out
 
 
 class _Part:
