@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from .checkpoints import Checkpoint, read_checkpoint
 from .checkpoints.base import dtype_name, parse_dtype
+from .checkpoints.gguf_lazy import conversion_summary, track_conversion_error
 from .checkpoints.plan import check_options, main_dtype, plan
 from .checkpoints.writer import (
     Progress,
@@ -51,6 +52,8 @@ class ConvertResult:
     tensors: int
     dtype: str
     quantization: dict | None
+    # GGUF sources: per source type, the error of its conversion to MLX's affine format
+    conversion_errors: dict = field(default_factory=dict)
 
 
 def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
@@ -76,6 +79,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     _check_target(src, dst, force)
 
     ckpt = read_checkpoint(src, rope_factor=rope_factor)
+    track_conversion_error(ckpt)
     out_dtype = out_dtype or main_dtype(ckpt)
     items, quantization = plan(ckpt, dtype=out_dtype, quantize=quantize, bits=bits,
                                group_size=group_size, recipe=recipe)
@@ -120,6 +124,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
         tensors=len(items),
         dtype=dtype_name(out_dtype),
         quantization=quantization,
+        conversion_errors=conversion_summary(ckpt),
     )
 
 

@@ -126,6 +126,16 @@ def convert(
     _summary(result, src, time.perf_counter() - start)
 
 
+def _conversion_rows(errors: dict) -> list[tuple[str, str]]:
+    """One row per GGUF source type: what it became and the error measured against its own values."""
+    rows = []
+    for kind, e in sorted(errors.items()):
+        exact = "exact" if e.groups and e.exact_groups == e.groups and e.max_abs == 0 else (
+            f"max error {e.max_abs:.2g}, relative RMS {e.rel_rms:.2g}, {e.exact_groups}/{e.groups} groups exact")
+        rows.append((f"From {kind}", f"{e.target}: {exact}"))
+    return rows
+
+
 def _summary(result, src: Path, seconds: float) -> None:
     q = result.quantization
     if q:
@@ -148,6 +158,7 @@ def _summary(result, src: Path, seconds: float) -> None:
         ("Size on disk", format_bytes(result.size_bytes)),
         ("Tensors", str(result.tensors)),
         ("Time", f"{seconds:.1f} s"),
+        *_conversion_rows(result.conversion_errors),
     ):
         table.add_row(key, value)
     out_console().print(table)

@@ -1,8 +1,8 @@
-"""GGUF files (llama.cpp): header parsed by `llama_mlx.gguf_file` and checked here, tensors read by `mx.load`,
-metadata turned into an HF config.
+"""GGUF files (llama.cpp): header parsed by `llama_mlx.gguf_file` and checked here, tensors read lazily
+(gguf_lazy), metadata turned into an HF config.
 
-`mx.load` returns Q4_0/Q4_1/Q8_0 tensors as MLX affine-quantized triples (group size 32) and
-F16/F32 as arrays; BF16 it widens to float16, so those are read here, exactly, from the mapped file.
+Quantized tensors become MLX affine triples (group size 32; gguf_quants says which are exact),
+F16/F32/BF16 tensors arrays, each memory-mapped and read only when asked for.
 q/k rows of llama.cpp's files are in Meta's interleaved RoPE layout: the config says rope_traditional.
 """
 
@@ -17,16 +17,18 @@ import numpy as np
 
 from ..config import LLAMA3_ROPE, llama3_rope_scaling
 from ..errors import CheckpointError, ConfigError
-from ..gguf_file import GGUFHeader, GGUFTensorInfo, read_gguf_header
+from ..gguf_file import GGUFHeader, read_gguf_header
 from ..tokenizer_source import TokenizerSource
 from .base import Checkpoint, Tensor, check_config
+from . import gguf_quants as quants
+from .gguf_lazy import gguf_tensors, read_float
 from .keymap import gguf_to_hf
 
 __all__ = ["BLOCKS", "config_from_metadata", "read_gguf", "rope_scaling_from_freqs"]
 
 # Supported types: (elements per block, bytes per block).
-BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
-GROUP_SIZE = 32  # of every GGUF block type MLX reads
+BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), **quants.BLOCKS}
+GROUP_SIZE = quants.GROUP_SIZE  # of every GGUF quant type's MLX conversion
 
 
 def _check_tensors(header: GGUFHeader, path: Path) -> None:
@@ -123,31 +125,27 @@ def rope_scaling_from_freqs(factors: np.ndarray, config: dict, original: int, pa
     return scaling
 
 
-def read_gguf(path: Path) -> Checkpoint:
-    """Read a llama-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 tensors)."""
+def read_gguf(path: Path, *, scale_dtype: mx.Dtype = mx.float16) -> Checkpoint:
+    """Read a llama-architecture GGUF file: F32, F16, BF16 and the quant types of gguf_quants.BLOCKS.
+
+    Tensors are left unread (memory-mapped one at a time when read). scale_dtype: of the MLX
+    scales and biases the quantized tensors become (float32 keeps every exact type bit-exact).
+    """
     path = Path(path)
     header = read_gguf_header(path)
     _check_tensors(header, path)
     config = config_from_metadata(header.metadata, header.tensors, path)
-    try:
-        arrays = mx.load(str(path))
-    except (RuntimeError, ValueError, OSError) as e:
-        msg = str(e).split("] ", 1)[-1]
-        raise CheckpointError(f"{path}: truncated or corrupt GGUF file: {msg}") from None
 
     tensors: dict[str, Tensor] = {}
     rope_freqs = None
-    for name, a in arrays.items():
+    for name, info in header.tensors.items():
         if name == "rope_freqs.weight":
-            rope_freqs = np.array(a.astype(mx.float32))
+            rope_freqs = np.array(read_float(path, info).astype(mx.float32))
             continue
         hf = gguf_to_hf(name)
-        if hf is None:
+        if hf is None or not hf.endswith(".weight"):
             raise CheckpointError(f"{path}: unexpected tensor {name!r} in a Llama GGUF")
-        info = header.tensors.get(name)
-        if info is not None and info.type == "BF16":
-            a = _read_bf16(path, info)
-        tensors[hf] = Tensor.of(a, path)
+        tensors.update(gguf_tensors(path, info, hf, scale_dtype))
     if rope_freqs is not None:
         original = int(header.metadata.get("llama.rope.scaling.original_context_length",
                                            LLAMA3_ROPE["original_max_position_embeddings"]))
@@ -164,11 +162,6 @@ def read_gguf(path: Path) -> Checkpoint:
         files=[path],
         tokenizer_source=TokenizerSource("gguf", path, gguf_metadata=header.metadata),
     )
-
-
-def _read_bf16(path: Path, info: GGUFTensorInfo) -> mx.array:
-    raw = np.memmap(path, dtype=np.uint16, mode="r", offset=info.offset, shape=info.shape)
-    return mx.array(np.ascontiguousarray(raw)).view(mx.bfloat16)
 
 
 def _quantization(tensors: dict[str, Tensor]) -> dict | None:
