@@ -31,3 +31,11 @@ class ModelNotFoundError(LlamaMLXError):
 
 class OutputExistsError(LlamaMLXError):
     """The output of a conversion exists and --force was not given."""
+
+
+class HubError(ModelNotFoundError):
+    """A Hugging Face hub id cannot be resolved: offline and not cached, unreachable, gated, missing, ambiguous."""
+
+
+class RemovalRefusedError(LlamaMLXError):
+    """`remove_model` was asked to delete something outside the weights folder and the Hugging Face cache."""
