@@ -76,7 +76,7 @@ def parse_hub_id(model: str, gguf_file: str | None = None) -> HubModel | None:
     """`org/name`, `org/name:Q4_K_M` or `org/name:file.gguf` as a HubModel; None if it is not such an id."""
     text = str(model)
     m = _ID.match(text)
-    if m is None or text.endswith((".gguf", ".safetensors", ".pth", ".json")) or ".." in text:
+    if m is None or m.group("repo").endswith((".gguf", ".safetensors", ".pth", ".json")) or ".." in m.group("repo"):
         return None
     pick = m.group("pick")
     if gguf_file:
