@@ -399,3 +399,110 @@ def test_every_command_takes_a_hub_id(home):
     assert r.returncode == 0 and "128" in r.stdout, r.stderr  # the random model's hidden size
     r = cli("generate", "--model", GGUF_REPO + ":F16", "--max-tokens", "3", "hello", env=env)
     assert r.returncode == 0, r.stderr
+
+
+class FakeRepoHub:
+    """The hub endpoints huggingface_hub uses to download (model info, tree, resolve), serving given repos."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]):
+        self.seen: list[tuple[str, str]] = []
+        commits = {r: hashlib.sha1(r.encode() + b"remote").hexdigest() for r in repos}
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def send(self, status, body=b"", headers=None):
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def answer(self):
+                path = self.path.split("?")[0]
+                hub.seen.append((self.command, path))
+                for repo, files in repos.items():
+                    commit = commits[repo]
+                    if path in (f"/api/models/{repo}", f"/api/models/{repo}/revision/main"):
+                        info = {"id": repo, "modelId": repo, "sha": commit,
+                                "siblings": [{"rfilename": n} for n in files]}
+                        return self.send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+                    if path.startswith(f"/api/models/{repo}/tree/"):
+                        tree = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                                for n, b in files.items()]
+                        return self.send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
+                    for rev in ("main", commit):
+                        prefix = f"/{repo}/resolve/{rev}/"
+                        if path.startswith(prefix) and path[len(prefix):] in files:
+                            data = files[path[len(prefix):]]
+                            return self.send(200, data, {"X-Repo-Commit": commit,
+                                                         "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                                                         "Content-Type": "application/octet-stream"})
+                self.send(404, b"{}", {"X-Error-Code": "RepoNotFound"})
+
+            do_GET = do_HEAD = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def downloaded(self, repo: str) -> set[str]:
+        return {p.split("/resolve/", 1)[1].split("/", 1)[1] for m, p in self.seen
+                if m == "GET" and p.startswith(f"/{repo}/resolve/")}
+
+
+def test_pull_downloads_only_what_the_layout_needs(tmp_path, sources):
+    mlx = sources / "tiny-mlx"
+    needed = {f.name: f.read_bytes() for f in mlx.iterdir() if f.is_file()}
+    extra = {"README.md": b"# tiny\n", ".gitattributes": b"*.safetensors filter=lfs\n",
+             "original/consolidated.00.pth": b"not fetched", "pytorch_model.bin": b"not fetched either"}
+    gguf = {"tiny-Q8_0.gguf": (sources / "tiny-Q8_0.gguf").read_bytes(),
+            "tiny-F16.gguf": (sources / "tiny-F16.gguf").read_bytes(), "README.md": b"# gguf\n"}
+    hub = FakeRepoHub({"remote/tiny": {**needed, **extra}, "remote/tiny-GGUF": gguf})
+    try:
+        home = {"hf": tmp_path / "hf", "weights": tmp_path / "weights", "tmp": tmp_path}
+        home["weights"].mkdir()
+        env = env_for(home, offline=False, endpoint=hub.url)
+        r = cli("pull", "remote/tiny", env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ""  # a pipe: no progress bars
+        assert hub.downloaded("remote/tiny") == set(needed)
+        snap = snapshot_of(home, "remote/tiny")
+        assert {p.name for p in snap.iterdir()} == set(needed)
+        assert all((snap / n).read_bytes() == b for n, b in needed.items())
+        r = cli("pull", "remote/tiny-GGUF:Q8_0", env=env)
+        assert r.returncode == 0, r.stderr
+        assert hub.downloaded("remote/tiny-GGUF") == {"tiny-Q8_0.gguf"}
+        one_error_line(cli("pull", "remote/tiny-GGUF", env=env), "2 .gguf files match", "F16 (tiny-F16.gguf)")
+        # Now cached: resolved with the hub gone, and not asked again when it is there.
+        env_gone = env_for(home, offline=False)
+        for model in ("remote/tiny", "remote/tiny-GGUF:Q8_0"):
+            r = resolve(model, env_gone)
+            assert r.returncode == 0, r.stderr
+        before = len(hub.seen)
+        r = cli("info", "--model", "remote/tiny", env=env)
+        assert r.returncode == 0 and len(hub.seen) == before, (r.stderr, hub.seen[before:])
+    finally:
+        hub.server.shutdown()
+        hub.server.server_close()
+
+
+def test_progress_bars_are_off_unless_the_caller_turns_them_on():
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from llama_mlx import hub
+
+    assert not are_progress_bars_disabled()
+    hub.show_progress(False)
+    with hub._progress_bars():
+        assert are_progress_bars_disabled()
+    assert not are_progress_bars_disabled()
+    hub.show_progress(True)
+    try:
+        with hub._progress_bars():
+            assert not are_progress_bars_disabled()
+    finally:
+        hub.show_progress(False)
