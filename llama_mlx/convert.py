@@ -35,6 +35,8 @@ from .checkpoints.writer import (
 )
 from .errors import CheckpointError, OutputExistsError
 from .tokenizer import load_tokenizer
+from .hub import is_hub_id
+from .loading import resolve_model
 
 __all__ = ["ConvertResult", "Progress", "convert"]
 
@@ -74,6 +76,8 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
         check_options(bits, group_size, recipe)
     out_dtype = parse_dtype(dtype)
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not src.exists() and is_hub_id(str(src)):  # a Hugging Face id: the cached (or fetched) snapshot
+        src = resolve_model(str(src))
     with contextlib.suppress(OSError):
         _remove_stale(dst.parent, dst.name)
     _check_target(src, dst, force)

@@ -4,9 +4,11 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ContextLengthError",
+    "HubError",
     "LlamaMLXError",
     "ModelNotFoundError",
     "OutputExistsError",
+    "RemovalRefusedError",
     "TokenizerError",
     "UnsafeCheckpointError",
     "UnsafeOutputError",
@@ -47,3 +49,11 @@ class OutputExistsError(LlamaMLXError):
 
 class UnsafeOutputError(LlamaMLXError):
     """An output path is something a save must not replace (a link, device node, FIFO, socket or folder)."""
+
+
+class HubError(ModelNotFoundError):
+    """A Hugging Face hub id cannot be resolved: offline and not cached, unreachable, gated, missing, ambiguous."""
+
+
+class RemovalRefusedError(LlamaMLXError):
+    """`remove_model` was asked to delete something outside the weights folder and the Hugging Face cache."""

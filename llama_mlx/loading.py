@@ -47,12 +47,23 @@ def weights_dir() -> Path:
     return Path.home() / ".cache" / "llama-mlx"
 
 
-def resolve_model(model: str | Path | None = None) -> Path:
-    """A path as given, a model name under the weights folder, or (None) the default model, fetched if needed."""
+def resolve_model(model: str | Path | None = None, *, gguf_file: str | None = None) -> Path:
+    """A path as given, a model name under the weights folder, a Hugging Face id, or (None) the default model.
+
+    Hugging Face ids (`org/name`, `org/name:Q4_K_M`, or `org/name` with gguf_file) resolve through
+    the shared Hugging Face cache, downloading only when the cache lacks a complete copy (see
+    llama_mlx.hub). A local path or a name under the weights folder wins over an id spelled alike.
+    """
     if model is None:
+        if gguf_file:
+            raise ModelNotFoundError(f"--gguf-file {gguf_file}: needs a model (a Hugging Face id or a folder)")
         return ensure_default_model()
     path = Path(model).expanduser()
     if path.exists():
+        if gguf_file:
+            if not (path / gguf_file).is_file():
+                raise ModelNotFoundError(f"{path / gguf_file}: no such file")
+            return path / gguf_file
         return path
     home = weights_dir()
     name = str(model)
@@ -61,6 +72,13 @@ def resolve_model(model: str | Path | None = None) -> Path:
             return home / name
         if name == DEFAULT_MODEL:
             return ensure_default_model()
+    from . import hub
+
+    spec = hub.parse_hub_id(name, gguf_file)
+    if spec is not None:
+        if spec.pick is None and (home / spec.repo_id).exists():
+            return home / spec.repo_id
+        return hub.resolve(spec)
     raise ModelNotFoundError(f"{model}: no such file or folder, and no model of that name in {home}")
 
 

@@ -200,8 +200,12 @@ def _dtype(value: Optional[str]) -> Optional[str]:
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-M", metavar="PATH|NAME", rich_help_panel=MODEL,
-    help="A model: a Meta / Hugging Face / MLX folder, a .gguf file, or the name of a folder in weights/. "
+    help="A model: a Meta / Hugging Face / MLX folder, a .gguf file, the name of a folder in weights/, or a "
+         "Hugging Face id (org/name, org/name:Q4_K_M for GGUF repos; fetched once into the HF cache). "
          "Default: SmolLM2-135M-Instruct, fetched and converted on first use.")]
+GgufFileOpt = Annotated[Optional[str], typer.Option(
+    "--gguf-file", metavar="FILE", rich_help_panel=MODEL,
+    help="With a Hugging Face id (or a folder) holding several .gguf files: the one to use.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(
     "--dtype", metavar="auto|float16|bfloat16|float32", callback=_dtype, rich_help_panel=MODEL,
     help="Float type of the weights in memory. auto: float32 on the CPU backend (much faster there), "

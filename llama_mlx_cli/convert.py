@@ -44,7 +44,13 @@ def _recipe(value: Optional[str]) -> Optional[str]:
 def _default_output(src: Path, quantize: bool, bits: int) -> Path:
     from llama_mlx.loading import weights_dir
 
-    name = src.stem if src.is_file() else src.resolve().name
+    from llama_mlx.hub import parse_hub_id
+
+    spec = None if src.exists() else parse_hub_id(str(src))
+    if spec is not None:  # org/name[:QUANT] -> name[-QUANT]
+        name = spec.repo_id.split("/", 1)[1] + (f"-{Path(spec.pick).stem}" if spec.pick else "")
+    else:
+        name = src.stem if src.is_file() else src.resolve().name
     return weights_dir() / (f"{name}-{bits}bit" if quantize else name)
 
 
@@ -70,7 +76,7 @@ def _sigterm_interrupts():
 def convert(
     src: Annotated[Path, typer.Argument(
         show_default=False, help="A Meta folder (params.json + consolidated.NN.pth), a Hugging Face or MLX folder, "
-                            "or a .gguf file.")],
+                            "a .gguf file, or a Hugging Face id (org/name, org/name:Q4_K_M).")],
     dst: Annotated[Optional[Path], typer.Argument(
         show_default=False, help="The MLX folder to write. Default: weights/<name of SRC>[-<bits>bit].")] = None,
     quantize: Annotated[bool, typer.Option(

@@ -1,4 +1,4 @@
-"""The `llama-mlx` command: chat, generate, convert, info, bench."""
+"""The `llama-mlx` command: chat, generate, convert, info, bench, pull, list, rm."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from . import chat as _chat
 from . import convert as _convert
 from . import generate as _generate
 from . import info as _info
+from . import models as _models
 from .common import LlamaGroup
 
 app = typer.Typer(
@@ -39,7 +40,11 @@ def _root(
     version: Annotated[Optional[bool], typer.Option(
         "--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
 ) -> None:
-    pass  # only --version lives here; the help text is the app's
+    import sys
+
+    from llama_mlx.hub import show_progress
+
+    show_progress(sys.stderr.isatty())  # the hub's own download bars, on a terminal only
 
 
 app.command("chat", epilog=_chat.EPILOG)(_chat.chat)
@@ -47,6 +52,9 @@ app.command("generate", epilog=_generate.EPILOG)(_generate.generate)
 app.command("convert", epilog=_convert.EPILOG)(_convert.convert)
 app.command("info", epilog=_info.EPILOG)(_info.info)
 app.command("bench", epilog=_bench.EPILOG)(_bench.bench)
+app.command("pull", epilog=_models.PULL_EPILOG)(_models.pull)
+app.command("list", epilog=_models.LIST_EPILOG)(_models.list_models)
+app.command("rm", epilog=_models.RM_EPILOG)(_models.rm)
 
 if __name__ == "__main__":
     app()
