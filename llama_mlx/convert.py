@@ -34,9 +34,9 @@ from .checkpoints.writer import (
     write_weights,
 )
 from .errors import CheckpointError, OutputExistsError
-from .tokenizer import load_tokenizer
 from .hub import is_hub_id
 from .loading import resolve_model
+from .tokenizer import load_tokenizer
 
 __all__ = ["ConvertResult", "Progress", "convert"]
 

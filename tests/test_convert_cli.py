@@ -141,8 +141,9 @@ def _bad_inputs(root: Path, tmp: Path) -> dict:
     ]:
         (tmp / name).write_bytes(blob)
         cases[f"bad gguf {name}"] = (tmp / name, [str(tmp / name), *words])
-    S.write_gguf(tmp / "q6k.gguf", S.meta_state_dict(seed=21), S.TINY_PARAMS, {"ffn_down": "Q5_1"})
-    cases["unsupported GGUF type"] = (tmp / "q6k.gguf", [str(tmp / "q6k.gguf"), "unsupported GGUF tensor type Q5_1"])
+    # Q5_1 is supported now (test_gguf_quants.py); MXFP4 is a type no MLX affine grid holds
+    S.write_gguf(tmp / "fp4.gguf", S.meta_state_dict(seed=21), S.TINY_PARAMS, {"ffn_down": "MXFP4"})
+    cases["unsupported GGUF type"] = (tmp / "fp4.gguf", [str(tmp / "fp4.gguf"), "unsupported GGUF tensor type MXFP4"])
     cases["no such path"] = (tmp / "nowhere", [str(tmp / "nowhere"), "no such file or folder"])
     return cases
 
