@@ -31,3 +31,7 @@ class ModelNotFoundError(LlamaMLXError):
 
 class OutputExistsError(LlamaMLXError):
     """The output of a conversion exists and --force was not given."""
+
+
+class ShardError(LlamaMLXError):
+    """A model does not split over the distributed group as asked (heads, KV heads or layers)."""
