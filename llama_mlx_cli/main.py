@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -39,7 +40,11 @@ def _root(
     version: Annotated[Optional[bool], typer.Option(
         "--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
 ) -> None:
-    pass  # only --version lives here; the help text is the app's
+    # Under mlx.launch every rank runs the command: rank 0 alone prints (the others write to the null device).
+    if "MLX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        from llama_mlx.distributed import quiet_other_ranks
+
+        quiet_other_ranks()
 
 
 app.command("chat", epilog=_chat.EPILOG)(_chat.chat)
