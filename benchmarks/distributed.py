@@ -56,11 +56,14 @@ def run(args) -> list[dict]:
     launch = Path(sys.executable).parent / "mlx.launch"
     for n in [int(x) for x in args.ranks.split(",")]:
         with tempfile.TemporaryDirectory() as out:
-            cmd = [str(launch), "--hosts", "127.0.0.1", "-n", str(n), "--backend", "ring", "--",
-                   sys.executable, __file__, "--worker", "--out", out, "--model", str(args.model),
+            # One rank runs without the launcher (which hands a single rank an empty hostfile).
+            head = [str(launch), "--hosts", "127.0.0.1", "-n", str(n), "--backend", "ring", "--"] if n > 1 else []
+            cmd = [*head, sys.executable, __file__, "--worker", "--out", out, "--model", str(args.model),
                    "--mode", args.mode, "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)]
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+            if not Path(out, "rank0.json").is_file():
+                sys.exit(f"{n} ranks failed:\n{proc.stdout}{proc.stderr}")
             ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(n)]
         rows.append({"ranks": n, "mode": args.mode if n > 1 else "single",
                      "decode_tps": ranks[0]["decode_tps"], "prompt_tps": ranks[0]["prompt_tps"],

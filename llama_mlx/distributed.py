@@ -49,7 +49,10 @@ __all__ = [
 
 def group(backend: str = "any") -> mx.distributed.Group:
     """The global group (`mx.distributed.init`): size 1 when not launched by `mlx.launch` or MPI."""
-    return mx.distributed.init(strict=False, backend=backend)
+    try:
+        return mx.distributed.init(strict=False, backend=backend)
+    except RuntimeError as e:  # e.g. a malformed or unreachable hostfile
+        raise ShardError(f"cannot join the distributed group ({backend} backend): {e}") from None
 
 
 @dataclass(frozen=True)
