@@ -9,6 +9,7 @@ __all__ = [
     "ModelNotFoundError",
     "OutputExistsError",
     "RemovalRefusedError",
+    "ShardError",
     "TokenizerError",
     "UnsafeCheckpointError",
     "UnsafeOutputError",
@@ -57,3 +58,7 @@ class HubError(ModelNotFoundError):
 
 class RemovalRefusedError(LlamaMLXError):
     """`remove_model` was asked to delete something outside the weights folder and the Hugging Face cache."""
+
+
+class ShardError(LlamaMLXError):
+    """A model does not split over the distributed group as asked (heads, KV heads or layers)."""

@@ -89,7 +89,7 @@ def load_checkpoint(path: str | Path, *, rope_factor: float | None = None) -> tu
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool = True,
-         rope_factor: float | None = None, fuse: bool | None = None):
+         rope_factor: float | None = None, fuse: bool | None = None, distributed: bool | str | None = None):
     """Load a model and its tokenizer from a Meta folder, HF folder, GGUF file or MLX folder.
 
     path: a file, a folder, a model name under the weights folder, or None for the default model.
@@ -97,7 +97,19 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     lazy: leave weights unread until first used (safetensors are read from disk on demand).
     fuse: merge q/k/v and gate/up projections; default on GPUs only. The model is fitted to the
     device by `backends.prepare` (see there for fusion, compute dtype and CPU threads).
+    distributed: None shards the model tensor-parallel when this process is one rank of a group
+    of several (started by `mlx.launch`), "pipeline" splits its layers instead, "tensor" (or True)
+    asks for tensor parallel, False never shards (see `llama_mlx.distributed.load_sharded`).
     """
+    if distributed not in (None, False, True, "tensor", "pipeline"):
+        raise ValueError(f"distributed must be None, False, True, 'tensor' or 'pipeline', not {distributed!r}")
+    if distributed is not False:
+        from . import distributed as dist
+
+        group = dist.group()
+        if group.size() > 1 or distributed is not None:
+            return dist.load_sharded(path, group, pipeline=distributed == "pipeline", dtype=dtype,
+                                     rope_factor=rope_factor)
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = load_tokenizer(ckpt.tokenizer_source or ckpt.path)

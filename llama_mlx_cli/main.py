@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -40,11 +42,15 @@ def _root(
     version: Annotated[Optional[bool], typer.Option(
         "--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
 ) -> None:
-    import sys
-
     from llama_mlx.hub import show_progress
 
     show_progress(sys.stderr.isatty())  # the hub's own download bars, on a terminal only
+
+    # Under mlx.launch every rank runs the command: rank 0 alone prints (the others write to the null device).
+    if "MLX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        from llama_mlx.distributed import quiet_other_ranks
+
+        quiet_other_ranks()
 
 
 app.command("chat", epilog=_chat.EPILOG)(_chat.chat)
