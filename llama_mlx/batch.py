@@ -400,8 +400,35 @@ class BatchEngine:
             while not stop.is_set():
                 if self.wait_for_work(poll):
                     self.step()
+            # Handles still iterated must not hang: end what is left.
+            self.cancel_all()
+            self.step()
         finally:
             self.driven = False
+
+    def start(self) -> None:
+        """Run `serve` on a thread of the engine's own until `close`."""
+        if getattr(self, "_thread", None) is not None:
+            return
+        self._stop = threading.Event()
+        self.driven = True  # before the thread runs: no handle may step meanwhile
+        self._thread = threading.Thread(target=self.serve, args=(self._stop,), name="llama-mlx-batch", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Cancel everything and stop the thread `start` began."""
+        self.cancel_all()
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            self._stop.set()
+            self._wake()
+            thread.join(timeout)
+            self._thread = None
+
+    @property
+    def prefilling(self) -> Optional[BatchRequest]:
+        """The newcomer being prefilled now, if any."""
+        return self._prefill[0] if self._prefill is not None else None
 
     def _wake(self) -> None:
         with self._lock:
