@@ -27,7 +27,7 @@ import mlx.nn as nn
 from .cache import KVCache
 from .errors import ContextLengthError, LlamaMLXError
 from .generate import GenerationResponse, Prompt, _prompt_tokens, _StopStrings, context_length
-from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
+from .sample import LogitsProcessor, Sampler, apply_processors
 
 __all__ = [
     "BatchEngine",
@@ -42,6 +42,10 @@ __all__ = [
 
 class KVCapacityError(LlamaMLXError):
     """A request's KV cache could never fit under the engine's `max_kv_bytes`, even alone."""
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
 
 
 def _round_up(n: int, step: int) -> int:
@@ -196,7 +200,7 @@ class BatchRequest:
     `finish_reason`: "stop", "length", "context" or "cancelled"); `tokens` and `text` grow as it
     runs. Iterating drives the engine itself unless a thread runs `BatchEngine.serve`."""
 
-    def __init__(self, engine: "BatchEngine", uid: int, ids: list[int], max_tokens: int, sampler: Sampler,
+    def __init__(self, engine: "BatchEngine", uid: int, ids: list[int], max_tokens: int, sampler: Optional[Sampler],
                  processors: list[LogitsProcessor], stop_tokens: set[int], stop: Sequence[str], limit: int):
         self.engine, self.uid, self.prompt = engine, uid, ids
         self.max_tokens, self.sampler, self.processors = max_tokens, sampler, processors
@@ -273,7 +277,8 @@ class BatchRequest:
                 self._history = mx.array(self.prompt)
             logits = apply_processors(self.processors, self._history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return self.sampler(logprobs), logprobs[0]
+        sampler = self.sampler or _greedy
+        return sampler(logprobs), logprobs[0]
 
     def _accept(self, token: int, logprobs: mx.array) -> GenerationResponse:
         n = len(self.tokens)
@@ -352,7 +357,8 @@ class BatchEngine:
                stop_tokens: Optional[Iterable[int]] = None) -> BatchRequest:
         """Queue a sequence; returns its handle at once (thread-safe; no MLX work is done here).
 
-        prompt: token ids (or text, or chat messages). stop_tokens: None for the tokenizer's.
+        prompt: token ids (or text, or chat messages). sampler: None for greedy (such rows are
+        sampled together). stop_tokens: None for the tokenizer's.
         Raises ContextLengthError (prompt fills the context) or KVCapacityError (never fits).
         """
         ids = _prompt_tokens(self.tokenizer, prompt)
@@ -367,7 +373,7 @@ class BatchEngine:
         stops = set(self.tokenizer.stop_tokens) if stop_tokens is None else {int(t) for t in stop_tokens}
         with self._lock:
             self._uid += 1
-            req = BatchRequest(self, self._uid, ids, max_tokens, sampler or make_sampler(),
+            req = BatchRequest(self, self._uid, ids, max_tokens, sampler,
                                list(logits_processors or []), stops, list(stop or []), limit)
             if max_tokens < 1:
                 req._finish("length")
@@ -511,7 +517,18 @@ class BatchEngine:
     def _decode(self) -> list[tuple[BatchRequest, GenerationResponse]]:
         tokens = mx.array([[r.next_input] for r in self.running])
         logits = self.model(tokens, self.cache)[:, -1, :]
-        sampled = [r._sample(logits[b : b + 1]) for b, r in enumerate(self.running)]
+        # Greedy rows without processors (sampler None) are sampled together, the rest one by one.
+        plain = [b for b, r in enumerate(self.running) if r.sampler is None and not r.processors]
+        sampled: list = [None] * len(self.running)
+        if plain:
+            rows = logits[mx.array(plain)] if len(plain) < len(self.running) else logits
+            logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+            tokens = mx.argmax(logprobs, axis=-1)
+            for i, b in enumerate(plain):
+                sampled[b] = (tokens[i : i + 1], logprobs[i])
+        for b, r in enumerate(self.running):
+            if sampled[b] is None:
+                sampled[b] = r._sample(logits[b : b + 1])
         mx.eval(sampled)
         events = []
         for r, (token, logprobs) in zip(self.running, sampled):
