@@ -209,8 +209,9 @@ class BatchRequest:
         self.text = ""
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
-        # Positions its KV may ever hold: the prompt (but its last token) and every fed answer token.
-        self.reservation = len(ids) - 1 + max_tokens
+        # Positions its KV may ever hold: the whole prompt and every answer token, the last one
+        # included (the step after it is queued before it is read).
+        self.reservation = len(ids) + max_tokens
         self._limit = limit
         self._detok = engine.tokenizer.detokenizer()
         self._stops = _StopStrings(stop)
@@ -218,6 +219,7 @@ class BatchRequest:
         self._cancel = False
         self._history: Optional[mx.array] = None
         self.next_input = ids[-1]
+        self._pending: Optional[mx.array] = None  # its token of the queued step, not yet read
         self.submitted = time.perf_counter()
         self.started: Optional[float] = None  # prefill began
         self.first_token: Optional[float] = None
@@ -277,14 +279,14 @@ class BatchRequest:
                 self._history = mx.array(self.prompt)
             logits = apply_processors(self.processors, self._history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        sampler = self.sampler or _greedy
-        return sampler(logprobs), logprobs[0]
+        token = (self.sampler or _greedy)(logprobs)
+        if self.processors:
+            self._history = mx.concatenate([self._history, token.astype(self._history.dtype)])
+        return token, logprobs[0]
 
     def _accept(self, token: int, logprobs: mx.array) -> GenerationResponse:
         n = len(self.tokens)
         self.tokens.append(token)
-        if self.processors:
-            self._history = mx.concatenate([self._history, mx.array([token])])
         now = time.perf_counter()
         if n == 0:
             self.first_token = now
@@ -345,6 +347,8 @@ class BatchEngine:
         self.running: list[BatchRequest] = []
         self.waiting: deque[BatchRequest] = deque()
         self._prefill: Optional[tuple[BatchRequest, list[KVCache], list[int]]] = None
+        # The decode step queued last (its rows and their lazy samples), read by the next `step`.
+        self._inflight: Optional[tuple[list[BatchRequest], list]] = None
         self._incoming: list[BatchRequest] = []
         self._lock = threading.Condition()
         self._uid = 0
@@ -389,7 +393,7 @@ class BatchEngine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._incoming or self.waiting or self.running or self._prefill)
+            return bool(self._incoming or self.waiting or self.running or self._prefill or self._inflight)
 
     def wait_for_work(self, timeout: Optional[float] = None) -> bool:
         """Block until a request is submitted or cancelled (or `timeout`); whether there is work."""
@@ -469,12 +473,14 @@ class BatchEngine:
 
     # -- the engine's thread ---------------------------------------------------------------
     def step(self) -> list[tuple[BatchRequest, GenerationResponse]]:
-        """One unit of work: admit, prefill one chunk of a newcomer, then one batched decode step
-        of the running sequences. Returns the responses it produced."""
+        """One unit of work: admit, prefill one chunk of a newcomer, queue one batched decode step
+        of the running sequences, then read the step queued before it (so the device never waits
+        on Python). Returns the responses it produced."""
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
         self._drop_cancelled()
+        self._retire([i for i, r in enumerate(self.running) if not r.done])
         if self._prefill is None and self.waiting and self._fits(self.waiting[0]):
             req = self.waiting.popleft()
             req.started = time.perf_counter()
@@ -486,14 +492,16 @@ class BatchEngine:
                 req = self._prefill[0]
                 self._prefill = None
                 req._finish(None, e)
-        events: list[tuple[BatchRequest, GenerationResponse]] = []
+        queued = None
         if self.running:
             try:
-                events = self._decode()
+                queued = self._queue_decode()
             except Exception as e:
                 for r in self.running:
                     r._finish(None, e)
                 self._retire([])
+        events = self._read(self._inflight)
+        self._inflight = queued
         self.steps += 1
         return events
 
@@ -514,9 +522,10 @@ class BatchEngine:
             mx.eval([c.state for c in self.cache])
             mx.clear_cache()
 
-    def _decode(self) -> list[tuple[BatchRequest, GenerationResponse]]:
-        tokens = mx.array([[r.next_input] for r in self.running])
-        logits = self.model(tokens, self.cache)[:, -1, :]
+    def _queue_decode(self) -> tuple[list[BatchRequest], list]:
+        # A row's input is its token of the step still unread, or (a newcomer) its last prompt token.
+        inputs = [r._pending if r._pending is not None else mx.array([r.next_input]) for r in self.running]
+        logits = self.model(mx.concatenate(inputs)[:, None], self.cache)[:, -1, :]
         # Greedy rows without processors (sampler None) are sampled together, the rest one by one.
         plain = [b for b, r in enumerate(self.running) if r.sampler is None and not r.processors]
         sampled: list = [None] * len(self.running)
@@ -529,11 +538,21 @@ class BatchEngine:
         for b, r in enumerate(self.running):
             if sampled[b] is None:
                 sampled[b] = r._sample(logits[b : b + 1])
-        mx.eval(sampled)
+            r._pending = sampled[b][0]
+        mx.async_eval(sampled)
+        return list(self.running), sampled
+
+    def _read(self, inflight) -> list[tuple[BatchRequest, GenerationResponse]]:
+        if inflight is None:
+            return []
         events = []
-        for r, (token, logprobs) in zip(self.running, sampled):
-            events.append((r, r._accept(int(token.item()), logprobs)))
-        self._retire([i for i, r in enumerate(self.running) if not r.done])
+        for r, (token, logprobs) in zip(*inflight):
+            if r.done:  # finished or cancelled after this step was queued: its token is dropped
+                continue
+            try:
+                events.append((r, r._accept(int(token.item()), logprobs)))
+            except Exception as e:
+                r._finish(None, e)
         return events
 
     def _retire(self, keep: list[int]) -> None:

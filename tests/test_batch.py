@@ -167,9 +167,9 @@ def test_memory_cap_queues_third_and_is_never_exceeded(tiny, smol):
     _, tokenizer = smol
     probe = BatchEngine(tiny, tokenizer)
     bpt = probe.bytes_per_token
-    # Prompts of 9 tokens, answers of 6 and 14: reservations of 14 and 22 positions. Two fit beside
-    # one prefill (2 * 22 + 256 = 300 positions); a third does not (3 * 22 + 256 = 322).
-    cap = 300 * bpt
+    # Prompts of 9 tokens, answers of 6, 14 and 8: reservations of 15, 23 and 17 positions. Two fit
+    # beside one prefill (2 * 23 + 256 = 302 positions); a third does not (3 * 23 + 256 = 325).
+    cap = 302 * bpt
     specs = [(rand_ids(20, 9), 6), (rand_ids(21, 9), 14), (rand_ids(22, 9), 8)]
     eng = BatchEngine(tiny, tokenizer, max_kv_bytes=cap, prefill_chunk=4)
     reqs = [eng.submit(p, max_tokens=n, stop_tokens=()) for p, n in specs]
