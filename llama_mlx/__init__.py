@@ -4,6 +4,7 @@
     print(llama_mlx.generate(model, tokenizer, "Why is the sky blue?"))
 """
 
+from .batch import BatchEngine, BatchResult, batch_generate
 from .cache import PromptCache
 from .chat import ChatSession
 from .errors import LlamaMLXError
@@ -13,10 +14,13 @@ from .sample import make_logits_processors, make_sampler
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchEngine",
+    "BatchResult",
     "ChatSession",
     "GenerationResponse",
     "LlamaMLXError",
     "PromptCache",
+    "batch_generate",
     "convert",
     "generate",
     "generate_step",

@@ -1,0 +1,646 @@
+"""Continuous batching: several sequences decode in one forward step, joining and leaving at any step.
+
+`BatchKVCache` holds one row per sequence, each at its own length (rows right-padded). Its
+`offset` is the vector of row lengths, which `mx.fast.rope` takes as per-row positions, and its
+`make_mask` hides every row's padding, so the model runs unchanged: each row sees exactly the
+positions and keys it would see alone.
+
+`BatchEngine` admits requests under a KV memory cap (`max_kv_bytes`), prefills each newcomer
+alone in chunks between the others' batched decode steps, and samples and stops each row on its
+own (sampler, logits processors, stop tokens and strings, max_tokens). `submit` returns a
+`BatchRequest` whose responses can be iterated; `step` does one unit of work and is what a
+server's worker thread drives. `batch_generate` runs a list of prompts through one engine.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .errors import ContextLengthError, LlamaMLXError
+from .generate import GenerationResponse, Prompt, _prompt_tokens, _StopStrings, context_length
+from .sample import LogitsProcessor, Sampler, apply_processors
+
+__all__ = [
+    "BatchEngine",
+    "BatchKVCache",
+    "BatchRequest",
+    "BatchResult",
+    "KVCapacityError",
+    "SequenceStats",
+    "batch_generate",
+]
+
+
+class KVCapacityError(LlamaMLXError):
+    """A request's KV cache could never fit under the engine's `max_kv_bytes`, even alone."""
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def _round_up(n: int, step: int) -> int:
+    return ((n + step - 1) // step) * step
+
+
+class BatchKVCache:
+    """Keys and values [B, heads, positions, head_dim] of B sequences, row b holding `lengths[b]`
+    positions from position 0 (the rest is padding, masked out).
+
+    `offset` is the per-row length vector (int32 [B]) the model passes to RoPE. Capacity grows in
+    steps of `step` positions but never past `limit` (when set), the most any row may hold.
+    """
+
+    step = 256
+
+    def __init__(self):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.lengths: list[int] = []
+        self.limit: Optional[int] = None
+        self.offset = mx.array([], dtype=mx.int32)
+
+    def _set_lengths(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self.offset = mx.array(lengths, dtype=mx.int32)
+
+    def _capacity(self, needed: int) -> int:
+        cap = _round_up(needed, self.step)
+        return max(needed, min(cap, self.limit)) if self.limit else cap
+
+    def _grow(self, needed: int, like: mx.array) -> None:
+        if self.keys is not None and needed <= self.keys.shape[2]:
+            return
+        B, H, _, D = like.shape
+        cap = self._capacity(needed)
+        new_k = mx.zeros((B, H, cap, D), like.dtype)
+        new_v = mx.zeros((B, H, cap, D), like.dtype)
+        if self.keys is not None:
+            old = self.keys.shape[2]
+            new_k[:, :, :old] = self.keys
+            new_v[:, :, :old] = self.values
+        self.keys, self.values = new_k, new_v
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, L, D = k.shape
+        needed = max(self.lengths) + L
+        self._grow(needed, k)
+        # Row b writes its L new positions at lengths[b] ...
+        pos = self.offset[:, None, None, None] + mx.arange(L, dtype=mx.int32)[None, None, :, None]
+        idx = mx.broadcast_to(pos, (B, H, L, D))
+        self.keys = mx.put_along_axis(self.keys, idx, k, axis=2)
+        self.values = mx.put_along_axis(self.values, idx, v, axis=2)
+        self._set_lengths([n + L for n in self.lengths])
+        return self.keys[:, :, :needed], self.values[:, :, :needed]
+
+    def make_mask(self, L: int) -> mx.array:
+        """[B, 1, L, S] booleans, True where query i of row b may attend key j (j <= lengths[b] + i)."""
+        S = max(self.lengths) + L
+        queries = self.offset[:, None] + mx.arange(L, dtype=mx.int32)[None]  # [B, L]
+        return (mx.arange(S, dtype=mx.int32)[None, None] <= queries[..., None])[:, None]
+
+    def add(self, keys: Optional[mx.array], values: Optional[mx.array], length: int) -> None:
+        """Append a row holding the first `length` positions of `keys`/`values` [1, H, >= length, D]
+        (None when `length` is 0)."""
+        ref = keys if keys is not None else self.keys
+        if ref is None:  # nothing stored anywhere yet: the first update allocates
+            self._set_lengths(self.lengths + [0])
+            return
+        B = len(self.lengths)
+        _, H, _, D = ref.shape
+        cap = max(self._capacity(max(self.lengths + [length]) + 1), 0 if self.keys is None else self.keys.shape[2])
+        new_k = mx.zeros((B + 1, H, cap, D), ref.dtype)
+        new_v = mx.zeros((B + 1, H, cap, D), ref.dtype)
+        if self.keys is not None:
+            old = self.keys.shape[2]
+            new_k[:B, :, :old] = self.keys
+            new_v[:B, :, :old] = self.values
+        if length:
+            new_k[B, :, :length] = keys[0, :, :length]
+            new_v[B, :, :length] = values[0, :, :length]
+        self.keys, self.values = new_k, new_v
+        self._set_lengths(self.lengths + [length])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order), shrinking the buffers to what they still need."""
+        rows = list(rows)
+        self._set_lengths([self.lengths[i] for i in rows])
+        if not rows:
+            self.keys = self.values = None
+            return
+        if self.keys is None:
+            return
+        cap = min(self.keys.shape[2], self._capacity(max(self.lengths) + 1))
+        idx = mx.array(rows, dtype=mx.int32)
+        # A gather then a contiguous copy: fresh buffers of exactly the kept size, no view of the old.
+        self.keys = mx.contiguous(mx.take(self.keys, idx, axis=0)[:, :, :cap])
+        self.values = mx.contiguous(mx.take(self.values, idx, axis=0)[:, :, :cap])
+
+    def extract(self, row: int) -> KVCache:
+        """Row `row` as a plain `KVCache` (e.g. to keep it in a prompt cache)."""
+        n = self.lengths[row]
+        if self.keys is None or n == 0:
+            return KVCache()
+        return KVCache.from_state([self.keys[row : row + 1, :, :n], self.values[row : row + 1, :, :n]], {})
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        if self.keys is None:
+            return []
+        S = max(self.lengths)
+        return [self.keys[:, :, :S], self.values[:, :, :S]]
+
+    @property
+    def meta_state(self) -> dict:
+        return {"lengths": list(self.lengths)}
+
+    @classmethod
+    def from_state(cls, state: list[mx.array], meta_state: dict) -> "BatchKVCache":
+        cache = cls()
+        if state:
+            cache.keys, cache.values = state
+        cache._set_lengths(list(meta_state["lengths"]))
+        return cache
+
+    def is_trimmable(self) -> bool:
+        return False
+
+
+@dataclass
+class SequenceStats:
+    """One sequence's statistics. Times in seconds; TTFT counts from `submit` (queueing included)."""
+
+    prompt_tokens: int
+    generation_tokens: int
+    queue_time: float
+    time_to_first_token: float
+    prompt_tps: float
+    generation_tps: float
+    finish_reason: Optional[str]
+
+
+_END = object()
+
+
+class BatchRequest:
+    """A submitted sequence. Iterate it for its `GenerationResponse`s (the last has a
+    `finish_reason`: "stop", "length", "context" or "cancelled"); `tokens` and `text` grow as it
+    runs. Iterating drives the engine itself unless a thread runs `BatchEngine.serve`."""
+
+    def __init__(self, engine: "BatchEngine", uid: int, ids: list[int], max_tokens: int, sampler: Optional[Sampler],
+                 processors: list[LogitsProcessor], stop_tokens: set[int], stop: Sequence[str], limit: int):
+        self.engine, self.uid, self.prompt = engine, uid, ids
+        self.max_tokens, self.sampler, self.processors = max_tokens, sampler, processors
+        self.stop_tokens = stop_tokens
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        # Positions its KV may ever hold: the whole prompt and every answer token, the last one
+        # included (the step after it is queued before it is read).
+        self.reservation = len(ids) + max_tokens
+        self._limit = limit
+        self._detok = engine.tokenizer.detokenizer()
+        self._stops = _StopStrings(stop)
+        self._queue: queue.Queue = queue.Queue()
+        self._cancel = False
+        self._history: Optional[mx.array] = None
+        self.next_input = ids[-1]
+        self._pending: Optional[mx.array] = None  # its token of the queued step, not yet read
+        self.submitted = time.perf_counter()
+        self.started: Optional[float] = None  # prefill began
+        self.first_token: Optional[float] = None
+        self.finished: Optional[float] = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def cancel(self) -> None:
+        """Stop this sequence at the engine's next step (thread-safe); it ends with "cancelled"."""
+        self._cancel = True
+        self.engine._wake()
+
+    def __iter__(self) -> Iterator[GenerationResponse]:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                if self.engine.driven:
+                    item = self._queue.get()
+                else:
+                    self.engine.step()
+                    continue
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def result(self) -> str:
+        """Run to the end; the whole text."""
+        for _ in self:
+            pass
+        return self.text
+
+    @property
+    def stats(self) -> SequenceStats:
+        now = time.perf_counter()
+        first = self.first_token
+        prompt_time = (first - self.started) if first and self.started else 0.0
+        gen_time = ((self.finished or now) - first) if first else 0.0
+        n = len(self.tokens)
+        return SequenceStats(
+            prompt_tokens=len(self.prompt), generation_tokens=n,
+            queue_time=((self.started or now) - self.submitted),
+            time_to_first_token=(first - self.submitted) if first else 0.0,
+            prompt_tps=len(self.prompt) / max(prompt_time, 1e-9),
+            generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+            finish_reason=self.finish_reason,
+        )
+
+    # Called by the engine's thread only.
+    def _sample(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        if self.processors:
+            if self._history is None:
+                self._history = mx.array(self.prompt)
+            logits = apply_processors(self.processors, self._history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = (self.sampler or _greedy)(logprobs)
+        if self.processors:
+            self._history = mx.concatenate([self._history, token.astype(self._history.dtype)])
+        return token, logprobs[0]
+
+    def _accept(self, token: int, logprobs: mx.array) -> GenerationResponse:
+        n = len(self.tokens)
+        self.tokens.append(token)
+        now = time.perf_counter()
+        if n == 0:
+            self.first_token = now
+        finish = None
+        if token in self.stop_tokens:
+            text, finish = self._detok.finalize(), "stop"
+            text, _ = self._stops.feed(text)
+            text += self._stops.flush()
+        else:
+            text, hit = self._stops.feed(self._detok.add_token(token))
+            if hit:
+                finish = "stop"
+            elif n + 1 == self.max_tokens:
+                finish = "context" if len(self.prompt) + n + 1 >= self._limit else "length"
+                tail, hit = self._stops.feed(self._detok.finalize())
+                text += tail + ("" if hit else self._stops.flush())
+        self.text += text
+        self.next_input = token
+        stats = self.stats
+        response = GenerationResponse(
+            text=text, token=token, logprobs=logprobs, prompt_tokens=len(self.prompt),
+            prompt_tps=stats.prompt_tps, generation_tokens=n + 1, generation_tps=stats.generation_tps,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+            time_to_first_token=stats.time_to_first_token,
+        )
+        self._queue.put(response)
+        if finish:
+            self._finish(finish)
+        return response
+
+    def _finish(self, reason: Optional[str], error: Optional[BaseException] = None) -> None:
+        self.finish_reason, self.error = reason, error
+        self.finished = time.perf_counter()
+        self._queue.put(_END)
+
+
+class BatchEngine:
+    """Continuous batching over `model`: `submit` requests from any thread, `step` from one.
+
+    max_kv_bytes: cap on the KV memory of all live sequences (buffers held between steps: the
+    batch's, padding included, and a prefilling newcomer's). A request waits until it fits; one
+    that could never fit alone is refused with `KVCapacityError`. None: no cap.
+    max_batch: most sequences decoding together. prefill_chunk: prompt tokens a newcomer prefills
+    per step, between two batched decode steps of the others.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_kv_bytes: Optional[int] = None,
+                 max_batch: int = 8, prefill_chunk: int = 512):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be at least 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_kv_bytes, self.max_batch, self.prefill_chunk = max_kv_bytes, max_batch, prefill_chunk
+        args = model.args
+        dtype = model.model.compute_dtype or model.model.norm.weight.dtype
+        # Keys and values, every layer, one position.
+        self.bytes_per_token = 2 * len(model.layers) * args.num_key_value_heads * args.head_dim * dtype.size
+        self.cache = [BatchKVCache() for _ in model.layers]
+        self.running: list[BatchRequest] = []
+        self.waiting: deque[BatchRequest] = deque()
+        self._prefill: Optional[tuple[BatchRequest, list[KVCache], list[int]]] = None
+        # The decode step queued last (its rows and their lazy samples), read by the next `step`.
+        self._inflight: Optional[tuple[list[BatchRequest], list]] = None
+        self._incoming: list[BatchRequest] = []
+        self._lock = threading.Condition()
+        self._uid = 0
+        self.driven = False
+        self.steps = 0
+
+    # -- any thread ------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, *, max_tokens: int = 256, sampler: Optional[Sampler] = None,
+               logits_processors: Optional[Sequence[LogitsProcessor]] = None, stop: Optional[Sequence[str]] = None,
+               stop_tokens: Optional[Iterable[int]] = None) -> BatchRequest:
+        """Queue a sequence; returns its handle at once (thread-safe; no MLX work is done here).
+
+        prompt: token ids (or text, or chat messages). sampler: None for greedy (such rows are
+        sampled together). stop_tokens: None for the tokenizer's.
+        Raises ContextLengthError (prompt fills the context) or KVCapacityError (never fits).
+        """
+        ids = _prompt_tokens(self.tokenizer, prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        limit = context_length(self.model)
+        if len(ids) >= limit:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; the model's context holds {limit} (leave room for the answer)"
+            )
+        max_tokens = min(max_tokens, limit - len(ids))
+        stops = set(self.tokenizer.stop_tokens) if stop_tokens is None else {int(t) for t in stop_tokens}
+        with self._lock:
+            self._uid += 1
+            req = BatchRequest(self, self._uid, ids, max_tokens, sampler,
+                               list(logits_processors or []), stops, list(stop or []), limit)
+            if max_tokens < 1:
+                req._finish("length")
+                return req
+            if self.max_kv_bytes is not None and self._bytes_with(req, 0, 0) > self.max_kv_bytes:
+                raise KVCapacityError(
+                    f"a request of {len(ids)} prompt tokens and up to {max_tokens} new ones needs "
+                    f"{self._bytes_with(req, 0, 0)} bytes of KV cache; the engine's cap is {self.max_kv_bytes}"
+                )
+            self._incoming.append(req)
+            self._lock.notify_all()
+        return req
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._incoming or self.waiting or self.running or self._prefill or self._inflight)
+
+    def wait_for_work(self, timeout: Optional[float] = None) -> bool:
+        """Block until a request is submitted or cancelled (or `timeout`); whether there is work."""
+        with self._lock:
+            if not (self._incoming or self.waiting or self.running or self._prefill):
+                self._lock.wait(timeout)
+        return self.has_work()
+
+    def serve(self, stop: threading.Event, poll: float = 0.1) -> None:
+        """Drive `step` on this thread until `stop` is set (a server's worker loop); handles
+        iterated on other threads then block on their queues instead of stepping."""
+        self.driven = True
+        try:
+            while not stop.is_set():
+                if self.wait_for_work(poll):
+                    self.step()
+            # Handles still iterated must not hang: end what is left.
+            self.cancel_all()
+            self.step()
+        finally:
+            self.driven = False
+
+    def start(self) -> None:
+        """Run `serve` on a thread of the engine's own until `close`."""
+        if getattr(self, "_thread", None) is not None:
+            return
+        self._stop = threading.Event()
+        self.driven = True  # before the thread runs: no handle may step meanwhile
+        self._thread = threading.Thread(target=self.serve, args=(self._stop,), name="llama-mlx-batch", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Cancel everything and stop the thread `start` began."""
+        self.cancel_all()
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            self._stop.set()
+            self._wake()
+            thread.join(timeout)
+            self._thread = None
+
+    @property
+    def prefilling(self) -> Optional[BatchRequest]:
+        """The newcomer being prefilled now, if any."""
+        return self._prefill[0] if self._prefill is not None else None
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # -- memory ----------------------------------------------------------------------------
+    def _bytes_with(self, req: BatchRequest, rows: int, limit: int) -> int:
+        """Most KV bytes held while `req` prefills beside `rows` rows whose longest reservation is
+        `limit`, and after it joins them."""
+        batch = (rows + 1) * max(limit, req.reservation)
+        prefill = _round_up(len(req.prompt) - 1, KVCache.step)
+        return (batch + prefill) * self.bytes_per_token
+
+    def _fits(self, req: BatchRequest) -> bool:
+        if len(self.running) >= self.max_batch:
+            return False
+        if self.max_kv_bytes is None:
+            return True
+        limit = max((r.reservation for r in self.running), default=0)
+        return self._bytes_with(req, len(self.running), limit) <= self.max_kv_bytes
+
+    def live_caches(self) -> list:
+        """Every KV cache holding buffers now: the batch's per-layer caches and a newcomer's prefill caches."""
+        caches = list(self.cache)
+        if self._prefill is not None:
+            caches += self._prefill[1]
+        return caches
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV buffers held now (what `max_kv_bytes` caps)."""
+        return sum(c.keys.nbytes + c.values.nbytes for c in self.live_caches() if c.keys is not None)
+
+    # -- the engine's thread ---------------------------------------------------------------
+    def step(self) -> list[tuple[BatchRequest, GenerationResponse]]:
+        """One unit of work: admit, prefill one chunk of a newcomer, queue one batched decode step
+        of the running sequences, then read the step queued before it (so the device never waits
+        on Python). Returns the responses it produced."""
+        with self._lock:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+        self._drop_cancelled()
+        self._retire([i for i, r in enumerate(self.running) if not r.done])
+        if self._prefill is None and self.waiting and self._fits(self.waiting[0]):
+            req = self.waiting.popleft()
+            req.started = time.perf_counter()
+            self._prefill = (req, [KVCache() for _ in self.model.layers], req.prompt[:-1])
+        if self._prefill is not None:
+            try:
+                self._prefill_chunk()
+            except Exception as e:
+                req = self._prefill[0]
+                self._prefill = None
+                req._finish(None, e)
+        queued = None
+        if self.running:
+            try:
+                queued = self._queue_decode()
+            except Exception as e:
+                for r in self.running:
+                    r._finish(None, e)
+                self._retire([])
+        events = self._read(self._inflight)
+        self._inflight = queued
+        self.steps += 1
+        return events
+
+    def _prefill_chunk(self) -> None:
+        req, cache, todo = self._prefill
+        if todo:
+            n = min(self.prefill_chunk, len(todo))
+            self.model(mx.array(todo[:n])[None], cache)
+            mx.eval([c.state for c in cache])
+            todo = todo[n:]
+            self._prefill = (req, cache, todo)
+        if not todo:  # join the batch: its last prompt token goes in with the next decode step
+            for layer, c in zip(self.cache, cache):
+                layer.limit = max(layer.limit or 0, req.reservation)
+                layer.add(c.keys, c.values, c.offset)
+            self._prefill = None
+            self.running.append(req)
+            mx.eval([c.state for c in self.cache])
+            mx.clear_cache()
+
+    def _queue_decode(self) -> tuple[list[BatchRequest], list]:
+        # A row's input is its token of the step still unread, or (a newcomer) its last prompt token.
+        inputs = [r._pending if r._pending is not None else mx.array([r.next_input]) for r in self.running]
+        logits = self.model(mx.concatenate(inputs)[:, None], self.cache)[:, -1, :]
+        # Greedy rows without processors (sampler None) are sampled together, the rest one by one.
+        plain = [b for b, r in enumerate(self.running) if r.sampler is None and not r.processors]
+        sampled: list = [None] * len(self.running)
+        if plain:
+            rows = logits[mx.array(plain)] if len(plain) < len(self.running) else logits
+            logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+            tokens = mx.argmax(logprobs, axis=-1)
+            for i, b in enumerate(plain):
+                sampled[b] = (tokens[i : i + 1], logprobs[i])
+        for b, r in enumerate(self.running):
+            if sampled[b] is None:
+                sampled[b] = r._sample(logits[b : b + 1])
+            r._pending = sampled[b][0]
+        mx.async_eval(sampled)
+        return list(self.running), sampled
+
+    def _read(self, inflight) -> list[tuple[BatchRequest, GenerationResponse]]:
+        if inflight is None:
+            return []
+        events = []
+        for r, (token, logprobs) in zip(*inflight):
+            if r.done:  # finished or cancelled after this step was queued: its token is dropped
+                continue
+            try:
+                events.append((r, r._accept(int(token.item()), logprobs)))
+            except Exception as e:
+                r._finish(None, e)
+        return events
+
+    def _retire(self, keep: list[int]) -> None:
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        limit = max((r.reservation for r in self.running), default=None)
+        for c in self.cache:
+            c.limit = limit
+            c.keep(keep)
+        mx.eval([c.state for c in self.cache])
+        mx.clear_cache()
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self.waiting if r._cancel]:
+            self.waiting.remove(r)
+            r._finish("cancelled")
+        if self._prefill is not None and self._prefill[0]._cancel:
+            self._prefill[0]._finish("cancelled")
+            self._prefill = None
+        if any(r._cancel for r in self.running):
+            for r in self.running:
+                if r._cancel:
+                    r._finish("cancelled")
+            self._retire([i for i, r in enumerate(self.running) if not r.done])
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running sequence (thread-safe)."""
+        with self._lock:
+            for r in [*self._incoming, *self.waiting, *self.running] + ([self._prefill[0]] if self._prefill else []):
+                r._cancel = True
+            self._lock.notify_all()
+
+
+@dataclass
+class BatchResult:
+    """`batch_generate`'s answer: per prompt, its text, its generated token ids and its statistics."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    stats: list[SequenceStats]
+    elapsed: float
+
+    @property
+    def generation_tps(self) -> float:
+        """Generated tokens of all sequences per second of the whole run."""
+        return sum(len(t) for t in self.tokens) / max(self.elapsed, 1e-9)
+
+
+def batch_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    max_tokens: Union[int, Sequence[int]] = 256,
+    sampler: Union[None, Sampler, Sequence[Optional[Sampler]]] = None,
+    logits_processors: Union[None, Sequence[LogitsProcessor], Sequence[Sequence[LogitsProcessor]]] = None,
+    stop: Optional[Sequence[str]] = None,
+    max_kv_bytes: Optional[int] = None,
+    max_batch: int = 32,
+    prefill_chunk: int = 512,
+) -> BatchResult:
+    """Complete every prompt (text, ids or chat messages), decoding them together.
+
+    `max_tokens` and `sampler` may be one for all or one per prompt; `logits_processors` one list
+    for all or a list per prompt. Texts come back in the prompts' order.
+    """
+    n = len(prompts)
+    per = lambda x: list(x) if isinstance(x, (list, tuple)) else [x] * n  # noqa: E731
+    limits, samplers = per(max_tokens), per(sampler)
+    procs = logits_processors
+    if procs and isinstance(procs[0], (list, tuple)):
+        procs = list(procs)
+    else:
+        procs = [procs] * n
+    if not (len(limits) == len(samplers) == len(procs) == n):
+        raise ValueError("per-prompt max_tokens, sampler and logits_processors need one entry per prompt")
+    engine = BatchEngine(model, tokenizer, max_kv_bytes=max_kv_bytes, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    start = time.perf_counter()
+    reqs = [engine.submit(p, max_tokens=m, sampler=s, logits_processors=lp, stop=stop)
+            for p, m, s, lp in zip(prompts, limits, samplers, procs)]
+    try:
+        while not all(r.done for r in reqs):
+            engine.step()
+    finally:
+        engine.cancel_all()
+    for r in reqs:
+        if r.error is not None:
+            raise r.error
+    return BatchResult([r.text for r in reqs], [list(r.tokens) for r in reqs], [r.stats for r in reqs],
+                       time.perf_counter() - start)

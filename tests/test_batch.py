@@ -1,0 +1,215 @@
+"""Continuous batching against independent paths: each batched sequence must equal the same request
+run alone, by `stream_generate` / `generate` on real SmolLM2 and by full no-cache forwards on a tiny
+random float32 model, with sequences joining mid-stream, leaving at different steps, and waiting
+under a KV memory cap."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import llama_mlx
+from llama_mlx import LlamaMLXError, batch_generate
+from llama_mlx.batch import BatchEngine, BatchKVCache, KVCapacityError
+from llama_mlx.cache import KVCache
+from llama_mlx.config import config_from_meta_params
+from llama_mlx.generate import generate, stream_generate
+from llama_mlx.model import Model, ModelArgs
+from llama_mlx.sample import make_logits_processors, make_sampler
+from oracles import TINY_META_PARAMS, meta_to_hf_names, random_meta_state_dict
+
+SMOLLM2 = "weights/SmolLM2-135M-Instruct"
+CHUNK = 8  # small prefill chunks, so a newcomer's prefill spans several of the others' decode steps
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / SMOLLM2
+    model, tokenizer = llama_mlx.load(path)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = dict(TINY_META_PARAMS, dim=128)
+    m = Model(ModelArgs.from_dict(config_from_meta_params(params)))
+    # Large weights make the logits peaked, so greedy choices are far from ties.
+    weights = meta_to_hf_names(random_meta_state_dict(params, seed=7, scale=0.3))
+    m.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(m.parameters())
+    return m
+
+
+def greedy_without_cache(model, prompt, n):
+    tokens, out = list(prompt), []
+    for _ in range(n):
+        t = int(mx.argmax(model(mx.array([tokens]))[0, -1]))
+        out.append(t)
+        tokens.append(t)
+    return out
+
+
+def rand_ids(seed, n):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 256, size=n)]
+
+
+def test_batch_cache_rows_see_what_they_would_alone(tiny):
+    """One batched step over rows of lengths 0, 3 and 11 gives each row the logits of its own
+    cache-free forward (float32: to rounding)."""
+    prompts = [rand_ids(1, 1), rand_ids(2, 4), rand_ids(3, 12)]
+    batch = [BatchKVCache() for _ in tiny.layers]
+    for p in prompts:
+        cache = [KVCache() for _ in tiny.layers]
+        if len(p) > 1:
+            tiny(mx.array([p[:-1]]), cache)
+        for b, c in zip(batch, cache):
+            b.add(c.keys, c.values, c.offset)
+    assert batch[0].lengths == [0, 3, 11]
+    logits = tiny(mx.array([[p[-1]] for p in prompts]), batch)[:, -1]
+    for b, p in enumerate(prompts):
+        want = tiny(mx.array([p]))[0, -1]
+        np.testing.assert_allclose(np.array(logits[b]), np.array(want), atol=1e-4, rtol=1e-4)
+    # Padding is masked: dropping the longest row (capacity shrinks) changes nothing for the others.
+    for c in batch:
+        c.keep([1, 0])
+    assert batch[0].lengths == [4, 1]
+    nxt = [7, 9]
+    logits = tiny(mx.array([[t] for t in nxt]), batch)[:, -1]
+    for b, (p, t) in enumerate([(prompts[1], 7), (prompts[0], 9)]):
+        want = tiny(mx.array([p + [t]]))[0, -1]
+        np.testing.assert_allclose(np.array(logits[b]), np.array(want), atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_join_and_leave_equals_no_cache_greedy(tiny, smol):
+    _, tokenizer = smol
+    eng = BatchEngine(tiny, tokenizer, prefill_chunk=5)
+    specs = [(rand_ids(10, 3), 9), (rand_ids(11, 17), 4), (rand_ids(12, 1), 12), (rand_ids(13, 30), 7)]
+    reqs = []
+    for i, (p, n) in enumerate(specs):
+        reqs.append(eng.submit(p, max_tokens=n, stop_tokens=()))
+        for _ in range(2 + i):
+            eng.step()
+    while eng.has_work():
+        eng.step()
+    for (p, n), r in zip(specs, reqs):
+        assert r.finish_reason == "length"
+        assert r.tokens == greedy_without_cache(tiny, p, n)
+
+
+PROMPTS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Tell me a long story about a dragon who loves mathematics and a brave knight."}],
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "List three colours."}],
+]
+
+
+def alone_tokens(model, tokenizer, prompt, n, **kw):
+    return [r.token for r in stream_generate(model, tokenizer, prompt, n, prefill_step_size=CHUNK, **kw)]
+
+
+def test_smollm2_joining_mid_stream_equals_alone(smol):
+    """Four requests (different prompt lengths, max_tokens, samplers, processors, stop strings) join
+    at different steps, prefill while the others decode, leave at different steps; each gives the
+    tokens and text `stream_generate` gives it alone."""
+    model, tokenizer = smol
+    options = [
+        dict(max_tokens=12),
+        dict(max_tokens=7, logits_processors=make_logits_processors(repetition_penalty=1.3)),
+        dict(max_tokens=10, stop=["4"]),
+        dict(max_tokens=9, seed=3),
+    ]
+
+    def kwargs(o, engine):
+        o = dict(o)
+        seed = o.pop("seed", None)
+        if seed is not None:
+            o["sampler"] = make_sampler(temp=0.8, seed=seed)
+        if not engine:
+            o.pop("max_tokens")
+        return o
+
+    eng = BatchEngine(model, tokenizer, prefill_chunk=CHUNK)
+    reqs, overlapped = [], 0
+    for i, (p, o) in enumerate(zip(PROMPTS, options)):
+        reqs.append(eng.submit(p, **kwargs(o, True)))
+        for _ in range(3):
+            events = eng.step()
+            overlapped += bool(events and eng.prefilling is not None)
+    while eng.has_work():
+        eng.step()
+    assert overlapped > 0  # running streams got tokens while a newcomer was still prefilling
+    ends = set()
+    for p, o, r in zip(PROMPTS, options, reqs):
+        want = list(stream_generate(model, tokenizer, p, o["max_tokens"], prefill_step_size=CHUNK,
+                                    **kwargs(o, False)))
+        assert r.tokens == [w.token for w in want]
+        assert r.text == "".join(w.text for w in want)
+        assert r.finish_reason == want[-1].finish_reason
+        ends.add(r.finished)
+    assert reqs[2].finish_reason == "stop" and "4" not in reqs[2].text
+    assert len(ends) == 4
+
+
+def test_batch_generate_texts_equal_generate_alone(smol):
+    model, tokenizer = smol
+    result = batch_generate(model, tokenizer, PROMPTS[:3], max_tokens=[6, 9, 8], prefill_chunk=CHUNK)
+    for p, n, text, tokens, stats in zip(PROMPTS, [6, 9, 8], result.texts, result.tokens, result.stats):
+        assert text == generate(model, tokenizer, p, n, prefill_step_size=CHUNK)
+        assert stats.generation_tokens == len(tokens) <= n
+        assert stats.prompt_tokens == len(tokenizer.apply_chat_template(p, add_generation_prompt=True))
+        assert stats.time_to_first_token > 0 and stats.finish_reason in ("stop", "length")
+    assert result.generation_tps > 0
+
+
+def test_memory_cap_queues_third_and_is_never_exceeded(tiny, smol):
+    _, tokenizer = smol
+    probe = BatchEngine(tiny, tokenizer)
+    bpt = probe.bytes_per_token
+    # Prompts of 9 tokens, answers of 6, 14 and 8: reservations of 15, 23 and 17 positions. Two fit
+    # beside one prefill (2 * 23 + 256 = 302 positions); a third does not (3 * 23 + 256 = 325).
+    cap = 302 * bpt
+    specs = [(rand_ids(20, 9), 6), (rand_ids(21, 9), 14), (rand_ids(22, 9), 8)]
+    eng = BatchEngine(tiny, tokenizer, max_kv_bytes=cap, prefill_chunk=4)
+    reqs = [eng.submit(p, max_tokens=n, stop_tokens=()) for p, n in specs]
+    peak, third_waited = 0, False
+    while eng.has_work():
+        eng.step()
+        live = sum(a.nbytes for c in eng.live_caches() for a in (c.keys, c.values) if a is not None)
+        peak = max(peak, live)
+        assert live <= cap
+        if reqs[2].started is None and len(eng.running) == 2:
+            third_waited = True
+        if reqs[2].started is not None:
+            assert reqs[0].done  # the third only started once the first had finished
+    assert third_waited and peak > 0
+    for (p, n), r in zip(specs, reqs):
+        assert r.tokens == greedy_without_cache(tiny, p, n)
+
+
+def test_request_that_never_fits_is_refused(tiny, smol):
+    _, tokenizer = smol
+    eng = BatchEngine(tiny, tokenizer, max_kv_bytes=100 * BatchEngine(tiny, tokenizer).bytes_per_token)
+    with pytest.raises(KVCapacityError) as err:
+        eng.submit(rand_ids(1, 200), max_tokens=10, stop_tokens=())
+    assert isinstance(err.value, LlamaMLXError)
+    assert not eng.has_work()
+
+
+def test_cancel_and_threaded_serve(tiny, smol):
+    """A server's shape: a worker thread runs `serve`, other threads submit and iterate handles."""
+    _, tokenizer = smol
+    eng = BatchEngine(tiny, tokenizer, prefill_chunk=4)
+    eng.start()
+    try:
+        keep = eng.submit(rand_ids(30, 6), max_tokens=10, stop_tokens=())
+        dropped = eng.submit(rand_ids(31, 6), max_tokens=200, stop_tokens=())
+        for i, r in enumerate(dropped):
+            if i == 2:
+                dropped.cancel()
+        got = [r.token for r in keep]
+    finally:
+        eng.close(10)
+    assert dropped.finish_reason == "cancelled" and 3 <= len(dropped.tokens) < 200
+    assert got == keep.tokens == greedy_without_cache(tiny, rand_ids(30, 6), 10)
