@@ -1,15 +1,21 @@
 """Named exceptions: the library raises these, the CLI turns them into one line and exit code 1."""
 
 __all__ = [
+    "ArgumentError",
+    "ChatTemplateLimitError",
     "CheckpointError",
     "ConfigError",
     "ContextLengthError",
     "LlamaMLXError",
     "ModelNotFoundError",
+    "OutsideModelError",
     "OutputExistsError",
+    "PromptCacheError",
+    "TokenIdError",
     "TokenizerError",
     "UnsafeCheckpointError",
     "UnsafeOutputError",
+    "VocabularyMismatchError",
 ]
 
 
@@ -47,3 +53,27 @@ class OutputExistsError(LlamaMLXError):
 
 class UnsafeOutputError(LlamaMLXError):
     """An output path is something a save must not replace (a link, device node, FIFO, socket or folder)."""
+
+
+class OutsideModelError(CheckpointError):
+    """A file a checkpoint names (a shard, a tokenizer file) resolves outside the model's folder."""
+
+
+class VocabularyMismatchError(TokenizerError):
+    """The tokenizer produces token ids the model's vocabulary does not have."""
+
+
+class ChatTemplateLimitError(TokenizerError):
+    """A chat template ran past its step, time or output bound."""
+
+
+class PromptCacheError(LlamaMLXError):
+    """A prompt-cache file is truncated, foreign, inconsistent, or saved for another model."""
+
+
+class ArgumentError(LlamaMLXError, ValueError):
+    """An argument is outside the range it may take (a seed, a sampling option)."""
+
+
+class TokenIdError(ArgumentError):
+    """A token id is outside the model's vocabulary."""

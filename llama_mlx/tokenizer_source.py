@@ -11,7 +11,29 @@ from typing import Any, Iterable, Literal, Mapping
 
 from .errors import TokenizerError
 
-__all__ = ["TokenizerKind", "TokenizerSource", "find_tokenizer_source", "folder_eos_token_ids", "is_tiktoken_file"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "TokenizerKind",
+    "TokenizerSource",
+    "check_tokenizer_files",
+    "find_tokenizer_source",
+    "folder_eos_token_ids",
+    "is_tiktoken_file",
+]
+
+# Every file a tokenizer folder may hold, read (or copied by convert) from beside the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+_FOLDER_FILES = TOKENIZER_FILES + ("generation_config.json", "config.json")
 
 TokenizerKind = Literal["tiktoken", "hf-json", "gguf"]
 
@@ -86,6 +108,7 @@ def _find(path: Path, eos: tuple[int, ...]) -> TokenizerSource:
         return TokenizerSource("tiktoken", path, eos)
     if not path.is_dir():
         raise TokenizerError(f"{path}: no such file or folder")
+    check_tokenizer_files(path)
     eos = eos + tuple(folder_eos_token_ids(path))
     model = path / "tokenizer.model"
     if model.is_file() and _tiktoken(model):
@@ -98,6 +121,19 @@ def _find(path: Path, eos: tuple[int, ...]) -> TokenizerSource:
     if len(ggufs) == 1:
         return TokenizerSource("gguf", ggufs[0], eos)
     raise TokenizerError(f"{path}: no tokenizer.model, tokenizer.json or single .gguf file")
+
+
+def check_tokenizer_files(folder: str | Path) -> list[Path]:
+    """The tokenizer (and config) files a folder holds, each checked to resolve inside it.
+
+    Raises OutsideModelError for one that links outside the folder (or its Hugging Face cache
+    repository), TokenizerError for one that is not a regular file.
+    """
+    from .paths import resolve_inside
+
+    folder = Path(folder)
+    return [resolve_inside(folder, n, what="tokenizer file", error=TokenizerError) for n in _FOLDER_FILES
+            if (folder / n).is_symlink() or (folder / n).exists()]
 
 
 def _tiktoken(path: Path) -> bool:
@@ -121,6 +157,8 @@ def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except RecursionError:
+        raise TokenizerError(f"{path}: cannot read (JSON nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{path}: cannot read ({e})") from None
     if not isinstance(data, dict):

@@ -11,7 +11,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
 from ..errors import TokenizerError
-from ..tokenizer_source import folder_eos_token_ids
+from ..tokenizer_source import check_tokenizer_files, folder_eos_token_ids
 from .base import (
     AllowedSpecial,
     BaseTokenizer,
@@ -288,6 +288,7 @@ class HFTokenizer(BaseTokenizer):
         (`chat_template.jinja`, `chat_template.json` or the config) and eos ids of
         `generation_config.json` / `config.json`."""
         folder = Path(folder)
+        check_tokenizer_files(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"{path}: not found")
@@ -577,6 +578,8 @@ def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except RecursionError:
+        raise TokenizerError(f"{path}: cannot read (JSON nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{path}: cannot read ({e})") from None
     if not isinstance(data, dict):
