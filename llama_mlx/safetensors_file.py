@@ -52,7 +52,7 @@ def check_safetensors(path: str | Path, *, error: type[LlamaMLXError] = Checkpoi
         raise error(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise error(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.get("__metadata__", {})
+    meta = header.get("__metadata__") or {}  # mlx writes null
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise error(f"{path}: corrupt safetensors header ('__metadata__' must map strings to strings)")
     data = size - 8 - n
