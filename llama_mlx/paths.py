@@ -14,7 +14,7 @@ from typing import Union
 
 from .errors import CheckpointError, OutsideModelError
 
-__all__ = ["allowed_roots", "is_inside", "resolve_inside"]
+__all__ = ["allowed_roots", "check_folder_files", "is_inside", "resolve_inside"]
 
 PathLike = Union[str, Path]
 
@@ -59,3 +59,11 @@ def resolve_inside(folder: PathLike, name: PathLike, *, what: str = "file",
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{path}: {what} is not a regular file")
     return path
+
+
+def check_folder_files(folder: PathLike, names, *, what: str = "file",
+                       error: type[Exception] = CheckpointError) -> list[Path]:
+    """Those of `names` present in `folder` (links included), each checked by `resolve_inside`."""
+    folder = Path(folder)
+    return [resolve_inside(folder, n, what=what, error=error) for n in names
+            if (folder / n).is_symlink() or (folder / n).exists()]

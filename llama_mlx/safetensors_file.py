@@ -21,6 +21,7 @@ DTYPE_SIZES = {
     "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }
 MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's own limit
+BAD = "truncated or corrupt safetensors file"
 _LOADABLE = set(DTYPE_SIZES) - {"F8_E4M3", "F8_E5M2", "F64"}  # what mx.load reads
 
 
@@ -61,28 +62,30 @@ def check_safetensors(path: str | Path, *, error: type[LlamaMLXError] = Checkpoi
         if name == "__metadata__":
             continue
         if not isinstance(entry, dict):
-            raise error(f"{path}: tensor {name!r:.80}: entry is not an object")
+            raise error(f"{path}: {BAD}: tensor {name!r:.80}: entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in DTYPE_SIZES:
-            raise error(f"{path}: tensor {name!r:.80}: unknown dtype {dtype!r:.40}")
+            raise error(f"{path}: {BAD}: tensor {name!r:.80}: unknown dtype {dtype!r:.40}")
         if dtype not in _LOADABLE:
-            raise error(f"{path}: tensor {name!r:.80}: dtype {dtype} is not supported")
+            raise error(f"{path}: {BAD}: tensor {name!r:.80}: dtype {dtype} is not supported")
         if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0
                                               for d in shape):
-            raise error(f"{path}: tensor {name!r:.80}: shape {shape!r:.80} is not a list of non-negative integers")
+            raise error(f"{path}: {BAD}: tensor {name!r:.80}: shape {shape!r:.80} is not a list of "
+                        "non-negative integers")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets)):
-            raise error(f"{path}: tensor {name!r:.80}: data_offsets {offsets!r:.80} is not [begin, end]")
+            raise error(f"{path}: {BAD}: tensor {name!r:.80}: data_offsets {offsets!r:.80} "
+                        "is not [begin, end]")
         begin, end = offsets
         if not 0 <= begin <= end <= data:
-            raise error(f"{path}: tensor {name!r:.80}: data_offsets [{begin}, {end}] are outside the "
+            raise error(f"{path}: {BAD}: tensor {name!r:.80}: data_offsets [{begin}, {end}] are outside the "
                         f"{data} data bytes (truncated file?)")
         if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise error(f"{path}: tensor {name!r:.80}: data_offsets span {end - begin} bytes, shape "
+            raise error(f"{path}: {BAD}: tensor {name!r:.80}: data_offsets span {end - begin} bytes, shape "
                         f"{shape} of {dtype} needs {math.prod(shape) * DTYPE_SIZES[dtype]}")
         spans.append((begin, end, name))
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise error(f"{path}: tensor {n1!r:.80} overlaps tensor {n0!r:.80} in the data")
+            raise error(f"{path}: {BAD}: tensor {n1!r:.80} overlaps tensor {n0!r:.80} in the data")
     return header

@@ -12,10 +12,10 @@ from typing import Any, Iterable, Literal, Mapping
 from .errors import TokenizerError
 
 __all__ = [
+    "FOLDER_FILES",
     "TOKENIZER_FILES",
     "TokenizerKind",
     "TokenizerSource",
-    "check_tokenizer_files",
     "find_tokenizer_source",
     "folder_eos_token_ids",
     "is_tiktoken_file",
@@ -33,7 +33,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-_FOLDER_FILES = TOKENIZER_FILES + ("generation_config.json", "config.json")
+FOLDER_FILES = TOKENIZER_FILES + ("generation_config.json", "config.json")  # what a tokenizer folder load reads
 
 TokenizerKind = Literal["tiktoken", "hf-json", "gguf"]
 
@@ -108,7 +108,6 @@ def _find(path: Path, eos: tuple[int, ...]) -> TokenizerSource:
         return TokenizerSource("tiktoken", path, eos)
     if not path.is_dir():
         raise TokenizerError(f"{path}: no such file or folder")
-    check_tokenizer_files(path)
     eos = eos + tuple(folder_eos_token_ids(path))
     model = path / "tokenizer.model"
     if model.is_file() and _tiktoken(model):
@@ -121,19 +120,6 @@ def _find(path: Path, eos: tuple[int, ...]) -> TokenizerSource:
     if len(ggufs) == 1:
         return TokenizerSource("gguf", ggufs[0], eos)
     raise TokenizerError(f"{path}: no tokenizer.model, tokenizer.json or single .gguf file")
-
-
-def check_tokenizer_files(folder: str | Path) -> list[Path]:
-    """The tokenizer (and config) files a folder holds, each checked to resolve inside it.
-
-    Raises OutsideModelError for one that links outside the folder (or its Hugging Face cache
-    repository), TokenizerError for one that is not a regular file.
-    """
-    from .paths import resolve_inside
-
-    folder = Path(folder)
-    return [resolve_inside(folder, n, what="tokenizer file", error=TokenizerError) for n in _FOLDER_FILES
-            if (folder / n).is_symlink() or (folder / n).exists()]
 
 
 def _tiktoken(path: Path) -> bool:

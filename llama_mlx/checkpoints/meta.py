@@ -9,8 +9,8 @@ import mlx.core as mx
 
 from ..config import config_from_meta_params
 from ..errors import CheckpointError, ConfigError
-from ..paths import resolve_inside
-from ..tokenizer_source import find_tokenizer_source
+from ..paths import check_folder_files, resolve_inside
+from ..tokenizer_source import FOLDER_FILES, find_tokenizer_source
 from .base import MAX_DIM, MAX_LAYERS, Checkpoint, Tensor, check_config, read_json
 from .keymap import meta_shard_axis, meta_to_hf
 from .safe_pickle import PthTensor, load_pth
@@ -140,6 +140,7 @@ def read_meta(folder: Path, *, rope_factor: float | None = None) -> Checkpoint:
         tied="lm_head.weight" not in tensors,
         rope_factor=rope_factor,
     )
+    check_folder_files(folder, FOLDER_FILES, what="tokenizer file")  # what the tokenizer load reads
     return Checkpoint(
         format="meta",
         path=folder,

@@ -11,7 +11,8 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
 from ..errors import TokenizerError
-from ..tokenizer_source import check_tokenizer_files, folder_eos_token_ids
+from ..paths import check_folder_files
+from ..tokenizer_source import FOLDER_FILES, folder_eos_token_ids
 from .base import (
     AllowedSpecial,
     BaseTokenizer,
@@ -319,7 +320,7 @@ class HFTokenizer(BaseTokenizer):
         (`chat_template.jinja`, `chat_template.json` or the config) and eos ids of
         `generation_config.json` / `config.json`."""
         folder = Path(folder)
-        check_tokenizer_files(folder)
+        check_folder_files(folder, FOLDER_FILES, what="tokenizer file", error=TokenizerError)
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"{path}: not found")
