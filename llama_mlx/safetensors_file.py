@@ -48,14 +48,14 @@ def check_safetensors(path: str | Path, *, error: type[LlamaMLXError] = Checkpoi
     try:
         header = json.loads(raw)
     except RecursionError:
-        raise error(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+        raise error(f"{path}: {BAD} (header: JSON nested too deeply)") from None
     except ValueError as e:
-        raise error(f"{path}: corrupt safetensors header ({e})") from None
+        raise error(f"{path}: {BAD} (header: {e})") from None
     if not isinstance(header, dict):
-        raise error(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise error(f"{path}: {BAD} (header: not a JSON object)")
     meta = header.get("__metadata__") or {}  # mlx writes null
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise error(f"{path}: corrupt safetensors header ('__metadata__' must map strings to strings)")
+        raise error(f"{path}: {BAD} (header: '__metadata__' must map strings to strings)")
     data = size - 8 - n
     spans = []
     for name, entry in header.items():
