@@ -9,12 +9,16 @@ and loads through `state` (its arrays), `meta_state` (its settings) and `from_st
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import mlx.core as mx
+
+from .errors import PromptCacheError
+from .fileio import atomic_path
+from .safetensors_file import check_safetensors
 
 __all__ = [
     "DecodeView",
@@ -23,6 +27,7 @@ __all__ = [
     "QuantizedKVCache",
     "RotatingKVCache",
     "make_prompt_cache",
+    "model_fingerprint",
 ]
 
 
@@ -310,6 +315,7 @@ class PromptCache:
         self.options = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
         self.cache = make_prompt_cache(self.num_layers, **self.options)
         self.tokens: list[int] = []
+        self._model = model  # for its fingerprint, computed when saving or loading
 
     @property
     def offset(self) -> int:
@@ -362,34 +368,160 @@ class PromptCache:
         self.tokens = list(tokens)[: self.offset]
 
     def save(self, path: Union[str, Path], metadata: Optional[dict] = None) -> None:
-        """Write the cache and its tokens to a file (safetensors), atomically."""
+        """Write the cache, its tokens and the model's fingerprint to a file (safetensors), atomically.
+
+        Only a missing path or a regular file is replaced (UnsafeOutputError otherwise).
+        """
         path = Path(path)
         arrays = {f"{i}.{j}": a for i, c in enumerate(self.cache) for j, a in enumerate(c.state)}
         layers = [{"kind": type(c).__name__, "n": len(c.state), **c.meta_state} for c in self.cache]
+        info = {"tokens": list(map(int, self.tokens)), "layers": layers, "fingerprint": self._fingerprint}
         header = {
-            "llama_mlx": json.dumps({"tokens": list(map(int, self.tokens)), "layers": layers}),
+            "llama_mlx": json.dumps(info),
             "metadata": json.dumps({"options": self.options, **(metadata or {})}),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")  # mlx appends the suffix otherwise
-        try:
+        with atomic_path(path, suffix=".safetensors") as tmp:  # mlx appends the suffix otherwise
             mx.save_safetensors(str(tmp), arrays, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, model, path: Union[str, Path]) -> tuple["PromptCache", dict]:
-        """Read what `save` wrote: (prompt cache, metadata)."""
-        arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
-        info = json.loads(header["llama_mlx"])
+        """Read what `save` wrote: (prompt cache, metadata).
+
+        Raises PromptCacheError naming the file when it is truncated, not a prompt cache, saved for
+        another model, or inconsistent (token count, cache kinds and options, array shapes).
+        """
+        path = Path(path)
+        check_safetensors(path, error=PromptCacheError)
+        try:
+            arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise PromptCacheError(f"{path}: unreadable prompt cache: {str(e).split('] ', 1)[-1]}") from None
+        info = _header_json(header, "llama_mlx", path)
+        metadata = _header_json(header, "metadata", path, default={})
+        pc = cls(model, **_checked_options(metadata.pop("options", {}), path))
+        if not isinstance(info, dict) or set(info) - {"tokens", "layers", "fingerprint"}:
+            raise PromptCacheError(f"{path}: not a llama-mlx prompt cache (unexpected header)")
+        if info.get("fingerprint") != pc._fingerprint:
+            raise PromptCacheError(f"{path}: the prompt cache was saved for another model")
+        tokens = info.get("tokens")
+        vocab = model.args.vocab_size
+        if not isinstance(tokens, list) or not all(_is_int(t) and 0 <= t < vocab for t in tokens):
+            raise PromptCacheError(f"{path}: 'tokens' must be a list of token ids below {vocab}")
+        layers = info.get("layers")
+        if not isinstance(layers, list) or len(layers) != pc.num_layers:
+            n = len(layers) if isinstance(layers, list) else "no"
+            raise PromptCacheError(f"{path}: cache has {n} layers, the model {pc.num_layers}")
+        expected = {type(c) for c in pc.cache}
+        names = set()
         cache = []
-        for i, layer in enumerate(info["layers"]):
-            meta = {k: v for k, v in layer.items() if k not in ("kind", "n")}
-            state = [arrays[f"{i}.{j}"] for j in range(layer["n"])]
-            cache.append(_KINDS[layer["kind"]].from_state(state, meta))
-        if len(cache) != len(model.layers):
-            raise ValueError(f"{path}: cache has {len(cache)} layers, the model {len(model.layers)}")
-        metadata = json.loads(header.get("metadata", "{}"))
-        pc = cls(model, **metadata.pop("options", {}))
-        pc.cache, pc.tokens = cache, info["tokens"]
+        for i, layer in enumerate(layers):
+            c = _checked_layer(i, layer, arrays, expected, pc, model, len(tokens), path)
+            names |= {f"{i}.{j}" for j in range(layer["n"])}
+            cache.append(c)
+        if set(arrays) != names:
+            extra = sorted(set(arrays) - names)
+            raise PromptCacheError(f"{path}: unexpected array {extra[0]!r:.40} in the prompt cache")
+        pc.cache, pc.tokens = cache, tokens
         return pc, metadata
+
+    @property
+    def _fingerprint(self) -> Optional[str]:
+        return model_fingerprint(self._model) if hasattr(self._model, "args") else None
+
+
+def model_fingerprint(model) -> str:
+    """What identifies a model to its saved caches: its shape and its final norm's weights (as bfloat16)."""
+    a = model.args
+    h = hashlib.sha256(json.dumps([len(model.layers), a.hidden_size, a.num_attention_heads,
+                                   a.num_key_value_heads, a.head_dim, a.vocab_size]).encode())
+    norm = getattr(getattr(getattr(model, "model", None), "norm", None), "weight", None)
+    if norm is not None:
+        h.update(memoryview(mx.contiguous(norm.astype(mx.bfloat16).view(mx.uint16))).cast("B"))
+    return h.hexdigest()[:32]
+
+
+_LAYER_META = {"KVCache": set(), "RotatingKVCache": {"max_size", "keep", "offset"},
+               "QuantizedKVCache": {"bits", "group_size"}}
+_STATE_ARRAYS = {"KVCache": 2, "RotatingKVCache": 2, "QuantizedKVCache": 6}
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _header_json(header: dict, key: str, path: Path, default=None):
+    if key not in header:
+        if default is not None:
+            return default
+        raise PromptCacheError(f"{path}: not a llama-mlx prompt cache (no {key!r} header)")
+    try:
+        value = json.loads(header[key])
+    except RecursionError:
+        raise PromptCacheError(f"{path}: corrupt prompt cache ({key!r} nested too deeply)") from None
+    except ValueError as e:
+        raise PromptCacheError(f"{path}: corrupt prompt cache ({key!r}: {e})") from None
+    if default is not None and not isinstance(value, dict):
+        raise PromptCacheError(f"{path}: corrupt prompt cache ({key!r} is not an object)")
+    return value
+
+
+def _checked_options(options, path: Path) -> dict:
+    if not isinstance(options, dict) or set(options) - {"max_kv_size", "kv_bits", "kv_group_size"}:
+        raise PromptCacheError(f"{path}: prompt cache options {options!r:.120} are not max_kv_size/kv_bits/kv_group_size")
+    size, bits, group = options.get("max_kv_size"), options.get("kv_bits"), options.get("kv_group_size", 64)
+    if size is not None and not (_is_int(size) and 4 < size <= 1 << 30):
+        raise PromptCacheError(f"{path}: prompt cache option max_kv_size {size!r:.40} is not a size")
+    if bits is not None and not (_is_int(bits) and bits in (2, 3, 4, 5, 6, 8)):
+        raise PromptCacheError(f"{path}: prompt cache option kv_bits {bits!r:.40} is not 2, 3, 4, 5, 6 or 8")
+    if not (_is_int(group) and group in (32, 64, 128)):
+        raise PromptCacheError(f"{path}: prompt cache option kv_group_size {group!r:.40} is not 32, 64 or 128")
+    if size is not None and bits is not None:
+        raise PromptCacheError(f"{path}: prompt cache options ask for a rotating and a quantized cache")
+    return {"max_kv_size": size, "kv_bits": bits, "kv_group_size": group}
+
+
+def _checked_layer(i, layer, arrays, expected, pc, model, n_tokens, path) -> KVCache:
+    where = f"{path}: layer {i}"
+    if not isinstance(layer, dict) or layer.get("kind") not in _KINDS:
+        raise PromptCacheError(f"{where}: unknown cache kind {layer.get('kind') if isinstance(layer, dict) else layer!r:.40}")
+    kind = layer["kind"]
+    cls = _KINDS[kind]
+    if cls not in expected:
+        raise PromptCacheError(f"{where}: a {kind} where the saved options make a {next(iter(expected)).__name__}")
+    meta = {k: v for k, v in layer.items() if k not in ("kind", "n")}
+    if set(meta) != _LAYER_META[kind] or not all(_is_int(v) for v in meta.values()):
+        raise PromptCacheError(f"{where}: {kind} settings must be the integers {sorted(_LAYER_META[kind])}")
+    n = layer.get("n")
+    if n != (_STATE_ARRAYS[kind] if n_tokens else 0):
+        raise PromptCacheError(f"{where}: {n!r:.20} arrays do not fit a {kind} of {n_tokens} tokens")
+    state = []
+    for j in range(n):
+        if f"{i}.{j}" not in arrays:
+            raise PromptCacheError(f"{where}: array {i}.{j} is missing")
+        state.append(arrays[f"{i}.{j}"])
+    o = pc.options
+    a = model.args
+    if kind == "RotatingKVCache":
+        if meta["max_size"] != o["max_kv_size"] or meta["keep"] != 4 or meta["offset"] != n_tokens:
+            raise PromptCacheError(f"{where}: rotating cache settings {meta} do not fit the options and "
+                                   f"{n_tokens} tokens")
+        length = min(n_tokens, meta["max_size"])
+    else:
+        length = n_tokens
+    if kind == "QuantizedKVCache":
+        if meta["bits"] != o["kv_bits"] or meta["group_size"] != o["kv_group_size"]:
+            raise PromptCacheError(f"{where}: quantized cache settings {meta} do not fit the options")
+        bits, group = meta["bits"], meta["group_size"]
+        if a.head_dim % group or (a.head_dim * bits) % 32:
+            raise PromptCacheError(f"{where}: kv_group_size {group} does not fit the head size {a.head_dim}")
+        lasts = [a.head_dim * bits // 32, a.head_dim // group, a.head_dim // group] * 2
+        dtypes = [(mx.uint32,), _FLOATS, _FLOATS] * 2
+    else:
+        lasts, dtypes = [a.head_dim] * 2, [_FLOATS] * 2
+    for j, (arr, last, ok) in enumerate(zip(state, lasts, dtypes)):
+        want = (1, a.num_key_value_heads, length, last)
+        if tuple(arr.shape) != want or arr.dtype not in ok:
+            raise PromptCacheError(f"{where}: array {i}.{j} is {arr.dtype}{list(arr.shape)}, the model and "
+                                   f"{n_tokens} tokens need {list(want)}")
+    return cls.from_state(state, meta)

@@ -10,8 +10,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -27,18 +29,20 @@ from .checkpoints.gguf_lazy import conversion_summary, track_conversion_error
 from .checkpoints.plan import check_options, main_dtype, plan
 from .checkpoints.writer import (
     Progress,
+    SourceReadError,
     fsync_dir,
     generation_config_for,
     write_json,
     write_tokenizer,
     write_weights,
 )
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError, OutputExistsError, UnsafeOutputError
+from .fileio import check_replaceable
 from .hub import is_hub_id
 from .loading import resolve_model
 from .tokenizer import load_tokenizer
 
-__all__ = ["ConvertResult", "Progress", "convert"]
+__all__ = ["ConvertResult", "MARKER_KEY", "Progress", "check_replaceable_model", "convert"]
 
 
 @dataclass
@@ -103,9 +107,18 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
         if generation:
             write_json(tmp / "generation_config.json", generation)
         fsync_dir(tmp)
-        if (dst.exists() or dst.is_symlink()) and not force:  # appeared while we were writing
-            raise OutputExistsError(f"{dst}: already exists (use --force to replace it)")
+        if dst.exists() or dst.is_symlink():  # appeared (or changed) while we were writing
+            if not force:
+                raise OutputExistsError(f"{dst}: already exists (use --force to replace it)")
+            check_replaceable_model(dst)
         old = _swap_into_place(tmp, dst)  # the one step that makes the new model visible
+    except SourceReadError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        t = ckpt.tensors.get(e.tensor)
+        where = t.file if t is not None else ckpt.path
+        msg = str(e).split("] ", 1)[-1]
+        raise CheckpointError(f"{where}: truncated or unreadable while converting (tensor {e.tensor!r}): "
+                              f"{msg}") from None
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         what = Path(e.filename).name if isinstance(e.filename, str) and e.filename else "the output"
@@ -139,6 +152,44 @@ def _check_target(src: Path, dst: Path, force: bool) -> None:
         s, d = src.resolve(), dst.resolve()
         if s == d or d in s.parents:
             raise OutputExistsError(f"{dst}: is the source checkpoint (or holds it); refusing to replace it")
+        check_replaceable_model(dst)
+
+
+MARKER_KEY = "converted_from"  # config.json of every folder convert writes carries it, naming the converter
+
+
+def check_replaceable_model(dst: Path) -> None:
+    """Raise UnsafeOutputError unless `dst` is an empty folder or a model folder this tool wrote.
+
+    Ours: a real folder (not a link) whose config.json is a regular file naming llama-mlx as its
+    converter (`converted_from.converter`). Links, files, device nodes, FIFOs and sockets are refused.
+    """
+    try:
+        st = os.lstat(dst)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UnsafeOutputError(f"{dst}: cannot check the target: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeOutputError(f"{dst}: is a symbolic link; refusing to replace it")
+    if not stat.S_ISDIR(st.st_mode):
+        check_replaceable(dst)  # names a link, device, FIFO or socket
+        raise UnsafeOutputError(f"{dst}: is a file, not a model folder; refusing to replace it")
+    if not any(os.scandir(dst)):
+        return
+    config = dst / "config.json"
+    try:
+        ours = stat.S_ISREG(os.lstat(config).st_mode)
+        if ours:
+            with open(config, encoding="utf-8") as f:
+                data = json.load(f)
+            origin = data.get(MARKER_KEY) if isinstance(data, dict) else None
+            ours = isinstance(origin, dict) and str(origin.get("converter", "")).startswith("llama-mlx")
+    except (OSError, ValueError, RecursionError):
+        ours = False
+    if not ours:
+        raise UnsafeOutputError(f"{dst}: is not a model folder llama-mlx wrote (no config.json with "
+                                f"{MARKER_KEY}); refusing to replace it")
 
 
 def _output_config(ckpt: Checkpoint, quantization: dict | None, dtype: mx.Dtype) -> dict:
@@ -150,7 +201,7 @@ def _output_config(ckpt: Checkpoint, quantization: dict | None, dtype: mx.Dtype)
     if quantization:
         config["quantization"] = quantization
         config["quantization_config"] = quantization  # mlx-lm writes both
-    config["converted_from"] = {
+    config[MARKER_KEY] = {
         "format": ckpt.format,
         "path": str(ckpt.path.resolve()),
         "files": [f.name for f in ckpt.files],

@@ -229,7 +229,8 @@ def shard_model(model: nn.Module, g: mx.distributed.Group, *, pipeline: bool = F
 
 
 def load_sharded(path: str | Path | None = None, g: Optional[mx.distributed.Group] = None, *,
-                 pipeline: bool = False, dtype: Optional[str] = None, rope_factor: Optional[float] = None):
+                 pipeline: bool = False, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
+                 allow_vocab_mismatch: bool = False):
     """This rank's shard of a model, and the tokenizer: `(model, tokenizer)`, called like `load`'s.
 
     path: as for `llama_mlx.load` (any checkpoint layout). g: the group (default: `group()`).
@@ -242,14 +243,17 @@ def load_sharded(path: str | Path | None = None, g: Optional[mx.distributed.Grou
     from .checkpoints import LazyWeights, read_checkpoint
     from .checkpoints.base import parse_dtype
     from .checkpoints.plan import main_dtype
-    from .loading import build_model, resolve_model
+    from .loading import build_model, check_vocabulary, resolve_model
+    from .tokenizer import load_tokenizer
 
     g = g if g is not None else group()
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     source = str(ckpt.path)
     plan(ckpt.config, g.size(), g.rank(), pipeline=pipeline, source=source)  # refuse before reading
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
-    tokenizer = ckpt.make_tokenizer()
+    tokenizer = load_tokenizer(ckpt.tokenizer_source or ckpt.path)
+    if not allow_vocab_mismatch:
+        check_vocabulary(tokenizer, ckpt.config["vocab_size"], ckpt.path)
     model = shard_model(build_model(ckpt.config, weights, source=ckpt.path), g, pipeline=pipeline, source=source)
     del weights, ckpt
     # Fused q/k/v would undo the split; the backend seam fits the rest (compute dtype, CPU threads).

@@ -1,6 +1,8 @@
 """Named exceptions: the library raises these, the CLI turns them into one line and exit code 1."""
 
 __all__ = [
+    "ArgumentError",
+    "ChatTemplateLimitError",
     "CheckpointError",
     "ConfigError",
     "ContextLengthError",
@@ -8,11 +10,15 @@ __all__ = [
     "LlamaMLXError",
     "ModelNotFoundError",
     "OutputExistsError",
+    "OutsideModelError",
+    "PromptCacheError",
     "RemovalRefusedError",
     "ShardError",
+    "TokenIdError",
     "TokenizerError",
     "UnsafeCheckpointError",
     "UnsafeOutputError",
+    "VocabularyMismatchError",
 ]
 
 
@@ -62,3 +68,27 @@ class RemovalRefusedError(LlamaMLXError):
 
 class ShardError(LlamaMLXError):
     """A model does not split over the distributed group as asked (heads, KV heads or layers)."""
+
+
+class OutsideModelError(CheckpointError):
+    """A file a checkpoint names (a shard, a tokenizer file) resolves outside the model's folder."""
+
+
+class VocabularyMismatchError(TokenizerError):
+    """The tokenizer produces token ids the model's vocabulary does not have."""
+
+
+class ChatTemplateLimitError(TokenizerError):
+    """A chat template ran past its step, time or output bound."""
+
+
+class PromptCacheError(LlamaMLXError):
+    """A prompt-cache file is truncated, foreign, inconsistent, or saved for another model."""
+
+
+class ArgumentError(LlamaMLXError, ValueError):
+    """An argument is outside the range it may take (a seed, a sampling option)."""
+
+
+class TokenIdError(ArgumentError):
+    """A token id is outside the model's vocabulary."""

@@ -17,11 +17,11 @@ import mlx.nn as nn
 from . import backends
 from .backends import Step
 from .cache import PromptCache, RotatingKVCache, make_prompt_cache
-from .errors import ContextLengthError
+from .errors import ContextLengthError, TokenIdError
 from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
 
-__all__ = ["GenerationResponse", "Prompt", "PromptCache", "context_length", "generate", "generate_step",
-           "stream_generate"]
+__all__ = ["GenerationResponse", "Prompt", "PromptCache", "check_token_ids", "context_length", "generate",
+           "generate_step", "stream_generate"]
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -79,6 +79,7 @@ def generate_step(
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt must be a non-empty 1-D array of token ids")
+    check_token_ids(prompt, model)
     if step is not None and prompt_cache is None:
         raise ValueError("a step runs over a given cache: pass that prompt_cache too")
     sampler = sampler or make_sampler()
@@ -122,6 +123,22 @@ def generate_step(
             token, logprobs = next_token, next_logprobs
         if n % 256 == 255:
             mx.clear_cache()
+
+
+def check_token_ids(ids: Union[mx.array, Sequence[int]], model: nn.Module) -> None:
+    """Raise TokenIdError unless every id is in [0, vocab_size): MLX's gather does not check bounds."""
+    vocab = int(model.args.vocab_size)
+    if isinstance(ids, mx.array):
+        if not mx.issubdtype(ids.dtype, mx.integer):
+            raise TokenIdError(f"token ids must be integers, found {ids.dtype}")
+        low, high = mx.min(ids).item(), mx.max(ids).item()
+    else:
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise TokenIdError("token ids must be integers")
+        low, high = min(ids), max(ids)
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise TokenIdError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
 
 
 def _prompt_tokens(tokenizer: Any, prompt: Prompt) -> list[int]:
@@ -191,6 +208,7 @@ def stream_generate(
     ids = _prompt_tokens(tokenizer, prompt)
     if not ids:
         raise ValueError("empty prompt")
+    check_token_ids(ids, model)
     pc = prompt_cache or PromptCache(model, max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
     rotating = isinstance(pc.cache[0], RotatingKVCache)
     limit = context_length(model)

@@ -28,6 +28,8 @@ GGML_TYPES = {
 # GGUF metadata value types: struct format of the scalars, 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+MAX_ARRAY_NESTING = 4  # arrays of arrays of ...: llama.cpp itself writes at most one level
+MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,29 @@ class _Reader:
         except UnicodeDecodeError:
             raise self.error(f"{self.path}: corrupt GGUF header (a string is not UTF-8)") from None
 
-    def value(self, vtype: int):
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def value(self, vtype: int, key: str, depth: int = 0):
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise self.error(f"{self.path}: corrupt GGUF header (metadata {key!r:.80} nests arrays more "
+                                 f"than {MAX_ARRAY_NESTING} deep)")
             itype, count = self.scalar("<I"), self.scalar("<Q")
             if itype in _SCALARS:  # numeric arrays in one go
                 fmt = _SCALARS[itype]
                 return np.frombuffer(self.take(struct.calcsize(fmt) * count), dtype=np.dtype(fmt)).tolist()
-            return [self.value(itype) for _ in range(count)]
-        raise self.error(f"{self.path}: corrupt GGUF header (unknown value type {vtype})")
+            if itype not in (_STRING, _ARRAY):
+                raise self.error(f"{self.path}: corrupt GGUF header (metadata {key!r:.80} is an array of "
+                                 f"unknown type {itype})")
+            if count * (8 if itype == _STRING else 12) > self.left():  # every item takes its length field
+                raise self.error(f"{self.path}: truncated GGUF header (metadata {key!r:.80} claims {count} items)")
+            return [self.value(itype, key, depth + 1) for _ in range(count)]
+        raise self.error(f"{self.path}: corrupt GGUF header (metadata {key!r:.80} has unknown value type {vtype})")
 
 
 def _parse(path: Path, error: type[LlamaMLXError], with_tensors: bool) -> GGUFHeader:
@@ -98,20 +111,35 @@ def _parse(path: Path, error: type[LlamaMLXError], with_tensors: bool) -> GGUFHe
     if version not in (2, 3):
         raise error(f"{path}: unsupported GGUF version {version}")
     n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+    if n_kv * 12 > r.left() or n_tensors * 24 > r.left():  # the smallest key/value and tensor entries
+        raise error(f"{path}: truncated GGUF header (claims {n_kv} metadata keys and {n_tensors} tensors)")
     metadata = {}
     for _ in range(n_kv):
         key = r.string()
-        metadata[key] = r.value(r.scalar("<I"))
+        if key in metadata:
+            raise error(f"{path}: corrupt GGUF header (metadata {key!r:.80} appears twice)")
+        metadata[key] = r.value(r.scalar("<I"), key)
+    align = metadata.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise error(f"{path}: GGUF metadata 'general.alignment' must be a power of two, found {align!r:.40}")
     tensors: dict[str, GGUFTensorInfo] = {}
     if with_tensors:
         infos = []
         for _ in range(n_tensors):
             name = r.string()
-            dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]
+            n_dims = r.scalar("<I")
+            if n_dims > MAX_DIMS:
+                raise error(f"{path}: corrupt GGUF header (tensor {name!r:.80} has {n_dims} dimensions)")
+            dims = [r.scalar("<Q") for _ in range(n_dims)]
             type_id, offset = r.scalar("<I"), r.scalar("<Q")
+            if offset % align:
+                raise error(f"{path}: corrupt GGUF header (tensor {name!r:.80} is not aligned to {align} bytes)")
+            if any(d >= 1 << 48 for d in dims):
+                raise error(f"{path}: corrupt GGUF header (tensor {name!r:.80} has dimensions {dims})")
             infos.append((name, tuple(reversed(dims)), type_id, offset))
-        align = int(metadata.get("general.alignment", 32))
         start = (r.pos + align - 1) // align * align
+        if len({i[0] for i in infos}) != len(infos):
+            raise error(f"{path}: corrupt GGUF header (a tensor name appears twice)")
         for name, shape, type_id, offset in infos:
             kind = GGML_TYPES.get(type_id, f"type {type_id}")
             tensors[name] = GGUFTensorInfo(name, shape, kind, start + offset)

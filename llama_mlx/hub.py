@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import HubError, ModelNotFoundError
 
-__all__ = ["HubModel", "PullResult", "cache_dir", "is_hub_id", "model_spec", "parse_hub_id", "pull",
+__all__ = ["HubModel", "PullResult", "cache_dir", "fetch", "is_hub_id", "model_spec", "parse_hub_id",
            "resolve", "show_progress"]
 
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?::(?P<pick>[^/:\s]+))?$")
@@ -206,7 +206,7 @@ def resolve(model: str | HubModel, *, refresh: bool = False) -> Path:
     HubError (a ModelNotFoundError) with one line naming the id when offline and not cached,
     when the hub cannot be reached, for gated or missing repos, and for ambiguous GGUF picks.
     """
-    return _fetch(model if isinstance(model, HubModel) else _parse(model), refresh=refresh)[0]
+    return fetch(model if isinstance(model, HubModel) else _parse(model), refresh=refresh)[0]
 
 
 def _parse(model: str) -> HubModel:
@@ -216,7 +216,7 @@ def _parse(model: str) -> HubModel:
     return spec
 
 
-def _fetch(spec: HubModel, *, refresh: bool) -> tuple[Path, str, list[str]]:
+def fetch(spec: HubModel, *, refresh: bool) -> tuple[Path, str, list[str]]:
     from huggingface_hub import is_offline_mode
 
     if not refresh or is_offline_mode():
@@ -357,40 +357,3 @@ def _hub_errors(spec: HubModel):
         why = str(e).strip() or type(e).__name__
         raise HubError(f"{unreachable} ({why}); check the connection, or set HF_HUB_OFFLINE=1 to use "
                        "only cached models") from None
-
-
-# --------------------------------------------------------------------------------------------
-# pull
-
-
-def default_name(spec: HubModel, path: Path, *, quantize: bool = False, bits: int = 4) -> str:
-    """The weights-folder name a converted hub model gets: the repo name (or GGUF file stem)[-<bits>bit]."""
-    name = path.stem if path.suffix == ".gguf" else spec.repo_id.split("/", 1)[1]
-    return f"{name}-{bits}bit" if quantize else name
-
-
-def pull(model: str, *, gguf_file: str | None = None, convert: bool = False, quantize: bool = False,
-         bits: int = 4, group_size: int = 64, dtype: str | None = None, output: str | Path | None = None,
-         force: bool = False, progress=None) -> PullResult:
-    """Download (or refresh) a hub model into the HF cache; with `convert`, also write an MLX folder.
-
-    The hub is always asked (unless HF_HUB_OFFLINE, where a complete cached copy is enough).
-    convert/quantize/bits/group_size/dtype/force/progress go to `llama_mlx.convert.convert`;
-    output defaults to weights/<repo name>[-<bits>bit] (a GGUF: its file stem).
-    """
-    spec = parse_hub_id(model, gguf_file)
-    if spec is None:
-        raise ModelNotFoundError(f"{model}: not a Hugging Face id (expected org/name or org/name:QUANT)")
-    path, kind, files = _fetch(spec, refresh=True)
-    folder = path.parent if kind == "gguf" else path
-    size = sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
-    result = PullResult(spec, path, files, size)
-    if convert or quantize:
-        from .convert import convert as run_convert
-        from .loading import weights_dir
-
-        dst = Path(output) if output is not None else weights_dir() / default_name(spec, path, quantize=quantize,
-                                                                                   bits=bits)
-        result.converted = run_convert(path, dst, quantize=quantize, bits=bits, group_size=group_size, dtype=dtype,
-                                       force=force, progress=progress)
-    return result

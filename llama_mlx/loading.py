@@ -22,7 +22,7 @@ from . import backends
 from .checkpoints import LazyWeights, read_checkpoint
 from .checkpoints.base import parse_dtype
 from .checkpoints.plan import main_dtype
-from .errors import CheckpointError, ModelNotFoundError, OutputExistsError
+from .errors import CheckpointError, ModelNotFoundError, OutputExistsError, VocabularyMismatchError
 from .tokenizer import load_tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -33,7 +33,8 @@ DEFAULT_WHEEL = {
     "member_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
 
-__all__ = ["DEFAULT_MODEL", "load", "load_checkpoint", "resolve_model", "weights_dir"]
+__all__ = ["DEFAULT_MODEL", "check_vocabulary", "load", "load_checkpoint", "max_token_id", "resolve_model",
+           "weights_dir"]
 
 
 def weights_dir() -> Path:
@@ -89,7 +90,8 @@ def load_checkpoint(path: str | Path, *, rope_factor: float | None = None) -> tu
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool = True,
-         rope_factor: float | None = None, fuse: bool | None = None, distributed: bool | str | None = None):
+         rope_factor: float | None = None, fuse: bool | None = None, distributed: bool | str | None = None,
+         allow_vocab_mismatch: bool = False):
     """Load a model and its tokenizer from a Meta folder, HF folder, GGUF file or MLX folder.
 
     path: a file, a folder, a model name under the weights folder, or None for the default model.
@@ -100,6 +102,9 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     distributed: None shards the model tensor-parallel when this process is one rank of a group
     of several (started by `mlx.launch`), "pipeline" splits its layers instead, "tensor" (or True)
     asks for tensor parallel, False never shards (see `llama_mlx.distributed.load_sharded`).
+    A tokenizer with ids past the model's vocabulary is refused (VocabularyMismatchError) unless
+    `allow_vocab_mismatch` (tiny test models paired with a real tokenizer; ids are still range-checked
+    when they reach generation).
     """
     if distributed not in (None, False, True, "tensor", "pipeline"):
         raise ValueError(f"distributed must be None, False, True, 'tensor' or 'pipeline', not {distributed!r}")
@@ -109,10 +114,12 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
         group = dist.group()
         if group.size() > 1 or distributed is not None:
             return dist.load_sharded(path, group, pipeline=distributed == "pipeline", dtype=dtype,
-                                     rope_factor=rope_factor)
+                                     rope_factor=rope_factor, allow_vocab_mismatch=allow_vocab_mismatch)
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = load_tokenizer(ckpt.tokenizer_source or ckpt.path)
+    if not allow_vocab_mismatch:
+        check_vocabulary(tokenizer, ckpt.config["vocab_size"], ckpt.path)
     model = backends.prepare(build_model(ckpt.config, weights, source=ckpt.path), fuse=fuse)
     del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
     if not lazy:
@@ -121,6 +128,25 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
             mx.eval(layer.parameters())
         mx.eval(model.parameters())
     return model, tokenizer
+
+
+def max_token_id(tokenizer: Any) -> int:
+    """The largest id a tokenizer can produce (added tokens included)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "get_vocab"):
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if vocab:
+            return max(max(vocab.values()), tokenizer.vocab_size - 1)
+    return int(tokenizer.vocab_size) - 1
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int, source: Path | str) -> None:
+    """Raise VocabularyMismatchError when the tokenizer makes ids the model has no embedding for."""
+    top = max_token_id(tokenizer)
+    if top >= vocab_size:
+        raise VocabularyMismatchError(
+            f"{source}: the tokenizer makes token ids up to {top}, the model's vocabulary (vocab_size) "
+            f"holds {vocab_size}: tokenizer and model do not belong together")
 
 
 def build_model(config: dict, weights: Mapping[str, mx.array], *, source: Path | None = None):

@@ -8,9 +8,12 @@ A sampler maps log-probabilities `[B, vocab]` to token ids `[B]`. Two orders:
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
+
+from .errors import ArgumentError
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -76,11 +79,19 @@ def make_sampler(
     order: str = "mlx",
     seed: Optional[int] = None,
 ) -> Sampler:
-    """A sampler closure: greedy at temp 0; `seed` makes the draws reproducible."""
+    """A sampler closure: greedy at temp 0; `seed` (0 <= seed < 2**64) makes the draws reproducible.
+
+    Raises ArgumentError (a ValueError) for an option out of its range.
+    """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ArgumentError(f"seed must be an integer from 0 to 2**64 - 1, found {seed!r:.40}")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+               for x in (temp, top_p, min_p)) or isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ArgumentError("temp, top_p and min_p must be finite numbers and top_k an integer")
     if temp < 0 or not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
-        raise ValueError("need temp >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p <= 1")
+        raise ArgumentError("need temp >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p <= 1")
     if order not in ("mlx", "meta"):
-        raise ValueError(f"unknown sampling order {order!r}: use 'mlx' or 'meta'")
+        raise ArgumentError(f"unknown sampling order {order!r}: use 'mlx' or 'meta'")
     if temp == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
 

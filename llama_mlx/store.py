@@ -13,10 +13,14 @@ import shutil
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import LlamaMLXError, ModelNotFoundError, RemovalRefusedError
 
-__all__ = ["ModelEntry", "find_model", "list_models", "remove_model"]
+if TYPE_CHECKING:
+    from .hub import HubModel, PullResult
+
+__all__ = ["ModelEntry", "default_name", "find_model", "list_models", "pull", "remove_model"]
 
 WEIGHTS, HF_CACHE = "weights", "hf-cache"
 
@@ -262,3 +266,36 @@ def remove_model(name: str) -> ModelEntry:
     if repo.repo_path.exists():  # a repo with no complete revision: nothing of it is referenced any more
         shutil.rmtree(repo.repo_path, ignore_errors=True)
     return entry
+
+
+def default_name(spec: "HubModel", path: Path, *, quantize: bool = False, bits: int = 4) -> str:
+    """The weights-folder name a converted hub model gets: the repo name (or GGUF file stem)[-<bits>bit]."""
+    name = path.stem if path.suffix == ".gguf" else spec.repo_id.split("/", 1)[1]
+    return f"{name}-{bits}bit" if quantize else name
+
+
+def pull(model: str, *, gguf_file: str | None = None, convert: bool = False, quantize: bool = False,
+         bits: int = 4, group_size: int = 64, dtype: str | None = None, output: str | Path | None = None,
+         force: bool = False, progress=None) -> "PullResult":
+    """Download (or refresh) a hub model into the HF cache; with `convert`, also write an MLX folder.
+
+    The hub is always asked (unless HF_HUB_OFFLINE, where a complete cached copy is enough).
+    convert/quantize/bits/group_size/dtype/force/progress go to `llama_mlx.convert.convert`;
+    output defaults to weights/<repo name>[-<bits>bit] (a GGUF: its file stem).
+    """
+    from .convert import convert as run_convert
+    from .hub import PullResult, fetch, parse_hub_id
+
+    spec = parse_hub_id(model, gguf_file)
+    if spec is None:
+        raise ModelNotFoundError(f"{model}: not a Hugging Face id (expected org/name or org/name:QUANT)")
+    path, kind, files = fetch(spec, refresh=True)
+    folder = path.parent if kind == "gguf" else path
+    size = sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
+    result = PullResult(spec, path, files, size)
+    if convert or quantize:
+        dst = Path(output) if output is not None else _weights_dir() / default_name(spec, path, quantize=quantize,
+                                                                                   bits=bits)
+        result.converted = run_convert(path, dst, quantize=quantize, bits=bits, group_size=group_size, dtype=dtype,
+                                       force=force, progress=progress)
+    return result

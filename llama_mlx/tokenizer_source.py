@@ -11,7 +11,29 @@ from typing import Any, Iterable, Literal, Mapping
 
 from .errors import TokenizerError
 
-__all__ = ["TokenizerKind", "TokenizerSource", "find_tokenizer_source", "folder_eos_token_ids", "is_tiktoken_file"]
+__all__ = [
+    "FOLDER_FILES",
+    "TOKENIZER_FILES",
+    "TokenizerKind",
+    "TokenizerSource",
+    "find_tokenizer_source",
+    "folder_eos_token_ids",
+    "is_tiktoken_file",
+]
+
+# Every file a tokenizer folder may hold, read (or copied by convert) from beside the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+FOLDER_FILES = TOKENIZER_FILES + ("generation_config.json", "config.json")  # what a tokenizer folder load reads
 
 TokenizerKind = Literal["tiktoken", "hf-json", "gguf"]
 
@@ -121,6 +143,8 @@ def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except RecursionError:
+        raise TokenizerError(f"{path}: cannot read (JSON nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{path}: cannot read ({e})") from None
     if not isinstance(data, dict):

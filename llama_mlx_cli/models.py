@@ -60,7 +60,7 @@ def pull(
         "--force", "-f", help="Replace the converted folder if it exists.", rich_help_panel=QUANT)] = False,
 ) -> None:
     """Download a model from the Hugging Face hub into its cache (shared with mlx-lm); optionally convert it."""
-    from llama_mlx.hub import pull as run_pull
+    from llama_mlx.store import pull as run_pull
 
     console = err_console()
     if console.is_terminal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ __all__ = [
     "REQUIRED_CONFIG_KEYS",
     "Tensor",
     "check_config",
+    "check_layer_count",
+    "check_quantization",
+    "check_rope_scaling",
     "check_tensors",
     "dtype_name",
     "expected_shapes",
@@ -123,37 +127,142 @@ def read_json(path: Path, what: str = "config") -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed JSON (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
+# Every model dimension must be at most this: far beyond any Llama, far below what overflows shapes.
+MAX_DIM = 1 << 24
+MAX_LAYERS = 4096
+ROPE_TYPES = ("linear", "llama3")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+
+def _positive_int(config: dict, key: str, file: Path, limit: int = MAX_DIM) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if key not in config:
+            raise ConfigError(f"{file}: missing key {key!r}")
+        raise ConfigError(f"{file}: {key!r} must be a positive integer, found {value!r:.80}")
+    if value > limit:
+        raise ConfigError(f"{file}: {key!r} is {value}, more than the {limit} any model has")
+    return value
+
+
+def _positive_number(config: dict, key: str, file: Path) -> float:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{file}: {key!r} must be a positive number, found {value!r:.80}")
+    return float(value)
+
+
+def _boolean(config: dict, key: str, file: Path) -> None:
+    if key in config and not isinstance(config[key], bool):
+        raise ConfigError(f"{file}: {key!r} must be true or false, found {config[key]!r:.80}")
+
+
+def check_rope_scaling(scaling, file: Path, key: str = "rope_scaling") -> None:
+    """None, or a mapping with a known rope_type and a positive factor (llama3: sane band constants)."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{file}: {key!r} must be a mapping or null, found {scaling!r:.80}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{file}: {key!r} has rope_type {kind!r:.80}; supported: {', '.join(ROPE_TYPES)}")
+    if "factor" not in scaling:
+        raise ConfigError(f"{file}: {key!r} has no 'factor'")
+    _positive_number(scaling, "factor", file)
+    if kind == "llama3":
+        for k in ("low_freq_factor", "high_freq_factor"):
+            if k in scaling:
+                _positive_number(scaling, k, file)
+        if scaling.get("low_freq_factor", 1.0) >= scaling.get("high_freq_factor", 4.0):
+            raise ConfigError(f"{file}: {key!r} needs low_freq_factor < high_freq_factor")
+        if "original_max_position_embeddings" in scaling:
+            _positive_int(scaling, "original_max_position_embeddings", file)
+
+
+def check_quantization(q, file: Path) -> None:
+    """mlx-lm's quantization dict: bits and group_size from the closed lists, per-module dicts or false."""
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise ConfigError(f"{file}: 'quantization' must be a mapping, found {q!r:.80}")
+
+    def check(d: dict, where: str) -> None:
+        bits, group = d.get("bits", 4), d.get("group_size", 64)
+        if isinstance(bits, bool) or bits not in QUANT_BITS:
+            raise ConfigError(f"{file}: {where} bits must be one of {QUANT_BITS}, found {bits!r:.80}")
+        if isinstance(group, bool) or group not in QUANT_GROUP_SIZES:
+            raise ConfigError(f"{file}: {where} group_size must be one of {QUANT_GROUP_SIZES}, found {group!r:.80}")
+
+    check(q, "'quantization'")
+    for k, v in q.items():
+        if isinstance(v, dict):
+            check(v, f"'quantization' of {k!r:.80}")
+        elif k not in ("bits", "group_size", "mode") and not isinstance(v, bool):
+            raise ConfigError(f"{file}: 'quantization' entry {k!r:.80} must be a mapping or a boolean")
+
+
 def check_config(config: dict, file: Path) -> dict:
-    """Validate the keys every Llama config needs and fill the defaults; returns the config."""
+    """Validate every key the model reads and fill the defaults; returns the config.
+
+    Integers are integers (not booleans, not strings) within bounds, eps and theta positive,
+    booleans booleans, rope_scaling a mapping with its factor: a ConfigError naming the key.
+    """
     for key in REQUIRED_CONFIG_KEYS:
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            if key not in config:
-                raise ConfigError(f"{file}: missing key {key!r}")
-            raise ConfigError(f"{file}: {key!r} must be a positive integer, found {value!r}")
+        _positive_int(config, key, file, MAX_LAYERS if key == "num_hidden_layers" else MAX_DIM)
     heads = config["num_attention_heads"]
     config.setdefault("num_key_value_heads", heads)
-    kv = config["num_key_value_heads"]
-    if not isinstance(kv, int) or kv <= 0 or heads % kv:
+    if config["num_key_value_heads"] is None:
+        config["num_key_value_heads"] = heads
+    kv = _positive_int(config, "num_key_value_heads", file)
+    if heads % kv:
         raise ConfigError(f"{file}: num_key_value_heads {kv!r} must divide num_attention_heads {heads}")
     if config.get("head_dim") is None:
         if config["hidden_size"] % heads:
             raise ConfigError(f"{file}: hidden_size {config['hidden_size']} is not a multiple of {heads} heads")
         config["head_dim"] = config["hidden_size"] // heads
+    head_dim = _positive_int(config, "head_dim", file)
+    if head_dim % 2:
+        raise ConfigError(f"{file}: 'head_dim' {head_dim} must be even (rotary pairs)")
     config.setdefault("model_type", "llama")
     if config["model_type"] != "llama":
-        raise ConfigError(f"{file}: model_type {config['model_type']!r} is not a Llama model")
+        raise ConfigError(f"{file}: model_type {config['model_type']!r:.80} is not a Llama model")
     config.setdefault("rms_norm_eps", 1e-5)
     config.setdefault("rope_theta", 10000.0)
     config.setdefault("rope_traditional", False)
+    _positive_number(config, "rms_norm_eps", file)
+    _positive_number(config, "rope_theta", file)
+    for key in ("rope_traditional", "tie_word_embeddings", "attention_bias", "mlp_bias"):
+        _boolean(config, key, file)
+    if "max_position_embeddings" in config:
+        _positive_int(config, "max_position_embeddings", file, 1 << 30)
+    check_rope_scaling(config.get("rope_scaling"), file)
+    check_quantization(config.get("quantization"), file)
     return config
+
+
+def check_layer_count(ckpt: "Checkpoint") -> None:
+    """The layer count the config declares is the one the tensors hold (before anything loops over it)."""
+    present = set()
+    for name in ckpt.tensors:
+        if name.startswith("model.layers."):
+            index = name.split(".")[2]
+            if index.isdigit():
+                present.add(int(index))
+    declared = ckpt.config["num_hidden_layers"]
+    if present != set(range(declared)):
+        have = f"layers 0..{max(present)}" if present else "no layers"
+        raise ConfigError(f"{ckpt.path}: 'num_hidden_layers' is {declared}, the tensors hold {have}"
+                          f" ({len(present)} distinct)")
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -196,6 +305,7 @@ def module_quantization(quantization: dict | None, module: str) -> dict | None:
 def check_tensors(ckpt: Checkpoint) -> None:
     """Every tensor present with the shape the config implies (quantized ones by their scales)."""
     config, tensors = ckpt.config, ckpt.tensors
+    check_layer_count(ckpt)
     expected = expected_shapes(config)
     for name, shape in expected.items():
         module = name[: -len(".weight")]

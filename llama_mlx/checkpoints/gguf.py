@@ -47,27 +47,36 @@ def _check_tensors(header: GGUFHeader, path: Path) -> None:
 
 
 def _meta(metadata: dict, key: str, path: Path, default=None, kind=int):
+    """A metadata value of the type `kind` (int: a positive integer; float: a positive finite number)."""
     value = metadata.get(key, default)
     if value is None:
         raise ConfigError(f"{path}: GGUF metadata {key!r} is missing")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}: GGUF metadata {key!r} has an invalid value {value!r}") from None
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    else:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and value > 0)
+    if not ok:
+        what = "a positive integer" if kind is int else "a positive number"
+        raise ConfigError(f"{path}: GGUF metadata {key!r} must be {what}, found {value!r:.80}")
+    return kind(value)
 
 
 def config_from_metadata(metadata: dict, tensors: dict, path: Path) -> dict:
     """HF config dict from GGUF metadata (`llama.*` keys) and tensor shapes."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+        raise ConfigError(f"{path}: GGUF architecture {arch!r:.80} is not supported (only 'llama')")
     p = "llama."
     hidden = _meta(metadata, p + "embedding_length", path)
     heads = _meta(metadata, p + "attention.head_count", path)
     emb = tensors.get("token_embd.weight")
-    vocab = metadata.get(p + "vocab_size") or len(metadata.get("tokenizer.ggml.tokens", [])) or (
-        emb.shape[0] if emb is not None else None)
-    head_dim = _meta(metadata, p + "attention.key_length", path, hidden // heads)
+    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    if p + "vocab_size" in metadata:
+        vocab = _meta(metadata, p + "vocab_size", path)
+    else:
+        vocab = (len(tokens) if isinstance(tokens, list) else 0) or (emb.shape[0] if emb is not None else None)
+    head_dim = _meta(metadata, p + "attention.key_length", path, hidden // heads or None)
     rope_dim = _meta(metadata, p + "rope.dimension_count", path, head_dim)
     if rope_dim != head_dim:
         raise ConfigError(f"{path}: partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported")
@@ -93,6 +102,8 @@ def config_from_metadata(metadata: dict, tensors: dict, path: Path) -> dict:
     # float32 metadata: round 1e-05 back from 9.99999974e-06
     config["rms_norm_eps"] = float(f"{config['rms_norm_eps']:.6g}")
     kind = metadata.get(p + "rope.scaling.type")
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"{path}: GGUF metadata {p + 'rope.scaling.type'!r} must be a string, found {kind!r:.80}")
     if kind == "linear":
         config["rope_scaling"] = {"rope_type": "linear",
                                   "factor": _meta(metadata, p + "rope.scaling.factor", path, kind=float)}
@@ -147,8 +158,8 @@ def read_gguf(path: Path, *, scale_dtype: mx.Dtype = mx.float16) -> Checkpoint:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} in a Llama GGUF")
         tensors.update(gguf_tensors(path, info, hf, scale_dtype))
     if rope_freqs is not None:
-        original = int(header.metadata.get("llama.rope.scaling.original_context_length",
-                                           LLAMA3_ROPE["original_max_position_embeddings"]))
+        original = _meta(header.metadata, "llama.rope.scaling.original_context_length", path,
+                         LLAMA3_ROPE["original_max_position_embeddings"])
         config["rope_scaling"] = rope_scaling_from_freqs(rope_freqs, config, original, path)
 
     quantization = _quantization(tensors)

@@ -7,22 +7,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import CheckpointError, ConfigError
-from ..tokenizer_source import find_tokenizer_source
+from ..paths import resolve_inside
+from ..safetensors_file import check_safetensors
+from ..tokenizer_source import TOKENIZER_FILES, find_tokenizer_source
 from .base import Checkpoint, Tensor, check_config, read_json
 
 __all__ = ["TOKENIZER_FILES", "is_safetensors_folder", "load_safetensors", "normalize_rope", "read_safetensors_folder"]
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
 INDEX = "model.safetensors.index.json"
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -38,18 +29,21 @@ def _weight_files(folder: Path) -> list[Path]:
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map'")
-        files = sorted({folder / name for name in weight_map.values()})
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{f}: missing (listed in {INDEX})")
-        return files
+        names = set()
+        for tensor, name in weight_map.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{index}: weight_map entry {tensor!r:.80} is not a file name")
+            names.add(name)
+        return sorted(resolve_inside(folder, name, what=f"shard (listed in {INDEX})") for name in names)
     if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    return sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+        return [resolve_inside(folder, "model.safetensors", what="weight file")]
+    found = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    return [resolve_inside(folder, f.name, what="weight file") for f in found]
 
 
 def load_safetensors(file: Path) -> tuple[dict[str, mx.array], dict]:
     """mx.load a safetensors file (lazily: data is read on evaluation), errors naming the file."""
+    check_safetensors(file)
     try:
         arrays, metadata = mx.load(str(file), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:
@@ -72,7 +66,7 @@ def normalize_rope(config: dict) -> None:
 def read_safetensors_folder(folder: Path) -> Checkpoint:
     """Read a Hugging Face or MLX folder: config.json, (sharded) safetensors, tokenizer, generation config."""
     folder = Path(folder)
-    config_file = folder / "config.json"
+    config_file = resolve_inside(folder, "config.json", what="config", error=ConfigError)
     config = read_json(config_file, "config.json")
     qc = config.get("quantization_config")
     if "quantization" not in config and isinstance(qc, dict) and qc.get("quant_method"):
@@ -102,8 +96,12 @@ def read_safetensors_folder(folder: Path) -> Checkpoint:
     config = check_config(config, config_file)
 
     gen_file = folder / "generation_config.json"
-    generation = read_json(gen_file, "generation config") if gen_file.is_file() else None
-    tok_files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if gen_file.is_file() or gen_file.is_symlink():
+        generation = read_json(resolve_inside(folder, gen_file.name, what="generation config"), "generation config")
+    else:
+        generation = None
+    tok_files = [resolve_inside(folder, n, what="tokenizer file") for n in TOKENIZER_FILES
+                 if (folder / n).is_file() or (folder / n).is_symlink()]
     return Checkpoint(
         format="mlx" if is_mlx else "hf",
         path=folder,

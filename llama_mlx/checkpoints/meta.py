@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..config import config_from_meta_params
 from ..errors import CheckpointError, ConfigError
-from ..tokenizer_source import find_tokenizer_source
-from .base import Checkpoint, Tensor, check_config, read_json
+from ..paths import check_folder_files, resolve_inside
+from ..tokenizer_source import FOLDER_FILES, find_tokenizer_source
+from .base import MAX_DIM, MAX_LAYERS, Checkpoint, Tensor, check_config, read_json
 from .keymap import meta_shard_axis, meta_to_hf
 from .safe_pickle import PthTensor, load_pth
 
@@ -26,13 +28,19 @@ def _shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("consolidated.*.pth")) or sorted(folder.glob("*.pth"))
 
 
-def _int(params: dict, key: str, file: Path, default=None) -> int:
+def _contained_shards(folder: Path) -> list[Path]:
+    return [resolve_inside(folder, f.name, what="weight file") for f in _shards(folder)]
+
+
+def _int(params: dict, key: str, file: Path, default=None, limit: int = MAX_DIM) -> int:
     value = params.get(key)
     value = default if value is None else value
     if value is None:
         raise ConfigError(f"{file}: missing key {key!r}")
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{file}: {key!r} must be a positive integer, found {value!r}")
+        raise ConfigError(f"{file}: {key!r} must be a positive integer, found {value!r:.80}")
+    if value > limit:
+        raise ConfigError(f"{file}: {key!r} is {value}, more than the {limit} any model has")
     return value
 
 
@@ -40,8 +48,8 @@ def _float(params: dict, key: str, file: Path, default: float) -> float:
     value = params.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{file}: {key!r} must be a number, found {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{file}: {key!r} must be a positive number, found {value!r:.80}")
     return float(value)
 
 
@@ -52,14 +60,19 @@ def config_from_params(params: dict, file: Path, *, vocab_size: int | None = Non
     The RoPE factor is not in params.json: 32 for the Llama 3.2 1B/3B shapes, else 8, unless given.
     """
     dim = _int(params, "dim", file)
-    n_layers = _int(params, "n_layers", file)
+    n_layers = _int(params, "n_layers", file, limit=MAX_LAYERS)
     n_heads = _int(params, "n_heads", file)
     n_kv = _int(params, "n_kv_heads", file, n_heads)
     multiple_of = _int(params, "multiple_of", file, 256)
     mult = _float(params, "ffn_dim_multiplier", file, None)
     vocab = params.get("vocab_size", -1)
-    if not isinstance(vocab, int) or vocab <= 0:
+    if vocab is None or vocab == -1:  # Meta writes -1: the tokenizer's size, read from the embedding
         vocab = vocab_size
+    else:
+        vocab = _int(params, "vocab_size", file)
+    scaled = params.get("use_scaled_rope", False)
+    if not isinstance(scaled, bool):
+        raise ConfigError(f"{file}: 'use_scaled_rope' must be true or false, found {scaled!r:.80}")
     if dim % n_heads:
         raise ConfigError(f"{file}: dim {dim} is not a multiple of n_heads {n_heads}")
     if vocab is None:
@@ -68,7 +81,7 @@ def config_from_params(params: dict, file: Path, *, vocab_size: int | None = Non
                "multiple_of": multiple_of, "ffn_dim_multiplier": mult,
                "norm_eps": _float(params, "norm_eps", file, 1e-5),
                "rope_theta": _float(params, "rope_theta", file, 500000.0),
-               "use_scaled_rope": bool(params.get("use_scaled_rope", False)), "tie_word_embeddings": tied}
+               "use_scaled_rope": scaled, "tie_word_embeddings": tied}
     config = config_from_meta_params(checked, rope_factor=rope_factor)
     return check_config(config, file)
 
@@ -99,9 +112,9 @@ def _merge(name: str, parts: list[PthTensor], files: list[Path]) -> Tensor:
 def read_meta(folder: Path, *, rope_factor: float | None = None) -> Checkpoint:
     """Read a Meta checkpoint folder, merging model-parallel shards the way Llama 3 split them."""
     folder = Path(folder)
-    params_file = folder / "params.json"
+    params_file = resolve_inside(folder, "params.json", what="params.json", error=ConfigError)
     params = read_json(params_file, "params.json")
-    shard_files = _shards(folder)
+    shard_files = _contained_shards(folder)
     if not shard_files:
         raise CheckpointError(f"{folder}: no consolidated.NN.pth weight files")
     shards = [load_pth(f) for f in shard_files]
@@ -127,6 +140,7 @@ def read_meta(folder: Path, *, rope_factor: float | None = None) -> Checkpoint:
         tied="lm_head.weight" not in tensors,
         rope_factor=rope_factor,
     )
+    check_folder_files(folder, FOLDER_FILES, what="tokenizer file")  # what the tokenizer load reads
     return Checkpoint(
         format="meta",
         path=folder,

@@ -23,6 +23,7 @@ __all__ = [
     "MAX_SHARD_BYTES",
     "Progress",
     "SAFETENSORS_DTYPES",
+    "SourceReadError",
     "fsync_dir",
     "generation_config_for",
     "shard_items",
@@ -49,6 +50,14 @@ class Progress:
     total: int
     bytes_done: int
     bytes_total: int
+
+
+class SourceReadError(Exception):
+    """Reading a source tensor failed while writing (`tensor`: the item's name); the converter names the file."""
+
+    def __init__(self, tensor: str, message: str):
+        super().__init__(message)
+        self.tensor = tensor
 
 
 def shard_items(items: list[Item], max_bytes: int) -> list[list[Item]]:
@@ -93,14 +102,20 @@ def _stream_shard(path: Path, items: list[Item], on_item: Callable[[Item], None]
     with open(path, "wb") as f:
         f.write(_header(items))
         for item in items:
-            arrays = item.produce()
+            try:
+                arrays = item.produce()
+            except RuntimeError as e:  # MLX reading the source lazily (a file cut short meanwhile)
+                raise SourceReadError(item.name, str(e)) from None
             for name, shape, dtype in item.outputs:
                 a = arrays.pop(name)
                 if tuple(a.shape) != tuple(shape) or a.dtype != dtype:
                     raise CheckpointError(f"{path}: internal error: {name} is {a.dtype}{list(a.shape)}, "
                                           f"planned {dtype}{list(shape)}")
                 a = mx.contiguous(a)
-                mx.eval(a)
+                try:
+                    mx.eval(a)
+                except RuntimeError as e:
+                    raise SourceReadError(item.name, str(e)) from None
                 f.write(memoryview(a).cast("B"))
                 del a
             on_item(item)

@@ -9,7 +9,8 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import TokenizerError
 from ..gguf_file import read_gguf_metadata
-from ..tokenizer_source import TokenizerSource, find_tokenizer_source
+from ..paths import check_folder_files
+from ..tokenizer_source import FOLDER_FILES, TokenizerSource, find_tokenizer_source
 from .base import BaseTokenizer
 from .chat_format import LLAMA3_CHAT_TEMPLATE, ChatFormat, Dialog, Message
 from .detokenizer import NaiveStreamingDetokenizer, StreamingDetokenizer
@@ -56,6 +57,8 @@ def load_tokenizer(
     if source is None:
         raise TokenizerError("no tokenizer given: pass a folder, a file or GGUF metadata")
     if not isinstance(source, TokenizerSource):
+        if Path(source).is_dir():  # every file it names must be inside the folder
+            check_folder_files(source, FOLDER_FILES, what="tokenizer file", error=TokenizerError)
         source = find_tokenizer_source(source, eos_token_ids=eos_token_ids or ())
     elif eos_token_ids:
         source = replace(source, eos_token_ids=source.eos_token_ids + tuple(int(i) for i in eos_token_ids))

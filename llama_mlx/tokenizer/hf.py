@@ -11,7 +11,8 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
 from ..errors import TokenizerError
-from ..tokenizer_source import folder_eos_token_ids
+from ..paths import check_folder_files
+from ..tokenizer_source import FOLDER_FILES, folder_eos_token_ids
 from .base import (
     AllowedSpecial,
     BaseTokenizer,
@@ -56,6 +57,14 @@ _GGUF_PRE = {
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_int_id(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
 def _value(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
     """A GGUF metadata value as plain Python (mx.array and numpy values become scalars or lists)."""
     value = metadata.get(key, default)
@@ -79,6 +88,7 @@ def _spm_merges(tokens: Sequence[str], scores: Sequence[float], vocab: Mapping[s
 
 def gguf_tokenizer(metadata: Mapping[str, Any], source: str = "GGUF metadata") -> "HFTokenizer":
     """An HFTokenizer built from a GGUF file's `tokenizer.ggml.*` metadata and its chat template."""
+    _check_gguf_types(metadata, source)
     model = _value(metadata, "tokenizer.ggml.model")
     tokens = _value(metadata, "tokenizer.ggml.tokens")
     if model is None or not tokens:
@@ -165,6 +175,28 @@ def gguf_tokenizer(metadata: Mapping[str, Any], source: str = "GGUF metadata") -
         vocab_size=len(tokens),
         source=source,
     )
+
+
+_GGUF_TYPES = {  # key -> (what it must be, test); a wrong type is a TokenizerError naming the key
+    "tokenizer.ggml.model": ("a string", lambda v: isinstance(v, str)),
+    "tokenizer.ggml.pre": ("a string", lambda v: isinstance(v, str)),
+    "tokenizer.chat_template": ("a string", lambda v: isinstance(v, str)),
+    "tokenizer.ggml.tokens": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, (str, bytes)) for t in v)),
+    "tokenizer.ggml.merges": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "tokenizer.ggml.token_type": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(t) for t in v)),
+    "tokenizer.ggml.scores": ("a list of numbers", lambda v: isinstance(v, list) and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) for t in v)),
+    **{f"tokenizer.ggml.{k}_token_id": ("a token id", _is_int_id) for k in ("bos", "eos", "unknown", "padding")},
+    "tokenizer.ggml.add_bos_token": ("true or false", lambda v: isinstance(v, bool)),
+    "tokenizer.ggml.add_space_prefix": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _check_gguf_types(metadata: Mapping[str, Any], source: str) -> None:
+    for key, (what, ok) in _GGUF_TYPES.items():
+        value = _value(metadata, key)
+        if value is not None and not ok(value):
+            raise TokenizerError(f"{source}: GGUF metadata {key!r} must be {what}, found {type(value).__name__}")
 
 
 def _find(obj: Any, predicate) -> bool:
@@ -288,6 +320,7 @@ class HFTokenizer(BaseTokenizer):
         (`chat_template.jinja`, `chat_template.json` or the config) and eos ids of
         `generation_config.json` / `config.json`."""
         folder = Path(folder)
+        check_folder_files(folder, FOLDER_FILES, what="tokenizer file", error=TokenizerError)
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"{path}: not found")
@@ -577,6 +610,8 @@ def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except RecursionError:
+        raise TokenizerError(f"{path}: cannot read (JSON nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{path}: cannot read ({e})") from None
     if not isinstance(data, dict):
