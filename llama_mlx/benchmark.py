@@ -300,7 +300,7 @@ def benchmark(model: str | Path | None = None, prompt_tokens: int = 512, gen_tok
               seed: int = 0, progress=None) -> BenchResult:
     """Median-of-trials benchmark of one runtime (default: `LlamaMLX()`) on one model (a path, a name in
     weights/, or None: the default)."""
-    from .loading import resolve_model
+    from .resolve import resolve_model
 
     if trials < 1 or prompt_tokens < 1:
         raise ValueError("trials and prompt_tokens must be at least 1")

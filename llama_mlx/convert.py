@@ -38,8 +38,7 @@ from .checkpoints.writer import (
 )
 from .errors import CheckpointError, OutputExistsError, UnsafeOutputError
 from .fileio import check_replaceable
-from .hub import is_hub_id
-from .loading import resolve_model
+from .hub import is_hub_id, resolve as resolve_hub_id
 from .tokenizer import load_tokenizer
 
 __all__ = ["ConvertResult", "MARKER_KEY", "Progress", "check_replaceable_model", "convert"]
@@ -81,7 +80,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     out_dtype = parse_dtype(dtype)
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists() and is_hub_id(str(src)):  # a Hugging Face id: the cached (or fetched) snapshot
-        src = resolve_model(str(src))
+        src = resolve_hub_id(str(src))
     with contextlib.suppress(OSError):
         _remove_stale(dst.parent, dst.name)
     _check_target(src, dst, force)

@@ -243,7 +243,8 @@ def load_sharded(path: str | Path | None = None, g: Optional[mx.distributed.Grou
     from .checkpoints import LazyWeights, read_checkpoint
     from .checkpoints.base import parse_dtype
     from .checkpoints.plan import main_dtype
-    from .loading import build_model, check_vocabulary, resolve_model
+    from .build import build_model, check_vocabulary
+    from .resolve import resolve_model
     from .tokenizer import load_tokenizer
 
     g = g if g is not None else group()

@@ -84,7 +84,7 @@ def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] 
 def model_info(model: Union[str, Path, None] = None, *, context: Optional[int] = None, dtype: Optional[str] = None,
                kv_bits: Optional[int] = None, kv_group_size: int = 64) -> dict:
     """`describe` of a model as `load` names it (a path, a folder name in weights/, None for the default)."""
-    from .loading import resolve_model
+    from .resolve import resolve_model
 
     return describe(resolve_model(model), context=context, dtype=dtype, kv_bits=kv_bits,
                     kv_group_size=kv_group_size)

