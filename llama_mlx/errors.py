@@ -31,3 +31,11 @@ class ModelNotFoundError(LlamaMLXError):
 
 class OutputExistsError(LlamaMLXError):
     """The output of a conversion exists and --force was not given."""
+
+
+class SpeculativeError(LlamaMLXError):
+    """Speculative decoding options that cannot work: no or two draft sources, a rotating cache, ..."""
+
+
+class DraftModelError(SpeculativeError):
+    """A draft model that does not share the target's tokenizer and vocabulary."""
