@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Speculative decoding: llama-mlx (draft model, prompt lookup) against plain decoding and against
-mlx-lm's speculative decoding on the same target/draft pair, greedy, for a chat and a copy-heavy prompt.
+mlx-lm's speculative decoding on the same target/draft pair, greedy, for a chat and a copy-heavy prompt, at the
+step level (`generate_step` / `speculative_generate_step` of each), stopping at a stop token.
 
 Per prompt and method: generation tokens/s (first token to last, prefill excluded), the speedup
 over the same runtime's plain decoding, ours over mlx-lm's, and acceptance (ours: accepted /
@@ -103,22 +104,44 @@ def prompt_ids(tokenizer, name: str, vocab: int, random_weights: bool) -> list[i
     return block * 4  # copy-heavy: the same ids repeated
 
 
-def ours(model, tokenizer, ids, g, **kw):
-    from llama_mlx.generate import stream_generate
+def timed(gen, g: int, stop: set) -> tuple[list, float]:
+    """Drain a token generator: (its items, tokens/s from the first token to the last)."""
+    items, start = [], None
+    for item in gen:
+        items.append(item)
+        if start is None:
+            start = time.perf_counter()
+        if len(items) >= g or int(item[0]) in stop:
+            break
+    gen.close()
+    elapsed = time.perf_counter() - start
+    return items, (len(items) - 1) / elapsed if elapsed > 0 else 0.0
 
-    rs = list(stream_generate(model, tokenizer, ids, g, **kw))
-    last = rs[-1]
-    return {"tps": last.generation_tps, "tokens": [r.token for r in rs], "drafted": last.draft_tokens,
-            "accepted": last.accepted_tokens, "from_draft": sum(r.from_draft for r in rs)}
+
+def ours(model, ids, g, stop, draft_model=None, **kw):
+    """llama-mlx at the step level (the layer `stream_generate` routes to), greedy."""
+    from llama_mlx.generate import generate_step
+    from llama_mlx.speculative import speculative_generate_step
+
+    if draft_model is None and "prompt_lookup" not in kw:
+        items, tps = timed(generate_step(mx.array(ids), model, max_tokens=g), g, stop)
+        return {"tps": tps, "tokens": [t for t, _ in items], "from_draft": 0}
+    items, tps = timed(speculative_generate_step(mx.array(ids), model, draft_model=draft_model, max_tokens=g, **kw),
+                       g, stop)
+    return {"tps": tps, "tokens": [t.token for t in items], "drafted": items[-1].drafted,
+            "accepted": sum(t.from_draft for t in items), "from_draft": sum(t.from_draft for t in items)}
 
 
-def theirs(model, tokenizer, ids, g, draft=None, k=3):
-    from mlx_lm.generate import stream_generate
+def theirs(model, ids, g, stop, draft=None, k=3):
+    """mlx-lm's generate_step / speculative_generate_step, greedy (sampler None)."""
+    from mlx_lm.generate import generate_step, speculative_generate_step
 
-    kw = {"draft_model": draft, "num_draft_tokens": k} if draft is not None else {}
-    rs = list(stream_generate(model, tokenizer, ids, max_tokens=g, **kw))
-    return {"tps": rs[-1].generation_tps, "tokens": [r.token for r in rs],
-            "from_draft": sum(bool(getattr(r, "from_draft", False)) for r in rs)}
+    if draft is None:
+        items, tps = timed(generate_step(mx.array(ids), model, max_tokens=g), g, stop)
+        return {"tps": tps, "tokens": [int(t) for t, _ in items], "from_draft": 0}
+    items, tps = timed(speculative_generate_step(mx.array(ids), model, draft, num_draft_tokens=k, max_tokens=g),
+                       g, stop)
+    return {"tps": tps, "tokens": [int(t) for t, _, _ in items], "from_draft": sum(bool(d) for _, _, d in items)}
 
 
 def verify_cost(model, ids, kmax: int, reps: int = 5) -> dict:
@@ -144,13 +167,12 @@ def verify_cost(model, ids, kmax: int, reps: int = 5) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import llama_mlx
+    from llama_mlx.speculative import check_draft
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tpath = folder(args.target, work)
     random_weights = args.target in SHAPES
-    if tpath.suffix == ".gguf" and "8bit" in args.drafts:
-        tpath = folder("8bit", work, tpath).parent / tpath.name  # convert reads the GGUF directly
     target, tok = llama_mlx.load(tpath, lazy=False)
     drafts = {}
     for name in [d.strip() for d in args.drafts.split(",") if d.strip()]:
@@ -171,18 +193,19 @@ def main(argv=None) -> int:
                "prompts": {}}
     for pname in PROMPTS:
         ids = prompt_ids(tok, pname, target.args.vocab_size, random_weights)
-        runs = {"ours plain": lambda: ours(target, tok, ids, args.gen_tokens),
-                "ours lookup": lambda: ours(target, tok, ids, args.gen_tokens, prompt_lookup=args.ngram,
-                                            num_draft_tokens=k)}
+        g = args.gen_tokens
+        stop = set() if random_weights else set(tok.stop_tokens)
+        runs = {"ours plain": lambda: ours(target, ids, g, stop),
+                "ours lookup": lambda: ours(target, ids, g, stop, prompt_lookup=args.ngram, num_draft_tokens=k)}
         for name, (_, (dm, dt)) in drafts.items():
-            runs[f"ours draft {name}"] = (lambda dm=dm, dt=dt: ours(target, tok, ids, args.gen_tokens, draft_model=dm,
-                                                                    draft_tokenizer=dt, num_draft_tokens=k))
+            check_draft(target, tok, dm, dt)
+            runs[f"ours draft {name}"] = lambda dm=dm: ours(target, ids, g, stop, draft_model=dm, num_draft_tokens=k)
         if mlm:
-            runs["mlx-lm plain"] = lambda: theirs(*mlm["target"], ids, args.gen_tokens)
+            runs["mlx-lm plain"] = lambda: theirs(mlm["target"][0], ids, g, stop)
             for name in drafts:
-                runs[f"mlx-lm draft {name}"] = (lambda name=name: theirs(*mlm["target"], ids, args.gen_tokens,
-                                                                         draft=mlm[name][0], k=k))
-        ours(target, tok, ids[:8], 4)  # warm-up
+                runs[f"mlx-lm draft {name}"] = lambda name=name: theirs(mlm["target"][0], ids, g, stop,
+                                                                        draft=mlm[name][0], k=k)
+        ours(target, ids[:8], 4, stop)  # warm-up
         measured: dict[str, list] = {m: [] for m in runs}
         for _ in range(args.trials):
             for m, run in runs.items():
