@@ -76,13 +76,23 @@ def parse_args(argv=None):
 def folder(name: str, work: Path, target: Path | None = None) -> Path:
     from llama_mlx.convert import convert
 
+    # On the CPU backend half-precision quantized matmuls are many times slower: float32 scales
+    # there, so that mlx-lm (which computes in the weights' dtype) is measured fairly.
+    dtype = "float32" if mx.default_device() == mx.cpu else None
     if name == "smollm2":
-        return SMOLLM2 if (SMOLLM2 / "config.json").is_file() else GGUF
+        src = SMOLLM2 if (SMOLLM2 / "config.json").is_file() else GGUF
+        if dtype is None:
+            return src
+        dst = work / f"SmolLM2-135M-Instruct-{dtype}"
+        if not (dst / "config.json").is_file():
+            log(f"converting {src} to {dtype} -> {dst}")
+            convert(src, dst, dtype=dtype, force=True)
+        return dst
     if name == "8bit":
         dst = work / f"{target.name}-8bit"
         if not (dst / "config.json").is_file():
             log(f"requantizing {target} to 8 bits -> {dst}")
-            convert(target, dst, quantize=True, bits=8, group_size=64, force=True)
+            convert(target, dst, quantize=True, bits=8, group_size=64, dtype=dtype, force=True)
         return dst
     if name in SHAPES:
         dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
