@@ -6,6 +6,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ContextLengthError",
+    "DraftModelError",
     "HubError",
     "LlamaMLXError",
     "ModelNotFoundError",
@@ -14,6 +15,7 @@ __all__ = [
     "PromptCacheError",
     "RemovalRefusedError",
     "ShardError",
+    "SpeculativeError",
     "TokenIdError",
     "TokenizerError",
     "UnsafeCheckpointError",
@@ -92,3 +94,11 @@ class ArgumentError(LlamaMLXError, ValueError):
 
 class TokenIdError(ArgumentError):
     """A token id is outside the model's vocabulary."""
+
+
+class SpeculativeError(LlamaMLXError):
+    """Speculative decoding options that cannot work: no or two draft sources, a rotating cache, ..."""
+
+
+class DraftModelError(SpeculativeError):
+    """A draft model that does not share the target's tokenizer and vocabulary."""

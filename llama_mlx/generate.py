@@ -3,6 +3,7 @@
 
 Decode queues step n+1 (`mx.async_eval`) before step n's token reaches the caller. Which step
 runs (the model's graph, or a compiled one) is the backend seam's choice (`backends.decode_step`).
+With a draft model or prompt lookup, `stream_generate` decodes speculatively (`speculative`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .backends import Step
 from .cache import PromptCache, RotatingKVCache, make_prompt_cache
 from .errors import ContextLengthError, TokenIdError
 from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
+from .speculative import check_draft, speculative_generate_step
 
 __all__ = ["GenerationResponse", "Prompt", "PromptCache", "check_token_ids", "context_length", "generate",
            "generate_step", "stream_generate"]
@@ -35,6 +37,8 @@ class GenerationResponse:
     cached_tokens: prompt tokens reused from the prompt cache.
     peak_memory: peak memory so far, in GB.
     finish_reason: None while generating, then "stop", "length" or "context".
+    from_draft: this token is a draft token the target accepted (speculative decoding).
+    draft_tokens, accepted_tokens: draft tokens proposed and accepted so far (0 without speculation).
     """
 
     text: str
@@ -48,6 +52,9 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
     cached_tokens: int = 0
     time_to_first_token: float = 0.0
+    from_draft: bool = False
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def context_length(model: nn.Module) -> int:
@@ -198,12 +205,23 @@ def stream_generate(
     prefill_step_size: int = 512,
     compile: Optional[bool] = None,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
+    draft_model: Optional[nn.Module] = None,
+    draft_tokenizer: Any = None,
+    draft_cache: Optional[PromptCache] = None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: Optional[int] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion of `prompt` (text, token ids, or chat messages).
 
     Ends on a stop token (`finish_reason="stop"`), a stop string (never streamed, "stop"),
     `max_tokens` ("length") or the model's context ("context"). With a `prompt_cache`, only the
     tokens after the prefix it already holds are prefilled, and it holds the answer afterwards.
+
+    Speculative decoding (off by default; `speculative.speculative_generate_step`): `draft_model`
+    drafts `num_draft_tokens` a round (its tokenizer, when given as `draft_tokenizer`, must equal
+    the target's: else `DraftModelError`; `draft_cache` is its PromptCache, kept across turns like
+    `prompt_cache`), or `prompt_lookup=n` drafts from the last n-gram (n..1) found earlier in the
+    prompt and answer. The tokens are distributed as without it (greedy: the same tokens).
     """
     ids = _prompt_tokens(tokenizer, prompt)
     if not ids:
@@ -228,13 +246,30 @@ def stream_generate(
     start = time.perf_counter()
     prompt_time = 0.0
     tps = 0.0
-    steps = generate_step(
-        mx.array(todo), model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
-        prompt_cache=pc.cache, prefill_step_size=prefill_step_size, compile=compile,
-        prompt_progress=prompt_progress,
-    )
+    draft_pc = None
+    if draft_model is not None or prompt_lookup is not None:
+        if draft_model is not None:
+            check_draft(model, tokenizer, draft_model, draft_tokenizer)
+            draft_pc = draft_cache or PromptCache(draft_model, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        steps = speculative_generate_step(
+            mx.array(todo), model, draft_model=draft_model, num_draft_tokens=num_draft_tokens,
+            prompt_lookup=prompt_lookup, max_tokens=max_tokens, sampler=sampler,
+            logits_processors=logits_processors, prompt_cache=pc.cache,
+            draft_cache=draft_pc.cache if draft_pc else None,
+            draft_prompt=mx.array(draft_pc.prepare(ids)) if draft_pc else None, context=ids[:cached],
+            prefill_step_size=prefill_step_size, compile=compile, prompt_progress=prompt_progress,
+        )
+    else:
+        steps = generate_step(
+            mx.array(todo), model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+            prompt_cache=pc.cache, prefill_step_size=prefill_step_size, compile=compile,
+            prompt_progress=prompt_progress,
+        )
+    accepted = 0
     try:
-        for n, (token, logprobs) in enumerate(steps):
+        for n, (token, logprobs, *speculated) in enumerate(steps):
+            from_draft, drafted = speculated or (False, 0)
+            accepted += from_draft
             emitted.append(token)
             if n == 0:
                 prompt_time = time.perf_counter() - start
@@ -258,7 +293,8 @@ def stream_generate(
                 text=text, token=token, logprobs=logprobs, prompt_tokens=len(todo),
                 prompt_tps=len(todo) / max(prompt_time, 1e-9), generation_tokens=n + 1,
                 generation_tps=tps, peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
-                cached_tokens=cached, time_to_first_token=prompt_time,
+                cached_tokens=cached, time_to_first_token=prompt_time, from_draft=from_draft,
+                draft_tokens=drafted, accepted_tokens=accepted,
             )
             if finish:
                 break
@@ -266,6 +302,8 @@ def stream_generate(
         steps.close()
         # The step after each handed-out token is already queued, so the cache holds it too.
         pc.record(ids + emitted)
+        if draft_pc is not None:
+            draft_pc.record(ids + emitted)
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt: Prompt, max_tokens: int = 256, **kwargs) -> str:

@@ -4,6 +4,10 @@ A sampler maps log-probabilities `[B, vocab]` to token ids `[B]`. Two orders:
 - "mlx" (mlx-lm's): top-k / top-p / min-p filter the untempered distribution, the
   temperature applies at the draw.
 - "meta" (Meta's reference `generate`): softmax(logits / temperature), then top-p on that.
+
+Each sampler made by `make_sampler` also carries `distribution(logprobs) -> log-probabilities`
+of exactly what it draws from (filters and temperature applied), `next_key()` (its next random
+key, None when unseeded) and `greedy`: speculative decoding needs them to accept or reject drafts.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def make_sampler(
 ) -> Sampler:
     """A sampler closure: greedy at temp 0; `seed` (0 <= seed < 2**64) makes the draws reproducible.
 
+    The closure carries `distribution`, `next_key` and `greedy` (see the module docstring).
     Raises ArgumentError (a ValueError) for an option out of its range.
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -93,7 +98,16 @@ def make_sampler(
     if order not in ("mlx", "meta"):
         raise ArgumentError(f"unknown sampling order {order!r}: use 'mlx' or 'meta'")
     if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+
+        def greedy(logprobs: mx.array) -> mx.array:
+            return mx.argmax(logprobs, axis=-1)
+
+        def one_hot(logprobs: mx.array) -> mx.array:
+            best = mx.argmax(logprobs, axis=-1, keepdims=True)
+            hit = mx.arange(logprobs.shape[-1]) == best
+            return mx.where(hit, 0.0, NEG_INF).astype(logprobs.dtype)
+
+        return _described(greedy, one_hot, lambda: None, greedy=True)
 
     state = [mx.random.key(seed) if seed is not None else None]
 
@@ -112,14 +126,31 @@ def make_sampler(
                 return meta_top_p(probs, top_p, u)
             return sample_inverse_cdf(probs, u)
 
-        return sample_meta
+        def meta_distribution(logprobs: mx.array) -> mx.array:
+            # Meta's top-p on the tempered probabilities is apply_top_p's rule on their logs.
+            tempered = logprobs.astype(mx.float32) / temp
+            kept = apply_top_p(tempered - mx.logsumexp(tempered, axis=-1, keepdims=True), top_p)
+            return kept - mx.logsumexp(kept, axis=-1, keepdims=True)
 
-    def sample(logprobs: mx.array) -> mx.array:
+        return _described(sample_meta, meta_distribution, next_key)
+
+    def filtered(logprobs: mx.array) -> mx.array:
         logprobs = apply_top_k(logprobs, top_k)
         logprobs = apply_top_p(logprobs, top_p)
-        logprobs = apply_min_p(logprobs, min_p, min_tokens_to_keep)
-        return mx.random.categorical(logprobs * (1 / temp), key=next_key())
+        return apply_min_p(logprobs, min_p, min_tokens_to_keep)
 
+    def sample(logprobs: mx.array) -> mx.array:
+        return mx.random.categorical(filtered(logprobs) * (1 / temp), key=next_key())
+
+    def distribution(logprobs: mx.array) -> mx.array:
+        scaled = filtered(logprobs) * (1 / temp)
+        return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+    return _described(sample, distribution, next_key)
+
+
+def _described(sample: Callable, distribution: Callable, next_key: Callable, greedy: bool = False) -> Sampler:
+    sample.distribution, sample.next_key, sample.greedy = distribution, next_key, greedy
     return sample
 
 

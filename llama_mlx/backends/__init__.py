@@ -7,8 +7,10 @@
 - `decode_step(model, cache, compile=)`: the step generation runs, `step(tokens[B, L]) ->
   logits[B, vocab]`: on CUDA the fused decoder of `cuda` (eight graph nodes a layer), elsewhere
   the model's graph, or on request a compiled masked step (`steps`).
+- `verify_step(model, cache)`: the step speculative decoding checks drafts with, `step(tokens[B, L])
+  -> logits[B, L, vocab]` of every position (the K drafts and the token after them, in one forward).
 
-A new backend adds a module here and a branch in these three functions, nowhere else.
+A new backend adds a module here and a branch in these functions, nowhere else.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import mlx.nn as nn
 
 from ..cache import KVCache
 from . import cpu, cuda, fusion
-from .steps import GRAPHS, CompiledStep, GraphStep, MaskedDecoder
+from .steps import GRAPHS, AllPositionsStep, CompiledStep, GraphStep, MaskedDecoder
 
-__all__ = ["Step", "compute_dtype", "decode_step", "prepare"]
+__all__ = ["Step", "compute_dtype", "decode_step", "prepare", "verify_step"]
 
 Step = Callable[[mx.array], mx.array]
 
@@ -71,3 +73,11 @@ def decode_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -
     kind = "fused" if fused else "compiled"
     graph = GRAPHS.get(model, kind, cuda.FusedDecoder if fused else MaskedDecoder)
     return CompiledStep(model, cache, graph, kind)
+
+
+def verify_step(model: nn.Module, cache: list) -> Step:
+    """The step that checks K draft tokens: `step(tokens[B, L]) -> logits[B, L, vocab]` of every
+    position, updating `cache` with all L. The model's graph on every backend: a multi-token
+    forward is one large matmul per weight, which the graph already runs well.
+    """
+    return AllPositionsStep(model, cache)

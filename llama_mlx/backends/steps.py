@@ -1,4 +1,5 @@
-"""Decode steps: `step(tokens[B, L]) -> logits[B, vocab]` of the last position, over a cache.
+"""Decode steps: `step(tokens[B, L]) -> logits[B, vocab]` of the last position, over a cache
+(`AllPositionsStep`: of every position, for checking drafts).
 
 `GraphStep` runs the model's own graph. `CompiledStep` runs single tokens through one compiled
 graph over the cache's whole buffers (handed over, so updates happen in place) and anything else
@@ -15,7 +16,7 @@ import mlx.nn as nn
 
 from ..cache import DecodeView
 
-__all__ = ["GRAPHS", "CompiledStep", "GraphStep", "MaskedDecoder"]
+__all__ = ["GRAPHS", "AllPositionsStep", "CompiledStep", "GraphStep", "MaskedDecoder"]
 
 
 class GraphStep:
@@ -28,6 +29,15 @@ class GraphStep:
 
     def __call__(self, tokens: mx.array) -> mx.array:
         return self.model(tokens, self.cache)[:, -1, :]
+
+
+class AllPositionsStep(GraphStep):
+    """The model's graph, logits of every position: `step(tokens[B, L]) -> logits[B, L, vocab]`."""
+
+    kind = "verify"
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return self.model(tokens, self.cache)
 
 
 class CompiledStep(GraphStep):
