@@ -64,9 +64,11 @@ def sources(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sources")
     write_random_model(root / "tiny-mlx", "tiny", dtype="float32", max_shard_bytes=200_000)
-    sd = meta_state_dict(TINY_PARAMS, seed=3)
-    write_gguf(root / "tiny-Q8_0.gguf", sd, TINY_PARAMS, {t: "Q8_0" for t in QUANT_TYPES})
-    write_gguf(root / "tiny-F16.gguf", sd, TINY_PARAMS, {t: "F16" for t in QUANT_TYPES})
+    # The GGUFs carry SmolLM2's tokenizer, so their vocabulary is its size (a smaller one is refused at load).
+    params = {**TINY_PARAMS, "vocab_size": 49152}
+    sd = meta_state_dict(params, seed=3)
+    write_gguf(root / "tiny-Q8_0.gguf", sd, params, {t: "Q8_0" for t in QUANT_TYPES})
+    write_gguf(root / "tiny-F16.gguf", sd, params, {t: "F16" for t in QUANT_TYPES})
     return root
 
 
