@@ -1,4 +1,4 @@
-"""The `llama-mlx` command: chat, generate, convert, info, bench."""
+"""The `llama-mlx` command: chat, generate, convert, info, bench, serve."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from . import chat as _chat
 from . import convert as _convert
 from . import generate as _generate
 from . import info as _info
+from . import serve as _serve
 from .common import LlamaGroup
 
 app = typer.Typer(
@@ -47,6 +48,7 @@ app.command("generate", epilog=_generate.EPILOG)(_generate.generate)
 app.command("convert", epilog=_convert.EPILOG)(_convert.convert)
 app.command("info", epilog=_info.EPILOG)(_info.info)
 app.command("bench", epilog=_bench.EPILOG)(_bench.bench)
+app.command("serve", epilog=_serve.EPILOG)(_serve.serve)
 
 if __name__ == "__main__":
     app()
