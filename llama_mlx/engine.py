@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import PromptCache
+from .cache import KVCache, PromptCache
 from .errors import LlamaMLXError
 from .generate import context_length, stream_generate
 from .sample import make_logits_processors, make_sampler
@@ -116,14 +116,16 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class PrefixCachePool:
     """Prompt caches kept between requests, at most `max_bytes` of KV buffers in all.
 
-    `take(prompt)` hands out the kept cache sharing the longest prefix with `prompt` (removing it
-    from the pool) or a fresh one; `give_back(cache)` keeps it as the most recently used, drops the
-    kept caches it makes redundant (whose tokens it starts with), then evicts the least recently
-    used until the total is within the bound. A cache larger than the bound is not kept.
+    `take(prompt)` finds the kept cache sharing the longest prefix with `prompt`. One that the
+    prompt extends whole is handed out (and leaves the pool); one sharing at least `min_reuse`
+    tokens is copied up to the shared prefix (it stays, for its other continuations); otherwise
+    the cache is new. `give_back(cache)` keeps it as the most recently used, drops the kept caches
+    it makes redundant (whose tokens it starts with), then evicts the least recently used until
+    the total is within the bound. A cache larger than the bound is not kept.
     """
 
-    def __init__(self, model, max_bytes: int, **cache_options: Any):
-        self.model, self.max_bytes, self.cache_options = model, int(max_bytes), cache_options
+    def __init__(self, model, max_bytes: int, *, min_reuse: int = 16, **cache_options: Any):
+        self.model, self.max_bytes, self.min_reuse, self.cache_options = model, int(max_bytes), min_reuse, cache_options
         self._entries: "OrderedDict[int, tuple[PromptCache, int]]" = OrderedDict()  # least recent first
         self._lock = threading.Lock()
         self.nbytes = 0
@@ -139,11 +141,15 @@ class PrefixCachePool:
                 n = _common_prefix(pc.tokens, head)
                 if n > best_len:
                     best, best_len = key, n
-            if best is not None:
+            if best is not None and best_len == len(self._entries[best][0].tokens):
                 pc, size = self._entries.pop(best)
                 self.nbytes -= size
                 self.hits += 1
                 return pc
+            if best is not None and best_len >= self.min_reuse and _copyable(self._entries[best][0]):
+                self._entries.move_to_end(best)
+                self.hits += 1
+                return _copy_prefix(self._entries[best][0], best_len, self.model)
             self.misses += 1
         return PromptCache(self.model, **self.cache_options)
 
@@ -173,6 +179,19 @@ class PrefixCachePool:
             return {"bytes": self.nbytes, "max_bytes": self.max_bytes, "entries": len(self._entries),
                     "tokens": sum(len(pc.tokens) for pc, _ in self._entries.values()),
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+def _copyable(pc: PromptCache) -> bool:
+    return all(type(c) is KVCache for c in pc.cache)
+
+
+def _copy_prefix(pc: PromptCache, n: int, model) -> PromptCache:
+    """A new prompt cache holding the first `n` tokens of `pc` (its first update moves them into new buffers)."""
+    out = PromptCache(model, **pc.options)
+    out.cache = [KVCache.from_state([a[..., :n, :] for a in c.state], c.meta_state) for c in pc.cache]
+    mx.eval([c.state for c in out.cache])
+    out.tokens = list(pc.tokens[:n])
+    return out
 
 
 class _Penalties:
