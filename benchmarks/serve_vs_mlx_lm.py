@@ -66,7 +66,9 @@ class PeakRSS:
 
 
 def start(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    hub = log.parent / "bench-hf-hub"  # mlx_lm.server's /v1/models scans the HF cache: it must exist
+    hub.mkdir(exist_ok=True)
+    env = {"HF_HUB_CACHE": str(hub), **os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -149,6 +151,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
         results[name]["long_cache_speedup"] = results[name]["long_cold_ttft"] / results[name]["long_cached_ttft"]
+        print(name, json.dumps(results[name]), flush=True)
     ours, theirs = results["llama-mlx"], results["mlx-lm"]
     ratios = {"tps (ours/mlx-lm)": ours["tps"] / theirs["tps"], "ttft (mlx-lm/ours)": theirs["ttft"] / ours["ttft"],
               "cached long-prompt ttft (mlx-lm/ours)": theirs["long_cached_ttft"] / ours["long_cached_ttft"],
