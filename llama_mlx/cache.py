@@ -107,6 +107,11 @@ class KVCache:
     def is_trimmable(self) -> bool:
         return True
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache's buffers take (their whole capacity, not only the filled positions)."""
+        return sum(a.nbytes for a in _buffers(self.keys) + _buffers(self.values))
+
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
@@ -299,6 +304,10 @@ def make_prompt_cache(
     return [KVCache() for _ in range(num_layers)]
 
 
+def _buffers(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, tuple) else [x]
+
+
 _KINDS = {cls.__name__: cls for cls in (KVCache, RotatingKVCache, QuantizedKVCache)}
 
 
@@ -320,6 +329,11 @@ class PromptCache:
     @property
     def offset(self) -> int:
         return self.cache[0].offset
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV buffers the cache holds, over all layers."""
+        return sum(c.nbytes for c in self.cache)
 
     def reset(self) -> None:
         self.cache = make_prompt_cache(self.num_layers, **self.options)

@@ -1,4 +1,4 @@
-"""The `llama-mlx` command: chat, generate, convert, info, bench, pull, list, rm."""
+"""The `llama-mlx` command: chat, generate, serve, convert, info, bench, pull, list, rm."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from . import convert as _convert
 from . import generate as _generate
 from . import info as _info
 from . import models as _models
+from . import serve as _serve
 from .common import LlamaGroup
 
 app = typer.Typer(
@@ -61,6 +62,7 @@ app.command("bench", epilog=_bench.EPILOG)(_bench.bench)
 app.command("pull", epilog=_models.PULL_EPILOG)(_models.pull)
 app.command("list", epilog=_models.LIST_EPILOG)(_models.list_models)
 app.command("rm", epilog=_models.RM_EPILOG)(_models.rm)
+app.command("serve", epilog=_serve.EPILOG)(_serve.serve)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,171 @@
+"""`llama-mlx serve` against `mlx_lm.server` on the same model folder, in one run.
+
+Each server runs alone (one after the other) as its own process on a free loopback port and is
+measured the same way, over raw HTTP streaming chat completions at temperature 0 with the stop
+tokens banned (so every answer has `--max-tokens` tokens):
+
+- TTFT and decode tokens/s of a short prompt (median of `--runs`);
+- TTFT of a long system prompt the first time (cold) and again with a new question (cached prefix);
+- peak resident memory of the server process (VmHWM on Linux, else sampled RSS).
+
+    python benchmarks/serve_vs_mlx_lm.py --model weights/SmolLM2-135M-Instruct --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PeakRSS:
+    """Peak resident memory of a process: VmHWM where /proc has it, else sampled `ps` RSS."""
+
+    def __init__(self, pid: int):
+        self.pid, self.sampled, self._stop = pid, 0, threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _rss(self) -> int:
+        try:
+            out = subprocess.run(["ps", "-o", "rss=", "-p", str(self.pid)], capture_output=True, text=True).stdout
+            return int(out.strip() or 0) * 1024
+        except (OSError, ValueError):
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self.sampled = max(self.sampled, self._rss())
+
+    def peak(self) -> int:
+        self._stop.set()
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return self.sampled
+
+
+def start(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen:
+    hub = log.parent / "bench-hf-hub"  # mlx_lm.server's /v1/models scans the HF cache: it must exist
+    hub.mkdir(exist_ok=True)
+    env = {"HF_HUB_CACHE": str(hub), **os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:4]} did not come up")
+
+
+def stream_chat(base: str, messages: list[dict], max_tokens: int, bias: dict) -> dict:
+    body = {"model": "default_model", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "logit_bias": bias}
+    start = time.perf_counter()
+    stamps = []
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if choices and (choices[0].get("delta") or {}).get("content"):
+                stamps.append(time.perf_counter() - start)
+    ttft = stamps[0] if stamps else float("nan")
+    tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else float("nan")
+    return {"ttft": ttft, "tps": tps, "chunks": len(stamps)}
+
+
+def system_prompt(tag: str, rules: int) -> str:
+    return f"You are assistant {tag}. " + " ".join(f"Rule {i}: answer {tag} questions carefully and briefly."
+                                                   for i in range(rules))
+
+
+def measure(base: str, args, bias: dict) -> dict:
+    user = [{"role": "user", "content": "Write a short poem about the sea."}]
+    stream_chat(base, user, 4, bias)  # warm-up
+    runs = [stream_chat(base, user, args.max_tokens, bias) for _ in range(args.runs)]
+    system = {"role": "system", "content": system_prompt("omega", args.system_rules)}
+    cold = stream_chat(base, [system, {"role": "user", "content": "Hello?"}], 4, bias)
+    warm = stream_chat(base, [system, {"role": "user", "content": "Who are you?"}], 4, bias)
+    return {"ttft": statistics.median(r["ttft"] for r in runs), "tps": statistics.median(r["tps"] for r in runs),
+            "long_cold_ttft": cold["ttft"], "long_cached_ttft": warm["ttft"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "weights" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--system-rules", type=int, default=80, help="length of the long system prompt (~11 tokens each)")
+    ap.add_argument("--prompt-cache-bytes", type=int, default=1 << 30)
+    ap.add_argument("--stop-ids", default="0,2", help="token ids banned so answers run to --max-tokens")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    bias = {i.strip(): -100 for i in args.stop_ids.split(",") if i.strip()}
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    servers = {
+        "llama-mlx": lambda port: [sys.executable, "-m", "llama_mlx_cli.main", "serve", "--model", args.model,
+                                   "--port", str(port), "--max-concurrency", "1",
+                                   "--prompt-cache-bytes", str(args.prompt_cache_bytes), "--log-level", "warning"],
+        "mlx-lm": lambda port: [sys.executable, "-m", "mlx_lm.server", "--model", args.model, "--port", str(port),
+                                "--log-level", "WARNING"],
+    }
+    ready = {"llama-mlx": "/health", "mlx-lm": "/v1/models"}
+    results = {}
+    for name, cmd in servers.items():
+        port = free_port()
+        proc = start(cmd(port), f"http://127.0.0.1:{port}{ready[name]}", logs / f"bench-{name}.log")
+        rss = PeakRSS(proc.pid)
+        try:
+            results[name] = measure(f"http://127.0.0.1:{port}", args, bias)
+            results[name]["peak_rss_mb"] = rss.peak() / 2**20
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        results[name]["long_cache_speedup"] = results[name]["long_cold_ttft"] / results[name]["long_cached_ttft"]
+        print(name, json.dumps(results[name]), flush=True)
+    ours, theirs = results["llama-mlx"], results["mlx-lm"]
+    ratios = {"tps (ours/mlx-lm)": ours["tps"] / theirs["tps"], "ttft (mlx-lm/ours)": theirs["ttft"] / ours["ttft"],
+              "cached long-prompt ttft (mlx-lm/ours)": theirs["long_cached_ttft"] / ours["long_cached_ttft"],
+              "peak rss (ours/mlx-lm)": ours["peak_rss_mb"] / theirs["peak_rss_mb"]}
+    report = {"model": args.model, "max_tokens": args.max_tokens, "machine": platform.platform(),
+              "results": results, "ratios": ratios}
+    print(f"{'':28}{'llama-mlx':>12}{'mlx-lm':>12}")
+    for key in ("ttft", "tps", "long_cold_ttft", "long_cached_ttft", "long_cache_speedup", "peak_rss_mb"):
+        print(f"{key:28}{ours[key]:12.3f}{theirs[key]:12.3f}")
+    for key, value in ratios.items():
+        print(f"{key:40}{value:8.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

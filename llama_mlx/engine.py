@@ -1,0 +1,457 @@
+"""The serving engine: generation requests in, streamed events out, over one model.
+
+    engine = Engine(lambda: load(path), max_concurrency=4, queue_size=16, prompt_cache_bytes=1 << 30)
+    engine.start(); engine.wait_ready()
+    job = engine.submit(GenerationRequest(prompt=ids, max_tokens=64))   # QueueFullError when full
+    async for event in job: ...                                         # EngineEvent, the last has usage
+    job.cancel()                                                        # stops it between tokens
+
+One worker thread owns the model (it loads it too, so every MLX array lives on that thread). It
+runs up to `max_concurrency` jobs at once, interleaved token by token, each over its own prompt
+cache, so an answer is the one the job would get alone; `queue_size` more wait, beyond that
+`submit` refuses. A batched engine replaces `_step_all` (one decode step for all active jobs) and
+keeps `submit`, `Job` and the events. `PrefixCachePool` keeps prompt caches between requests,
+bounded in bytes, least recently used evicted first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+
+from .cache import KVCache, PromptCache
+from .errors import LlamaMLXError
+from .generate import context_length, stream_generate
+from .sample import make_logits_processors, make_sampler
+
+__all__ = [
+    "Engine",
+    "EngineClosedError",
+    "EngineEvent",
+    "GenerationRequest",
+    "Job",
+    "PrefixCachePool",
+    "QueueFullError",
+    "Usage",
+]
+
+
+class QueueFullError(LlamaMLXError):
+    """Every generation slot is busy and the waiting queue is full."""
+
+
+class EngineClosedError(LlamaMLXError):
+    """The engine is shutting down (or failed to load) and takes no new requests."""
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: prompt ids and sampling settings (OpenAI's meanings).
+
+    top_logprobs: None for no log-probabilities, else how many alternatives per token (0-20).
+    response_format: an OpenAI `response_format` enforced by constrained decoding (llama_mlx.structured).
+    """
+
+    prompt: list[int]
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: Sequence[str] = ()
+    logit_bias: Optional[dict[int, float]] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict] = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int  # the whole prompt, cached part included
+    completion_tokens: int  # every sampled token, a stop token included
+    cached_tokens: int
+    time_to_first_token: float
+    generation_tps: float
+
+
+@dataclass
+class EngineEvent:
+    """One generated token. `text` may be empty (an incomplete character or stop string held back).
+
+    logprob / top_logprobs: when asked for (not for a stop token). The last event has
+    `finish_reason` ("stop" or "length"), `usage`, and `stop_sequence` when a stop string ended it.
+    """
+
+    text: str
+    token: int
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list[tuple[int, float]]] = None
+    finish_reason: Optional[str] = None
+    usage: Optional[Usage] = None
+    stop_sequence: Optional[str] = None
+
+
+class _Cancelled(Exception):
+    pass
+
+
+_END = object()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixCachePool:
+    """Prompt caches kept between requests, at most `max_bytes` of KV buffers in all.
+
+    `take(prompt)` finds the kept cache sharing the longest prefix with `prompt`. One that the
+    prompt extends whole is handed out (and leaves the pool); one sharing at least `min_reuse`
+    tokens is copied up to the shared prefix (it stays, for its other continuations); otherwise
+    the cache is new. `give_back(cache)` keeps it as the most recently used, drops the kept caches
+    it makes redundant (whose tokens it starts with), then evicts the least recently used until
+    the total is within the bound. A cache larger than the bound is not kept.
+    """
+
+    def __init__(self, model, max_bytes: int, *, min_reuse: int = 16, **cache_options: Any):
+        self.model, self.max_bytes, self.min_reuse, self.cache_options = model, int(max_bytes), min_reuse, cache_options
+        self._entries: "OrderedDict[int, tuple[PromptCache, int]]" = OrderedDict()  # least recent first
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.evictions = 0
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, prompt: Sequence[int]) -> PromptCache:
+        head = list(prompt)[:-1]  # the last prompt token always runs again
+        with self._lock:
+            best, best_len = None, 0
+            for key, (pc, _) in self._entries.items():
+                n = _common_prefix(pc.tokens, head)
+                if n > best_len:
+                    best, best_len = key, n
+            if best is not None and best_len == len(self._entries[best][0].tokens):
+                pc, size = self._entries.pop(best)
+                self.nbytes -= size
+                self.hits += 1
+                return pc
+            if best is not None and best_len >= self.min_reuse and _copyable(self._entries[best][0]):
+                self._entries.move_to_end(best)
+                self.hits += 1
+                return _copy_prefix(self._entries[best][0], best_len, self.model)
+            self.misses += 1
+        return PromptCache(self.model, **self.cache_options)
+
+    def give_back(self, pc: PromptCache) -> None:
+        size = pc.nbytes
+        with self._lock:
+            if not pc.tokens or size > self.max_bytes:
+                return
+            for key, (other, other_size) in list(self._entries.items()):
+                if len(other.tokens) <= len(pc.tokens) and pc.tokens[: len(other.tokens)] == other.tokens:
+                    del self._entries[key]
+                    self.nbytes -= other_size
+            self._entries[id(pc)] = (pc, size)
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, (_, old) = self._entries.popitem(last=False)
+                self.nbytes -= old
+                self.evictions += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"bytes": self.nbytes, "max_bytes": self.max_bytes, "entries": len(self._entries),
+                    "tokens": sum(len(pc.tokens) for pc, _ in self._entries.values()),
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+def _copyable(pc: PromptCache) -> bool:
+    return all(type(c) is KVCache for c in pc.cache)
+
+
+def _copy_prefix(pc: PromptCache, n: int, model) -> PromptCache:
+    """A new prompt cache holding the first `n` tokens of `pc` (its first update moves them into new buffers)."""
+    out = PromptCache(model, **pc.options)
+    out.cache = [KVCache.from_state([a[..., :n, :] for a in c.state], c.meta_state) for c in pc.cache]
+    mx.eval([c.state for c in out.cache])
+    out.tokens = list(pc.tokens[:n])
+    return out
+
+
+class _Penalties:
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+
+    def __init__(self, presence: float, frequency: float):
+        self.presence, self.frequency = presence, frequency
+        self.counts: Optional[mx.array] = None
+        self.seen = 0
+
+    def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
+        n = int(history.size)
+        if self.counts is None:
+            self.counts, self.seen = mx.zeros((logits.shape[-1],), mx.float32), n  # the prompt: not counted
+        elif n > self.seen:
+            self.counts = self.counts.at[history[self.seen :]].add(1.0)
+            self.seen = n
+        penalty = self.frequency * self.counts + self.presence * (self.counts > 0)
+        return logits - penalty.astype(logits.dtype)
+
+
+class Job:
+    """A submitted request: an async iterator of `EngineEvent`s; `cancel()` stops it between tokens."""
+
+    def __init__(self, engine: "Engine", request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.engine, self.request, self._loop = engine, request, loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._steps: Optional[Iterator[EngineEvent]] = None
+        self._done = False
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.engine._forget_waiting(self)
+
+    def __aiter__(self) -> "Job":
+        return self
+
+    async def __anext__(self) -> EngineEvent:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _END:
+            self._done = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    # -- worker side
+
+    def _push(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            self.cancelled = True
+
+    def _step(self) -> bool:
+        """Run one token; False once the job is over."""
+        try:
+            if self.cancelled:
+                raise _Cancelled
+            if self._steps is None:
+                self._steps = self.engine._generate(self)
+            event = next(self._steps)
+        except (StopIteration, _Cancelled):
+            self._close()
+            return False
+        except Exception as e:  # noqa: BLE001 - handed to the request's handler
+            self._close(e)
+            return False
+        self._push(event)
+        if event.finish_reason is not None:
+            self._close()
+            return False
+        return True
+
+    def _close(self, error: Optional[BaseException] = None) -> None:
+        if self._steps is not None:
+            self._steps.close()
+        self._push(error if error is not None else _END)
+
+
+class Engine:
+    """Runs generation requests on one worker thread (see the module's docstring).
+
+    loader: called on the worker thread, returns (model, tokenizer).
+    prompt_cache_bytes: bound of the prefix cache pool (0: keep nothing between requests).
+    """
+
+    def __init__(self, loader: Callable[[], tuple[Any, Any]], *, max_concurrency: int = 4, queue_size: int = 16,
+                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512,
+                 cache_options: Optional[dict] = None):
+        if max_concurrency < 1 or queue_size < 0 or prompt_cache_bytes < 0:
+            raise ValueError("need max_concurrency >= 1, queue_size >= 0 and prompt_cache_bytes >= 0")
+        self._loader = loader
+        self.max_concurrency, self.queue_size = max_concurrency, queue_size
+        self.prompt_cache_bytes, self.prefill_step_size = prompt_cache_bytes, prefill_step_size
+        self.cache_options = dict(cache_options or {})
+        self.model = self.tokenizer = self.pool = None
+        self.load_error: Optional[BaseException] = None
+        self._ready = threading.Event()
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+
+    # -- lifecycle
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="llama-mlx-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.load_error is None
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the model to load; raises what the loader raised."""
+        done = self._ready.wait(timeout)
+        if self.load_error is not None:
+            raise self.load_error
+        return done
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.model)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Take no new requests, let the running and waiting ones finish, stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- requests
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a request (call from the event loop that will read the job's events)."""
+        job = Job(self, request, asyncio.get_running_loop())
+        with self._cond:
+            if self._closing or not self.ready:
+                raise EngineClosedError("the server is shutting down" if self._closing else "the model is not loaded")
+            if len(self._active) + len(self._waiting) >= self.max_concurrency + self.queue_size:
+                self.counters["rejected"] += 1
+                raise QueueFullError(f"the server is busy: {len(self._active)} requests running and "
+                                     f"{len(self._waiting)} waiting; try again later")
+            self._waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+    def _forget_waiting(self, job: Job) -> None:
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return  # running (the worker sees the flag) or finished
+            self.counters["cancelled"] += 1
+        job._push(_END)
+
+    def stats(self) -> dict:
+        with self._cond:
+            out = {"loaded": self.ready, "active": len(self._active), "waiting": len(self._waiting),
+                   "max_concurrency": self.max_concurrency, "queue_size": self.queue_size, **self.counters}
+        out["prompt_cache"] = self.pool.stats() if self.pool is not None else None
+        return out
+
+    # -- worker thread
+
+    def _run(self) -> None:
+        try:
+            self.model, self.tokenizer = self._loader()
+            self.pool = PrefixCachePool(self.model, self.prompt_cache_bytes, **self.cache_options)
+            # Read the (lazily loaded) weights and trace the steps now, not in the first request's TTFT.
+            for _ in stream_generate(self.model, self.tokenizer, [0, 0, 0], 2, prompt_cache=PromptCache(self.model)):
+                pass
+        except BaseException as e:  # noqa: BLE001 - reported by wait_ready
+            self.load_error = e
+            self._closing = True
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            with self._cond:
+                while len(self._active) < self.max_concurrency and self._waiting:
+                    self._active.append(self._waiting.popleft())
+                if not self._active:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                    continue
+                active = list(self._active)
+            self._step_all(active)
+
+    def _step_all(self, active: list[Job]) -> None:
+        """One token for each active job (the seam a batched decoder replaces)."""
+        for job in active:
+            cancelled = job.cancelled
+            if not job._step():
+                with self._cond:
+                    self._active.remove(job)
+                    self.counters["cancelled" if cancelled or job.cancelled else "completed"] += 1
+
+    def _generate(self, job: Job) -> Iterator[EngineEvent]:
+        req, tokenizer = job.request, self.tokenizer
+        processors = make_logits_processors(logit_bias=req.logit_bias)
+        if req.presence_penalty or req.frequency_penalty:
+            processors.append(_Penalties(req.presence_penalty, req.frequency_penalty))
+        if req.response_format is not None:
+            from .structured import json_logits_processor
+
+            proc = json_logits_processor(tokenizer, req.response_format, max_tokens=req.max_tokens)
+            if proc is not None:
+                processors.append(proc)
+        sampler = make_sampler(req.temperature, req.top_p, req.top_k, seed=req.seed)
+
+        def progress(done: int, total: int) -> None:
+            if job.cancelled:
+                raise _Cancelled
+
+        stops = set(tokenizer.stop_tokens)
+        pc = self.pool.take(req.prompt)
+        stream = stream_generate(self.model, tokenizer, req.prompt, req.max_tokens, sampler=sampler,
+                                 logits_processors=processors, stop=list(req.stop) or None, prompt_cache=pc,
+                                 prefill_step_size=self.prefill_step_size, prompt_progress=progress)
+        tokens: list[int] = []
+        try:
+            for r in stream:
+                tokens.append(r.token)
+                event = EngineEvent(r.text, r.token)
+                if req.top_logprobs is not None and r.token not in stops:
+                    event.logprob, event.top_logprobs = _logprobs(r.logprobs, r.token, req.top_logprobs)
+                if r.finish_reason is not None:
+                    event.finish_reason = "length" if r.finish_reason == "context" else r.finish_reason
+                    if event.finish_reason == "stop" and r.token not in stops:
+                        event.stop_sequence = _which_stop(tokenizer.decode(tokens), req.stop)
+                    event.usage = Usage(len(req.prompt), r.generation_tokens, r.cached_tokens,
+                                        r.time_to_first_token, r.generation_tps)
+                yield event
+        finally:
+            stream.close()
+            self.pool.give_back(pc)
+
+
+def _logprobs(logprobs: mx.array, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    logprobs = logprobs.astype(mx.float32)
+    chosen = float(logprobs[token].item())
+    if k <= 0:
+        return chosen, []
+    top = mx.argsort(-logprobs)[:k]
+    values = logprobs[top].tolist()
+    return chosen, list(zip(top.tolist(), values))
+
+
+def _which_stop(text: str, stops: Sequence[str]) -> Optional[str]:
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    return min(hits)[1] if hits else None

@@ -1,0 +1,686 @@
+"""An OpenAI- and Anthropic-compatible HTTP server over an `Engine` (Starlette; run it with uvicorn).
+
+    app = create_app(engine, model_name="SmolLM2-135M-Instruct", api_key="secret")
+    uvicorn.run(app, host="127.0.0.1", port=8080)
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
+POST /v1/messages (Anthropic), GET /v1/internal/stats. Streams are server-sent events. Chat
+prompts go through the model's template with `tools` (llama_mlx.tools); replies that are tool
+calls come back as `tool_calls` / `tool_use` blocks; `response_format` and a forced `tool_choice`
+are enforced by constrained decoding (llama_mlx.structured). Errors are OpenAI's JSON
+(`{"error": {...}}`; Anthropic's on /v1/messages). Prompts are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, QueueFullError
+from .errors import LlamaMLXError
+from .structured import ResponseFormatError, grammar_for_response_format
+from .tools import ToolCallStream, apply_tool_chat_template, normalize_messages, parse_tool_calls, tools_for_choice
+
+__all__ = ["ApiError", "ServerConfig", "create_app"]
+
+log = logging.getLogger("llama_mlx.server")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "model"
+    api_key: Optional[str] = None
+    allowed_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 8 << 20
+    default_max_tokens: int = 512
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's error fields."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 422: "invalid_request_error", 503: "overloaded_error"}
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def openai(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+    def anthropic(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+                503: "overloaded_error"}.get(self.status, "invalid_request_error")
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": self.message}},
+                            status_code=self.status)
+
+
+# -- request parsing
+
+
+def _kind(value: Any, kinds: tuple) -> bool:
+    if isinstance(value, bool) and bool not in kinds:
+        return False
+    return isinstance(value, kinds)
+
+
+def _get(body: dict, key: str, kinds: tuple, default: Any = None, what: str = "") -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not _kind(value, kinds):
+        raise ApiError(422, f"'{key}' must be {what or ' or '.join(k.__name__ for k in kinds)}", param=key)
+    return value
+
+
+def _in_range(key: str, value: float, lo: float, hi: float, *, open_lo: bool = False) -> None:
+    if value is not None and (value < lo or value > hi or (open_lo and value == lo)):
+        raise ApiError(400, f"'{key}' must be in {'(' if open_lo else '['}{lo}, {hi}], got {value}", param=key)
+
+
+def _stop_list(body: dict, key: str) -> list[str]:
+    stop = body.get(key)
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ApiError(422, f"'{key}' must be a string or a list of strings", param=key)
+    return stop
+
+
+class _Api:
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine, self.config = engine, config
+
+    # -- shared plumbing
+
+    def check_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body is over the {limit}-byte limit", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is over the {limit}-byte limit", code="request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def ensure_ready(self) -> None:
+        if not self.engine.ready:
+            raise ApiError(503, "the model is still loading")
+
+    def sampling(self, body: dict, prompt: list[int], *, max_keys=("max_completion_tokens", "max_tokens"),
+                 stop_key: str = "stop", temperature_max: float = 2.0) -> GenerationRequest:
+        n = _get(body, "n", (int,), 1)
+        if n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        temperature = _get(body, "temperature", (int, float), 1.0, "a number")
+        top_p = _get(body, "top_p", (int, float), 1.0, "a number")
+        top_k = _get(body, "top_k", (int,), 0)
+        _in_range("temperature", temperature, 0, temperature_max)
+        _in_range("top_p", top_p, 0, 1, open_lo=True)
+        if top_k < 0:
+            raise ApiError(400, "'top_k' must be >= 0", param="top_k")
+        max_tokens = None
+        for key in max_keys:
+            max_tokens = _get(body, key, (int,), None)
+            if max_tokens is not None:
+                if max_tokens < 1:
+                    raise ApiError(400, f"'{key}' must be at least 1", param=key)
+                break
+        context = self.engine.context_length
+        if len(prompt) >= context:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; the model's context holds {context}",
+                           code="context_length_exceeded")
+        room = context - len(prompt)
+        max_tokens = min(max_tokens or self.config.default_max_tokens, room)
+        presence = _get(body, "presence_penalty", (int, float), 0.0, "a number")
+        frequency = _get(body, "frequency_penalty", (int, float), 0.0, "a number")
+        _in_range("presence_penalty", presence, -2, 2)
+        _in_range("frequency_penalty", frequency, -2, 2)
+        bias = _get(body, "logit_bias", (dict,), None, "an object")
+        logit_bias = None
+        if bias:
+            vocab = self.engine.tokenizer.vocab_size
+            logit_bias = {}
+            for k, v in bias.items():
+                if not str(k).lstrip("-").isdigit() or not _kind(v, (int, float)):
+                    raise ApiError(422, "'logit_bias' maps token ids to numbers", param="logit_bias")
+                if not 0 <= int(k) < vocab or not -100 <= v <= 100:
+                    raise ApiError(400, f"'logit_bias': token {k} outside the vocabulary or bias {v} outside "
+                                        "[-100, 100]", param="logit_bias")
+                logit_bias[int(k)] = float(v)
+        seed = _get(body, "seed", (int,), None)
+        stop = _stop_list(body, stop_key)
+        return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=float(temperature),
+                                 top_p=float(top_p), top_k=top_k, seed=seed, stop=stop, logit_bias=logit_bias,
+                                 presence_penalty=float(presence), frequency_penalty=float(frequency))
+
+    def submit(self, request: GenerationRequest):
+        try:
+            return self.engine.submit(request)
+        except (QueueFullError, EngineClosedError) as e:
+            raise ApiError(503, str(e), code="server_busy") from None
+
+    async def collect(self, request: Request, job) -> list[EngineEvent]:
+        """All of a job's events; a client that goes away cancels it."""
+
+        async def watch():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.2)
+            job.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return [event async for event in job]
+        finally:
+            watcher.cancel()
+            job.cancel()
+
+    def chat_prompt(self, messages: Any, tools: Any, tool_choice: Any) -> tuple[list[int], Optional[list]]:
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ApiError(422, "'messages' must be a non-empty list of objects", param="messages")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise ApiError(422, "'tools' must be a list of objects", param="tools")
+        try:
+            rendered = tools_for_choice(tools, tool_choice if tool_choice is not None else "auto")
+            msgs = _template_messages(messages)
+            prompt = apply_tool_chat_template(self.engine.tokenizer, msgs, rendered)
+        except (ValueError, TypeError, LlamaMLXError) as e:
+            raise ApiError(400, f"cannot render the messages: {e}", param="messages") from None
+        return prompt, rendered
+
+    def constrain(self, req: GenerationRequest, response_format: Any, tools: Optional[list], tool_choice: Any) -> None:
+        forced = tools and (tool_choice == "required" or isinstance(tool_choice, dict))
+        if forced:
+            schemas = [_call_schema(t) for t in tools]
+            schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+            response_format = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
+        if response_format is None:
+            return
+        try:
+            if grammar_for_response_format(response_format) is None:
+                return
+        except ResponseFormatError as e:
+            raise ApiError(400, str(e), param="tool_choice" if forced else "response_format") from None
+        req.response_format = response_format
+
+    # -- endpoints
+
+    async def health(self, request: Request) -> Response:
+        if not self.engine.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        self.check_key(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "llama-mlx"}]})
+
+    async def stats(self, request: Request) -> Response:
+        self.check_key(request)
+        return JSONResponse(self.engine.stats())
+
+    async def chat_completions(self, request: Request) -> Response:
+        self.check_key(request)
+        body = await self.read_json(request)
+        self.ensure_ready()
+        stream = _get(body, "stream", (bool,), False)
+        tool_choice = body.get("tool_choice")
+        prompt, tools = self.chat_prompt(body.get("messages"), body.get("tools"), tool_choice)
+        req = self.sampling(body, prompt)
+        if _get(body, "logprobs", (bool,), False):
+            req.top_logprobs = _get(body, "top_logprobs", (int,), 0)
+            _in_range("top_logprobs", req.top_logprobs, 0, 20)
+        self.constrain(req, body.get("response_format"), tools, tool_choice)
+        include_usage = bool((_get(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
+        job = self.submit(req)
+        meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.config.model_name}
+        if stream:
+            return _sse(self.chat_stream(job, meta, tools, include_usage))
+        events = await self.collect(request, job)
+        last = events[-1] if events else None
+        if last is None or last.usage is None:
+            return Response(status_code=499)
+        text = "".join(e.text for e in events)
+        reply = parse_tool_calls(text, tools) if tools is not None else None
+        message = reply.message() if reply else {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason(last.finish_reason)
+                  if reply else last.finish_reason, "logprobs": None}
+        if req.top_logprobs is not None:
+            choice["logprobs"] = {"content": [self.logprob_entry(e) for e in events if e.logprob is not None]}
+        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
+                             "usage": _openai_usage(last), "system_fingerprint": None})
+
+    def logprob_entry(self, e: EngineEvent) -> dict:
+        tok = self.engine.tokenizer
+
+        def one(token: int, lp: float) -> dict:
+            raw = tok.token_bytes(token)
+            return {"token": raw.decode("utf-8", "replace"), "logprob": lp, "bytes": list(raw)}
+
+        return {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top_logprobs or []]}
+
+    async def chat_stream(self, job, meta: dict, tools: Optional[list], include_usage: bool) -> AsyncIterator[bytes]:
+        def chunk(delta: dict, finish: Optional[str] = None, logprobs: Optional[list] = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                      "logprobs": None if logprobs is None else {"content": logprobs}}
+            return _data({**meta, "object": "chat.completion.chunk", "choices": [choice]})
+
+        holder = ToolCallStream(tools) if tools is not None else None
+        pending: list = []  # log-probabilities of text held back
+        with_logprobs = job.request.top_logprobs is not None
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for e in job:
+                if with_logprobs and e.logprob is not None:
+                    pending.append(self.logprob_entry(e))
+                text = holder.feed(e.text) if holder else e.text
+                if text:
+                    yield chunk({"content": text}, logprobs=pending if with_logprobs else None)
+                    pending = []
+                if e.finish_reason is None:
+                    continue
+                finish = e.finish_reason
+                if holder:
+                    rest, reply = holder.finish()
+                    if rest:
+                        yield chunk({"content": rest}, logprobs=pending if with_logprobs else None)
+                        pending = []
+                    if reply.tool_calls:
+                        calls = [{"index": i, **call} for i, call in enumerate(reply.tool_calls)]
+                        yield chunk({"tool_calls": calls}, logprobs=pending if with_logprobs else None)
+                    finish = reply.finish_reason(finish)
+                yield chunk({}, finish)
+                if include_usage:
+                    yield _data({**meta, "object": "chat.completion.chunk", "choices": [], "usage": _openai_usage(e)})
+            yield b"data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+            log.exception("generation failed")
+            yield _data({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        finally:
+            job.cancel()
+
+    async def completions(self, request: Request) -> Response:
+        self.check_key(request)
+        body = await self.read_json(request)
+        self.ensure_ready()
+        stream = _get(body, "stream", (bool,), False)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        tok = self.engine.tokenizer
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt, bos=tok.add_bos and tok.bos_id is not None)
+        elif isinstance(prompt, list) and prompt and all(_kind(t, (int,)) for t in prompt):
+            if not all(0 <= t < tok.vocab_size for t in prompt):
+                raise ApiError(400, "a prompt token id is outside the vocabulary", param="prompt")
+            ids = list(prompt)
+        else:
+            raise ApiError(422, "'prompt' must be a string or a list of token ids (one prompt)", param="prompt")
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if _get(body, "echo", (bool,), False):
+            raise ApiError(400, "'echo' is not supported", param="echo")
+        req = self.sampling(body, ids, max_keys=("max_tokens",))
+        top = _get(body, "logprobs", (int,), None)
+        if top is not None:
+            _in_range("logprobs", top, 0, 20)
+            req.top_logprobs = top
+        self.constrain(req, body.get("response_format"), None, None)
+        include_usage = bool((_get(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
+        job = self.submit(req)
+        meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.config.model_name}
+        if stream:
+            return _sse(self.completion_stream(job, meta, include_usage))
+        events = await self.collect(request, job)
+        last = events[-1] if events else None
+        if last is None or last.usage is None:
+            return Response(status_code=499)
+        choice = {"index": 0, "text": "".join(e.text for e in events), "finish_reason": last.finish_reason,
+                  "logprobs": self.legacy_logprobs(events) if req.top_logprobs is not None else None}
+        return JSONResponse({**meta, "object": "text_completion", "choices": [choice], "usage": _openai_usage(last)})
+
+    def legacy_logprobs(self, events: list[EngineEvent], offset: int = 0) -> dict:
+        tok = self.engine.tokenizer
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in events:
+            if e.logprob is None:
+                continue
+            out["tokens"].append(tok.token_bytes(e.token).decode("utf-8", "replace"))
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({tok.token_bytes(t).decode("utf-8", "replace"): lp
+                                        for t, lp in e.top_logprobs or []})
+            out["text_offset"].append(offset)
+            offset += len(e.text)
+        return out
+
+    async def completion_stream(self, job, meta: dict, include_usage: bool) -> AsyncIterator[bytes]:
+        with_logprobs = job.request.top_logprobs is not None
+        offset = 0
+        try:
+            async for e in job:
+                if e.text or e.finish_reason:
+                    logprobs = self.legacy_logprobs([e], offset) if with_logprobs else None
+                    offset += len(e.text)
+                    choice = {"index": 0, "text": e.text, "finish_reason": e.finish_reason, "logprobs": logprobs}
+                    yield _data({**meta, "object": "text_completion", "choices": [choice]})
+                if e.finish_reason and include_usage:
+                    yield _data({**meta, "object": "text_completion", "choices": [], "usage": _openai_usage(e)})
+            yield b"data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001
+            log.exception("generation failed")
+            yield _data({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        finally:
+            job.cancel()
+
+    # -- Anthropic Messages
+
+    async def messages(self, request: Request) -> Response:
+        try:
+            return await self._messages(request)
+        except ApiError as e:
+            return e.anthropic()
+
+    async def _messages(self, request: Request) -> Response:
+        self.check_key(request)
+        body = await self.read_json(request)
+        self.ensure_ready()
+        if _get(body, "max_tokens", (int,), None) is None:
+            raise ApiError(422, "'max_tokens' is required", param="max_tokens")
+        stream = _get(body, "stream", (bool,), False)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(422, "'messages' must be a non-empty list", param="messages")
+        system = body.get("system")
+        if isinstance(system, list):
+            system = "".join(b.get("text", "") for b in system if isinstance(b, dict))
+        if system is not None and not isinstance(system, str):
+            raise ApiError(422, "'system' must be a string or text blocks", param="system")
+        msgs = ([{"role": "system", "content": system}] if system else []) + _from_anthropic(messages)
+        tools = body.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list) or not all(isinstance(t, dict) and "name" in t for t in tools):
+                raise ApiError(422, "'tools' must be a list of {name, description, input_schema}", param="tools")
+            tools = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                                       "parameters": t.get("input_schema", {"type": "object"})}}
+                     for t in tools]
+        choice = body.get("tool_choice") or {"type": "auto"}
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        tool_choice = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or (
+            {"type": "function", "function": {"name": choice.get("name")}} if kind == "tool" else None)
+        if tool_choice is None:
+            raise ApiError(422, "'tool_choice' must be {type: auto | any | tool | none}", param="tool_choice")
+        prompt, rendered = self.chat_prompt(msgs, tools, tool_choice)
+        req = self.sampling(body, prompt, max_keys=("max_tokens",), stop_key="stop_sequences", temperature_max=1.0)
+        self.constrain(req, None, rendered, tool_choice)
+        job = self.submit(req)
+        meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.config.model_name}
+        if stream:
+            return _sse(self.messages_stream(job, meta, rendered))
+        events = await self.collect(request, job)
+        last = events[-1] if events else None
+        if last is None or last.usage is None:
+            return Response(status_code=499)
+        text = "".join(e.text for e in events)
+        reply = parse_tool_calls(text, rendered) if rendered is not None else None
+        content = []
+        if reply is None or reply.content:
+            content.append({"type": "text", "text": reply.content if reply else text})
+        for call in reply.tool_calls if reply else []:
+            content.append(_tool_use(call))
+        return JSONResponse({**meta, "type": "message", "role": "assistant", "content": content,
+                             "stop_reason": _stop_reason(last, reply), "stop_sequence": last.stop_sequence,
+                             "usage": _anthropic_usage(last)})
+
+    async def messages_stream(self, job, meta: dict, tools: Optional[list]) -> AsyncIterator[bytes]:
+        holder = ToolCallStream(tools) if tools is not None else None
+        index, text_open = 0, False
+        prompt_tokens = len(job.request.prompt)
+        try:
+            yield _event("message_start", {"type": "message_start", "message": {
+                **meta, "type": "message", "role": "assistant", "content": [], "stop_reason": None,
+                "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+            yield _event("ping", {"type": "ping"})
+
+            def text_delta(text: str) -> list[bytes]:
+                nonlocal text_open
+                out = []
+                if not text_open:
+                    text_open = True
+                    out.append(_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                              "content_block": {"type": "text", "text": ""}}))
+                if text:
+                    out.append(_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                              "delta": {"type": "text_delta", "text": text}}))
+                return out
+
+            async for e in job:
+                text = holder.feed(e.text) if holder else e.text
+                if text:
+                    for frame in text_delta(text):
+                        yield frame
+                if e.finish_reason is None:
+                    continue
+                reply = None
+                if holder:
+                    rest, reply = holder.finish()
+                    if rest:
+                        for frame in text_delta(rest):
+                            yield frame
+                if not text_open and not (reply and reply.tool_calls):
+                    for frame in text_delta(""):
+                        yield frame
+                if text_open:
+                    yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                    index += 1
+                for call in reply.tool_calls if reply else []:
+                    block = _tool_use(call)
+                    yield _event("content_block_start", {"type": "content_block_start", "index": index,
+                                                         "content_block": {**block, "input": {}}})
+                    yield _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+                        "type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
+                    yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                    index += 1
+                usage = _anthropic_usage(e)
+                yield _event("message_delta", {"type": "message_delta", "delta": {
+                    "stop_reason": _stop_reason(e, reply), "stop_sequence": e.stop_sequence}, "usage": usage})
+                yield _event("message_stop", {"type": "message_stop"})
+        except Exception as e:  # noqa: BLE001
+            log.exception("generation failed")
+            yield _event("error", {"type": "error", "error": {"type": "api_error", "message": str(e)}})
+        finally:
+            job.cancel()
+
+
+# -- message and reply mapping
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI messages as chat templates take them: text content, developer as system, a tool call's
+    text kept as content for templates that know no tool calls."""
+    out = []
+    for m in normalize_messages(messages):
+        if m.get("role") == "developer":
+            m["role"] = "system"
+        content = m.get("content")
+        if isinstance(content, list):
+            if any(isinstance(p, dict) and p.get("type") not in ("text", None) for p in content):
+                raise ValueError("only text content parts are supported")
+            m["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if m.get("tool_calls") and "content" not in m:
+            m["content"] = "; ".join(json.dumps({"name": c["function"].get("name"),
+                                                 "parameters": c["function"].get("arguments", {})})
+                                     for c in m["tool_calls"])
+        m.setdefault("content", "")
+        out.append(m)
+    return out
+
+
+def _from_anthropic(messages: list) -> list[dict]:
+    out: list[dict] = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise ApiError(422, "each message needs role 'user' or 'assistant'", param="messages")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise ApiError(422, "message content must be a string or a list of blocks", param="messages")
+        texts, calls = [], []
+        for block in content:
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                texts.append(block.get("text", ""))
+            elif kind == "tool_use":
+                calls.append({"id": block.get("id"), "type": "function",
+                              "function": {"name": block.get("name"), "arguments": block.get("input", {})}})
+            elif kind == "tool_result":
+                result = block.get("content", "")
+                if isinstance(result, list):
+                    result = "".join(b.get("text", "") for b in result if isinstance(b, dict))
+                out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": result})
+            else:
+                raise ApiError(400, f"content blocks of type {kind!r} are not supported", param="messages")
+        if calls:
+            out.append({"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls})
+        elif texts or not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
+            out.append({"role": m["role"], "content": "".join(texts)})
+    return out
+
+
+def _call_schema(tool: dict) -> dict:
+    function = tool.get("function", tool)
+    parameters = function.get("parameters") or {"type": "object"}
+    return {"type": "object", "properties": {"name": {"const": function.get("name")}, "parameters": parameters},
+            "required": ["name", "parameters"], "additionalProperties": False}
+
+
+def _tool_use(call: dict) -> dict:
+    return {"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"), "name": call["function"]["name"],
+            "input": json.loads(call["function"]["arguments"])}
+
+
+def _stop_reason(last: EngineEvent, reply) -> str:
+    if reply is not None and reply.tool_calls:
+        return "tool_use"
+    if last.finish_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if last.stop_sequence else "end_turn"
+
+
+def _openai_usage(e: EngineEvent) -> dict:
+    u = e.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "time_to_first_token": u.time_to_first_token}
+
+
+def _anthropic_usage(e: EngineEvent) -> dict:
+    u = e.usage
+    return {"input_tokens": u.prompt_tokens - u.cached_tokens, "output_tokens": u.completion_tokens,
+            "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
+
+
+def _data(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _event(name: str, obj: dict) -> bytes:
+    return f"event: {name}\n".encode() + _data(obj)
+
+
+def _sse(frames: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(frames, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# -- the application
+
+
+def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options: Any) -> Starlette:
+    """The Starlette application over `engine` (started by the caller; closed, drained, at shutdown).
+
+    `config` or its fields as keywords: model_name, api_key, allowed_origins, max_body_bytes,
+    default_max_tokens.
+    """
+    config = config or ServerConfig(**options)
+    api = _Api(engine, config)
+
+    def guarded(handler: Callable, anthropic: bool = False) -> Callable:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as e:
+                return e.anthropic() if anthropic else e.openai()
+            except Exception:  # noqa: BLE001 - the server lives on
+                log.exception("request failed")
+                return ApiError(500, "internal error").openai()
+
+        return endpoint
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        status = exc.status_code
+        message = "no such endpoint" if status == 404 else exc.detail
+        return ApiError(status, f"{message}: {request.method} {request.url.path}").openai()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.close)  # uvicorn has let the in-flight requests finish
+
+    routes = [
+        Route("/health", guarded(api.health), methods=["GET"]),
+        Route("/v1/models", guarded(api.models), methods=["GET"]),
+        Route("/v1/internal/stats", guarded(api.stats), methods=["GET"]),
+        Route("/v1/chat/completions", guarded(api.chat_completions), methods=["POST"]),
+        Route("/v1/completions", guarded(api.completions), methods=["POST"]),
+        Route("/v1/messages", guarded(api.messages, anthropic=True), methods=["POST"]),
+    ]
+    middleware = []
+    if config.allowed_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                                     allow_methods=["GET", "POST", "OPTIONS"],
+                                     allow_headers=["authorization", "content-type", "x-api-key",
+                                                    "anthropic-version"]))
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                     exception_handlers={HTTPException: not_found})

@@ -1,0 +1,120 @@
+"""`llama-mlx serve`: the OpenAI- and Anthropic-compatible HTTP server (llama_mlx.server on uvicorn)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+from typing import Annotated, Optional
+
+import typer
+
+from .common import DtypeOpt, ModelOpt, error_line, handle_errors, model_label, note_line
+
+EPILOG = """\
+[bold]Examples[/bold]
+
+  llama-mlx serve                                   # http://127.0.0.1:8080/v1, the default model
+
+  llama-mlx serve -M weights/Llama-3.2-1B-Instruct --port 9000 --api-key "$KEY"
+
+  OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=x your-openai-app
+"""
+
+SERVER = "Server"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@handle_errors
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(
+        "--host", help="Address to listen on (loopback by default; 0.0.0.0 exposes the server).",
+        rich_help_panel=SERVER)] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port.",
+                                      rich_help_panel=SERVER)] = 8080,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="LLAMA_MLX_API_KEY", metavar="KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1 requests.",
+        rich_help_panel=SERVER)] = None,
+    max_concurrency: Annotated[int, typer.Option(
+        "--max-concurrency", min=1, help="Requests generated at once (interleaved); more wait in the queue.",
+        rich_help_panel=SERVER)] = 4,
+    queue_size: Annotated[int, typer.Option(
+        "--queue-size", min=0, help="Requests that may wait; beyond, the server answers 503.",
+        rich_help_panel=SERVER)] = 16,
+    prompt_cache_bytes: Annotated[int, typer.Option(
+        "--prompt-cache-bytes", min=0, metavar="BYTES",
+        help="Bound of the KV prefix cache kept between requests (least recently used evicted; 0: none).",
+        rich_help_panel=SERVER)] = 1 << 30,
+    allowed_origins: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-origins", metavar="ORIGIN",
+        help="Allow browser requests from this origin (CORS; repeatable; '*' for any). Default: none.",
+        rich_help_panel=SERVER)] = None,
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", min=1, metavar="BYTES", help="Largest request body accepted (413 beyond).",
+        rich_help_panel=SERVER)] = 8 << 20,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", "-m", min=1, help="Answer length when a request does not say (capped by the context).",
+        rich_help_panel=SERVER)] = 512,
+    dtype: DtypeOpt = "auto",
+    log_level: Annotated[str, typer.Option(
+        "--log-level", metavar="LEVEL", help="uvicorn's log level: critical, error, warning, info, debug.",
+        rich_help_panel=SERVER)] = "info",
+) -> None:
+    """Serve a model over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
+    import uvicorn
+
+    from llama_mlx.engine import Engine
+    from llama_mlx.loading import load, resolve_model
+    from llama_mlx.server import ServerConfig, create_app
+
+    from .common import resolve_dtype
+
+    if log_level not in ("critical", "error", "warning", "info", "debug"):
+        raise typer.BadParameter(f"{log_level!r} is not one of critical, error, warning, info, debug",
+                                 param_hint="--log-level")
+    path = resolve_model(model) if model is not None else None  # a bad path fails here, before binding
+    engine = Engine(lambda: load(path, dtype=resolve_dtype(dtype)), max_concurrency=max_concurrency,
+                    queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes).start()
+    config = ServerConfig(model_name=model_label(model), api_key=api_key,
+                          allowed_origins=tuple(allowed_origins or ()), max_body_bytes=max_body_bytes,
+                          default_max_tokens=max_tokens)
+    app = create_app(engine, config)
+    logging.getLogger("llama_mlx").setLevel(log_level.upper())
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=None, server_header=False))
+    if not _loopback(host) and api_key is None:
+        note_line(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
+    failed: list[BaseException] = []
+
+    def watch_load() -> None:
+        try:
+            engine.wait_ready()
+            note_line(f"{model_label(model)} loaded; serving on http://{host}:{port}/v1")
+        except BaseException as e:  # noqa: BLE001 - reported below, the server stops
+            failed.append(e)
+            server.should_exit = True
+
+    threading.Thread(target=watch_load, daemon=True).start()
+    # uvicorn re-raises the signal it shut down on; this handler takes it, so SIGTERM exits 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.close()
+    if failed:
+        raise failed[0]
+    if not server.started:
+        error_line(f"could not listen on {host}:{port}")
+        raise typer.Exit(1)
