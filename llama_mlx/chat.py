@@ -10,13 +10,15 @@ The session never prints: `respond` yields `GenerationResponse`s, bad requests r
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from .cache import PromptCache
 from .errors import ContextLengthError, LlamaMLXError
-from .generate import GenerationResponse, context_length, stream_generate
+from .fileio import atomic_path, atomic_write_text
+from .generate import GenerationResponse, check_keywords, context_length, stream_generate
 from .tokenizer.chat_template import TemplateNotIncrementalError
 
 __all__ = [
@@ -27,10 +29,13 @@ __all__ = [
     "NothingToUndoError",
     "SessionFileError",
     "Turn",
+    "session_files",
     "session_path",
 ]
 
 SESSION_FORMAT = "llama-mlx-chat/1"
+PYTHON_TAG = "<|python_tag|>"
+_MESSAGE_KEYS = ("role", "content", "python_tag", "stop_reason")
 
 
 class ChatError(LlamaMLXError):
@@ -72,11 +77,25 @@ def _common(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
 
 
 def session_path(path: Union[str, Path], must_exist: bool = False) -> Path:
-    """The session file as named (it is read as safetensors whatever its suffix); SessionFileError if missing."""
+    """The session file as named; SessionFileError if `must_exist` and neither it nor its pair exists."""
     path = Path(path).expanduser()
     if must_exist and not path.is_file():
-        raise SessionFileError(f"{path}: no such file")
+        conversation, cache = session_files(path)
+        if not (path.suffix == ".safetensors" and conversation.is_file()):
+            raise SessionFileError(f"{path}: no such file")
     return path
+
+
+def session_files(path: Union[str, Path]) -> tuple[Path, Path]:
+    """(conversation JSON, KV cache) of a saved chat, named as given: FILE holds the conversation and
+    FILE.safetensors (FILE.json: the .json swapped for .safetensors) the cache, unless FILE ends in
+    .safetensors: then it holds the cache, and the conversation is the .json beside it."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors":
+        return path.with_suffix(".json"), path
+    if path.suffix == ".json":
+        return path, path.with_suffix(".safetensors")
+    return path, path.with_name(path.name + ".safetensors")
 
 
 class ChatSession:
@@ -89,6 +108,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, system: Optional[str] = None, max_tokens: int = 512,
                  max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, kv_group_size: int = 64,
                  name: str = "model", **generate_kwargs: Any):
+        check_keywords("ChatSession", generate_kwargs, stream_generate)
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.max_tokens = max_tokens
         self.generate_kwargs = generate_kwargs
@@ -205,14 +225,14 @@ class ChatSession:
 
     def add_assistant(self, text: str) -> None:
         """Append an answer written elsewhere (a scripted reply, a conversation restored by a client)."""
-        if self.messages and self.messages[-1]["role"] == "user":
+        if self.messages and self.messages[-1]["role"] in ("user", "ipython"):
             self.prompt_tokens()
             self._push({"role": "assistant", "content": text}, after_generation_prompt=True)
         else:
             self._push({"role": "assistant", "content": text})
 
     def drop_unanswered(self) -> None:
-        """Remove a trailing question that got no answer."""
+        """Remove a trailing question that got no answer (a tool's output stays: it answers a call)."""
         if self.messages and self.messages[-1]["role"] == "user":
             self._truncate(len(self.messages) - 1)
 
@@ -251,7 +271,7 @@ class ChatSession:
         stop, joins the conversation and `self.last` tells how it went; a question that got no token is
         dropped. Fits the conversation to the context first (see `fit`).
         """
-        if not self.messages or self.messages[-1]["role"] != "user":
+        if not self.messages or self.messages[-1]["role"] not in ("user", "ipython"):
             raise NothingToRetryError("no question to answer")
         self.fit()
         prompt = self.prompt_tokens()
@@ -284,11 +304,32 @@ class ChatSession:
         if last is None:
             self.drop_unanswered()
         else:
-            self._push({"role": "assistant", "content": text}, after_generation_prompt=True)
+            self._push(self._answer_message(text, last), after_generation_prompt=True)
             # The prompt was fed as it is: only the answer's ids are compared.
             self._settle_cache(self._ids, len(prompt) if self.full_encodes == full_encodes else 0)
             self._account(last)
         self.last = Turn(last, text, self.context_used(), last is None or last.finish_reason is None)
+
+    def _answer_message(self, text: str, last: GenerationResponse) -> dict:
+        """The answer as a message: a code-interpreter call (`<|python_tag|>` code, ended by <|eom_id|>)
+        keeps those marks as the chat format's `python_tag` / `stop_reason`, so it re-encodes as sampled."""
+        message = {"role": "assistant", "content": text}
+        if text.startswith(PYTHON_TAG):
+            message.update(content=text[len(PYTHON_TAG):], python_tag=True)
+            eom = self.tokenizer.special_tokens.get("<|eom_id|>")
+            if last.finish_reason == "stop" and eom is not None and last.token == eom:
+                message["stop_reason"] = "end_of_message"
+        return message
+
+    def tool_call(self) -> Optional[str]:
+        """The code of the last answer when it is a code-interpreter call awaiting its output, else None."""
+        if self.messages and self.messages[-1]["role"] == "assistant" and self.messages[-1].get("python_tag"):
+            return self.messages[-1]["content"]
+        return None
+
+    def add_tool_result(self, output: str) -> None:
+        """Append a tool's output (the `ipython` turn); answer it with `respond`."""
+        self._push({"role": "ipython", "content": output})
 
     def _account(self, r: GenerationResponse) -> None:
         t = self.totals
@@ -348,32 +389,79 @@ class ChatSession:
                 "hidden_size": args.hidden_size, "vocab_size": args.vocab_size}
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the transcript and the KV cache; returns the file written."""
-        path = session_path(path)
-        if path.parent and not path.parent.is_dir():
-            raise SessionFileError(f"{path.parent}: no such folder")
-        self.cache.save(path, metadata={
-            "format": SESSION_FORMAT,
-            "model": self.name,
-            "fingerprint": self.fingerprint(),
-            "messages": self.messages,
-            "saved": _dt.datetime.now().isoformat(timespec="seconds"),
-        })
-        return path
+        """Write the conversation as readable JSON and its KV cache beside it (see `session_files`);
+        returns `path`. Only a missing path or a regular file is replaced."""
+        conversation, cache_file = session_files(path)
+        if not conversation.parent.is_dir():
+            raise SessionFileError(f"{conversation.parent}: no such folder")
+        info = {"format": SESSION_FORMAT, "model": self.name, "fingerprint": self.fingerprint(),
+                "saved": _dt.datetime.now().isoformat(timespec="seconds")}
+        with atomic_path(cache_file, suffix=".safetensors") as tmp:
+            self.cache.save(tmp, metadata={**info, "messages": self.messages})
+        atomic_write_text(conversation, json.dumps(
+            {**info, "cache": cache_file.name, "cached_tokens": len(self.cache.tokens), "messages": self.messages},
+            indent=2, ensure_ascii=False) + "\n")
+        return Path(path).expanduser()
 
-    def load(self, path: Union[str, Path]) -> Path:
-        """Resume what `save` wrote: the transcript and the cache (nothing is prefilled again)."""
+    def load(self, path: Union[str, Path]) -> dict:
+        """Resume what `save` wrote (either of its files). Returns what happened: the files read,
+        `cached` (ids restored into the KV cache) and `to_prefill` (the conversation's ids the next
+        answer prefills first), and `note` (why a saved cache was not used, or None)."""
         path = session_path(path, must_exist=True)
-        try:
-            cache, meta = PromptCache.load(self.model, path)
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise SessionFileError(f"{path}: not a saved chat session ({e or type(e).__name__})") from None
-        if meta.get("format") != SESSION_FORMAT or not isinstance(meta.get("messages"), list):
-            raise SessionFileError(f"{path}: not a saved chat session (a prompt cache without a transcript?)")
-        if meta.get("fingerprint") not in (None, self.fingerprint()):
-            raise SessionFileError(f"{path}: saved with a different model ({meta.get('model', '?')})")
-        self.messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in meta["messages"]
-                         if isinstance(m, dict) and "role" in m and "content" in m]
-        self.cache, self.last = cache, None
+        conversation, cache_file = session_files(path)
+        messages, note, meta = None, None, None
+        if conversation.is_file():
+            messages = _read_conversation(conversation)
+        cache = None
+        if cache_file.is_file():
+            try:
+                cache, meta = PromptCache.load(self.model, cache_file)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is "not a saved cache"
+                if messages is None:
+                    raise SessionFileError(f"{cache_file}: not a saved chat ({_why(e)})") from None
+                note = f"{cache_file.name} is not a readable KV cache"
+        if messages is None:  # an old save: the cache file alone, transcript in its metadata
+            if meta is None or meta.get("format") != SESSION_FORMAT or not isinstance(meta.get("messages"), list):
+                raise SessionFileError(f"{path}: not a saved chat (a prompt cache without a conversation?)")
+            messages = _clean_messages(meta["messages"], path)
+        if cache is not None and meta.get("fingerprint") not in (None, self.fingerprint()):
+            cache, note = None, f"{cache_file.name} was saved with a different model ({meta.get('model', '?')})"
+        elif cache is not None and cache.options != self.cache.options:
+            cache, note = None, f"{cache_file.name} was saved with other KV cache settings"
+        if cache is None and note is None:
+            note = f"no KV cache beside it ({cache_file.name})"
+        self.messages = messages
+        self.cache = cache if cache is not None else PromptCache(self.model, **self.cache.options)
+        self.last = None
         self._rebuild()
-        return path
+        cached = len(self.cache.tokens)
+        return {"conversation": conversation if conversation.is_file() else None,
+                "cache": cache_file if cache is not None else None,
+                "cached": cached, "to_prefill": len(self._ids) - cached, "note": note}
+
+
+def _why(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _read_conversation(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SessionFileError(f"{path}: not a saved chat (not UTF-8 text)") from None
+    except ValueError as e:
+        raise SessionFileError(f"{path}: not a saved chat (not JSON: {_why(e)})") from None
+    except OSError as e:
+        raise SessionFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT or not isinstance(data.get("messages"), list):
+        raise SessionFileError(f"{path}: not a saved chat (no \"format\": \"{SESSION_FORMAT}\" with messages)")
+    return _clean_messages(data["messages"], path)
+
+
+def _clean_messages(messages: list, path: Path) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise SessionFileError(f"{path}: message {i + 1} is not a {{\"role\", \"content\"}} object of strings")
+        out.append({k: m[k] for k in _MESSAGE_KEYS if k in m})
+    return out

@@ -64,17 +64,22 @@ class ConvertResult:
 def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
             dtype: str | None = None, recipe: str | None = None, force: bool = False,
             rope_factor: float | None = None,
-            progress: Callable[[Progress], None] | None = None) -> ConvertResult:
+            progress: Callable[[Progress], None] | None = None, source_label: str | None = None,
+            dequantize: bool = False) -> ConvertResult:
     """Convert the checkpoint at `src` (Meta, Hugging Face, GGUF or MLX) into an MLX folder at `dst`.
 
     quantize/bits/group_size: affine quantization of the linear layers and embeddings (a recipe
     implies quantize; "mixed" keeps embeddings and output head at 8 bits). dtype: float16,
     bfloat16 or float32 for the float tensors (default: the checkpoint's). force: replace an
     existing `dst`. rope_factor: override the Llama 3 RoPE scaling factor. progress: called
-    after each module's tensors are written. Raises LlamaMLXError subclasses on bad input.
+    after each module's tensors are written. source_label: what config.json records as the source
+    (default: its resolved path). dequantize: write a quantized checkpoint's weights as floats.
+    Raises LlamaMLXError subclasses on bad input.
     """
     start = time.perf_counter()
     quantize = quantize or recipe is not None
+    if quantize and dequantize:
+        raise CheckpointError("quantize and dequantize cannot be combined")
     if quantize:
         check_options(bits, group_size, recipe)
     out_dtype = parse_dtype(dtype)
@@ -89,7 +94,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     track_conversion_error(ckpt)
     out_dtype = out_dtype or main_dtype(ckpt)
     items, quantization = plan(ckpt, dtype=out_dtype, quantize=quantize, bits=bits,
-                               group_size=group_size, recipe=recipe)
+                               group_size=group_size, recipe=recipe, dequantize=dequantize)
     tokenizer = None if ckpt.tokenizer_files else load_tokenizer(ckpt.tokenizer_source or ckpt.path)
 
     parent = dst.parent
@@ -100,7 +105,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
         raise CheckpointError(f"{parent}: cannot create the output folder: {e.strerror or e}") from None
     try:
         write_weights(tmp, items, progress)
-        write_json(tmp / "config.json", _output_config(ckpt, quantization, out_dtype))
+        write_json(tmp / "config.json", _output_config(ckpt, quantization, out_dtype, source_label))
         write_tokenizer(tmp, ckpt.tokenizer_files, tokenizer)
         generation = ckpt.generation_config or (generation_config_for(tokenizer) if tokenizer else None)
         if generation:
@@ -191,7 +196,7 @@ def check_replaceable_model(dst: Path) -> None:
                                 f"{MARKER_KEY}); refusing to replace it")
 
 
-def _output_config(ckpt: Checkpoint, quantization: dict | None, dtype: mx.Dtype) -> dict:
+def _output_config(ckpt: Checkpoint, quantization: dict | None, dtype: mx.Dtype, source_label: str | None = None) -> dict:
     drop = {"quantization", "quantization_config", "converted_from", "torch_dtype", "dtype"}
     config = {k: v for k, v in ckpt.config.items() if k not in drop}
     config["architectures"] = ["LlamaForCausalLM"]
@@ -202,7 +207,7 @@ def _output_config(ckpt: Checkpoint, quantization: dict | None, dtype: mx.Dtype)
         config["quantization_config"] = quantization  # mlx-lm writes both
     config[MARKER_KEY] = {
         "format": ckpt.format,
-        "path": str(ckpt.path.resolve()),
+        "path": source_label or str(ckpt.path.resolve()),
         "files": [f.name for f in ckpt.files],
         "converter": f"llama-mlx {_version()}",
     }

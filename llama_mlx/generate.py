@@ -8,6 +8,8 @@ With a draft model or prompt lookup, `stream_generate` decodes speculatively (`s
 
 from __future__ import annotations
 
+import inspect
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Optional, Sequence, Union
@@ -22,8 +24,8 @@ from .errors import ContextLengthError, TokenIdError
 from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
 from .speculative import check_draft, speculative_generate_step
 
-__all__ = ["GenerationResponse", "Prompt", "PromptCache", "check_token_ids", "context_length", "generate",
-           "generate_step", "stream_generate"]
+__all__ = ["GenerationResponse", "Prompt", "PromptCache", "check_keywords", "check_token_ids", "context_length",
+           "generate", "generate_step", "stream_generate", "verbose_stats"]
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -76,13 +78,16 @@ def generate_step(
     compile: Optional[bool] = None,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
     step: Optional[Step] = None,
+    prefill_seconds: Optional[float] = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, log-probabilities) for up to `max_tokens` new tokens.
 
     `prompt` holds the token ids not yet in `prompt_cache` (a per-layer cache list, made here
     when not given). Prefill runs in chunks of `prefill_step_size` tokens to bound memory.
     `step` (`step(tokens[B, L]) -> logits[B, vocab]`, over `prompt_cache`) runs the rest; by
-    default `backends.decode_step(model, cache, compile)` picks it.
+    default `backends.decode_step(model, cache, compile)` picks it. `prefill_seconds`: size the
+    chunks (at most `prefill_step_size`) to take about this long each, so that `prompt_progress`,
+    where a caller may stop, comes back that often even on a slow or busy device.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt must be a non-empty 1-D array of token ids")
@@ -109,10 +114,15 @@ def generate_step(
         return token, logprobs[0]
 
     total = prompt.size
+    chunk = prefill_step_size if prefill_seconds is None else min(prefill_step_size, 8)
     while prompt.size > 1:
-        n = min(prefill_step_size, prompt.size - 1)
+        n = min(chunk, prompt.size - 1)
+        started = time.perf_counter()
         model(prompt[None, :n], cache)
         mx.eval([c.state for c in cache])
+        if prefill_seconds is not None:  # grow at most 8x a chunk: one quick chunk may be luck
+            per_token = max(time.perf_counter() - started, 1e-6) / n
+            chunk = max(1, min(prefill_step_size, 8 * n, int(prefill_seconds / per_token)))
         prompt = prompt[n:]
         if prompt_progress:
             prompt_progress(total - prompt.size, total)
@@ -210,6 +220,7 @@ def stream_generate(
     draft_cache: Optional[PromptCache] = None,
     num_draft_tokens: int = 3,
     prompt_lookup: Optional[int] = None,
+    prefill_seconds: Optional[float] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion of `prompt` (text, token ids, or chat messages).
 
@@ -263,7 +274,7 @@ def stream_generate(
         steps = generate_step(
             mx.array(todo), model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
             prompt_cache=pc.cache, prefill_step_size=prefill_step_size, compile=compile,
-            prompt_progress=prompt_progress,
+            prompt_progress=prompt_progress, prefill_seconds=prefill_seconds,
         )
     accepted = 0
     try:
@@ -306,6 +317,49 @@ def stream_generate(
             draft_pc.record(ids + emitted)
 
 
-def generate(model: nn.Module, tokenizer: Any, prompt: Prompt, max_tokens: int = 256, **kwargs) -> str:
-    """Generate and return the completion text (see `stream_generate` for the options)."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
+def check_keywords(name: str, kwargs: dict, target: Callable) -> None:
+    """TypeError naming `name` (the function the user called) for a keyword `target` does not take."""
+    accepted = inspect.signature(target).parameters
+    for key in kwargs:
+        if key not in accepted:
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+
+
+def generate(model: nn.Module, tokenizer: Any, prompt: Prompt, max_tokens: int = 256, *,
+             verbose: Union[bool, Callable[[str], None]] = False, **kwargs) -> str:
+    """Generate and return the completion text (see `stream_generate` for the options).
+
+    verbose: as in mlx-lm, True writes the text as it streams and then the statistics to
+    `sys.stdout`; a callable receives those same pieces of text instead (the library writes
+    nowhere else, and nowhere unless asked).
+    """
+    check_keywords("generate", kwargs, stream_generate)
+    write = verbose if callable(verbose) else (_write_stdout if verbose else None)
+    if write is not None:
+        write("=" * 10 + "\n")
+    pieces, last = [], None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        last = response
+        pieces.append(response.text)
+        if write is not None and response.text:
+            write(response.text)
+    text = "".join(pieces)
+    if write is not None:
+        write("\n" + "=" * 10 + "\n")
+        if not text or last is None:
+            write("No text generated for this prompt\n")
+        else:
+            write(verbose_stats(last))
+    return text
+
+
+def verbose_stats(r: GenerationResponse) -> str:
+    """mlx-lm's statistics lines (Prompt, Generation, Peak memory) for a final response."""
+    return (f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
+            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
+            f"Peak memory: {r.peak_memory:.3f} GB\n")
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

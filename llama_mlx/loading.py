@@ -16,11 +16,14 @@ from .build import build_model, check_vocabulary
 from .checkpoints import LazyWeights, read_checkpoint
 from .checkpoints.base import parse_dtype
 from .checkpoints.plan import main_dtype
+from .errors import CheckpointError
 from .resolve import DEFAULT_MODEL, ensure_default_model, resolve_model, weights_dir
 from .tokenizer import load_tokenizer
 
-__all__ = ["DEFAULT_MODEL", "build_model", "ensure_default_model", "load", "load_checkpoint", "resolve_model",
-           "weights_dir"]
+__all__ = ["DEFAULT_MODEL", "META_SAMPLING", "build_model", "ensure_default_model", "generation_defaults", "load",
+           "load_checkpoint", "resolve_model", "weights_dir"]
+
+META_SAMPLING = {"temp": 0.6, "top_p": 0.9}  # Meta's reference chat defaults (llama/generation.py)
 
 
 def load_checkpoint(path: str | Path, *, rope_factor: float | None = None) -> tuple[dict, Mapping[str, mx.array], Any]:
@@ -68,3 +71,37 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
             mx.eval(layer.parameters())
         mx.eval(model.parameters())
     return model, tokenizer
+
+
+def generation_defaults(path: str | Path) -> dict[str, Any]:
+    """The sampling settings a model recommends: its folder's generation_config.json (temperature,
+    top_p, top_k, min_p, repetition_penalty; do_sample false means greedy), or a GGUF file's
+    general.sampling.* metadata, as {"temp", "top_p", ...}; {} when it records none."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_file import read_gguf_metadata
+
+        meta = read_gguf_metadata(path)
+        found = {ours: meta.get(f"general.sampling.{key}") for key, ours in
+                 (("temp", "temp"), ("top_p", "top_p"), ("top_k", "top_k"), ("min_p", "min_p"))}
+    else:
+        import json
+
+        file = path / "generation_config.json"
+        try:
+            config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read: {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{file}: expected a JSON object")
+        found = {ours: config.get(key) for key, ours in (("temperature", "temp"), ("top_p", "top_p"), ("top_k", "top_k"),
+                                                         ("min_p", "min_p"), ("repetition_penalty", "repetition_penalty"))}
+        if config.get("do_sample") is False:
+            found["temp"] = 0.0
+    out: dict[str, Any] = {}
+    for key, value in found.items():
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = int(value) if key == "top_k" else float(value)
+    return out

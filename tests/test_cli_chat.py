@@ -173,8 +173,11 @@ def test_chat_conversation_commands_interrupt_and_resume(gguf, tmp_path):
     assert int(stats5.group(2)) < 25
 
     # /reset forgets everything; Ctrl-C at the prompt exits cleanly with code 0.
+    # (issue 13: the first Ctrl-C clears the line, a second one on the empty line leaves)
     assert "conversation cleared" in again.command("/reset")
     assert "context: 0/8192" in again.command("/stats")
+    again.p.sendintr()
+    again.p.expect_exact("Ctrl-C again")
     again.p.sendintr()
     again.p.expect(pexpect.EOF)
     again.p.close()

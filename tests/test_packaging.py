@@ -167,7 +167,7 @@ for args in [["--help"]] + [[c, "--help"] for c in commands]:
     assert r.exit_code == 0 and "Usage" in r.output, (args, r.exit_code, r.output[-2000:], r.exception)
     helps[" ".join(args)] = len(r.output)
 folder = write_random_model(TMP + "/tiny", "tiny", dtype="float32")
-r = runner.invoke(app, ["bench", "--model", str(folder), "-p", "8", "-g", "3", "-n", "1", "--json"])
+r = runner.invoke(app, ["bench", "--model", str(folder), "--prompt-tokens", "8", "-g", "3", "-n", "1", "--json"])
 assert r.exit_code == 0, (r.output[-3000:], r.exception)
 bench = json.loads(r.stdout.strip().splitlines()[-1])
 print(json.dumps({"modules": modules, "commands": commands, "helps": helps, "bench": bench,

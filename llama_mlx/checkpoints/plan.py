@@ -79,13 +79,14 @@ def main_dtype(ckpt: Checkpoint) -> mx.Dtype:
 
 
 def plan(ckpt: Checkpoint, *, dtype: mx.Dtype | None = None, quantize: bool = False, bits: int = 4,
-         group_size: int = 64, recipe: str | None = None) -> tuple[list[Item], dict | None]:
-    """Output items in writing order, and the output config's `quantization` entry (None if none)."""
+         group_size: int = 64, recipe: str | None = None, dequantize: bool = False) -> tuple[list[Item], dict | None]:
+    """Output items in writing order, and the output config's `quantization` entry (None if none);
+    `dequantize`: a quantized source's weights are written as floats (unless `quantize`)."""
     dtype = dtype or main_dtype(ckpt)
     source_q = ckpt.config.get("quantization")
     modules = sorted({n.rpartition(".")[0] for n in ckpt.tensors}, key=_order)
     items: list[Item] = []
-    out_q: dict = {"group_size": group_size, "bits": bits} if quantize else dict(source_q or {})
+    out_q: dict = {"group_size": group_size, "bits": bits} if quantize else ({} if dequantize else dict(source_q or {}))
     for module in modules:
         weight = ckpt.tensors[module + ".weight"]
         scales = ckpt.tensors.get(module + ".scales")
@@ -101,7 +102,7 @@ def plan(ckpt: Checkpoint, *, dtype: mx.Dtype | None = None, quantize: bool = Fa
                 target = {"group_size": group_size, "bits": 8}
             if target is not None and target["bits"] != bits:
                 out_q[module] = target
-        elif not quantize and src is not None:
+        elif not quantize and src is not None and not dequantize:
             items.append(_keep_quantized(ckpt, module, dtype, _size(logical)))
             continue
         items.append(_float_or_quantized(ckpt, module, logical, src, target, dtype))

@@ -88,8 +88,10 @@ class BaseTokenizer(ABC):
         """The id of one token given by its text (a special token's name), or None."""
 
     @abstractmethod
-    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids for a conversation of {"role", "content"} dicts, BOS included."""
+    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True, *,
+                            tokenize: bool = True) -> list[int] | str:
+        """Prompt ids for a conversation of {"role", "content"} dicts, BOS included
+        (`tokenize=False`: the prompt's text, special tokens written out)."""
 
     @abstractmethod
     def detokenizer(self):
@@ -98,6 +100,27 @@ class BaseTokenizer(ABC):
     @abstractmethod
     def save(self, folder: str | Path) -> None:
         """Write the tokenizer files into a model folder."""
+
+    # -- the names Hugging Face and mlx-lm tokenizers use
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.bos_id
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every id generation stops at (the set itself, as in mlx-lm: adding to it adds a stop)."""
+        return self.stop_tokens
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """The id of a token given by its text, or a list of ids for a list (None: not a token)."""
+        if isinstance(tokens, str):
+            return self.token_to_id(tokens)
+        return [self.token_to_id(t) for t in tokens]
 
     def add_stop_tokens(self, tokens: Iterable[int | str]) -> None:
         """Also stop generation at these tokens (ids, or token texts such as "<|eot_id|>")."""

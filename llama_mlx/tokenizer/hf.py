@@ -430,16 +430,27 @@ class HFTokenizer(BaseTokenizer):
         """The id of a token given by its vocabulary spelling, or None."""
         return self._tok.token_to_id(token)
 
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """The id of a token given by its vocabulary spelling (the unknown token's id, if any, for others),
+        or a list of them, as in transformers."""
+        unk = self._tok.token_to_id(self.unk_token) if self.unk_token is not None else None
+        one = lambda t: self._tok.token_to_id(t) if self._tok.token_to_id(t) is not None else unk  # noqa: E731
+        return one(tokens) if isinstance(tokens, str) else [one(t) for t in tokens]
+
     # -- chat
 
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True, **template_kwargs: Any
-    ) -> list[int]:
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True, *, tokenize: bool = True,
+        **template_kwargs: Any
+    ) -> list[int] | str:
         """Prompt ids from the checkpoint's own chat template (BOS added when the tokenizer adds one
-        and the template did not). Special-token text inside message content stays plain text."""
+        and the template did not). Special-token text inside message content stays plain text.
+        `tokenize=False`: the prompt's text instead (with that BOS written out); other keywords
+        go to the template."""
         if self.chat_template is None:
             if self.chat_format is not None:
-                return self.chat_format.encode_dialog_prompt(messages, add_generation_prompt=add_generation_prompt)
+                ids = self.chat_format.encode_dialog_prompt(messages, add_generation_prompt=add_generation_prompt)
+                return ids if tokenize else self.decode(ids)
             raise TokenizerError(f"{self.source}: the checkpoint has no chat template")
         messages = [dict(m) for m in messages]
         guarded, restore = self._guard(messages)
@@ -450,7 +461,11 @@ class HFTokenizer(BaseTokenizer):
             ids = self._encode_guarded(text, restore)
         else:
             ids = self.encode(text, allowed_special="all")
-        if self.add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]:
+        bos = self.add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]
+        if not tokenize:
+            text = text.translate(restore) if restore else text
+            return (self.bos_token + text) if bos else text
+        if bos:
             ids.insert(0, self.bos_id)
         return ids
 

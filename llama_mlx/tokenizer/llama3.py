@@ -156,9 +156,12 @@ class Llama3Tokenizer(BaseTokenizer):
             return self.special_tokens[token]
         return self.mergeable_ranks.get(token.encode("utf-8"))
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """Meta's dialog prompt: BOS, each message, then (by default) the assistant header."""
-        return self.chat_format.encode_dialog_prompt(messages, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True, *,
+                            tokenize: bool = True) -> list[int] | str:
+        """Meta's dialog prompt: BOS, each message, then (by default) the assistant header
+        (`tokenize=False`: its text)."""
+        ids = self.chat_format.encode_dialog_prompt(messages, add_generation_prompt=add_generation_prompt)
+        return ids if tokenize else self.decode(ids)
 
     def encode_turn(
         self,
