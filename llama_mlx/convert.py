@@ -36,7 +36,7 @@ from .checkpoints.writer import (
     write_tokenizer,
     write_weights,
 )
-from .errors import CheckpointError, OutputExistsError, UnsafeOutputError
+from .errors import CheckpointError, ConfigError, OutputExistsError, UnsafeOutputError
 from .fileio import check_replaceable
 from .hub import is_hub_id, resolve as resolve_hub_id
 from .tokenizer import load_tokenizer
@@ -65,7 +65,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
             dtype: str | None = None, recipe: str | None = None, force: bool = False,
             rope_factor: float | None = None,
             progress: Callable[[Progress], None] | None = None, source_label: str | None = None,
-            dequantize: bool = False) -> ConvertResult:
+            dequantize: bool = False, requantize: bool = False) -> ConvertResult:
     """Convert the checkpoint at `src` (Meta, Hugging Face, GGUF or MLX) into an MLX folder at `dst`.
 
     quantize/bits/group_size: affine quantization of the linear layers and embeddings (a recipe
@@ -74,6 +74,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     existing `dst`. rope_factor: override the Llama 3 RoPE scaling factor. progress: called
     after each module's tensors are written. source_label: what config.json records as the source
     (default: its resolved path). dequantize: write a quantized checkpoint's weights as floats.
+    A quantized source is never quantized again unless `requantize` (ConfigError otherwise).
     Raises LlamaMLXError subclasses on bad input.
     """
     start = time.perf_counter()
@@ -91,6 +92,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     _check_target(src, dst, force)
 
     ckpt = read_checkpoint(src, rope_factor=rope_factor)
+    _check_requantize(ckpt, src, quantize=quantize, bits=bits, group_size=group_size, requantize=requantize)
     track_conversion_error(ckpt)
     out_dtype = out_dtype or main_dtype(ckpt)
     items, quantization = plan(ckpt, dtype=out_dtype, quantize=quantize, bits=bits,
@@ -147,6 +149,18 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
         quantization=quantization,
         conversion_errors=conversion_summary(ckpt),
     )
+
+
+def _check_requantize(ckpt: Checkpoint, src: Path, *, quantize: bool, bits: int, group_size: int,
+                      requantize: bool) -> None:
+    """A quantized source is quantized again only on request: each round of quantization adds error."""
+    source_q = ckpt.config.get("quantization")
+    if quantize and source_q and not requantize:
+        have = f"{source_q.get('bits')}-bit, group size {source_q.get('group_size')}"
+        raise ConfigError(
+            f"{src}: is already quantized ({have}); -q would dequantize it and quantize it again to "
+            f"{bits}-bit, group size {group_size}, adding error: pass --requantize to do that, "
+            "-d/--dequantize for float weights, or neither to keep it as it is")
 
 
 def _check_target(src: Path, dst: Path, force: bool) -> None:

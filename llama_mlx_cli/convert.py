@@ -98,6 +98,9 @@ def convert(
         rich_help_panel=QUANT)] = 64,
     dequantize: Annotated[bool, typer.Option(
         "--dequantize", "-d", help="Write a quantized checkpoint's weights as floats.", rich_help_panel=QUANT)] = False,
+    requantize: Annotated[bool, typer.Option(
+        "--requantize", help="Allow -q on an already quantized checkpoint (dequantized, then quantized again).",
+        rich_help_panel=QUANT)] = False,
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", metavar="uniform|mixed", callback=_recipe, rich_help_panel=QUANT,
         help="mixed: keep embeddings and output head at 8 bits (implies --quantize).")] = None,
@@ -143,7 +146,7 @@ def convert(
         with _sigterm_interrupts(), bar:
             result = run_convert(src, out, quantize=quantize, bits=bits, group_size=group_size, dtype=dtype,
                                  recipe=recipe, force=force, rope_factor=rope_factor, progress=progress,
-                                 dequantize=dequantize)
+                                 dequantize=dequantize, requantize=requantize)
     except KeyboardInterrupt:
         error_line(f"{out}: interrupted; nothing was written there")
         raise typer.Exit(130)
