@@ -38,7 +38,7 @@ def draft8(smollm2, tmp_path_factory):
 
     src = SMOLLM2 if (SMOLLM2 / "config.json").is_file() else assets.SMOLLM2_GGUF
     dst = tmp_path_factory.mktemp("draft") / "smollm2-8bit"
-    convert(src, dst, quantize=True, bits=8, group_size=64)
+    convert(src, dst, quantize=True, bits=8, group_size=64, requantize=True)
     return llama_mlx.load(dst)
 
 
