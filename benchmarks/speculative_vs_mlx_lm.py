@@ -92,7 +92,7 @@ def folder(name: str, work: Path, target: Path | None = None) -> Path:
         dst = work / f"{target.name}-8bit"
         if not (dst / "config.json").is_file():
             log(f"requantizing {target} to 8 bits -> {dst}")
-            convert(target, dst, quantize=True, bits=8, group_size=64, dtype=dtype, force=True)
+            convert(target, dst, quantize=True, bits=8, group_size=64, dtype=dtype, force=True, requantize=True)
         return dst
     if name in SHAPES:
         dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
