@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .common import (
     DtypeOpt,
+    GgufFileOpt,
     JsonOpt,
     ModelOpt,
     handle_errors,
@@ -18,6 +19,7 @@ from .common import (
     note_line,
     out_console,
     resolve_dtype,
+    with_gguf_file,
 )
 
 EPILOG = """\
@@ -44,6 +46,7 @@ ROWS = [
 
 def bench(
     model: ModelOpt = None,
+    gguf_file: GgufFileOpt = None,
     prompt_tokens: Annotated[int, typer.Option(
         "--prompt-tokens", min=1, metavar="N", help="Prompt length, in tokens (random ids).")] = 512,
     gen_tokens: Annotated[int, typer.Option(
@@ -54,6 +57,7 @@ def bench(
     json_out: JsonOpt = False,
 ) -> None:
     """Benchmark a model: prompt and generation tokens/s, time to first token, peak memory, load time."""
+    model = with_gguf_file(model, gguf_file)
     _run(model, prompt_tokens, gen_tokens, trials, dtype, json_out)
 
 

@@ -27,6 +27,7 @@ from llama_mlx.errors import ContextLengthError
 from .common import (
     DtypeOpt,
     GenerationOptions,
+    GgufFileOpt,
     ModelOpt,
     SystemOpt,
     describe_exception,
@@ -36,6 +37,7 @@ from .common import (
     load_model,
     model_label,
     out_console,
+    with_gguf_file,
 )
 
 EPILOG = """\
@@ -277,6 +279,9 @@ def stats_line(turn: Turn, limit: int) -> str:
         f"context {turn.context_used}/{limit}",
         f"peak {r.peak_memory:.2f} GB",
     ]
+    if r.draft_tokens:
+        parts.append(f"drafted {r.draft_tokens}, accepted {r.accepted_tokens} "
+                     f"({100 * r.accepted_tokens / r.draft_tokens:.0f}%)")
     line = " · ".join(parts)
     if turn.interrupted:
         line += " · stopped"
@@ -618,7 +623,8 @@ def help_text() -> str:
 
 def configure(session: ChatSession, opts: GenerationOptions) -> None:
     """Give the session the options' answer length and sampling (ValueError on a bad combination)."""
-    session.generate_kwargs = dict(opts.stream_kwargs(session.tokenizer), prefill_seconds=PREFILL_SECONDS)
+    session.generate_kwargs = dict(opts.stream_kwargs(session.tokenizer), prefill_seconds=PREFILL_SECONDS,
+                                   **opts.speculative_kwargs(keep_cache=True))
     session.max_tokens = opts.max_tokens
 
 
@@ -634,6 +640,7 @@ TOOLS = "Tools"
 @generation_options(max_tokens=512, temp=None, top_p=None)
 def chat(
     model: ModelOpt = None,
+    gguf_file: GgufFileOpt = None,
     system: SystemOpt = None,
     options: GenerationOptions = None,
     dtype: DtypeOpt = "auto",
@@ -651,6 +658,7 @@ def chat(
         "--tool-memory", min=64, rich_help_panel=TOOLS, help="With --tools: megabytes of memory a run may use.")] = 1024,
 ) -> None:
     """Chat with a model in the terminal: streamed answers, multi-turn, with /commands (/help)."""
+    model = with_gguf_file(model, gguf_file)
     raise typer.Exit(_run(model, system, dtype, load_session, options, tools, yes, tool_timeout, tool_memory))
 
 

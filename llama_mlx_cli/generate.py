@@ -10,10 +10,11 @@ from typing import Annotated, Optional
 import typer
 
 from .common import (
-    OUTPUT,
     DtypeOpt,
     GenerationOptions,
+    GgufFileOpt,
     ModelOpt,
+    OUTPUT,
     SystemOpt,
     err_console,
     generation_options,
@@ -21,6 +22,7 @@ from .common import (
     load_model,
     model_label,
     usage_error,
+    with_gguf_file,
 )
 
 EPILOG = """\
@@ -81,6 +83,7 @@ def generate(
         "--prompt", "-p", metavar="TEXT", help="The prompt, as mlx-lm takes it (instead of PROMPT).",
         show_default=False)] = None,
     model: ModelOpt = None,
+    gguf_file: GgufFileOpt = None,
     file: Annotated[Optional[Path], typer.Option(
         "--file", "-f", metavar="FILE", help="Read the prompt from FILE ('-' for stdin).", show_default=False)] = None,
     system: SystemOpt = None,
@@ -97,6 +100,7 @@ def generate(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate a completion of a prompt. Only the generated text goes to stdout."""
+    model = with_gguf_file(model, gguf_file)
     if prompt is not None and prompt_opt is not None:
         raise usage_error("give the prompt either as PROMPT or with --prompt, not both")
     _run(prompt if prompt_opt is None else prompt_opt, model, file, system, raw, json_out, verbose, dtype, options)
@@ -122,7 +126,7 @@ def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: Gener
     pieces: list[str] = []
     last = None
     stream = stream_generate(lm, tokenizer, request, opts.max_tokens, **opts.stream_kwargs(tokenizer),
-                             **opts.cache_kwargs())
+                             **opts.cache_kwargs(), **opts.speculative_kwargs())
     try:
         for response in stream:
             last = response
@@ -151,7 +155,8 @@ def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: Gener
 def _stats(r) -> dict:
     if r is None:
         return {"finish_reason": None, "prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0,
-                "prompt_tps": 0.0, "generation_tps": 0.0, "time_to_first_token": 0.0, "peak_memory_gb": 0.0}
+                "prompt_tps": 0.0, "generation_tps": 0.0, "time_to_first_token": 0.0, "peak_memory_gb": 0.0,
+                "draft_tokens": 0, "accepted_tokens": 0}
     return {
         "finish_reason": r.finish_reason,
         "prompt_tokens": r.prompt_tokens,
@@ -161,6 +166,8 @@ def _stats(r) -> dict:
         "generation_tps": round(r.generation_tps, 3),
         "time_to_first_token": round(r.time_to_first_token, 4),
         "peak_memory_gb": round(r.peak_memory, 4),
+        "draft_tokens": r.draft_tokens,
+        "accepted_tokens": r.accepted_tokens,
     }
 
 
@@ -169,4 +176,5 @@ def stats_line(s: dict) -> str:
     return (f"prompt: {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tokens/s · "
             f"generation: {s['generation_tokens']} tokens, {s['generation_tps']:.1f} tokens/s · "
             f"first token after {s['time_to_first_token']:.2f}s · peak memory {s['peak_memory_gb']:.2f} GB · "
-            f"finish: {s['finish_reason']}")
+            f"finish: {s['finish_reason']}" + (
+                f" · drafted {s['draft_tokens']}, accepted {s['accepted_tokens']}" if s.get("draft_tokens") else ""))

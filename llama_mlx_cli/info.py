@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .common import (
     DtypeOpt,
+    GgufFileOpt,
     JsonOpt,
     KVBitsOpt,
     KVGroupSizeOpt,
@@ -23,6 +24,7 @@ from .common import (
     model_label,
     out_console,
     resolve_dtype,
+    with_gguf_file,
 )
 
 EPILOG = """\
@@ -92,6 +94,7 @@ def render(d: dict, name: str) -> None:
 
 def info(
     model: ModelOpt = None,
+    gguf_file: GgufFileOpt = None,
     context: Annotated[Optional[int], typer.Option(
         "--context", "-c", min=1, metavar="N",
         help="Estimate the KV cache for N tokens (default: the model's context length).")] = None,
@@ -101,6 +104,7 @@ def info(
     json_out: JsonOpt = False,
 ) -> None:
     """Show a model's architecture, size, quantization, context length and memory needs."""
+    model = with_gguf_file(model, gguf_file)
     _run(model, context, kv_bits, kv_group_size, dtype, json_out)
 
 

@@ -10,7 +10,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DtypeOpt, ModelOpt, error_line, handle_errors, model_label, note_line
+from .common import (
+    DtypeOpt,
+    GgufFileOpt,
+    ModelOpt,
+    error_line,
+    handle_errors,
+    model_label,
+    note_line,
+    with_gguf_file,
+)
 
 EPILOG = """\
 [bold]Examples[/bold]
@@ -37,6 +46,7 @@ def _loopback(host: str) -> bool:
 @handle_errors
 def serve(
     model: ModelOpt = None,
+    gguf_file: GgufFileOpt = None,
     host: Annotated[str, typer.Option(
         "--host", help="Address to listen on (loopback by default; 0.0.0.0 exposes the server).",
         rich_help_panel=SERVER)] = "127.0.0.1",
@@ -72,6 +82,7 @@ def serve(
         rich_help_panel=SERVER)] = "info",
 ) -> None:
     """Serve a model over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
+    model = with_gguf_file(model, gguf_file)
     import uvicorn
 
     from llama_mlx.engine import Engine
