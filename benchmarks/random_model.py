@@ -32,6 +32,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     # Llama 3.1 8B
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_factor=8.0),
+    # Llama 3.1 70B (about 40 GB at 4 bits): for GPUs and multi-machine runs only
+    "70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False, rope_factor=8.0),
 }
 
 
