@@ -50,7 +50,7 @@ def serve(
     host: Annotated[str, typer.Option(
         "--host", help="Address to listen on (loopback by default; 0.0.0.0 exposes the server).",
         rich_help_panel=SERVER)] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port.",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.",
                                       rich_help_panel=SERVER)] = 8080,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar="LLAMA_MLX_API_KEY", metavar="KEY", show_envvar=True,

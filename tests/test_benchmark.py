@@ -87,7 +87,7 @@ def test_vs_mlx_lm_script_end_to_end(tmp_path):
 
 def test_bench_command_json(tiny_folder):
     cmd = [sys.executable, "-c", "from llama_mlx_cli.main import app; app()", "bench", "--model", str(tiny_folder),
-           "-p", "16", "-g", "8", "-n", "1", "--json"]
+           "--prompt-tokens", "16", "-g", "8", "-n", "1", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = json.loads(proc.stdout)

@@ -85,7 +85,7 @@ def test_generate_with_an_empty_stdin_is_an_error(smollm2_gguf_path, tmp_path):
 
 def test_convert_takes_mlx_lm_names(smollm2_gguf_path, tmp_path):
     out = tmp_path / "q"
-    r = run("convert", "--hf-path", str(smollm2_gguf_path), "--mlx-path", str(out), "-q", "--q-bits", "8",
+    r = run("convert", "--hf-path", str(smollm2_gguf_path), "--mlx-path", str(out), "-q", "--requantize", "--q-bits", "8",
             "--q-group-size", "32")
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "config.json").read_text())
