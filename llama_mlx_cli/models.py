@@ -57,7 +57,7 @@ def pull(
         "--output", "-o", metavar="DIR", help="Where to convert to. Default: weights/<name>[-<bits>bit].",
         rich_help_panel=QUANT)] = None,
     force: Annotated[bool, typer.Option(
-        "--force", "-f", help="Replace the converted folder if it exists.", rich_help_panel=QUANT)] = False,
+        "--force", help="Replace the converted folder if it exists.", rich_help_panel=QUANT)] = False,
 ) -> None:
     """Download a model from the Hugging Face hub into its cache (shared with mlx-lm); optionally convert it."""
     from llama_mlx.store import pull as run_pull
