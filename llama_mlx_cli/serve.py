@@ -21,6 +21,7 @@ from .common import (
     handle_errors,
     model_label,
     note_line,
+    refuse_under_launch,
     with_gguf_file,
 )
 
@@ -96,6 +97,7 @@ def serve(
         rich_help_panel=SERVER)] = "info",
 ) -> None:
     """Serve a model over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
+    refuse_under_launch("serve")
     model = with_gguf_file(model, gguf_file)
     import uvicorn
 
