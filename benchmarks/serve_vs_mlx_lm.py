@@ -6,9 +6,17 @@ tokens banned (so every answer has `--max-tokens` tokens):
 
 - TTFT and decode tokens/s of a short prompt (median of `--runs`);
 - TTFT of a long system prompt the first time (cold) and again with a new question (cached prefix);
-- peak resident memory of the server process (VmHWM on Linux, else sampled RSS).
+- peak resident memory of the server process (VmHWM on Linux, else sampled RSS);
+- with `--streams 1,4,8`: N clients at once (streamed /v1/completions, text prompts of different
+  lengths, stop tokens not banned unless `--stop-ids`, `stream_options.include_usage`): aggregate
+  generated tokens/s (sum of `usage.completion_tokens` over the wall time of the N) and the median
+  TTFT (first streamed frame; a token whose text is empty streams no frame, so on a random-weight
+  model with a small tokenizer TTFT is an upper bound, the same for both servers). Both servers
+  batch: ours with `--decode-concurrency` and `--max-concurrency` set to the largest N, mlx-lm with
+  its `--decode-concurrency`.
 
     python benchmarks/serve_vs_mlx_lm.py --model weights/SmolLM2-135M-Instruct --max-tokens 32
+    python benchmarks/serve_vs_mlx_lm.py --model /tmp/rand-1b --random-shape 1b --streams 1,4,8 --only-streams
 """
 
 from __future__ import annotations
@@ -108,6 +116,56 @@ def system_prompt(tag: str, rules: int) -> str:
                                                    for i in range(rules))
 
 
+WORDS = [f"t{i}" for i in range(3, 200)]  # words of random_model's tokenizer; plain words for real ones
+
+
+def stream_completion(base: str, prompt: str, max_tokens: int, bias: dict) -> dict:
+    body = {"model": "default_model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if bias:
+        body["logit_bias"] = bias
+    start, first, tokens = time.perf_counter(), None, 0
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=1200) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and first is None:
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"ttft": first if first is not None else float("nan"), "tokens": tokens}
+
+
+def measure_streams(base: str, args, bias: dict, random_words: bool) -> dict:
+    """Aggregate tokens/s and median TTFT of N concurrent streams, for each N of --streams."""
+    vocab = WORDS if random_words else "the sea and the sky were blue over the quiet town at dawn".split()
+    out = {}
+    stream_completion(base, " ".join(vocab[:8]), 4, bias)  # warm-up
+    for n in args.streams:
+        # Different prompt lengths per stream (prefill of newcomers interleaves with the others' decode).
+        prompts = [" ".join(vocab[(i * 7 + j) % len(vocab)] for j in range(args.stream_prompt + 13 * i))
+                   for i in range(n)]
+        results: list = [None] * n
+
+        def run(i: int) -> None:
+            results[i] = stream_completion(base, prompts[i], args.max_tokens, bias)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        out[str(n)] = {"aggregate_tps": sum(r["tokens"] for r in results) / wall,
+                       "ttft": statistics.median(r["ttft"] for r in results),
+                       "tokens": sum(r["tokens"] for r in results), "wall": wall}
+        print(f"  {n} streams: {json.dumps(out[str(n)])}", flush=True)
+    return out
+
+
 def measure(base: str, args, bias: dict) -> dict:
     user = [{"role": "user", "content": "Write a short poem about the sea."}]
     stream_chat(base, user, 4, bias)  # warm-up
@@ -128,15 +186,34 @@ def main() -> None:
     ap.add_argument("--prompt-cache-bytes", type=int, default=1 << 30)
     ap.add_argument("--stop-ids", default="0,2", help="token ids banned so answers run to --max-tokens")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--streams", default="", help="concurrent stream counts to measure, e.g. 1,4,8 (default: none)")
+    ap.add_argument("--stream-prompt", type=int, default=64, help="words in the first stream's prompt")
+    ap.add_argument("--stream-stop-ids", default="", help="token ids banned in the stream runs (default: none, "
+                                                            "so our rows stay on the batched greedy path)")
+    ap.add_argument("--only-streams", action="store_true", help="skip the single-request and prefix-cache part")
+    ap.add_argument("--random-shape", choices=["1b", "8b", "tiny"], default=None,
+                    help="first write a random-weight model of this shape to --model "
+                         "(benchmarks.random_model.write_random_model; reused when already there)")
     args = ap.parse_args()
+    args.streams = [int(n) for n in args.streams.split(",") if n.strip()]
     bias = {i.strip(): -100 for i in args.stop_ids.split(",") if i.strip()}
+    stream_bias = {i.strip(): -100 for i in args.stream_stop_ids.split(",") if i.strip()}
+    if args.random_shape:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.random_model import write_random_model
+
+        write_random_model(args.model, args.random_shape)
+    random_words = bool(args.random_shape) or (Path(args.model) / "config.json").is_file() and "llama_mlx_benchmark" in (
+        Path(args.model) / "config.json").read_text()
+    most = max(args.streams, default=1)
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     servers = {
         "llama-mlx": lambda port: [sys.executable, "-m", "llama_mlx_cli.main", "serve", "--model", args.model,
-                                   "--port", str(port), "--max-concurrency", "1",
+                                   "--port", str(port), "--max-concurrency", str(most),
+                                   "--decode-concurrency", str(most),
                                    "--prompt-cache-bytes", str(args.prompt_cache_bytes), "--log-level", "warning"],
         "mlx-lm": lambda port: [sys.executable, "-m", "mlx_lm.server", "--model", args.model, "--port", str(port),
-                                "--log-level", "WARNING"],
+                                "--decode-concurrency", str(most), "--log-level", "WARNING"],
     }
     ready = {"llama-mlx": "/health", "mlx-lm": "/v1/models"}
     results = {}
@@ -144,15 +221,35 @@ def main() -> None:
         port = free_port()
         proc = start(cmd(port), f"http://127.0.0.1:{port}{ready[name]}", logs / f"bench-{name}.log")
         rss = PeakRSS(proc.pid)
+        base = f"http://127.0.0.1:{port}"
         try:
-            results[name] = measure(f"http://127.0.0.1:{port}", args, bias)
+            print(name, flush=True)
+            results[name] = {} if args.only_streams else measure(base, args, bias)
+            if args.streams:
+                results[name]["streams"] = measure_streams(base, args, stream_bias, random_words)
             results[name]["peak_rss_mb"] = rss.peak() / 2**20
         finally:
             proc.terminate()
             proc.wait(60)
-        results[name]["long_cache_speedup"] = results[name]["long_cold_ttft"] / results[name]["long_cached_ttft"]
+        if not args.only_streams:
+            results[name]["long_cache_speedup"] = results[name]["long_cold_ttft"] / results[name]["long_cached_ttft"]
         print(name, json.dumps(results[name]), flush=True)
     ours, theirs = results["llama-mlx"], results["mlx-lm"]
+    if args.streams:
+        print(f"{'streams':10}{'ours tok/s':>12}{'mlx-lm tok/s':>14}{'ratio':>8}{'ours ttft':>11}{'mlx-lm ttft':>13}")
+        for n in map(str, args.streams):
+            a, b = ours["streams"][n], theirs["streams"][n]
+            print(f"{n:10}{a['aggregate_tps']:12.1f}{b['aggregate_tps']:14.1f}"
+                  f"{a['aggregate_tps'] / b['aggregate_tps']:8.2f}{a['ttft']:11.3f}{b['ttft']:13.3f}")
+        first = ours["streams"][str(args.streams[0])]["aggregate_tps"]
+        scaling = {n: ours["streams"][str(n)]["aggregate_tps"] / first for n in args.streams}
+        print("ours: aggregate tok/s over our", args.streams[0], "stream(s):", json.dumps(scaling))
+    if args.only_streams:
+        report = {"model": args.model, "max_tokens": args.max_tokens, "machine": platform.platform(),
+                  "results": results}
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return
     ratios = {"tps (ours/mlx-lm)": ours["tps"] / theirs["tps"], "ttft (mlx-lm/ours)": theirs["ttft"] / ours["ttft"],
               "cached long-prompt ttft (mlx-lm/ours)": theirs["long_cached_ttft"] / ours["long_cached_ttft"],
               "peak rss (ours/mlx-lm)": ours["peak_rss_mb"] / theirs["peak_rss_mb"]}

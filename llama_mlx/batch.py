@@ -201,8 +201,15 @@ class BatchRequest:
     runs. Iterating drives the engine itself unless a thread runs `BatchEngine.serve`."""
 
     def __init__(self, engine: "BatchEngine", uid: int, ids: list[int], max_tokens: int, sampler: Optional[Sampler],
-                 processors: list[LogitsProcessor], stop_tokens: set[int], stop: Sequence[str], limit: int):
+                 processors: list[LogitsProcessor], stop_tokens: set[int], stop: Sequence[str], limit: int,
+                 prompt_cache: Optional[list[KVCache]] = None, keep_cache: bool = False):
         self.engine, self.uid, self.prompt = engine, uid, ids
+        # A warm start: per-layer caches already holding the first `cached_tokens` prompt tokens.
+        self.prompt_cache = prompt_cache
+        self.cached_tokens = prompt_cache[0].offset if prompt_cache else 0
+        self.keep_cache = keep_cache
+        self.kv_cache: Optional[list[KVCache]] = None  # with keep_cache: its row's KV once it ended
+        self.kv_tokens: list[int] = []  # the tokens kv_cache holds
         self.max_tokens, self.sampler, self.processors = max_tokens, sampler, processors
         self.stop_tokens = stop_tokens
         self.tokens: list[int] = []
@@ -228,6 +235,20 @@ class BatchRequest:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+    def poll(self) -> tuple[list[GenerationResponse], bool]:
+        """The responses queued so far, without waiting or stepping, and whether the sequence has
+        ended (a driver consuming its own `step` results calls this to keep the queue empty)."""
+        out, ended = [], False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return out, ended
+            if item is _END:
+                ended = True
+            else:
+                out.append(item)
 
     def cancel(self) -> None:
         """Stop this sequence at the engine's next step (thread-safe); it ends with "cancelled"."""
@@ -354,15 +375,22 @@ class BatchEngine:
         self._uid = 0
         self.driven = False
         self.steps = 0
+        self.decode_steps = 0  # batched decode steps queued
+        self.multi_row_steps = 0  # of those, steps decoding more than one row
+        self.max_rows = 0  # most rows decoded in one step so far
 
     # -- any thread ------------------------------------------------------------------------
     def submit(self, prompt: Prompt, *, max_tokens: int = 256, sampler: Optional[Sampler] = None,
                logits_processors: Optional[Sequence[LogitsProcessor]] = None, stop: Optional[Sequence[str]] = None,
-               stop_tokens: Optional[Iterable[int]] = None) -> BatchRequest:
+               stop_tokens: Optional[Iterable[int]] = None, prompt_cache: Optional[Sequence[KVCache]] = None,
+               keep_cache: bool = False) -> BatchRequest:
         """Queue a sequence; returns its handle at once (thread-safe; no MLX work is done here).
 
         prompt: token ids (or text, or chat messages). sampler: None for greedy (such rows are
         sampled together). stop_tokens: None for the tokenizer's.
+        prompt_cache: per-layer plain `KVCache`s holding the prompt's first tokens (fewer than all):
+        only the rest is prefilled. keep_cache: when the sequence ends on its own (not cancelled),
+        its row's KV is left in `handle.kv_cache` (per-layer `KVCache`s of `handle.kv_tokens`).
         Raises ContextLengthError (prompt fills the context) or KVCapacityError (never fits).
         """
         ids = _prompt_tokens(self.tokenizer, prompt)
@@ -375,21 +403,38 @@ class BatchEngine:
             )
         max_tokens = min(max_tokens, limit - len(ids))
         stops = set(self.tokenizer.stop_tokens) if stop_tokens is None else {int(t) for t in stop_tokens}
+        caches = list(prompt_cache) if prompt_cache else None
+        if caches is not None:
+            if len(caches) != len(self.model.layers) or not all(type(c) is KVCache for c in caches):
+                raise ValueError("prompt_cache must be one plain KVCache per layer")
+            if len({c.offset for c in caches}) != 1 or caches[0].offset >= len(ids):
+                raise ValueError("prompt_cache must hold the same prefix, shorter than the prompt, in every layer")
         with self._lock:
             self._uid += 1
             req = BatchRequest(self, self._uid, ids, max_tokens, sampler,
-                               list(logits_processors or []), stops, list(stop or []), limit)
+                               list(logits_processors or []), stops, list(stop or []), limit,
+                               prompt_cache=caches, keep_cache=keep_cache)
             if max_tokens < 1:
                 req._finish("length")
                 return req
-            if self.max_kv_bytes is not None and self._bytes_with(req, 0, 0) > self.max_kv_bytes:
-                raise KVCapacityError(
-                    f"a request of {len(ids)} prompt tokens and up to {max_tokens} new ones needs "
-                    f"{self._bytes_with(req, 0, 0)} bytes of KV cache; the engine's cap is {self.max_kv_bytes}"
-                )
+            self.check_capacity(len(ids), max_tokens)
             self._incoming.append(req)
             self._lock.notify_all()
         return req
+
+    def kv_bytes_needed(self, prompt_tokens: int, max_tokens: int) -> int:
+        """KV bytes a request needs alone (what `submit` compares with `max_kv_bytes`)."""
+        reservation = prompt_tokens + max_tokens
+        return (reservation + _round_up(prompt_tokens - 1, KVCache.step)) * self.bytes_per_token
+
+    def check_capacity(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise KVCapacityError if such a request could never fit under `max_kv_bytes` (thread-safe)."""
+        need = self.kv_bytes_needed(prompt_tokens, max_tokens)
+        if self.max_kv_bytes is not None and need > self.max_kv_bytes:
+            raise KVCapacityError(
+                f"a request of {prompt_tokens} prompt tokens and up to {max_tokens} new ones needs "
+                f"{need} bytes of KV cache; the engine's cap is {self.max_kv_bytes}"
+            )
 
     def has_work(self) -> bool:
         with self._lock:
@@ -484,7 +529,8 @@ class BatchEngine:
         if self._prefill is None and self.waiting and self._fits(self.waiting[0]):
             req = self.waiting.popleft()
             req.started = time.perf_counter()
-            self._prefill = (req, [KVCache() for _ in self.model.layers], req.prompt[:-1])
+            caches, req.prompt_cache = req.prompt_cache or [KVCache() for _ in self.model.layers], None
+            self._prefill = (req, caches, req.prompt[req.cached_tokens : -1])
         if self._prefill is not None:
             try:
                 self._prefill_chunk()
@@ -525,6 +571,9 @@ class BatchEngine:
     def _queue_decode(self) -> tuple[list[BatchRequest], list]:
         # A row's input is its token of the step still unread, or (a newcomer) its last prompt token.
         inputs = [r._pending if r._pending is not None else mx.array([r.next_input]) for r in self.running]
+        self.decode_steps += 1
+        self.multi_row_steps += len(self.running) > 1
+        self.max_rows = max(self.max_rows, len(self.running))
         logits = self.model(mx.concatenate(inputs)[:, None], self.cache)[:, -1, :]
         # Greedy rows without processors (sampler None) are sampled together, the rest one by one.
         plain = [b for b, r in enumerate(self.running) if r.sampler is None and not r.processors]
@@ -551,9 +600,26 @@ class BatchEngine:
                 continue
             try:
                 events.append((r, r._accept(int(token.item()), logprobs)))
+                if r.keep_cache and r.finish_reason is not None:
+                    self._keep_row(r)
             except Exception as e:
                 r._finish(None, e)
         return events
+
+    def _keep_row(self, r: BatchRequest) -> None:
+        """Copy out the row of `r`, just ended: the step queued since fed its last token, so the row
+        holds its prompt and every token it produced."""
+        if r not in self.running:
+            return
+        b = self.running.index(r)
+        held = r.prompt + r.tokens
+        n = min(self.cache[0].lengths[b], len(held))
+        if self.cache[0].keys is None or n == 0:
+            return
+        r.kv_cache = [KVCache.from_state([mx.contiguous(c.keys[b : b + 1, :, :n]),
+                                          mx.contiguous(c.values[b : b + 1, :, :n])], {}) for c in self.cache]
+        mx.eval([c.state for c in r.kv_cache])
+        r.kv_tokens = held[:n]
 
     def _retire(self, keep: list[int]) -> None:
         if len(keep) == len(self.running):

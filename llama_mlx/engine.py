@@ -7,11 +7,15 @@
     job.cancel()                                                        # stops it between tokens
 
 One worker thread owns the model (it loads it too, so every MLX array lives on that thread). It
-runs up to `max_concurrency` jobs at once, interleaved token by token, each over its own prompt
-cache, so an answer is the one the job would get alone; `queue_size` more wait, beyond that
-`submit` refuses. A batched engine replaces `_step_all` (one decode step for all active jobs) and
-keeps `submit`, `Job` and the events. `PrefixCachePool` keeps prompt caches between requests,
-bounded in bytes, least recently used evicted first.
+runs up to `max_concurrency` jobs at once; `queue_size` more wait, beyond that `submit` refuses.
+Running jobs decode together, continuously batched (`llama_mlx.batch.BatchEngine`): up to
+`decode_concurrency` rows in one forward step, a newcomer's prefill interleaved in chunks, the KV
+of all live rows capped by `max_kv_bytes` (a request that could never fit is refused with
+`KVCapacityError`; one that does not fit now waits). At temperature 0 each answer is the one the
+job gets alone. With speculative decoding (`speculative`) a job runs alone instead, over its own
+prompt cache, interleaved token by token with the batch. `PrefixCachePool` keeps prompt caches
+between requests, bounded in bytes, least recently used evicted first; a batched job starts
+from the pool's prefix and gives its row back to it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
+from .batch import BatchEngine, BatchRequest, KVCapacityError
 from .cache import KVCache, PromptCache
 from .errors import LlamaMLXError
 from .generate import context_length, stream_generate
@@ -35,6 +40,7 @@ __all__ = [
     "EngineEvent",
     "GenerationRequest",
     "Job",
+    "KVCapacityError",
     "PrefixCachePool",
     "QueueFullError",
     "Usage",
@@ -222,6 +228,9 @@ class Job:
         self._steps: Optional[Iterator[EngineEvent]] = None
         self._done = False
         self.cancelled = False
+        self._batch: Optional[BatchRequest] = None  # its row, when it runs in the batch
+        self._tokens: list[int] = []
+        self._cached = 0
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -282,18 +291,29 @@ class Engine:
 
     loader: called on the worker thread, returns (model, tokenizer).
     prompt_cache_bytes: bound of the prefix cache pool (0: keep nothing between requests).
+    decode_concurrency: most rows decoded in one batched step. max_kv_bytes: cap on the KV of
+    all batched rows (None: no cap). speculative: called on the worker thread after loading,
+    returns `stream_generate`'s speculative keywords (draft_model=..., or prompt_lookup=...);
+    with it every job runs alone, speculatively.
     """
 
-    def __init__(self, loader: Callable[[], tuple[Any, Any]], *, max_concurrency: int = 4, queue_size: int = 16,
+    def __init__(self, loader: Callable[[], tuple[Any, Any]], *, max_concurrency: int = 8, queue_size: int = 16,
                  prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512,
-                 cache_options: Optional[dict] = None):
-        if max_concurrency < 1 or queue_size < 0 or prompt_cache_bytes < 0:
-            raise ValueError("need max_concurrency >= 1, queue_size >= 0 and prompt_cache_bytes >= 0")
+                 cache_options: Optional[dict] = None, decode_concurrency: int = 8,
+                 max_kv_bytes: Optional[int] = None, speculative: Optional[Callable[[], dict]] = None):
+        if max_concurrency < 1 or queue_size < 0 or prompt_cache_bytes < 0 or decode_concurrency < 1:
+            raise ValueError("need max_concurrency >= 1, decode_concurrency >= 1, queue_size >= 0 and "
+                             "prompt_cache_bytes >= 0")
+        if max_kv_bytes is not None and max_kv_bytes < 1:
+            raise ValueError("max_kv_bytes must be positive")
         self._loader = loader
         self.max_concurrency, self.queue_size = max_concurrency, queue_size
         self.prompt_cache_bytes, self.prefill_step_size = prompt_cache_bytes, prefill_step_size
+        self.decode_concurrency, self.max_kv_bytes = decode_concurrency, max_kv_bytes
         self.cache_options = dict(cache_options or {})
-        self.model = self.tokenizer = self.pool = None
+        self._speculative_loader = speculative
+        self.speculative: dict = {}
+        self.model = self.tokenizer = self.pool = self.batch = None
         self.load_error: Optional[BaseException] = None
         self._ready = threading.Event()
         self._cond = threading.Condition()
@@ -325,6 +345,11 @@ class Engine:
     def context_length(self) -> int:
         return context_length(self.model)
 
+    @property
+    def batched(self) -> bool:
+        """Whether jobs decode together (False: speculative decoding, each job alone)."""
+        return not self.speculative
+
     def close(self, timeout: Optional[float] = None) -> None:
         """Take no new requests, let the running and waiting ones finish, stop the worker."""
         with self._cond:
@@ -336,11 +361,20 @@ class Engine:
     # -- requests
 
     def submit(self, request: GenerationRequest) -> Job:
-        """Queue a request (call from the event loop that will read the job's events)."""
+        """Queue a request (call from the event loop that will read the job's events).
+
+        Raises QueueFullError, EngineClosedError, or KVCapacityError (it could never fit under
+        max_kv_bytes)."""
         job = Job(self, request, asyncio.get_running_loop())
         with self._cond:
             if self._closing or not self.ready:
                 raise EngineClosedError("the server is shutting down" if self._closing else "the model is not loaded")
+            if self.batch is not None and self.batched:
+                try:
+                    self.batch.check_capacity(len(request.prompt), request.max_tokens)
+                except KVCapacityError:
+                    self.counters["rejected"] += 1
+                    raise
             if len(self._active) + len(self._waiting) >= self.max_concurrency + self.queue_size:
                 self.counters["rejected"] += 1
                 raise QueueFullError(f"the server is busy: {len(self._active)} requests running and "
@@ -354,7 +388,8 @@ class Engine:
             try:
                 self._waiting.remove(job)
             except ValueError:
-                return  # running (the worker sees the flag) or finished
+                self._cond.notify_all()  # running: the worker sees the flag
+                return
             self.counters["cancelled"] += 1
         job._push(_END)
 
@@ -363,6 +398,13 @@ class Engine:
             out = {"loaded": self.ready, "active": len(self._active), "waiting": len(self._waiting),
                    "max_concurrency": self.max_concurrency, "queue_size": self.queue_size, **self.counters}
         out["prompt_cache"] = self.pool.stats() if self.pool is not None else None
+        b = self.batch
+        out["batch"] = None if b is None else {
+            "enabled": self.batched, "decode_concurrency": self.decode_concurrency,
+            "max_kv_bytes": self.max_kv_bytes, "kv_bytes": _kv_bytes(b), "rows": len(b.running),
+            "waiting": len(b.waiting), "decode_steps": b.decode_steps, "multi_row_steps": b.multi_row_steps,
+            "max_rows": b.max_rows}
+        out["speculative"] = sorted(k for k in self.speculative if k in ("draft_model", "prompt_lookup"))
         return out
 
     # -- worker thread
@@ -371,9 +413,21 @@ class Engine:
         try:
             self.model, self.tokenizer = self._loader()
             self.pool = PrefixCachePool(self.model, self.prompt_cache_bytes, **self.cache_options)
+            self.batch = BatchEngine(self.model, self.tokenizer, max_kv_bytes=self.max_kv_bytes,
+                                     max_batch=self.decode_concurrency, prefill_chunk=self.prefill_step_size)
+            self.batch.driven = True  # this thread steps it; nobody iterates its handles
+            if self._speculative_loader is not None:
+                self.speculative = dict(self._speculative_loader() or {})
             # Read the (lazily loaded) weights and trace the steps now, not in the first request's TTFT.
             for _ in stream_generate(self.model, self.tokenizer, [0, 0, 0], 2, prompt_cache=PromptCache(self.model)):
                 pass
+            if self.batched:
+                warm = [self.batch.submit([0, 0, 0], max_tokens=2) for _ in range(2)]
+                while not all(r.done for r in warm):
+                    self.batch.step()
+                while self.batch.has_work():
+                    self.batch.step()
+                self.batch.decode_steps = self.batch.multi_row_steps = self.batch.max_rows = 0
         except BaseException as e:  # noqa: BLE001 - reported by wait_ready
             self.load_error = e
             self._closing = True
@@ -384,34 +438,109 @@ class Engine:
             with self._cond:
                 while len(self._active) < self.max_concurrency and self._waiting:
                     self._active.append(self._waiting.popleft())
-                if not self._active:
+                idle = not self._active
+                if idle and not (self.batch.has_work()):
                     if self._closing:
                         return
                     self._cond.wait()
                     continue
                 active = list(self._active)
+            if idle:  # rows just ended: drop them (and their KV) now, not at the next request
+                self.batch.step()
+                continue
             self._step_all(active)
 
     def _step_all(self, active: list[Job]) -> None:
-        """One token for each active job (the seam a batched decoder replaces)."""
+        """One batched step for the jobs in the batch (joining it first), one token for each job alone."""
+        alone = []
         for job in active:
+            if not self.batched:
+                alone.append(job)
+            elif job._batch is None:
+                self._join_batch(job)
+            elif job.cancelled and not job._batch.done:
+                job._batch.cancel()
+        if self.batched and self.batch.has_work():
+            self.batch.step()
+            for job in active:
+                if job._batch is not None:
+                    self._deliver(job)
+        for job in alone:
             cancelled = job.cancelled
             if not job._step():
-                with self._cond:
-                    self._active.remove(job)
-                    self.counters["cancelled" if cancelled or job.cancelled else "completed"] += 1
+                self._retire(job, cancelled or job.cancelled)
 
-    def _generate(self, job: Job) -> Iterator[EngineEvent]:
-        req, tokenizer = job.request, self.tokenizer
+    def _retire(self, job: Job, cancelled: bool, failed: bool = False) -> None:
+        with self._cond:
+            self._active.remove(job)
+            self.counters["failed" if failed else "cancelled" if cancelled else "completed"] += 1
+
+    def _processors(self, req: GenerationRequest) -> list:
         processors = make_logits_processors(logit_bias=req.logit_bias)
         if req.presence_penalty or req.frequency_penalty:
             processors.append(_Penalties(req.presence_penalty, req.frequency_penalty))
         if req.response_format is not None:
             from .structured import json_logits_processor
 
-            proc = json_logits_processor(tokenizer, req.response_format, max_tokens=req.max_tokens)
+            proc = json_logits_processor(self.tokenizer, req.response_format, max_tokens=req.max_tokens)
             if proc is not None:
                 processors.append(proc)
+        return processors
+
+    def _join_batch(self, job: Job) -> None:
+        """Submit a job's row to the batch, warm-started from the prefix cache pool."""
+        req = job.request
+        if job.cancelled:
+            job._push(_END)
+            self._retire(job, True)
+            return
+        try:
+            sampler = None if req.temperature == 0 else make_sampler(req.temperature, req.top_p, req.top_k,
+                                                                     seed=req.seed)
+            pc = self.pool.take(req.prompt)
+            cache = None
+            if _copyable(pc) and pc.tokens:
+                pc.prepare(req.prompt)
+                cache = pc.cache if pc.offset else None
+            job._cached = pc.offset if cache is not None else 0
+            job._batch = self.batch.submit(req.prompt, max_tokens=req.max_tokens, sampler=sampler,
+                                           logits_processors=self._processors(req), stop=list(req.stop) or None,
+                                           prompt_cache=cache, keep_cache=self.pool.max_bytes > 0)
+        except Exception as e:  # noqa: BLE001 - handed to the request's handler
+            job._push(e)
+            self._retire(job, False, failed=True)
+
+    def _deliver(self, job: Job) -> None:
+        """Hand a batched job the responses its row produced in the last step."""
+        req, row, stops = job.request, job._batch, set(self.tokenizer.stop_tokens)
+        responses, ended = row.poll()
+        for r in responses:
+            job._tokens.append(r.token)
+            event = EngineEvent(r.text, r.token)
+            if req.top_logprobs is not None and r.token not in stops:
+                event.logprob, event.top_logprobs = _logprobs(r.logprobs, r.token, req.top_logprobs)
+            if r.finish_reason is not None:
+                event.finish_reason = "length" if r.finish_reason == "context" else r.finish_reason
+                if event.finish_reason == "stop" and r.token not in stops:
+                    event.stop_sequence = _which_stop(self.tokenizer.decode(job._tokens), req.stop)
+                event.usage = Usage(len(req.prompt), r.generation_tokens, job._cached,
+                                    r.time_to_first_token, r.generation_tps)
+            if not job.cancelled:
+                job._push(event)
+        if not ended:
+            return
+        if row.kv_cache is not None:
+            pc = PromptCache(self.model, **self.cache_options)
+            pc.cache, pc.tokens = row.kv_cache, row.kv_tokens
+            row.kv_cache = None
+            self.pool.give_back(pc)
+        cancelled = job.cancelled or row.finish_reason == "cancelled"
+        job._push(row.error if row.error is not None else _END)
+        self._retire(job, cancelled, failed=row.error is not None)
+
+    def _generate(self, job: Job) -> Iterator[EngineEvent]:
+        req, tokenizer = job.request, self.tokenizer
+        processors = self._processors(req)
         sampler = make_sampler(req.temperature, req.top_p, req.top_k, seed=req.seed)
 
         def progress(done: int, total: int) -> None:
@@ -422,7 +551,8 @@ class Engine:
         pc = self.pool.take(req.prompt)
         stream = stream_generate(self.model, tokenizer, req.prompt, req.max_tokens, sampler=sampler,
                                  logits_processors=processors, stop=list(req.stop) or None, prompt_cache=pc,
-                                 prefill_step_size=self.prefill_step_size, prompt_progress=progress)
+                                 prefill_step_size=self.prefill_step_size, prompt_progress=progress,
+                                 **self.speculative)
         tokens: list[int] = []
         try:
             for r in stream:
@@ -440,6 +570,13 @@ class Engine:
         finally:
             stream.close()
             self.pool.give_back(pc)
+
+
+def _kv_bytes(batch: BatchEngine) -> int:
+    try:  # read from another thread while the worker changes the batch: a near value will do
+        return batch.kv_bytes()
+    except (TypeError, AttributeError):
+        return -1
 
 
 def _logprobs(logprobs: mx.array, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, QueueFullError
+from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
 from .structured import ResponseFormatError, grammar_for_response_format
 from .tools import ToolCallStream, apply_tool_chat_template, normalize_messages, parse_tool_calls, tools_for_choice
@@ -198,6 +198,8 @@ class _Api:
             return self.engine.submit(request)
         except (QueueFullError, EngineClosedError) as e:
             raise ApiError(503, str(e), code="server_busy") from None
+        except KVCapacityError as e:
+            raise ApiError(503, f"{e} (--max-kv-bytes); ask for fewer tokens", code="kv_capacity_exceeded") from None
 
     async def collect(self, request: Request, job) -> list[EngineEvent]:
         """All of a job's events; a client that goes away cancels it."""

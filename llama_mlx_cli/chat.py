@@ -37,6 +37,7 @@ from .common import (
     load_model,
     model_label,
     out_console,
+    refuse_under_launch,
     with_gguf_file,
 )
 
@@ -658,6 +659,7 @@ def chat(
         "--tool-memory", min=64, rich_help_panel=TOOLS, help="With --tools: megabytes of memory a run may use.")] = 1024,
 ) -> None:
     """Chat with a model in the terminal: streamed answers, multi-turn, with /commands (/help)."""
+    refuse_under_launch("chat")
     model = with_gguf_file(model, gguf_file)
     raise typer.Exit(_run(model, system, dtype, load_session, options, tools, yes, tool_timeout, tool_memory))
 

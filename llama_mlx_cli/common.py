@@ -66,6 +66,18 @@ def error_line(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+def refuse_under_launch(command: str) -> None:
+    """Exit 1 with one line (rank 0 prints it; the others are quiet) when run by `mlx.launch` as a
+    group of more than one: `command` has no follower loop for the other ranks yet."""
+    if "MLX_RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        return
+    from llama_mlx.distributed import group
+
+    if group().size() > 1:
+        error_line(f"{command} under mlx.launch is not supported yet (generate is): run it on one machine")
+        raise SystemExit(1)
+
+
 def note_line(message: str) -> None:
     """An informational line on stderr (dim on a terminal)."""
     err_console().print(message, style="dim", markup=False)

@@ -11,13 +11,17 @@ from typing import Annotated, Optional
 import typer
 
 from .common import (
+    DraftModelOpt,
     DtypeOpt,
     GgufFileOpt,
     ModelOpt,
+    NumDraftTokensOpt,
+    PromptLookupOpt,
     error_line,
     handle_errors,
     model_label,
     note_line,
+    refuse_under_launch,
     with_gguf_file,
 )
 
@@ -57,8 +61,16 @@ def serve(
         help="Require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1 requests.",
         rich_help_panel=SERVER)] = None,
     max_concurrency: Annotated[int, typer.Option(
-        "--max-concurrency", min=1, help="Requests generated at once (interleaved); more wait in the queue.",
-        rich_help_panel=SERVER)] = 4,
+        "--max-concurrency", min=1, help="Requests generated at once; more wait in the queue.",
+        rich_help_panel=SERVER)] = 8,
+    decode_concurrency: Annotated[int, typer.Option(
+        "--decode-concurrency", min=1, metavar="N",
+        help="Most requests decoded together in one batched step (continuous batching).",
+        rich_help_panel=SERVER)] = 8,
+    max_kv_bytes: Annotated[Optional[int], typer.Option(
+        "--max-kv-bytes", min=1, metavar="BYTES",
+        help="Cap on the KV cache of all running requests: one that does not fit now waits, one that "
+             "could never fit gets 503. Default: no cap.", rich_help_panel=SERVER)] = None,
     queue_size: Annotated[int, typer.Option(
         "--queue-size", min=0, help="Requests that may wait; beyond, the server answers 503.",
         rich_help_panel=SERVER)] = 16,
@@ -77,11 +89,15 @@ def serve(
         "--max-tokens", "-m", min=1, help="Answer length when a request does not say (capped by the context).",
         rich_help_panel=SERVER)] = 512,
     dtype: DtypeOpt = "auto",
+    draft_model: DraftModelOpt = None,
+    num_draft_tokens: NumDraftTokensOpt = 3,
+    prompt_lookup: PromptLookupOpt = None,
     log_level: Annotated[str, typer.Option(
         "--log-level", metavar="LEVEL", help="uvicorn's log level: critical, error, warning, info, debug.",
         rich_help_panel=SERVER)] = "info",
 ) -> None:
     """Serve a model over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
+    refuse_under_launch("serve")
     model = with_gguf_file(model, gguf_file)
     import uvicorn
 
@@ -89,14 +105,24 @@ def serve(
     from llama_mlx.loading import load, resolve_model
     from llama_mlx.server import ServerConfig, create_app
 
-    from .common import resolve_dtype
+    from .common import GenerationOptions, resolve_dtype
 
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise typer.BadParameter(f"{log_level!r} is not one of critical, error, warning, info, debug",
                                  param_hint="--log-level")
     path = resolve_model(model) if model is not None else None  # a bad path fails here, before binding
+    speculative = None
+    if draft_model is not None or prompt_lookup is not None:
+        # Speculative requests run alone (not batched): rows would accept different numbers of drafts.
+        options = GenerationOptions(draft_model=resolve_model(draft_model) if draft_model else None,
+                                    num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
+        if draft_model is not None and prompt_lookup is not None:
+            options.speculative_kwargs()  # refuses the pair in one line, before loading anything
+        speculative = options.speculative_kwargs
     engine = Engine(lambda: load(path, dtype=resolve_dtype(dtype)), max_concurrency=max_concurrency,
-                    queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes).start()
+                    queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes,
+                    decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes,
+                    speculative=speculative).start()
     config = ServerConfig(model_name=model_label(model), api_key=api_key,
                           allowed_origins=tuple(allowed_origins or ()), max_body_bytes=max_body_bytes,
                           default_max_tokens=max_tokens)
