@@ -15,11 +15,14 @@ __all__ = ["build_model", "check_vocabulary", "max_token_id"]
 def max_token_id(tokenizer: Any) -> int:
     """The largest id a tokenizer can produce (added tokens included)."""
     backend = getattr(tokenizer, "backend", None)
-    if backend is not None and hasattr(backend, "get_vocab"):
+    top = int(tokenizer.vocab_size) - 1
+    if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
+        # The model's ids run 0..n-1; added tokens may sit anywhere. Both are read without the vocab dict.
+        top = max(top, backend.get_vocab_size(with_added_tokens=False) - 1, *backend.get_added_tokens_decoder())
+    elif backend is not None and hasattr(backend, "get_vocab"):
         vocab = backend.get_vocab(with_added_tokens=True)
-        if vocab:
-            return max(max(vocab.values()), tokenizer.vocab_size - 1)
-    return int(tokenizer.vocab_size) - 1
+        top = max(top, *vocab.values()) if vocab else top
+    return top
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int, source: Path | str) -> None:
