@@ -19,6 +19,7 @@ __all__ = [
     "find_tokenizer_source",
     "folder_eos_token_ids",
     "is_tiktoken_file",
+    "read_json_object",
 ]
 
 # Every file a tokenizer folder may hold, read (or copied by convert) from beside the weights.
@@ -69,7 +70,7 @@ def folder_eos_token_ids(folder: str | Path) -> list[int]:
     ids: list[int] = []
     for name in ("generation_config.json", "config.json"):
         file = Path(folder) / name
-        value = _read_json(file).get("eos_token_id")
+        value = read_json_object(file).get("eos_token_id")
         values = [] if value is None else value if isinstance(value, list) else [value]
         if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
             raise TokenizerError(f"{file}: eos_token_id must be a token id or a list of them, found {value!r}")
@@ -137,7 +138,8 @@ def _require_tiktoken(path: Path) -> None:
         )
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object file's contents ({} when missing); TokenizerError naming the file when unreadable."""
     if not path.is_file():
         return {}
     try:

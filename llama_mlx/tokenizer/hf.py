@@ -12,7 +12,7 @@ from tokenizers import AddedToken, decoders, models, normalizers
 
 from ..errors import TokenizerError
 from ..paths import check_folder_files
-from ..tokenizer_source import FOLDER_FILES, folder_eos_token_ids
+from ..tokenizer_source import FOLDER_FILES, folder_eos_token_ids, read_json_object
 from .base import (
     AllowedSpecial,
     BaseTokenizer,
@@ -328,8 +328,8 @@ class HFTokenizer(BaseTokenizer):
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"{path}: cannot load ({e})") from None
-        config = _read_json(folder / "tokenizer_config.json")
-        special_map = _read_json(folder / "special_tokens_map.json")
+        config = read_json_object(folder / "tokenizer_config.json")
+        special_map = read_json_object(folder / "special_tokens_map.json")
 
         def token(name: str) -> str | None:
             value = config.get(name, special_map.get(name))
@@ -619,26 +619,11 @@ def _fix_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except RecursionError:
-        raise TokenizerError(f"{path}: cannot read (JSON nested too deeply)") from None
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: cannot read ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
-
-
 def _chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    template = _read_json(folder / "chat_template.json").get("chat_template", config.get("chat_template"))
+    template = read_json_object(folder / "chat_template.json").get("chat_template", config.get("chat_template"))
     if isinstance(template, list):  # named templates: take the default one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
