@@ -30,7 +30,7 @@ CLI = Path(sys.executable).parent / "llama-mlx"
 KEY = "test-key-123"
 SECRET = "zebra-quartz-7781"  # appears in prompts: must never reach the log
 T0 = {"temperature": 0}  # this anthropic client has no temperature argument
-CACHE_BOUND = 30_000_000  # holds two ~150-token prompts (12 MB each: 256 float32 positions), not three
+CACHE_BOUND = 20_000_000  # two ~180-token SmolLM2 caches (46 KB a position in float32) at most, never three
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
