@@ -47,6 +47,9 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, tmp: Path, *args: str):
+        from llama_mlx.resolve import ensure_default_model
+
+        assert ensure_default_model() == MODEL  # a fresh clone converts it on first use
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"

@@ -95,18 +95,24 @@ def test_batched_chat_with_logprobs_and_schema_equals_alone(batched):
 
 def bytes_per_token() -> int:
     """Keys and values of every layer, float32 (the CPU backend's compute dtype), for one position."""
+    from llama_mlx.resolve import ensure_default_model
+
+    ensure_default_model()
     c = json.loads((MODEL / "config.json").read_text())
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 4
 
 
 PROMPT = list(range(1000, 1020))  # 20 tokens
-# One request of 20 + 40 positions (and its 256-position prefill buffer) fits; two do not.
-CAP = (20 + 40 + 256) * bytes_per_token()
+
+
+def kv_cap() -> int:
+    """One request of 20 + 40 positions (and its 256-position prefill buffer) fits; two do not."""
+    return (20 + 40 + 256) * bytes_per_token()
 
 
 def test_kv_cap_refuses_what_never_fits_and_queues_what_fits(tmp_path):
-    s = Server(tmp_path, "--max-kv-bytes", str(CAP), "--prompt-cache-bytes", "0")
+    s = Server(tmp_path, "--max-kv-bytes", str(kv_cap()), "--prompt-cache-bytes", "0")
     try:
         r = httpx.post(s.url + "/v1/completions", timeout=60,
                        json={"prompt": PROMPT, "max_tokens": 100, "temperature": 0})
