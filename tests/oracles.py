@@ -116,3 +116,30 @@ def hf_name(meta_name: str) -> str:
 def meta_to_hf_names(state_dict: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Rename (not permute) Meta weights to HF names, as numpy: the oracle side of parity tests."""
     return {hf_name(name): t.float().numpy() for name, t in state_dict.items()}
+
+
+def tiny_random_model(params: dict, seed: int = 7, scale: float = 0.3):
+    """Our Model with Meta-layout random weights of `params`; large weights make the logits peaked,
+    so greedy choices are far from ties."""
+    import mlx.core as mx
+
+    from llama_mlx.config import config_from_meta_params
+    from llama_mlx.model import Model, ModelArgs
+
+    m = Model(ModelArgs.from_dict(config_from_meta_params(params)))
+    weights = meta_to_hf_names(random_meta_state_dict(params, seed=seed, scale=scale))
+    m.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(m.parameters())
+    return m
+
+
+def greedy_without_cache(model, prompt, n: int) -> list[int]:
+    """The oracle for cached decoding: n greedy tokens, each from a full forward of everything so far."""
+    import mlx.core as mx
+
+    tokens, out = list(prompt), []
+    for _ in range(n):
+        t = int(mx.argmax(model(mx.array([tokens]))[0, -1]))
+        out.append(t)
+        tokens.append(t)
+    return out

@@ -11,11 +11,9 @@ import llama_mlx
 from llama_mlx import LlamaMLXError, batch_generate
 from llama_mlx.batch import BatchEngine, BatchKVCache, KVCapacityError
 from llama_mlx.cache import KVCache
-from llama_mlx.config import config_from_meta_params
 from llama_mlx.generate import generate, stream_generate
-from llama_mlx.model import Model, ModelArgs
 from llama_mlx.sample import make_logits_processors, make_sampler
-from oracles import TINY_META_PARAMS, meta_to_hf_names, random_meta_state_dict
+from oracles import TINY_META_PARAMS, greedy_without_cache, tiny_random_model
 
 SMOLLM2 = "weights/SmolLM2-135M-Instruct"
 CHUNK = 8  # small prefill chunks, so a newcomer's prefill spans several of the others' decode steps
@@ -32,22 +30,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def tiny():
-    params = dict(TINY_META_PARAMS, dim=128)
-    m = Model(ModelArgs.from_dict(config_from_meta_params(params)))
-    # Large weights make the logits peaked, so greedy choices are far from ties.
-    weights = meta_to_hf_names(random_meta_state_dict(params, seed=7, scale=0.3))
-    m.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
-    mx.eval(m.parameters())
-    return m
-
-
-def greedy_without_cache(model, prompt, n):
-    tokens, out = list(prompt), []
-    for _ in range(n):
-        t = int(mx.argmax(model(mx.array([tokens]))[0, -1]))
-        out.append(t)
-        tokens.append(t)
-    return out
+    return tiny_random_model(dict(TINY_META_PARAMS, dim=128))
 
 
 def rand_ids(seed, n):

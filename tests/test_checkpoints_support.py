@@ -152,6 +152,19 @@ def gguf_name(meta_name: str) -> str:
 _SMOL_TOKENIZER: dict | None = None
 
 
+def add_smollm2_tokenizer(w) -> None:
+    """Write SmolLM2's tokenizer metadata into a gguf.GGUFWriter, each value with its GGUF type."""
+    for key, value in smollm2_tokenizer_metadata().items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+
+
 def smollm2_tokenizer_metadata() -> dict:
     """The tokenizer.* metadata of the real SmolLM2 GGUF (vocabulary 49152), read from its header only."""
     global _SMOL_TOKENIZER
@@ -183,15 +196,7 @@ def write_gguf(path: Path, sd: dict, params: dict, types: dict[str, str] | None 
     w.add_rope_freq_base(params["rope_theta"])
     w.add_layer_norm_rms_eps(params["norm_eps"])
     w.add_vocab_size(params["vocab_size"])
-    for key, value in smollm2_tokenizer_metadata().items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
+    add_smollm2_tokenizer(w)
     held = {}
     for name, t in sd.items():
         gname = gguf_name(name)

@@ -11,31 +11,19 @@ from llama_mlx.config import config_from_meta_params
 from llama_mlx.generate import generate_step
 from llama_mlx.model import Model, ModelArgs
 from llama_mlx.sample import apply_min_p, apply_top_k, apply_top_p, make_sampler
-from oracles import TINY_META_PARAMS, meta_to_hf_names, random_meta_state_dict
+from oracles import TINY_META_PARAMS, greedy_without_cache, tiny_random_model
 
 PARAMS = dict(TINY_META_PARAMS, dim=128)  # head_dim 32: also valid for a quantized KV cache
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = Model(ModelArgs.from_dict(config_from_meta_params(PARAMS)))
-    # Large weights make the logits peaked, so greedy choices are far from ties.
-    weights = meta_to_hf_names(random_meta_state_dict(PARAMS, seed=7, scale=0.3))
-    m.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
-    mx.eval(m.parameters())
-    return m
+    return tiny_random_model(PARAMS)
 
 
 PROMPT = [int(t) for t in np.random.default_rng(11).integers(0, 256, size=9)]
 
 
-def greedy_without_cache(model, prompt, n):
-    tokens, out = list(prompt), []
-    for _ in range(n):
-        t = int(mx.argmax(model(mx.array([tokens]))[0, -1]))
-        out.append(t)
-        tokens.append(t)
-    return out
 
 
 @pytest.fixture(scope="module")

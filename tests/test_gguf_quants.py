@@ -160,15 +160,7 @@ def write_mixed_model(path: Path, params: dict, ffn: int, types: dict[str, str],
     shapes = {"token_embd": (v, d), "output": (v, d), "attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d),
               "attn_output": (d, d), "ffn_gate": (ffn, d), "ffn_up": (ffn, d), "ffn_down": (d, ffn)}
     w = _writer(path, d, ffn, layers, params["n_heads"], params["n_kv_heads"], v)
-    for key, value in S.smollm2_tokenizer_metadata().items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
+    S.add_smollm2_tokenizer(w)
     held = {}
     names = ["token_embd.weight", "output_norm.weight", "output.weight"]
     for i in range(layers):

@@ -300,16 +300,9 @@ def test_unworkable_options_are_refused(kw, what):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from llama_mlx.config import config_from_meta_params
-    from llama_mlx.model import Model, ModelArgs
-    from oracles import TINY_META_PARAMS, meta_to_hf_names, random_meta_state_dict
+    from oracles import TINY_META_PARAMS, tiny_random_model
 
-    params = dict(TINY_META_PARAMS, dim=128)
-    m = Model(ModelArgs.from_dict(config_from_meta_params(params)))
-    weights = meta_to_hf_names(random_meta_state_dict(params, seed=7, scale=0.3))
-    m.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
-    mx.eval(m.parameters())
-    return m
+    return tiny_random_model(dict(TINY_META_PARAMS, dim=128))
 
 
 def test_greedy_with_logits_processors_equals_plain(tiny):
