@@ -7,7 +7,10 @@ positions and keys it would see alone.
 
 `BatchEngine` admits requests under a KV memory cap (`max_kv_bytes`), prefills each newcomer
 alone in chunks between the others' batched decode steps, and samples and stops each row on its
-own (sampler, logits processors, stop tokens and strings, max_tokens). `submit` returns a
+own (sampler, logits processors, stop tokens and strings, max_tokens). A sequence decoding alone
+keeps its own plain `KVCache`s and runs the backend's decode step (`backends.decode_step`: on
+CUDA the fused decoder), so one stream is as fast as `generate`; it moves into the batch's cache
+when a second sequence starts prefilling, and the last one left moves out again. `submit` returns a
 `BatchRequest` whose responses can be iterated; `step` does one unit of work and is what a
 server's worker thread drives. `batch_generate` runs a list of prompts through one engine.
 """
@@ -24,6 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import backends
 from .cache import KVCache
 from .errors import ContextLengthError, LlamaMLXError
 from .generate import GenerationResponse, Prompt, _prompt_tokens, _StopStrings, context_length
@@ -365,6 +369,9 @@ class BatchEngine:
         # Keys and values, every layer, one position.
         self.bytes_per_token = 2 * len(model.layers) * args.num_key_value_heads * args.head_dim * dtype.size
         self.cache = [BatchKVCache() for _ in model.layers]
+        # The one running sequence's own caches and step, when it runs alone (else None).
+        self.solo: Optional[list[KVCache]] = None
+        self._solo_step = None
         self.running: list[BatchRequest] = []
         self.waiting: deque[BatchRequest] = deque()
         self._prefill: Optional[tuple[BatchRequest, list[KVCache], list[int]]] = None
@@ -507,7 +514,7 @@ class BatchEngine:
 
     def live_caches(self) -> list:
         """Every KV cache holding buffers now: the batch's per-layer caches and a newcomer's prefill caches."""
-        caches = list(self.cache)
+        caches = list(self.solo or self.cache)
         if self._prefill is not None:
             caches += self._prefill[1]
         return caches
@@ -529,6 +536,8 @@ class BatchEngine:
         if self._prefill is None and self.waiting and self._fits(self.waiting[0]):
             req = self.waiting.popleft()
             req.started = time.perf_counter()
+            if self.solo is not None:  # no longer alone: into the batch before the newcomer's buffers exist
+                self._batch_solo()
             caches, req.prompt_cache = req.prompt_cache or [KVCache() for _ in self.model.layers], None
             self._prefill = (req, caches, req.prompt[req.cached_tokens : -1])
         if self._prefill is not None:
@@ -559,14 +568,32 @@ class BatchEngine:
             mx.eval([c.state for c in cache])
             todo = todo[n:]
             self._prefill = (req, cache, todo)
-        if not todo:  # join the batch: its last prompt token goes in with the next decode step
-            for layer, c in zip(self.cache, cache):
-                layer.limit = max(layer.limit or 0, req.reservation)
-                layer.add(c.keys, c.values, c.offset)
+        if not todo:  # join: its last prompt token goes in with the next decode step
             self._prefill = None
+            if not self.running and self._alone_fits(req):
+                self.solo, self._solo_step = cache, backends.decode_step(self.model, cache)
+            else:
+                for layer, c in zip(self.cache, cache):
+                    layer.limit = max(layer.limit or 0, req.reservation)
+                    layer.add(c.keys, c.values, c.offset)
+                mx.eval([c.state for c in self.cache])
             self.running.append(req)
-            mx.eval([c.state for c in self.cache])
             mx.clear_cache()
+
+    def _alone_fits(self, req: BatchRequest) -> bool:
+        # Alone, its buffers grow in whole `KVCache.step`s, past its reservation.
+        if self.max_kv_bytes is None:
+            return True
+        return _round_up(req.reservation, KVCache.step) * self.bytes_per_token <= self.max_kv_bytes
+
+    def _batch_solo(self) -> None:
+        """Move the sequence running alone into the batch's cache."""
+        for layer, c in zip(self.cache, self.solo):
+            layer.limit = self.running[0].reservation
+            layer.add(c.keys, c.values, c.offset)
+        self.solo = self._solo_step = None
+        mx.eval([c.state for c in self.cache])
+        mx.clear_cache()
 
     def _queue_decode(self) -> tuple[list[BatchRequest], list]:
         # A row's input is its token of the step still unread, or (a newcomer) its last prompt token.
@@ -574,7 +601,11 @@ class BatchEngine:
         self.decode_steps += 1
         self.multi_row_steps += len(self.running) > 1
         self.max_rows = max(self.max_rows, len(self.running))
-        logits = self.model(mx.concatenate(inputs)[:, None], self.cache)[:, -1, :]
+        tokens = mx.concatenate(inputs)[:, None]
+        if self.solo is not None:
+            logits = self._solo_step(tokens)
+        else:
+            logits = self.model(tokens, self.cache)[:, -1, :]
         # Greedy rows without processors (sampler None) are sampled together, the rest one by one.
         plain = [b for b, r in enumerate(self.running) if r.sampler is None and not r.processors]
         sampled: list = [None] * len(self.running)
@@ -613,11 +644,12 @@ class BatchEngine:
             return
         b = self.running.index(r)
         held = r.prompt + r.tokens
-        n = min(self.cache[0].lengths[b], len(held))
-        if self.cache[0].keys is None or n == 0:
+        caches = self.solo or self.cache
+        n = min(caches[0].offset if self.solo else self.cache[0].lengths[b], len(held))
+        if caches[0].keys is None or n == 0:
             return
         r.kv_cache = [KVCache.from_state([mx.contiguous(c.keys[b : b + 1, :, :n]),
-                                          mx.contiguous(c.values[b : b + 1, :, :n])], {}) for c in self.cache]
+                                          mx.contiguous(c.values[b : b + 1, :, :n])], {}) for c in caches]
         mx.eval([c.state for c in r.kv_cache])
         r.kv_tokens = held[:n]
 
@@ -625,11 +657,22 @@ class BatchEngine:
         if len(keep) == len(self.running):
             return
         self.running = [self.running[i] for i in keep]
-        limit = max((r.reservation for r in self.running), default=None)
-        for c in self.cache:
-            c.limit = limit
-            c.keep(keep)
-        mx.eval([c.state for c in self.cache])
+        if self.solo is not None:  # the one running alone has ended
+            self.solo = self._solo_step = None
+        elif len(self.running) == 1 and self._prefill is None and self._alone_fits(self.running[0]):
+            # The last one left runs alone again, on a copy of its row.
+            row = [c.extract(keep[0]) for c in self.cache]
+            self.solo = [KVCache.from_state([mx.contiguous(c.keys), mx.contiguous(c.values)], {})
+                         if c.keys is not None else KVCache() for c in row]
+            self._solo_step = backends.decode_step(self.model, self.solo)
+            self.cache = [BatchKVCache() for _ in self.model.layers]
+            mx.eval([c.state for c in self.solo])
+        else:
+            limit = max((r.reservation for r in self.running), default=None)
+            for c in self.cache:
+                c.limit = limit
+                c.keep(keep)
+            mx.eval([c.state for c in self.cache])
         mx.clear_cache()
 
     def _drop_cancelled(self) -> None:

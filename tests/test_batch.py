@@ -68,16 +68,21 @@ def test_tiny_join_and_leave_equals_no_cache_greedy(tiny, smol):
     _, tokenizer = smol
     eng = BatchEngine(tiny, tokenizer, prefill_chunk=5)
     specs = [(rand_ids(10, 3), 9), (rand_ids(11, 17), 4), (rand_ids(12, 1), 12), (rand_ids(13, 30), 7)]
-    reqs = []
+    reqs, alone = [], []
     for i, (p, n) in enumerate(specs):
         reqs.append(eng.submit(p, max_tokens=n, stop_tokens=()))
         for _ in range(2 + i):
             eng.step()
+            alone.append(eng.solo is not None)
     while eng.has_work():
         eng.step()
+        alone.append(eng.solo is not None)
     for (p, n), r in zip(specs, reqs):
         assert r.finish_reason == "length"
         assert r.tokens == greedy_without_cache(tiny, p, n)
+    # The first ran alone on its own cache, then in the batch; the last one left ran alone again.
+    assert alone[1] and not all(alone) and alone.index(False) < len(alone) - 1 - alone[::-1].index(False) + 1
+    assert any(alone[alone.index(False):]) and eng.max_rows >= 2
 
 
 PROMPTS = [

@@ -1,0 +1,122 @@
+"""Where the batched engine's time goes: first-call (compile) costs of its ops, then per-step times.
+
+    python3 benchmarks/batch_probe.py --model 1b          # GPU
+    python3 benchmarks/batch_probe.py --model tiny        # anywhere, seconds
+
+Part one times the first and second call of each op the batched decode adds to the plain one
+(the per-row KV write, the masked attention, the row gather), at several batch sizes: on MLX's
+CUDA backend a first call may JIT-compile a kernel. Part two runs `BatchEngine` over a sequence
+of stream counts and prints every step slower than `--slow` seconds with what the step did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.random_model import shape_config, write_random_model  # noqa: E402
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - t
+
+
+def op_costs(config: dict, dtype) -> None:
+    H, D = config["num_key_value_heads"], config["head_dim"]
+    Hq = config["num_attention_heads"]
+    for B in (1, 2, 4, 8):
+        keys = mx.zeros((B, H, 256, D), dtype)
+        k = mx.ones((B, H, 1, D), dtype)
+        lengths = mx.array(list(range(100, 100 + B)), dtype=mx.int32)
+        q = mx.ones((B, Hq, 1, D), dtype)
+        rows = {}
+
+        def put():
+            idx = mx.broadcast_to(lengths[:, None, None, None], (B, H, 1, D))
+            return mx.put_along_axis(keys, idx, k, axis=2)
+
+        def mask(S):
+            return (mx.arange(S, dtype=mx.int32)[None, None] <= lengths[:, None, None])[:, None]
+
+        for S in (129, 130, 131):
+            rows[f"sdpa mask S={S}"] = lambda S=S: mx.fast.scaled_dot_product_attention(
+                q, keys[:, :, :S], keys[:, :, :S], scale=D**-0.5, mask=mask(S))
+        rows["sdpa nomask"] = lambda: mx.fast.scaled_dot_product_attention(q, keys, keys, scale=D**-0.5)
+        rows["put_along_axis"] = put
+        rows["take rows"] = lambda: mx.take(keys, mx.array(list(range(B))[::-1], dtype=mx.int32), axis=0)
+        rows["slice write"] = lambda: _slice_write(keys, k)
+        for name, fn in rows.items():
+            first, second = timed(fn), timed(fn)
+            print(f"B={B} {name:18s} first {first * 1e3:9.1f} ms  second {second * 1e3:7.2f} ms", flush=True)
+
+
+def _slice_write(keys, k):
+    out = mx.array(keys)
+    out[:, :, 100:101] = k
+    return out
+
+
+def engine_steps(folder: Path, streams: list[int], prompt: int, gen: int, slow: float) -> None:
+    import llama_mlx
+    from llama_mlx.batch import BatchEngine
+
+    model, tokenizer = llama_mlx.load(folder, lazy=False)
+    vocab = model.args.vocab_size
+    rng = np.random.default_rng(0)
+    for n in streams:
+        engine = BatchEngine(model, tokenizer, max_batch=max(n, 1))
+        prompts = [[int(t) for t in rng.integers(3, min(vocab, 32000), size=prompt)] for _ in range(n)]
+        start = time.perf_counter()
+        reqs = [engine.submit(p, max_tokens=gen, stop_tokens=()) for p in prompts]
+        times = []
+        while engine.has_work():
+            what = (f"running {len(engine.running)}"
+                    + (f", prefilling {len(engine._prefill[2])} left" if engine._prefill else "")
+                    + (f", waiting {len(engine.waiting) + len(engine._incoming)}"))
+            t = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t
+            times.append(dt)
+            if dt > slow:
+                print(f"  streams {n} step {engine.steps}: {dt:.3f} s ({what})", flush=True)
+        wall = time.perf_counter() - start
+        toks = sum(len(r.tokens) for r in reqs)
+        med = sorted(times)[len(times) // 2]
+        print(f"streams {n}: {toks / wall:.1f} tok/s aggregate, wall {wall:.2f} s, {len(times)} steps, "
+              f"median step {med * 1e3:.2f} ms, TTFT max {max(r.stats.time_to_first_token for r in reqs):.3f} s",
+              flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="1b")
+    p.add_argument("--streams", default="4,4,8,8,1,2,3")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=128)
+    p.add_argument("-g", "--gen-tokens", type=int, default=32)
+    p.add_argument("--slow", type=float, default=0.25)
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
+    p.add_argument("--no-ops", action="store_true")
+    args = p.parse_args()
+    dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    config = shape_config(args.model)
+    if not args.no_ops:
+        op_costs(config, dtype)
+    name = "float32" if dtype == mx.float32 else "bfloat16"
+    folder = Path(args.work) / f"{args.model}-q4g64-{name}"
+    write_random_model(folder, args.model, bits=4, group_size=64, dtype=name, seed=0)
+    engine_steps(folder, [int(s) for s in args.streams.split(",")], args.prompt_tokens, args.gen_tokens, args.slow)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
