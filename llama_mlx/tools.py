@@ -58,6 +58,7 @@ SYSTEM_TOOLS_PREAMBLE = (
     "Do not use variables.\n\n"
 )
 PYTHON_TAG = "<|python_tag|>"
+_UNSET: Any = object()
 _END_TAGS = ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>")
 
 
@@ -186,12 +187,12 @@ class Llama31Prompt:
         *,
         add_generation_prompt: bool = True,
         builtin_tools: Optional[Sequence[str]] = None,
-        custom_tools: Optional[list] = None,
+        custom_tools: Optional[list] = _UNSET,
         date_string: str = DEFAULT_DATE,
         tools_in_user_message: bool = True,
         **_: Any,
     ) -> list[int]:
-        if custom_tools is not None:
+        if custom_tools is not _UNSET:  # the template's `custom_tools is defined`: a None given clears `tools`
             tools = custom_tools
         self.parts = []
         self.special("<|begin_of_text|>")
@@ -224,10 +225,7 @@ class Llama31Prompt:
             if "tool_calls" in message:
                 self._tool_call(message, builtin_tools)
             elif role in ("tool", "ipython"):
-                self.header("ipython")
-                content = message.get("content")
-                self.text(_tojson(content) if isinstance(content, (str, list, dict)) else str(content))
-                self.special("<|eot_id|>")
+                self._tool_result(message)
             else:
                 if not isinstance(role, str):
                     raise ValueError(f"a chat message needs a string 'role', got {message!r}")
@@ -237,6 +235,15 @@ class Llama31Prompt:
         if add_generation_prompt:
             self.header("assistant")
         return self.ids()
+
+    def _tool_result(self, message: Mapping) -> None:
+        if "content" not in message:  # the template's `content | tojson` fails on it too
+            raise ValueError(f"a {message.get('role')!r} message needs 'content'")
+        content = message["content"]
+        self.header("ipython")
+        # The template's `content is mapping or content is iterable`: text too goes through tojson.
+        self.text(_tojson(content) if isinstance(content, (str, list, dict)) else str(content))
+        self.special("<|eot_id|>")
 
     def _tool_call(self, message: Mapping, builtin_tools: Optional[Sequence[str]]) -> None:
         calls = message["tool_calls"]
@@ -458,13 +465,13 @@ def parse_tool_calls(
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _json_call_prefix(s: str) -> bool:
-    """Whether `s` (starting with '{') may still grow into JSON calls."""
+def _json_call_prefix(s: str, in_list: bool = False) -> bool:
+    """Whether `s` (starting with '{') may still grow into JSON calls (the items of a JSON list when `in_list`)."""
     decoder = json.JSONDecoder()
     i = 0
     while i < len(s):
         if s[i] != "{":
-            return s[i] == "[" and i == 0 and _json_list_prefix(s)
+            return _calls_end(s[i:], in_list)
         key = re.match(r'\{\s*(?:"([a-z]*)("?))?', s[i:])
         if key.end() == len(s) - i:  # the first key is still being written
             name = key.group(1) or ""
@@ -483,9 +490,19 @@ def _json_call_prefix(s: str) -> bool:
     return True
 
 
+def _calls_end(rest: str, in_list: bool) -> bool:
+    """Whether `rest`, after whole JSON calls, may still be their end: the list's ']', then an end tag."""
+    if in_list:
+        if rest[0] != "]":
+            return False
+        rest = rest[1:].lstrip()
+    # parse_tool_calls drops a final end tag, so a reply keeping the stop token's text is still a call
+    return not rest or any(tag.startswith(rest.rstrip()) for tag in _END_TAGS)
+
+
 def _json_list_prefix(s: str) -> bool:
     rest = s[1:].lstrip()
-    return not rest or (rest[0] == "{" and _json_call_prefix(rest))
+    return not rest or (rest[0] == "{" and _json_call_prefix(rest, in_list=True))
 
 
 def may_be_tool_call(text: str, builtin_tools: Iterable[str] = BUILTIN_TOOLS) -> bool:

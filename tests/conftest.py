@@ -11,7 +11,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(1, _ROOT)
 
-if not assets.TOKENIZER_MODEL.exists() or not assets.SMOLLM2_GGUF.exists():
+if not all(p.exists() for p in (assets.TOKENIZER_MODEL, assets.SMOLLM2_GGUF, assets.LLAMA31_TEMPLATE)):
     raise pytest.UsageError("test assets missing: run `python tests/assets.py` first (the README's test command does)")
 
 # Meta's reference `llama/` package is unpacked (not installed) into tests/.assets.

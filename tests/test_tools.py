@@ -1,8 +1,11 @@
-"""Tool calling: prompts with tools against transformers' own `apply_chat_template(..., tools=...)`,
-Meta's tiktoken path against golden strings written from the Llama 3.1 prompt format, and reply parsing."""
+"""Tool calling: prompts with tools against transformers' own `apply_chat_template(..., tools=...)` with
+Meta's real Llama 3.1 / 3.2 / 3.3 Instruct templates (fetched by tests/assets.py), Meta's tiktoken path
+against the same and against a golden string written from the Llama 3.1 prompt format, and reply parsing."""
 
 import json
-from functools import lru_cache
+import re
+from datetime import datetime
+from functools import cache
 
 import assets
 import pytest
@@ -19,50 +22,6 @@ from llama_mlx.tools import (
     parse_tool_calls,
     tools_for_choice,
 )
-
-# A Llama 3.1 Instruct style tool template, written for this test from the prompt format (system block with
-# Environment / Cutting Knowledge / Today Date, custom tools in the first user turn after the preamble, a tool
-# result as `ipython` through tojson, one call per assistant turn as {"name", "parameters"}). It is not a copy
-# of Meta's template: content from other repositories is not committed here.
-LLAMA31_STYLE_TEMPLATE = """{{- bos_token }}
-{%- set date_string = date_string if date_string is defined else "26 Jul 2024" %}
-{%- set tools_in_user_message = tools_in_user_message if tools_in_user_message is defined else true %}
-{%- if custom_tools is defined and custom_tools is not none %}{% set tools = custom_tools %}{% endif %}
-{%- set fmt = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' %}
-{%- if messages[0]['role'] == 'system' %}
-{%- set sys_text = messages[0]['content'] | trim %}{% set rest = messages[1:] %}
-{%- else %}{% set sys_text = "" %}{% set rest = messages %}{% endif %}
-{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}
-{%- if builtin_tools is defined or tools is not none %}{{ 'Environment: ipython\\n' }}{% endif %}
-{%- if builtin_tools is defined %}{{ 'Tools: ' ~ (builtin_tools | reject('equalto', 'code_interpreter') | join(', ')) ~ '\\n\\n' }}{% endif %}
-{{- 'Cutting Knowledge Date: December 2023\\nToday Date: ' ~ date_string ~ '\\n\\n' }}
-{%- if tools is not none and not tools_in_user_message %}
-{{- 'You have access to the following functions. To call a function, please respond with JSON for a function call.' ~ fmt ~ 'Do not use variables.\\n\\n' }}
-{%- for t in tools %}{{ t | tojson(indent=4) ~ '\\n\\n' }}{% endfor %}
-{%- endif %}
-{{- sys_text ~ '<|eot_id|>' }}
-{%- if tools is not none and tools_in_user_message %}
-{{- '<|start_header_id|>user<|end_header_id|>\\n\\nGiven the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.\\n\\n' ~ fmt ~ 'Do not use variables.\\n\\n' }}
-{%- for t in tools %}{{ t | tojson(indent=4) ~ '\\n\\n' }}{% endfor %}
-{{- (rest[0]['content'] | trim) ~ '<|eot_id|>' }}{% set rest = rest[1:] %}
-{%- endif %}
-{%- for m in rest %}
-{%- if 'tool_calls' in m %}
-{%- set f = m.tool_calls[0].function %}
-{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- if builtin_tools is defined and f.name in builtin_tools %}
-{{- '<|python_tag|>' ~ f.name ~ '.call(' }}{% for k, v in f.arguments | items %}{{ k ~ '="' ~ v ~ '"' }}{% if not loop.last %}, {% endif %}{% endfor %}{{ ')' }}
-{%- else %}
-{{- '{"name": "' ~ f.name ~ '", "parameters": ' ~ (f.arguments | tojson) ~ '}' }}
-{%- endif %}
-{{- '<|eom_id|>' if builtin_tools is defined else '<|eot_id|>' }}
-{%- elif m.role in ['tool', 'ipython'] %}
-{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' ~ (m.content | tojson if m.content is string or m.content is mapping else m.content) ~ '<|eot_id|>' }}
-{%- else %}
-{{- '<|start_header_id|>' ~ m.role ~ '<|end_header_id|>\\n\\n' ~ (m.content | trim) ~ '<|eot_id|>' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"""
 
 WEATHER = {
     "type": "function",
@@ -81,7 +40,7 @@ TIME = {
     "function": {"name": "get_time", "description": "The local time of a zone, é ünïcode.",
                  "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}},
 }
-CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "São Paulo"}}}
 
 CHATS = [
     [{"role": "user", "content": "  What is the weather in Paris?  "}],
@@ -107,7 +66,7 @@ LLAMA31_NAMES = {128004: "<|finetune_right_pad_id|>", 128005: "<|step_id|>", 128
                  128010: "<|python_tag|>", 128011: "<|image|>"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def llama31_tokenizer_json() -> str:
     spec = json.loads(assets.TOKENIZER_JSON.read_text(encoding="utf-8"))
     for token in spec["added_tokens"]:
@@ -115,14 +74,15 @@ def llama31_tokenizer_json() -> str:
     return json.dumps(spec)
 
 
-@lru_cache(maxsize=None)
-def transformers_llama3(template: str):
+@cache
+def transformers_llama3():
+    """The oracle: Meta's tokenizer in transformers, the chat template given per call (`chat_template=`)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(llama31_tokenizer_json()), bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>", chat_template=template,
+        eos_token="<|eot_id|>",
     )
 
 
@@ -130,6 +90,7 @@ def _ids(out):
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+@cache
 def hf_llama3_with(template: str):
     from tokenizers import Tokenizer
 
@@ -139,48 +100,97 @@ def hf_llama3_with(template: str):
                        eos_token="<|eot_id|>", chat_template=template)
 
 
+# Meta's templates, as llama.cpp vendors them; 3.1's and 3.3's are the same file.
+REAL_TEMPLATES = {"3.1": assets.LLAMA31_TEMPLATE, "3.2": assets.LLAMA32_TEMPLATE, "3.3": assets.LLAMA33_TEMPLATE}
+META_LAYOUT = ("3.1", "3.3")  # the layout Meta's tiktoken path writes
+BUILTINS = {"builtin_tools": ["brave_search", "wolfram_alpha", "code_interpreter"]}
+
+
+@cache
+def real_template(version: str) -> str:
+    return REAL_TEMPLATES[version].read_text(encoding="utf-8")
+
+
+def openai_shape(messages):
+    """The messages as an OpenAI client sends them: call arguments as a JSON string, no content beside calls."""
+    out = []
+    for m in messages:
+        if "tool_calls" in m:
+            calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
+                     for c in m["tool_calls"]]
+            m = {**m, "content": None, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
+def check_real_template(version, messages, tools, **kwargs):
+    """Our ids for `messages` (as given and in the OpenAI shape) equal transformers' with Meta's real
+    template, on an HF tokenizer carrying that template and, for the 3.1 layout, on Meta's tiktoken one."""
+    template = real_template(version)
+    ours = [hf_llama3_with(template)] + ([llama3()] if version in META_LAYOUT else [])
+    for gen in (True, False):
+        expected = _ids(transformers_llama3().apply_chat_template(
+            messages, chat_template=template, tools=tools, add_generation_prompt=gen, **kwargs))
+        for tokenizer in ours:
+            for shape in (messages, openai_shape(messages)):
+                assert apply_tool_chat_template(tokenizer, shape, tools, add_generation_prompt=gen, **kwargs) == expected
+    return llama3().decode(expected)
+
+
+@pytest.mark.parametrize("version", REAL_TEMPLATES)
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 @pytest.mark.parametrize("kwargs", [{}, {"tools_in_user_message": False, "date_string": "01 Jan 2025"}])
-def test_jinja_tools_match_transformers(chat, kwargs):
-    oracle = transformers_llama3(LLAMA31_STYLE_TEMPLATE)
-    ours = hf_llama3_with(LLAMA31_STYLE_TEMPLATE)
-    messages = CHATS[chat]
-    for gen in (True, False):
-        expected = _ids(oracle.apply_chat_template(messages, tools=[WEATHER, TIME], add_generation_prompt=gen, **kwargs))
-        assert apply_tool_chat_template(ours, messages, [WEATHER, TIME], add_generation_prompt=gen, **kwargs) == expected
-        # Meta's tiktoken tokenizer has no template: the same layout, written in Python
-        assert apply_tool_chat_template(llama3(), messages, [WEATHER, TIME], add_generation_prompt=gen, **kwargs) == expected
+def test_real_templates_match_transformers(version, chat, kwargs):
+    if version == "3.2":
+        kwargs = {"date_string": "26 Jul 2024", **kwargs}  # 3.2's default date is today's: test_llama32_dates_today
+    text = check_real_template(version, CHATS[chat], [WEATHER, TIME], **kwargs)
+    assert "Environment: ipython\n" in text and "é ünïcode" in text
+    if any("tool_calls" in m for m in CHATS[chat]):
+        assert ('<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": '
+                '{"city": "São Paulo"}}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n') in text
 
 
-def test_builtin_tools_match_transformers():
+def test_real_templates_render_tool_turns_without_tools():
+    for version in REAL_TEMPLATES:
+        text = check_real_template(version, CHATS[3], None, date_string="26 Jul 2024")
+        assert "Environment" not in text and 'ipython<|end_header_id|>\n\n{"temp": 21, "sky": "clear"}' in text
+
+
+@pytest.mark.parametrize("version", REAL_TEMPLATES)
+def test_real_templates_builtin_tools_match_transformers(version):
     messages = [
+        {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Search the news."},
         {"role": "assistant", "tool_calls": [{"type": "function", "function": {
-            "name": "brave_search", "arguments": '{"query": "news today"}'}}]},
+            "name": "brave_search", "arguments": {"query": "news today"}}}]},
         {"role": "ipython", "content": "headline"},
+        {"role": "assistant", "tool_calls": [CALL]},
+        {"role": "tool", "content": {"temp": 21}},
     ]
-    kwargs = {"builtin_tools": ["brave_search", "wolfram_alpha", "code_interpreter"]}
-    oracle = transformers_llama3(LLAMA31_STYLE_TEMPLATE)
-    expected = _ids(oracle.apply_chat_template(normalize_messages(messages), add_generation_prompt=True, **kwargs))
-    assert apply_tool_chat_template(llama3(), messages, **kwargs) == expected
-    assert apply_tool_chat_template(hf_llama3_with(LLAMA31_STYLE_TEMPLATE), messages, **kwargs) == expected
-    text = llama3().decode(expected)
-    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                           "Environment: ipython\nTools: brave_search, wolfram_alpha\n\n"
-                           "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>")
-    assert ('<|start_header_id|>assistant<|end_header_id|>\n\n<|python_tag|>brave_search.call(query="news today")'
-            "<|eom_id|><|start_header_id|>ipython<|end_header_id|>\n\n\"headline\"<|eot_id|>") in text
+    for tools in (None, [WEATHER]):
+        text = check_real_template(version, messages, tools, date_string="02 Feb 2025", **BUILTINS)
+    if version in META_LAYOUT:  # 3.2's template knows no built-in tools
+        assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                               "Environment: ipython\nTools: brave_search, wolfram_alpha\n\n"
+                               "Cutting Knowledge Date: December 2023\nToday Date: 02 Feb 2025\n\nBe brief.<|eot_id|>")
+        assert ('<|start_header_id|>assistant<|end_header_id|>\n\n<|python_tag|>brave_search.call(query="news today")'
+                "<|eom_id|><|start_header_id|>ipython<|end_header_id|>\n\n\"headline\"<|eot_id|>") in text
+        assert '{"city": "São Paulo"}}<|eom_id|>' in text  # a custom call in ipython mode ends in eom too
+    else:
+        assert "Tools:" not in text and "python_tag" not in text
 
 
-def test_openai_string_arguments_render_as_objects():
-    oracle = transformers_llama3(LLAMA31_STYLE_TEMPLATE)
-    with_dict = CHATS[2]
-    with_string = [dict(m) for m in with_dict]
-    with_string[2] = {"role": "assistant", "content": None, "tool_calls": [
-        {**CALL, "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]}
-    expected = _ids(oracle.apply_chat_template(with_dict, tools=[WEATHER], add_generation_prompt=True))
-    assert apply_tool_chat_template(llama3(), with_string, [WEATHER]) == expected
-    assert apply_tool_chat_template(hf_llama3_with(LLAMA31_STYLE_TEMPLATE), with_string, [WEATHER]) == expected
+@pytest.mark.parametrize("version", META_LAYOUT)
+def test_real_templates_custom_tools(version):
+    text = check_real_template(version, CHATS[2], [WEATHER], custom_tools=[TIME])
+    assert "The local time" in text and "The current weather" not in text
+    text = check_real_template(version, CHATS[2], [WEATHER], custom_tools=None)  # given, so it clears `tools`
+    assert "Environment" not in text and "The current weather" not in text
+
+
+def test_llama32_dates_today():
+    text = check_real_template("3.2", CHATS[0], [WEATHER])
+    assert f"Today Date: {datetime.now():%d %b %Y}\n\n" in text
 
 
 def test_meta_path_golden_string():
@@ -197,7 +207,7 @@ def test_meta_path_golden_string():
         "Do not use variables.\n\n" + tool_json + "\n\n"
         "Weather in Paris?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
+        '{"name": "get_weather", "parameters": {"city": "São Paulo"}}<|eot_id|>'
         "<|start_header_id|>ipython<|end_header_id|>\n\n\"sunny, 21 C\"<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nIt is sunny.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nAnd the time there?<|eot_id|>"
@@ -253,6 +263,11 @@ def test_rendering_errors():
     with pytest.raises(ValueError, match="one tool call"):
         apply_tool_chat_template(llama3(), [{"role": "user", "content": "x"},
                                             {"role": "assistant", "tool_calls": [CALL, CALL]}], [WEATHER])
+    no_content = [{"role": "user", "content": "x"}, {"role": "tool", "content": None}]
+    with pytest.raises(ValueError, match="needs 'content'"):  # the real template fails on it too
+        apply_tool_chat_template(llama3(), no_content, [WEATHER])
+    with pytest.raises(TokenizerError):
+        apply_tool_chat_template(hf_llama3_with(real_template("3.1")), no_content, [WEATHER])
     with pytest.raises(ValueError, match="not JSON"):
         normalize_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}])
     no_template = load_tokenizer(gguf_metadata={**__import__("test_tokenizer_corpus").smollm2_metadata(),
@@ -279,8 +294,10 @@ def _calls(reply):
     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
     '<|python_tag|>{"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}}<|eom_id|>',
     '{"name": "get_weather", "parameters": "{\\"city\\": \\"Paris\\"}"}',
+    '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
     '[get_weather(city="Paris")]',
     "[get_weather(city='Paris')]",
+    '[get_weather(city="Paris")]<|eot_id|>',
 ])
 def test_parse_one_call(text):
     reply = parse_tool_calls(text, [WEATHER, TIME], make_id=_ids_counter())
@@ -312,6 +329,29 @@ def test_parse_builtin_calls():
     assert _calls(parse_tool_calls('wolfram_alpha.call(query="2+2")')) == [("wolfram_alpha", {"query": "2+2"})]
     code = "<|python_tag|>import math\nprint(math.pi)"
     assert _calls(parse_tool_calls(code)) == [("code_interpreter", {"code": "import math\nprint(math.pi)"})]
+
+
+@pytest.mark.parametrize("version", REAL_TEMPLATES)
+def test_parse_calls_as_real_templates_write_them(version):
+    """A reply written as the template writes an assistant call (JSON `{"name", "parameters"}`, built-ins as
+    `<|python_tag|>name.call(...)` ending in <|eom_id|>) parses back to that call, whole or streamed."""
+    brave = {"type": "function", "function": {"name": "brave_search", "arguments": {"query": "news «today»"}}}
+    for call, kwargs in ((CALL, {}), (CALL, BUILTINS), (brave, BUILTINS)):
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]}]
+        text = transformers_llama3().apply_chat_template(
+            messages, chat_template=real_template(version), tools=[WEATHER], tokenize=False, date_string="x", **kwargs)
+        written = text.rsplit("<|start_header_id|>assistant<|end_header_id|>\n\n", 1)[1]
+        expected = [(call["function"]["name"], call["function"]["arguments"])]
+        for reply in (written, re.sub(r"<\|eo[mt]_id\|>$", "", written)):
+            assert _calls(parse_tool_calls(reply, [WEATHER])) == expected, reply
+            stream = ToolCallStream([WEATHER])
+            assert "".join(stream.feed(reply[i:i + 3]) for i in range(0, len(reply), 3)) == ""  # all held back
+            held, parsed = stream.finish()
+            assert held == "" and _calls(parsed) == expected
+    if version in META_LAYOUT:
+        assert written == '<|python_tag|>brave_search.call(query="news «today»")<|eom_id|>'
+    else:  # 3.2's template writes every call as JSON
+        assert written == '{"name": "brave_search", "parameters": {"query": "news «today»"}}<|eot_id|>'
 
 
 @pytest.mark.parametrize("text", [
@@ -346,6 +386,8 @@ def test_unknown_function_is_text_when_tools_given():
     "", "  ", "<|pyth", "<|python_tag|>", '{', '{"', '{"na', '{"name": "get_w', '{"name": "get_weather", "parameters": {"ci',
     '{"type": "function", "na', "[", "[get_", "[get_weather(ci", '[get_weather(city="Par', "brave_sea",
     'brave_search.call(query="x', '[{"name": "get_weather"', '{"name": "f", "parameters": {}}; {"na',
+    '[{"name": "f", "parameters": {}}, {"name": "g", "parameters": {}}]', '{"name": "f", "parameters": {}}<|e',
+    '{"name": "f", "parameters": {}} <|eom_id|>', '[{"name": "f", "parameters": {}}]<|eot_id|>',
 ])
 def test_may_be_tool_call_holds(text):
     assert may_be_tool_call(text)
@@ -354,6 +396,7 @@ def test_may_be_tool_call_holds(text):
 @pytest.mark.parametrize("text", [
     "The", "Hello {", '{"city": "Paris"', '{ "x', '{1', "[1", "[link]", "[ link] x", "brave search",
     '{"name": "f", "parameters": {}} then', '{"name": "f", "other": 1}',
+    '{"name": "f", "parameters": {}}]', '[{"name": "f", "parameters": {}}] x', '{"name": "f", "parameters": {}}<|eot_id|>x',
 ])
 def test_may_be_tool_call_releases(text):
     assert not may_be_tool_call(text)
