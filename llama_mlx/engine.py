@@ -422,9 +422,14 @@ class Engine:
             for _ in stream_generate(self.model, self.tokenizer, [0, 0, 0], 2, prompt_cache=PromptCache(self.model)):
                 pass
             if self.batched:
-                warm = [self.batch.submit([0, 0, 0], max_tokens=2) for _ in range(2)]
-                while not all(r.done for r in warm):
-                    self.batch.step()
+                # Rows join one a step and all overlap: every batch size up to the bound runs once,
+                # so no request pays a backend's first-call costs (CUDA compiles kernels per size).
+                n = min(self.decode_concurrency, self.max_concurrency)
+                try:
+                    for _ in range(n):
+                        self.batch.submit([0, 0, 0], max_tokens=n + 1, stop_tokens=())
+                except KVCapacityError:  # a cap this small: fewer rows then
+                    pass
                 while self.batch.has_work():
                     self.batch.step()
                 self.batch.decode_steps = self.batch.multi_row_steps = self.batch.max_rows = 0
