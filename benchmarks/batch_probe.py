@@ -66,6 +66,32 @@ def _slice_write(keys, k):
     return out
 
 
+def matmul_costs(config: dict, dtype, reps: int = 20) -> None:
+    """MLX's quantized matmul against `rows_matvec` for M = 1..8 rows, at each projection shape."""
+    from llama_mlx.backends import cuda_kernels
+
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    shapes = {"qkv": (h + 2 * kv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
+    for name, (N, K) in shapes.items():
+        w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(dtype) * 0.02, group_size=64, bits=4)
+        mx.eval(w, scales, biases)
+        for M in (1, 2, 4, 8):
+            x = mx.random.normal((M, K)).astype(dtype)
+            ref = lambda x=x: mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=4)
+            ours = lambda x=x: cuda_kernels.rows_matvec(x, w, scales, biases, 64)
+            diff = mx.abs(ref().astype(mx.float32) - ours().astype(mx.float32)).max().item()
+            scale = mx.abs(ref().astype(mx.float32)).max().item()
+            times = []
+            for fn in (ref, ours):
+                mx.eval(fn())
+                t = time.perf_counter()
+                mx.eval([fn() * (1 + j) for j in range(reps)])
+                times.append((time.perf_counter() - t) / reps * 1e6)
+            print(f"{name:8s} N={N:6d} K={K:6d} M={M}: mlx {times[0]:8.1f} us  rows {times[1]:8.1f} us  "
+                  f"max|diff| {diff:.4f} of {scale:.2f}", flush=True)
+
+
 def engine_steps(folder: Path, streams: list[int], prompt: int, gen: int, slow: float) -> None:
     import llama_mlx
     from llama_mlx.batch import BatchEngine
@@ -106,9 +132,12 @@ def main() -> int:
     p.add_argument("--slow", type=float, default=0.25)
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
     p.add_argument("--no-ops", action="store_true")
+    p.add_argument("--matmul", default=None, help="a shape (1b, 8b) whose projections to time, MLX vs rows_matvec")
     args = p.parse_args()
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     config = shape_config(args.model)
+    if args.matmul:
+        matmul_costs(shape_config(args.matmul), dtype)
     if not args.no_ops:
         op_costs(config, dtype)
     name = "float32" if dtype == mx.float32 else "bfloat16"

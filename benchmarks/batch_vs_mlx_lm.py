@@ -97,7 +97,7 @@ def run_ours(folder: Path, args) -> list[dict]:
         # Untimed: a first call of a kernel at a new batch size may compile it (CUDA: seconds).
         warm = BatchEngine(model, tokenizer, max_batch=n, prefill_chunk=args.prefill_chunk)
         for p in prompts_for(n, args.prompt_tokens, vocab, 98):
-            warm.submit(p, max_tokens=4, stop_tokens=())
+            warm.submit(p, max_tokens=n + 2, stop_tokens=())  # rows join one a step: all n overlap
         while warm.has_work():
             warm.step()
         for trial in range(args.trials):

@@ -26,7 +26,7 @@ import mlx.nn as nn
 from . import cuda_kernels as kernels
 from .fusion import FusedAttention, FusedMLP
 
-__all__ = ["FusedDecoder", "supported"]
+__all__ = ["FusedDecoder", "RowsQuantizedEmbedding", "RowsQuantizedLinear", "supported", "use_row_kernels"]
 
 
 def _q4(module: nn.Module) -> bool:
@@ -114,3 +114,56 @@ class FusedDecoder:
         head = inner.embed_tokens if model.args.tie_word_embeddings else model.lm_head
         logits, _ = kernels.fused_matvec(*self._weights(head), residual=(a, b, norm(inner.norm), self.eps))
         return (logits[None], *out)
+
+
+def _q4_rows(module: nn.Module) -> bool:
+    return (getattr(module, "mode", "affine") == "affine" and "bias" not in module and "biases" in module
+            and kernels.rows_supported(module["weight"].shape[1] * 32 // module.bits, module.bits, module.group_size))
+
+
+def _rows_ok(module: nn.Module, x: mx.array) -> bool:
+    rows = x.size // x.shape[-1]
+    return 1 < rows <= kernels.MAX_ROWS and x.dtype in (mx.float16, mx.bfloat16)
+
+
+def _rows(module: nn.Module, x: mx.array) -> mx.array:
+    y = kernels.rows_matvec(x.reshape(-1, x.shape[-1]), module["weight"], module["scales"], module["biases"],
+                            module.group_size)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+class RowsQuantizedLinear(nn.QuantizedLinear):
+    """A 4-bit affine linear that multiplies 2-8 rows (a batch's decode step, a speculative
+    check) with `rows_matvec`; other inputs take MLX's quantized matmul."""
+
+    def handles(self, x: mx.array) -> bool:
+        return _rows_ok(self, x)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _rows(self, x) if _rows_ok(self, x) else super().__call__(x)
+
+
+class RowsQuantizedEmbedding(nn.QuantizedEmbedding):
+    """A tied 4-bit embedding whose output-head use (`as_linear`) takes `rows_matvec` for 2-8 rows."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _rows(self, x) if _rows_ok(self, x) else super().as_linear(x)
+
+
+def use_row_kernels(model: nn.Module) -> int:
+    """Give every 4-bit affine projection of `model` (and a tied head) the few-rows kernel, in
+    place; returns how many modules changed. A no-op off CUDA."""
+    if not kernels.cuda_available():
+        return 0
+    changed = 0
+    inner = model.model
+    modules = [m for layer in inner.layers for _, m in layer.named_modules()]
+    modules += [inner.embed_tokens, getattr(model, "lm_head", None)]
+    for m in modules:
+        if type(m) is nn.QuantizedLinear and _q4_rows(m):
+            m.__class__ = RowsQuantizedLinear
+            changed += 1
+        elif type(m) is nn.QuantizedEmbedding and _q4_rows(m) and model.args.tie_word_embeddings:
+            m.__class__ = RowsQuantizedEmbedding
+            changed += 1
+    return changed
