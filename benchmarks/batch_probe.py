@@ -67,7 +67,9 @@ def _slice_write(keys, k):
 
 
 def matmul_costs(config: dict, dtype, reps: int = 20) -> None:
-    """MLX's quantized matmul of M rows, and of M rows padded to 8, at each projection shape."""
+    """MLX's quantized matmul of M rows, of M rows padded to 8, and `rows_matvec`, at each projection shape."""
+    from llama_mlx.backends import cuda_kernels
+
     h, i = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * config["head_dim"]
     shapes = {"qkv": (h + 2 * kv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
@@ -78,11 +80,14 @@ def matmul_costs(config: dict, dtype, reps: int = 20) -> None:
         def qmm(x, w=w, scales=scales, biases=biases):
             return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=4)
 
-        for M in (1, 2, 3, 4, 6, 8, 12, 16):
+        for M in (1, 2, 4, 6, 7, 8, 16):
             x = mx.random.normal((M, K)).astype(dtype)
             pad = max(8, M)
             runs = {"plain": lambda x=x: qmm(x),
                     "padded": lambda x=x, pad=pad: qmm(mx.concatenate([x, mx.zeros((pad - M, K), dtype)]))[:M]}
+            if M <= cuda_kernels.MAX_ROWS:
+                runs["rows"] = lambda x=x, w=w, scales=scales, biases=biases: cuda_kernels.rows_matvec(
+                    x, w, scales, biases, 64)
             times = {}
             for label, fn in runs.items():
                 mx.eval(fn())
@@ -90,7 +95,7 @@ def matmul_costs(config: dict, dtype, reps: int = 20) -> None:
                 mx.eval([fn() * (1 + j) for j in range(reps)])
                 times[label] = (time.perf_counter() - t) / reps * 1e6
             print(f"{name:8s} N={N:6d} K={K:6d} M={M:2d}: plain {times['plain']:8.1f} us  "
-                  f"padded to {pad} {times['padded']:8.1f} us", flush=True)
+                  f"padded to {pad} {times['padded']:8.1f} us  rows_matvec {times.get('rows', 0):8.1f} us", flush=True)
 
 
 def engine_steps(folder: Path, streams: list[int], prompt: int, gen: int, slow: float) -> None:
