@@ -67,9 +67,7 @@ def _slice_write(keys, k):
 
 
 def matmul_costs(config: dict, dtype, reps: int = 20) -> None:
-    """MLX's quantized matmul of M rows, of M rows padded to 8, and `rows_matvec`, at each projection shape."""
-    from llama_mlx.backends import cuda_kernels
-
+    """MLX's quantized matmul of M rows, and of M rows padded to 8, at each projection shape."""
     h, i = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * config["head_dim"]
     shapes = {"qkv": (h + 2 * kv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
@@ -85,9 +83,6 @@ def matmul_costs(config: dict, dtype, reps: int = 20) -> None:
             pad = max(8, M)
             runs = {"plain": lambda x=x: qmm(x),
                     "padded": lambda x=x, pad=pad: qmm(mx.concatenate([x, mx.zeros((pad - M, K), dtype)]))[:M]}
-            if M <= cuda_kernels.MAX_ROWS:
-                runs["rows"] = lambda x=x, w=w, scales=scales, biases=biases: cuda_kernels.rows_matvec(
-                    x, w, scales, biases, 64)
             times = {}
             for label, fn in runs.items():
                 mx.eval(fn())
@@ -95,7 +90,7 @@ def matmul_costs(config: dict, dtype, reps: int = 20) -> None:
                 mx.eval([fn() * (1 + j) for j in range(reps)])
                 times[label] = (time.perf_counter() - t) / reps * 1e6
             print(f"{name:8s} N={N:6d} K={K:6d} M={M:2d}: plain {times['plain']:8.1f} us  "
-                  f"padded to {pad} {times['padded']:8.1f} us  rows_matvec {times.get('rows', 0):8.1f} us", flush=True)
+                  f"padded to {pad} {times['padded']:8.1f} us", flush=True)
 
 
 def engine_steps(folder: Path, streams: list[int], prompt: int, gen: int, slow: float) -> None:

@@ -3,7 +3,7 @@
 - `compute_dtype(device)`: activations' dtype, float32 on the CPU, the weights' own on GPUs.
 - `prepare(model, fuse=, threads=)`: fits a built model to the default device, in place: sets
   the compute dtype, fuses q/k/v and gate/up (`fusion`, GPUs) or spreads quantized matmuls over
-  the CPU cores (`cpu`); on CUDA, 4-bit projections multiply 2-7 rows with `cuda.rows_matvec`.
+  the CPU cores (`cpu`); on CUDA, 4-bit projections pad 2-7 rows to 8 (`cuda.pad_small_matmuls`).
   `loading.load` calls it once.
 - `decode_step(model, cache, compile=)`: the step generation runs, `step(tokens[B, L]) ->
   logits[B, vocab]`: on CUDA the fused decoder of `cuda` (eight graph nodes a layer), elsewhere
@@ -53,7 +53,7 @@ def prepare(model: nn.Module, *, fuse: Optional[bool] = None, threads: Optional[
     if fuse if fuse is not None else on_gpu:
         fusion.fuse(model)
     if on_gpu:
-        cuda.use_row_kernels(model)
+        cuda.pad_small_matmuls(model)
     if not on_gpu:
         cpu.use_threads(model, threads)
     return model

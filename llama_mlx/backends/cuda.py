@@ -26,7 +26,7 @@ import mlx.nn as nn
 from . import cuda_kernels as kernels
 from .fusion import FusedAttention, FusedMLP
 
-__all__ = ["FusedDecoder", "RowsQuantizedEmbedding", "RowsQuantizedLinear", "supported", "use_row_kernels"]
+__all__ = ["FusedDecoder", "PaddedQuantizedEmbedding", "PaddedQuantizedLinear", "pad_small_matmuls", "supported"]
 
 
 def _q4(module: nn.Module) -> bool:
@@ -116,44 +116,40 @@ class FusedDecoder:
         return (logits[None], *out)
 
 
-def _q4_rows(module: nn.Module) -> bool:
-    return (getattr(module, "mode", "affine") == "affine" and "bias" not in module and "biases" in module
-            and kernels.rows_supported(module["weight"].shape[1] * 32 // module.bits, module.bits, module.group_size))
+PAD_ROWS = 8
 
 
-def _rows_ok(module: nn.Module, x: mx.array) -> bool:
-    # Measured on an H200 (benchmarks/batch_probe.py --matmul): MLX's quantized matmul runs 1 and
-    # 8+ rows at about the cost of one, 2-7 rows about M times that; rows_matvec wins only there.
+def _q4_any(module: nn.Module) -> bool:
+    return getattr(module, "mode", "affine") == "affine" and getattr(module, "bits", 0) == 4
+
+
+def _padded(x: mx.array, matmul) -> mx.array:
+    # MLX's CUDA quantized matmul runs 8 rows as fast as 1 but 2-7 rows about M times slower
+    # (benchmarks/batch_probe.py --matmul): a few rows are padded to 8 with zeros.
     rows = x.size // x.shape[-1]
-    return 1 < rows < 8 and x.dtype in (mx.float16, mx.bfloat16)
+    if not 1 < rows < PAD_ROWS:
+        return matmul(x)
+    flat = x.reshape(rows, x.shape[-1])
+    y = matmul(mx.concatenate([flat, mx.zeros((PAD_ROWS - rows, x.shape[-1]), x.dtype)]))
+    return y[:rows].reshape(*x.shape[:-1], -1)
 
 
-def _rows(module: nn.Module, x: mx.array) -> mx.array:
-    y = kernels.rows_matvec(x.reshape(-1, x.shape[-1]), module["weight"], module["scales"], module["biases"],
-                            module.group_size)
-    return y.reshape(*x.shape[:-1], -1)
-
-
-class RowsQuantizedLinear(nn.QuantizedLinear):
-    """A 4-bit affine linear that multiplies 2-7 rows (a batch's decode step, a speculative
-    check) with `rows_matvec`; other inputs take MLX's quantized matmul."""
-
-    def handles(self, x: mx.array) -> bool:
-        return _rows_ok(self, x)
+class PaddedQuantizedLinear(nn.QuantizedLinear):
+    """A quantized linear whose 2-7 row inputs (a batch's decode step, a speculative check) run as 8."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _rows(self, x) if _rows_ok(self, x) else super().__call__(x)
+        return _padded(x, super().__call__)
 
 
-class RowsQuantizedEmbedding(nn.QuantizedEmbedding):
-    """A tied 4-bit embedding whose output-head use (`as_linear`) takes `rows_matvec` for 2-7 rows."""
+class PaddedQuantizedEmbedding(nn.QuantizedEmbedding):
+    """A tied quantized embedding whose output-head use (`as_linear`) pads 2-7 rows to 8."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return _rows(self, x) if _rows_ok(self, x) else super().as_linear(x)
+        return _padded(x, super().as_linear)
 
 
-def use_row_kernels(model: nn.Module) -> int:
-    """Give every 4-bit affine projection of `model` (and a tied head) the few-rows kernel, in
+def pad_small_matmuls(model: nn.Module) -> int:
+    """Make every 4-bit affine projection of `model` (and a tied head) pad 2-7 rows to 8, in
     place; returns how many modules changed. A no-op off CUDA."""
     if not kernels.cuda_available():
         return 0
@@ -162,10 +158,10 @@ def use_row_kernels(model: nn.Module) -> int:
     modules = [m for layer in inner.layers for _, m in layer.named_modules()]
     modules += [inner.embed_tokens, getattr(model, "lm_head", None)]
     for m in modules:
-        if type(m) is nn.QuantizedLinear and _q4_rows(m):
-            m.__class__ = RowsQuantizedLinear
+        if type(m) is nn.QuantizedLinear and _q4_any(m):
+            m.__class__ = PaddedQuantizedLinear
             changed += 1
-        elif type(m) is nn.QuantizedEmbedding and _q4_rows(m) and model.args.tie_word_embeddings:
-            m.__class__ = RowsQuantizedEmbedding
+        elif type(m) is nn.QuantizedEmbedding and _q4_any(m) and model.args.tie_word_embeddings:
+            m.__class__ = PaddedQuantizedEmbedding
             changed += 1
     return changed

@@ -10,9 +10,6 @@ what the MLX graph would run as several:
   `silu(gate) * up`. Its epilogue can apply RoPE to the q/k rows and split the output into
   q, k and v. Each lane loads its share of a weight row as 16-byte words before the prologue,
   so the row is in flight while x is staged.
-- `rows_matvec`: the same product for a few rows at once (a batch's decode step, a speculative
-  check), each weight word unpacked once for every row: MLX's CUDA quantized matmul runs 2-7
-  rows about M times slower than one.
 - `decode_attention`: attention of one query token over the first `offset + 1` positions of
   fixed-capacity K/V buffers, `offset` being an array: a compiled step never retraces per token
   and never reads unwritten positions. Each warp scores 32 positions at a time (a lane each),
@@ -34,8 +31,6 @@ __all__ = [
     "decode_attention",
     "fused_matvec",
     "matvec_supported",
-    "rows_matvec",
-    "rows_supported",
 ]
 
 ROWS_PER_BLOCK = 16  # one warp per output row
@@ -346,88 +341,6 @@ def fused_matvec(
         output_shapes=shapes, output_dtypes=[dtype] * len(shapes),
     )
     return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-# x: [M, K] (M <= MAX_ROWS, given at run time in m[0]), w: [N, K/8], out: [M, N]. One warp per
-# weight row: each 16-byte weight word is unpacked once and used for all M inputs.
-_ROWS = r"""
-  constexpr int CHUNKS = K / 32;
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * ROWS + (threadIdx.x >> 5);
-  if (row >= N) return;
-  const int M = m[0];
-  const uint4* wr = reinterpret_cast<const uint4*>(w) + (size_t)row * CHUNKS;
-  const S* sr = scales + (size_t)row * (K / G);
-  const S* br = biases + (size_t)row * (K / G);
-  float acc[MAX_ROWS];
-  #pragma unroll
-  for (int i = 0; i < MAX_ROWS; i++) acc[i] = 0.0f;
-  for (int c = lane; c < CHUNKS; c += 32) {
-    const uint4 u = wr[c];
-    const uint32_t words[4] = {u.x, u.y, u.z, u.w};
-    float qf[32];
-    #pragma unroll
-    for (int j = 0; j < 4; j++) {
-      #pragma unroll
-      for (int t = 0; t < 8; t++) qf[j * 8 + t] = static_cast<float>((words[j] >> (4 * t)) & 0xFu);
-    }
-    const int g = (c * 32) / G;
-    const float sc = static_cast<float>(sr[g]), bi = static_cast<float>(br[g]);
-    #pragma unroll
-    for (int i = 0; i < MAX_ROWS; i++) {
-      if (i < M) {
-        const T* xp = x + (size_t)i * K + c * 32;
-        float dot = 0.0f, sum = 0.0f;
-        #pragma unroll
-        for (int j = 0; j < 4; j++) {
-          float xv[8];
-          load_floats<T, 8>(xp + j * 8, xv);
-          #pragma unroll
-          for (int t = 0; t < 8; t++) {
-            dot = fmaf(qf[j * 8 + t], xv[t], dot);
-            sum += xv[t];
-          }
-        }
-        acc[i] = fmaf(sc, dot, fmaf(bi, sum, acc[i]));
-      }
-    }
-  }
-  #pragma unroll
-  for (int i = 0; i < MAX_ROWS; i++) {
-    if (i < M) {
-      const float v = warp_sum(acc[i]);
-      if (lane == 0) out[(size_t)i * N + row] = static_cast<T>(v);
-    }
-  }
-"""
-MAX_ROWS = 8
-_row_counts: dict[int, mx.array] = {}
-
-
-def rows_supported(K: int, bits: int, group_size: int) -> bool:
-    """Whether `rows_matvec` takes a 4-bit affine weight of input width K and this group size."""
-    return bits == 4 and K % 32 == 0 and group_size % 32 == 0 and K % group_size == 0
-
-
-def rows_matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
-    """`x @ dequantize(w).T` for a few rows x [M, K] (M <= MAX_ROWS) and a 4-bit affine w [N, K/8]:
-    the weight is read once for all rows, never dequantized whole. Returns [M, N] in x's dtype."""
-    M, K = x.shape
-    N = w.shape[0]
-    if "rows" not in _kernels:
-        _kernels["rows"] = mx.fast.cuda_kernel(
-            name="llama_mlx_rows_matvec", input_names=["x", "w", "scales", "biases", "m"], output_names=["out"],
-            source=_ROWS, header=_HEADER)
-    if M not in _row_counts:  # the row count travels as data: one compiled kernel serves every M
-        _row_counts[M] = mx.array([M], dtype=mx.int32)
-    (out,) = _kernels["rows"](
-        inputs=[x, w, scales, biases, _row_counts[M]],
-        template=[("T", x.dtype), ("S", scales.dtype), ("K", K), ("N", N), ("G", group_size),
-                  ("ROWS", ROWS_PER_BLOCK), ("MAX_ROWS", MAX_ROWS)],
-        grid=(-(-N // ROWS_PER_BLOCK) * ROWS_PER_BLOCK * 32, 1, 1), threadgroup=(ROWS_PER_BLOCK * 32, 1, 1),
-        output_shapes=[(M, N)], output_dtypes=[x.dtype],
-    )
-    return out
 
 
 # q: [Hq*D] (B = 1), k/v: [Hkv, C, D], offset: [1] int32 (the position just written).
