@@ -102,13 +102,17 @@ class ChatSession:
     """A conversation, its token ids and its prompt cache.
 
     `generate_kwargs` go to `stream_generate` (sampler, logits_processors, stop, prefill_step_size,
-    compile); `max_tokens` and `generate_kwargs` may be changed between answers.
+    compile); `max_tokens` and `generate_kwargs` may be changed between answers. `generate` stands
+    in for `stream_generate` (called with the same arguments), e.g. `lockstep.Leader.stream_generate`
+    under mlx.launch, whose keywords then go in `generate_kwargs`.
     """
 
     def __init__(self, model, tokenizer, *, system: Optional[str] = None, max_tokens: int = 512,
                  max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                 name: str = "model", **generate_kwargs: Any):
-        check_keywords("ChatSession", generate_kwargs, stream_generate)
+                 name: str = "model", generate: Optional[Callable[..., Iterator[GenerationResponse]]] = None,
+                 **generate_kwargs: Any):
+        self.generate = generate or stream_generate
+        check_keywords("ChatSession", generate_kwargs, self.generate)
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.max_tokens = max_tokens
         self.generate_kwargs = generate_kwargs
@@ -283,8 +287,8 @@ class ChatSession:
             if prompt_progress is not None:
                 prompt_progress(done, total)
 
-        stream = stream_generate(self.model, self.tokenizer, prompt, self.max_tokens, prompt_cache=self.cache,
-                                 prompt_progress=progress, **self.generate_kwargs)
+        stream = self.generate(self.model, self.tokenizer, prompt, self.max_tokens, prompt_cache=self.cache,
+                               prompt_progress=progress, **self.generate_kwargs)
         pieces: list[str] = []
         last: Optional[GenerationResponse] = None
         try:

@@ -15,7 +15,9 @@ of all live rows capped by `max_kv_bytes` (a request that could never fit is ref
 job gets alone. With speculative decoding (`speculative`) a job runs alone instead, over its own
 prompt cache, interleaved token by token with the batch. `PrefixCachePool` keeps prompt caches
 between requests, bounded in bytes, least recently used evicted first; a batched job starts
-from the pool's prefix and gives its row back to it.
+from the pool's prefix and gives its row back to it. Under `mlx.launch` (`lockstep`, a
+`llama_mlx.lockstep.Leader` on rank 0) the jobs run one at a time, each through the leader, so
+that every rank runs it (continuous batching across ranks is not done).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .batch import BatchEngine, BatchRequest, KVCapacityError
 from .cache import KVCache, PromptCache
 from .errors import LlamaMLXError
 from .generate import context_length, stream_generate
-from .sample import make_logits_processors, make_sampler
+from .lockstep import make_processors
+from .sample import make_sampler
 
 __all__ = [
     "Engine",
@@ -200,25 +203,6 @@ def _copy_prefix(pc: PromptCache, n: int, model) -> PromptCache:
     return out
 
 
-class _Penalties:
-    """OpenAI's presence and frequency penalties over the tokens generated so far."""
-
-    def __init__(self, presence: float, frequency: float):
-        self.presence, self.frequency = presence, frequency
-        self.counts: Optional[mx.array] = None
-        self.seen = 0
-
-    def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
-        n = int(history.size)
-        if self.counts is None:
-            self.counts, self.seen = mx.zeros((logits.shape[-1],), mx.float32), n  # the prompt: not counted
-        elif n > self.seen:
-            self.counts = self.counts.at[history[self.seen :]].add(1.0)
-            self.seen = n
-        penalty = self.frequency * self.counts + self.presence * (self.counts > 0)
-        return logits - penalty.astype(logits.dtype)
-
-
 class Job:
     """A submitted request: an async iterator of `EngineEvent`s; `cancel()` stops it between tokens."""
 
@@ -231,6 +215,7 @@ class Job:
         self._batch: Optional[BatchRequest] = None  # its row, when it runs in the batch
         self._tokens: list[int] = []
         self._cached = 0
+        self._finished = False  # its last event went out (a cancel after it is the reader letting go)
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -276,6 +261,7 @@ class Job:
             return False
         self._push(event)
         if event.finish_reason is not None:
+            self._finished = True
             self._close()
             return False
         return True
@@ -294,13 +280,16 @@ class Engine:
     decode_concurrency: most rows decoded in one batched step. max_kv_bytes: cap on the KV of
     all batched rows (None: no cap). speculative: called on the worker thread after loading,
     returns `stream_generate`'s speculative keywords (draft_model=..., or prompt_lookup=...);
-    with it every job runs alone, speculatively.
+    with it every job runs alone, speculatively. lockstep: rank 0's `llama_mlx.lockstep.Leader`
+    of a distributed group: every job runs alone, one at a time (max_concurrency becomes 1), on
+    every rank; the worker sends the other ranks home when it stops.
     """
 
     def __init__(self, loader: Callable[[], tuple[Any, Any]], *, max_concurrency: int = 8, queue_size: int = 16,
                  prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512,
                  cache_options: Optional[dict] = None, decode_concurrency: int = 8,
-                 max_kv_bytes: Optional[int] = None, speculative: Optional[Callable[[], dict]] = None):
+                 max_kv_bytes: Optional[int] = None, speculative: Optional[Callable[[], dict]] = None,
+                 lockstep=None):
         if max_concurrency < 1 or queue_size < 0 or prompt_cache_bytes < 0 or decode_concurrency < 1:
             raise ValueError("need max_concurrency >= 1, decode_concurrency >= 1, queue_size >= 0 and "
                              "prompt_cache_bytes >= 0")
@@ -313,6 +302,9 @@ class Engine:
         self.cache_options = dict(cache_options or {})
         self._speculative_loader = speculative
         self.speculative: dict = {}
+        self.lockstep = lockstep
+        if lockstep is not None:
+            self.max_concurrency = 1  # every rank runs each job: one at a time
         self.model = self.tokenizer = self.pool = self.batch = None
         self.load_error: Optional[BaseException] = None
         self._ready = threading.Event()
@@ -347,8 +339,8 @@ class Engine:
 
     @property
     def batched(self) -> bool:
-        """Whether jobs decode together (False: speculative decoding, each job alone)."""
-        return not self.speculative
+        """Whether jobs decode together (False: speculative decoding or lockstep, each job alone)."""
+        return not self.speculative and self.lockstep is None
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Take no new requests, let the running and waiting ones finish, stop the worker."""
@@ -405,11 +397,19 @@ class Engine:
             "waiting": len(b.waiting), "decode_steps": b.decode_steps, "multi_row_steps": b.multi_row_steps,
             "max_rows": b.max_rows}
         out["speculative"] = sorted(k for k in self.speculative if k in ("draft_model", "prompt_lookup"))
+        out["ranks"] = 1 if self.lockstep is None else self.lockstep.group.size()
         return out
 
     # -- worker thread
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self.lockstep is not None and self.model is not None:
+                self.lockstep.shutdown()  # (a failed load failed on every rank: nobody waits then)
+
+    def _serve(self) -> None:
         try:
             self.model, self.tokenizer = self._loader()
             self.pool = PrefixCachePool(self.model, self.prompt_cache_bytes, **self.cache_options)
@@ -419,7 +419,8 @@ class Engine:
             if self._speculative_loader is not None:
                 self.speculative = dict(self._speculative_loader() or {})
             # Read the (lazily loaded) weights and trace the steps now, not in the first request's TTFT.
-            for _ in stream_generate(self.model, self.tokenizer, [0, 0, 0], 2, prompt_cache=PromptCache(self.model)):
+            generate = self.lockstep.stream_generate if self.lockstep is not None else stream_generate
+            for _ in generate(self.model, self.tokenizer, [0, 0, 0], 2, prompt_cache=PromptCache(self.model)):
                 pass
             if self.batched:
                 # Rows join one a step and all overlap: every batch size up to the bound runs once,
@@ -473,7 +474,7 @@ class Engine:
         for job in alone:
             cancelled = job.cancelled
             if not job._step():
-                self._retire(job, cancelled or job.cancelled)
+                self._retire(job, (cancelled or job.cancelled) and not job._finished)
 
     def _retire(self, job: Job, cancelled: bool, failed: bool = False) -> None:
         with self._cond:
@@ -481,16 +482,7 @@ class Engine:
             self.counters["failed" if failed else "cancelled" if cancelled else "completed"] += 1
 
     def _processors(self, req: GenerationRequest) -> list:
-        processors = make_logits_processors(logit_bias=req.logit_bias)
-        if req.presence_penalty or req.frequency_penalty:
-            processors.append(_Penalties(req.presence_penalty, req.frequency_penalty))
-        if req.response_format is not None:
-            from .structured import json_logits_processor
-
-            proc = json_logits_processor(self.tokenizer, req.response_format, max_tokens=req.max_tokens)
-            if proc is not None:
-                processors.append(proc)
-        return processors
+        return make_processors(self.tokenizer, _processor_recipe(req), req.max_tokens)
 
     def _join_batch(self, job: Job) -> None:
         """Submit a job's row to the batch, warm-started from the prefix cache pool."""
@@ -545,8 +537,6 @@ class Engine:
 
     def _generate(self, job: Job) -> Iterator[EngineEvent]:
         req, tokenizer = job.request, self.tokenizer
-        processors = self._processors(req)
-        sampler = make_sampler(req.temperature, req.top_p, req.top_k, seed=req.seed)
 
         def progress(done: int, total: int) -> None:
             if job.cancelled:
@@ -554,10 +544,16 @@ class Engine:
 
         stops = set(tokenizer.stop_tokens)
         pc = self.pool.take(req.prompt)
-        stream = stream_generate(self.model, tokenizer, req.prompt, req.max_tokens, sampler=sampler,
-                                 logits_processors=processors, stop=list(req.stop) or None, prompt_cache=pc,
-                                 prefill_step_size=self.prefill_step_size, prompt_progress=progress,
-                                 **self.speculative)
+        common = {"stop": list(req.stop) or None, "prompt_cache": pc, "prefill_step_size": self.prefill_step_size,
+                  "prompt_progress": progress}
+        if self.lockstep is not None:  # every rank builds the sampler and processors from the recipes
+            sampling = {"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed}
+            stream = self.lockstep.stream_generate(self.model, tokenizer, req.prompt, req.max_tokens, sampling=sampling,
+                                                   processors=_processor_recipe(req), **common)
+        else:
+            sampler = make_sampler(req.temperature, req.top_p, req.top_k, seed=req.seed)
+            stream = stream_generate(self.model, tokenizer, req.prompt, req.max_tokens, sampler=sampler,
+                                     logits_processors=self._processors(req), **common, **self.speculative)
         tokens: list[int] = []
         try:
             for r in stream:
@@ -575,6 +571,12 @@ class Engine:
         finally:
             stream.close()
             self.pool.give_back(pc)
+
+
+def _processor_recipe(req: GenerationRequest) -> dict:
+    """A request's logits processors as plain values (`lockstep.make_processors` builds them)."""
+    return {"logit_bias": req.logit_bias, "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty, "response_format": req.response_format}
 
 
 def _kv_bytes(batch: BatchEngine) -> int:

@@ -182,6 +182,25 @@ def make_logit_bias(bias: dict[int, float]) -> LogitsProcessor:
     return process
 
 
+def make_penalties(presence: float = 0.0, frequency: float = 0.0) -> LogitsProcessor:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (the prompt's are
+    not counted): a fresh processor per generation, as it counts what it has seen."""
+    state: dict = {"counts": None, "seen": 0}
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        n = int(tokens.size)
+        if state["counts"] is None:  # the first call sees the prompt: not counted
+            state["counts"], state["seen"] = mx.zeros((logits.shape[-1],), mx.float32), n
+        elif n > state["seen"]:
+            state["counts"] = state["counts"].at[tokens[state["seen"] :]].add(1.0)
+            state["seen"] = n
+        counts = state["counts"]
+        penalty = frequency * counts + presence * (counts > 0)
+        return logits - penalty.astype(logits.dtype)
+
+    return process
+
+
 def make_logits_processors(
     logit_bias: Optional[dict[int, float]] = None,
     repetition_penalty: Optional[float] = None,

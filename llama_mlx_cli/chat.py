@@ -29,15 +29,18 @@ from .common import (
     GenerationOptions,
     GgufFileOpt,
     ModelOpt,
+    PipelineOpt,
     SystemOpt,
+    check_pipeline,
     describe_exception,
     error_line,
     generation_options,
     handle_errors,
+    lead_or_follow,
     load_model,
     model_label,
     out_console,
-    refuse_under_launch,
+    refuse_in_group,
     with_gguf_file,
 )
 
@@ -56,6 +59,9 @@ stays one message. Ctrl-C stops an answer; at the prompt it clears the line, and
 Ctrl-C on an empty line, Ctrl-D or /exit quits.
 
   llama-mlx chat --tools python        # run the model's <|python_tag|> code (asks first; --yes skips)
+
+  mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx chat -M NAME [--pipeline]
+                                       # one model over two machines; rank 0 reads the input, /exit quits
 """
 
 INPUT_HELP = """\
@@ -308,10 +314,11 @@ class ChatApp:
     """The read-answer loop: commands, Ctrl-C handling and rendering around a `ChatSession`."""
 
     def __init__(self, session: ChatSession, options: GenerationOptions, term: Terminal, *,
-                 tools=None, confirm_tools: bool = True, sampling_source: str = ""):
+                 tools=None, confirm_tools: bool = True, sampling_source: str = "", lockstep: bool = False):
         self.session, self.options, self.term = session, options, term
         self.tools, self.confirm_tools = tools, confirm_tools  # tools: a PythonSandbox, or None
         self.sampling_source = sampling_source
+        self.lockstep = lockstep  # rank 0 under mlx.launch: answers run on every rank (llama_mlx.lockstep)
         self._stop = False
 
     def banner(self) -> None:
@@ -407,7 +414,12 @@ class ChatApp:
             self.term.note("(temperature 0: the same answer again; /set temp 0.7 to vary it)")
         self._answer()
 
+    def _not_in_lockstep(self, command: str) -> None:
+        if self.lockstep:
+            raise ChatError(f"{command} is not available under mlx.launch (each rank's KV cache holds only its shard)")
+
     def cmd_save(self, arg: str) -> None:
+        self._not_in_lockstep("/save")
         if not arg:
             raise ChatError("usage: /save FILE")
         s = self.session
@@ -417,6 +429,7 @@ class ChatApp:
                        f"{len(s.cache.tokens)} cached tokens to {cache}")
 
     def cmd_load(self, arg: str) -> None:
+        self._not_in_lockstep("/load")
         if not arg:
             raise ChatError("usage: /load FILE")
         self.note_loaded(self.session.load(Path(arg)))
@@ -492,7 +505,7 @@ class ChatApp:
         old = getattr(opts, attr)
         setattr(opts, attr, parsed)
         try:
-            configure(self.session, opts)
+            configure(self.session, opts, lockstep=self.lockstep)
         except ValueError as e:
             setattr(opts, attr, old)
             raise ChatError(str(e)) from None
@@ -588,7 +601,7 @@ class ChatApp:
         return not turn.interrupted
 
     def _on_sigint(self, signum, frame) -> None:
-        if self._stop:
+        if self._stop and not self.lockstep:  # (in lockstep every rank stops at the next step, not mid-step)
             raise KeyboardInterrupt  # a second Ctrl-C: stop right now
         self._stop = True
 
@@ -622,10 +635,19 @@ def help_text() -> str:
     return "\n".join(lines) + "\n\n" + INPUT_HELP
 
 
-def configure(session: ChatSession, opts: GenerationOptions) -> None:
-    """Give the session the options' answer length and sampling (ValueError on a bad combination)."""
-    session.generate_kwargs = dict(opts.stream_kwargs(session.tokenizer), prefill_seconds=PREFILL_SECONDS,
-                                   **opts.speculative_kwargs(keep_cache=True))
+def configure(session: ChatSession, opts: GenerationOptions, *, lockstep: bool = False) -> None:
+    """Give the session the options' answer length and sampling (ValueError on a bad combination).
+    lockstep: the session generates through a `lockstep.Leader` (recipes, fixed prefill chunks)."""
+    if lockstep:
+        session.generate_kwargs = opts.lockstep_kwargs(session.tokenizer)
+        if opts.seed is not None and getattr(opts, "_seeded", None) != opts.seed:
+            import mlx.core as mx
+
+            mx.random.seed(opts.seed)  # rank 0 draws each answer's seed from it
+            opts._seeded = opts.seed
+    else:
+        session.generate_kwargs = dict(opts.stream_kwargs(session.tokenizer), prefill_seconds=PREFILL_SECONDS,
+                                       **opts.speculative_kwargs(keep_cache=True))
     session.max_tokens = opts.max_tokens
 
 
@@ -645,6 +667,7 @@ def chat(
     system: SystemOpt = None,
     options: GenerationOptions = None,
     dtype: DtypeOpt = "auto",
+    pipeline: PipelineOpt = False,
     load_session: Annotated[Optional[Path], typer.Option(
         "--load", metavar="FILE", help="Resume a conversation saved with /save.", show_default=False)] = None,
     tools: Annotated[Optional[str], typer.Option(
@@ -659,9 +682,9 @@ def chat(
         "--tool-memory", min=64, rich_help_panel=TOOLS, help="With --tools: megabytes of memory a run may use.")] = 1024,
 ) -> None:
     """Chat with a model in the terminal: streamed answers, multi-turn, with /commands (/help)."""
-    refuse_under_launch("chat")
     model = with_gguf_file(model, gguf_file)
-    raise typer.Exit(_run(model, system, dtype, load_session, options, tools, yes, tool_timeout, tool_memory))
+    raise typer.Exit(_run(model, system, dtype, load_session, options, tools, yes, tool_timeout, tool_memory,
+                          pipeline))
 
 
 TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its code interpreter on
@@ -669,30 +692,40 @@ TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its c
 
 @handle_errors
 def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None, yes=False, tool_timeout=10.0,
-         tool_memory=1024) -> int:
+         tool_memory=1024, pipeline=False) -> int:
     from llama_mlx.loading import generation_defaults, resolve_model
 
+    check_pipeline(pipeline)
     if load_session is not None:
+        refuse_in_group("--load")  # (each rank's KV cache holds only its shard)
         session_path(load_session, must_exist=True)  # fail before the model loads
     if yes and tools is None:
         raise ValueError("--yes only applies with --tools python")
     opts.check_static()
-    lm, tokenizer = load_model(model, dtype)
+    if opts.draft_model is not None or opts.prompt_lookup is not None:
+        refuse_in_group("speculative decoding (--draft-model, --prompt-lookup)")
+    lm, tokenizer = load_model(model, dtype, pipeline=pipeline)
     source = opts.use_model_defaults(generation_defaults(resolve_model(model)))
     opts.check_static()
     opts.check(tokenizer)
-    if tools is not None:
-        system = TOOL_SYSTEM if system is None else f"{TOOL_SYSTEM}\n\n{system}"
-    session = ChatSession(lm, tokenizer, system=system, name=model_label(model), **opts.cache_kwargs())
-    configure(session, opts)
+    leader = lead_or_follow(lambda: (lm, tokenizer))  # under mlx.launch the other ranks follow here, then exit
     sandbox = None
-    if tools == "python":
-        from llama_mlx.sandbox import PythonSandbox
-
-        sandbox = PythonSandbox(timeout=tool_timeout, memory_mb=tool_memory)
     try:
-        app = ChatApp(session, opts, Terminal(), tools=sandbox, confirm_tools=not yes, sampling_source=source)
+        if tools is not None:
+            system = TOOL_SYSTEM if system is None else f"{TOOL_SYSTEM}\n\n{system}"
+        session = ChatSession(lm, tokenizer, system=system, name=model_label(model), **opts.cache_kwargs(),
+                              generate=leader.stream_generate if leader is not None else None)
+        configure(session, opts, lockstep=leader is not None)
+        if tools == "python":
+            from llama_mlx.sandbox import PythonSandbox
+
+            sandbox = PythonSandbox(timeout=tool_timeout, memory_mb=tool_memory)
+        app = ChatApp(session, opts, Terminal(), tools=sandbox, confirm_tools=not yes, sampling_source=source,
+                      lockstep=leader is not None)
         app.banner()
+        if leader is not None:
+            app.term.note(f"split over {leader.group.size()} ranks ({'pipeline' if pipeline else 'tensor'} "
+                          "parallel) · mlx.launch passes no Ctrl-C or Ctrl-D: /exit quits")
         if load_session is not None:
             info = session.load(load_session)
             if system is not None:
@@ -704,3 +737,5 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
     finally:
         if sandbox is not None:
             sandbox.close()
+        if leader is not None:
+            leader.shutdown()  # the other ranks go home

@@ -66,21 +66,61 @@ def error_line(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def refuse_under_launch(command: str) -> None:
-    """Exit 1 with one line (rank 0 prints it; the others are quiet) when run by `mlx.launch` as a
-    group of more than one: `command` has no follower loop for the other ranks yet."""
-    if "MLX_RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        return
-    from llama_mlx.distributed import group
-
-    if group().size() > 1:
-        error_line(f"{command} under mlx.launch is not supported yet (generate is): run it on one machine")
-        raise SystemExit(1)
-
-
 def note_line(message: str) -> None:
     """An informational line on stderr (dim on a terminal)."""
     err_console().print(message, style="dim", markup=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Under mlx.launch
+
+
+def launched() -> bool:
+    """Whether `mlx.launch` (or MPI) started this process as one rank of several."""
+    return "MLX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def distributed_group():
+    """The group of ranks when launched as one of several, else None."""
+    if not launched():
+        return None
+    from llama_mlx.distributed import group
+
+    g = group()
+    return g if g.size() > 1 else None
+
+
+def check_pipeline(pipeline: bool) -> None:
+    """--pipeline outside a group of ranks is a usage error (there is nothing to split over)."""
+    if pipeline and distributed_group() is None:
+        raise usage_error("--pipeline splits the model over the ranks of mlx.launch; this is one process: "
+                          "drop --pipeline, or start the command with mlx.launch")
+
+
+def refuse_in_group(what: str) -> None:
+    """ValueError (one line, exit 1) when run as one rank of several: `what` does not work there."""
+    if distributed_group() is not None:
+        raise ValueError(f"{what} is not available under mlx.launch")
+
+
+def lead_or_follow(loaded: Callable[[], tuple]):
+    """Under mlx.launch: rank 0 gets the `llama_mlx.lockstep.Leader` to generate through (leaving
+    its `with` block sends the other ranks home); every other rank takes (model, tokenizer) from
+    `loaded()`, runs rank 0's jobs here until then, and exits 0. None when not distributed."""
+    g = distributed_group()
+    if g is None:
+        return None
+    from llama_mlx.lockstep import Leader, follow
+
+    if g.rank() == 0:
+        return Leader(g)
+    import signal
+
+    model, tokenizer = loaded()
+    # A terminal's Ctrl-C reaches every local rank: rank 0 alone decides what it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    follow(model, tokenizer, g)
+    raise typer.Exit(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +321,10 @@ PromptLookupOpt = Annotated[Optional[int], typer.Option(
     "--prompt-lookup", min=1, max=16, metavar="N", rich_help_panel=SPECULATIVE,
     help="Draft by matching the last N tokens (then fewer) against the prompt and the answer so far: "
          "pays off when the answer copies its input. No draft model needed.")]
+PipelineOpt = Annotated[bool, typer.Option(
+    "--pipeline", rich_help_panel=MODEL,
+    help="Under mlx.launch: split the model's layers over the ranks (pipeline parallel) instead of its heads "
+         "(tensor parallel, the default): for slow links, or heads that do not divide by the ranks.")]
 SystemOpt = Annotated[Optional[str], typer.Option(
     "--system", "--system-prompt", "-s", help="System prompt (default: the model's own, if its template has one).")]
 
@@ -364,6 +408,18 @@ class GenerationOptions:
             if keep_cache:
                 self._draft["draft_cache"] = PromptCache(dm)
         return dict(self._draft)
+
+    def lockstep_kwargs(self, tokenizer) -> dict[str, Any]:
+        """`stream_kwargs` for a lockstep leader (`llama_mlx.lockstep`): the sampler and processors as
+        plain values, which every rank builds alike. The seed seeds rank 0's draws of each answer's seed."""
+        sampling = {"temp": 0.6 if self.temp is None else self.temp, "top_p": 0.9 if self.top_p is None else self.top_p,
+                    "top_k": self.top_k, "min_p": self.min_p, "min_tokens_to_keep": self.min_tokens_to_keep,
+                    "order": self.sampling_order}
+        processors = {"logit_bias": parse_logit_bias(self.logit_bias, tokenizer),
+                      "repetition_penalty": self.repetition_penalty,
+                      "repetition_context_size": self.repetition_context_size}
+        return {"sampling": sampling, "processors": processors, "stop": list(self.stop) or None,
+                "prefill_step_size": self.prefill_step_size}
 
     def cache_kwargs(self) -> dict[str, Any]:
         return dict(max_kv_size=self.max_kv_size, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
@@ -471,9 +527,12 @@ def with_gguf_file(model: Optional[str], gguf_file: Optional[str]) -> Optional[s
     return handle_errors(model_spec)(model, gguf_file)
 
 
-def load_model(model: Optional[str], dtype: Optional[str] = None, *, spinner: bool = True):
-    """`llama_mlx.load` with a spinner on stderr (when it is a terminal): (model, tokenizer)."""
+def load_model(model: Optional[str], dtype: Optional[str] = None, *, spinner: bool = True, pipeline: bool = False):
+    """`llama_mlx.load` with a spinner on stderr (when it is a terminal): (model, tokenizer).
+    pipeline: under mlx.launch, split the layers over the ranks (else the heads)."""
     from llama_mlx.loading import load
+
+    load = functools.partial(load, distributed="pipeline") if pipeline else load
 
     message = f"Loading {model_label(model)}…"
     if model is None:

@@ -15,7 +15,9 @@ from .common import (
     GgufFileOpt,
     ModelOpt,
     OUTPUT,
+    PipelineOpt,
     SystemOpt,
+    check_pipeline,
     err_console,
     generation_options,
     handle_errors,
@@ -39,6 +41,8 @@ EPILOG = """\
   llama-mlx generate --raw "The capital of France is" --max-tokens 8
 
   llama-mlx generate --json "Hi" | jq .generation_tps
+
+  mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx generate "Hi" -M NAME --pipeline
 """
 
 
@@ -98,23 +102,27 @@ def generate(
         "memory) and one summary line.", rich_help_panel=OUTPUT)] = False,
     options: GenerationOptions = None,
     dtype: DtypeOpt = "auto",
+    pipeline: PipelineOpt = False,
 ) -> None:
     """Generate a completion of a prompt. Only the generated text goes to stdout."""
     model = with_gguf_file(model, gguf_file)
     if prompt is not None and prompt_opt is not None:
         raise usage_error("give the prompt either as PROMPT or with --prompt, not both")
-    _run(prompt if prompt_opt is None else prompt_opt, model, file, system, raw, json_out, verbose, dtype, options)
+    _run(prompt if prompt_opt is None else prompt_opt, model, file, system, raw, json_out, verbose, dtype, options,
+         pipeline)
 
 
 @handle_errors
-def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: GenerationOptions) -> None:
+def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: GenerationOptions, pipeline=False) -> None:
     from llama_mlx.generate import stream_generate
 
+    check_pipeline(pipeline)
     text_in = read_prompt(prompt, file)
     if raw and system is not None:
         raise usage_error("--system needs the chat template: drop --raw")
     opts.check_static()
-    lm, tokenizer = load_model(model, dtype)
+    # (Under mlx.launch every rank runs this same generation: its input is the same on each.)
+    lm, tokenizer = load_model(model, dtype, pipeline=pipeline)
     opts.check(tokenizer)
     if raw:
         request = text_in

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated, Optional
 
@@ -15,7 +14,7 @@ from . import generate as _generate
 from . import info as _info
 from . import models as _models
 from . import serve as _serve
-from .common import LlamaGroup
+from .common import LlamaGroup, launched
 
 app = typer.Typer(
     name="llama-mlx",
@@ -48,7 +47,7 @@ def _root(
     show_progress(sys.stderr.isatty())  # the hub's own download bars, on a terminal only
 
     # Under mlx.launch every rank runs the command: rank 0 alone prints (the others write to the null device).
-    if "MLX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+    if launched():
         from llama_mlx.distributed import quiet_other_ranks
 
         quiet_other_ranks()

@@ -16,12 +16,15 @@ from .common import (
     GgufFileOpt,
     ModelOpt,
     NumDraftTokensOpt,
+    PipelineOpt,
     PromptLookupOpt,
+    check_pipeline,
     error_line,
     handle_errors,
+    lead_or_follow,
     model_label,
     note_line,
-    refuse_under_launch,
+    refuse_in_group,
     with_gguf_file,
 )
 
@@ -33,6 +36,12 @@ EPILOG = """\
   llama-mlx serve -M weights/Llama-3.2-1B-Instruct --port 9000 --api-key "$KEY"
 
   OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=x your-openai-app
+
+  mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx serve -M NAME [--pipeline]
+                                                    # one model over two machines; rank 0 listens
+                                                    # and runs one request at a time (no batching
+                                                    # across ranks); SIGTERM or Ctrl-C to rank 0
+                                                    # stops every rank
 """
 
 SERVER = "Server"
@@ -61,7 +70,8 @@ def serve(
         help="Require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1 requests.",
         rich_help_panel=SERVER)] = None,
     max_concurrency: Annotated[int, typer.Option(
-        "--max-concurrency", min=1, help="Requests generated at once; more wait in the queue.",
+        "--max-concurrency", min=1, help="Requests generated at once; more wait in the queue. Under mlx.launch: 1 "
+        "(each request runs on every rank in turn).",
         rich_help_panel=SERVER)] = 8,
     decode_concurrency: Annotated[int, typer.Option(
         "--decode-concurrency", min=1, metavar="N",
@@ -89,6 +99,7 @@ def serve(
         "--max-tokens", "-m", min=1, help="Answer length when a request does not say (capped by the context).",
         rich_help_panel=SERVER)] = 512,
     dtype: DtypeOpt = "auto",
+    pipeline: PipelineOpt = False,
     draft_model: DraftModelOpt = None,
     num_draft_tokens: NumDraftTokensOpt = 3,
     prompt_lookup: PromptLookupOpt = None,
@@ -97,7 +108,6 @@ def serve(
         rich_help_panel=SERVER)] = "info",
 ) -> None:
     """Serve a model over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
-    refuse_under_launch("serve")
     model = with_gguf_file(model, gguf_file)
     import uvicorn
 
@@ -110,19 +120,29 @@ def serve(
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise typer.BadParameter(f"{log_level!r} is not one of critical, error, warning, info, debug",
                                  param_hint="--log-level")
+    check_pipeline(pipeline)
     path = resolve_model(model) if model is not None else None  # a bad path fails here, before binding
+
+    def loader():
+        return load(path, dtype=resolve_dtype(dtype), distributed="pipeline" if pipeline else None)
+
     speculative = None
     if draft_model is not None or prompt_lookup is not None:
+        refuse_in_group("speculative decoding (--draft-model, --prompt-lookup)")
         # Speculative requests run alone (not batched): rows would accept different numbers of drafts.
         options = GenerationOptions(draft_model=resolve_model(draft_model) if draft_model else None,
                                     num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
         if draft_model is not None and prompt_lookup is not None:
             options.speculative_kwargs()  # refuses the pair in one line, before loading anything
         speculative = options.speculative_kwargs
-    engine = Engine(lambda: load(path, dtype=resolve_dtype(dtype)), max_concurrency=max_concurrency,
-                    queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes,
-                    decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes,
-                    speculative=speculative).start()
+    # Under mlx.launch the other ranks load the model and run rank 0's requests here, until it stops.
+    leader = lead_or_follow(loader)
+    if leader is not None:
+        note_line(f"split over {leader.group.size()} ranks ({'pipeline' if pipeline else 'tensor'} parallel): "
+                  "one request at a time, no batching across ranks")
+    engine = Engine(loader, max_concurrency=max_concurrency, queue_size=queue_size,
+                    prompt_cache_bytes=prompt_cache_bytes, decode_concurrency=decode_concurrency,
+                    max_kv_bytes=max_kv_bytes, speculative=speculative, lockstep=leader).start()
     config = ServerConfig(model_name=model_label(model), api_key=api_key,
                           allowed_origins=tuple(allowed_origins or ()), max_body_bytes=max_body_bytes,
                           default_max_tokens=max_tokens)

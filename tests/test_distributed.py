@@ -1,18 +1,23 @@
 """Distributed inference: ranks launched by `mlx.launch --backend ring` over loopback.
 
 Oracle: the same checkpoint in one plain process (float32 logits within 1e-4, greedy text
-identical). Memory: each rank's MLX peak while loading, against the checkpoint's size on disk.
+identical; the CLI's chat and server alike). Memory: each rank's MLX peak while loading, against
+the checkpoint's size on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +35,7 @@ from llama_mlx.loading import load
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
+CLI = Path(sys.executable).parent / "llama-mlx"
 SMOLLM2 = ROOT / "weights" / "SmolLM2-135M-Instruct"
 PROMPT_IDS = [1, 5, 9, 3, 7, 11, 2, 4, 6, 8, 10, 12]
 MiB = 1 << 20
@@ -89,13 +95,18 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
+def launch_command(n: int, *command: str) -> list[str]:
+    return [str(LAUNCH), "--hosts", "127.0.0.1", "-n", str(n), "--backend", "ring",
+            "--starting-port", str(_free_ports(n)), "--", *command]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def launch(n: int, model: Path, mode: str, out: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [str(LAUNCH), "--hosts", "127.0.0.1", "-n", str(n), "--backend", "ring",
-           "--starting-port", str(_free_ports(n)), "--",
-           sys.executable, str(WORKER), str(model), mode, str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    cmd = launch_command(n, sys.executable, str(WORKER), str(model), mode, str(out), *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
     for tb in sorted(out.glob("*.traceback")):
         pytest.fail(f"{tb.name}:\n{tb.read_text()}")
     return proc
@@ -195,3 +206,174 @@ def test_smollm2_two_way_tensor_parallel_refused_in_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {SMOLLM2}: {message.split(': ', 1)[1]}"]
     assert sorted(p.name for p in tmp_path.glob("*.error")) == ["rank0.error", "rank1.error"]
+
+
+# -- the CLI under mlx.launch: rank 0 reads the input, the others follow its jobs (llama_mlx.lockstep)
+
+
+class Launched:
+    """`mlx.launch ... -- llama-mlx ARGS` in the background, its output in files. Its stdin stays open
+    (mlx.launch forwards it to every rank, and at end of file it would spin on it)."""
+
+    def __init__(self, out: Path, n: int, *args: str, stdin: str = ""):
+        out.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = out / "launch.out", out / "launch.err"
+        with open(self.out_path, "w") as o, open(self.err_path, "w") as e:
+            self.proc = subprocess.Popen(launch_command(n, str(CLI), *args), stdin=subprocess.PIPE, stdout=o,
+                                         stderr=e, env=ENV, cwd=ROOT, text=True)
+        self.proc.stdin.write(stdin)
+        self.proc.stdin.flush()
+
+    def ranks(self) -> dict[int, int]:
+        """{rank: pid} of the launcher's children (each rank's shell execs the command)."""
+        found = {}
+        try:
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                for pid in (task / "children").read_text().split():
+                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    rank = [int(v[9:]) for v in env if v.startswith(b"MLX_RANK=")]
+                    if rank:
+                        found[rank[0]] = int(pid)
+        except OSError:  # it (or a rank) just ended
+            pass
+        return found
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            self.kill()
+        return rc, self.out_path.read_text(), self.err_path.read_text()
+
+    def kill(self) -> None:
+        """Whatever still runs (after a failure): the ranks first, as the launcher does not outlive them."""
+        if self.proc.poll() is None:
+            for pid in self.ranks().values():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdin.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load(SMOLLM2, distributed=False)
+
+
+CHAT_STATS = re.compile(r"[\d.]+s to first token · prompt (\d+) tok at [\d.]+ tok/s \((\d+) cached\) · (\d+) tok at "
+                        r"[\d.]+ tok/s · context (\d+)/\d+")
+CHAT_SCRIPT = "What is the capital of France?\nAnd of Italy?\n/undo\n/retry\n"
+
+
+def chat_answers(stdout: str) -> list[tuple[str, tuple]]:
+    """(answer, (prompt tokens, cached, generated, context)) for each answer: the line before its stats line."""
+    lines = stdout.splitlines()
+    return [(re.sub(r"^(>>> )+", "", lines[i - 1]), m.groups())
+            for i, m in enumerate(CHAT_STATS.search(line) for line in lines) if m]
+
+
+def test_chat_two_ranks_pipeline_equals_single_process(tmp_path):
+    """Rank 0 reads the piped turns, /undo and /retry; every answer runs on both ranks (pipeline, as
+    SmolLM2's 9 heads do not split in two). Text and cache use equal the single-process chat's: the
+    ranks agree on the prefix they reuse, so nothing is prefilled again on either."""
+    args = ["chat", "--model", str(SMOLLM2), "--temp", "0", "--max-tokens", "5"]
+    run = Launched(tmp_path, 2, *args, "--pipeline", stdin=CHAT_SCRIPT + "/save talk\n/exit\n")
+    try:
+        single = subprocess.run([str(CLI), *args], input=CHAT_SCRIPT, capture_output=True, text=True, env=ENV,
+                                cwd=ROOT, timeout=120)
+        rc, out, err = run.wait(120)
+    finally:
+        run.kill()
+    assert rc == 0 and "exited with code" not in err and "killed" not in err, err
+    assert single.returncode == 0, single.stderr
+    expected = chat_answers(single.stdout)
+    assert len(expected) == 3 and expected[0][0].startswith("The capital of France"), single.stdout
+    assert expected[2][0] == expected[0][0] and expected[2][1][0] == "1"  # /retry: all but one token cached
+    assert chat_answers(out) == expected, out
+    assert out.count("llama-mlx chat ·") == 1 and "split over 2 ranks (pipeline parallel)" in out  # rank 0 alone
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert errors == ["error: /save is not available under mlx.launch (each rank's KV cache holds only its shard)"]
+    assert not (ROOT / "talk").exists()
+
+
+def test_serve_two_ranks_pipeline_openai_client_then_sigterm(tmp_path, smollm2):
+    """`serve` under 2 ranks: answers at temperature 0 (plain, streamed over a cached prefix, and after a
+    stream the client dropped) equal the plain model's; SIGTERM to rank 0 ends every rank, exit 0."""
+    import httpx2 as httpx
+    import openai
+    from test_server import free_port
+
+    model, tokenizer = smollm2
+
+    def oracle(messages):
+        return generate(model, tokenizer, messages, max_tokens=6, sampler=make_sampler(0.0))
+
+    first = [{"role": "user", "content": "What is the capital of France?"}]
+    follow_up = [*first, {"role": "assistant", "content": oracle(first)}, {"role": "user", "content": "And of Italy?"}]
+    expected = oracle(first), oracle(follow_up)
+    port = free_port()
+    run = Launched(tmp_path, 2, "serve", "--model", str(SMOLLM2), "--port", str(port), "--pipeline")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert run.proc.poll() is None, run.err_path.read_text()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        stats = httpx.get(url + "/v1/internal/stats").json()
+        assert stats["ranks"] == 2 and stats["max_concurrency"] == 1 and not stats["batch"]["enabled"], stats
+        oai = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = oai.chat.completions.create(model="m", messages=first, temperature=0, max_tokens=6)
+        assert r.choices[0].message.content == expected[0]
+        chunks = list(oai.chat.completions.create(model="m", messages=follow_up, temperature=0, max_tokens=6,
+                                                  stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[1]
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 30  # the first exchange, on both ranks
+        dropped = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell a long story."}],
+                                              temperature=0, max_tokens=200, stream=True)
+        for i, _ in enumerate(dropped):
+            if i == 2:
+                break
+        dropped.close()  # rank 0 sees the client gone and stops every rank at the same token
+        r = oai.chat.completions.create(model="m", messages=first, temperature=0, max_tokens=6)
+        assert r.choices[0].message.content == expected[0]
+        for _ in range(50):  # (the worker counts a job just after its last event went out)
+            stats = httpx.get(url + "/v1/internal/stats").json()
+            if stats["active"] == 0:
+                break
+            time.sleep(0.1)
+        assert stats["completed"] == 3 and stats["cancelled"] == 1, stats
+        ranks = run.ranks()
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[0], signal.SIGTERM)
+        rc, _, err = run.wait(60)
+    finally:
+        run.kill()
+    assert rc == 0 and "exited with code" not in err and "killed" not in err, err
+    assert "one request at a time, no batching across ranks" in err
+    for pid in ranks.values():
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_generate_two_ranks_pipeline_flag(tmp_path, smollm2):
+    prompt = "The capital of France is"
+    run = Launched(tmp_path, 2, "generate", "--model", str(SMOLLM2), "--raw", prompt, "--max-tokens", "6",
+                   "--pipeline")
+    rc, out, err = run.wait(120)
+    assert rc == 0 and "exited with code" not in err, err
+    model, tokenizer = smollm2
+    assert out == generate(model, tokenizer, prompt, max_tokens=6, sampler=make_sampler(0.0)) + "\n"
+
+
+def test_pipeline_flag_without_launch_is_refused_in_one_line():
+    proc = subprocess.run([str(CLI), "generate", "--pipeline", "hi"], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [(
+        "error: --pipeline splits the model over the ranks of mlx.launch; this is one process: drop --pipeline, "
+        "or start the command with mlx.launch (see 'llama-mlx generate --help')")]

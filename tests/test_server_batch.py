@@ -141,23 +141,3 @@ def test_prompt_lookup_server_equals_plain(batched, tmp_path):
         assert ask(s, prompt, 24)["choices"][0]["text"] == plain
     finally:
         s.stop()
-
-
-@pytest.mark.parametrize("command", ["serve", "chat"])
-def test_serve_and_chat_under_mlx_launch_refuse_in_one_line(command, tmp_path):
-    """Two ranks over loopback: rank 0 says, in one line, that the command is not supported under
-    mlx.launch yet, and every rank exits 1 before loading anything (no follower loop yet)."""
-    import os
-    import subprocess
-
-    from test_distributed import LAUNCH, ROOT, _free_ports
-    from test_server import CLI
-
-    cmd = [str(LAUNCH), "--hosts", "127.0.0.1", "-n", "2", "--backend", "ring", "--starting-port",
-           str(_free_ports(2)), "--", str(CLI), command, "--model", str(MODEL)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
-    assert [e[e.index("error:"):] for e in errors] == [
-        f"error: {command} under mlx.launch is not supported yet (generate is): run it on one machine"], proc.stderr
-    assert "exited with code 1" in proc.stderr
