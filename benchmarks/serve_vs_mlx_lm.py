@@ -100,7 +100,9 @@ def stream_chat(base: str, messages: list[dict], max_tokens: int, bias: dict) ->
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if line == "data: [DONE]":  # mlx_lm.server keeps the connection open after it
+                break
+            if not line.startswith("data: "):
                 continue
             chunk = json.loads(line[6:])
             choices = chunk.get("choices") or []
@@ -128,7 +130,9 @@ def stream_completion(base: str, prompt: str, max_tokens: int, bias: dict) -> di
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=1200) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if line == "data: [DONE]":  # mlx_lm.server keeps the connection open after it
+                break
+            if not line.startswith("data: "):
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("choices") and first is None:

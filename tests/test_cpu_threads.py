@@ -70,3 +70,14 @@ def test_prepare_on_the_cpu_threads_float32_activations_and_no_fusion():
     # Measured: 0.0031 with float32 activations (float16 scales and norms still round), 0.031 without.
     assert err < 0.005 and err_half > 5 * err
     assert isinstance(backends.prepare(ours, fuse=True, threads=3).layers[0].mlp, fusion.FusedMLP)
+
+
+def test_llama_mlx_threads_environment_sets_the_default(monkeypatch):
+    model = Model(ModelArgs.from_dict(CONFIG))
+    nn.quantize(model, group_size=64, bits=4)
+    monkeypatch.setenv("LLAMA_MLX_THREADS", "1")
+    assert cpu.use_threads(model) == 1
+    assert type(model.layers[0].mlp).__name__ == "MLP"  # left as it was
+    monkeypatch.setenv("LLAMA_MLX_THREADS", "3")
+    assert cpu.use_threads(model) == 3 and model.layers[0].mlp.threads == 3
+    assert cpu.use_threads(model, threads=2) == 2  # an explicit count wins

@@ -118,10 +118,17 @@ _SWAP = {
 }
 
 
+def _env_threads() -> Optional[int]:
+    # Virtual CPUs may be hyperthreads of one core, where one thread beats two: let users say.
+    value = os.environ.get("LLAMA_MLX_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def use_threads(model: nn.Module, threads: Optional[int] = None) -> int:
-    """Spread the model's quantized matmuls over `threads` CPU threads (default: the CPU count, at
-    most 8), in place. Returns the count (1: nothing was changed)."""
-    threads = threads or min(os.cpu_count() or 1, 8)
+    """Spread the model's quantized matmuls over `threads` CPU threads (default: the environment's
+    LLAMA_MLX_THREADS, else the CPU count, at most 8), in place. Returns the count (1: nothing
+    was changed)."""
+    threads = threads or _env_threads() or min(os.cpu_count() or 1, 8)
     if threads < 2:
         return 1
     for _, module in model.named_modules():
