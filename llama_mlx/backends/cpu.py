@@ -119,7 +119,7 @@ _SWAP = {
 
 
 def _env_threads() -> Optional[int]:
-    # Virtual CPUs may be hyperthreads of one core, where one thread beats two: let users say.
+    # Threads beyond the free cores only contend (other work on the machine): let users say.
     value = os.environ.get("LLAMA_MLX_THREADS", "").strip()
     return int(value) if value.isdigit() and int(value) > 0 else None
 
