@@ -92,6 +92,16 @@ def start(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"{cmd[:4]} did not come up")
 
 
+def sse_chunks(response):
+    """The JSON chunks of a server-sent event stream, up to `data: [DONE]` (mlx_lm.server keeps the
+    connection open after it)."""
+    for line in response.iter_lines():
+        if line == "data: [DONE]":
+            return
+        if line.startswith("data: "):
+            yield json.loads(line[6:])
+
+
 def stream_chat(base: str, messages: list[dict], max_tokens: int, bias: dict) -> dict:
     body = {"model": "default_model", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "logit_bias": bias}
@@ -99,12 +109,7 @@ def stream_chat(base: str, messages: list[dict], max_tokens: int, bias: dict) ->
     stamps = []
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if line == "data: [DONE]":  # mlx_lm.server keeps the connection open after it
-                break
-            if not line.startswith("data: "):
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in sse_chunks(r):
             choices = chunk.get("choices") or []
             if choices and (choices[0].get("delta") or {}).get("content"):
                 stamps.append(time.perf_counter() - start)
@@ -129,12 +134,7 @@ def stream_completion(base: str, prompt: str, max_tokens: int, bias: dict) -> di
     start, first, tokens = time.perf_counter(), None, 0
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=1200) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if line == "data: [DONE]":  # mlx_lm.server keeps the connection open after it
-                break
-            if not line.startswith("data: "):
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in sse_chunks(r):
             if chunk.get("choices") and first is None:
                 first = time.perf_counter() - start
             if chunk.get("usage"):

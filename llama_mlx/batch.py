@@ -56,6 +56,13 @@ def _round_up(n: int, step: int) -> int:
     return ((n + step - 1) // step) * step
 
 
+def _row_copy(keys: Optional[mx.array], values: Optional[mx.array], row: int, n: int) -> KVCache:
+    # Copies, not views: a view would keep the whole batch buffer alive.
+    if keys is None or n == 0:
+        return KVCache()
+    return KVCache.from_state([mx.contiguous(a[row : row + 1, :, :n]) for a in (keys, values)], {})
+
+
 class BatchKVCache:
     """Keys and values [B, heads, positions, head_dim] of B sequences, row b holding `lengths[b]`
     positions from position 0 (the rest is padding, masked out).
@@ -149,12 +156,9 @@ class BatchKVCache:
         self.keys = mx.contiguous(mx.take(self.keys, idx, axis=0)[:, :, :cap])
         self.values = mx.contiguous(mx.take(self.values, idx, axis=0)[:, :, :cap])
 
-    def extract(self, row: int) -> KVCache:
-        """Row `row` as a plain `KVCache` (e.g. to keep it in a prompt cache)."""
-        n = self.lengths[row]
-        if self.keys is None or n == 0:
-            return KVCache()
-        return KVCache.from_state([self.keys[row : row + 1, :, :n], self.values[row : row + 1, :, :n]], {})
+    def extract(self, row: int, n: Optional[int] = None) -> KVCache:
+        """The first `n` positions (default: all) of row `row` as a plain `KVCache` of its own."""
+        return _row_copy(self.keys, self.values, row, self.lengths[row] if n is None else n)
 
     @property
     def nbytes(self) -> int:
@@ -648,8 +652,7 @@ class BatchEngine:
         n = min(caches[0].offset if self.solo else self.cache[0].lengths[b], len(held))
         if caches[0].keys is None or n == 0:
             return
-        r.kv_cache = [KVCache.from_state([mx.contiguous(c.keys[b : b + 1, :, :n]),
-                                          mx.contiguous(c.values[b : b + 1, :, :n])], {}) for c in caches]
+        r.kv_cache = [_row_copy(c.keys, c.values, b, n) for c in caches]
         mx.eval([c.state for c in r.kv_cache])
         r.kv_tokens = held[:n]
 
@@ -661,9 +664,7 @@ class BatchEngine:
             self.solo = self._solo_step = None
         elif len(self.running) == 1 and self._prefill is None and self._alone_fits(self.running[0]):
             # The last one left runs alone again, on a copy of its row.
-            row = [c.extract(keep[0]) for c in self.cache]
-            self.solo = [KVCache.from_state([mx.contiguous(c.keys), mx.contiguous(c.values)], {})
-                         if c.keys is not None else KVCache() for c in row]
+            self.solo = [c.extract(keep[0]) for c in self.cache]
             self._solo_step = backends.decode_step(self.model, self.solo)
             self.cache = [BatchKVCache() for _ in self.model.layers]
             mx.eval([c.state for c in self.solo])

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
+from . import backends
 from .batch import BatchEngine, BatchRequest, KVCapacityError
 from .cache import KVCache, PromptCache
 from .errors import LlamaMLXError
@@ -423,9 +424,8 @@ class Engine:
             for _ in generate(self.model, self.tokenizer, [0, 0, 0], 2, prompt_cache=PromptCache(self.model)):
                 pass
             if self.batched:
-                # Rows join one a step and all overlap: every batch size up to the bound runs once,
-                # so no request pays a backend's first-call costs (CUDA compiles kernels per size).
-                n = min(self.decode_concurrency, self.max_concurrency)
+                # Rows join one a step and all overlap, so batch sizes 1..n each run once.
+                n = backends.warmup_batch_sizes(min(self.decode_concurrency, self.max_concurrency))
                 try:
                     for _ in range(n):
                         self.batch.submit([0, 0, 0], max_tokens=n + 1, stop_tokens=())
@@ -509,19 +509,11 @@ class Engine:
 
     def _deliver(self, job: Job) -> None:
         """Hand a batched job the responses its row produced in the last step."""
-        req, row, stops = job.request, job._batch, set(self.tokenizer.stop_tokens)
+        req, row = job.request, job._batch
         responses, ended = row.poll()
         for r in responses:
             job._tokens.append(r.token)
-            event = EngineEvent(r.text, r.token)
-            if req.top_logprobs is not None and r.token not in stops:
-                event.logprob, event.top_logprobs = _logprobs(r.logprobs, r.token, req.top_logprobs)
-            if r.finish_reason is not None:
-                event.finish_reason = "length" if r.finish_reason == "context" else r.finish_reason
-                if event.finish_reason == "stop" and r.token not in stops:
-                    event.stop_sequence = _which_stop(self.tokenizer.decode(job._tokens), req.stop)
-                event.usage = Usage(len(req.prompt), r.generation_tokens, job._cached,
-                                    r.time_to_first_token, r.generation_tps)
+            event = self._event(req, r, job._tokens, job._cached)
             if not job.cancelled:
                 job._push(event)
         if not ended:
@@ -535,6 +527,19 @@ class Engine:
         job._push(row.error if row.error is not None else _END)
         self._retire(job, cancelled, failed=row.error is not None)
 
+    def _event(self, req: GenerationRequest, r, tokens: list[int], cached: int) -> EngineEvent:
+        """The event of one generated token `r` (a `GenerationResponse`); `tokens` so far, this one included."""
+        stops = self.tokenizer.stop_tokens
+        event = EngineEvent(r.text, r.token)
+        if req.top_logprobs is not None and r.token not in stops:
+            event.logprob, event.top_logprobs = _logprobs(r.logprobs, r.token, req.top_logprobs)
+        if r.finish_reason is not None:
+            event.finish_reason = "length" if r.finish_reason == "context" else r.finish_reason
+            if event.finish_reason == "stop" and r.token not in stops:
+                event.stop_sequence = _which_stop(self.tokenizer.decode(tokens), req.stop)
+            event.usage = Usage(len(req.prompt), r.generation_tokens, cached, r.time_to_first_token, r.generation_tps)
+        return event
+
     def _generate(self, job: Job) -> Iterator[EngineEvent]:
         req, tokenizer = job.request, self.tokenizer
 
@@ -542,7 +547,6 @@ class Engine:
             if job.cancelled:
                 raise _Cancelled
 
-        stops = set(tokenizer.stop_tokens)
         pc = self.pool.take(req.prompt)
         common = {"stop": list(req.stop) or None, "prompt_cache": pc, "prefill_step_size": self.prefill_step_size,
                   "prompt_progress": progress}
@@ -558,16 +562,7 @@ class Engine:
         try:
             for r in stream:
                 tokens.append(r.token)
-                event = EngineEvent(r.text, r.token)
-                if req.top_logprobs is not None and r.token not in stops:
-                    event.logprob, event.top_logprobs = _logprobs(r.logprobs, r.token, req.top_logprobs)
-                if r.finish_reason is not None:
-                    event.finish_reason = "length" if r.finish_reason == "context" else r.finish_reason
-                    if event.finish_reason == "stop" and r.token not in stops:
-                        event.stop_sequence = _which_stop(tokenizer.decode(tokens), req.stop)
-                    event.usage = Usage(len(req.prompt), r.generation_tokens, r.cached_tokens,
-                                        r.time_to_first_token, r.generation_tps)
-                yield event
+                yield self._event(req, r, tokens, r.cached_tokens)
         finally:
             stream.close()
             self.pool.give_back(pc)

@@ -372,19 +372,27 @@ class GenerationOptions:
             return "the model's generation_config"
         return "Meta's defaults" if unset else "command line"
 
+    def sampling(self) -> dict[str, Any]:
+        """The sampler's settings as plain values (`make_sampler`'s keywords, the seed aside)."""
+        return {"temp": 0.6 if self.temp is None else self.temp,  # (before the model's defaults are known)
+                "top_p": 0.9 if self.top_p is None else self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "min_tokens_to_keep": self.min_tokens_to_keep, "order": self.sampling_order}
+
+    def processing(self, tokenizer) -> dict[str, Any]:
+        """The logits processors' settings as plain values (`make_logits_processors`' keywords)."""
+        return {"logit_bias": parse_logit_bias(self.logit_bias, tokenizer),
+                "repetition_penalty": self.repetition_penalty,
+                "repetition_context_size": self.repetition_context_size}
+
     def sampler(self):
         from llama_mlx.sample import make_sampler
 
-        temp = 0.6 if self.temp is None else self.temp  # (before the model's defaults are known)
-        top_p = 0.9 if self.top_p is None else self.top_p
-        return make_sampler(temp, top_p, self.top_k, self.min_p, self.min_tokens_to_keep,
-                            order=self.sampling_order, seed=self.seed)
+        return make_sampler(**self.sampling(), seed=self.seed)
 
     def logits_processors(self, tokenizer):
         from llama_mlx.sample import make_logits_processors
 
-        return make_logits_processors(parse_logit_bias(self.logit_bias, tokenizer), self.repetition_penalty,
-                                      self.repetition_context_size)
+        return make_logits_processors(**self.processing(tokenizer))
 
     def stream_kwargs(self, tokenizer) -> dict[str, Any]:
         """Keyword arguments for `stream_generate` (prompt cache and max_tokens excepted)."""
@@ -412,13 +420,7 @@ class GenerationOptions:
     def lockstep_kwargs(self, tokenizer) -> dict[str, Any]:
         """`stream_kwargs` for a lockstep leader (`llama_mlx.lockstep`): the sampler and processors as
         plain values, which every rank builds alike. The seed seeds rank 0's draws of each answer's seed."""
-        sampling = {"temp": 0.6 if self.temp is None else self.temp, "top_p": 0.9 if self.top_p is None else self.top_p,
-                    "top_k": self.top_k, "min_p": self.min_p, "min_tokens_to_keep": self.min_tokens_to_keep,
-                    "order": self.sampling_order}
-        processors = {"logit_bias": parse_logit_bias(self.logit_bias, tokenizer),
-                      "repetition_penalty": self.repetition_penalty,
-                      "repetition_context_size": self.repetition_context_size}
-        return {"sampling": sampling, "processors": processors, "stop": list(self.stop) or None,
+        return {"sampling": self.sampling(), "processors": self.processing(tokenizer), "stop": list(self.stop) or None,
                 "prefill_step_size": self.prefill_step_size}
 
     def cache_kwargs(self) -> dict[str, Any]:

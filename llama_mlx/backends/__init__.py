@@ -8,6 +8,7 @@
 - `decode_step(model, cache, compile=)`: the step generation runs, `step(tokens[B, L]) ->
   logits[B, vocab]`: on CUDA the fused decoder of `cuda` (eight graph nodes a layer), elsewhere
   the model's graph, or on request a compiled masked step (`steps`).
+- `warmup_batch_sizes(bound)`: how many batch sizes a server runs once before serving.
 - `verify_step(model, cache)`: the step speculative decoding checks drafts with, `step(tokens[B, L])
   -> logits[B, L, vocab]` of every position (the K drafts and the token after them, in one forward).
 
@@ -25,7 +26,7 @@ from ..cache import KVCache
 from . import cpu, cuda, fusion
 from .steps import GRAPHS, AllPositionsStep, CompiledStep, GraphStep, MaskedDecoder
 
-__all__ = ["Step", "compute_dtype", "decode_step", "prepare", "verify_step"]
+__all__ = ["Step", "compute_dtype", "decode_step", "prepare", "verify_step", "warmup_batch_sizes"]
 
 Step = Callable[[mx.array], mx.array]
 
@@ -57,6 +58,13 @@ def prepare(model: nn.Module, *, fuse: Optional[bool] = None, threads: Optional[
     if not on_gpu:
         cpu.use_threads(model, threads)
     return model
+
+
+def warmup_batch_sizes(bound: int) -> int:
+    """Batch sizes (1 .. n) a server should decode once before serving, for a bound of `bound`:
+    all of them on GPUs (MLX's CUDA backend compiles a kernel on its first use, up to tens of
+    seconds at a new batch size), two elsewhere."""
+    return bound if mx.default_device() == mx.gpu else min(bound, 2)
 
 
 def decode_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -> Step:

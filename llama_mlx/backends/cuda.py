@@ -129,8 +129,7 @@ def _padded(x: mx.array, matmul) -> mx.array:
     rows = x.size // x.shape[-1]
     if not 1 < rows < PAD_ROWS:
         return matmul(x)
-    flat = x.reshape(rows, x.shape[-1])
-    y = matmul(mx.concatenate([flat, mx.zeros((PAD_ROWS - rows, x.shape[-1]), x.dtype)]))
+    y = matmul(mx.pad(x.reshape(rows, x.shape[-1]), [(0, PAD_ROWS - rows), (0, 0)]))
     return y[:rows].reshape(*x.shape[:-1], -1)
 
 
