@@ -2,11 +2,14 @@
 
     python3 benchmarks/batch_probe.py --model 1b          # GPU
     python3 benchmarks/batch_probe.py --model tiny        # anywhere, seconds
+    python3 benchmarks/batch_probe.py --model 8b --no-ops --no-engine --step-variants 1,4,8
 
 Part one times the first and second call of each op the batched decode adds to the plain one
 (the per-row KV write, the masked attention, the row gather), at several batch sizes: on MLX's
 CUDA backend a first call may JIT-compile a kernel. Part two runs `BatchEngine` over a sequence
 of stream counts and prints every step slower than `--slow` seconds with what the step did.
+`--step-variants` times one steady batched step per variant (the model's graph, the compiled
+rows graph with a mask, on CUDA the compiled rows graph with the attention kernel).
 """
 
 from __future__ import annotations
@@ -124,6 +127,72 @@ def engine_steps(folder: Path, streams: list[int], prompt: int, gen: int, slow: 
               flush=True)
 
 
+def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> None:
+    """Steady-state time of one batched decode step per variant of `backends.rows_step`, rows at
+    prompt lengths prompt, prompt+1, ..., and whether the variants pick the same greedy tokens."""
+    import llama_mlx
+    from llama_mlx import backends
+    from llama_mlx.backends import cuda
+    from llama_mlx.backends.steps import GRAPHS, CompiledStep, GraphStep, RowsDecoder
+    from llama_mlx.batch import BatchKVCache
+    from llama_mlx.cache import KVCache
+
+    model, _ = llama_mlx.load(folder, lazy=False)
+    variants = {"graph": lambda c: GraphStep(model, c),
+                "rows (mask)": lambda c: CompiledStep(model, c, GRAPHS.get(model, "rows", RowsDecoder), "rows")}
+    if cuda.rows_supported(model):
+        variants["rows-kernel"] = lambda c: CompiledStep(model, c, GRAPHS.get(model, "rows-kernel",
+                                                                              cuda.KernelRowsDecoder), "rows-kernel")
+    rng = np.random.default_rng(0)
+    for B in batches:
+        prompts = [[int(t) for t in rng.integers(3, min(model.args.vocab_size, 30000), size=prompt + b)] for b in range(B)]
+        rows = []
+        for p in prompts:
+            cache = [KVCache() for _ in model.layers]
+            model(mx.array([p[:-1]]), cache)
+            mx.eval([c.state for c in cache])
+            rows.append(cache)
+        if B == 1:
+            solo = [KVCache.from_state(c.state, {}) for c in rows[0]]
+            variants_b = dict(variants, **{"solo (decode_step)": None})
+        else:
+            variants_b = variants
+        picks = {}
+        for name, make in variants_b.items():
+            if make is None:
+                cache = [KVCache.from_state([mx.array(a) for a in c.state], {}) for c in solo]
+                step = backends.decode_step(model, cache)
+            else:
+                cache = [BatchKVCache() for _ in model.layers]
+                for layer, c in zip(cache, zip(*rows)):
+                    for r in c:
+                        layer.add(r.keys, r.values, r.offset)
+                step = make(cache)
+            tokens = mx.array([[p[-1]] for p in prompts])
+            out = []
+            for _ in range(3):  # untimed: first calls compile
+                tokens = mx.argmax(step(tokens), axis=-1)[:, None]
+                mx.eval(tokens)
+                out.append(tokens)
+            t = time.perf_counter()
+            for _ in range(steps):  # pipelined as the engine runs: queue the next before reading
+                tokens = mx.argmax(step(tokens), axis=-1)[:, None]
+                mx.async_eval(tokens)
+                out.append(tokens)
+            mx.eval(tokens)
+            piped = (time.perf_counter() - t) / steps
+            t = time.perf_counter()
+            for _ in range(5):
+                tokens = mx.argmax(step(tokens), axis=-1)[:, None]
+                mx.eval(tokens)
+            synced = (time.perf_counter() - t) / 5
+            picks[name] = np.concatenate([np.array(o) for o in out], axis=1)
+            ref = next(iter(picks.values()))
+            agree = float((picks[name] == ref).mean())
+            print(f"B={B} {name:20s} step {piped * 1e3:7.2f} ms pipelined, {synced * 1e3:7.2f} ms synced, "
+                  f"{B / piped:8.1f} tok/s; tokens agreeing with {next(iter(picks))}: {agree:.2f}", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="1b")
@@ -134,6 +203,8 @@ def main() -> int:
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
     p.add_argument("--no-ops", action="store_true")
     p.add_argument("--matmul", default=None, help="a shape (1b, 8b) whose projections to time at 1-16 rows")
+    p.add_argument("--step-variants", default=None, help="batch sizes (e.g. 1,4,8) to time each batched step at")
+    p.add_argument("--no-engine", action="store_true")
     args = p.parse_args()
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     config = shape_config(args.model)
@@ -144,7 +215,11 @@ def main() -> int:
     name = "float32" if dtype == mx.float32 else "bfloat16"
     folder = Path(args.work) / f"{args.model}-q4g64-{name}"
     write_random_model(folder, args.model, bits=4, group_size=64, dtype=name, seed=0)
-    engine_steps(folder, [int(s) for s in args.streams.split(",")], args.prompt_tokens, args.gen_tokens, args.slow)
+    if args.step_variants:
+        step_costs(folder, [int(b) for b in args.step_variants.split(",")], args.prompt_tokens, 20)
+    if not args.no_engine:
+        engine_steps(folder, [int(s) for s in args.streams.split(",")], args.prompt_tokens, args.gen_tokens,
+                     args.slow)
     return 0
 
 

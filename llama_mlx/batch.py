@@ -113,6 +113,24 @@ class BatchKVCache:
         self._set_lengths([n + L for n in self.lengths])
         return self.keys[:, :, :needed], self.values[:, :, :needed]
 
+    def reserve(self, n: int) -> None:
+        """Room for `n` more positions in every row (the buffers must exist: `add` made them)."""
+        if self.keys is None:
+            raise ValueError("an empty batch cache has no buffers to grow")
+        self._grow(max(self.lengths) + n, self.keys)
+
+    def hand_over(self) -> tuple[mx.array, mx.array]:
+        """The whole key and value buffers; the cache keeps no reference until `take_back`."""
+        keys, values = self.keys, self.values
+        self.keys = self.values = None
+        return keys, values
+
+    def take_back(self, keys: mx.array, values: mx.array, advance: int = 0) -> None:
+        """Hold `keys` and `values` (as `hand_over` gave them, updated); every row grows by `advance`."""
+        self.keys, self.values = keys, values
+        if advance:
+            self._set_lengths([n + advance for n in self.lengths])
+
     def make_mask(self, L: int) -> mx.array:
         """[B, 1, L, S] booleans, True where query i of row b may attend key j (j <= lengths[b] + i)."""
         S = max(self.lengths) + L
@@ -359,11 +377,12 @@ class BatchEngine:
     batch's, padding included, and a prefilling newcomer's). A request waits until it fits; one
     that could never fit alone is refused with `KVCapacityError`. None: no cap.
     max_batch: most sequences decoding together. prefill_chunk: prompt tokens a newcomer prefills
-    per step, between two batched decode steps of the others.
+    per step, between two batched decode steps of the others. compile: how the batched step runs
+    (`backends.rows_step`: None lets the backend choose, compiled on GPUs).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_kv_bytes: Optional[int] = None,
-                 max_batch: int = 8, prefill_chunk: int = 512):
+                 max_batch: int = 8, prefill_chunk: int = 512, compile: Optional[bool] = None):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be at least 1")
         self.model, self.tokenizer = model, tokenizer
@@ -372,7 +391,8 @@ class BatchEngine:
         dtype = model.model.compute_dtype or model.model.norm.weight.dtype
         # Keys and values, every layer, one position.
         self.bytes_per_token = 2 * len(model.layers) * args.num_key_value_heads * args.head_dim * dtype.size
-        self.cache = [BatchKVCache() for _ in model.layers]
+        self._compile = compile
+        self._new_batch_cache()
         # The one running sequence's own caches and step, when it runs alone (else None).
         self.solo: Optional[list[KVCache]] = None
         self._solo_step = None
@@ -599,6 +619,10 @@ class BatchEngine:
         mx.eval([c.state for c in self.cache])
         mx.clear_cache()
 
+    def _new_batch_cache(self) -> None:
+        self.cache = [BatchKVCache() for _ in self.model.layers]
+        self._rows_step = backends.rows_step(self.model, self.cache, self._compile)
+
     def _queue_decode(self) -> tuple[list[BatchRequest], list]:
         # A row's input is its token of the step still unread, or (a newcomer) its last prompt token.
         inputs = [r._pending if r._pending is not None else mx.array([r.next_input]) for r in self.running]
@@ -609,7 +633,7 @@ class BatchEngine:
         if self.solo is not None:
             logits = self._solo_step(tokens)
         else:
-            logits = self.model(tokens, self.cache)[:, -1, :]
+            logits = self._rows_step(tokens)
         # Greedy rows without processors (sampler None) are sampled together, the rest one by one.
         plain = [b for b, r in enumerate(self.running) if r.sampler is None and not r.processors]
         sampled: list = [None] * len(self.running)
@@ -666,7 +690,7 @@ class BatchEngine:
             # The last one left runs alone again, on a copy of its row.
             self.solo = [c.extract(keep[0]) for c in self.cache]
             self._solo_step = backends.decode_step(self.model, self.solo)
-            self.cache = [BatchKVCache() for _ in self.model.layers]
+            self._new_batch_cache()
             mx.eval([c.state for c in self.solo])
         else:
             limit = max((r.reservation for r in self.running), default=None)

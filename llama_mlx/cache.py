@@ -26,6 +26,7 @@ __all__ = [
     "PromptCache",
     "QuantizedKVCache",
     "RotatingKVCache",
+    "RowsDecodeView",
     "make_prompt_cache",
     "model_fingerprint",
 ]
@@ -285,6 +286,21 @@ class DecodeView:
     def make_mask(self, L: int) -> mx.array:
         positions = self.offset + mx.arange(L)[:, None]
         return mx.arange(self.keys.shape[2])[None] <= positions
+
+
+class RowsDecodeView(DecodeView):
+    """A `DecodeView` of B rows, row b writing its token at its own position `offset[b]` (int32 [B])."""
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, _, D = k.shape
+        at = mx.broadcast_to(self.offset[:, None, None, None], (B, H, 1, D))
+        self.keys = mx.put_along_axis(self.keys, at, k, axis=2)
+        self.values = mx.put_along_axis(self.values, at, v, axis=2)
+        return self.keys, self.values
+
+    def make_mask(self, L: int) -> mx.array:
+        """[B, 1, 1, capacity] booleans: row b sees its positions 0..offset[b]."""
+        return (mx.arange(self.keys.shape[2])[None] <= self.offset[:, None])[:, None, None]
 
 
 def make_prompt_cache(

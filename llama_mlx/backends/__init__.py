@@ -8,6 +8,9 @@
 - `decode_step(model, cache, compile=)`: the step generation runs, `step(tokens[B, L]) ->
   logits[B, vocab]`: on CUDA the fused decoder of `cuda` (eight graph nodes a layer), elsewhere
   the model's graph, or on request a compiled masked step (`steps`).
+- `rows_step(model, cache, compile=)`: the step a batch decodes with, one token per row over
+  per-layer `BatchKVCache`s: on GPUs one compiled graph (`steps.RowsDecoder`; on CUDA with the
+  attention kernel, `cuda.KernelRowsDecoder`), on the CPU the model's graph.
 - `warmup_batch_sizes(bound)`: how many batch sizes a server runs once before serving.
 - `verify_step(model, cache)`: the step speculative decoding checks drafts with, `step(tokens[B, L])
   -> logits[B, L, vocab]` of every position (the K drafts and the token after them, in one forward).
@@ -24,9 +27,9 @@ import mlx.nn as nn
 
 from ..cache import KVCache
 from . import cpu, cuda, fusion
-from .steps import GRAPHS, AllPositionsStep, CompiledStep, GraphStep, MaskedDecoder
+from .steps import GRAPHS, AllPositionsStep, CompiledStep, GraphStep, MaskedDecoder, RowsDecoder
 
-__all__ = ["Step", "compute_dtype", "decode_step", "prepare", "verify_step", "warmup_batch_sizes"]
+__all__ = ["Step", "compute_dtype", "decode_step", "prepare", "rows_step", "verify_step", "warmup_batch_sizes"]
 
 Step = Callable[[mx.array], mx.array]
 
@@ -83,6 +86,24 @@ def decode_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -
         return GraphStep(model, cache)
     kind = "fused" if fused else "compiled"
     graph = GRAPHS.get(model, kind, cuda.FusedDecoder if fused else MaskedDecoder)
+    return CompiledStep(model, cache, graph, kind)
+
+
+def rows_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -> Step:
+    """The step that decodes a batch: `step(tokens[B, 1]) -> logits[B, vocab]` over per-layer
+    `BatchKVCache`s, each row at its own position, updating the cache (other shapes take the graph).
+
+    `compile`: None compiles on GPUs, where a step of B rows would otherwise pay for its graph's
+    nodes on the host, and keeps the graph on the CPU, which is bound by compute; True/False force
+    it. The compiled graph runs over the cache's whole buffers, traced once per batch size and
+    capacity; on CUDA its attention is the decode kernel (`cuda.rows_supported`). `kind` says which
+    runs: "graph", "rows" or "rows-kernel".
+    """
+    if not (compile if compile is not None else mx.default_device() == mx.gpu):
+        return GraphStep(model, cache)
+    kernel = cuda.rows_supported(model)
+    kind = "rows-kernel" if kernel else "rows"
+    graph = GRAPHS.get(model, kind, cuda.KernelRowsDecoder if kernel else RowsDecoder)
     return CompiledStep(model, cache, graph, kind)
 
 

@@ -23,10 +23,20 @@ import weakref
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cache import RowsDecodeView
 from . import cuda_kernels as kernels
 from .fusion import FusedAttention, FusedMLP
+from .steps import RowsDecoder
 
-__all__ = ["FusedDecoder", "PaddedQuantizedEmbedding", "PaddedQuantizedLinear", "pad_small_matmuls", "supported"]
+__all__ = [
+    "FusedDecoder",
+    "KernelRowsDecoder",
+    "PaddedQuantizedEmbedding",
+    "PaddedQuantizedLinear",
+    "pad_small_matmuls",
+    "rows_supported",
+    "supported",
+]
 
 
 def _q4(module: nn.Module) -> bool:
@@ -59,6 +69,38 @@ def supported(model: nn.Module) -> bool:
         if not all(_q4(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
             return False
     return True
+
+
+def _dtype(model: nn.Module) -> mx.Dtype:
+    return model.model.compute_dtype or model.model.norm.weight.dtype
+
+
+def rows_supported(model: nn.Module) -> bool:
+    """Whether `KernelRowsDecoder` can run this model here (CUDA, fp16/bf16, a head layout the
+    attention kernel takes)."""
+    args = getattr(model, "args", None)
+    return (
+        kernels.cuda_available()
+        and args is not None
+        and kernels.attention_supported(args.num_attention_heads, args.num_key_value_heads, args.head_dim,
+                                        _dtype(model))
+    )
+
+
+class _KernelRowsView(RowsDecodeView):
+    # Each row attends over its own positions 0..offset[b] only: no mask, no padding read.
+    def make_mask(self, L: int) -> None:
+        return None
+
+    def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+        B, H, L, D = q.shape
+        return kernels.decode_attention(q, k, v, self.offset, scale).reshape(B, H, L, D)
+
+
+class KernelRowsDecoder(RowsDecoder):
+    """`RowsDecoder` whose attention is `cuda_kernels.decode_attention`, one row per block."""
+
+    view = _KernelRowsView
 
 
 class FusedDecoder:

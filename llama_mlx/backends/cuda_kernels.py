@@ -10,8 +10,8 @@ what the MLX graph would run as several:
   `silu(gate) * up`. Its epilogue can apply RoPE to the q/k rows and split the output into
   q, k and v. Each lane loads its share of a weight row as 16-byte words before the prologue,
   so the row is in flight while x is staged.
-- `decode_attention`: attention of one query token over the first `offset + 1` positions of
-  fixed-capacity K/V buffers, `offset` being an array: a compiled step never retraces per token
+- `decode_attention`: attention of one query token per row over the first `offset[b] + 1`
+  positions of that row's fixed-capacity K/V buffers, `offset` being an array: a compiled step never retraces per token
   and never reads unwritten positions. Each warp scores 32 positions at a time (a lane each),
   with an online softmax; blocks of 128 positions are merged by a second kernel.
 
@@ -343,8 +343,8 @@ def fused_matvec(
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-# q: [Hq*D] (B = 1), k/v: [Hkv, C, D], offset: [1] int32 (the position just written).
-# SINGLE: out [Hq*D]; otherwise o_part [Hq, S, D] and ml [Hq, S, 2] (float), merged below.
+# q: [B*Hq*D], k/v: [B, Hkv, C, D], offset: [B] int32 (the position each row just wrote); row b is blockIdx.z.
+# SINGLE: out [B*Hq*D]; otherwise o_part [B*Hq, S, D] and ml [B*Hq, S, 2] (float), merged below.
 _ATTENTION = r"""
   constexpr int S = (C + CHUNK - 1) / CHUNK;
   constexpr int DL = D / 32;                        // output dims per lane
@@ -352,11 +352,13 @@ _ATTENTION = r"""
   __shared__ float wm[WARPS], wl[WARPS];
   __shared__ float wacc[WARPS][D];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int hq = blockIdx.x, split = blockIdx.y;
+  const int hq = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
+  const int bh = row * HQ + hq;
   const int kvh = hq / (HQ / HKV);
-  const int n = offset[0] + 1;
+  const size_t kv_row = (size_t)row * HKV * C * D;
+  const int n = offset[row] + 1;
   for (int d = threadIdx.x; d < D; d += blockDim.x)
-    qs[d] = static_cast<float>(q[hq * D + d]) * (__int_as_float(SCALE_BITS) * LOG2E);
+    qs[d] = static_cast<float>(q[bh * D + d]) * (__int_as_float(SCALE_BITS) * LOG2E);
   __syncthreads();
 
   float m = NEG_INF, l = 0.0f;
@@ -368,7 +370,7 @@ _ATTENTION = r"""
     const int p = p0 + lane;
     float score = NEG_INF;
     if (p < end) {
-      const uint4* kp = reinterpret_cast<const uint4*>(k + ((size_t)kvh * C + p) * D);
+      const uint4* kp = reinterpret_cast<const uint4*>(k + kv_row + ((size_t)kvh * C + p) * D);
       float s = 0.0f;
       #pragma unroll
       for (int j = 0; j < D / 8; j++) {
@@ -386,7 +388,7 @@ _ATTENTION = r"""
     #pragma unroll
     for (int i = 0; i < DL; i++) acc[i] *= corr;
     // Lane owns DL consecutive output dims; eight positions' loads in flight at a time.
-    const T* vb = v + ((size_t)kvh * C + p0) * D + lane * DL;
+    const T* vb = v + kv_row + ((size_t)kvh * C + p0) * D + lane * DL;
     const int last = min(32, end - p0);
     #pragma unroll 8
     for (int j = 0; j < 32; j++) {
@@ -419,9 +421,9 @@ _ATTENTION = r"""
   }
 """
 
-_ATTN_STORE_SINGLE = "    out[hq * D + d] = static_cast<T>(num / den);\n"
-_ATTN_STORE_SPLIT = r"""    o_part[((size_t)hq * S + split) * D + d] = num;
-    if (d == 0) { ml[(hq * S + split) * 2] = M; ml[(hq * S + split) * 2 + 1] = den; }
+_ATTN_STORE_SINGLE = "    out[bh * D + d] = static_cast<T>(num / den);\n"
+_ATTN_STORE_SPLIT = r"""    o_part[((size_t)bh * S + split) * D + d] = num;
+    if (d == 0) { ml[(bh * S + split) * 2] = M; ml[(bh * S + split) * 2 + 1] = den; }
 """
 
 _MERGE = r"""
@@ -463,27 +465,27 @@ def attention_supported(q_heads: int, kv_heads: int, head_dim: int, dtype: mx.Dt
 
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
-    """Attention of one token over positions 0..offset of K/V buffers, batch 1, on CUDA.
+    """Attention of one token per row over that row's positions 0..offset[b] of K/V buffers, on CUDA.
 
-    q: [1, Hq, 1, D]; keys/values: [1, Hkv, C, D] buffers in q's dtype; offset: int32 array of shape [1],
-    the position of the token just written. Returns [Hq * D].
+    q: [B, Hq, 1, D]; keys/values: [B, Hkv, C, D] buffers in q's dtype; offset: int32 array of
+    shape [B], the position each row's token was just written at. Returns [B * Hq * D].
     """
-    _, HQ, _, D = q.shape
+    B, HQ, _, D = q.shape
     HKV, C = keys.shape[1], keys.shape[2]
     S = -(-C // ATTN_CHUNK)
     template = [("T", q.dtype), ("HQ", HQ), ("HKV", HKV), ("C", C), ("D", D), ("CHUNK", ATTN_CHUNK), ("WARPS", ATTN_WARPS),
                 ("SCALE_BITS", _float_bits(scale))]
     inputs = [q, keys, values, offset]
-    launch = dict(grid=(HQ * ATTN_WARPS * 32, S, 1), threadgroup=(ATTN_WARPS * 32, 1, 1))
+    launch = dict(grid=(HQ * ATTN_WARPS * 32, S, B), threadgroup=(ATTN_WARPS * 32, 1, 1))
     if S == 1:
-        (out,) = _attention_kernel("single")(inputs=inputs, template=template, output_shapes=[(HQ * D,)],
+        (out,) = _attention_kernel("single")(inputs=inputs, template=template, output_shapes=[(B * HQ * D,)],
                                             output_dtypes=[q.dtype], **launch)
         return out
     o_part, ml = _attention_kernel("split")(inputs=inputs, template=template,
-                                            output_shapes=[(HQ, S, D), (HQ, S, 2)],
+                                            output_shapes=[(B * HQ, S, D), (B * HQ, S, 2)],
                                             output_dtypes=[mx.float32, mx.float32], **launch)
     (out,) = _attention_kernel("merge")(
         inputs=[o_part, ml], template=[("T", q.dtype), ("S", S), ("D", D)],
-        grid=(HQ * D, 1, 1), threadgroup=(D, 1, 1), output_shapes=[(HQ * D,)], output_dtypes=[q.dtype],
+        grid=(B * HQ * D, 1, 1), threadgroup=(D, 1, 1), output_shapes=[(B * HQ * D,)], output_dtypes=[q.dtype],
     )
     return out

@@ -3,7 +3,7 @@
 
 `GraphStep` runs the model's own graph. `CompiledStep` runs single tokens through one compiled
 graph over the cache's whole buffers (handed over, so updates happen in place) and anything else
-through the model. Compiled graphs are kept per model in `GRAPHS`, holding the model weakly.
+through the model; over a batch's cache (`BatchKVCache`) each row's token goes to its own position. Compiled graphs are kept per model in `GRAPHS`, holding the model weakly.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import DecodeView
+from ..cache import DecodeView, RowsDecodeView
 
-__all__ = ["GRAPHS", "AllPositionsStep", "CompiledStep", "GraphStep", "MaskedDecoder"]
+__all__ = ["GRAPHS", "AllPositionsStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder"]
 
 
 class GraphStep:
@@ -43,8 +43,9 @@ class AllPositionsStep(GraphStep):
 class CompiledStep(GraphStep):
     """Single tokens through `graph(tokens, position, *kv_buffers) -> (logits, *kv_buffers)`.
 
-    kind "fused" (the CUDA decoder: batch 1, position an int32 array of shape [1]) or
-    "compiled" (`MaskedDecoder`: position a scalar). Prompts and empty caches take the graph.
+    kind "fused" (the CUDA decoder: batch 1, position an int32 array of shape [1]), "compiled"
+    (`MaskedDecoder`: position a scalar) or "rows" / "rows-kernel" (`RowsDecoder` over a batch's
+    cache: positions int32 [B], one per row). Prompts and empty caches take the graph.
     """
 
     def __init__(self, model: nn.Module, cache: list, graph: Callable, kind: str):
@@ -53,15 +54,17 @@ class CompiledStep(GraphStep):
 
     def __call__(self, tokens: mx.array) -> mx.array:
         B, L = tokens.shape
+        rows = self.kind.startswith("rows")
         offset = self.cache[0].offset
-        if L != 1 or offset == 0 or (self.kind == "fused" and B != 1):
+        empty = self.cache[0].keys is None if rows else offset == 0
+        if L != 1 or empty or (self.kind == "fused" and B != 1):
             return super().__call__(tokens)
         buffers = []
         for c in self.cache:
             c.reserve(1)
             buffers += c.hand_over()
         try:
-            position = mx.array([offset] if self.kind == "fused" else offset, dtype=mx.int32)
+            position = offset if rows else mx.array([offset] if self.kind == "fused" else offset, dtype=mx.int32)
             logits, *buffers = self.graph(tokens, position, *buffers)
         except BaseException:
             for i, c in enumerate(self.cache):
@@ -77,13 +80,22 @@ class MaskedDecoder:
     graph attending over whole fixed-capacity buffers with a mask, for `mx.compile` (traced once
     per capacity). Holds the model weakly."""
 
+    view = DecodeView
+
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)
 
     def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
-        views = [DecodeView(buffers[i], buffers[i + 1], offset) for i in range(0, len(buffers), 2)]
+        views = [self.view(buffers[i], buffers[i + 1], offset) for i in range(0, len(buffers), 2)]
         logits = self._model()(tokens, views)[:, -1, :]
         return (logits, *[a for v in views for a in (v.keys, v.values)])
+
+
+class RowsDecoder(MaskedDecoder):
+    """`MaskedDecoder` over a batch's buffers [B, heads, capacity, head_dim], row b's token going to
+    position offset[b] (int32 [B]); traced once per batch size and capacity."""
+
+    view = RowsDecodeView
 
 
 class _PerModel:
