@@ -127,6 +127,34 @@ def engine_steps(folder: Path, streams: list[int], prompt: int, gen: int, slow: 
               flush=True)
 
 
+def layer_costs(folder: Path, batches: list[int], reps: int = 20) -> None:
+    """Each module of a decode step alone, on [B, 1, hidden] inputs as the batched step feeds them
+    and on the same rows as a [B, hidden] matrix."""
+    import llama_mlx
+
+    model, _ = llama_mlx.load(folder, lazy=False)
+    layer = model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    h = model.args.hidden_size
+    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
+    mods = {"input_layernorm": (layer.input_layernorm, h), "qkv_proj": (getattr(attn, "qkv_proj", None), h),
+            "o_proj": (attn.o_proj, h), "gate_up_proj": (getattr(mlp, "gate_up_proj", None), h),
+            "down_proj": (mlp.down_proj, model.args.intermediate_size), "lm_head": (head, h)}
+    dtype = model.model.norm.weight.dtype
+    for B in batches:
+        for name, (mod, K) in mods.items():
+            if mod is None:
+                continue
+            times = {}
+            for label, shape in (("[B,1,K]", (B, 1, K)), ("[B,K]", (B, K))):
+                x = mx.random.normal(shape).astype(dtype)
+                mx.eval(mod(x))
+                t = time.perf_counter()
+                mx.eval([mod(x * (1 + j)) for j in range(reps)])
+                times[label] = (time.perf_counter() - t) / reps * 1e6
+            print(f"B={B} {name:16s} " + "  ".join(f"{k} {v:8.1f} us" for k, v in times.items()), flush=True)
+
+
 def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> None:
     """Steady-state time of one batched decode step per variant of `backends.rows_step`, rows at
     prompt lengths prompt, prompt+1, ..., and whether the variants pick the same greedy tokens."""
@@ -157,7 +185,7 @@ def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> Non
             variants_b = dict(variants, **{"solo (decode_step)": None})
         else:
             variants_b = variants
-        picks = {}
+        picks, firsts = {}, {}
         for name, make in variants_b.items():
             if make is None:
                 cache = [KVCache.from_state([mx.array(a) for a in c.state], {}) for c in solo]
@@ -169,8 +197,11 @@ def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> Non
                         layer.add(r.keys, r.values, r.offset)
                 step = make(cache)
             tokens = mx.array([[p[-1]] for p in prompts])
-            out = []
-            for _ in range(3):  # untimed: first calls compile
+            first = step(tokens).astype(mx.float32)
+            firsts[name] = first
+            tokens = mx.argmax(first, axis=-1)[:, None]
+            out = [tokens]
+            for _ in range(2):  # untimed: first calls compile
                 tokens = mx.argmax(step(tokens), axis=-1)[:, None]
                 mx.eval(tokens)
                 out.append(tokens)
@@ -189,8 +220,11 @@ def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> Non
             picks[name] = np.concatenate([np.array(o) for o in out], axis=1)
             ref = next(iter(picks.values()))
             agree = float((picks[name] == ref).mean())
+            ref_logits = next(iter(firsts.values()))
+            err = (mx.abs(first - ref_logits).max() / mx.abs(ref_logits).max()).item()
             print(f"B={B} {name:20s} step {piped * 1e3:7.2f} ms pipelined, {synced * 1e3:7.2f} ms synced, "
-                  f"{B / piped:8.1f} tok/s; tokens agreeing with {next(iter(picks))}: {agree:.2f}", flush=True)
+                  f"{B / piped:8.1f} tok/s; first logits vs {next(iter(picks))}: max rel diff {err:.1e}, "
+                  f"tokens agreeing {agree:.2f}", flush=True)
 
 
 def main() -> int:
@@ -205,6 +239,7 @@ def main() -> int:
     p.add_argument("--matmul", default=None, help="a shape (1b, 8b) whose projections to time at 1-16 rows")
     p.add_argument("--step-variants", default=None, help="batch sizes (e.g. 1,4,8) to time each batched step at")
     p.add_argument("--no-engine", action="store_true")
+    p.add_argument("--layer", default=None, help="batch sizes (e.g. 1,4,8) to time each module of a step at")
     args = p.parse_args()
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     config = shape_config(args.model)
@@ -215,6 +250,8 @@ def main() -> int:
     name = "float32" if dtype == mx.float32 else "bfloat16"
     folder = Path(args.work) / f"{args.model}-q4g64-{name}"
     write_random_model(folder, args.model, bits=4, group_size=64, dtype=name, seed=0)
+    if args.layer:
+        layer_costs(folder, [int(b) for b in args.layer.split(",")])
     if args.step_variants:
         step_costs(folder, [int(b) for b in args.step_variants.split(",")], args.prompt_tokens, 20)
     if not args.no_engine:

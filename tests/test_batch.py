@@ -64,13 +64,22 @@ def test_batch_cache_rows_see_what_they_would_alone(tiny):
         np.testing.assert_allclose(np.array(logits[b]), np.array(want), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled"])
-def test_tiny_join_and_leave_equals_no_cache_greedy(tiny, smol, compile):
-    """The batched step as the model's graph and as the one compiled graph GPUs run (over whole
-    buffers, each row writing at its own position) both equal cache-free greedy decoding."""
+@pytest.mark.parametrize("variant", ["graph", "rows", "rows-kernel"])
+def test_tiny_join_and_leave_equals_no_cache_greedy(tiny, smol, variant, monkeypatch):
+    """The batched step as the model's graph, as the one compiled graph GPUs run (over whole
+    buffers, each row writing at its own position), and as CUDA's (2-7 rows run as 8, attention
+    by the decode kernel: here MLX ops doing what its docstring says) all equal cache-free greedy
+    decoding."""
+    if variant == "rows-kernel":
+        from test_cuda_decode import attention
+
+        from llama_mlx.backends import cuda
+
+        monkeypatch.setattr(cuda, "rows_supported", lambda model: True)
+        monkeypatch.setattr(cuda.kernels, "decode_attention", attention)
     _, tokenizer = smol
-    eng = BatchEngine(tiny, tokenizer, prefill_chunk=5, compile=compile)
-    assert eng._rows_step.kind == ("rows" if compile else "graph")
+    eng = BatchEngine(tiny, tokenizer, prefill_chunk=5, compile=variant != "graph")
+    assert eng._rows_step.kind == variant
     specs = [(rand_ids(10, 3), 9), (rand_ids(11, 17), 4), (rand_ids(12, 1), 12), (rand_ids(13, 30), 7)]
     reqs, alone = [], []
     for i, (p, n) in enumerate(specs):

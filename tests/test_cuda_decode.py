@@ -2,7 +2,7 @@
 
 The CUDA kernels cannot run here, so each is replaced by MLX ops computing what its docstring
 says (`fused_matvec`: residual + RMSNorm / SwiGLU prologue, 4-bit matvec, RoPE and q/k/v split;
-`decode_attention`: attention over the first offset + 1 buffer positions). The step that
+`decode_attention`: attention of row b over its first offset[b] + 1 buffer positions). The step that
 `backends.decode_step` compiles around them (residual stream, norms, cache writes at an array offset,
 retracing when the cache grows) must then give mlx-lm's logits token by token. The kernels
 themselves are compared with the plain graph on the GPU by `benchmarks/decode_probe.py`.
@@ -53,7 +53,8 @@ def matvec(w, scales, biases, group_size, *, x=None, residual=None, gate_up=None
 
 
 def attention(q, keys, values, offset, scale):
-    mask = mx.arange(keys.shape[2])[None] <= offset
+    """Row b attends over its positions 0..offset[b]."""
+    mask = (mx.arange(keys.shape[2])[None] <= offset[:, None])[:, None, None]
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask).reshape(-1)
 
 

@@ -71,6 +71,9 @@ def supported(model: nn.Module) -> bool:
     return True
 
 
+PAD_ROWS = 8  # MLX's CUDA quantized matmul: 8 rows cost about one, 2-7 rows about M
+
+
 def _dtype(model: nn.Module) -> mx.Dtype:
     return model.model.compute_dtype or model.model.norm.weight.dtype
 
@@ -88,19 +91,44 @@ def rows_supported(model: nn.Module) -> bool:
 
 
 class _KernelRowsView(RowsDecodeView):
-    # Each row attends over its own positions 0..offset[b] only: no mask, no padding read.
+    """Rows attending with the decode kernel over their own positions 0..offset[b] (no mask, no
+    padding read). Only the first `rows` are real: the rest pad the batch for the matmuls, and
+    neither write nor attend."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, rows: int):
+        super().__init__(keys, values, offset)
+        self.rows = rows
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        n = self.rows
+        real = RowsDecodeView(self.keys, self.values, self.offset[:n])
+        self.keys, self.values = real.update_and_fetch(k[:n], v[:n])
+        return self.keys, self.values
+
     def make_mask(self, L: int) -> None:
         return None
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
         B, H, L, D = q.shape
-        return kernels.decode_attention(q, k, v, self.offset, scale).reshape(B, H, L, D)
+        n = self.rows
+        out = kernels.decode_attention(q[:n], k, v, self.offset[:n], scale).reshape(n, H, L, D)
+        return out if n == B else mx.concatenate([out, q[n:]])  # pad rows: any values of the shape
 
 
 class KernelRowsDecoder(RowsDecoder):
-    """`RowsDecoder` whose attention is `cuda_kernels.decode_attention`, one row per block."""
+    """`RowsDecoder` whose attention is `cuda_kernels.decode_attention`, one row per block. A batch
+    of 2-7 rows runs as 8 (PAD_ROWS) through the model, so every matmul takes 8 rows as they are
+    instead of padding and slicing its own input (four times a layer)."""
 
-    view = _KernelRowsView
+    def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
+        B = tokens.shape[0]
+        pad = PAD_ROWS - B if 1 < B < PAD_ROWS else 0
+        if pad:
+            tokens = mx.concatenate([tokens, mx.zeros((pad, 1), tokens.dtype)])
+            offset = mx.concatenate([offset, mx.zeros((pad,), offset.dtype)])
+        views = [_KernelRowsView(buffers[i], buffers[i + 1], offset, B) for i in range(0, len(buffers), 2)]
+        logits = self._model()(tokens, views)[:B, -1, :]
+        return (logits, *[a for v in views for a in (v.keys, v.values)])
 
 
 class FusedDecoder:
@@ -158,8 +186,6 @@ class FusedDecoder:
         return (logits[None], *out)
 
 
-PAD_ROWS = 8
-
 
 def _q4_any(module: nn.Module) -> bool:
     return getattr(module, "mode", "affine") == "affine" and getattr(module, "bits", 0) == 4
@@ -167,11 +193,13 @@ def _q4_any(module: nn.Module) -> bool:
 
 def _padded(x: mx.array, matmul) -> mx.array:
     # MLX's CUDA quantized matmul runs 8 rows as fast as 1 but 2-7 rows about M times slower
-    # (benchmarks/batch_probe.py --matmul): a few rows are padded to 8 with zeros.
+    # (benchmarks/batch_probe.py --matmul): a few rows are padded to 8 with zeros. A batch's
+    # decode step is [B, 1, K]: as rows of one matrix, not B one-row products.
     rows = x.size // x.shape[-1]
-    if not 1 < rows < PAD_ROWS:
+    if not 1 < rows <= PAD_ROWS or x.ndim == 2 and rows == PAD_ROWS:
         return matmul(x)
-    y = matmul(mx.pad(x.reshape(rows, x.shape[-1]), [(0, PAD_ROWS - rows), (0, 0)]))
+    flat = x.reshape(rows, x.shape[-1])
+    y = matmul(mx.pad(flat, [(0, PAD_ROWS - rows), (0, 0)]) if rows < PAD_ROWS else flat)
     return y[:rows].reshape(*x.shape[:-1], -1)
 
 
