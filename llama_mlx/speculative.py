@@ -247,7 +247,10 @@ def speculative_generate_step(
                 drafts = mx.array(found, dtype=mx.uint32)
             k = drafts.size
 
-            logits = verify(mx.concatenate([mx.array([token_id], dtype=mx.uint32), drafts.astype(mx.uint32)])[None])[0]
+            if k:
+                logits = verify(mx.concatenate([mx.array([token_id], dtype=mx.uint32), drafts.astype(mx.uint32)])[None])[0]
+            else:  # nothing to check (no n-gram found): the backend's one-token step, as plain decoding runs
+                logits = step(mx.array([[token_id]], dtype=mx.uint32))
             if processors:
                 rows = [process(logits[i : i + 1], mx.concatenate([history, drafts[:i]])) for i in range(k + 1)]
                 lps = mx.concatenate(rows)
