@@ -173,7 +173,8 @@ def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> Non
                                                                               cuda.KernelRowsDecoder), "rows-kernel")
     rng = np.random.default_rng(0)
     for B in batches:
-        prompts = [[int(t) for t in rng.integers(3, min(model.args.vocab_size, 30000), size=prompt + b)] for b in range(B)]
+        top = min(model.args.vocab_size, 30000)
+        prompts = [[int(t) for t in rng.integers(3, top, size=prompt + b)] for b in range(B)]
         rows = []
         for p in prompts:
             cache = [KVCache() for _ in model.layers]

@@ -18,6 +18,11 @@ p_i given the ones before it, as with plain sampling. With a one-hot q the rule 
 probability p_i(d_i) and redraws from p_i with d_i removed. Greedy (temperature 0) takes the
 argmax of the processed log-probabilities at every position, as plain greedy decoding does: a
 draft is kept while it equals that argmax, and the first that differs is replaced by it.
+
+Prompt lookup backs off: after a round whose drafts were all rejected it drafts nothing for 1,
+then 2, 4, up to `LOOKUP_MAX_PAUSE` rounds (one-token steps, as plain decoding), and any accepted
+draft resets the pause. A text that copies nothing then costs a few wasted checks, not one a
+token (a K+1-token check costs up to K+1 one-token steps where decoding is compute-bound).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .cache import RotatingKVCache, make_prompt_cache
 from .errors import DraftModelError, SpeculativeError
 from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
 
-__all__ = ["SpeculativeToken", "accept_drafts", "check_draft", "lookup_draft", "speculative_generate_step"]
+__all__ = ["LOOKUP_MAX_PAUSE", "SpeculativeToken", "accept_drafts", "check_draft", "lookup_draft", "speculative_generate_step"]
 
 
 class SpeculativeToken(NamedTuple):
@@ -134,6 +139,9 @@ def accept_drafts(p: mx.array, q: Optional[mx.array], drafts: mx.array, next_key
     return n, mx.random.categorical(mx.log(residual), key=next_key())
 
 
+LOOKUP_MAX_PAUSE = 8
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model: nn.Module,
@@ -220,6 +228,7 @@ def speculative_generate_step(
         tokens = [int(t) for t in context] + prompt.tolist() + [token_id]
         verify = backends.verify_step(model, cache)
         drafted, next_clear = 0, 256
+        pause, backoff = 0, 1  # prompt lookup: rounds left without drafting, the next pause
         yielded += 1
         yield SpeculativeToken(token_id, logprobs[0], False, 0)
 
@@ -243,12 +252,14 @@ def speculative_generate_step(
                         dhistory = mx.concatenate([dhistory, d])
                 drafts = mx.concatenate(ds)
             else:
-                found = lookup_draft(tokens, prompt_lookup, k) if k else []
+                found = lookup_draft(tokens, prompt_lookup, k) if k and not pause else []
+                pause = max(0, pause - 1)
                 drafts = mx.array(found, dtype=mx.uint32)
             k = drafts.size
 
             if k:
-                logits = verify(mx.concatenate([mx.array([token_id], dtype=mx.uint32), drafts.astype(mx.uint32)])[None])[0]
+                checked = mx.concatenate([mx.array([token_id], dtype=mx.uint32), drafts.astype(mx.uint32)])
+                logits = verify(checked[None])[0]
             else:  # nothing to check (no n-gram found): the backend's one-token step, as plain decoding runs
                 logits = step(mx.array([[token_id]], dtype=mx.uint32))
             if processors:
@@ -266,6 +277,8 @@ def speculative_generate_step(
                 n, new = accept_drafts(mx.exp(distribution(lps)), q, drafts, next_key)
             mx.eval(drafts, n, new)
             n, new_id = int(n), int(new)
+            if dcache is None and k:
+                pause, backoff = (backoff, min(2 * backoff, LOOKUP_MAX_PAUSE)) if n == 0 else (0, 1)
             accepted = drafts[:n].tolist()
 
             for c in cache:

@@ -319,3 +319,15 @@ def test_greedy_with_logits_processors_equals_plain(tiny):
             assert sum(t.from_draft for t in got) > 0
         for g, (_, lp) in zip(got, want):  # the log-probabilities handed out are plain decoding's too
             np.testing.assert_allclose(np.array(g.logprobs), np.array(lp), atol=1e-4)
+
+
+def test_prompt_lookup_backs_off_when_its_drafts_fail(tiny):
+    """A random model copies nothing: every lookup draft is rejected. Lookup then pauses 1, 2, 4,
+    up to 8 rounds after each failed round (drafting every round, it checks about 49 drafts in
+    these 80 tokens), and the tokens are still plain greedy decoding's."""
+    prompt = mx.array([int(t) for t in np.random.default_rng(11).integers(0, 256, size=9)] * 3)
+    want = [t for t, _ in generate_step(prompt, tiny, max_tokens=80)]
+    got = list(speculative_generate_step(prompt, tiny, max_tokens=80, num_draft_tokens=3, prompt_lookup=3))
+    assert [t.token for t in got] == want
+    assert sum(t.from_draft for t in got) == 0
+    assert 0 < got[-1].drafted <= 24

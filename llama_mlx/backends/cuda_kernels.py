@@ -473,8 +473,8 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.a
     B, HQ, _, D = q.shape
     HKV, C = keys.shape[1], keys.shape[2]
     S = -(-C // ATTN_CHUNK)
-    template = [("T", q.dtype), ("HQ", HQ), ("HKV", HKV), ("C", C), ("D", D), ("CHUNK", ATTN_CHUNK), ("WARPS", ATTN_WARPS),
-                ("SCALE_BITS", _float_bits(scale))]
+    template = [("T", q.dtype), ("HQ", HQ), ("HKV", HKV), ("C", C), ("D", D), ("CHUNK", ATTN_CHUNK),
+                ("WARPS", ATTN_WARPS), ("SCALE_BITS", _float_bits(scale))]
     inputs = [q, keys, values, offset]
     launch = dict(grid=(HQ * ATTN_WARPS * 32, S, B), threadgroup=(ATTN_WARPS * 32, 1, 1))
     if S == 1:

@@ -3,7 +3,8 @@
 
 `GraphStep` runs the model's own graph. `CompiledStep` runs single tokens through one compiled
 graph over the cache's whole buffers (handed over, so updates happen in place) and anything else
-through the model; over a batch's cache (`BatchKVCache`) each row's token goes to its own position. Compiled graphs are kept per model in `GRAPHS`, holding the model weakly.
+through the model; over a batch's cache (`BatchKVCache`) each row's token goes to its own
+position. Compiled graphs are kept per model in `GRAPHS`, holding the model weakly.
 """
 
 from __future__ import annotations
