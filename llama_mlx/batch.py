@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import backends
-from .cache import KVCache
+from .cache import HandOver, KVCache
 from .errors import ContextLengthError, LlamaMLXError
 from .generate import GenerationResponse, Prompt, _prompt_tokens, _StopStrings, context_length
 from .sample import LogitsProcessor, Sampler, apply_processors
@@ -63,12 +63,14 @@ def _row_copy(keys: Optional[mx.array], values: Optional[mx.array], row: int, n:
     return KVCache.from_state([mx.contiguous(a[row : row + 1, :, :n]) for a in (keys, values)], {})
 
 
-class BatchKVCache:
+class BatchKVCache(HandOver):
     """Keys and values [B, heads, positions, head_dim] of B sequences, row b holding `lengths[b]`
     positions from position 0 (the rest is padding, masked out).
 
-    `offset` is the per-row length vector (int32 [B]) the model passes to RoPE. Capacity grows in
-    steps of `step` positions but never past `limit` (when set), the most any row may hold.
+    `offset` is the per-row length vector (int32 [B]) the model passes to RoPE, made from
+    `lengths` when first asked for (a compiled step reads only the first layer's). Capacity grows
+    in steps of `step` positions but never past `limit` (when set), the most any row may hold.
+    Compiled steps take its buffers whole (`HandOver`).
     """
 
     step = 256
@@ -76,13 +78,18 @@ class BatchKVCache:
     def __init__(self):
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
-        self.lengths: list[int] = []
         self.limit: Optional[int] = None
-        self.offset = mx.array([], dtype=mx.int32)
+        self._set_lengths([])
 
     def _set_lengths(self, lengths: list[int]) -> None:
         self.lengths = lengths
-        self.offset = mx.array(lengths, dtype=mx.int32)
+        self._offset: Optional[mx.array] = None
+
+    @property
+    def offset(self) -> mx.array:
+        if self._offset is None:
+            self._offset = mx.array(self.lengths, dtype=mx.int32)
+        return self._offset
 
     def _capacity(self, needed: int) -> int:
         cap = _round_up(needed, self.step)
@@ -119,17 +126,8 @@ class BatchKVCache:
             raise ValueError("an empty batch cache has no buffers to grow")
         self._grow(max(self.lengths) + n, self.keys)
 
-    def hand_over(self) -> tuple[mx.array, mx.array]:
-        """The whole key and value buffers; the cache keeps no reference until `take_back`."""
-        keys, values = self.keys, self.values
-        self.keys = self.values = None
-        return keys, values
-
-    def take_back(self, keys: mx.array, values: mx.array, advance: int = 0) -> None:
-        """Hold `keys` and `values` (as `hand_over` gave them, updated); every row grows by `advance`."""
-        self.keys, self.values = keys, values
-        if advance:
-            self._set_lengths([n + advance for n in self.lengths])
+    def _advance(self, n: int) -> None:
+        self._set_lengths([length + n for length in self.lengths])
 
     def make_mask(self, L: int) -> mx.array:
         """[B, 1, L, S] booleans, True where query i of row b may attend key j (j <= lengths[b] + i)."""

@@ -22,6 +22,7 @@ from .safetensors_file import check_safetensors
 
 __all__ = [
     "DecodeView",
+    "HandOver",
     "KVCache",
     "PromptCache",
     "QuantizedKVCache",
@@ -32,11 +33,33 @@ __all__ = [
 ]
 
 
-class KVCache:
-    """Keys and values [B, heads, positions, head_dim], preallocated in steps of `step` positions.
-
-    Compiled steps take the buffers whole: `reserve(n)`, then `hand_over()` (the cache holds
+class HandOver:
+    """Buffers a compiled step takes whole: `reserve(n)`, then `hand_over()` (the cache holds
     nothing meanwhile, so the step's writes happen in place), then `take_back(keys, values, n)`.
+    A cache says what advancing by n positions means (`_advance`)."""
+
+    keys: Optional[mx.array]
+    values: Optional[mx.array]
+
+    def hand_over(self) -> tuple[mx.array, mx.array]:
+        """The whole key and value buffers; the cache keeps no reference until `take_back`."""
+        keys, values = self.keys, self.values
+        self.keys = self.values = None
+        return keys, values
+
+    def take_back(self, keys: mx.array, values: mx.array, advance: int = 0) -> None:
+        """Hold `keys` and `values` (as `hand_over` gave them, updated), `advance` positions on."""
+        self.keys, self.values = keys, values
+        if advance:
+            self._advance(advance)
+
+    def _advance(self, n: int) -> None:
+        raise NotImplementedError
+
+
+class KVCache(HandOver):
+    """Keys and values [B, heads, positions, head_dim], preallocated in steps of `step` positions;
+    compiled steps take its buffers whole (`HandOver`).
     """
 
     step = 256
@@ -75,16 +98,8 @@ class KVCache:
             raise ValueError("an empty cache has no buffers to grow: update it first")
         self._grow(self.keys, self.values, self.offset + n)
 
-    def hand_over(self) -> tuple[mx.array, mx.array]:
-        """The whole key and value buffers; the cache keeps no reference until `take_back`."""
-        keys, values = self.keys, self.values
-        self.keys = self.values = None
-        return keys, values
-
-    def take_back(self, keys: mx.array, values: mx.array, advance: int = 0) -> None:
-        """Hold `keys` and `values` (as `hand_over` gave them, updated) and `advance` the offset."""
-        self.keys, self.values = keys, values
-        self.offset += advance
+    def _advance(self, n: int) -> None:
+        self.offset += n
 
     @property
     def state(self) -> list[mx.array]:
@@ -289,11 +304,17 @@ class DecodeView:
 
 
 class RowsDecodeView(DecodeView):
-    """A `DecodeView` of B rows, row b writing its token at its own position `offset[b]` (int32 [B])."""
+    """A `DecodeView` of B rows, row b writing its token at its own position `offset[b]` (int32 [B]).
+
+    The model may run more rows than the buffers hold (a backend pads a batch): `offset` then has
+    one entry per model row, and only the buffers' rows are written.
+    """
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, _, D = k.shape
-        at = mx.broadcast_to(self.offset[:, None, None, None], (B, H, 1, D))
+        B, H, _, D = self.keys.shape[0], *k.shape[1:]
+        if k.shape[0] != B:
+            k, v = k[:B], v[:B]
+        at = mx.broadcast_to(self.offset[:B, None, None, None], (B, H, 1, D))
         self.keys = mx.put_along_axis(self.keys, at, k, axis=2)
         self.values = mx.put_along_axis(self.values, at, v, axis=2)
         return self.keys, self.values

@@ -51,16 +51,11 @@ def _q4(module: nn.Module) -> bool:
 
 def supported(model: nn.Module) -> bool:
     """Whether `FusedDecoder` can run this model here (CUDA, fused 4-bit projections, fp16/bf16)."""
-    if not kernels.cuda_available() or getattr(model, "model_type", None) != "llama":
+    if getattr(model, "model_type", None) != "llama" or not rows_supported(model):
         return False
     args = model.args
-    dtype = model.model.compute_dtype
     head = model.model.embed_tokens if args.tie_word_embeddings else getattr(model, "lm_head", None)
     if head is None or not _q4(head):
-        return False
-    if dtype is None:
-        dtype = head.scales.dtype
-    if not kernels.attention_supported(args.num_attention_heads, args.num_key_value_heads, args.head_dim, dtype):
         return False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -75,12 +70,15 @@ PAD_ROWS = 8  # MLX's CUDA quantized matmul: 8 rows cost about one, 2-7 rows abo
 
 
 def _dtype(model: nn.Module) -> mx.Dtype:
-    return model.model.compute_dtype or model.model.norm.weight.dtype
+    # The activations': the compute dtype, else what the embedding hands out.
+    inner = model.model
+    embed = inner.embed_tokens
+    return inner.compute_dtype or (embed.scales.dtype if "scales" in embed else embed.weight.dtype)
 
 
 def rows_supported(model: nn.Module) -> bool:
-    """Whether `KernelRowsDecoder` can run this model here (CUDA, fp16/bf16, a head layout the
-    attention kernel takes)."""
+    """Whether `KernelRowsDecoder` (and the attention of `FusedDecoder`) can run this model here:
+    CUDA, fp16/bf16 activations, a head layout the attention kernel takes."""
     args = getattr(model, "args", None)
     return (
         kernels.cuda_available()
@@ -92,25 +90,14 @@ def rows_supported(model: nn.Module) -> bool:
 
 class _KernelRowsView(RowsDecodeView):
     """Rows attending with the decode kernel over their own positions 0..offset[b] (no mask, no
-    padding read). Only the first `rows` are real: the rest pad the batch for the matmuls, and
-    neither write nor attend."""
-
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, rows: int):
-        super().__init__(keys, values, offset)
-        self.rows = rows
-
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        n = self.rows
-        real = RowsDecodeView(self.keys, self.values, self.offset[:n])
-        self.keys, self.values = real.update_and_fetch(k[:n], v[:n])
-        return self.keys, self.values
+    padding read); rows the model runs beyond the buffers' (padding) attend to nothing."""
 
     def make_mask(self, L: int) -> None:
         return None
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
         B, H, L, D = q.shape
-        n = self.rows
+        n = k.shape[0]
         out = kernels.decode_attention(q[:n], k, v, self.offset[:n], scale).reshape(n, H, L, D)
         return out if n == B else mx.concatenate([out, q[n:]])  # pad rows: any values of the shape
 
@@ -120,15 +107,15 @@ class KernelRowsDecoder(RowsDecoder):
     of 2-7 rows runs as 8 (PAD_ROWS) through the model, so every matmul takes 8 rows as they are
     instead of padding and slicing its own input (four times a layer)."""
 
-    def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
+    view = _KernelRowsView
+
+    def pad(self, tokens: mx.array, offset: mx.array) -> tuple[mx.array, mx.array]:
         B = tokens.shape[0]
-        pad = PAD_ROWS - B if 1 < B < PAD_ROWS else 0
-        if pad:
-            tokens = mx.concatenate([tokens, mx.zeros((pad, 1), tokens.dtype)])
-            offset = mx.concatenate([offset, mx.zeros((pad,), offset.dtype)])
-        views = [_KernelRowsView(buffers[i], buffers[i + 1], offset, B) for i in range(0, len(buffers), 2)]
-        logits = self._model()(tokens, views)[:B, -1, :]
-        return (logits, *[a for v in views for a in (v.keys, v.values)])
+        if not 1 < B < PAD_ROWS:
+            return tokens, offset
+        pad = PAD_ROWS - B
+        return (mx.concatenate([tokens, mx.zeros((pad, 1), tokens.dtype)]),
+                mx.concatenate([offset, mx.zeros((pad,), offset.dtype)]))
 
 
 class FusedDecoder:

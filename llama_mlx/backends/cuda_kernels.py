@@ -11,8 +11,8 @@ what the MLX graph would run as several:
   q, k and v. Each lane loads its share of a weight row as 16-byte words before the prologue,
   so the row is in flight while x is staged.
 - `decode_attention`: attention of one query token per row over the first `offset[b] + 1`
-  positions of that row's fixed-capacity K/V buffers, `offset` being an array: a compiled step never retraces per token
-  and never reads unwritten positions. Each warp scores 32 positions at a time (a lane each),
+  positions of that row's fixed-capacity K/V buffers, `offset` being an array: a compiled step
+  never retraces per token and never reads unwritten positions. Each warp scores 32 positions at a time (a lane each),
   with an online softmax; blocks of 128 positions are merged by a second kernel.
 
 Every function here needs the CUDA backend (`cuda_available()`); callers fall back to MLX ops.
@@ -343,7 +343,8 @@ def fused_matvec(
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-# q: [B*Hq*D], k/v: [B, Hkv, C, D], offset: [B] int32 (the position each row just wrote); row b is blockIdx.z.
+# q: [B*Hq*D], k/v: [B, Hkv, C, D], offset: [B] int32 (the position each row just wrote);
+# row b is blockIdx.z.
 # SINGLE: out [B*Hq*D]; otherwise o_part [B*Hq, S, D] and ml [B*Hq, S, 2] (float), merged below.
 _ATTENTION = r"""
   constexpr int S = (C + CHUNK - 1) / CHUNK;

@@ -55,8 +55,8 @@ class CompiledStep(GraphStep):
 
     def __call__(self, tokens: mx.array) -> mx.array:
         B, L = tokens.shape
-        rows = self.kind.startswith("rows")
         offset = self.cache[0].offset
+        rows = isinstance(offset, mx.array)  # a batch's cache: a position per row
         empty = self.cache[0].keys is None if rows else offset == 0
         if L != 1 or empty or (self.kind == "fused" and B != 1):
             return super().__call__(tokens)
@@ -86,9 +86,17 @@ class MaskedDecoder:
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)
 
+    def pad(self, tokens: mx.array, offset: mx.array) -> tuple[mx.array, mx.array]:
+        """Extra rows the model runs beside the buffers' (a backend's choice; none here)."""
+        return tokens, offset
+
     def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
+        B = tokens.shape[0]
+        tokens, offset = self.pad(tokens, offset)
         views = [self.view(buffers[i], buffers[i + 1], offset) for i in range(0, len(buffers), 2)]
         logits = self._model()(tokens, views)[:, -1, :]
+        if logits.shape[0] != B:
+            logits = logits[:B]
         return (logits, *[a for v in views for a in (v.keys, v.values)])
 
 
