@@ -218,7 +218,7 @@ def stream_generate(
     draft_model: Optional[nn.Module] = None,
     draft_tokenizer: Any = None,
     draft_cache: Optional[PromptCache] = None,
-    num_draft_tokens: int = 3,
+    num_draft_tokens: Optional[int] = None,
     prompt_lookup: Optional[int] = None,
     prefill_seconds: Optional[float] = None,
 ) -> Generator[GenerationResponse, None, None]:
@@ -229,7 +229,7 @@ def stream_generate(
     tokens after the prefix it already holds are prefilled, and it holds the answer afterwards.
 
     Speculative decoding (off by default; `speculative.speculative_generate_step`): `draft_model`
-    drafts `num_draft_tokens` a round (its tokenizer, when given as `draft_tokenizer`, must equal
+    drafts `num_draft_tokens` a round (default: the backend's; its tokenizer, when given as `draft_tokenizer`, must equal
     the target's: else `DraftModelError`; `draft_cache` is its PromptCache, kept across turns like
     `prompt_cache`), or `prompt_lookup=n` drafts from the last n-gram (n..1) found earlier in the
     prompt and answer. The tokens are distributed as without it (greedy: the same tokens).

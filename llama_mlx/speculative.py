@@ -147,7 +147,7 @@ def speculative_generate_step(
     model: nn.Module,
     *,
     draft_model: Optional[nn.Module] = None,
-    num_draft_tokens: int = 3,
+    num_draft_tokens: Optional[int] = None,
     prompt_lookup: Optional[int] = None,
     max_tokens: int = 256,
     sampler: Optional[Sampler] = None,
@@ -163,8 +163,8 @@ def speculative_generate_step(
     prompt_progress=None,
 ) -> Generator[SpeculativeToken, None, None]:
     """Yield `SpeculativeToken`s (token, logprobs, from_draft, drafted) for up to `max_tokens` new
-    tokens, drafting `num_draft_tokens` a round with `draft_model` or by `prompt_lookup` (the
-    longest n-gram tried; exactly one of the two).
+    tokens, drafting `num_draft_tokens` a round (default: the backend's, `backends.draft_tokens`)
+    with `draft_model` or by `prompt_lookup` (the longest n-gram tried; exactly one of the two).
 
     `prompt` and `prompt_cache` are as in `generate_step`; `context` holds the tokens already in
     `prompt_cache` (prompt lookup searches them too). `draft_cache` is the draft model's cache and
@@ -175,6 +175,8 @@ def speculative_generate_step(
     """
     if (draft_model is None) == (prompt_lookup is None):
         raise SpeculativeError("speculative decoding needs exactly one draft source: a draft model or prompt lookup")
+    if num_draft_tokens is None:
+        num_draft_tokens = backends.draft_tokens(lookup=prompt_lookup is not None)
     if num_draft_tokens < 1:
         raise SpeculativeError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
     if prompt_lookup is not None and prompt_lookup < 1:

@@ -101,7 +101,7 @@ def serve(
     dtype: DtypeOpt = "auto",
     pipeline: PipelineOpt = False,
     draft_model: DraftModelOpt = None,
-    num_draft_tokens: NumDraftTokensOpt = 3,
+    num_draft_tokens: NumDraftTokensOpt = None,
     prompt_lookup: PromptLookupOpt = None,
     log_level: Annotated[str, typer.Option(
         "--log-level", metavar="LEVEL", help="uvicorn's log level: critical, error, warning, info, debug.",

@@ -324,10 +324,13 @@ def test_greedy_with_logits_processors_equals_plain(tiny):
 def test_prompt_lookup_backs_off_when_its_drafts_fail(tiny):
     """A random model copies nothing: every lookup draft is rejected. Lookup then pauses 1, 2, 4,
     up to 8 rounds after each failed round (drafting every round, it checks about 49 drafts in
-    these 80 tokens), and the tokens are still plain greedy decoding's."""
+    these 80 tokens), and the tokens are still plain greedy decoding's. Not told how many to draft,
+    lookup drafts 3 a round on the CPU (where a check of L positions costs nearly L steps)."""
     prompt = mx.array([int(t) for t in np.random.default_rng(11).integers(0, 256, size=9)] * 3)
     want = [t for t, _ in generate_step(prompt, tiny, max_tokens=80)]
-    got = list(speculative_generate_step(prompt, tiny, max_tokens=80, num_draft_tokens=3, prompt_lookup=3))
+    got = list(speculative_generate_step(prompt, tiny, max_tokens=80, prompt_lookup=3))
     assert [t.token for t in got] == want
     assert sum(t.from_draft for t in got) == 0
     assert 0 < got[-1].drafted <= 24
+    rounds = sorted({t.drafted for t in got})
+    assert max(b - a for a, b in zip([0] + rounds, rounds)) == 3
