@@ -229,10 +229,11 @@ def stream_generate(
     tokens after the prefix it already holds are prefilled, and it holds the answer afterwards.
 
     Speculative decoding (off by default; `speculative.speculative_generate_step`): `draft_model`
-    drafts `num_draft_tokens` a round (default: the backend's; its tokenizer, when given as `draft_tokenizer`, must equal
+    drafts `num_draft_tokens` a round (its tokenizer, when given as `draft_tokenizer`, must equal
     the target's: else `DraftModelError`; `draft_cache` is its PromptCache, kept across turns like
     `prompt_cache`), or `prompt_lookup=n` drafts from the last n-gram (n..1) found earlier in the
-    prompt and answer. The tokens are distributed as without it (greedy: the same tokens).
+    prompt and answer; `num_draft_tokens=None` takes the backend's (`backends.draft_tokens`). The
+    tokens are distributed as without it (greedy: the same tokens).
     """
     ids = _prompt_tokens(tokenizer, prompt)
     if not ids:

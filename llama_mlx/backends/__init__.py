@@ -30,7 +30,9 @@ from ..cache import KVCache
 from . import cpu, cuda, fusion
 from .steps import GRAPHS, AllPositionsStep, CompiledStep, GraphStep, MaskedDecoder, RowsDecoder
 
-__all__ = ["Step", "compute_dtype", "decode_step", "draft_tokens", "prepare", "rows_step", "verify_step", "warmup_batch_sizes"]
+__all__ = [
+    "Step", "compute_dtype", "decode_step", "draft_tokens", "prepare", "rows_step", "verify_step", "warmup_batch_sizes",
+]
 
 Step = Callable[[mx.array], mx.array]
 
