@@ -171,6 +171,9 @@ def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> Non
     if cuda.rows_supported(model):
         variants["rows-kernel"] = lambda c: CompiledStep(model, c, GRAPHS.get(model, "rows-kernel",
                                                                               cuda.KernelRowsDecoder), "rows-kernel")
+    if cuda.fused_rows_supported(model):
+        variants["rows-fused"] = lambda c: CompiledStep(model, c, GRAPHS.get(model, "rows-fused",
+                                                                             cuda.FusedRowsDecoder), "rows-fused")
     rng = np.random.default_rng(0)
     for B in batches:
         top = min(model.args.vocab_size, 30000)

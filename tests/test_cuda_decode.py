@@ -93,3 +93,109 @@ def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, tied, tradit
         want.append(np.array(theirs(token, cache=their_cache)[:, -1, :]))
     np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), atol=1e-4, rtol=0)
     assert cache[0].offset == 262 and cache[0].keys.shape[2] == 512
+
+
+def rows_matmul(w, scales, biases, group_size, *, x=None, residual=None, gate_up=None, rope=None):
+    """`cuda_kernels.rows_matmul` as its docstring says: `matvec` on each row, at that row's position."""
+    R = (x if x is not None else residual[0] if residual is not None else gate_up).shape[0]
+    rows = []
+    for r in range(R):
+        one = dict(x=None if x is None else x[r], gate_up=None if gate_up is None else gate_up[r],
+                   residual=None if residual is None else (residual[0][r], residual[1][r], *residual[2:]),
+                   rope=None if rope is None else dict(rope, offset=rope["offset"][r : r + 1]))
+        out = matvec(w, scales, biases, group_size, **one)
+        rows.append(out if isinstance(out, tuple) else (out,))
+    outs = [mx.concatenate(parts) if parts[0].ndim == 4 else mx.stack(parts) for parts in zip(*rows)]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def shared_attention(q, keys, values, offset, scale, shared=False):
+    """`cuda_kernels.decode_attention`: row b over its positions 0..offset[b], of one shared sequence
+    when `shared`."""
+    if shared:
+        keys = mx.broadcast_to(keys, (q.shape[0], *keys.shape[1:]))
+        values = mx.broadcast_to(values, (q.shape[0], *values.shape[1:]))
+    return attention(q, keys, values, offset, scale)
+
+
+def fused_pair(monkeypatch, tied, traditional):
+    from mlx_lm.models import llama as mlx_lm_llama
+
+    monkeypatch.setattr(cuda, "fused_rows_supported", lambda model: True)
+    monkeypatch.setattr(cuda.kernels, "rows_matmul", rows_matmul)
+    monkeypatch.setattr(cuda.kernels, "decode_attention", shared_attention)
+    config = dict(CONFIG, tie_word_embeddings=tied, rope_traditional=traditional)
+    mx.random.seed(5)
+    theirs = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(config))
+    nn.quantize(theirs, group_size=32, bits=4)
+    for _, m in theirs.named_modules():
+        if isinstance(m, nn.RMSNorm):
+            m.weight = 1.0 + 0.3 * mx.random.normal(m.weight.shape)
+    ours = Model(ModelArgs.from_dict(config))
+    nn.quantize(ours, group_size=32, bits=4)
+    ours.load_weights(tree_flatten(theirs.parameters()), strict=True)
+    fusion.fuse(ours)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])
+def test_fused_rows_step_gives_each_row_mlx_lm_logits_alone(monkeypatch, tied, traditional):
+    """The batch step CUDA runs for 4-bit models (`FusedRowsDecoder`: every layer in few-row kernels,
+    here MLX ops doing what their docstrings say) over rows of different lengths, rows joining and
+    leaving: each row's logits are mlx-lm's for that sequence alone."""
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    from llama_mlx.batch import BatchKVCache
+    from llama_mlx.cache import KVCache
+
+    ours, theirs = fused_pair(monkeypatch, tied, traditional)
+    rng = np.random.default_rng(6)
+    prompts = [[int(t) for t in rng.integers(0, 256, size=n)] for n in (3, 40, 17)]
+    batch = [BatchKVCache() for _ in ours.layers]
+    theirs_caches = []
+    for p in prompts:
+        cache = [KVCache() for _ in ours.layers]
+        ours(mx.array([p]), cache)
+        for layer, c in zip(batch, cache):
+            layer.add(c.keys, c.values, c.offset)
+        tc = mlx_lm_cache(theirs)
+        theirs(mx.array([p]), cache=tc)
+        theirs_caches.append(tc)
+    step = backends.rows_step(ours, batch, compile=True)
+    assert step.kind == "rows-fused"
+    for i in range(6):
+        if i == 3:  # the second row leaves
+            for c in batch:
+                c.keep([0, 2])
+            del theirs_caches[1]
+        tokens = [int(t) for t in rng.integers(0, 256, size=len(theirs_caches))]
+        got = np.array(step(mx.array([[t] for t in tokens])))
+        for b, (t, tc) in enumerate(zip(tokens, theirs_caches)):
+            want = np.array(theirs(mx.array([[t]]), cache=tc)[0, -1])
+            np.testing.assert_allclose(got[b], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])
+def test_fused_check_step_gives_mlx_lm_logits_at_every_position(monkeypatch, tied, traditional):
+    """The speculative check CUDA runs for 4-bit models (`FusedCheckDecoder` through
+    `backends.verify_step`): L = 1..16 positions after a prompt, each position's logits are mlx-lm's,
+    and the cache holds the L positions afterwards (then trimmed, as a rejection does)."""
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    ours, theirs = fused_pair(monkeypatch, tied, traditional)
+    rng = np.random.default_rng(7)
+    prompt = mx.array(rng.integers(0, 256, size=(1, 30)).astype(np.int32))
+    cache = make_prompt_cache(len(ours.layers))
+    ours(prompt, cache)
+    step = backends.verify_step(ours, cache)
+    assert step.kind == "check-fused"
+    for L in (1, 5, 16, 17):
+        draft = mx.array(rng.integers(0, 256, size=(1, L)).astype(np.int32))
+        tc = mlx_lm_cache(theirs)
+        theirs(prompt, cache=tc)
+        want = np.array(theirs(draft, cache=tc))
+        got = np.array(step(draft))
+        assert got.shape == want.shape and cache[0].offset == 30 + L
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        for c in cache:
+            c.trim(L)

@@ -10,7 +10,8 @@
   the model's graph, or on request a compiled masked step (`steps`).
 - `rows_step(model, cache, compile=)`: the step a batch decodes with, one token per row over
   per-layer `BatchKVCache`s: on GPUs one compiled graph (`steps.RowsDecoder`; on CUDA with the
-  attention kernel, `cuda.KernelRowsDecoder`), on the CPU the model's graph.
+  attention kernel, `cuda.KernelRowsDecoder`, or with 4-bit models all fused, `cuda.FusedRowsDecoder`),
+  on the CPU the model's graph.
 - `warmup_batch_sizes(bound)`: how many batch sizes a server runs once before serving.
 - `verify_step(model, cache)`: the step speculative decoding checks drafts with, `step(tokens[B, L])
   -> logits[B, L, vocab]` of every position (the K drafts and the token after them, in one forward).
@@ -28,7 +29,7 @@ import mlx.nn as nn
 
 from ..cache import KVCache
 from . import cpu, cuda, fusion
-from .steps import GRAPHS, AllPositionsStep, CompiledStep, GraphStep, MaskedDecoder, RowsDecoder
+from .steps import GRAPHS, AllPositionsStep, CompiledCheckStep, CompiledStep, GraphStep, MaskedDecoder, RowsDecoder
 
 __all__ = [
     "Step", "compute_dtype", "decode_step", "draft_tokens", "prepare", "rows_step", "verify_step", "warmup_batch_sizes",
@@ -99,22 +100,31 @@ def rows_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -> 
     `compile`: None compiles on GPUs, where a step of B rows would otherwise pay for its graph's
     nodes on the host, and keeps the graph on the CPU, which is bound by compute; True/False force
     it. The compiled graph runs over the cache's whole buffers, traced once per batch size and
-    capacity; on CUDA its attention is the decode kernel (`cuda.rows_supported`). `kind` says which
-    runs: "graph", "rows" or "rows-kernel".
+    capacity; on CUDA its attention is the decode kernel (`cuda.rows_supported`), and for 4-bit
+    models every layer is fused (`cuda.fused_rows_supported`). `kind` says which runs: "graph",
+    "rows", "rows-kernel" or "rows-fused".
     """
     if not (compile if compile is not None else mx.default_device() == mx.gpu):
         return GraphStep(model, cache)
-    kernel = cuda.rows_supported(model)
-    kind = "rows-kernel" if kernel else "rows"
-    graph = GRAPHS.get(model, kind, cuda.KernelRowsDecoder if kernel else RowsDecoder)
-    return CompiledStep(model, cache, graph, kind)
+    if cuda.fused_rows_supported(model):
+        kind, make = "rows-fused", cuda.FusedRowsDecoder
+    elif cuda.rows_supported(model):
+        kind, make = "rows-kernel", cuda.KernelRowsDecoder
+    else:
+        kind, make = "rows", RowsDecoder
+    return CompiledStep(model, cache, GRAPHS.get(model, kind, make), kind)
 
 
 def verify_step(model: nn.Module, cache: list) -> Step:
     """The step that checks K draft tokens: `step(tokens[B, L]) -> logits[B, L, vocab]` of every
-    position, updating `cache` with all L. The model's graph on every backend: a multi-token
-    forward is one large matmul per weight, which the graph already runs well.
+    position, updating `cache` with all L. On CUDA (`cuda.fused_rows_supported`, plain caches) up
+    to 16 positions run through `cuda.FusedCheckDecoder`, compiled (kind "check-fused"): the
+    graph's multi-token step costs about two one-token steps there, bound by its nodes' host time.
+    Elsewhere the model's graph (kind "verify"), where L positions are one large matmul per weight.
     """
+    if all(type(c) is KVCache for c in cache) and cuda.fused_rows_supported(model):
+        graph = GRAPHS.get(model, "check-fused", cuda.FusedCheckDecoder)
+        return CompiledCheckStep(model, cache, graph, cuda.kernels.ROWS_MAX)
     return AllPositionsStep(model, cache)
 
 

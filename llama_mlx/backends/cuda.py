@@ -29,11 +29,14 @@ from .fusion import FusedAttention, FusedMLP
 from .steps import RowsDecoder
 
 __all__ = [
+    "FusedCheckDecoder",
     "FusedDecoder",
+    "FusedRowsDecoder",
     "KernelRowsDecoder",
     "PaddedQuantizedEmbedding",
     "PaddedQuantizedLinear",
     "pad_small_matmuls",
+    "fused_rows_supported",
     "rows_supported",
     "supported",
 ]
@@ -49,21 +52,38 @@ def _q4(module: nn.Module) -> bool:
     )
 
 
-def supported(model: nn.Module) -> bool:
-    """Whether `FusedDecoder` can run this model here (CUDA, fused 4-bit projections, fp16/bf16)."""
+def _q4_rows(module: nn.Module) -> bool:
+    return (_q4(module) and module["weight"].shape[0] % 16 == 0
+            and kernels.rows_matmul_supported(module["weight"].shape[1] * 8, module["weight"].shape[0], 4,
+                                              module.group_size))
+
+
+def _fused_projections(model: nn.Module, q4) -> bool:
+    # Fused q/k/v and gate/up, every projection and the output head 4-bit affine as `q4` takes them.
     if getattr(model, "model_type", None) != "llama" or not rows_supported(model):
         return False
     args = model.args
     head = model.model.embed_tokens if args.tie_word_embeddings else getattr(model, "lm_head", None)
-    if head is None or not _q4(head):
+    if head is None or not q4(head):
         return False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not isinstance(attn, FusedAttention) or not isinstance(mlp, FusedMLP):
             return False
-        if not all(_q4(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+        if not all(q4(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
             return False
     return True
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether `FusedDecoder` can run this model here (CUDA, fused 4-bit projections, fp16/bf16)."""
+    return _fused_projections(model, _q4)
+
+
+def fused_rows_supported(model: nn.Module) -> bool:
+    """Whether `FusedRowsDecoder` and `FusedCheckDecoder` can run this model here: as `supported`,
+    with every projection's shape one `cuda_kernels.rows_matmul` takes."""
+    return _fused_projections(model, _q4_rows)
 
 
 PAD_ROWS = 8  # MLX's CUDA quantized matmul: 8 rows cost about one, 2-7 rows about M
@@ -221,3 +241,75 @@ def pad_small_matmuls(model: nn.Module) -> int:
             m.__class__ = PaddedQuantizedEmbedding
             changed += 1
     return changed
+
+
+class _FusedRows(FusedDecoder):
+    """The layers of `FusedDecoder` over R <= 16 rows at once (`cuda_kernels.rows_matmul`): each
+    row's own position, its keys and values written and attended by `attend(layer, q, k, v)`."""
+
+    def rows(self, tokens: mx.array, positions: mx.array, attend) -> mx.array:
+        model = self._model()
+        inner = model.model
+        R = tokens.size
+        a = inner.embed_tokens(tokens.reshape(-1))
+        if inner.compute_dtype is not None:
+            a = a.astype(inner.compute_dtype)
+        b = mx.zeros_like(a)
+
+        def norm(module: nn.Module) -> mx.array:
+            return module.weight.astype(a.dtype)
+
+        rope = dict(self.rope, offset=positions)
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v, h = kernels.rows_matmul(
+                *self._weights(attn.qkv_proj), residual=(a, b, norm(layer.input_layernorm), self.eps), rope=rope
+            )
+            o = kernels.rows_matmul(*self._weights(attn.o_proj), x=attend(i, q, k, v).reshape(R, -1))
+            gu, h = kernels.rows_matmul(
+                *self._weights(mlp.gate_up_proj), residual=(h, o, norm(layer.post_attention_layernorm), self.eps)
+            )
+            a, b = h, kernels.rows_matmul(*self._weights(mlp.down_proj), gate_up=gu)
+        head = inner.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+        logits, _ = kernels.rows_matmul(*self._weights(head), residual=(a, b, norm(inner.norm), self.eps))
+        return logits
+
+
+class FusedRowsDecoder(_FusedRows):
+    """`decoder(tokens[B, 1], offset, *kv_buffers) -> (logits[B, vocab], *kv_buffers)` over a batch's
+    buffers [B, Hkv, capacity, D], row b's token at position offset[b] (int32 [B]), for
+    `mx.compile`: about eight graph nodes a layer for all rows. Batches over `ROWS_MAX` rows run
+    as `KernelRowsDecoder`."""
+
+    def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
+        B = tokens.shape[0]
+        if B > kernels.ROWS_MAX:
+            return KernelRowsDecoder(self._model())(tokens, offset, *buffers)
+        out = list(buffers)
+
+        def attend(i, q, k, v):
+            at = mx.broadcast_to(offset[:, None, None, None], k.shape)
+            out[2 * i] = mx.put_along_axis(out[2 * i], at, k, axis=2)
+            out[2 * i + 1] = mx.put_along_axis(out[2 * i + 1], at, v, axis=2)
+            return kernels.decode_attention(q, out[2 * i], out[2 * i + 1], offset, self.scale)
+
+        return (self.rows(tokens, offset, attend), *out)
+
+
+class FusedCheckDecoder(_FusedRows):
+    """`decoder(tokens[1, L], offset, *kv_buffers) -> (logits[1, L, vocab], *kv_buffers)`: L <= 16
+    positions of one sequence from `offset` (int32 [1]) on, each attending over what precedes it
+    and itself, every position's logits: a speculative check in about eight graph nodes a layer."""
+
+    def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
+        L = tokens.shape[1]
+        positions = offset + mx.arange(L, dtype=mx.int32)
+        out = list(buffers)
+
+        def attend(i, q, k, v):
+            # [L, Hkv, 1, D] -> [1, Hkv, L, D]: the L positions, written at offset
+            out[2 * i] = mx.slice_update(out[2 * i], k.transpose(2, 1, 0, 3), offset, axes=(2,))
+            out[2 * i + 1] = mx.slice_update(out[2 * i + 1], v.transpose(2, 1, 0, 3), offset, axes=(2,))
+            return kernels.decode_attention(q, out[2 * i], out[2 * i + 1], positions, self.scale, shared=True)
+
+        return (self.rows(tokens, positions, attend)[None], *out)

@@ -31,6 +31,9 @@ __all__ = [
     "decode_attention",
     "fused_matvec",
     "matvec_supported",
+    "rows_matmul",
+    "rows_matmul_supported",
+    "ROWS_MAX",
 ]
 
 ROWS_PER_BLOCK = 16  # one warp per output row
@@ -356,7 +359,7 @@ _ATTENTION = r"""
   const int hq = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
   const int bh = row * HQ + hq;
   const int kvh = hq / (HQ / HKV);
-  const size_t kv_row = (size_t)row * HKV * C * D;
+  const size_t kv_row = SHARED ? 0 : (size_t)row * HKV * C * D;  // SHARED: rows of one sequence
   const int n = offset[row] + 1;
   for (int d = threadIdx.x; d < D; d += blockDim.x)
     qs[d] = static_cast<float>(q[bh * D + d]) * (__int_as_float(SCALE_BITS) * LOG2E);
@@ -465,17 +468,20 @@ def attention_supported(q_heads: int, kv_heads: int, head_dim: int, dtype: mx.Dt
     return head_dim % 32 == 0 and q_heads % kv_heads == 0 and dtype in (mx.float16, mx.bfloat16)
 
 
-def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
+def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float,
+                     shared: bool = False) -> mx.array:
     """Attention of one token per row over that row's positions 0..offset[b] of K/V buffers, on CUDA.
 
     q: [B, Hq, 1, D]; keys/values: [B, Hkv, C, D] buffers in q's dtype; offset: int32 array of
     shape [B], the position each row's token was just written at. Returns [B * Hq * D].
+    shared: the rows are positions of one sequence, all attending over buffers [1, Hkv, C, D]
+    (a speculative check: row i at offset[i] sees itself and what precedes it).
     """
     B, HQ, _, D = q.shape
     HKV, C = keys.shape[1], keys.shape[2]
     S = -(-C // ATTN_CHUNK)
     template = [("T", q.dtype), ("HQ", HQ), ("HKV", HKV), ("C", C), ("D", D), ("CHUNK", ATTN_CHUNK),
-                ("WARPS", ATTN_WARPS), ("SCALE_BITS", _float_bits(scale))]
+                ("WARPS", ATTN_WARPS), ("SCALE_BITS", _float_bits(scale)), ("SHARED", shared)]
     inputs = [q, keys, values, offset]
     launch = dict(grid=(HQ * ATTN_WARPS * 32, S, B), threadgroup=(ATTN_WARPS * 32, 1, 1))
     if S == 1:
@@ -490,3 +496,399 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.a
         grid=(B * HQ * D, 1, 1), threadgroup=(D, 1, 1), output_shapes=[(B * HQ * D,)], output_dtypes=[q.dtype],
     )
     return out
+
+
+# Few-row matmuls (a batch's decode step, a speculative check): tensor-core mma.sync m16n8k16 on
+# raw 4-bit codes, scales and biases applied per 32-input chunk. Helpers by activation type.
+_ROWS_HEADER = r"""
+// Staged position e of 8 inputs holds input perm8(e): 0 4 2 6 1 5 3 7 (e's bits reversed).
+__device__ __forceinline__ constexpr int perm8(int e) { return ((e & 1) << 2) | (e & 2) | (e >> 2); }
+// Two 4-bit codes (bits 0-3 and 16-19 of m) as a pair of exact 16-bit floats: OR-ing them into
+// the mantissa of 1024 (half) or 128 (bfloat16), then subtracting that constant.
+__device__ __forceinline__ uint32_t codes(uint32_t m, __half) {
+  uint32_t u = m | 0x64006400u, c = 0x64006400u;
+  __half2 h = __hsub2(*reinterpret_cast<__half2*>(&u), *reinterpret_cast<__half2*>(&c));
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+__device__ __forceinline__ uint32_t codes(uint32_t m, __nv_bfloat16) {
+  uint32_t u = m | 0x43004300u, c = 0x43004300u;
+  __nv_bfloat162 h = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&u), *reinterpret_cast<__nv_bfloat162*>(&c));
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+__device__ __forceinline__ void mma(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, __half) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, __nv_bfloat16) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+"""
+
+# Template constants: T, S, K, N, G, PRO, EPI, EPS_BITS, NQ, NKV, D, TRAD as for _MATVEC, and
+# R (rows given), M (rows run: 8 or 16), KS (inputs per block: K, or K / SPLIT), SPLIT (blocks
+# along K; above 1 the output is float partial sums), XS (staged row stride, in elements).
+#
+# A warp computes a tile of 16 output rows (weights: the mma's A, rows g and g + 8 per lane) for
+# all M rows (x: B, from shared memory) over every fourth 32-input chunk of the block's slice;
+# the block's 2 x 4 warps are 2 tiles times 4 chunk phases, summed through shared memory. Lane
+# (g, c) holds word c of a chunk (inputs 8c..8c+7): the mma's k order within a chunk is permuted
+# to match (codes 0,4 | 2,6 for the first mma, 1,5 | 3,7 for the second), and x is staged in
+# that order, so a lane's B registers for a chunk are one 16-byte load.
+_ROWS = r"""
+  constexpr int RT = 2, KW = 4, WARPS = RT * KW;
+  constexpr int NT = M / 8;
+  constexpr int CH = KS / 32;
+  constexpr int BATCH = 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* xs = reinterpret_cast<T*>(smem_raw);                  // [M][XS]
+  float* xsum = reinterpret_cast<float*>(xs + M * XS);     // [M][CH]
+  float* red = xsum + M * CH;                              // [KW - 1][RT][32][NT * 4]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int rt = warp % RT, kw = warp / RT;
+  const int tile = blockIdx.x * RT + rt;
+  const bool live = tile < N / 16;
+  const int k0 = blockIdx.y * KS;
+  // With RoPE, a tile's rows g and g + 8 are the two halves of rotation pair p of one head.
+  int row_a = tile * 16 + g, row_b = row_a + 8, pair = 0;
+  if (EPI == 1) {
+    const int head = tile / (D / 16);
+    pair = (tile % (D / 16)) * 8 + g;
+    row_a = head * D + (TRAD ? 2 * pair : pair);
+    row_b = head * D + (TRAD ? 2 * pair + 1 : pair + D / 2);
+  }
+  const size_t ra = live ? row_a : 0, rb = live ? row_b : 0;
+  const uint32_t* wa = reinterpret_cast<const uint32_t*>(w) + ra * (K / 8) + k0 / 8 + c;
+  const uint32_t* wb = reinterpret_cast<const uint32_t*>(w) + rb * (K / 8) + k0 / 8 + c;
+
+  uint32_t qa[BATCH], qb[BATCH];
+  #pragma unroll
+  for (int i = 0; i < BATCH; i++) {
+    const int j = kw + KW * i;
+    qa[i] = (live && j < CH) ? wa[j * 4] : 0u;
+    qb[i] = (live && j < CH) ? wb[j * 4] : 0u;
+  }
+
+  // Stage x: warp t stages rows t, t + 8; lane takes units of 8 inputs (a chunk is 4 units).
+  static_assert(sizeof(T) == 2, "16-bit activations");
+  constexpr int UNITS = CH * 4;
+  for (int t = warp; t < M; t += WARPS) {
+    const bool real = t < R;
+    float ss = 0.0f;
+    for (int u0 = 0; u0 < UNITS; u0 += 32) {
+      const int u = u0 + lane;
+      const int i0 = k0 + u * 8;
+      float s = 0.0f;
+      if (u < UNITS) {
+        float xv[8];
+        if (real) {
+{STAGE}
+        } else {
+          #pragma unroll
+          for (int e = 0; e < 8; e++) xv[e] = 0.0f;
+        }
+        alignas(16) T hv[8];
+        #pragma unroll
+        for (int e = 0; e < 8; e++) {
+          // rms_norm stages a + b in natural order and rescales below; the others stage permuted.
+          const int src = PRO == 1 ? e : perm8(e);
+          hv[e] = static_cast<T>(xv[src]);
+          s += xv[e];
+        }
+        *reinterpret_cast<uint4*>(xs + t * XS + u * 8) = *reinterpret_cast<const uint4*>(hv);
+      }
+      if (PRO != 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (c == 0 && u < UNITS) xsum[t * CH + u / 4] = s;
+      }
+    }
+{NORM}
+  }
+  __syncthreads();
+
+  float acc[NT][4];
+  #pragma unroll
+  for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  const S* sa = scales + ra * (K / G);
+  const S* sb = scales + rb * (K / G);
+  const S* ba = biases + ra * (K / G);
+  const S* bb = biases + rb * (K / G);
+  for (int base = 0; kw + KW * base < CH; base += BATCH) {
+    uint32_t ca[BATCH], cb[BATCH];
+    #pragma unroll
+    for (int i = 0; i < BATCH; i++) {
+      ca[i] = qa[i];
+      cb[i] = qb[i];
+      const int j = kw + KW * (base + BATCH + i);
+      qa[i] = (live && j < CH) ? wa[j * 4] : 0u;
+      qb[i] = (live && j < CH) ? wb[j * 4] : 0u;
+    }
+    #pragma unroll
+    for (int i = 0; i < BATCH; i++) {
+      const int j = kw + KW * (base + i);
+      if (live && j < CH) {
+        const int grp = (k0 + 32 * j) / G;
+        const float s_a = static_cast<float>(sa[grp]), s_b = static_cast<float>(sb[grp]);
+        const float b_a = static_cast<float>(ba[grp]), b_b = static_cast<float>(bb[grp]);
+        const uint32_t lo[4] = {codes(ca[i] & 0x000F000Fu, T()), codes(cb[i] & 0x000F000Fu, T()),
+                                codes((ca[i] >> 8) & 0x000F000Fu, T()), codes((cb[i] >> 8) & 0x000F000Fu, T())};
+        const uint32_t hi[4] = {codes((ca[i] >> 4) & 0x000F000Fu, T()), codes((cb[i] >> 4) & 0x000F000Fu, T()),
+                                codes((ca[i] >> 12) & 0x000F000Fu, T()), codes((cb[i] >> 12) & 0x000F000Fu, T())};
+        #pragma unroll
+        for (int n = 0; n < NT; n++) {
+          const uint4 xb = *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * XS + j * 32 + c * 8);
+          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          mma(d, lo, xb.x, xb.y, T());
+          mma(d, hi, xb.z, xb.w, T());
+          const float x0 = xsum[(n * 8 + 2 * c) * CH + j], x1 = xsum[(n * 8 + 2 * c + 1) * CH + j];
+          acc[n][0] += fmaf(s_a, d[0], b_a * x0);
+          acc[n][1] += fmaf(s_a, d[1], b_a * x1);
+          acc[n][2] += fmaf(s_b, d[2], b_b * x0);
+          acc[n][3] += fmaf(s_b, d[3], b_b * x1);
+        }
+      }
+    }
+  }
+
+  // The 4 chunk phases of a tile, summed in a fixed order.
+  if (kw > 0) {
+    #pragma unroll
+    for (int n = 0; n < NT; n++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) red[(((kw - 1) * RT + rt) * 32 + lane) * NT * 4 + n * 4 + e] = acc[n][e];
+  }
+  __syncthreads();
+  if (kw > 0 || !live) return;
+  #pragma unroll
+  for (int p = 0; p < KW - 1; p++)
+    #pragma unroll
+    for (int n = 0; n < NT; n++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) acc[n][e] += red[((p * RT + rt) * 32 + lane) * NT * 4 + n * 4 + e];
+
+  // acc[n][e]: output row (e < 2 ? row_a : row_b) of input row n * 8 + 2c + (e & 1).
+  #pragma unroll
+  for (int n = 0; n < NT; n++) {
+    #pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const int t = n * 8 + 2 * c + e;
+      if (t >= R) continue;
+      float ya = acc[n][e], yb = acc[n][e + 2];
+{STORE}
+    }
+  }
+"""
+
+# x: [R, K];  a, b: [R, K] (h = a + b written by the first block);  gu: [R, 2K].
+_ROWS_STAGE = {
+    0: "          load_floats<T, 8>(x + (size_t)t * K + i0, xv);\n",
+    1: r"""          float av[8], bv[8];
+          load_floats<T, 8>(a + (size_t)t * K + i0, av);
+          load_floats<T, 8>(b + (size_t)t * K + i0, bv);
+          alignas(16) T sv[8];
+          #pragma unroll
+          for (int e = 0; e < 8; e++) {
+            sv[e] = static_cast<T>(av[e] + bv[e]);
+            xv[e] = static_cast<float>(sv[e]);
+            ss = fmaf(xv[e], xv[e], ss);
+          }
+          if (blockIdx.x == 0) *reinterpret_cast<uint4*>(h + (size_t)t * K + i0) = *reinterpret_cast<const uint4*>(sv);
+""",
+    2: r"""          float gv[8], uv[8];
+          load_floats<T, 8>(gu + (size_t)t * 2 * K + i0, gv);
+          load_floats<T, 8>(gu + (size_t)t * 2 * K + K + i0, uv);
+          #pragma unroll
+          for (int e = 0; e < 8; e++) {
+            const T act = static_cast<T>(gv[e] / (1.0f + __expf(-gv[e])));
+            xv[e] = static_cast<float>(static_cast<T>(static_cast<float>(act) * uv[e]));
+          }
+""",
+}
+# rms_norm: row t's sum of squares (one warp's), then its staged a + b rescaled and permuted in place.
+_ROWS_NORM = r"""
+    if (PRO == 1) {
+      const float inv = rsqrtf(warp_sum(ss) / K + __int_as_float(EPS_BITS));
+      for (int u0 = 0; u0 < UNITS; u0 += 32) {
+        const int u = u0 + lane;
+        float s = 0.0f;
+        if (u < UNITS) {
+          float hv[8], nv[8];
+          load_floats<T, 8>(xs + t * XS + u * 8, hv);
+          load_floats<T, 8>(nw + k0 + u * 8, nv);
+          float yv[8];
+          #pragma unroll
+          for (int e = 0; e < 8; e++) {
+            yv[e] = static_cast<float>(static_cast<T>(hv[e] * inv * nv[e]));
+            s += yv[e];
+          }
+          alignas(16) T pv[8];
+          #pragma unroll
+          for (int e = 0; e < 8; e++) pv[e] = static_cast<T>(yv[perm8(e)]);
+          if (!real) s = 0.0f;
+          *reinterpret_cast<uint4*>(xs + t * XS + u * 8) = *reinterpret_cast<const uint4*>(pv);
+        }
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (c == 0 && u < UNITS) xsum[t * CH + u / 4] = s;
+      }
+    }
+"""
+_ROWS_STORE = {
+    0: r"""      out[(size_t)t * N + row_a] = static_cast<T>(ya);
+      out[(size_t)t * N + row_b] = static_cast<T>(yb);
+""",
+    "partial": r"""      part[((size_t)blockIdx.y * R + t) * N + row_a] = ya;
+      part[((size_t)blockIdx.y * R + t) * N + row_b] = yb;
+""",
+    1: r"""      constexpr int QR = NQ * D, ROPE_ROWS = (NQ + NKV) * D;
+      ya = static_cast<float>(static_cast<T>(ya));
+      yb = static_cast<float>(static_cast<T>(yb));
+      if (row_a < ROPE_ROWS) {
+        float sn, cs;
+        sincosf(static_cast<float>(offset[t]) * inv_freq[pair], &sn, &cs);
+        const float x0 = ya, x1 = yb;
+        ya = fmaf(x0, cs, -x1 * sn);
+        yb = fmaf(x0, sn, x1 * cs);
+      }
+      const int rows[2] = {row_a, row_b};
+      const float ys[2] = {ya, yb};
+      #pragma unroll
+      for (int f = 0; f < 2; f++) {
+        const int r = rows[f];
+        const T val = static_cast<T>(ys[f]);
+        if (r < QR) q[(size_t)t * QR + r] = val;
+        else if (r < ROPE_ROWS) k[(size_t)t * NKV * D + r - QR] = val;
+        else v[(size_t)t * NKV * D + r - ROPE_ROWS] = val;
+      }
+""",
+}
+_ROWS_SUM = r"""
+  const size_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)R * N) return;
+  float s = 0.0f;
+  for (int p = 0; p < SPLIT; p++) s += part[p * (size_t)R * N + i];
+  out[i] = static_cast<T>(s);
+"""
+
+ROWS_MAX = 16  # rows_matmul runs 8 or 16 rows (padding with zeros)
+_ROWS_SLICE = 4096  # inputs a block stages at most (wider inputs split over blocks, but rms_norm's)
+
+
+def _rows_layout(K: int, M: int, pro: int) -> tuple[int, int, int]:
+    """(split, inputs per block, staged row stride) for input width K."""
+    split = 1
+    if pro != 1:
+        while K // split > _ROWS_SLICE or (K // split) % 32 or K % split:
+            split += 1
+            if split > K // 32:
+                return 0, 0, 0
+    KS = K // split
+    XS = KS + (32 - KS % 64) % 64  # a row stride of 64 (mod 128) bytes: conflict-free 16-byte reads
+    return split, KS, XS
+
+
+def _rows_smem(M: int, KS: int, XS: int) -> int:
+    return M * XS * 2 + M * (KS // 32) * 4 + 3 * 2 * 32 * (M // 2) * 4
+
+
+def rows_matmul_supported(K: int, N: int, bits: int, group_size: int, rows: int = ROWS_MAX) -> bool:
+    """Whether `rows_matmul` takes `rows` rows of a 4-bit affine weight [N, K] with this group size."""
+    if not (bits == 4 and K % 32 == 0 and N % 16 == 0 and group_size % 32 == 0 and K % group_size == 0
+            and 0 < rows <= ROWS_MAX):
+        return False
+    M = 8 if rows <= 8 else 16
+    worst = 0
+    for pro in (0, 1):
+        split, KS, XS = _rows_layout(K, M, pro)
+        if not split:
+            return False
+        worst = max(worst, _rows_smem(M, KS, XS))
+    return worst <= 200_000
+
+
+def rows_matmul(
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    group_size: int,
+    *,
+    x: Optional[mx.array] = None,
+    residual: Optional[tuple[mx.array, mx.array, mx.array, float]] = None,
+    gate_up: Optional[mx.array] = None,
+    rope: Optional[dict] = None,
+):
+    """`fused_matvec` for R <= 16 rows at once: `x @ dequantize(w).T` with x [R, K] given as one of
+    x;  residual=(a, b, norm_weight, eps) ([R, K] each but the weight): x = rms_norm(a + b) * weight,
+    `a + b` returned too;  gate_up [R, 2K]: x = silu(gate) * up.  rope=dict(offset ([R] int32: each
+    row's position), inv_freq, n_heads, n_kv_heads, head_dim, traditional) rotates q and k and returns
+    q [R, Hq, 1, D], k and v [R, Hkv, 1, D]. Returns the output ([R, N], or q, k, v), then `a + b`.
+    """
+    pro = 0 if x is not None else (1 if residual is not None else 2)
+    epi = 1 if rope is not None else 0
+    N, K = w.shape[0], w.shape[1] * 8
+    if pro == 0:
+        inputs, dtype = [x], x.dtype
+    elif pro == 1:
+        a, b, nw, eps = residual
+        inputs, dtype = [a, b, nw], a.dtype
+    else:
+        inputs, dtype = [gate_up], gate_up.dtype
+    R = inputs[0].shape[0]
+    M = 8 if R <= 8 else 16
+    split, KS, XS = _rows_layout(K, M, pro)
+    inputs += [w, scales, biases]
+    template = [("T", dtype), ("S", scales.dtype), ("K", K), ("N", N), ("G", group_size), ("R", R), ("M", M),
+                ("PRO", pro), ("EPI", epi), ("KS", KS), ("SPLIT", split), ("XS", XS),
+                ("EPS_BITS", _float_bits(residual[3]) if residual else 0)]
+    if epi:
+        nq, nkv, D = rope["n_heads"], rope["n_kv_heads"], rope["head_dim"]
+        inputs += [rope["offset"], rope["inv_freq"]]
+        template += [("NQ", nq), ("NKV", nkv), ("D", D), ("TRAD", bool(rope["traditional"]))]
+        shapes, dtypes = [(R, nq, 1, D), (R, nkv, 1, D), (R, nkv, 1, D)], [dtype] * 3
+    else:
+        template += [("NQ", 0), ("NKV", 0), ("D", 0), ("TRAD", False)]
+        shapes, dtypes = ([(split, R, N)], [mx.float32]) if split > 1 else ([(R, N)], [dtype])
+    if pro == 1:
+        shapes.append((R, K))
+        dtypes.append(dtype)
+    blocks = -(-(N // 16) // 2)
+    outs = _rows_kernel(pro, epi, split > 1, M, KS, XS)(
+        inputs=inputs, template=template, grid=(blocks * 256, split, 1), threadgroup=(256, 1, 1),
+        output_shapes=shapes, output_dtypes=dtypes,
+    )
+    if split > 1:
+        (out,) = _rows_sum_kernel()(inputs=[outs[0]], template=[("T", dtype), ("R", R), ("N", N), ("SPLIT", split)],
+                                    grid=(-(-R * N // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+                                    output_shapes=[(R, N)], output_dtypes=[dtype])
+        return out
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _rows_source(pro: int, epi: int, partial: bool) -> str:
+    return (_ROWS.replace("{STAGE}", _ROWS_STAGE[pro]).replace("{NORM}", _ROWS_NORM if pro == 1 else "")
+            .replace("{STORE}", _ROWS_STORE["partial" if partial else epi]))
+
+
+def _rows_kernel(pro: int, epi: int, partial: bool, M: int, KS: int, XS: int):
+    key = ("rows", pro, epi, partial, M, KS, XS)
+    if key not in _kernels:
+        inputs = _PROLOGUE_INPUTS[pro] + ["w", "scales", "biases"] + (["offset", "inv_freq"] if epi else [])
+        outputs = (["q", "k", "v"] if epi else ["part" if partial else "out"]) + (["h"] if pro == 1 else [])
+        _kernels[key] = mx.fast.cuda_kernel(
+            name=f"llama_mlx_rows_p{pro}_e{epi}{'_split' if partial else ''}", input_names=inputs,
+            output_names=outputs, source=_rows_source(pro, epi, partial), header=_HEADER + _ROWS_HEADER,
+            shared_memory=_rows_smem(M, KS, XS),
+        )
+    return _kernels[key]
+
+
+def _rows_sum_kernel():
+    if "rows_sum" not in _kernels:
+        _kernels["rows_sum"] = mx.fast.cuda_kernel(name="llama_mlx_rows_sum", input_names=["part"],
+                                                   output_names=["out"], source=_ROWS_SUM, header=_HEADER)
+    return _kernels["rows_sum"]

@@ -17,7 +17,7 @@ import mlx.nn as nn
 
 from ..cache import DecodeView, RowsDecodeView
 
-__all__ = ["GRAPHS", "AllPositionsStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder"]
+__all__ = ["GRAPHS", "AllPositionsStep", "CompiledCheckStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder"]
 
 
 class GraphStep:
@@ -60,20 +60,44 @@ class CompiledStep(GraphStep):
         empty = self.cache[0].keys is None if rows else offset == 0
         if L != 1 or empty or (self.kind == "fused" and B != 1):
             return super().__call__(tokens)
-        buffers = []
-        for c in self.cache:
-            c.reserve(1)
-            buffers += c.hand_over()
-        try:
-            position = offset if rows else mx.array([offset] if self.kind == "fused" else offset, dtype=mx.int32)
-            logits, *buffers = self.graph(tokens, position, *buffers)
-        except BaseException:
-            for i, c in enumerate(self.cache):
-                c.take_back(buffers[2 * i], buffers[2 * i + 1])
-            raise
-        for i, c in enumerate(self.cache):
-            c.take_back(buffers[2 * i], buffers[2 * i + 1], advance=1)
-        return logits
+        position = offset if rows else mx.array([offset] if self.kind == "fused" else offset, dtype=mx.int32)
+        return _over_buffers(self.cache, self.graph, tokens, position, 1)
+
+
+def _over_buffers(cache: list, graph: Callable, tokens: mx.array, position: mx.array, n: int) -> mx.array:
+    # The cache's buffers handed to `graph` whole (updated in place), taken back n positions on.
+    buffers = []
+    for c in cache:
+        c.reserve(n)
+        buffers += c.hand_over()
+    try:
+        logits, *buffers = graph(tokens, position, *buffers)
+    except BaseException:
+        for i, c in enumerate(cache):
+            c.take_back(buffers[2 * i], buffers[2 * i + 1])
+        raise
+    for i, c in enumerate(cache):
+        c.take_back(buffers[2 * i], buffers[2 * i + 1], advance=n)
+    return logits
+
+
+class CompiledCheckStep(AllPositionsStep):
+    """Up to `max_rows` tokens of one sequence through `graph(tokens[1, L], position, *kv_buffers)
+    -> (logits[1, L, vocab], *kv_buffers)` (position: int32 [1]; traced once per L and capacity);
+    other shapes and empty caches take the graph."""
+
+    kind = "check-fused"
+
+    def __init__(self, model: nn.Module, cache: list, graph: Callable, max_rows: int):
+        super().__init__(model, cache)
+        self.graph, self.max_rows = graph, max_rows
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        B, L = tokens.shape
+        offset = self.cache[0].offset
+        if B != 1 or L > self.max_rows or offset == 0:
+            return super().__call__(tokens)
+        return _over_buffers(self.cache, self.graph, tokens, mx.array([offset], dtype=mx.int32), L)
 
 
 class MaskedDecoder:
