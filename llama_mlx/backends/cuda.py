@@ -52,38 +52,40 @@ def _q4(module: nn.Module) -> bool:
     )
 
 
-def _q4_rows(module: nn.Module) -> bool:
-    return (_q4(module) and module["weight"].shape[0] % 16 == 0
-            and kernels.rows_matmul_supported(module["weight"].shape[1] * 8, module["weight"].shape[0], 4,
-                                              module.group_size))
+def _q4_rows(module: nn.Module, norm: bool) -> bool:
+    return _q4(module) and kernels.rows_matmul_supported(module["weight"].shape[1] * 8, module["weight"].shape[0],
+                                                         4, module.group_size, norm)
 
 
 def _fused_projections(model: nn.Module, q4) -> bool:
-    # Fused q/k/v and gate/up, every projection and the output head 4-bit affine as `q4` takes them.
+    # Fused q/k/v and gate/up, every projection and the output head 4-bit affine as `q4(module,
+    # norm)` takes them (norm: the input is rms_norm's).
     if getattr(model, "model_type", None) != "llama" or not rows_supported(model):
         return False
     args = model.args
     head = model.model.embed_tokens if args.tie_word_embeddings else getattr(model, "lm_head", None)
-    if head is None or not q4(head):
+    if head is None or not q4(head, True):
         return False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not isinstance(attn, FusedAttention) or not isinstance(mlp, FusedMLP):
             return False
-        if not all(q4(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+        if not all(q4(m, n) for m, n in ((attn.qkv_proj, True), (attn.o_proj, False),
+                                         (mlp.gate_up_proj, True), (mlp.down_proj, False))):
             return False
     return True
 
 
 def supported(model: nn.Module) -> bool:
     """Whether `FusedDecoder` can run this model here (CUDA, fused 4-bit projections, fp16/bf16)."""
-    return _fused_projections(model, _q4)
+    return _fused_projections(model, lambda module, norm: _q4(module))
 
 
 def fused_rows_supported(model: nn.Module) -> bool:
     """Whether `FusedRowsDecoder` and `FusedCheckDecoder` can run this model here: as `supported`,
-    with every projection's shape one `cuda_kernels.rows_matmul` takes."""
-    return _fused_projections(model, _q4_rows)
+    with every projection's shape one `cuda_kernels.rows_matmul` takes and a head_dim RoPE's pairs
+    tile (a multiple of 16)."""
+    return _fused_projections(model, _q4_rows) and model.args.head_dim % 16 == 0
 
 
 PAD_ROWS = 8  # MLX's CUDA quantized matmul: 8 rows cost about one, 2-7 rows about M

@@ -529,11 +529,12 @@ __device__ __forceinline__ void mma(float* d, const uint32_t* a, uint32_t b0, ui
 
 # Template constants: T, S, K, N, G, PRO, EPI, EPS_BITS, NQ, NKV, D, TRAD as for _MATVEC, and
 # R (rows given), M (rows run: 8 or 16), KS (inputs per block: K, or K / SPLIT), SPLIT (blocks
-# along K; above 1 the output is float partial sums), XS (staged row stride, in elements).
+# along K; above 1 the output is float partial sums), XS (staged row stride, in elements), TPW
+# (16-row tiles per warp).
 #
-# A warp computes a tile of 16 output rows (weights: the mma's A, rows g and g + 8 per lane) for
-# all M rows (x: B, from shared memory) over every fourth 32-input chunk of the block's slice;
-# the block's 2 x 4 warps are 2 tiles times 4 chunk phases, summed through shared memory. Lane
+# A warp computes TPW tiles of 16 output rows (weights: the mma's A, rows g and g + 8 per lane)
+# for all M rows (x: B, from shared memory) over every fourth 32-input chunk of the block's slice;
+# the block's 2 x 4 warps are 2 tile groups times 4 chunk phases, summed through shared memory. Lane
 # (g, c) holds word c of a chunk (inputs 8c..8c+7): the mma's k order within a chunk is permuted
 # to match (codes 0,4 | 2,6 for the first mma, 1,5 | 3,7 for the second), and x is staged in
 # that order, so a lane's B registers for a chunk are one 16-byte load.
@@ -541,37 +542,49 @@ _ROWS = r"""
   constexpr int RT = 2, KW = 4, WARPS = RT * KW;
   constexpr int NT = M / 8;
   constexpr int CH = KS / 32;
-  constexpr int BATCH = 8;
+  constexpr int BATCH = TPW == 1 ? 8 : TPW == 2 ? 4 : 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);                  // [M][XS]
   float* xsum = reinterpret_cast<float*>(xs + M * XS);     // [M][CH]
-  float* red = xsum + M * CH;                              // [KW - 1][RT][32][NT * 4]
+  float* red = xsum + M * CH;                              // [KW - 1][RT][32][TPW * NT * 4]
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int rt = warp % RT, kw = warp / RT;
-  const int tile = blockIdx.x * RT + rt;
-  const bool live = tile < N / 16;
   const int k0 = blockIdx.y * KS;
-  // With RoPE, a tile's rows g and g + 8 are the two halves of rotation pair p of one head.
-  int row_a = tile * 16 + g, row_b = row_a + 8, pair = 0;
-  if (EPI == 1) {
-    const int head = tile / (D / 16);
-    pair = (tile % (D / 16)) * 8 + g;
-    row_a = head * D + (TRAD ? 2 * pair : pair);
-    row_b = head * D + (TRAD ? 2 * pair + 1 : pair + D / 2);
-  }
-  const size_t ra = live ? row_a : 0, rb = live ? row_b : 0;
-  const uint32_t* wa = reinterpret_cast<const uint32_t*>(w) + ra * (K / 8) + k0 / 8 + c;
-  const uint32_t* wb = reinterpret_cast<const uint32_t*>(w) + rb * (K / 8) + k0 / 8 + c;
-
-  uint32_t qa[BATCH], qb[BATCH];
+  // Warp (rt, kw) computes tiles (blockIdx.x * RT + rt) * TPW + p. With RoPE, a tile's rows g and
+  // g + 8 are the two halves of rotation pair pair[p] of one head.
+  int row_a[TPW], row_b[TPW], pair[TPW];
+  bool live[TPW];
+  const uint32_t* wa[TPW];
+  const uint32_t* wb[TPW];
   #pragma unroll
-  for (int i = 0; i < BATCH; i++) {
-    const int j = kw + KW * i;
-    qa[i] = (live && j < CH) ? wa[j * 4] : 0u;
-    qb[i] = (live && j < CH) ? wb[j * 4] : 0u;
+  for (int p = 0; p < TPW; p++) {
+    const int tile = (blockIdx.x * RT + rt) * TPW + p;
+    live[p] = tile < N / 16;
+    row_a[p] = tile * 16 + g;
+    row_b[p] = row_a[p] + 8;
+    pair[p] = 0;
+    if (EPI == 1) {
+      const int head = tile / (D / 16);
+      pair[p] = (tile % (D / 16)) * 8 + g;
+      row_a[p] = head * D + (TRAD ? 2 * pair[p] : pair[p]);
+      row_b[p] = head * D + (TRAD ? 2 * pair[p] + 1 : pair[p] + D / 2);
+    }
+    const size_t ra = live[p] ? row_a[p] : 0, rb = live[p] ? row_b[p] : 0;
+    wa[p] = reinterpret_cast<const uint32_t*>(w) + ra * (K / 8) + k0 / 8 + c;
+    wb[p] = reinterpret_cast<const uint32_t*>(w) + rb * (K / 8) + k0 / 8 + c;
   }
+
+  uint32_t qa[TPW][BATCH], qb[TPW][BATCH];
+  #pragma unroll
+  for (int p = 0; p < TPW; p++)
+    #pragma unroll
+    for (int i = 0; i < BATCH; i++) {
+      const int j = kw + KW * i;
+      qa[p][i] = (live[p] && j < CH) ? wa[p][j * 4] : 0u;
+      qb[p][i] = (live[p] && j < CH) ? wb[p][j * 4] : 0u;
+    }
 
   // Stage x: warp t stages rows t, t + 8; lane takes units of 8 inputs (a chunk is 4 units).
   static_assert(sizeof(T) == 2, "16-bit activations");
@@ -595,8 +608,7 @@ _ROWS = r"""
         #pragma unroll
         for (int e = 0; e < 8; e++) {
           // rms_norm stages a + b in natural order and rescales below; the others stage permuted.
-          const int src = PRO == 1 ? e : perm8(e);
-          hv[e] = static_cast<T>(xv[src]);
+          hv[e] = static_cast<T>(xv[PRO == 1 ? e : perm8(e)]);
           s += xv[e];
         }
         *reinterpret_cast<uint4*>(xs + t * XS + u * 8) = *reinterpret_cast<const uint4*>(hv);
@@ -611,75 +623,100 @@ _ROWS = r"""
   }
   __syncthreads();
 
-  float acc[NT][4];
+  float acc[TPW][NT][4];
   #pragma unroll
-  for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-  const S* sa = scales + ra * (K / G);
-  const S* sb = scales + rb * (K / G);
-  const S* ba = biases + ra * (K / G);
-  const S* bb = biases + rb * (K / G);
-  for (int base = 0; kw + KW * base < CH; base += BATCH) {
-    uint32_t ca[BATCH], cb[BATCH];
+  for (int p = 0; p < TPW; p++)
     #pragma unroll
-    for (int i = 0; i < BATCH; i++) {
-      ca[i] = qa[i];
-      cb[i] = qb[i];
-      const int j = kw + KW * (base + BATCH + i);
-      qa[i] = (live && j < CH) ? wa[j * 4] : 0u;
-      qb[i] = (live && j < CH) ? wb[j * 4] : 0u;
-    }
+    for (int n = 0; n < NT; n++) acc[p][n][0] = acc[p][n][1] = acc[p][n][2] = acc[p][n][3] = 0.0f;
+  for (int base = 0; kw + KW * base < CH; base += BATCH) {
+    uint32_t ca[TPW][BATCH], cb[TPW][BATCH];
+    #pragma unroll
+    for (int p = 0; p < TPW; p++)
+      #pragma unroll
+      for (int i = 0; i < BATCH; i++) {
+        ca[p][i] = qa[p][i];
+        cb[p][i] = qb[p][i];
+        const int j = kw + KW * (base + BATCH + i);
+        qa[p][i] = (live[p] && j < CH) ? wa[p][j * 4] : 0u;
+        qb[p][i] = (live[p] && j < CH) ? wb[p][j * 4] : 0u;
+      }
     #pragma unroll
     for (int i = 0; i < BATCH; i++) {
       const int j = kw + KW * (base + i);
-      if (live && j < CH) {
+      if (j < CH) {
         const int grp = (k0 + 32 * j) / G;
-        const float s_a = static_cast<float>(sa[grp]), s_b = static_cast<float>(sb[grp]);
-        const float b_a = static_cast<float>(ba[grp]), b_b = static_cast<float>(bb[grp]);
-        const uint32_t lo[4] = {codes(ca[i] & 0x000F000Fu, T()), codes(cb[i] & 0x000F000Fu, T()),
-                                codes((ca[i] >> 8) & 0x000F000Fu, T()), codes((cb[i] >> 8) & 0x000F000Fu, T())};
-        const uint32_t hi[4] = {codes((ca[i] >> 4) & 0x000F000Fu, T()), codes((cb[i] >> 4) & 0x000F000Fu, T()),
-                                codes((ca[i] >> 12) & 0x000F000Fu, T()), codes((cb[i] >> 12) & 0x000F000Fu, T())};
+        uint4 xb[NT];
+        float x0[NT], x1[NT];
         #pragma unroll
         for (int n = 0; n < NT; n++) {
-          const uint4 xb = *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * XS + j * 32 + c * 8);
-          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          mma(d, lo, xb.x, xb.y, T());
-          mma(d, hi, xb.z, xb.w, T());
-          const float x0 = xsum[(n * 8 + 2 * c) * CH + j], x1 = xsum[(n * 8 + 2 * c + 1) * CH + j];
-          acc[n][0] += fmaf(s_a, d[0], b_a * x0);
-          acc[n][1] += fmaf(s_a, d[1], b_a * x1);
-          acc[n][2] += fmaf(s_b, d[2], b_b * x0);
-          acc[n][3] += fmaf(s_b, d[3], b_b * x1);
+          xb[n] = *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * XS + j * 32 + c * 8);
+          x0[n] = xsum[(n * 8 + 2 * c) * CH + j];
+          x1[n] = xsum[(n * 8 + 2 * c + 1) * CH + j];
+        }
+        #pragma unroll
+        for (int p = 0; p < TPW; p++) {
+          if (!live[p]) continue;
+          const size_t ga = (size_t)row_a[p] * (K / G) + grp, gb = (size_t)row_b[p] * (K / G) + grp;
+          const float s_a = static_cast<float>(scales[ga]), s_b = static_cast<float>(scales[gb]);
+          const float b_a = static_cast<float>(biases[ga]), b_b = static_cast<float>(biases[gb]);
+          const uint32_t wa_ = ca[p][i], wb_ = cb[p][i];
+          const uint32_t lo[4] = {codes(wa_ & 0x000F000Fu, T()), codes(wb_ & 0x000F000Fu, T()),
+                                  codes((wa_ >> 8) & 0x000F000Fu, T()), codes((wb_ >> 8) & 0x000F000Fu, T())};
+          const uint32_t hi[4] = {codes((wa_ >> 4) & 0x000F000Fu, T()), codes((wb_ >> 4) & 0x000F000Fu, T()),
+                                  codes((wa_ >> 12) & 0x000F000Fu, T()), codes((wb_ >> 12) & 0x000F000Fu, T())};
+          #pragma unroll
+          for (int n = 0; n < NT; n++) {
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma(d, lo, xb[n].x, xb[n].y, T());
+            mma(d, hi, xb[n].z, xb[n].w, T());
+            acc[p][n][0] += fmaf(s_a, d[0], b_a * x0[n]);
+            acc[p][n][1] += fmaf(s_a, d[1], b_a * x1[n]);
+            acc[p][n][2] += fmaf(s_b, d[2], b_b * x0[n]);
+            acc[p][n][3] += fmaf(s_b, d[3], b_b * x1[n]);
+          }
         }
       }
     }
   }
 
   // The 4 chunk phases of a tile, summed in a fixed order.
+  constexpr int PER = TPW * NT * 4;
+  float* mine = red + (((kw > 0 ? kw - 1 : 0) * RT + rt) * 32 + lane) * PER;
   if (kw > 0) {
     #pragma unroll
-    for (int n = 0; n < NT; n++)
+    for (int p = 0; p < TPW; p++)
       #pragma unroll
-      for (int e = 0; e < 4; e++) red[(((kw - 1) * RT + rt) * 32 + lane) * NT * 4 + n * 4 + e] = acc[n][e];
+      for (int n = 0; n < NT; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) mine[(p * NT + n) * 4 + e] = acc[p][n][e];
   }
   __syncthreads();
-  if (kw > 0 || !live) return;
+  if (kw > 0) return;
   #pragma unroll
-  for (int p = 0; p < KW - 1; p++)
+  for (int q_ = 0; q_ < KW - 1; q_++) {
+    const float* theirs = red + ((q_ * RT + rt) * 32 + lane) * PER;
     #pragma unroll
-    for (int n = 0; n < NT; n++)
+    for (int p = 0; p < TPW; p++)
       #pragma unroll
-      for (int e = 0; e < 4; e++) acc[n][e] += red[((p * RT + rt) * 32 + lane) * NT * 4 + n * 4 + e];
+      for (int n = 0; n < NT; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) acc[p][n][e] += theirs[(p * NT + n) * 4 + e];
+  }
 
-  // acc[n][e]: output row (e < 2 ? row_a : row_b) of input row n * 8 + 2c + (e & 1).
+  // acc[p][n][e]: output row (e < 2 ? row_a : row_b)[p] of input row n * 8 + 2c + (e & 1).
   #pragma unroll
-  for (int n = 0; n < NT; n++) {
+  for (int p = 0; p < TPW; p++) {
+    if (!live[p]) continue;
     #pragma unroll
-    for (int e = 0; e < 2; e++) {
-      const int t = n * 8 + 2 * c + e;
-      if (t >= R) continue;
-      float ya = acc[n][e], yb = acc[n][e + 2];
+    for (int n = 0; n < NT; n++) {
+      #pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int t = n * 8 + 2 * c + e;
+        if (t >= R) continue;
+        float ya = acc[p][n][e], yb = acc[p][n][e + 2];
+        const int ra = row_a[p], rb = row_b[p];
 {STORE}
+      }
     }
   }
 """
@@ -739,32 +776,32 @@ _ROWS_NORM = r"""
     }
 """
 _ROWS_STORE = {
-    0: r"""      out[(size_t)t * N + row_a] = static_cast<T>(ya);
-      out[(size_t)t * N + row_b] = static_cast<T>(yb);
+    0: r"""        out[(size_t)t * N + ra] = static_cast<T>(ya);
+        out[(size_t)t * N + rb] = static_cast<T>(yb);
 """,
-    "partial": r"""      part[((size_t)blockIdx.y * R + t) * N + row_a] = ya;
-      part[((size_t)blockIdx.y * R + t) * N + row_b] = yb;
+    "partial": r"""        part[((size_t)blockIdx.y * R + t) * N + ra] = ya;
+        part[((size_t)blockIdx.y * R + t) * N + rb] = yb;
 """,
-    1: r"""      constexpr int QR = NQ * D, ROPE_ROWS = (NQ + NKV) * D;
-      ya = static_cast<float>(static_cast<T>(ya));
-      yb = static_cast<float>(static_cast<T>(yb));
-      if (row_a < ROPE_ROWS) {
-        float sn, cs;
-        sincosf(static_cast<float>(offset[t]) * inv_freq[pair], &sn, &cs);
-        const float x0 = ya, x1 = yb;
-        ya = fmaf(x0, cs, -x1 * sn);
-        yb = fmaf(x0, sn, x1 * cs);
-      }
-      const int rows[2] = {row_a, row_b};
-      const float ys[2] = {ya, yb};
-      #pragma unroll
-      for (int f = 0; f < 2; f++) {
-        const int r = rows[f];
-        const T val = static_cast<T>(ys[f]);
-        if (r < QR) q[(size_t)t * QR + r] = val;
-        else if (r < ROPE_ROWS) k[(size_t)t * NKV * D + r - QR] = val;
-        else v[(size_t)t * NKV * D + r - ROPE_ROWS] = val;
-      }
+    1: r"""        constexpr int QR = NQ * D, ROPE_ROWS = (NQ + NKV) * D;
+        ya = static_cast<float>(static_cast<T>(ya));
+        yb = static_cast<float>(static_cast<T>(yb));
+        if (ra < ROPE_ROWS) {
+          float sn, cs;
+          sincosf(static_cast<float>(offset[t]) * inv_freq[pair[p]], &sn, &cs);
+          const float x0 = ya, x1 = yb;
+          ya = fmaf(x0, cs, -x1 * sn);
+          yb = fmaf(x0, sn, x1 * cs);
+        }
+        const int rows[2] = {ra, rb};
+        const float ys[2] = {ya, yb};
+        #pragma unroll
+        for (int f = 0; f < 2; f++) {
+          const int r = rows[f];
+          const T val = static_cast<T>(ys[f]);
+          if (r < QR) q[(size_t)t * QR + r] = val;
+          else if (r < ROPE_ROWS) k[(size_t)t * NKV * D + r - QR] = val;
+          else v[(size_t)t * NKV * D + r - ROPE_ROWS] = val;
+        }
 """,
 }
 _ROWS_SUM = r"""
@@ -792,23 +829,26 @@ def _rows_layout(K: int, M: int, pro: int) -> tuple[int, int, int]:
     return split, KS, XS
 
 
-def _rows_smem(M: int, KS: int, XS: int) -> int:
-    return M * XS * 2 + M * (KS // 32) * 4 + 3 * 2 * 32 * (M // 2) * 4
+def _rows_smem(M: int, KS: int, XS: int, TPW: int) -> int:
+    return M * XS * 2 + M * (KS // 32) * 4 + 3 * 2 * 32 * TPW * (M // 2) * 4
 
 
-def rows_matmul_supported(K: int, N: int, bits: int, group_size: int, rows: int = ROWS_MAX) -> bool:
-    """Whether `rows_matmul` takes `rows` rows of a 4-bit affine weight [N, K] with this group size."""
-    if not (bits == 4 and K % 32 == 0 and N % 16 == 0 and group_size % 32 == 0 and K % group_size == 0
-            and 0 < rows <= ROWS_MAX):
+def _tiles_per_warp(N: int, split: int) -> int:
+    # Each block stages its rows' x once: more tiles a warp means less staging per weight, as long
+    # as there are blocks enough to keep every SM loading (about 256).
+    for tpw in (4, 2):
+        if -(-(N // 16) // (2 * tpw)) * split >= 256:
+            return tpw
+    return 1
+
+
+def rows_matmul_supported(K: int, N: int, bits: int, group_size: int, norm: bool = False) -> bool:
+    """Whether `rows_matmul` takes up to `ROWS_MAX` rows of a 4-bit affine weight [N, K] with this
+    group size, with the rms_norm prologue (`norm`: the whole width staged) or another."""
+    if not (bits == 4 and K % 32 == 0 and N % 16 == 0 and group_size % 32 == 0 and K % group_size == 0):
         return False
-    M = 8 if rows <= 8 else 16
-    worst = 0
-    for pro in (0, 1):
-        split, KS, XS = _rows_layout(K, M, pro)
-        if not split:
-            return False
-        worst = max(worst, _rows_smem(M, KS, XS))
-    return worst <= 200_000
+    split, KS, XS = _rows_layout(K, ROWS_MAX, 1 if norm else 0)
+    return bool(split) and _rows_smem(ROWS_MAX, KS, XS, 4) <= 200_000
 
 
 def rows_matmul(
@@ -856,8 +896,10 @@ def rows_matmul(
     if pro == 1:
         shapes.append((R, K))
         dtypes.append(dtype)
-    blocks = -(-(N // 16) // 2)
-    outs = _rows_kernel(pro, epi, split > 1, M, KS, XS)(
+    tpw = _tiles_per_warp(N, split)
+    template.append(("TPW", tpw))
+    blocks = -(-(N // 16) // (2 * tpw))
+    outs = _rows_kernel(pro, epi, split > 1, M, KS, XS, tpw)(
         inputs=inputs, template=template, grid=(blocks * 256, split, 1), threadgroup=(256, 1, 1),
         output_shapes=shapes, output_dtypes=dtypes,
     )
@@ -874,15 +916,15 @@ def _rows_source(pro: int, epi: int, partial: bool) -> str:
             .replace("{STORE}", _ROWS_STORE["partial" if partial else epi]))
 
 
-def _rows_kernel(pro: int, epi: int, partial: bool, M: int, KS: int, XS: int):
-    key = ("rows", pro, epi, partial, M, KS, XS)
+def _rows_kernel(pro: int, epi: int, partial: bool, M: int, KS: int, XS: int, tpw: int):
+    key = ("rows", pro, epi, partial, M, KS, XS, tpw)
     if key not in _kernels:
         inputs = _PROLOGUE_INPUTS[pro] + ["w", "scales", "biases"] + (["offset", "inv_freq"] if epi else [])
         outputs = (["q", "k", "v"] if epi else ["part" if partial else "out"]) + (["h"] if pro == 1 else [])
         _kernels[key] = mx.fast.cuda_kernel(
             name=f"llama_mlx_rows_p{pro}_e{epi}{'_split' if partial else ''}", input_names=inputs,
             output_names=outputs, source=_rows_source(pro, epi, partial), header=_HEADER + _ROWS_HEADER,
-            shared_memory=_rows_smem(M, KS, XS),
+            shared_memory=_rows_smem(M, KS, XS, tpw),
         )
     return _kernels[key]
 
