@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -155,7 +156,7 @@ def layer_costs(folder: Path, batches: list[int], reps: int = 20) -> None:
             print(f"B={B} {name:16s} " + "  ".join(f"{k} {v:8.1f} us" for k, v in times.items()), flush=True)
 
 
-def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> None:
+def step_costs(folder: Path, batches: list[int], prompt: int, steps: int, only: Optional[str] = None) -> None:
     """Steady-state time of one batched decode step per variant of `backends.rows_step`, rows at
     prompt lengths prompt, prompt+1, ..., and whether the variants pick the same greedy tokens."""
     import llama_mlx
@@ -174,6 +175,8 @@ def step_costs(folder: Path, batches: list[int], prompt: int, steps: int) -> Non
     if cuda.fused_rows_supported(model):
         variants["rows-fused"] = lambda c: CompiledStep(model, c, GRAPHS.get(model, "rows-fused",
                                                                              cuda.FusedRowsDecoder), "rows-fused")
+    if only:
+        variants = {k: v for k, v in variants.items() if k in only.split(",")}
     rng = np.random.default_rng(0)
     for B in batches:
         top = min(model.args.vocab_size, 30000)
@@ -242,6 +245,7 @@ def main() -> int:
     p.add_argument("--no-ops", action="store_true")
     p.add_argument("--matmul", default=None, help="a shape (1b, 8b) whose projections to time at 1-16 rows")
     p.add_argument("--step-variants", default=None, help="batch sizes (e.g. 1,4,8) to time each batched step at")
+    p.add_argument("--only", default=None, help="with --step-variants: these variants (e.g. rows-kernel,rows-fused)")
     p.add_argument("--no-engine", action="store_true")
     p.add_argument("--layer", default=None, help="batch sizes (e.g. 1,4,8) to time each module of a step at")
     args = p.parse_args()
@@ -257,7 +261,7 @@ def main() -> int:
     if args.layer:
         layer_costs(folder, [int(b) for b in args.layer.split(",")])
     if args.step_variants:
-        step_costs(folder, [int(b) for b in args.step_variants.split(",")], args.prompt_tokens, 20)
+        step_costs(folder, [int(b) for b in args.step_variants.split(",")], args.prompt_tokens, 20, args.only)
     if not args.no_engine:
         engine_steps(folder, [int(s) for s in args.streams.split(",")], args.prompt_tokens, args.gen_tokens,
                      args.slow)

@@ -14,7 +14,8 @@
   on the CPU the model's graph.
 - `warmup_batch_sizes(bound)`: how many batch sizes a server runs once before serving.
 - `verify_step(model, cache)`: the step speculative decoding checks drafts with, `step(tokens[B, L])
-  -> logits[B, L, vocab]` of every position (the K drafts and the token after them, in one forward).
+  -> logits[B, L, vocab]` of every position (the K drafts and the token after them, in one forward);
+  on CUDA for 4-bit models `cuda.FusedCheckDecoder`, compiled.
 - `draft_tokens(lookup)`: how many tokens speculative decoding drafts a round when not told.
 
 A new backend adds a module here and a branch in these functions, nowhere else.

@@ -14,6 +14,10 @@ the same transformer with the kernels in `cuda_kernels.py`:
 The cache offset is an array and the K/V buffers have a fixed capacity, so `mx.compile` traces
 the step once per capacity. It applies to 4-bit affine models (group size a multiple of 32)
 with float16/bfloat16 activations and batch 1; `supported(model)` says whether it does.
+
+`FusedRowsDecoder` (a batch's step, a row per sequence) and `FusedCheckDecoder` (a speculative
+check, a row per position) run the same eight nodes a layer over 2-16 rows, with the few-row
+`cuda_kernels.rows_matmul` in place of the matvec (`fused_rows_supported(model)`).
 """
 
 from __future__ import annotations
@@ -280,12 +284,13 @@ class _FusedRows(FusedDecoder):
 class FusedRowsDecoder(_FusedRows):
     """`decoder(tokens[B, 1], offset, *kv_buffers) -> (logits[B, vocab], *kv_buffers)` over a batch's
     buffers [B, Hkv, capacity, D], row b's token at position offset[b] (int32 [B]), for
-    `mx.compile`: about eight graph nodes a layer for all rows. Batches over `ROWS_MAX` rows run
-    as `KernelRowsDecoder`."""
+    `mx.compile`: about eight graph nodes a layer for all rows. A single row, and batches over
+    `ROWS_MAX` rows, run as `KernelRowsDecoder` (on an H200 a row alone is faster there: 8B 6.5
+    against 10.0 ms; from 2 rows on this is: 10.4 against 14.5 ms, benchmarks/README.md)."""
 
     def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
         B = tokens.shape[0]
-        if B > kernels.ROWS_MAX:
+        if not 1 < B <= kernels.ROWS_MAX:
             return KernelRowsDecoder(self._model())(tokens, offset, *buffers)
         out = list(buffers)
 

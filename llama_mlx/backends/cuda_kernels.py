@@ -1,4 +1,4 @@
-"""Single-token decode kernels for MLX's CUDA backend (`mx.fast.cuda_kernel`).
+"""Decode kernels for MLX's CUDA backend (`mx.fast.cuda_kernel`): one token, or a few rows.
 
 On CUDA, MLX spends about 4-5 microseconds of host time per graph node when it evaluates a
 decode step, whatever the node does; a Llama decode step of ~15 nodes per layer is therefore
@@ -13,7 +13,12 @@ what the MLX graph would run as several:
 - `decode_attention`: attention of one query token per row over the first `offset[b] + 1`
   positions of that row's fixed-capacity K/V buffers, `offset` being an array: a compiled step
   never retraces per token and never reads unwritten positions. Each warp scores 32 positions at a time (a lane each),
-  with an online softmax; blocks of 128 positions are merged by a second kernel.
+  with an online softmax; blocks of 128 positions are merged by a second kernel. With `shared`,
+  the rows are positions of one sequence over one buffer (a speculative check).
+- `rows_matmul`: `fused_matvec` for up to 16 rows (a batch's step, a check's positions), with
+  the same prologues and epilogue, on the tensor cores: `mma.sync` m16n8k16 of raw 4-bit codes
+  (exact in 16-bit floats) against the staged rows, scales and biases applied per 32 inputs.
+  Wide inputs without rms_norm split over blocks, summed by a second kernel.
 
 Every function here needs the CUDA backend (`cuda_available()`); callers fall back to MLX ops.
 """
@@ -528,9 +533,9 @@ __device__ __forceinline__ void mma(float* d, const uint32_t* a, uint32_t b0, ui
 """
 
 # Template constants: T, S, K, N, G, PRO, EPI, EPS_BITS, NQ, NKV, D, TRAD as for _MATVEC, and
-# R (rows given), M (rows run: 8 or 16), KS (inputs per block: K, or K / SPLIT), SPLIT (blocks
-# along K; above 1 the output is float partial sums), XS (staged row stride, in elements), TPW
-# (16-row tiles per warp).
+# M (rows run: 8 or 16), KS (inputs per block: K, or K / SPLIT), SPLIT (blocks along K; above 1
+# the output is float partial sums), XS (staged row stride, in elements), TPW (16-row tiles per
+# warp). The rows given, R, come as an array (`nrows`), so one kernel serves every R up to M.
 #
 # A warp computes TPW tiles of 16 output rows (weights: the mma's A, rows g and g + 8 per lane)
 # for all M rows (x: B, from shared memory) over every fourth 32-input chunk of the block's slice;
@@ -539,6 +544,7 @@ __device__ __forceinline__ void mma(float* d, const uint32_t* a, uint32_t b0, ui
 # to match (codes 0,4 | 2,6 for the first mma, 1,5 | 3,7 for the second), and x is staged in
 # that order, so a lane's B registers for a chunk are one 16-byte load.
 _ROWS = r"""
+  const int R = nrows[0];
   constexpr int RT = 2, KW = 4, WARPS = RT * KW;
   constexpr int NT = M / 8;
   constexpr int CH = KS / 32;
@@ -805,6 +811,7 @@ _ROWS_STORE = {
 """,
 }
 _ROWS_SUM = r"""
+  const int R = nrows[0];
   const size_t i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (size_t)R * N) return;
   float s = 0.0f;
@@ -882,7 +889,7 @@ def rows_matmul(
     M = 8 if R <= 8 else 16
     split, KS, XS = _rows_layout(K, M, pro)
     inputs += [w, scales, biases]
-    template = [("T", dtype), ("S", scales.dtype), ("K", K), ("N", N), ("G", group_size), ("R", R), ("M", M),
+    template = [("T", dtype), ("S", scales.dtype), ("K", K), ("N", N), ("G", group_size), ("M", M),
                 ("PRO", pro), ("EPI", epi), ("KS", KS), ("SPLIT", split), ("XS", XS),
                 ("EPS_BITS", _float_bits(residual[3]) if residual else 0)]
     if epi:
@@ -896,6 +903,7 @@ def rows_matmul(
     if pro == 1:
         shapes.append((R, K))
         dtypes.append(dtype)
+    inputs.append(mx.array([R], dtype=mx.int32))
     tpw = _tiles_per_warp(N, split)
     template.append(("TPW", tpw))
     blocks = -(-(N // 16) // (2 * tpw))
@@ -904,7 +912,7 @@ def rows_matmul(
         output_shapes=shapes, output_dtypes=dtypes,
     )
     if split > 1:
-        (out,) = _rows_sum_kernel()(inputs=[outs[0]], template=[("T", dtype), ("R", R), ("N", N), ("SPLIT", split)],
+        (out,) = _rows_sum_kernel()(inputs=[outs[0], inputs[-1]], template=[("T", dtype), ("N", N), ("SPLIT", split)],
                                     grid=(-(-R * N // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
                                     output_shapes=[(R, N)], output_dtypes=[dtype])
         return out
@@ -919,7 +927,7 @@ def _rows_source(pro: int, epi: int, partial: bool) -> str:
 def _rows_kernel(pro: int, epi: int, partial: bool, M: int, KS: int, XS: int, tpw: int):
     key = ("rows", pro, epi, partial, M, KS, XS, tpw)
     if key not in _kernels:
-        inputs = _PROLOGUE_INPUTS[pro] + ["w", "scales", "biases"] + (["offset", "inv_freq"] if epi else [])
+        inputs = _PROLOGUE_INPUTS[pro] + ["w", "scales", "biases"] + (["offset", "inv_freq"] if epi else []) + ["nrows"]
         outputs = (["q", "k", "v"] if epi else ["part" if partial else "out"]) + (["h"] if pro == 1 else [])
         _kernels[key] = mx.fast.cuda_kernel(
             name=f"llama_mlx_rows_p{pro}_e{epi}{'_split' if partial else ''}", input_names=inputs,
@@ -931,6 +939,6 @@ def _rows_kernel(pro: int, epi: int, partial: bool, M: int, KS: int, XS: int, tp
 
 def _rows_sum_kernel():
     if "rows_sum" not in _kernels:
-        _kernels["rows_sum"] = mx.fast.cuda_kernel(name="llama_mlx_rows_sum", input_names=["part"],
+        _kernels["rows_sum"] = mx.fast.cuda_kernel(name="llama_mlx_rows_sum", input_names=["part", "nrows"],
                                                    output_names=["out"], source=_ROWS_SUM, header=_HEADER)
     return _kernels["rows_sum"]

@@ -17,7 +17,9 @@ import mlx.nn as nn
 
 from ..cache import DecodeView, RowsDecodeView
 
-__all__ = ["GRAPHS", "AllPositionsStep", "CompiledCheckStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder"]
+__all__ = [
+    "GRAPHS", "AllPositionsStep", "CompiledCheckStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder",
+]
 
 
 class GraphStep:
