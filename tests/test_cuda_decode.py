@@ -58,17 +58,12 @@ def attention(q, keys, values, offset, scale):
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask).reshape(-1)
 
 
-@pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])
-def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, tied, traditional):
+def quantized_pair(tied, traditional, seed):
+    """Ours (q/k/v and gate/up fused) and mlx-lm's model with the same random 4-bit g32 weights."""
     from mlx_lm.models import llama as mlx_lm_llama
-    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
-
-    monkeypatch.setattr(cuda, "supported", lambda model: True)
-    monkeypatch.setattr(cuda.kernels, "fused_matvec", matvec)
-    monkeypatch.setattr(cuda.kernels, "decode_attention", attention)
 
     config = dict(CONFIG, tie_word_embeddings=tied, rope_traditional=traditional)
-    mx.random.seed(3)
+    mx.random.seed(seed)
     theirs = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(config))
     nn.quantize(theirs, group_size=32, bits=4)
     for _, m in theirs.named_modules():  # norms start at ones: make each one distinguishable
@@ -78,6 +73,18 @@ def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, tied, tradit
     nn.quantize(ours, group_size=32, bits=4)
     ours.load_weights(tree_flatten(theirs.parameters()), strict=True)
     fusion.fuse(ours)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])
+def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, tied, traditional):
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    monkeypatch.setattr(cuda, "supported", lambda model: True)
+    monkeypatch.setattr(cuda.kernels, "fused_matvec", matvec)
+    monkeypatch.setattr(cuda.kernels, "decode_attention", attention)
+
+    ours, theirs = quantized_pair(tied, traditional, seed=3)
 
     ids = np.random.default_rng(4).integers(0, 256, size=262)
     prompt, steps = mx.array(ids[None, :250]), ids[250:]  # the cache grows past 256: a second trace
@@ -119,23 +126,10 @@ def shared_attention(q, keys, values, offset, scale, shared=False):
 
 
 def fused_pair(monkeypatch, tied, traditional):
-    from mlx_lm.models import llama as mlx_lm_llama
-
     monkeypatch.setattr(cuda, "fused_rows_supported", lambda model: True)
     monkeypatch.setattr(cuda.kernels, "rows_matmul", rows_matmul)
     monkeypatch.setattr(cuda.kernels, "decode_attention", shared_attention)
-    config = dict(CONFIG, tie_word_embeddings=tied, rope_traditional=traditional)
-    mx.random.seed(5)
-    theirs = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(config))
-    nn.quantize(theirs, group_size=32, bits=4)
-    for _, m in theirs.named_modules():
-        if isinstance(m, nn.RMSNorm):
-            m.weight = 1.0 + 0.3 * mx.random.normal(m.weight.shape)
-    ours = Model(ModelArgs.from_dict(config))
-    nn.quantize(ours, group_size=32, bits=4)
-    ours.load_weights(tree_flatten(theirs.parameters()), strict=True)
-    fusion.fuse(ours)
-    return ours, theirs
+    return quantized_pair(tied, traditional, seed=5)
 
 
 @pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])

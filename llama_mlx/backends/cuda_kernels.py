@@ -301,6 +301,23 @@ def matvec_supported(K: int, bits: int, group_size: int) -> bool:
     return bits == 4 and K % 32 == 0 and group_size % 32 == 0 and K % group_size == 0 and _smem_bytes(K) <= 100_000
 
 
+def _prologue(x, residual, gate_up) -> tuple[int, list, mx.Dtype]:
+    # (prologue number, its inputs, the activations' dtype) of the x / residual / gate_up argument.
+    if x is not None:
+        return 0, [x], x.dtype
+    if residual is not None:
+        a, b, nw, _ = residual
+        return 1, [a, b, nw], a.dtype
+    return 2, [gate_up], gate_up.dtype
+
+
+def _rope_template(rope: Optional[dict]) -> list:
+    if rope is None:
+        return [("NQ", 0), ("NKV", 0), ("D", 0), ("TRAD", False)]
+    return [("NQ", rope["n_heads"]), ("NKV", rope["n_kv_heads"]), ("D", rope["head_dim"]),
+            ("TRAD", bool(rope["traditional"]))]
+
+
 def fused_matvec(
     w: mx.array,
     scales: mx.array,
@@ -320,26 +337,18 @@ def fused_matvec(
     at position `offset` (int32 array, shape [1]) and returns q [1, Hq, 1, D], k and v [1, Hkv, 1, D].
     Returns the output ([N], or q, k, v), followed by `a + b` [K] with `residual`.
     """
-    pro = 0 if x is not None else (1 if residual is not None else 2)
+    pro, inputs, dtype = _prologue(x, residual, gate_up)
     epi = 1 if rope is not None else 0
     N, K = w.shape[0], w.shape[1] * 8
-    if pro == 0:
-        inputs, dtype = [x], x.dtype
-    elif pro == 1:
-        a, b, nw, eps = residual
-        inputs, dtype = [a, b, nw], a.dtype
-    else:
-        inputs, dtype = [gate_up], gate_up.dtype
     inputs += [w, scales, biases]
     template = [("T", dtype), ("S", scales.dtype), ("K", K), ("N", N), ("G", group_size), ("PRO", pro),
                 ("EPI", epi), ("ROWS", ROWS_PER_BLOCK), ("EPS_BITS", _float_bits(residual[3]) if residual else 0)]
+    template += _rope_template(rope)
     if epi:
         nq, nkv, D = rope["n_heads"], rope["n_kv_heads"], rope["head_dim"]
         inputs += [rope["offset"], rope["inv_freq"]]
-        template += [("NQ", nq), ("NKV", nkv), ("D", D), ("TRAD", bool(rope["traditional"]))]
         shapes = [(1, nq, 1, D), (1, nkv, 1, D), (1, nkv, 1, D)]
     else:
-        template += [("NQ", 0), ("NKV", 0), ("D", 0), ("TRAD", False)]
         shapes = [(N,)]
     if pro == 1:
         shapes.append((K,))
@@ -823,7 +832,7 @@ ROWS_MAX = 16  # rows_matmul runs 8 or 16 rows (padding with zeros)
 _ROWS_SLICE = 4096  # inputs a block stages at most (wider inputs split over blocks, but rms_norm's)
 
 
-def _rows_layout(K: int, M: int, pro: int) -> tuple[int, int, int]:
+def _rows_layout(K: int, pro: int) -> tuple[int, int, int]:
     """(split, inputs per block, staged row stride) for input width K."""
     split = 1
     if pro != 1:
@@ -854,7 +863,7 @@ def rows_matmul_supported(K: int, N: int, bits: int, group_size: int, norm: bool
     group size, with the rms_norm prologue (`norm`: the whole width staged) or another."""
     if not (bits == 4 and K % 32 == 0 and N % 16 == 0 and group_size % 32 == 0 and K % group_size == 0):
         return False
-    split, KS, XS = _rows_layout(K, ROWS_MAX, 1 if norm else 0)
+    split, KS, XS = _rows_layout(K, 1 if norm else 0)
     return bool(split) and _rows_smem(ROWS_MAX, KS, XS, 4) <= 200_000
 
 
@@ -875,30 +884,21 @@ def rows_matmul(
     row's position), inv_freq, n_heads, n_kv_heads, head_dim, traditional) rotates q and k and returns
     q [R, Hq, 1, D], k and v [R, Hkv, 1, D]. Returns the output ([R, N], or q, k, v), then `a + b`.
     """
-    pro = 0 if x is not None else (1 if residual is not None else 2)
+    pro, inputs, dtype = _prologue(x, residual, gate_up)
     epi = 1 if rope is not None else 0
     N, K = w.shape[0], w.shape[1] * 8
-    if pro == 0:
-        inputs, dtype = [x], x.dtype
-    elif pro == 1:
-        a, b, nw, eps = residual
-        inputs, dtype = [a, b, nw], a.dtype
-    else:
-        inputs, dtype = [gate_up], gate_up.dtype
     R = inputs[0].shape[0]
     M = 8 if R <= 8 else 16
-    split, KS, XS = _rows_layout(K, M, pro)
+    split, KS, XS = _rows_layout(K, pro)
     inputs += [w, scales, biases]
     template = [("T", dtype), ("S", scales.dtype), ("K", K), ("N", N), ("G", group_size), ("M", M),
                 ("PRO", pro), ("EPI", epi), ("KS", KS), ("SPLIT", split), ("XS", XS),
-                ("EPS_BITS", _float_bits(residual[3]) if residual else 0)]
+                ("EPS_BITS", _float_bits(residual[3]) if residual else 0)] + _rope_template(rope)
     if epi:
         nq, nkv, D = rope["n_heads"], rope["n_kv_heads"], rope["head_dim"]
         inputs += [rope["offset"], rope["inv_freq"]]
-        template += [("NQ", nq), ("NKV", nkv), ("D", D), ("TRAD", bool(rope["traditional"]))]
         shapes, dtypes = [(R, nq, 1, D), (R, nkv, 1, D), (R, nkv, 1, D)], [dtype] * 3
     else:
-        template += [("NQ", 0), ("NKV", 0), ("D", 0), ("TRAD", False)]
         shapes, dtypes = ([(split, R, N)], [mx.float32]) if split > 1 else ([(R, N)], [dtype])
     if pro == 1:
         shapes.append((R, K))
