@@ -20,12 +20,18 @@ def _in_features(module: nn.Module) -> int:
     return module.weight.shape[-1]
 
 
-def inferred_params(module: nn.Module, weight: mx.array, scales: mx.array) -> dict:
+def inferred_params(module: nn.Module, weight_shape: tuple[int, ...], scales_shape: tuple[int, ...]) -> dict:
     """Bits and group size of an affine-quantized tensor, read off its packed shapes."""
     in_features = _in_features(module)
-    group_size = in_features // scales.shape[-1]
-    bits = weight.shape[-1] * 32 // in_features
+    group_size = in_features // scales_shape[-1]
+    bits = weight_shape[-1] * 32 // in_features
     return {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+
+def _shape(weights, name: str) -> tuple[int, ...]:
+    # A lazy checkpoint (`checkpoints.LazyWeights`) knows its shapes without decoding the tensor.
+    shape_of = getattr(weights, "shape_of", None)
+    return tuple(shape_of(name) if shape_of is not None else weights[name].shape)
 
 
 def prepare_quantized(model: nn.Module, weights: dict[str, mx.array]) -> Optional[dict]:
@@ -35,7 +41,7 @@ def prepare_quantized(model: nn.Module, weights: dict[str, mx.array]) -> Optiona
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
             return False
-        params = inferred_params(module, weights[f"{path}.weight"], weights[f"{path}.scales"])
+        params = inferred_params(module, _shape(weights, f"{path}.weight"), _shape(weights, f"{path}.scales"))
         found[path] = params
         return params
 

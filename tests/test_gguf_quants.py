@@ -271,3 +271,22 @@ def test_convert_holds_one_tensor_at_a_time_not_the_file(tmp_path):
     # reading the file whole would add at least its size; one tensor at a time adds a few MB
     assert peak - baseline < 0.25 * size_mb, (peak, baseline, size_mb)
     assert read_checkpoint(tmp_path / "big-mlx").config["quantization"]["bits"] == 4
+
+
+def test_loading_decodes_each_quantized_tensor_once(monkeypatch, smollm2_gguf_path):
+    """Loading the SmolLM2 GGUF decodes each of its quantized tensors (counted by the `gguf`
+    package) exactly once: swapping in quantized modules reads shapes, not data."""
+    from llama_mlx.checkpoints import gguf_quants
+
+    floats = {T.F32, T.F16, T.BF16}
+    quantized = sum(t.tensor_type not in floats for t in gguf.GGUFReader(smollm2_gguf_path).tensors)
+    calls = []
+    decode = gguf_quants.to_affine
+
+    def counted(kind, *args, **kw):
+        calls.append(kind)
+        return decode(kind, *args, **kw)
+
+    monkeypatch.setattr(gguf_quants, "to_affine", counted)
+    load(smollm2_gguf_path)
+    assert quantized > 100 and len(calls) == quantized

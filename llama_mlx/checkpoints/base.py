@@ -94,6 +94,13 @@ class LazyWeights(Mapping):
             a = a.astype(self._dtype)
         return a
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors  # Mapping's own would read the tensor
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, known without reading it."""
+        return self._tensors[name].shape
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 

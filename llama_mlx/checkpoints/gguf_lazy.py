@@ -56,8 +56,8 @@ class _Quantized:
                 "biases": ((self.rows, groups), self.scale_dtype)}
 
     def read(self, part: str) -> mx.array:
-        # Scales and biases of the last decode wait for their read; the weight is never kept, so a
-        # shapes-only read (quant.prepare_quantized) cannot leave a second copy of it behind.
+        # Scales and biases of the last decode wait for their read; the weight is never kept, so
+        # parts read in another order cost a second decode, never a second copy.
         if part in self._parts:
             return self._parts.pop(part)
         per, nbytes = Q.BLOCKS[self.kind]
