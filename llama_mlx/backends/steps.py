@@ -4,7 +4,9 @@
 `GraphStep` runs the model's own graph. `CompiledStep` runs single tokens through one compiled
 graph over the cache's whole buffers (handed over, so updates happen in place) and anything else
 through the model; over a batch's cache (`BatchKVCache`) each row's token goes to its own
-position. Compiled graphs are kept per model in `GRAPHS`, holding the model weakly.
+position. `CompiledCheckStep` runs a few positions of one sequence through one compiled graph
+the same way, every position's logits (a speculative check). Compiled graphs are kept per model
+in `GRAPHS`, holding the model weakly.
 """
 
 from __future__ import annotations
