@@ -297,14 +297,59 @@ def test_chat_two_ranks_pipeline_equals_single_process(tmp_path):
     assert not (ROOT / "talk").exists()
 
 
-def test_serve_two_ranks_pipeline_openai_client_then_sigterm(tmp_path, smollm2):
-    """`serve` under 2 ranks: answers at temperature 0 (plain, streamed over a cached prefix, and after a
-    stream the client dropped) equal the plain model's; SIGTERM to rank 0 ends every rank, exit 0."""
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory) -> Path:
+    """A random float32 model whose heads split in two (SmolLM2's do not), with SmolLM2's tokenizer
+    and chat template, for the CLI's tensor-parallel chat."""
+    from benchmarks.random_model import shape_config
+
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    config = shape_config({**TINY, "vocab_size": 49152, "tie_word_embeddings": True})
+    mx.random.seed(1)
+
+    def make(name, shape):
+        if len(shape) == 1:
+            return lambda: {name: 1 + 0.1 * mx.random.normal(shape)}
+        return lambda: {name: mx.random.normal(shape) / math.sqrt(shape[1])}
+
+    write_weights(folder, [Item(n, [(n, s, mx.float32)], make(n, s), math.prod(s))
+                           for n, s in expected_shapes(config).items()])
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        (folder / name).write_bytes((SMOLLM2 / name).read_bytes())
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_chat_two_ranks_tensor_parallel_equals_single_process(tmp_path, tiny_chat):
+    """The chat split by tensor parallelism (each rank a half of every layer's heads and MLP) gives
+    the single-process chat's answers and cache use through turns, /undo and /retry."""
+    args = ["chat", "--model", str(tiny_chat), "--temp", "0", "--max-tokens", "6"]
+    run = Launched(tmp_path, 2, *args, stdin=CHAT_SCRIPT + "/exit\n")
+    try:
+        single = subprocess.run([str(CLI), *args], input=CHAT_SCRIPT, capture_output=True, text=True, env=ENV,
+                                cwd=ROOT, timeout=120)
+        rc, out, err = run.wait(120)
+    finally:
+        run.kill()
+    assert rc == 0 and "exited with code" not in err and "killed" not in err, err
+    assert single.returncode == 0, single.stderr
+    expected = chat_answers(single.stdout)
+    assert len(expected) == 3 and expected[2][1][1] != "0", single.stdout  # /retry reused the cache
+    assert chat_answers(out) == expected, out
+    assert out.count("llama-mlx chat ·") == 1 and "split over 2 ranks (tensor parallel)" in out
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "tensor"])
+def test_serve_two_ranks_openai_client_then_sigterm(tmp_path, request, mode):
+    """`serve` under 2 ranks, by layers (SmolLM2) or by heads (a random model whose heads split):
+    answers at temperature 0 (plain, streamed over a cached prefix, and after a stream the client
+    dropped) equal the plain model's; SIGTERM to rank 0 ends every rank, exit 0."""
     import httpx2 as httpx
     import openai
     from test_server import free_port
 
-    model, tokenizer = smollm2
+    folder = SMOLLM2 if mode == "pipeline" else request.getfixturevalue("tiny_chat")
+    model, tokenizer = request.getfixturevalue("smollm2") if mode == "pipeline" else load(folder, distributed=False)
 
     def oracle(messages):
         return generate(model, tokenizer, messages, max_tokens=6, sampler=make_sampler(0.0))
@@ -313,7 +358,8 @@ def test_serve_two_ranks_pipeline_openai_client_then_sigterm(tmp_path, smollm2):
     follow_up = [*first, {"role": "assistant", "content": oracle(first)}, {"role": "user", "content": "And of Italy?"}]
     expected = oracle(first), oracle(follow_up)
     port = free_port()
-    run = Launched(tmp_path, 2, "serve", "--model", str(SMOLLM2), "--port", str(port), "--pipeline")
+    run = Launched(tmp_path, 2, "serve", "--model", str(folder), "--port", str(port),
+                   *(["--pipeline"] if mode == "pipeline" else []))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
