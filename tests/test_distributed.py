@@ -46,14 +46,9 @@ TINY = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key
             intermediate_size=512, vocab_size=510, tie_word_embeddings=False, rope_factor=8.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_float(tmp_path_factory) -> Path:
-    """A random float32 MLX folder of real Llama structure (untied head; 510 rows: 4 ranks split unevenly)."""
-    from benchmarks.random_model import _write_tokenizer, shape_config
-
-    folder = tmp_path_factory.mktemp("tiny-f32")
-    config = shape_config(TINY)
-    mx.random.seed(0)
+def _random_float32(folder: Path, config: dict, seed: int) -> None:
+    # Norms near 1, matrices scaled by 1/sqrt(fan-in): random weights whose activations stay finite.
+    mx.random.seed(seed)
 
     def make(name, shape):
         if len(shape) == 1:
@@ -62,6 +57,16 @@ def tiny_float(tmp_path_factory) -> Path:
 
     write_weights(folder, [Item(n, [(n, s, mx.float32)], make(n, s), math.prod(s))
                            for n, s in expected_shapes(config).items()])
+
+
+@pytest.fixture(scope="module")
+def tiny_float(tmp_path_factory) -> Path:
+    """A random float32 MLX folder of real Llama structure (untied head; 510 rows: 4 ranks split unevenly)."""
+    from benchmarks.random_model import _write_tokenizer, shape_config
+
+    folder = tmp_path_factory.mktemp("tiny-f32")
+    config = shape_config(TINY)
+    _random_float32(folder, config, seed=0)
     _write_tokenizer(folder)
     (folder / "config.json").write_text(json.dumps({**config, "bos_token_id": 1, "eos_token_id": 2}))
     return folder
@@ -273,12 +278,10 @@ def chat_answers(stdout: str) -> list[tuple[str, tuple]]:
             for i, m in enumerate(CHAT_STATS.search(line) for line in lines) if m]
 
 
-def test_chat_two_ranks_pipeline_equals_single_process(tmp_path):
-    """Rank 0 reads the piped turns, /undo and /retry; every answer runs on both ranks (pipeline, as
-    SmolLM2's 9 heads do not split in two). Text and cache use equal the single-process chat's: the
-    ranks agree on the prefix they reuse, so nothing is prefilled again on either."""
-    args = ["chat", "--model", str(SMOLLM2), "--temp", "0", "--max-tokens", "5"]
-    run = Launched(tmp_path, 2, *args, "--pipeline", stdin=CHAT_SCRIPT + "/save talk\n/exit\n")
+def chat_alone_and_launched(tmp_path: Path, args: list[str], launched: list[str], more: str):
+    """CHAT_SCRIPT through `llama-mlx ARGS` alone, and through 2 ranks with `launched` options and
+    `more` lines after it; both must exit 0. Returns (the single run, the ranks' stdout, stderr)."""
+    run = Launched(tmp_path, 2, *args, *launched, stdin=CHAT_SCRIPT + more)
     try:
         single = subprocess.run([str(CLI), *args], input=CHAT_SCRIPT, capture_output=True, text=True, env=ENV,
                                 cwd=ROOT, timeout=120)
@@ -287,6 +290,15 @@ def test_chat_two_ranks_pipeline_equals_single_process(tmp_path):
         run.kill()
     assert rc == 0 and "exited with code" not in err and "killed" not in err, err
     assert single.returncode == 0, single.stderr
+    return single, out, err
+
+
+def test_chat_two_ranks_pipeline_equals_single_process(tmp_path):
+    """Rank 0 reads the piped turns, /undo and /retry; every answer runs on both ranks (pipeline, as
+    SmolLM2's 9 heads do not split in two). Text and cache use equal the single-process chat's: the
+    ranks agree on the prefix they reuse, so nothing is prefilled again on either."""
+    args = ["chat", "--model", str(SMOLLM2), "--temp", "0", "--max-tokens", "5"]
+    single, out, err = chat_alone_and_launched(tmp_path, args, ["--pipeline"], "/save talk\n/exit\n")
     expected = chat_answers(single.stdout)
     assert len(expected) == 3 and expected[0][0].startswith("The capital of France"), single.stdout
     assert expected[2][0] == expected[0][0] and expected[2][1][0] == "1"  # /retry: all but one token cached
@@ -305,15 +317,7 @@ def tiny_chat(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-chat")
     config = shape_config({**TINY, "vocab_size": 49152, "tie_word_embeddings": True})
-    mx.random.seed(1)
-
-    def make(name, shape):
-        if len(shape) == 1:
-            return lambda: {name: 1 + 0.1 * mx.random.normal(shape)}
-        return lambda: {name: mx.random.normal(shape) / math.sqrt(shape[1])}
-
-    write_weights(folder, [Item(n, [(n, s, mx.float32)], make(n, s), math.prod(s))
-                           for n, s in expected_shapes(config).items()])
+    _random_float32(folder, config, seed=1)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         (folder / name).write_bytes((SMOLLM2 / name).read_bytes())
     (folder / "config.json").write_text(json.dumps(config))
@@ -324,15 +328,7 @@ def test_chat_two_ranks_tensor_parallel_equals_single_process(tmp_path, tiny_cha
     """The chat split by tensor parallelism (each rank a half of every layer's heads and MLP) gives
     the single-process chat's answers and cache use through turns, /undo and /retry."""
     args = ["chat", "--model", str(tiny_chat), "--temp", "0", "--max-tokens", "6"]
-    run = Launched(tmp_path, 2, *args, stdin=CHAT_SCRIPT + "/exit\n")
-    try:
-        single = subprocess.run([str(CLI), *args], input=CHAT_SCRIPT, capture_output=True, text=True, env=ENV,
-                                cwd=ROOT, timeout=120)
-        rc, out, err = run.wait(120)
-    finally:
-        run.kill()
-    assert rc == 0 and "exited with code" not in err and "killed" not in err, err
-    assert single.returncode == 0, single.stderr
+    single, out, _ = chat_alone_and_launched(tmp_path, args, [], "/exit\n")
     expected = chat_answers(single.stdout)
     assert len(expected) == 3 and expected[2][1][1] != "0", single.stdout  # /retry reused the cache
     assert chat_answers(out) == expected, out
