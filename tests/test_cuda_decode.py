@@ -172,8 +172,9 @@ def test_fused_rows_step_gives_each_row_mlx_lm_logits_alone(monkeypatch, tied, t
 @pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])
 def test_fused_check_step_gives_mlx_lm_logits_at_every_position(monkeypatch, tied, traditional):
     """The speculative check CUDA runs for 4-bit models (`FusedCheckDecoder` through
-    `backends.verify_step`): L = 1..16 positions after a prompt, each position's logits are mlx-lm's,
-    and the cache holds the L positions afterwards (then trimmed, as a rejection does)."""
+    `backends.verify_step`): L = 1, 5 and 16 positions after a prompt (and 17, past its bound: the
+    graph), each position's logits are mlx-lm's, and the cache holds the L positions afterwards
+    (then trimmed, as a rejection does)."""
     from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
     ours, theirs = fused_pair(monkeypatch, tied, traditional)

@@ -168,35 +168,47 @@ class FusedDecoder:
         return m["weight"], m["scales"], m["biases"], m.group_size
 
     def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
+        out = list(buffers)
+
+        def attend(i, q, k, v):
+            out[2 * i] = mx.slice_update(out[2 * i], k, offset, axes=(2,))
+            out[2 * i + 1] = mx.slice_update(out[2 * i + 1], v, offset, axes=(2,))
+            return kernels.decode_attention(q, out[2 * i], out[2 * i + 1], offset, self.scale)
+
+        # one token's activations as vectors, as the matvec takes them
+        return (self.layers(self.embed(tokens).reshape(-1), offset, attend, kernels.fused_matvec)[None], *out)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        inner = self._model().model
+        a = inner.embed_tokens(tokens)
+        return a if inner.compute_dtype is None else a.astype(inner.compute_dtype)
+
+    def layers(self, a: mx.array, positions: mx.array, attend, matmul) -> mx.array:
+        """Logits from embedded tokens `a` ([K] for one, [R, K] for rows) at `positions` through
+        every layer, each projection by `matmul` (`fused_matvec` for one, `rows_matmul` for rows);
+        `attend(layer, q, k, v)` writes a layer's keys and values and returns its attention output
+        shaped as `a`."""
         model = self._model()
         inner = model.model
-        a = inner.embed_tokens(tokens).reshape(-1)
-        if inner.compute_dtype is not None:
-            a = a.astype(inner.compute_dtype)
         b = mx.zeros_like(a)
 
         def norm(module: nn.Module) -> mx.array:
             return module.weight.astype(a.dtype)  # a no-op when the dtypes agree
 
-        rope = dict(self.rope, offset=offset)
-        out = []
+        rope = dict(self.rope, offset=positions)
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, v, h = kernels.fused_matvec(
+            q, k, v, h = matmul(
                 *self._weights(attn.qkv_proj), residual=(a, b, norm(layer.input_layernorm), self.eps), rope=rope
             )
-            keys = mx.slice_update(buffers[2 * i], k, offset, axes=(2,))
-            values = mx.slice_update(buffers[2 * i + 1], v, offset, axes=(2,))
-            out += [keys, values]
-            o = kernels.fused_matvec(*self._weights(attn.o_proj),
-                                     x=kernels.decode_attention(q, keys, values, offset, self.scale))
-            gu, h = kernels.fused_matvec(
+            o = matmul(*self._weights(attn.o_proj), x=attend(i, q, k, v))
+            gu, h = matmul(
                 *self._weights(mlp.gate_up_proj), residual=(h, o, norm(layer.post_attention_layernorm), self.eps)
             )
-            a, b = h, kernels.fused_matvec(*self._weights(mlp.down_proj), gate_up=gu)
+            a, b = h, matmul(*self._weights(mlp.down_proj), gate_up=gu)
         head = inner.embed_tokens if model.args.tie_word_embeddings else model.lm_head
-        logits, _ = kernels.fused_matvec(*self._weights(head), residual=(a, b, norm(inner.norm), self.eps))
-        return (logits[None], *out)
+        logits, _ = matmul(*self._weights(head), residual=(a, b, norm(inner.norm), self.eps))
+        return logits
 
 
 
@@ -249,64 +261,39 @@ def pad_small_matmuls(model: nn.Module) -> int:
     return changed
 
 
-class _FusedRows(FusedDecoder):
-    """The layers of `FusedDecoder` over R <= 16 rows at once (`cuda_kernels.rows_matmul`): each
-    row's own position, its keys and values written and attended by `attend(layer, q, k, v)`."""
-
-    def rows(self, tokens: mx.array, positions: mx.array, attend) -> mx.array:
-        model = self._model()
-        inner = model.model
-        R = tokens.size
-        a = inner.embed_tokens(tokens.reshape(-1))
-        if inner.compute_dtype is not None:
-            a = a.astype(inner.compute_dtype)
-        b = mx.zeros_like(a)
-
-        def norm(module: nn.Module) -> mx.array:
-            return module.weight.astype(a.dtype)
-
-        rope = dict(self.rope, offset=positions)
-        for i, layer in enumerate(inner.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v, h = kernels.rows_matmul(
-                *self._weights(attn.qkv_proj), residual=(a, b, norm(layer.input_layernorm), self.eps), rope=rope
-            )
-            o = kernels.rows_matmul(*self._weights(attn.o_proj), x=attend(i, q, k, v).reshape(R, -1))
-            gu, h = kernels.rows_matmul(
-                *self._weights(mlp.gate_up_proj), residual=(h, o, norm(layer.post_attention_layernorm), self.eps)
-            )
-            a, b = h, kernels.rows_matmul(*self._weights(mlp.down_proj), gate_up=gu)
-        head = inner.embed_tokens if model.args.tie_word_embeddings else model.lm_head
-        logits, _ = kernels.rows_matmul(*self._weights(head), residual=(a, b, norm(inner.norm), self.eps))
-        return logits
-
-
-class FusedRowsDecoder(_FusedRows):
+class FusedRowsDecoder(FusedDecoder):
     """`decoder(tokens[B, 1], offset, *kv_buffers) -> (logits[B, vocab], *kv_buffers)` over a batch's
     buffers [B, Hkv, capacity, D], row b's token at position offset[b] (int32 [B]), for
-    `mx.compile`: about eight graph nodes a layer for all rows. A single row, and batches over
-    `ROWS_MAX` rows, run as `KernelRowsDecoder` (on an H200 a row alone is faster there: 8B 6.5
-    against 10.0 ms; from 2 rows on this is: 10.4 against 14.5 ms, benchmarks/README.md)."""
+    `mx.compile`: `FusedDecoder`'s layers with `cuda_kernels.rows_matmul`, about eight graph nodes
+    a layer for all rows. A single row, and batches over `max_rows`, run as `KernelRowsDecoder` (on
+    an H200 a row alone is faster there, 8B 6.5 against 10.0 ms; from 2 rows on this is, 10.4
+    against 14.5 ms: docs/batching.md)."""
+
+    max_rows = kernels.ROWS_MAX
 
     def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
         B = tokens.shape[0]
-        if not 1 < B <= kernels.ROWS_MAX:
+        if not 1 < B <= self.max_rows:
             return KernelRowsDecoder(self._model())(tokens, offset, *buffers)
         out = list(buffers)
+        # where each row's key and value go: the same for every layer
+        at = mx.broadcast_to(offset[:, None, None, None], (B, self.rope["n_kv_heads"], 1, self.rope["head_dim"]))
 
         def attend(i, q, k, v):
-            at = mx.broadcast_to(offset[:, None, None, None], k.shape)
             out[2 * i] = mx.put_along_axis(out[2 * i], at, k, axis=2)
             out[2 * i + 1] = mx.put_along_axis(out[2 * i + 1], at, v, axis=2)
-            return kernels.decode_attention(q, out[2 * i], out[2 * i + 1], offset, self.scale)
+            return kernels.decode_attention(q, out[2 * i], out[2 * i + 1], offset, self.scale).reshape(B, -1)
 
-        return (self.rows(tokens, offset, attend), *out)
+        return (self.layers(self.embed(tokens.reshape(-1)), offset, attend, kernels.rows_matmul), *out)
 
 
-class FusedCheckDecoder(_FusedRows):
-    """`decoder(tokens[1, L], offset, *kv_buffers) -> (logits[1, L, vocab], *kv_buffers)`: L <= 16
-    positions of one sequence from `offset` (int32 [1]) on, each attending over what precedes it
-    and itself, every position's logits: a speculative check in about eight graph nodes a layer."""
+class FusedCheckDecoder(FusedDecoder):
+    """`decoder(tokens[1, L], offset, *kv_buffers) -> (logits[1, L, vocab], *kv_buffers)`: L <=
+    `max_rows` positions of one sequence from `offset` (int32 [1]) on, each attending over what
+    precedes it and itself, every position's logits: a speculative check through `FusedDecoder`'s
+    layers with `cuda_kernels.rows_matmul`, about eight graph nodes a layer."""
+
+    max_rows = kernels.ROWS_MAX
 
     def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
         L = tokens.shape[1]
@@ -317,6 +304,7 @@ class FusedCheckDecoder(_FusedRows):
             # [L, Hkv, 1, D] -> [1, Hkv, L, D]: the L positions, written at offset
             out[2 * i] = mx.slice_update(out[2 * i], k.transpose(2, 1, 0, 3), offset, axes=(2,))
             out[2 * i + 1] = mx.slice_update(out[2 * i + 1], v.transpose(2, 1, 0, 3), offset, axes=(2,))
-            return kernels.decode_attention(q, out[2 * i], out[2 * i + 1], positions, self.scale, shared=True)
+            attention = kernels.decode_attention(q, out[2 * i], out[2 * i + 1], positions, self.scale, shared=True)
+            return attention.reshape(L, -1)
 
-        return (self.rows(tokens, positions, attend)[None], *out)
+        return (self.layers(self.embed(tokens.reshape(-1)), positions, attend, kernels.rows_matmul)[None], *out)
