@@ -20,6 +20,15 @@ random model does not copy its prompt); `self` (the target as its own draft) acc
 and so measures the machinery and the verify step, not a realistic draft. With random weights
 the verify-cost rows are the numbers to read: with acceptance a per draft token and K drafts a
 round, a round yields (1 - a^(K+1)) / (1 - a) tokens for one verify plus K draft steps.
+
+--agree ALPHA[,ALPHA...] makes a random pair agree, to time a draft model at a known acceptance:
+the target's embedding and head become the draft's (repeated across the wider hidden size, the
+head halved), so with silent layers both are the same bigram model; every layer's output
+projections (o_proj, down_proj) are then scaled by ALPHA in both, and the layers' independent
+random weights perturb the agreement, the more the larger ALPHA. The draft must be untied
+(`1b-untied`). Same shapes, same work per token as real weights; only the acceptance is staged.
+
+  python3 benchmarks/speculative_vs_mlx_lm.py --target 8b --drafts 1b-untied --agree 0.05,0.1 -g 128
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--no-mlx-lm", action="store_true", help="measure llama-mlx only")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
     p.add_argument("--out", default=None, help="write every number to this JSON file")
+    p.add_argument("--agree", default=None, help="layer scales making a random draft agree with the target "
+                                                "(comma-separated; see below)")
     return p.parse_args(argv)
 
 
@@ -94,12 +105,14 @@ def folder(name: str, work: Path, target: Path | None = None) -> Path:
             log(f"requantizing {target} to 8 bits -> {dst}")
             convert(target, dst, quantize=True, bits=8, group_size=64, dtype=dtype, force=True, requantize=True)
         return dst
-    if name in SHAPES:
+    untied = name.endswith("-untied") and name[: -len("-untied")] in SHAPES
+    if name in SHAPES or untied:
+        shape = {**SHAPES[name[: -len("-untied")]], "tie_word_embeddings": False} if untied else name
         dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
         dst = work / f"{name}-q4g64-{dtype}"
         if not (dst / "config.json").is_file():
             log(f"writing random {name} weights to {dst}")
-        write_random_model(dst, name, bits=4, group_size=64, dtype=dtype, seed=0)  # reuses a complete folder
+        write_random_model(dst, shape, bits=4, group_size=64, dtype=dtype, seed=0)  # reuses a complete folder
         return dst
     return Path(name)
 
@@ -154,6 +167,37 @@ def theirs(model, ids, g, stop, draft=None, k=3):
     return {"tps": tps, "tokens": [int(t) for t, _, _ in items], "from_draft": sum(bool(d) for _, _, d in items)}
 
 
+def agree(target, draft, alpha: float, saved: dict) -> None:
+    """Stage a random draft's agreement with the target (see --agree): embedding and head copied
+    from the draft, every layer's o_proj and down_proj scaled by alpha (from `saved` originals)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    t, d = dict(tree_flatten(target.parameters())), dict(tree_flatten(draft.parameters()))
+    if "lm_head.weight" not in d or "lm_head.weight" not in t:
+        raise SystemExit("--agree needs an untied target and draft (their own lm_head): 8b, 1b-untied")
+    r = t["model.embed_tokens.weight"].shape[-1] // d["model.embed_tokens.weight"].shape[-1]
+    # Random embeddings have the std of a linear's weights (1 / sqrt(hidden)); scaled to unit rms
+    # (the final norm undoes it) so that alpha compares the layers' outputs with the embedding.
+    gain = (d["model.embed_tokens.weight"].shape[-1] * 8) ** 0.5  # 4-bit codes, 8 to a word: sqrt(hidden)
+    new, mine = {}, {}
+    for part in ("weight", "scales", "biases"):
+        emb = saved.setdefault((id(draft), f"model.embed_tokens.{part}"), d[f"model.embed_tokens.{part}"])
+        emb = emb if part == "weight" else emb * gain
+        mine[f"model.embed_tokens.{part}"] = emb
+        new[f"model.embed_tokens.{part}"] = mx.concatenate([emb] * r, axis=-1)
+        head = mx.concatenate([d[f"lm_head.{part}"]] * r, axis=-1)
+        new[f"lm_head.{part}"] = head if part == "weight" else head / r  # r halves sum to the draft's logit
+    updates = {id(target): new, id(draft): mine}
+    for model, params in ((target, t), (draft, d)):
+        for name, value in params.items():
+            if name.endswith(("o_proj.scales", "o_proj.biases", "down_proj.scales", "down_proj.biases")):
+                orig = saved.setdefault((id(model), name), value)
+                updates[id(model)][name] = orig * alpha
+    for model in (target, draft):
+        model.update(tree_unflatten(list(updates[id(model)].items())))
+        mx.eval(model.parameters())
+
+
 def verify_cost(model, ids, kmax: int, reps: int = 5) -> dict:
     """ms of one forward of L tokens after the prompt, L = 1 .. kmax + 1 (median of `reps`)."""
     from llama_mlx.cache import make_prompt_cache
@@ -177,12 +221,11 @@ def verify_cost(model, ids, kmax: int, reps: int = 5) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import llama_mlx
-    from llama_mlx.speculative import check_draft
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tpath = folder(args.target, work)
-    random_weights = args.target in SHAPES
+    random_weights = args.target.removesuffix("-untied") in SHAPES
     target, tok = llama_mlx.load(tpath, lazy=False)
     drafts = {}
     for name in [d.strip() for d in args.drafts.split(",") if d.strip()]:
@@ -199,8 +242,31 @@ def main(argv=None) -> int:
             for name, (dpath, _) in drafts.items():
                 mlm[name] = mlm["target"] if name == "self" else mlx_lm.load(str(dpath))
     k = args.num_draft_tokens
-    results = {"device": str(mx.default_device()), "target": str(tpath), "k": k, "gen_tokens": args.gen_tokens,
-               "prompts": {}}
+    alphas = [float(a) for a in args.agree.split(",")] if args.agree else [None]
+    saved_ours, saved_theirs, every = {}, {}, {}
+    for alpha in alphas:
+        if alpha is not None:
+            for name, (_, (dm, _)) in drafts.items():
+                if name == "self":
+                    continue
+                agree(target, dm, alpha, saved_ours)
+                if mlm:
+                    agree(mlm["target"][0], mlm[name][0], alpha, saved_theirs)
+            log(f"--agree {alpha}")
+        results = measure(args, target, tok, drafts, mlm, random_weights)
+        results.update(target=str(tpath), agree=alpha)
+        report(results, tpath, args)
+        every[str(alpha)] = results
+    if args.out:
+        Path(args.out).write_text(json.dumps(every if args.agree else results, indent=2) + "\n")
+    return 0
+
+
+def measure(args, target, tok, drafts, mlm, random_weights) -> dict:
+    from llama_mlx.speculative import check_draft
+
+    k = args.num_draft_tokens
+    results = {"device": str(mx.default_device()), "k": k, "gen_tokens": args.gen_tokens, "prompts": {}}
     for pname in PROMPTS:
         ids = prompt_ids(tok, pname, target.args.vocab_size, random_weights)
         g = args.gen_tokens
@@ -241,9 +307,13 @@ def main(argv=None) -> int:
             if m.startswith("ours") and twin in rows:
                 row["vs_mlx_lm"] = row["tps"] / rows[twin]["tps"]
         results["prompts"][pname] = {"rows": rows, "verify_ms": verify_cost(target, ids, k)}
+    return results
 
-    print(f"\n# speculative decoding, {results['device']}, target {tpath.name}, K={k}, "
-          f"{args.gen_tokens} tokens, {args.trials} trial(s), greedy\n")
+
+def report(results: dict, tpath: Path, args) -> None:
+    agreed = f", --agree {results['agree']}" if results.get("agree") is not None else ""
+    print(f"\n# speculative decoding, {results['device']}, target {tpath.name}, K={results['k']}, "
+          f"{args.gen_tokens} tokens, {args.trials} trial(s), greedy{agreed}\n")
     print("| prompt | method | tok/s | vs plain | vs mlx-lm same method | acceptance | from draft | = plain |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for pname, res in results["prompts"].items():
@@ -256,9 +326,6 @@ def main(argv=None) -> int:
     for pname, res in results["prompts"].items():
         v = res["verify_ms"]
         print(f"- {pname}: " + ", ".join(f"L={L}: {ms:.1f} ({ms / v[1]:.2f})" for L, ms in v.items()))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

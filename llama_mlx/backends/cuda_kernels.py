@@ -517,6 +517,25 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.a
 _ROWS_HEADER = r"""
 // Staged position e of 8 inputs holds input perm8(e): 0 4 2 6 1 5 3 7 (e's bits reversed).
 __device__ __forceinline__ constexpr int perm8(int e) { return ((e & 1) << 2) | (e & 2) | (e >> 2); }
+// WL consecutive weight words (one 4- or 8-byte load), or zeros.
+template <int WL>
+__device__ __forceinline__ void load_words(const uint32_t* p, bool ok, uint32_t* out) {
+  if (WL == 2) {
+    const uint2 v = ok ? *reinterpret_cast<const uint2*>(p) : make_uint2(0u, 0u);
+    out[0] = v.x;
+    out[1] = v.y;
+  } else {
+    out[0] = ok ? p[0] : 0u;
+  }
+}
+// Lane u holds the sum s of staged unit u (8 inputs); chunk h of a span of 4 * WL units is its
+// units c * WL + h. Sums each chunk over its 4 lanes and stores it at sums[chunk].
+template <int WL>
+__device__ __forceinline__ void chunk_sums(float s, int u, int units, float* sums) {
+  #pragma unroll
+  for (int m = WL; m < 4 * WL; m <<= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
+  if (u % (4 * WL) < WL && u < units) sums[(u / (4 * WL)) * WL + u % WL] = s;
+}
 // Two 4-bit codes (bits 0-3 and 16-19 of m) as a pair of exact 16-bit floats: OR-ing them into
 // the mantissa of 1024 (half) or 128 (bfloat16), then subtracting that constant.
 __device__ __forceinline__ uint32_t codes(uint32_t m, __half) {
@@ -544,20 +563,24 @@ __device__ __forceinline__ void mma(float* d, const uint32_t* a, uint32_t b0, ui
 # Template constants: T, S, K, N, G, PRO, EPI, EPS_BITS, NQ, NKV, D, TRAD as for _MATVEC, and
 # M (rows run: 8 or 16), KS (inputs per block: K, or K / SPLIT), SPLIT (blocks along K; above 1
 # the output is float partial sums), XS (staged row stride, in elements), TPW (16-row tiles per
-# warp). The rows given, R, come as an array (`nrows`), so one kernel serves every R up to M.
+# warp), WL (weight words a lane loads at once: 1, or 2 where a group spans 64 inputs). The rows
+# given, R, come as an array (`nrows`), so one kernel serves every R up to M.
 #
 # A warp computes TPW tiles of 16 output rows (weights: the mma's A, rows g and g + 8 per lane)
-# for all M rows (x: B, from shared memory) over every fourth 32-input chunk of the block's slice;
-# the block's 2 x 4 warps are 2 tile groups times 4 chunk phases, summed through shared memory. Lane
-# (g, c) holds word c of a chunk (inputs 8c..8c+7): the mma's k order within a chunk is permuted
-# to match (codes 0,4 | 2,6 for the first mma, 1,5 | 3,7 for the second), and x is staged in
-# that order, so a lane's B registers for a chunk are one 16-byte load.
+# for all M rows (x: B, from shared memory) over every fourth span of 32 * WL inputs of the block's
+# slice; the block's 2 x 4 warps are 2 tile groups times 4 span phases, summed through shared
+# memory. Lane (g, c) loads words c * WL .. c * WL + WL - 1 of a span (8 inputs a word): with
+# WL = 2 the four lanes of a row read one whole 32-byte sector. Word c * WL + h is the lane's part
+# of chunk h, the 32 inputs one pair of mmas takes; the mma's k order within a word is permuted to
+# match its codes (0,4 | 2,6 for the first mma, 1,5 | 3,7 for the second), and x is staged in that
+# order, so a lane's B registers for a chunk are one 16-byte load.
 _ROWS = r"""
   const int R = nrows[0];
   constexpr int RT = 2, KW = 4, WARPS = RT * KW;
   constexpr int NT = M / 8;
-  constexpr int CH = KS / 32;
-  constexpr int BATCH = TPW == 1 ? 8 : TPW == 2 ? 4 : 2;
+  constexpr int CH = KS / 32;                 // chunks (xsum's columns)
+  constexpr int SPAN = 4 * WL, SP = CH / WL;  // words a row's span holds; spans in the slice
+  constexpr int BATCH = (TPW == 1 ? 8 : TPW == 2 ? 4 : 2) / WL;  // spans prefetched
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);                  // [M][XS]
   float* xsum = reinterpret_cast<float*>(xs + M * XS);     // [M][CH]
@@ -587,18 +610,18 @@ _ROWS = r"""
       row_b[p] = head * D + (TRAD ? 2 * pair[p] + 1 : pair[p] + D / 2);
     }
     const size_t ra = live[p] ? row_a[p] : 0, rb = live[p] ? row_b[p] : 0;
-    wa[p] = reinterpret_cast<const uint32_t*>(w) + ra * (K / 8) + k0 / 8 + c;
-    wb[p] = reinterpret_cast<const uint32_t*>(w) + rb * (K / 8) + k0 / 8 + c;
+    wa[p] = reinterpret_cast<const uint32_t*>(w) + ra * (K / 8) + k0 / 8 + c * WL;
+    wb[p] = reinterpret_cast<const uint32_t*>(w) + rb * (K / 8) + k0 / 8 + c * WL;
   }
 
-  uint32_t qa[TPW][BATCH], qb[TPW][BATCH];
+  uint32_t qa[TPW][BATCH][WL], qb[TPW][BATCH][WL];
   #pragma unroll
   for (int p = 0; p < TPW; p++)
     #pragma unroll
     for (int i = 0; i < BATCH; i++) {
       const int j = kw + KW * i;
-      qa[p][i] = (live[p] && j < CH) ? wa[p][j * 4] : 0u;
-      qb[p][i] = (live[p] && j < CH) ? wb[p][j * 4] : 0u;
+      load_words<WL>(wa[p] + j * SPAN, live[p] && j < SP, qa[p][i]);
+      load_words<WL>(wb[p] + j * SPAN, live[p] && j < SP, qb[p][i]);
     }
 
   // Stage x: warp t stages rows t, t + 8; lane takes units of 8 inputs (a chunk is 4 units).
@@ -628,11 +651,7 @@ _ROWS = r"""
         }
         *reinterpret_cast<uint4*>(xs + t * XS + u * 8) = *reinterpret_cast<const uint4*>(hv);
       }
-      if (PRO != 1) {
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);
-        if (c == 0 && u < UNITS) xsum[t * CH + u / 4] = s;
-      }
+      if (PRO != 1) chunk_sums<WL>(s, u, UNITS, xsum + t * CH);
     }
 {NORM}
   }
@@ -643,38 +662,51 @@ _ROWS = r"""
   for (int p = 0; p < TPW; p++)
     #pragma unroll
     for (int n = 0; n < NT; n++) acc[p][n][0] = acc[p][n][1] = acc[p][n][2] = acc[p][n][3] = 0.0f;
-  for (int base = 0; kw + KW * base < CH; base += BATCH) {
-    uint32_t ca[TPW][BATCH], cb[TPW][BATCH];
+  for (int base = 0; kw + KW * base < SP; base += BATCH) {
+    uint32_t ca[TPW][BATCH][WL], cb[TPW][BATCH][WL];
     #pragma unroll
     for (int p = 0; p < TPW; p++)
       #pragma unroll
       for (int i = 0; i < BATCH; i++) {
-        ca[p][i] = qa[p][i];
-        cb[p][i] = qb[p][i];
+        #pragma unroll
+        for (int h = 0; h < WL; h++) {
+          ca[p][i][h] = qa[p][i][h];
+          cb[p][i][h] = qb[p][i][h];
+        }
         const int j = kw + KW * (base + BATCH + i);
-        qa[p][i] = (live[p] && j < CH) ? wa[p][j * 4] : 0u;
-        qb[p][i] = (live[p] && j < CH) ? wb[p][j * 4] : 0u;
+        load_words<WL>(wa[p] + j * SPAN, live[p] && j < SP, qa[p][i]);
+        load_words<WL>(wb[p] + j * SPAN, live[p] && j < SP, qb[p][i]);
       }
     #pragma unroll
     for (int i = 0; i < BATCH; i++) {
       const int j = kw + KW * (base + i);
-      if (j < CH) {
-        const int grp = (k0 + 32 * j) / G;
+      if (j >= SP) continue;
+      const int grp = (k0 + 32 * WL * j) / G;  // a span lies in one group
+      float s_a[TPW], s_b[TPW], b_a[TPW], b_b[TPW];
+      #pragma unroll
+      for (int p = 0; p < TPW; p++) {
+        const size_t ga = (size_t)(live[p] ? row_a[p] : 0) * (K / G) + grp;
+        const size_t gb = (size_t)(live[p] ? row_b[p] : 0) * (K / G) + grp;
+        s_a[p] = static_cast<float>(scales[ga]);
+        s_b[p] = static_cast<float>(scales[gb]);
+        b_a[p] = static_cast<float>(biases[ga]);
+        b_b[p] = static_cast<float>(biases[gb]);
+      }
+      #pragma unroll
+      for (int h = 0; h < WL; h++) {
+        const int ch = j * WL + h;
         uint4 xb[NT];
         float x0[NT], x1[NT];
         #pragma unroll
         for (int n = 0; n < NT; n++) {
-          xb[n] = *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * XS + j * 32 + c * 8);
-          x0[n] = xsum[(n * 8 + 2 * c) * CH + j];
-          x1[n] = xsum[(n * 8 + 2 * c + 1) * CH + j];
+          xb[n] = *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * XS + (j * SPAN + c * WL + h) * 8);
+          x0[n] = xsum[(n * 8 + 2 * c) * CH + ch];
+          x1[n] = xsum[(n * 8 + 2 * c + 1) * CH + ch];
         }
         #pragma unroll
         for (int p = 0; p < TPW; p++) {
           if (!live[p]) continue;
-          const size_t ga = (size_t)row_a[p] * (K / G) + grp, gb = (size_t)row_b[p] * (K / G) + grp;
-          const float s_a = static_cast<float>(scales[ga]), s_b = static_cast<float>(scales[gb]);
-          const float b_a = static_cast<float>(biases[ga]), b_b = static_cast<float>(biases[gb]);
-          const uint32_t wa_ = ca[p][i], wb_ = cb[p][i];
+          const uint32_t wa_ = ca[p][i][h], wb_ = cb[p][i][h];
           const uint32_t lo[4] = {codes(wa_ & 0x000F000Fu, T()), codes(wb_ & 0x000F000Fu, T()),
                                   codes((wa_ >> 8) & 0x000F000Fu, T()), codes((wb_ >> 8) & 0x000F000Fu, T())};
           const uint32_t hi[4] = {codes((wa_ >> 4) & 0x000F000Fu, T()), codes((wb_ >> 4) & 0x000F000Fu, T()),
@@ -684,10 +716,10 @@ _ROWS = r"""
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             mma(d, lo, xb[n].x, xb[n].y, T());
             mma(d, hi, xb[n].z, xb[n].w, T());
-            acc[p][n][0] += fmaf(s_a, d[0], b_a * x0[n]);
-            acc[p][n][1] += fmaf(s_a, d[1], b_a * x1[n]);
-            acc[p][n][2] += fmaf(s_b, d[2], b_b * x0[n]);
-            acc[p][n][3] += fmaf(s_b, d[3], b_b * x1[n]);
+            acc[p][n][0] += fmaf(s_a[p], d[0], b_a[p] * x0[n]);
+            acc[p][n][1] += fmaf(s_a[p], d[1], b_a[p] * x1[n]);
+            acc[p][n][2] += fmaf(s_b[p], d[2], b_b[p] * x0[n]);
+            acc[p][n][3] += fmaf(s_b[p], d[3], b_b[p] * x1[n]);
           }
         }
       }
@@ -784,9 +816,7 @@ _ROWS_NORM = r"""
           if (!real) s = 0.0f;
           *reinterpret_cast<uint4*>(xs + t * XS + u * 8) = *reinterpret_cast<const uint4*>(pv);
         }
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);
-        if (c == 0 && u < UNITS) xsum[t * CH + u / 4] = s;
+        chunk_sums<WL>(s, u, UNITS, xsum + t * CH);
       }
     }
 """
@@ -832,17 +862,23 @@ ROWS_MAX = 16  # rows_matmul runs 8 or 16 rows (padding with zeros)
 _ROWS_SLICE = 4096  # inputs a block stages at most (wider inputs split over blocks, but rms_norm's)
 
 
-def _rows_layout(K: int, pro: int) -> tuple[int, int, int]:
-    """(split, inputs per block, staged row stride) for input width K."""
+_ROWS_WIDE = True  # 8-byte weight loads where the groups allow (the probe turns it off to compare)
+
+
+def _rows_layout(K: int, pro: int, group_size: int) -> tuple[int, int, int, int]:
+    """(split, inputs per block, staged row stride, weight words per lane load) for input width K."""
     split = 1
     if pro != 1:
         while K // split > _ROWS_SLICE or (K // split) % 32 or K % split:
             split += 1
             if split > K // 32:
-                return 0, 0, 0
+                return 0, 0, 0, 0
     KS = K // split
-    XS = KS + (32 - KS % 64) % 64  # a row stride of 64 (mod 128) bytes: conflict-free 16-byte reads
-    return split, KS, XS
+    WL = 2 if _ROWS_WIDE and group_size % 64 == 0 and KS % 64 == 0 else 1
+    # Row strides for conflict-free 16-byte reads of x: 64 (mod 128) bytes when a row's 4 lanes
+    # read adjacent units, 16 when they read every other unit.
+    XS = KS + ((32 - KS % 64) % 64 if WL == 1 else (8 - KS % 64) % 64)
+    return split, KS, XS, WL
 
 
 def _rows_smem(M: int, KS: int, XS: int, TPW: int) -> int:
@@ -863,7 +899,7 @@ def rows_matmul_supported(K: int, N: int, bits: int, group_size: int, norm: bool
     group size, with the rms_norm prologue (`norm`: the whole width staged) or another."""
     if not (bits == 4 and K % 32 == 0 and N % 16 == 0 and group_size % 32 == 0 and K % group_size == 0):
         return False
-    split, KS, XS = _rows_layout(K, 1 if norm else 0)
+    split, KS, XS, _ = _rows_layout(K, 1 if norm else 0, group_size)
     return bool(split) and _rows_smem(ROWS_MAX, KS, XS, 4) <= 200_000
 
 
@@ -889,10 +925,10 @@ def rows_matmul(
     N, K = w.shape[0], w.shape[1] * 8
     R = inputs[0].shape[0]
     M = 8 if R <= 8 else 16
-    split, KS, XS = _rows_layout(K, pro)
+    split, KS, XS, WL = _rows_layout(K, pro, group_size)
     inputs += [w, scales, biases]
     template = [("T", dtype), ("S", scales.dtype), ("K", K), ("N", N), ("G", group_size), ("M", M),
-                ("PRO", pro), ("EPI", epi), ("KS", KS), ("SPLIT", split), ("XS", XS),
+                ("PRO", pro), ("EPI", epi), ("KS", KS), ("SPLIT", split), ("XS", XS), ("WL", WL),
                 ("EPS_BITS", _float_bits(residual[3]) if residual else 0)] + _rope_template(rope)
     if epi:
         nq, nkv, D = rope["n_heads"], rope["n_kv_heads"], rope["head_dim"]
@@ -907,7 +943,7 @@ def rows_matmul(
     tpw = _tiles_per_warp(N, split)
     template.append(("TPW", tpw))
     blocks = -(-(N // 16) // (2 * tpw))
-    outs = _rows_kernel(pro, epi, split > 1, M, KS, XS, tpw)(
+    outs = _rows_kernel(pro, epi, split > 1, M, KS, XS, WL, tpw)(
         inputs=inputs, template=template, grid=(blocks * 256, split, 1), threadgroup=(256, 1, 1),
         output_shapes=shapes, output_dtypes=dtypes,
     )
@@ -924,8 +960,8 @@ def _rows_source(pro: int, epi: int, partial: bool) -> str:
             .replace("{STORE}", _ROWS_STORE["partial" if partial else epi]))
 
 
-def _rows_kernel(pro: int, epi: int, partial: bool, M: int, KS: int, XS: int, tpw: int):
-    key = ("rows", pro, epi, partial, M, KS, XS, tpw)
+def _rows_kernel(pro: int, epi: int, partial: bool, M: int, KS: int, XS: int, WL: int, tpw: int):
+    key = ("rows", pro, epi, partial, M, KS, XS, WL, tpw)
     if key not in _kernels:
         inputs = _PROLOGUE_INPUTS[pro] + ["w", "scales", "biases"] + (["offset", "inv_freq"] if epi else []) + ["nrows"]
         outputs = (["q", "k", "v"] if epi else ["part" if partial else "out"]) + (["h"] if pro == 1 else [])
