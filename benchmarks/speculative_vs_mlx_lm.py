@@ -241,7 +241,6 @@ def main(argv=None) -> int:
         else:
             for name, (dpath, _) in drafts.items():
                 mlm[name] = mlm["target"] if name == "self" else mlx_lm.load(str(dpath))
-    k = args.num_draft_tokens
     alphas = [float(a) for a in args.agree.split(",")] if args.agree else [None]
     saved_ours, saved_theirs, every = {}, {}, {}
     for alpha in alphas:
