@@ -112,7 +112,7 @@ def engine_steps(folder: Path, streams: list[int], prompt: int, gen: int, slow: 
         times = []
         while engine.has_work():
             what = (f"running {len(engine.running)}"
-                    + (f", prefilling {len(engine._prefill[2])} left" if engine._prefill else "")
+                    + (f", prefilling {len(engine.prefilling)}" if engine.prefilling else "")
                     + (f", waiting {len(engine.waiting) + len(engine._incoming)}"))
             t = time.perf_counter()
             engine.step()

@@ -94,10 +94,11 @@ def run_ours(folder: Path, args) -> list[dict]:
     warm = BatchEngine(model, tokenizer)
     warm.submit(prompts_for(1, 8, vocab, 99)[0], max_tokens=2, stop_tokens=()).result()
     for n in args.streams:
-        # Untimed: a first call of a kernel at a new batch size may compile it (CUDA: seconds).
+        # Untimed, the timed run's shapes: a first call at a new batch size or cache capacity
+        # traces a graph, and may compile kernels (CUDA: seconds).
         warm = BatchEngine(model, tokenizer, max_batch=n, prefill_chunk=args.prefill_chunk)
         for p in prompts_for(n, args.prompt_tokens, vocab, 98):
-            warm.submit(p, max_tokens=n + 2, stop_tokens=())  # rows join one a step: all n overlap
+            warm.submit(p, max_tokens=args.gen_tokens, stop_tokens=())
         while warm.has_work():
             warm.step()
         for trial in range(args.trials):

@@ -138,24 +138,37 @@ class BatchKVCache(HandOver):
     def add(self, keys: Optional[mx.array], values: Optional[mx.array], length: int) -> None:
         """Append a row holding the first `length` positions of `keys`/`values` [1, H, >= length, D]
         (None when `length` is 0)."""
+        self.add_rows(keys, values, [length])
+
+    def add_rows(self, keys: Optional[mx.array], values: Optional[mx.array], lengths: Sequence[int]) -> None:
+        """Append len(lengths) rows, row i holding the first lengths[i] positions of keys[i] /
+        values[i] ([n, H, >= max(lengths), D]; None when every length is 0)."""
+        lengths = list(lengths)
         ref = keys if keys is not None else self.keys
         if ref is None:  # nothing stored anywhere yet: the first update allocates
-            self._set_lengths(self.lengths + [0])
+            self._set_lengths(self.lengths + lengths)
             return
-        B = len(self.lengths)
+        B, n = len(self.lengths), len(lengths)
         _, H, _, D = ref.shape
-        cap = max(self._capacity(max(self.lengths + [length]) + 1), 0 if self.keys is None else self.keys.shape[2])
-        new_k = mx.zeros((B + 1, H, cap, D), ref.dtype)
-        new_v = mx.zeros((B + 1, H, cap, D), ref.dtype)
+        cap = max(self._capacity(max(self.lengths + lengths) + 1), 0 if self.keys is None else self.keys.shape[2])
+        new_k = mx.zeros((B + n, H, cap, D), ref.dtype)
+        new_v = mx.zeros((B + n, H, cap, D), ref.dtype)
         if self.keys is not None:
             old = self.keys.shape[2]
             new_k[:B, :, :old] = self.keys
             new_v[:B, :, :old] = self.values
-        if length:
-            new_k[B, :, :length] = keys[0, :, :length]
-            new_v[B, :, :length] = values[0, :, :length]
+        m = max(lengths)
+        if keys is not None and m:
+            # Past its own length a row's copy is padding: masked out, as everywhere.
+            new_k[B:, :, :m] = keys[:, :, :m]
+            new_v[B:, :, :m] = values[:, :, :m]
         self.keys, self.values = new_k, new_v
-        self._set_lengths(self.lengths + [length])
+        self._set_lengths(self.lengths + lengths)
+
+    def trim_rows(self, counts: Sequence[int]) -> None:
+        """Drop the last counts[b] positions of row b (padding a batched prefill wrote past a
+        shorter prompt's end)."""
+        self._set_lengths([n - c for n, c in zip(self.lengths, counts)])
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in that order), shrinking the buffers to what they still need."""
@@ -368,23 +381,62 @@ class BatchRequest:
         self._queue.put(_END)
 
 
+class _Prefill:
+    """Newcomers prefilling together, `todo[i]` the prompt tokens row i has still to run (its last
+    one excepted: that goes in with its first decode step). One newcomer prefills into plain
+    `KVCache`s, so that it can go on to decode alone; several are the rows of `BatchKVCache`s,
+    each at its own length, run as one forward a chunk."""
+
+    def __init__(self, reqs: list[BatchRequest], layers: int):
+        self.reqs = reqs
+        self.todo = [r.prompt[r.cached_tokens : -1] for r in reqs]
+        self.batched = len(reqs) > 1
+        if not self.batched:
+            self.cache = reqs[0].prompt_cache or [KVCache() for _ in range(layers)]
+        else:
+            self.cache = [BatchKVCache() for _ in range(layers)]
+            for i, c in enumerate(self.cache):
+                c.limit = _prefill_bound(reqs)
+                for r in reqs:
+                    warm = r.prompt_cache[i] if r.prompt_cache else None
+                    c.add(*((warm.keys, warm.values, warm.offset) if warm else (None, None, 0)))
+        for r in reqs:
+            r.prompt_cache = None
+
+    def keep(self, rows: list[int]) -> None:
+        self.reqs = [self.reqs[b] for b in rows]
+        self.todo = [self.todo[b] for b in rows]
+        for c in self.cache:
+            c.keep(rows)
+
+
+def _prefill_bound(reqs: Sequence[BatchRequest]) -> int:
+    # Positions a row of a batched prefill may reach before its padding is trimmed.
+    return max(r.cached_tokens for r in reqs) + max(len(r.prompt) - 1 - r.cached_tokens for r in reqs)
+
+
 class BatchEngine:
     """Continuous batching over `model`: `submit` requests from any thread, `step` from one.
 
     max_kv_bytes: cap on the KV memory of all live sequences (buffers held between steps: the
     batch's, padding included, and a prefilling newcomer's). A request waits until it fits; one
     that could never fit alone is refused with `KVCapacityError`. None: no cap.
-    max_batch: most sequences decoding together. prefill_chunk: prompt tokens a newcomer prefills
-    per step, between two batched decode steps of the others. compile: how the batched step runs
-    (`backends.rows_step`: None lets the backend choose, compiled on GPUs).
+    max_batch: most sequences decoding together. prefill_chunk: prompt tokens each newcomer
+    prefills per step, between two batched decode steps of the others. prefill_batch: most
+    newcomers admitted together, whose prompts then run as the rows of one forward a chunk
+    (requests arriving together, as a burst at a server, start decoding together after one
+    prefill, not one after another). compile: how the batched step runs (`backends.rows_step`:
+    None lets the backend choose, compiled on GPUs).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_kv_bytes: Optional[int] = None,
-                 max_batch: int = 8, prefill_chunk: int = 512, compile: Optional[bool] = None):
-        if max_batch < 1 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be at least 1")
+                 max_batch: int = 8, prefill_chunk: int = 512, prefill_batch: int = 8,
+                 compile: Optional[bool] = None):
+        if max_batch < 1 or prefill_chunk < 1 or prefill_batch < 1:
+            raise ValueError("max_batch, prefill_chunk and prefill_batch must be at least 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_kv_bytes, self.max_batch, self.prefill_chunk = max_kv_bytes, max_batch, prefill_chunk
+        self.prefill_batch = prefill_batch
         args = model.args
         dtype = model.model.compute_dtype or model.model.norm.weight.dtype
         # Keys and values, every layer, one position.
@@ -396,7 +448,7 @@ class BatchEngine:
         self._solo_step = None
         self.running: list[BatchRequest] = []
         self.waiting: deque[BatchRequest] = deque()
-        self._prefill: Optional[tuple[BatchRequest, list[KVCache], list[int]]] = None
+        self._prefill: Optional[_Prefill] = None
         # The decode step queued last (its rows and their lazy samples), read by the next `step`.
         self._inflight: Optional[tuple[list[BatchRequest], list]] = None
         self._incoming: list[BatchRequest] = []
@@ -407,6 +459,7 @@ class BatchEngine:
         self.decode_steps = 0  # batched decode steps queued
         self.multi_row_steps = 0  # of those, steps decoding more than one row
         self.max_rows = 0  # most rows decoded in one step so far
+        self.max_prefill_rows = 0  # most newcomers prefilled in one forward so far
 
     # -- any thread ------------------------------------------------------------------------
     def submit(self, prompt: Prompt, *, max_tokens: int = 256, sampler: Optional[Sampler] = None,
@@ -510,35 +563,35 @@ class BatchEngine:
             self._thread = None
 
     @property
-    def prefilling(self) -> Optional[BatchRequest]:
-        """The newcomer being prefilled now, if any."""
-        return self._prefill[0] if self._prefill is not None else None
+    def prefilling(self) -> list[BatchRequest]:
+        """The newcomers being prefilled now."""
+        return list(self._prefill.reqs) if self._prefill is not None else []
 
     def _wake(self) -> None:
         with self._lock:
             self._lock.notify_all()
 
     # -- memory ----------------------------------------------------------------------------
-    def _bytes_with(self, req: BatchRequest, rows: int, limit: int) -> int:
-        """Most KV bytes held while `req` prefills beside `rows` rows whose longest reservation is
-        `limit`, and after it joins them."""
-        batch = (rows + 1) * max(limit, req.reservation)
-        prefill = _round_up(len(req.prompt) - 1, KVCache.step)
+    def _bytes_with(self, reqs: list[BatchRequest], rows: int, limit: int) -> int:
+        """Most KV bytes held while `reqs` prefill beside `rows` rows whose longest reservation is
+        `limit`, and after they join them (a prefill's rows counted in whole `KVCache.step`s)."""
+        batch = (rows + len(reqs)) * max([limit] + [r.reservation for r in reqs])
+        prefill = len(reqs) * _round_up(_prefill_bound(reqs), KVCache.step)
         return (batch + prefill) * self.bytes_per_token
 
-    def _fits(self, req: BatchRequest) -> bool:
-        if len(self.running) >= self.max_batch:
+    def _fits(self, reqs: list[BatchRequest]) -> bool:
+        if len(self.running) + len(reqs) > self.max_batch:
             return False
         if self.max_kv_bytes is None:
             return True
         limit = max((r.reservation for r in self.running), default=0)
-        return self._bytes_with(req, len(self.running), limit) <= self.max_kv_bytes
+        return self._bytes_with(reqs, len(self.running), limit) <= self.max_kv_bytes
 
     def live_caches(self) -> list:
         """Every KV cache holding buffers now: the batch's per-layer caches and a newcomer's prefill caches."""
         caches = list(self.solo or self.cache)
         if self._prefill is not None:
-            caches += self._prefill[1]
+            caches += self._prefill.cache
         return caches
 
     def kv_bytes(self) -> int:
@@ -555,20 +608,25 @@ class BatchEngine:
             self._incoming.clear()
         self._drop_cancelled()
         self._retire([i for i, r in enumerate(self.running) if not r.done])
-        if self._prefill is None and self.waiting and self._fits(self.waiting[0]):
-            req = self.waiting.popleft()
-            req.started = time.perf_counter()
-            if self.solo is not None:  # no longer alone: into the batch before the newcomer's buffers exist
-                self._batch_solo()
-            caches, req.prompt_cache = req.prompt_cache or [KVCache() for _ in self.model.layers], None
-            self._prefill = (req, caches, req.prompt[req.cached_tokens : -1])
+        if self._prefill is None:
+            group: list[BatchRequest] = []
+            while self.waiting and len(group) < self.prefill_batch and self._fits(group + [self.waiting[0]]):
+                group.append(self.waiting.popleft())
+            if group:
+                now = time.perf_counter()
+                for r in group:
+                    r.started = now
+                if self.solo is not None:  # no longer alone: into the batch before the newcomers' buffers exist
+                    self._batch_solo()
+                self._prefill = _Prefill(group, len(self.model.layers))
         if self._prefill is not None:
             try:
                 self._prefill_chunk()
             except Exception as e:
-                req = self._prefill[0]
+                reqs = self._prefill.reqs
                 self._prefill = None
-                req._finish(None, e)
+                for r in reqs:
+                    r._finish(None, e)
         queued = None
         if self.running:
             try:
@@ -583,15 +641,31 @@ class BatchEngine:
         return events
 
     def _prefill_chunk(self) -> None:
-        req, cache, todo = self._prefill
-        if todo:
-            n = min(self.prefill_chunk, len(todo))
-            self.model(mx.array(todo[:n])[None], cache)
-            mx.eval([c.state for c in cache])
-            todo = todo[n:]
-            self._prefill = (req, cache, todo)
-        if not todo:  # join: its last prompt token goes in with the next decode step
+        p = self._prefill
+        n = min(self.prefill_chunk, max(len(t) for t in p.todo))
+        if n:
+            if p.batched:
+                # Shorter prompts are padded; their rows then drop the padding's positions.
+                rows = [t[:n] + [0] * (n - len(t[:n])) for t in p.todo]
+                self.model(mx.array(rows), p.cache)
+                for c in p.cache:
+                    c.trim_rows([n - len(t[:n]) for t in p.todo])
+                self.max_prefill_rows = max(self.max_prefill_rows, len(rows))
+            else:
+                self.model(mx.array(p.todo[0][:n])[None], p.cache)
+            mx.eval([c.state for c in p.cache])
+            p.todo = [t[n:] for t in p.todo]
+        done = [b for b, t in enumerate(p.todo) if not t]
+        if done:  # join: a row's last prompt token goes in with its next decode step
+            self._join(done)
+            mx.clear_cache()
+
+    def _join(self, rows: list[int]) -> None:
+        p = self._prefill
+        reqs = [p.reqs[b] for b in rows]
+        if not p.batched:
             self._prefill = None
+            req, cache = reqs[0], p.cache
             if not self.running and self._alone_fits(req):
                 self.solo, self._solo_step = cache, backends.decode_step(self.model, cache)
             else:
@@ -599,8 +673,20 @@ class BatchEngine:
                     layer.limit = max(layer.limit or 0, req.reservation)
                     layer.add(c.keys, c.values, c.offset)
                 mx.eval([c.state for c in self.cache])
-            self.running.append(req)
-            mx.clear_cache()
+        else:
+            idx = mx.array(rows, dtype=mx.int32)
+            for layer, c in zip(self.cache, p.cache):
+                layer.limit = max([layer.limit or 0] + [r.reservation for r in reqs])
+                keys = None if c.keys is None else mx.take(c.keys, idx, axis=0)
+                values = None if c.values is None else mx.take(c.values, idx, axis=0)
+                layer.add_rows(keys, values, [c.lengths[b] for b in rows])
+            rest = [b for b in range(len(p.reqs)) if b not in rows]
+            if rest:
+                p.keep(rest)
+            else:
+                self._prefill = None
+            mx.eval([c.state for c in self.cache + (p.cache if rest else [])])
+        self.running.extend(reqs)
 
     def _alone_fits(self, req: BatchRequest) -> bool:
         # Alone, its buffers grow in whole `KVCache.step`s, past its reservation.
@@ -702,9 +788,15 @@ class BatchEngine:
         for r in [r for r in self.waiting if r._cancel]:
             self.waiting.remove(r)
             r._finish("cancelled")
-        if self._prefill is not None and self._prefill[0]._cancel:
-            self._prefill[0]._finish("cancelled")
-            self._prefill = None
+        if self._prefill is not None and any(r._cancel for r in self._prefill.reqs):
+            keep = [b for b, r in enumerate(self._prefill.reqs) if not r._cancel]
+            for r in self._prefill.reqs:
+                if r._cancel:
+                    r._finish("cancelled")
+            if keep:
+                self._prefill.keep(keep)
+            else:
+                self._prefill = None
         if any(r._cancel for r in self.running):
             for r in self.running:
                 if r._cancel:
@@ -714,7 +806,7 @@ class BatchEngine:
     def cancel_all(self) -> None:
         """Cancel every queued and running sequence (thread-safe)."""
         with self._lock:
-            for r in [*self._incoming, *self.waiting, *self.running] + ([self._prefill[0]] if self._prefill else []):
+            for r in [*self._incoming, *self.waiting, *self.running, *self.prefilling]:
                 r._cancel = True
             self._lock.notify_all()
 
@@ -746,6 +838,7 @@ def batch_generate(
     max_kv_bytes: Optional[int] = None,
     max_batch: int = 32,
     prefill_chunk: int = 512,
+    prefill_batch: int = 8,
 ) -> BatchResult:
     """Complete every prompt (text, ids or chat messages), decoding them together.
 
@@ -762,7 +855,8 @@ def batch_generate(
         procs = [procs] * n
     if not (len(limits) == len(samplers) == len(procs) == n):
         raise ValueError("per-prompt max_tokens, sampler and logits_processors need one entry per prompt")
-    engine = BatchEngine(model, tokenizer, max_kv_bytes=max_kv_bytes, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    engine = BatchEngine(model, tokenizer, max_kv_bytes=max_kv_bytes, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                         prefill_batch=prefill_batch)
     start = time.perf_counter()
     reqs = [engine.submit(p, max_tokens=m, sampler=s, logits_processors=lp, stop=stop)
             for p, m, s, lp in zip(prompts, limits, samplers, procs)]

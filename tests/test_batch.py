@@ -98,6 +98,62 @@ def test_tiny_join_and_leave_equals_no_cache_greedy(tiny, smol, variant, monkeyp
     assert any(alone[alone.index(False):]) and eng.max_rows >= 2
 
 
+@pytest.mark.parametrize("variant", ["graph", "rows"])
+def test_burst_prefills_as_one_forward_and_equals_no_cache_greedy(tiny, smol, variant):
+    """Five requests arriving together beside a running one: their prompts (1 to 23 tokens, one
+    warm-started from a prompt cache) prefill as the rows of one forward a chunk, each row joining
+    the decode batch when its own prompt is done, while the running one keeps decoding; every
+    sequence equals cache-free greedy decoding."""
+    _, tokenizer = smol
+    eng = BatchEngine(tiny, tokenizer, prefill_chunk=6, compile=variant != "graph")
+    first = eng.submit(rand_ids(40, 5), max_tokens=14, stop_tokens=())
+    for _ in range(2):
+        eng.step()
+    assert eng.solo is not None
+    warm_prompt = rand_ids(45, 13)
+    warm = [KVCache() for _ in tiny.layers]
+    tiny(mx.array([warm_prompt[:7]]), warm)
+    specs = [(rand_ids(41, 9), 6), (rand_ids(42, 23), 9), (rand_ids(43, 1), 5), (rand_ids(44, 4), 11)]
+    burst = [eng.submit(p, max_tokens=n, stop_tokens=()) for p, n in specs]
+    burst.append(eng.submit(warm_prompt, max_tokens=8, stop_tokens=(), prompt_cache=warm))
+    specs.append((warm_prompt, 8))
+    joined, first_tokens = [], []
+    while eng.has_work():
+        before = len(first.tokens)
+        eng.step()
+        first_tokens.append(len(first.tokens) - before)
+        joined.append(sum(r in eng.running or r.done for r in burst))
+    assert eng.max_prefill_rows == 5
+    assert 0 < joined[0] < 5 and 5 in joined  # the short prompts joined before the 23-token one was done
+    assert all(first_tokens[:4])  # the running one got a token every step of the burst's prefill
+    assert first.tokens == greedy_without_cache(tiny, rand_ids(40, 5), 14)
+    for (p, n), r in zip(specs, burst):
+        assert r.finish_reason == "length"
+        assert r.tokens == greedy_without_cache(tiny, p, n)
+
+
+def test_memory_cap_bounds_a_burst(tiny, smol):
+    """Three requests at once under a cap that holds two prefilling together: the first two
+    prefill as one forward, the third after them, and the KV buffers never exceed the cap."""
+    _, tokenizer = smol
+    bpt = BatchEngine(tiny, tokenizer).bytes_per_token
+    # Reservations of 15, 23 and 17 positions; two prefilling rows count 256 positions each:
+    # two need 2 * 23 + 512 = 558 positions, three 3 * 23 + 768 = 837.
+    cap = 600 * bpt
+    specs = [(rand_ids(50, 9), 6), (rand_ids(51, 9), 14), (rand_ids(52, 9), 8)]
+    eng = BatchEngine(tiny, tokenizer, max_kv_bytes=cap, prefill_chunk=4)
+    reqs = [eng.submit(p, max_tokens=n, stop_tokens=()) for p, n in specs]
+    while eng.has_work():
+        eng.step()
+        assert eng.kv_bytes() <= cap
+        assert len(eng.prefilling) <= 2
+        if reqs[2] in eng.prefilling:
+            assert reqs[0] in eng.running and reqs[1] in eng.running
+    assert eng.max_prefill_rows == 2
+    for (p, n), r in zip(specs, reqs):
+        assert r.tokens == greedy_without_cache(tiny, p, n)
+
+
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "user", "content": "Tell me a long story about a dragon who loves mathematics and a brave knight."}],
@@ -137,7 +193,7 @@ def test_smollm2_joining_mid_stream_equals_alone(smol):
         reqs.append(eng.submit(p, **kwargs(o, True)))
         for _ in range(3):
             events = eng.step()
-            overlapped += bool(events and eng.prefilling is not None)
+            overlapped += bool(events and eng.prefilling)
     while eng.has_work():
         eng.step()
     assert overlapped > 0  # running streams got tokens while a newcomer was still prefilling

@@ -194,3 +194,29 @@ def test_fused_check_step_gives_mlx_lm_logits_at_every_position(monkeypatch, tie
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
         for c in cache:
             c.trim(L)
+
+
+def test_fused_step_runs_a_few_tokens_through_the_check(monkeypatch):
+    """A draft model catching up on two tokens (a round it got all right) and a short new turn
+    stay on CUDA's fused path: `decode_step` gives 2 and 16 tokens at once to the fused check, and
+    their last position's logits are mlx-lm's; 17 tokens take the graph."""
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    monkeypatch.setattr(cuda, "supported", lambda model: True)
+    monkeypatch.setattr(cuda.kernels, "fused_matvec", matvec)
+    ours, theirs = fused_pair(monkeypatch, True, False)
+    rng = np.random.default_rng(9)
+    prompt = mx.array(rng.integers(0, 256, size=(1, 20)).astype(np.int32))
+    cache, their_cache = make_prompt_cache(len(ours.layers)), mlx_lm_cache(theirs)
+    ours(prompt, cache)
+    theirs(prompt, cache=their_cache)
+    step = backends.decode_step(ours, cache)
+    assert step.kind == "fused" and step.short.kind == "check-fused"
+    calls = []
+    monkeypatch.setattr(step.short, "graph", lambda *a, graph=step.short.graph: calls.append(1) or graph(*a))
+    for L in (2, 16, 17):
+        tokens = mx.array(rng.integers(0, 256, size=(1, L)).astype(np.int32))
+        got = np.array(step(tokens))
+        want = np.array(theirs(tokens, cache=their_cache)[:, -1, :])
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert len(calls) == 2 and cache[0].offset == 20 + 2 + 16 + 17

@@ -81,8 +81,10 @@ def decode_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -
     `step(tokens[B, L]) -> logits[B, vocab]` of the last position, updating the cache. `compile`:
     None picks the CUDA fused decoder where it applies (`cuda.supported`) and the model's graph
     elsewhere; True compiles single-token steps (fused on CUDA, else masked over the buffers);
-    False keeps the graph. Compiling needs plain `KVCache`s; the compiled graph is traced once per
-    model and cache capacity, and kept for the model (never on it) while the model lives.
+    False keeps the graph. On CUDA a few tokens at once (up to 16, one sequence) run through the
+    fused check (`verify_step`) and give their last position's logits. Compiling needs plain
+    `KVCache`s; the compiled graph is traced once per model and cache capacity, and kept for the
+    model (never on it) while the model lives.
     The step's `kind` says which runs: "graph", "compiled" or "fused".
     """
     plain = all(type(c) is KVCache for c in cache)
@@ -91,7 +93,9 @@ def decode_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -
         return GraphStep(model, cache)
     kind = "fused" if fused else "compiled"
     graph = GRAPHS.get(model, kind, cuda.FusedDecoder if fused else MaskedDecoder)
-    return CompiledStep(model, cache, graph, kind)
+    # A few tokens at once stay fused too: the graph's step costs several fused ones there.
+    short = verify_step(model, cache) if fused and cuda.fused_rows_supported(model) else None
+    return CompiledStep(model, cache, graph, kind, short)
 
 
 def rows_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -> Step:

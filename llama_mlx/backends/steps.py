@@ -50,18 +50,23 @@ class CompiledStep(GraphStep):
 
     kind "fused" (the CUDA decoder: batch 1, position an int32 array of shape [1]), "compiled"
     (`MaskedDecoder`: position a scalar) or "rows" / "rows-kernel" (`RowsDecoder` over a batch's
-    cache: positions int32 [B], one per row). Prompts and empty caches take the graph.
+    cache: positions int32 [B], one per row). `short`: a `CompiledCheckStep` over the same cache
+    that a few tokens of one sequence go through (their last position's logits), as a draft model
+    catching up on two tokens after a round it got all right. Prompts and empty caches take the graph.
     """
 
-    def __init__(self, model: nn.Module, cache: list, graph: Callable, kind: str):
+    def __init__(self, model: nn.Module, cache: list, graph: Callable, kind: str,
+                 short: "CompiledCheckStep | None" = None):
         super().__init__(model, cache)
-        self.graph, self.kind = graph, kind
+        self.graph, self.kind, self.short = graph, kind, short
 
     def __call__(self, tokens: mx.array) -> mx.array:
         B, L = tokens.shape
         offset = self.cache[0].offset
         rows = isinstance(offset, mx.array)  # a batch's cache: a position per row
         empty = self.cache[0].keys is None if rows else offset == 0
+        if self.short is not None and B == 1 and 1 < L <= self.short.max_rows and not empty:
+            return self.short(tokens)[:, -1, :]
         if L != 1 or empty or (self.kind == "fused" and B != 1):
             return super().__call__(tokens)
         position = offset if rows else mx.array([offset] if self.kind == "fused" else offset, dtype=mx.int32)
