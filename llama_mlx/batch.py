@@ -263,7 +263,6 @@ class BatchRequest:
         self._cancel = False
         self._history: Optional[mx.array] = None
         self.next_input = ids[-1]
-        self._pending: Optional[mx.array] = None  # its token of the queued step, not yet read
         self.submitted = time.perf_counter()
         self.started: Optional[float] = None  # prefill began
         self.first_token: Optional[float] = None
@@ -449,8 +448,8 @@ class BatchEngine:
         self.running: list[BatchRequest] = []
         self.waiting: deque[BatchRequest] = deque()
         self._prefill: Optional[_Prefill] = None
-        # The decode step queued last (its rows and their lazy samples), read by the next `step`.
-        self._inflight: Optional[tuple[list[BatchRequest], list]] = None
+        # The decode step queued last (its rows, their lazy tokens and logprobs), read by the next `step`.
+        self._inflight: Optional[tuple[list[BatchRequest], mx.array, Any]] = None
         self._incoming: list[BatchRequest] = []
         self._lock = threading.Condition()
         self._uid = 0
@@ -707,42 +706,59 @@ class BatchEngine:
         self.cache = [BatchKVCache() for _ in self.model.layers]
         self._rows_step = backends.rows_step(self.model, self.cache, self._compile)
 
-    def _queue_decode(self) -> tuple[list[BatchRequest], list]:
-        # A row's input is its token of the step still unread, or (a newcomer) its last prompt token.
-        inputs = [r._pending if r._pending is not None else mx.array([r.next_input]) for r in self.running]
+    def _inputs(self) -> mx.array:
+        # A row's input is its token of the step queued last (still unread), or a newcomer's last
+        # prompt token; while the rows stay the same the step's token array is the next input whole.
+        rows, ids = self._inflight[:2] if self._inflight is not None else ([], None)
+        if rows == self.running:
+            return ids
+        at = {id(r): b for b, r in enumerate(rows)}
+        carried = [at.get(id(r)) for r in self.running]
+        if all(b is not None for b in carried):
+            return mx.take(ids, mx.array(carried, dtype=mx.int32))
+        return mx.concatenate([ids[b : b + 1] if b is not None else mx.array([r.next_input], dtype=mx.uint32)
+                               for b, r in zip(carried, self.running)])
+
+    def _queue_decode(self) -> tuple[list[BatchRequest], mx.array, Any]:
         self.decode_steps += 1
         self.multi_row_steps += len(self.running) > 1
         self.max_rows = max(self.max_rows, len(self.running))
-        tokens = mx.concatenate(inputs)[:, None]
+        tokens = self._inputs()[:, None]
         if self.solo is not None:
             logits = self._solo_step(tokens)
         else:
             logits = self._rows_step(tokens)
         # Greedy rows without processors (sampler None) are sampled together, the rest one by one.
         plain = [b for b, r in enumerate(self.running) if r.sampler is None and not r.processors]
-        sampled: list = [None] * len(self.running)
-        if plain:
-            rows = logits[mx.array(plain)] if len(plain) < len(self.running) else logits
-            logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
-            tokens = mx.argmax(logprobs, axis=-1)
-            for i, b in enumerate(plain):
-                sampled[b] = (tokens[i : i + 1], logprobs[i])
-        for b, r in enumerate(self.running):
-            if sampled[b] is None:
-                sampled[b] = r._sample(logits[b : b + 1])
-            r._pending = sampled[b][0]
-        mx.async_eval(sampled)
-        return list(self.running), sampled
+        if len(plain) == len(self.running):
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            ids = mx.argmax(logprobs, axis=-1).astype(mx.uint32)
+        else:
+            sampled: list = [None] * len(self.running)
+            if plain:
+                rows = logits[mx.array(plain)]
+                lp = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+                best = mx.argmax(lp, axis=-1)
+                for i, b in enumerate(plain):
+                    sampled[b] = (best[i : i + 1], lp[i])
+            for b, r in enumerate(self.running):
+                if sampled[b] is None:
+                    sampled[b] = r._sample(logits[b : b + 1])
+            ids = mx.concatenate([t.astype(mx.uint32) for t, _ in sampled])
+            logprobs = [lp for _, lp in sampled]
+        mx.async_eval(ids, logprobs)
+        return list(self.running), ids, logprobs
 
     def _read(self, inflight) -> list[tuple[BatchRequest, GenerationResponse]]:
         if inflight is None:
             return []
+        rows, ids, logprobs = inflight
         events = []
-        for r, (token, logprobs) in zip(*inflight):
+        for b, (r, token) in enumerate(zip(rows, ids.tolist())):
             if r.done:  # finished or cancelled after this step was queued: its token is dropped
                 continue
             try:
-                events.append((r, r._accept(int(token.item()), logprobs)))
+                events.append((r, r._accept(token, logprobs[b])))
                 if r.keep_cache and r.finish_reason is not None:
                     self._keep_row(r)
             except Exception as e:
