@@ -165,9 +165,9 @@ def measure_streams(base: str, args, bias: dict, random_words: bool) -> dict:
                 t.join()
             return time.perf_counter() - start
 
-        # An untimed round first: a backend's first call of a kernel at a new batch size may
-        # compile it (MLX's CUDA backend: seconds), which is no steady-state cost.
-        round_of(min(8, args.max_tokens))
+        # An untimed round of the timed one's shapes first: a backend's first call at a new batch
+        # size or cache capacity may trace and compile (MLX's CUDA backend: seconds), no steady-state cost.
+        round_of(args.max_tokens)
         wall = round_of(args.max_tokens)
         out[str(n)] = {"aggregate_tps": sum(r["tokens"] for r in results) / wall,
                        "ttft": statistics.median(r["ttft"] for r in results),
