@@ -394,8 +394,9 @@ class _Prefill:
             self.cache = reqs[0].prompt_cache or [KVCache() for _ in range(layers)]
         else:
             self.cache = [BatchKVCache() for _ in range(layers)]
+            bound = _prefill_bound(reqs)
             for i, c in enumerate(self.cache):
-                c.limit = _prefill_bound(reqs)
+                c.limit = bound
                 for r in reqs:
                     warm = r.prompt_cache[i] if r.prompt_cache else None
                     c.add(*((warm.keys, warm.values, warm.offset) if warm else (None, None, 0)))
