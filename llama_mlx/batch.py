@@ -674,11 +674,14 @@ class BatchEngine:
                     layer.add(c.keys, c.values, c.offset)
                 mx.eval([c.state for c in self.cache])
         else:
+            # A burst usually joins whole: its buffers are then copied in as they are, not gathered first.
+            whole = len(rows) == len(p.reqs)
             idx = mx.array(rows, dtype=mx.int32)
             for layer, c in zip(self.cache, p.cache):
                 layer.limit = max([layer.limit or 0] + [r.reservation for r in reqs])
-                keys = None if c.keys is None else mx.take(c.keys, idx, axis=0)
-                values = None if c.values is None else mx.take(c.values, idx, axis=0)
+                keys, values = c.keys, c.values
+                if keys is not None and not whole:
+                    keys, values = mx.take(keys, idx, axis=0), mx.take(values, idx, axis=0)
                 layer.add_rows(keys, values, [c.lengths[b] for b in rows])
             rest = [b for b in range(len(p.reqs)) if b not in rows]
             if rest:
