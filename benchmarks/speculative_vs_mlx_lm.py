@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("-g", "--gen-tokens", type=int, default=32)
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--no-mlx-lm", action="store_true", help="measure llama-mlx only")
+    p.add_argument("--sync-too", action="store_true",
+                   help="also time each draft with rounds read before the next is queued (as before queued rounds)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
     p.add_argument("--out", default=None, help="write every number to this JSON file")
     p.add_argument("--agree", default=None, help="layer scales making a random draft agree with the target "
@@ -153,6 +155,18 @@ def ours(model, ids, g, stop, draft_model=None, **kw):
                        g, stop)
     return {"tps": tps, "tokens": [t.token for t in items], "drafted": items[-1].drafted,
             "accepted": sum(t.from_draft for t in items), "from_draft": sum(t.from_draft for t in items)}
+
+
+def synchronous(run):
+    """`run()` with speculative rounds read one by one, none queued ahead (the path off CUDA's fused steps)."""
+    import llama_mlx.speculative as spec
+
+    saved = spec._positioned
+    spec._positioned = lambda *steps: False
+    try:
+        return run()
+    finally:
+        spec._positioned = saved
 
 
 def theirs(model, ids, g, stop, draft=None, k=3):
@@ -275,6 +289,9 @@ def measure(args, target, tok, drafts, mlm, random_weights) -> dict:
         for name, (_, (dm, dt)) in drafts.items():
             check_draft(target, tok, dm, dt)
             runs[f"ours draft {name}"] = lambda dm=dm: ours(target, ids, g, stop, draft_model=dm, num_draft_tokens=k)
+            if args.sync_too:
+                runs[f"ours draft {name} sync"] = lambda dm=dm: synchronous(
+                    lambda: ours(target, ids, g, stop, draft_model=dm, num_draft_tokens=k))
         if mlm:
             runs["mlx-lm plain"] = lambda: theirs(mlm["target"][0], ids, g, stop)
             for name in drafts:

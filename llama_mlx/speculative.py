@@ -27,6 +27,7 @@ token (a K+1-token check costs up to K+1 one-token steps where decoding is compu
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Generator, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
@@ -142,6 +143,63 @@ def accept_drafts(p: mx.array, q: Optional[mx.array], drafts: mx.array, next_key
 LOOKUP_MAX_PAUSE = 8
 
 
+def _positioned(*steps) -> bool:
+    return all(getattr(s, "takes_position", False) for s in steps)
+
+
+class _Round(NamedTuple):
+    drafts: mx.array  # [k]
+    n: mx.array  # drafts accepted
+    new: mx.array  # the target's token after them
+    logprobs: mx.array  # [k + 1, vocab], the target's
+    after: tuple  # the next round's (token before, last token, its position), on the device
+
+
+class _Rounds:
+    """Speculative rounds queued on the device, each from the previous one's device-side result.
+
+    A round's draft model runs [the token before the last, the last] at position pos - 1 (which
+    fills in the last accepted draft after a round it got all right, else rewrites a position it
+    holds), then k - 1 single tokens; the target checks [last, drafts] at pos. The rule is
+    `speculative_generate_step`'s. Each cache advances k + 1 positions a round; the reader trims
+    k - n once it reads n.
+    """
+
+    def __init__(self, dstep, verify, k: int, greedy: bool, sampler, distribution, next_key):
+        self.dstep, self.verify, self.k = dstep, verify, k
+        self.greedy, self.sampler, self.distribution, self.next_key = greedy, sampler, distribution, next_key
+        self.rounds: deque[_Round] = deque()
+
+    def push(self, before: mx.array, last: mx.array, pos: mx.array) -> None:
+        inputs, ds, qs = mx.concatenate([before, last])[None], [], []
+        logits = self.dstep.at(inputs, pos - 1)
+        for i in range(self.k):
+            if i:
+                logits = self.dstep.at(ds[-1][None], pos + i)
+            if self.greedy:
+                d = self.sampler(logits)
+            else:
+                lq = self.distribution(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+                d = mx.random.categorical(lq, key=self.next_key())
+                qs.append(lq)
+            mx.async_eval(d)
+            ds.append(d.astype(mx.uint32))
+        drafts = mx.concatenate(ds)
+        checked = mx.concatenate([last, drafts])
+        logits = self.verify.at(checked[None], pos)[0]
+        lps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.greedy:
+            best = self.sampler(lps)
+            n = _leading(best[: self.k] == drafts)
+            new = best[n]
+        else:
+            n, new = accept_drafts(mx.exp(self.distribution(lps)), mx.exp(mx.concatenate(qs)), drafts, self.next_key)
+        new = new.reshape(1).astype(mx.uint32)
+        r = _Round(drafts, n, new, lps, (checked[n].reshape(1), new, pos + n + 1))
+        mx.async_eval(r.drafts, r.n, r.new, r.logprobs, *r.after)
+        self.rounds.append(r)
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model: nn.Module,
@@ -226,10 +284,49 @@ def speculative_generate_step(
             pending = mx.concatenate([pending, token])
         if processors:
             history = mx.concatenate([history, token])
-        token_id = token.item()
-        tokens = [int(t) for t in context] + prompt.tolist() + [token_id]
         verify = backends.verify_step(model, cache)
         drafted, next_clear = 0, 256
+        if dcache is not None and not processors and dstart == start and _positioned(dstep, verify):
+            # Queued rounds: everything a round needs stays on the device, so each is queued
+            # before the previous one is read and the device never waits on the host.
+            pos = mx.array([start], dtype=mx.int32)
+            queue = _Rounds(dstep, verify, num_draft_tokens, greedy, sampler, distribution, next_key)
+            if max_tokens > 1:
+                queue.push(pending[:1], token.astype(mx.uint32), pos)
+            token_id = token.item()
+            yielded += 1
+            yield SpeculativeToken(token_id, logprobs[0], False, 0)
+            extent = start  # target positions below this hold checked tokens; the draft's, one fewer
+            try:
+                while queue.rounds:
+                    if yielded + 1 < max_tokens:  # the round being read may not finish the answer
+                        queue.push(*queue.rounds[-1].after)
+                    r = queue.rounds.popleft()
+                    n, new_id = r.n.item(), r.new.item()
+                    accepted = r.drafts.tolist()[:n]
+                    for c in cache + dcache:
+                        c.trim(queue.k - n)
+                    extent += n + 1
+                    drafted += queue.k
+                    for i, d in enumerate(accepted + [new_id]):
+                        yielded += 1
+                        yield SpeculativeToken(d, r.logprobs[i], i < n, drafted)
+                        if yielded >= max_tokens:
+                            break
+                    if yielded >= max_tokens:
+                        break
+                    if yielded >= next_clear:
+                        next_clear += 256
+                        mx.clear_cache()
+            finally:
+                # Queued rounds ran ahead of what was read: keep only what was checked.
+                for c in cache:
+                    c.trim(max(0, c.offset - extent))
+                for c in dcache:
+                    c.trim(max(0, c.offset - (extent - 1)))
+            return
+        token_id = token.item()
+        tokens = [int(t) for t in context] + prompt.tolist() + [token_id]
         pause, backoff = 0, 1  # prompt lookup: rounds left without drafting, the next pause
         yielded += 1
         yield SpeculativeToken(token_id, logprobs[0], False, 0)

@@ -220,3 +220,67 @@ def test_fused_step_runs_a_few_tokens_through_the_check(monkeypatch):
         want = np.array(theirs(tokens, cache=their_cache)[:, -1, :])
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert len(calls) == 2 and cache[0].offset == 20 + 2 + 16 + 17
+
+
+def perturbed(model, seed, scale):
+    """A copy of `model` (its weights, quantized as they are) with every norm weight nudged: a draft
+    that agrees with it often, not always."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    mx.random.seed(seed)
+    for _, m in draft.named_modules():
+        if isinstance(m, nn.RMSNorm):
+            m.weight = m.weight * (1.0 + scale * mx.random.normal(m.weight.shape))
+    return draft
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.3, 3.0])
+def test_queued_rounds_equal_mlx_lm_greedy_and_leave_checked_caches(monkeypatch, scale):
+    """On CUDA's fused steps (here with MLX ops as the kernels) speculative rounds are queued on the
+    device, each before the previous is read. Drafts agreeing always (the target itself), often and
+    rarely: the tokens are mlx-lm's plain greedy ones, and after closing mid-answer each cache holds
+    exactly the keys and values mlx-lm computes for the tokens it says it holds."""
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    from llama_mlx import speculative
+    from llama_mlx.speculative import speculative_generate_step
+
+    monkeypatch.setattr(cuda, "supported", lambda model: True)
+    monkeypatch.setattr(cuda.kernels, "fused_matvec", matvec)
+    ours, theirs = fused_pair(monkeypatch, False, True)
+    draft = ours if scale == 0 else perturbed(ours, 11, scale)
+    pushed = []
+    push = speculative._Rounds.push
+    monkeypatch.setattr(speculative._Rounds, "push", lambda self, *a: pushed.append(1) or push(self, *a))
+    prompt = [int(t) for t in np.random.default_rng(12).integers(0, 256, size=25)]
+    want = [int(t) for t, _ in mlx_lm_generate_step(mx.array(prompt), theirs, max_tokens=40)]
+
+    cache, dcache = make_prompt_cache(len(ours.layers)), make_prompt_cache(len(draft.layers))
+    steps = speculative_generate_step(mx.array(prompt), ours, draft_model=draft, num_draft_tokens=3,
+                                      max_tokens=40, prompt_cache=cache, draft_cache=dcache)
+    got = list(steps)
+    assert [t.token for t in got] == want and len(pushed) >= 40 // 4
+    accepted = sum(t.from_draft for t in got)
+    assert (accepted == got[-1].drafted) if scale == 0 else (0 < accepted < got[-1].drafted) if scale < 1 else True
+
+    for take in (1, 6, 17):
+        cache, dcache = make_prompt_cache(len(ours.layers)), make_prompt_cache(len(draft.layers))
+        steps = speculative_generate_step(mx.array(prompt), ours, draft_model=draft, num_draft_tokens=3,
+                                          max_tokens=40, prompt_cache=cache, draft_cache=dcache)
+        assert [next(steps).token for _ in range(take)] == want[:take]
+        steps.close()
+        seq = prompt + want[:take]
+        for c, model in ((cache, theirs), (dcache, None)):
+            n = c[0].offset
+            assert len(prompt) - 1 <= n <= len(seq) and all(x.offset == n for x in c)
+            ref = mlx_lm_cache(theirs)
+            if model is None:  # the draft's keys: its own model's, over the same tokens
+                ref = make_prompt_cache(len(draft.layers))
+                draft(mx.array([seq[:n]]), ref)
+            else:
+                theirs(mx.array([seq[:n]]), cache=ref)
+            for x, y in zip(c, ref):
+                np.testing.assert_allclose(np.array(x.keys[..., :n, :]), np.array(y.keys[..., :n, :]), atol=1e-4)
+                np.testing.assert_allclose(np.array(x.values[..., :n, :]), np.array(y.values[..., :n, :]), atol=1e-4)

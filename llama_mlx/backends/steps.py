@@ -28,6 +28,7 @@ class GraphStep:
     """The model's graph on any tokens."""
 
     kind = "graph"
+    takes_position = False  # `at(tokens, position)`: a device-side position (compiled fused steps)
 
     def __init__(self, model: nn.Module, cache: list):
         self.model, self.cache = model, cache
@@ -59,6 +60,19 @@ class CompiledStep(GraphStep):
                  short: "CompiledCheckStep | None" = None):
         super().__init__(model, cache)
         self.graph, self.kind, self.short = graph, kind, short
+
+    @property
+    def takes_position(self) -> bool:
+        """Whether `at` runs: the CUDA fused step, with its few-token check."""
+        return self.kind == "fused" and self.short is not None
+
+    def at(self, tokens: mx.array, position: mx.array) -> mx.array:
+        """As calling it on 1 to `short.max_rows` tokens of one sequence, the first written at
+        `position` (int32 [1], on the device) rather than at the cache's offset, which advances as
+        usual; the caller trims the cache back to what is valid once it knows."""
+        if tokens.shape[1] > 1:
+            return self.short.at(tokens, position)[:, -1, :]
+        return _over_buffers(self.cache, self.graph, tokens, position, 1)
 
     def __call__(self, tokens: mx.array) -> mx.array:
         B, L = tokens.shape
@@ -100,6 +114,16 @@ class CompiledCheckStep(AllPositionsStep):
     def __init__(self, model: nn.Module, cache: list, graph: Callable, max_rows: int):
         super().__init__(model, cache)
         self.graph, self.max_rows = graph, max_rows
+
+    takes_position = True
+
+    def at(self, tokens: mx.array, position: mx.array) -> mx.array:
+        """As calling it, the first token written at `position` (int32 [1], on the device) rather
+        than at the cache's offset, which advances by L as usual (`CompiledStep.at`)."""
+        B, L = tokens.shape
+        if B != 1 or L > self.max_rows or self.cache[0].offset == 0:
+            raise ValueError(f"a positioned check takes 1 to {self.max_rows} tokens of one sequence after others")
+        return _over_buffers(self.cache, self.graph, tokens, position, L)
 
     def __call__(self, tokens: mx.array) -> mx.array:
         B, L = tokens.shape
