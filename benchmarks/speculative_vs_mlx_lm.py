@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--drafts", default="self,8bit",
                    help="comma-separated: self (the target), 8bit (the target requantized to 8 bits), "
                         "a random shape name, or an MLX folder (default self,8bit)")
-    p.add_argument("-k", "--num-draft-tokens", type=int, default=3)
+    p.add_argument("-k", "--num-draft-tokens", default="3", help="drafts a round; a list (4,6) measures each in turn")
     p.add_argument("--ngram", type=int, default=3, help="prompt lookup's longest n-gram (default 3)")
     p.add_argument("-g", "--gen-tokens", type=int, default=32)
     p.add_argument("--trials", type=int, default=1)
@@ -266,19 +266,21 @@ def main(argv=None) -> int:
                 if mlm:
                     agree(mlm["target"][0], mlm[name][0], alpha, saved_theirs)
             log(f"--agree {alpha}")
-        results = measure(args, target, tok, drafts, mlm, random_weights)
-        results.update(target=str(tpath), agree=alpha)
-        report(results, tpath, args)
-        every[str(alpha)] = results
+        ks = [int(k) for k in str(args.num_draft_tokens).split(",")]
+        for k in ks:
+            results = measure(args, k, target, tok, drafts, mlm, random_weights)
+            results.update(target=str(tpath), agree=alpha)
+            report(results, tpath, args)
+            every[str(alpha) if len(ks) == 1 else f"{alpha} k={k}"] = results
     if args.out:
-        Path(args.out).write_text(json.dumps(every if args.agree else results, indent=2) + "\n")
+        single = not args.agree and "," not in str(args.num_draft_tokens)
+        Path(args.out).write_text(json.dumps(results if single else every, indent=2) + "\n")
     return 0
 
 
-def measure(args, target, tok, drafts, mlm, random_weights) -> dict:
+def measure(args, k, target, tok, drafts, mlm, random_weights) -> dict:
     from llama_mlx.speculative import check_draft
 
-    k = args.num_draft_tokens
     results = {"device": str(mx.default_device()), "k": k, "gen_tokens": args.gen_tokens, "prompts": {}}
     for pname in PROMPTS:
         ids = prompt_ids(tok, pname, target.args.vocab_size, random_weights)
