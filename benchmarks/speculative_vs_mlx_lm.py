@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("-g", "--gen-tokens", type=int, default=32)
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--no-mlx-lm", action="store_true", help="measure llama-mlx only")
+    p.add_argument("--temp", type=float, default=0.0,
+                   help="ours samples at this temperature ('= plain' then means nothing; mlx-lm stays greedy)")
     p.add_argument("--sync-too", action="store_true",
                    help="also time each draft with rounds read before the next is queued (as before queued rounds)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
@@ -143,16 +145,21 @@ def timed(gen, g: int, stop: set) -> tuple[list, float]:
     return items, (len(items) - 1) / elapsed if elapsed > 0 else 0.0
 
 
+TEMP = [0.0]  # --temp: ours samples at this temperature (0: greedy)
+
+
 def ours(model, ids, g, stop, draft_model=None, **kw):
-    """llama-mlx at the step level (the layer `stream_generate` routes to), greedy."""
+    """llama-mlx at the step level (the layer `stream_generate` routes to), greedy unless --temp."""
     from llama_mlx.generate import generate_step
+    from llama_mlx.sample import make_sampler
     from llama_mlx.speculative import speculative_generate_step
 
+    sampler = make_sampler(TEMP[0], seed=0) if TEMP[0] else None
     if draft_model is None and "prompt_lookup" not in kw:
-        items, tps = timed(generate_step(mx.array(ids), model, max_tokens=g), g, stop)
+        items, tps = timed(generate_step(mx.array(ids), model, max_tokens=g, sampler=sampler), g, stop)
         return {"tps": tps, "tokens": [t for t, _ in items], "from_draft": 0}
-    items, tps = timed(speculative_generate_step(mx.array(ids), model, draft_model=draft_model, max_tokens=g, **kw),
-                       g, stop)
+    items, tps = timed(speculative_generate_step(mx.array(ids), model, draft_model=draft_model, max_tokens=g,
+                                                 sampler=sampler, **kw), g, stop)
     return {"tps": tps, "tokens": [t.token for t in items], "drafted": items[-1].drafted,
             "accepted": sum(t.from_draft for t in items), "from_draft": sum(t.from_draft for t in items)}
 
@@ -234,6 +241,7 @@ def verify_cost(model, ids, kmax: int, reps: int = 5) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    TEMP[0] = args.temp
     import llama_mlx
 
     work = Path(args.work)

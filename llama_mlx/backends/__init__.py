@@ -135,8 +135,12 @@ def verify_step(model: nn.Module, cache: list) -> Step:
 
 
 def draft_tokens(lookup: bool) -> int:
-    """Tokens speculative decoding drafts a round by default: 3 with a draft model (each costs a
-    draft step). Prompt lookup's drafts cost nothing: 10 on GPUs, where checking 2 to 11 positions
-    costs about the same (the step is bound by host time per graph node), 3 on the CPU, where a
-    check of L positions costs nearly L one-token steps."""
-    return 10 if lookup and mx.default_device() == mx.gpu else 3
+    """Tokens speculative decoding drafts a round by default. With a draft model (each draft costs
+    a draft step): 4 on GPUs (an H200 with queued rounds, 8B/1B shapes: K = 4 to 6 about equal,
+    7 slower: benchmarks/results/speculative_draft_queued-*), 3 on the CPU. Prompt lookup's drafts
+    cost nothing: 10 on GPUs, where checking 2 to 11 positions costs about the same (the step is
+    bound by host time per graph node), 3 on the CPU, where a check of L positions costs nearly L
+    one-token steps."""
+    if mx.default_device() != mx.gpu:
+        return 3
+    return 10 if lookup else 4
