@@ -220,6 +220,40 @@ def test_speculative_sampling_keeps_the_target_distribution(monkeypatch):
     monkeypatch.undo()
 
 
+class PositionedStep:
+    """A step that takes its position on the device (as CUDA's fused ones do), over a `Fixed` model:
+    speculative rounds are then queued, each before the previous one is read."""
+
+    takes_position = True
+
+    def __init__(self, model, cache, every):
+        self.model, self.cache, self.every = model, cache, every
+
+    def __call__(self, tokens):
+        logits = self.model(tokens, self.cache)
+        return logits if self.every else logits[:, -1, :]
+
+    def at(self, tokens, position):
+        return self(tokens)
+
+
+def test_queued_rounds_sampling_keeps_the_target_distribution(monkeypatch):
+    """The previous test's bound (V = 6, N = 12000, eps = 0.03) on the queued rounds' sampling
+    (draft tokens drawn and accepted on the device, read a round late); both wrong rules fail it."""
+    monkeypatch.setattr(spec.backends, "decode_step", lambda m, c, compile=None: PositionedStep(m, c, False))
+    monkeypatch.setattr(spec.backends, "verify_step", lambda m, c: PositionedStep(m, c, True))
+    pushed = []
+    push = spec._Rounds.push
+    monkeypatch.setattr(spec._Rounds, "push", lambda self, *a: pushed.append(1) or push(self, *a))
+    p, draft = expected_p(), Fixed(DRAFT)
+    counts = np.bincount(sampled_tokens(N, 5, draft_model=draft), minlength=V)
+    assert len(pushed) > N // 4 and tv(counts, p) < EPS, (counts / N, p)
+    for wrong in (always_accept, reject_to_p):
+        monkeypatch.setattr(spec, "accept_drafts", wrong)
+        counts = np.bincount(sampled_tokens(N, 6, draft_model=draft), minlength=V)
+        assert tv(counts, p) > EPS, wrong.__name__
+
+
 def test_prompt_lookup_sampling_keeps_the_target_distribution(monkeypatch):
     """Prompt lookup's drafts are copies of earlier tokens (q one-hot), so a wrong rule may keep
     the marginal and break independence instead: the test takes disjoint pairs of consecutive
