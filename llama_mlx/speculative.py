@@ -19,6 +19,13 @@ probability p_i(d_i) and redraws from p_i with d_i removed. Greedy (temperature 
 argmax of the processed log-probabilities at every position, as plain greedy decoding does: a
 draft is kept while it equals that argmax, and the first that differs is replaced by it.
 
+Queued rounds: where the backend's steps take their position as a device array (CUDA's fused
+steps: `takes_position`), a draft model's rounds are queued on the device, each computed from the
+previous one's device-side result (accepted count, next token, position) and queued before that
+one is read, so the device never waits on the host between rounds; the caches run up to one round
+ahead and are trimmed back as each round is read. Prompt lookup and logits processors, which need
+the host's view of the text, keep the round-by-round loop.
+
 Prompt lookup backs off: after a round whose drafts were all rejected it drafts nothing for 1,
 then 2, 4, up to `LOOKUP_MAX_PAUSE` rounds (one-token steps, as plain decoding), and any accepted
 draft resets the pause. A text that copies nothing then costs a few wasted checks, not one a
