@@ -162,19 +162,15 @@ def step_costs(folder: Path, batches: list[int], prompt: int, steps: int, only: 
     import llama_mlx
     from llama_mlx import backends
     from llama_mlx.backends import cuda
-    from llama_mlx.backends.steps import GRAPHS, CompiledStep, GraphStep, RowsDecoder
-    from llama_mlx.batch import BatchKVCache
+    from llama_mlx.backends.steps import CompiledStep, GraphStep, RowsDecoder
+    from llama_mlx.cache import BatchKVCache
     from llama_mlx.cache import KVCache
 
     model, _ = llama_mlx.load(folder, lazy=False)
-    variants = {"graph": lambda c: GraphStep(model, c),
-                "rows (mask)": lambda c: CompiledStep(model, c, GRAPHS.get(model, "rows", RowsDecoder), "rows")}
-    if cuda.rows_supported(model):
-        variants["rows-kernel"] = lambda c: CompiledStep(model, c, GRAPHS.get(model, "rows-kernel",
-                                                                              cuda.KernelRowsDecoder), "rows-kernel")
-    if cuda.fused_rows_supported(model):
-        variants["rows-fused"] = lambda c: CompiledStep(model, c, GRAPHS.get(model, "rows-fused",
-                                                                             cuda.FusedRowsDecoder), "rows-fused")
+    variants = {"graph": lambda c: GraphStep(model, c), "rows (mask)": lambda c: CompiledStep(model, c, RowsDecoder)}
+    for decoder in (cuda.KernelRowsDecoder, cuda.FusedRowsDecoder):
+        if decoder.supported(model):
+            variants[decoder.kind] = lambda c, decoder=decoder: CompiledStep(model, c, decoder)
     if only:
         variants = {k: v for k, v in variants.items() if k in only.split(",")}
     rng = np.random.default_rng(0)

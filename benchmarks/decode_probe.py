@@ -4,8 +4,8 @@
     python3 benchmarks/decode_probe.py --models tiny --no-parity  # anywhere, seconds
 
 Random-weight models of the shapes in `benchmarks.random_model.SHAPES` are built in memory (4-bit,
-group 64, bfloat16 on GPUs). For each decode path (`generate_step(compile=False)`: the model's
-graph; `compile=None`: the default, which is the fused step of `llama_mlx.backends.cuda` on CUDA)
+group 64, bfloat16 on GPUs). For each decode path (the Metal row's, the model's graph; and the
+device's own row, which is the fused step of `llama_mlx.backends.cuda` on CUDA)
 it prints generation tokens/s over `-g` tokens after `-p` prompt tokens, then the median per-step
 split of host and device time: building the graph in Python, `mx.async_eval` (MLX encoding the
 graph for the device), and waiting for the result. Parity compares the two paths' logits over
@@ -47,9 +47,11 @@ def build(shape: str) -> Model:
 def parity(model: Model, n_prompt: int, vocab: int) -> str:
     p = mx.random.randint(0, vocab, (n_prompt + 10,))
     outs, paths = [], []
-    for compile in (False, None):
+    for row in ("metal", None):
         cache = make_prompt_cache(len(model.layers))
-        step = backends.decode_step(model, cache, compile)
+        previous = backends.use(row)
+        step = backends.decode_step(model, cache)
+        backends.use(previous)
         model(p[None, :n_prompt], cache)
         logits = [step(p[None, i : i + 1]).astype(mx.float32) for i in range(n_prompt, n_prompt + 10)]
         mx.eval(logits)
@@ -61,18 +63,26 @@ def parity(model: Model, n_prompt: int, vocab: int) -> str:
             f"(largest |logit| {mx.abs(outs[0]).max().item():.3g}), same argmax {agree:.0%}")
 
 
-def breakdown(model: Model, compile, prompt: int, gen: int, vocab: int) -> str:
+def breakdown(model: Model, row, prompt: int, gen: int, vocab: int) -> str:
+    previous = backends.use(row)
+    try:
+        return _breakdown(model, row, prompt, gen, vocab)
+    finally:
+        backends.use(previous)
+
+
+def _breakdown(model: Model, row, prompt: int, gen: int, vocab: int) -> str:
     p = mx.random.randint(0, vocab, (prompt,))
-    for _ in generate_step(p, model, max_tokens=4, compile=compile):  # traces, kernels
+    for _ in generate_step(p, model, max_tokens=4):  # traces, kernels
         pass
     t0 = None
-    for n, _ in enumerate(generate_step(p, model, max_tokens=gen, compile=compile)):
+    for n, _ in enumerate(generate_step(p, model, max_tokens=gen)):
         if n == 1:
             t0 = time.perf_counter()
     tps = (gen - 2) / (time.perf_counter() - t0)
 
     cache = make_prompt_cache(len(model.layers))
-    step = backends.decode_step(model, cache, compile)
+    step = backends.decode_step(model, cache)
     model(p[None, :-1], cache)
     y = mx.argmax(step(p[None, -1:]), axis=-1)
     mx.eval(y)
@@ -89,7 +99,7 @@ def breakdown(model: Model, compile, prompt: int, gen: int, vocab: int) -> str:
         encode_s.append(t3 - t2)
         wait_s.append(t4 - t3)
     ms = lambda v: statistics.median(v) * 1e3  # noqa: E731
-    return (f"{'default' if compile is None else 'graph'}: {tps:7.1f} tok/s | per step: build {ms(build_s):.2f} ms, "
+    return (f"{'default' if row is None else 'graph'}: {tps:7.1f} tok/s | per step: build {ms(build_s):.2f} ms, "
             f"async_eval {ms(encode_s):.2f} ms, wait {ms(wait_s):.2f} ms")
 
 
@@ -108,8 +118,8 @@ def main(argv=None) -> int:
         if not args.no_parity:
             for n in (30, 2100):
                 print(f"{name}: {parity(model, n, vocab)}", flush=True)
-        for compile in () if args.parity_only else (False, None):
-            print(f"{name}: {breakdown(model, compile, args.prompt_tokens, args.gen_tokens, vocab)}", flush=True)
+        for row in () if args.parity_only else ("metal", None):
+            print(f"{name}: {breakdown(model, row, args.prompt_tokens, args.gen_tokens, vocab)}", flush=True)
         del model
         gc.collect()
         mx.clear_cache()

@@ -1,4 +1,4 @@
-"""The few-row CUDA kernels (`cuda_kernels.rows_matmul`, the shared-buffer attention) against MLX ops,
+"""The few-row CUDA kernels (`cuda.kernels.rows_matmul`, the shared-buffer attention) against MLX ops,
 their cost beside MLX's quantized matmul, and the fused speculative check beside the graph's.
 
     python3 benchmarks/rows_probe.py --kernels                # correctness, every prologue and epilogue
@@ -23,7 +23,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.random_model import shape_config, write_random_model  # noqa: E402
-from llama_mlx.backends import cuda_kernels as kernels  # noqa: E402
+from llama_mlx.backends.cuda import kernels  # noqa: E402
 
 
 def rel(a, b) -> float:

@@ -145,16 +145,13 @@ def timed(gen, g: int, stop: set) -> tuple[list, float]:
     return items, (len(items) - 1) / elapsed if elapsed > 0 else 0.0
 
 
-TEMP = [0.0]  # --temp: ours samples at this temperature (0: greedy)
-
-
-def ours(model, ids, g, stop, draft_model=None, **kw):
-    """llama-mlx at the step level (the layer `stream_generate` routes to), greedy unless --temp."""
+def ours(model, ids, g, stop, draft_model=None, temp=0.0, **kw):
+    """llama-mlx at the step level (the layer `stream_generate` routes to), greedy unless `temp`."""
     from llama_mlx.generate import generate_step
     from llama_mlx.sample import make_sampler
     from llama_mlx.speculative import speculative_generate_step
 
-    sampler = make_sampler(TEMP[0], seed=0) if TEMP[0] else None
+    sampler = make_sampler(temp, seed=0) if temp else None
     if draft_model is None and "prompt_lookup" not in kw:
         items, tps = timed(generate_step(mx.array(ids), model, max_tokens=g, sampler=sampler), g, stop)
         return {"tps": tps, "tokens": [t for t, _ in items], "from_draft": 0}
@@ -241,7 +238,6 @@ def verify_cost(model, ids, kmax: int, reps: int = 5) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    TEMP[0] = args.temp
     import llama_mlx
 
     work = Path(args.work)
@@ -294,14 +290,15 @@ def measure(args, k, target, tok, drafts, mlm, random_weights) -> dict:
         ids = prompt_ids(tok, pname, target.args.vocab_size, random_weights)
         g = args.gen_tokens
         stop = set() if random_weights else set(tok.stop_tokens)
-        runs = {"ours plain": lambda: ours(target, ids, g, stop),
-                "ours lookup": lambda: ours(target, ids, g, stop, prompt_lookup=args.ngram, num_draft_tokens=k)}
+        t = args.temp
+        runs = {"ours plain": lambda: ours(target, ids, g, stop, temp=t),
+                "ours lookup": lambda: ours(target, ids, g, stop, temp=t, prompt_lookup=args.ngram, num_draft_tokens=k)}
         for name, (_, (dm, dt)) in drafts.items():
             check_draft(target, tok, dm, dt)
-            runs[f"ours draft {name}"] = lambda dm=dm: ours(target, ids, g, stop, draft_model=dm, num_draft_tokens=k)
+            runs[f"ours draft {name}"] = lambda dm=dm: ours(target, ids, g, stop, dm, t, num_draft_tokens=k)
             if args.sync_too:
                 runs[f"ours draft {name} sync"] = lambda dm=dm: synchronous(
-                    lambda: ours(target, ids, g, stop, draft_model=dm, num_draft_tokens=k))
+                    lambda: ours(target, ids, g, stop, dm, t, num_draft_tokens=k))
         if mlm:
             runs["mlx-lm plain"] = lambda: theirs(mlm["target"][0], ids, g, stop)
             for name in drafts:

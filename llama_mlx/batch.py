@@ -1,6 +1,6 @@
 """Continuous batching: several sequences decode in one forward step, joining and leaving at any step.
 
-`BatchKVCache` holds one row per sequence, each at its own length (rows right-padded). Its
+`cache.BatchKVCache` holds one row per sequence, each at its own length (rows right-padded). Its
 `offset` is the vector of row lengths, which `mx.fast.rope` takes as per-row positions, and its
 `make_mask` hides every row's padding, so the model runs unchanged: each row sees exactly the
 positions and keys it would see alone.
@@ -28,14 +28,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import backends
-from .cache import HandOver, KVCache
+from .cache import BatchKVCache, KVCache, row_copy
 from .errors import ContextLengthError, LlamaMLXError
-from .generate import GenerationResponse, Prompt, _prompt_tokens, _StopStrings, context_length
-from .sample import LogitsProcessor, Sampler, apply_processors
+from .generate import Prompt, context_length, prompt_ids
+from .sample import LogitsProcessor, Sampler, log_softmax
+from .sequence import GenerationResponse, Sequence
 
 __all__ = [
     "BatchEngine",
-    "BatchKVCache",
     "BatchRequest",
     "BatchResult",
     "KVCapacityError",
@@ -48,172 +48,8 @@ class KVCapacityError(LlamaMLXError):
     """A request's KV cache could never fit under the engine's `max_kv_bytes`, even alone."""
 
 
-def _greedy(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
-
-
 def _round_up(n: int, step: int) -> int:
     return ((n + step - 1) // step) * step
-
-
-def _row_copy(keys: Optional[mx.array], values: Optional[mx.array], row: int, n: int) -> KVCache:
-    # Copies, not views: a view would keep the whole batch buffer alive.
-    if keys is None or n == 0:
-        return KVCache()
-    return KVCache.from_state([mx.contiguous(a[row : row + 1, :, :n]) for a in (keys, values)], {})
-
-
-class BatchKVCache(HandOver):
-    """Keys and values [B, heads, positions, head_dim] of B sequences, row b holding `lengths[b]`
-    positions from position 0 (the rest is padding, masked out).
-
-    `offset` is the per-row length vector (int32 [B]) the model passes to RoPE, made from
-    `lengths` when first asked for (a compiled step reads only the first layer's). Capacity grows
-    in steps of `step` positions but never past `limit` (when set), the most any row may hold.
-    Compiled steps take its buffers whole (`HandOver`).
-    """
-
-    step = 256
-
-    def __init__(self):
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
-        self.limit: Optional[int] = None
-        self._set_lengths([])
-
-    def _set_lengths(self, lengths: list[int]) -> None:
-        self.lengths = lengths
-        self._offset: Optional[mx.array] = None
-
-    @property
-    def offset(self) -> mx.array:
-        if self._offset is None:
-            self._offset = mx.array(self.lengths, dtype=mx.int32)
-        return self._offset
-
-    def _capacity(self, needed: int) -> int:
-        cap = _round_up(needed, self.step)
-        return max(needed, min(cap, self.limit)) if self.limit else cap
-
-    def _grow(self, needed: int, like: mx.array) -> None:
-        if self.keys is not None and needed <= self.keys.shape[2]:
-            return
-        B, H, _, D = like.shape
-        cap = self._capacity(needed)
-        new_k = mx.zeros((B, H, cap, D), like.dtype)
-        new_v = mx.zeros((B, H, cap, D), like.dtype)
-        if self.keys is not None:
-            old = self.keys.shape[2]
-            new_k[:, :, :old] = self.keys
-            new_v[:, :, :old] = self.values
-        self.keys, self.values = new_k, new_v
-
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, L, D = k.shape
-        needed = max(self.lengths) + L
-        self._grow(needed, k)
-        # Row b writes its L new positions at lengths[b] ...
-        pos = self.offset[:, None, None, None] + mx.arange(L, dtype=mx.int32)[None, None, :, None]
-        idx = mx.broadcast_to(pos, (B, H, L, D))
-        self.keys = mx.put_along_axis(self.keys, idx, k, axis=2)
-        self.values = mx.put_along_axis(self.values, idx, v, axis=2)
-        self._set_lengths([n + L for n in self.lengths])
-        return self.keys[:, :, :needed], self.values[:, :, :needed]
-
-    def reserve(self, n: int) -> None:
-        """Room for `n` more positions in every row (the buffers must exist: `add` made them)."""
-        if self.keys is None:
-            raise ValueError("an empty batch cache has no buffers to grow")
-        self._grow(max(self.lengths) + n, self.keys)
-
-    def _advance(self, n: int) -> None:
-        self._set_lengths([length + n for length in self.lengths])
-
-    def make_mask(self, L: int) -> mx.array:
-        """[B, 1, L, S] booleans, True where query i of row b may attend key j (j <= lengths[b] + i)."""
-        S = max(self.lengths) + L
-        queries = self.offset[:, None] + mx.arange(L, dtype=mx.int32)[None]  # [B, L]
-        return (mx.arange(S, dtype=mx.int32)[None, None] <= queries[..., None])[:, None]
-
-    def add(self, keys: Optional[mx.array], values: Optional[mx.array], length: int) -> None:
-        """Append a row holding the first `length` positions of `keys`/`values` [1, H, >= length, D]
-        (None when `length` is 0)."""
-        self.add_rows(keys, values, [length])
-
-    def add_rows(self, keys: Optional[mx.array], values: Optional[mx.array], lengths: Sequence[int]) -> None:
-        """Append len(lengths) rows, row i holding the first lengths[i] positions of keys[i] /
-        values[i] ([n, H, >= max(lengths), D]; None when every length is 0)."""
-        lengths = list(lengths)
-        ref = keys if keys is not None else self.keys
-        if ref is None:  # nothing stored anywhere yet: the first update allocates
-            self._set_lengths(self.lengths + lengths)
-            return
-        B, n = len(self.lengths), len(lengths)
-        _, H, _, D = ref.shape
-        cap = max(self._capacity(max(self.lengths + lengths) + 1), 0 if self.keys is None else self.keys.shape[2])
-        new_k = mx.zeros((B + n, H, cap, D), ref.dtype)
-        new_v = mx.zeros((B + n, H, cap, D), ref.dtype)
-        if self.keys is not None:
-            old = self.keys.shape[2]
-            new_k[:B, :, :old] = self.keys
-            new_v[:B, :, :old] = self.values
-        m = max(lengths)
-        if keys is not None and m:
-            # Past its own length a row's copy is padding: masked out, as everywhere.
-            new_k[B:, :, :m] = keys[:, :, :m]
-            new_v[B:, :, :m] = values[:, :, :m]
-        self.keys, self.values = new_k, new_v
-        self._set_lengths(self.lengths + lengths)
-
-    def trim_rows(self, counts: Sequence[int]) -> None:
-        """Drop the last counts[b] positions of row b (padding a batched prefill wrote past a
-        shorter prompt's end)."""
-        self._set_lengths([n - c for n, c in zip(self.lengths, counts)])
-
-    def keep(self, rows: Sequence[int]) -> None:
-        """Keep only `rows` (in that order), shrinking the buffers to what they still need."""
-        rows = list(rows)
-        self._set_lengths([self.lengths[i] for i in rows])
-        if not rows:
-            self.keys = self.values = None
-            return
-        if self.keys is None:
-            return
-        cap = min(self.keys.shape[2], self._capacity(max(self.lengths) + 1))
-        idx = mx.array(rows, dtype=mx.int32)
-        # A gather then a contiguous copy: fresh buffers of exactly the kept size, no view of the old.
-        self.keys = mx.contiguous(mx.take(self.keys, idx, axis=0)[:, :, :cap])
-        self.values = mx.contiguous(mx.take(self.values, idx, axis=0)[:, :, :cap])
-
-    def extract(self, row: int, n: Optional[int] = None) -> KVCache:
-        """The first `n` positions (default: all) of row `row` as a plain `KVCache` of its own."""
-        return _row_copy(self.keys, self.values, row, self.lengths[row] if n is None else n)
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    @property
-    def state(self) -> list[mx.array]:
-        if self.keys is None:
-            return []
-        S = max(self.lengths)
-        return [self.keys[:, :, :S], self.values[:, :, :S]]
-
-    @property
-    def meta_state(self) -> dict:
-        return {"lengths": list(self.lengths)}
-
-    @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict) -> "BatchKVCache":
-        cache = cls()
-        if state:
-            cache.keys, cache.values = state
-        cache._set_lengths(list(meta_state["lengths"]))
-        return cache
-
-    def is_trimmable(self) -> bool:
-        return False
 
 
 @dataclass
@@ -235,38 +71,47 @@ _END = object()
 class BatchRequest:
     """A submitted sequence. Iterate it for its `GenerationResponse`s (the last has a
     `finish_reason`: "stop", "length", "context" or "cancelled"); `tokens` and `text` grow as it
-    runs. Iterating drives the engine itself unless a thread runs `BatchEngine.serve`."""
+    runs. Iterating drives the engine itself unless a thread runs `BatchEngine.serve`. Its
+    sampling, stops and statistics are a `sequence.Sequence`'s (`seq`)."""
 
-    def __init__(self, engine: "BatchEngine", uid: int, ids: list[int], max_tokens: int, sampler: Optional[Sampler],
-                 processors: list[LogitsProcessor], stop_tokens: set[int], stop: Sequence[str], limit: int,
-                 prompt_cache: Optional[list[KVCache]] = None, keep_cache: bool = False):
-        self.engine, self.uid, self.prompt = engine, uid, ids
+    def __init__(self, engine: "BatchEngine", uid: int, seq: Sequence, prompt_cache: Optional[list[KVCache]] = None,
+                 keep_cache: bool = False):
+        self.engine, self.uid, self.seq = engine, uid, seq
+        self.prompt = seq.prompt
         # A warm start: per-layer caches already holding the first `cached_tokens` prompt tokens.
         self.prompt_cache = prompt_cache
-        self.cached_tokens = prompt_cache[0].offset if prompt_cache else 0
+        self.cached_tokens = seq.cached_tokens
         self.keep_cache = keep_cache
         self.kv_cache: Optional[list[KVCache]] = None  # with keep_cache: its row's KV once it ended
         self.kv_tokens: list[int] = []  # the tokens kv_cache holds
-        self.max_tokens, self.sampler, self.processors = max_tokens, sampler, processors
-        self.stop_tokens = stop_tokens
-        self.tokens: list[int] = []
-        self.text = ""
-        self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
         # Positions its KV may ever hold: the whole prompt and every answer token, the last one
         # included (the step after it is queued before it is read).
-        self.reservation = len(ids) + max_tokens
-        self._limit = limit
-        self._detok = engine.tokenizer.detokenizer()
-        self._stops = _StopStrings(stop)
+        self.reservation = len(self.prompt) + seq.max_tokens
         self._queue: queue.Queue = queue.Queue()
         self._cancel = False
-        self._history: Optional[mx.array] = None
-        self.next_input = ids[-1]
-        self.submitted = time.perf_counter()
-        self.started: Optional[float] = None  # prefill began
-        self.first_token: Optional[float] = None
-        self.finished: Optional[float] = None
+        self.next_input = self.prompt[-1]
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.tokens
+
+    @property
+    def text(self) -> str:
+        return self.seq.text
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.seq.finish_reason
+
+    @property
+    def started(self) -> Optional[float]:
+        """When its prefill began (None while it waits)."""
+        return self.seq.started
+
+    @property
+    def finished(self) -> Optional[float]:
+        return self.seq.finished
 
     @property
     def done(self) -> bool:
@@ -315,68 +160,32 @@ class BatchRequest:
 
     @property
     def stats(self) -> SequenceStats:
-        now = time.perf_counter()
-        first = self.first_token
-        prompt_time = (first - self.started) if first and self.started else 0.0
-        gen_time = ((self.finished or now) - first) if first else 0.0
-        n = len(self.tokens)
+        s, now = self.seq, time.perf_counter()
+        first = s.first_token
+        prompt_time = (first - s.started) if first and s.started else 0.0
+        gen_time = ((s.finished or now) - first) if first else 0.0
+        n = len(s.tokens)
         return SequenceStats(
             prompt_tokens=len(self.prompt), generation_tokens=n,
-            queue_time=((self.started or now) - self.submitted),
-            time_to_first_token=(first - self.submitted) if first else 0.0,
+            queue_time=((s.started or now) - s.submitted),
+            time_to_first_token=(first - s.submitted) if first else 0.0,
             prompt_tps=len(self.prompt) / max(prompt_time, 1e-9),
             generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
             finish_reason=self.finish_reason,
         )
 
     # Called by the engine's thread only.
-    def _sample(self, logits: mx.array) -> tuple[mx.array, mx.array]:
-        if self.processors:
-            if self._history is None:
-                self._history = mx.array(self.prompt)
-            logits = apply_processors(self.processors, self._history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = (self.sampler or _greedy)(logprobs)
-        if self.processors:
-            self._history = mx.concatenate([self._history, token.astype(self._history.dtype)])
-        return token, logprobs[0]
-
     def _accept(self, token: int, logprobs: mx.array) -> GenerationResponse:
-        n = len(self.tokens)
-        self.tokens.append(token)
-        now = time.perf_counter()
-        if n == 0:
-            self.first_token = now
-        finish = None
-        if token in self.stop_tokens:
-            text, finish = self._detok.finalize(), "stop"
-            text, _ = self._stops.feed(text)
-            text += self._stops.flush()
-        else:
-            text, hit = self._stops.feed(self._detok.add_token(token))
-            if hit:
-                finish = "stop"
-            elif n + 1 == self.max_tokens:
-                finish = "context" if len(self.prompt) + n + 1 >= self._limit else "length"
-                tail, hit = self._stops.feed(self._detok.finalize())
-                text += tail + ("" if hit else self._stops.flush())
-        self.text += text
+        response = self.seq.accept(token, logprobs)
         self.next_input = token
-        stats = self.stats
-        response = GenerationResponse(
-            text=text, token=token, logprobs=logprobs, prompt_tokens=len(self.prompt),
-            prompt_tps=stats.prompt_tps, generation_tokens=n + 1, generation_tps=stats.generation_tps,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
-            time_to_first_token=stats.time_to_first_token,
-        )
         self._queue.put(response)
-        if finish:
-            self._finish(finish)
+        if response.finish_reason:
+            self._queue.put(_END)
         return response
 
     def _finish(self, reason: Optional[str], error: Optional[BaseException] = None) -> None:
-        self.finish_reason, self.error = reason, error
-        self.finished = time.perf_counter()
+        self.seq.finish(reason)
+        self.error = error
         self._queue.put(_END)
 
 
@@ -425,13 +234,12 @@ class BatchEngine:
     prefills per step, between two batched decode steps of the others. prefill_batch: most
     newcomers admitted together, whose prompts then run as the rows of one forward a chunk
     (requests arriving together, as a burst at a server, start decoding together after one
-    prefill, not one after another). compile: how the batched step runs (`backends.rows_step`:
-    None lets the backend choose, compiled on GPUs).
+    prefill, not one after another). How the batched step runs is the backend row's choice
+    (`backends.rows_step`).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_kv_bytes: Optional[int] = None,
-                 max_batch: int = 8, prefill_chunk: int = 512, prefill_batch: int = 8,
-                 compile: Optional[bool] = None):
+                 max_batch: int = 8, prefill_chunk: int = 512, prefill_batch: int = 8):
         if max_batch < 1 or prefill_chunk < 1 or prefill_batch < 1:
             raise ValueError("max_batch, prefill_chunk and prefill_batch must be at least 1")
         self.model, self.tokenizer = model, tokenizer
@@ -441,7 +249,6 @@ class BatchEngine:
         dtype = model.model.compute_dtype or model.model.norm.weight.dtype
         # Keys and values, every layer, one position.
         self.bytes_per_token = 2 * len(model.layers) * args.num_key_value_heads * args.head_dim * dtype.size
-        self._compile = compile
         self._new_batch_cache()
         # The one running sequence's own caches and step, when it runs alone (else None).
         self.solo: Optional[list[KVCache]] = None
@@ -475,7 +282,7 @@ class BatchEngine:
         its row's KV is left in `handle.kv_cache` (per-layer `KVCache`s of `handle.kv_tokens`).
         Raises ContextLengthError (prompt fills the context) or KVCapacityError (never fits).
         """
-        ids = _prompt_tokens(self.tokenizer, prompt)
+        ids = prompt_ids(self.tokenizer, prompt)
         if not ids:
             raise ValueError("empty prompt")
         limit = context_length(self.model)
@@ -493,9 +300,10 @@ class BatchEngine:
                 raise ValueError("prompt_cache must hold the same prefix, shorter than the prompt, in every layer")
         with self._lock:
             self._uid += 1
-            req = BatchRequest(self, self._uid, ids, max_tokens, sampler,
-                               list(logits_processors or []), stops, list(stop or []), limit,
-                               prompt_cache=caches, keep_cache=keep_cache)
+            seq = Sequence(self.tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
+                           processors=logits_processors or (), stop=stop or (), stop_tokens=stops, limit=limit,
+                           prompt_tokens=len(ids) - (caches[0].offset if caches else 0))
+            req = BatchRequest(self, self._uid, seq, prompt_cache=caches, keep_cache=keep_cache)
             if max_tokens < 1:
                 req._finish("length")
                 return req
@@ -615,7 +423,7 @@ class BatchEngine:
             if group:
                 now = time.perf_counter()
                 for r in group:
-                    r.started = now
+                    r.seq.started = now
                 if self.solo is not None:  # no longer alone: into the batch before the newcomers' buffers exist
                     self._batch_solo()
                 self._prefill = _Prefill(group, len(self.model.layers))
@@ -708,7 +516,7 @@ class BatchEngine:
 
     def _new_batch_cache(self) -> None:
         self.cache = [BatchKVCache() for _ in self.model.layers]
-        self._rows_step = backends.rows_step(self.model, self.cache, self._compile)
+        self._rows_step = backends.rows_step(self.model, self.cache)
 
     def _inputs(self) -> mx.array:
         # A row's input is its token of the step queued last (still unread), or a newcomer's last
@@ -732,22 +540,21 @@ class BatchEngine:
             logits = self._solo_step(tokens)
         else:
             logits = self._rows_step(tokens)
-        # Greedy rows without processors (sampler None) are sampled together, the rest one by one.
-        plain = [b for b, r in enumerate(self.running) if r.sampler is None and not r.processors]
+        # Greedy rows without processors are sampled together, the rest one by one.
+        plain = [b for b, r in enumerate(self.running) if r.seq.sample.greedy]
         if len(plain) == len(self.running):
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            logprobs = log_softmax(logits)
             ids = mx.argmax(logprobs, axis=-1).astype(mx.uint32)
         else:
             sampled: list = [None] * len(self.running)
             if plain:
-                rows = logits[mx.array(plain)]
-                lp = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+                lp = log_softmax(logits[mx.array(plain)])
                 best = mx.argmax(lp, axis=-1)
                 for i, b in enumerate(plain):
                     sampled[b] = (best[i : i + 1], lp[i])
             for b, r in enumerate(self.running):
                 if sampled[b] is None:
-                    sampled[b] = r._sample(logits[b : b + 1])
+                    sampled[b] = r.seq.sample(logits[b : b + 1])
             ids = mx.concatenate([t.astype(mx.uint32) for t, _ in sampled])
             logprobs = [lp for _, lp in sampled]
         mx.async_eval(ids, logprobs)
@@ -780,7 +587,7 @@ class BatchEngine:
         n = min(caches[0].offset if self.solo else self.cache[0].lengths[b], len(held))
         if caches[0].keys is None or n == 0:
             return
-        r.kv_cache = [_row_copy(c.keys, c.values, b, n) for c in caches]
+        r.kv_cache = [row_copy(c.keys, c.values, b, n) for c in caches]
         mx.eval([c.state for c in r.kv_cache])
         r.kv_tokens = held[:n]
 

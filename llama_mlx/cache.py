@@ -4,7 +4,9 @@
 to `max_size` tokens while keeping the first `keep`; `QuantizedKVCache` stores keys and values
 quantized; `DecodeView` is the fixed-capacity form a compiled decode step traces. Each saves
 and loads through `state` (its arrays), `meta_state` (its settings) and `from_state`.
-`PromptCache` is a model's cache together with the tokens it holds.
+`BatchKVCache` holds one row per sequence of a batch, each at its own length. `PromptCache` is a
+model's cache together with the tokens it holds; `common_prefix` is how much of a prompt a cache
+can reuse.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .fileio import atomic_path
 from .safetensors_file import check_safetensors
 
 __all__ = [
+    "BatchKVCache",
     "DecodeView",
     "HandOver",
     "KVCache",
@@ -28,8 +31,10 @@ __all__ = [
     "QuantizedKVCache",
     "RotatingKVCache",
     "RowsDecodeView",
+    "common_prefix",
     "make_prompt_cache",
     "model_fingerprint",
+    "row_copy",
 ]
 
 
@@ -324,6 +329,171 @@ class RowsDecodeView(DecodeView):
         return (mx.arange(self.keys.shape[2])[None] <= self.offset[:, None])[:, None, None]
 
 
+def _round_up(n: int, step: int) -> int:
+    return ((n + step - 1) // step) * step
+
+
+def row_copy(keys: Optional[mx.array], values: Optional[mx.array], row: int, n: int) -> KVCache:
+    """The first `n` positions of row `row` of batch buffers [B, H, S, D] as a plain `KVCache`."""
+    # Copies, not views: a view would keep the whole batch buffer alive.
+    if keys is None or n == 0:
+        return KVCache()
+    return KVCache.from_state([mx.contiguous(a[row : row + 1, :, :n]) for a in (keys, values)], {})
+
+
+class BatchKVCache(HandOver):
+    """Keys and values [B, heads, positions, head_dim] of B sequences, row b holding `lengths[b]`
+    positions from position 0 (the rest is padding, masked out).
+
+    `offset` is the per-row length vector (int32 [B]) the model passes to RoPE, made from
+    `lengths` when first asked for (a compiled step reads only the first layer's). Capacity grows
+    in steps of `step` positions but never past `limit` (when set), the most any row may hold.
+    Compiled steps take its buffers whole (`HandOver`).
+    """
+
+    step = 256
+
+    def __init__(self):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.limit: Optional[int] = None
+        self._set_lengths([])
+
+    def _set_lengths(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self._offset: Optional[mx.array] = None
+
+    @property
+    def offset(self) -> mx.array:
+        if self._offset is None:
+            self._offset = mx.array(self.lengths, dtype=mx.int32)
+        return self._offset
+
+    def _capacity(self, needed: int) -> int:
+        cap = _round_up(needed, self.step)
+        return max(needed, min(cap, self.limit)) if self.limit else cap
+
+    def _grow(self, needed: int, like: mx.array) -> None:
+        if self.keys is not None and needed <= self.keys.shape[2]:
+            return
+        B, H, _, D = like.shape
+        cap = self._capacity(needed)
+        new_k = mx.zeros((B, H, cap, D), like.dtype)
+        new_v = mx.zeros((B, H, cap, D), like.dtype)
+        if self.keys is not None:
+            old = self.keys.shape[2]
+            new_k[:, :, :old] = self.keys
+            new_v[:, :, :old] = self.values
+        self.keys, self.values = new_k, new_v
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, L, D = k.shape
+        needed = max(self.lengths) + L
+        self._grow(needed, k)
+        # Row b writes its L new positions at lengths[b] ...
+        pos = self.offset[:, None, None, None] + mx.arange(L, dtype=mx.int32)[None, None, :, None]
+        idx = mx.broadcast_to(pos, (B, H, L, D))
+        self.keys = mx.put_along_axis(self.keys, idx, k, axis=2)
+        self.values = mx.put_along_axis(self.values, idx, v, axis=2)
+        self._set_lengths([n + L for n in self.lengths])
+        return self.keys[:, :, :needed], self.values[:, :, :needed]
+
+    def reserve(self, n: int) -> None:
+        """Room for `n` more positions in every row (the buffers must exist: `add` made them)."""
+        if self.keys is None:
+            raise ValueError("an empty batch cache has no buffers to grow")
+        self._grow(max(self.lengths) + n, self.keys)
+
+    def _advance(self, n: int) -> None:
+        self._set_lengths([length + n for length in self.lengths])
+
+    def make_mask(self, L: int) -> mx.array:
+        """[B, 1, L, S] booleans, True where query i of row b may attend key j (j <= lengths[b] + i)."""
+        S = max(self.lengths) + L
+        queries = self.offset[:, None] + mx.arange(L, dtype=mx.int32)[None]  # [B, L]
+        return (mx.arange(S, dtype=mx.int32)[None, None] <= queries[..., None])[:, None]
+
+    def add(self, keys: Optional[mx.array], values: Optional[mx.array], length: int) -> None:
+        """Append a row holding the first `length` positions of `keys`/`values` [1, H, >= length, D]
+        (None when `length` is 0)."""
+        self.add_rows(keys, values, [length])
+
+    def add_rows(self, keys: Optional[mx.array], values: Optional[mx.array], lengths: Sequence[int]) -> None:
+        """Append len(lengths) rows, row i holding the first lengths[i] positions of keys[i] /
+        values[i] ([n, H, >= max(lengths), D]; None when every length is 0)."""
+        lengths = list(lengths)
+        ref = keys if keys is not None else self.keys
+        if ref is None:  # nothing stored anywhere yet: the first update allocates
+            self._set_lengths(self.lengths + lengths)
+            return
+        B, n = len(self.lengths), len(lengths)
+        _, H, _, D = ref.shape
+        cap = max(self._capacity(max(self.lengths + lengths) + 1), 0 if self.keys is None else self.keys.shape[2])
+        new_k = mx.zeros((B + n, H, cap, D), ref.dtype)
+        new_v = mx.zeros((B + n, H, cap, D), ref.dtype)
+        if self.keys is not None:
+            old = self.keys.shape[2]
+            new_k[:B, :, :old] = self.keys
+            new_v[:B, :, :old] = self.values
+        m = max(lengths)
+        if keys is not None and m:
+            # Past its own length a row's copy is padding: masked out, as everywhere.
+            new_k[B:, :, :m] = keys[:, :, :m]
+            new_v[B:, :, :m] = values[:, :, :m]
+        self.keys, self.values = new_k, new_v
+        self._set_lengths(self.lengths + lengths)
+
+    def trim_rows(self, counts: Sequence[int]) -> None:
+        """Drop the last counts[b] positions of row b (padding a batched prefill wrote past a
+        shorter prompt's end)."""
+        self._set_lengths([n - c for n, c in zip(self.lengths, counts)])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order), shrinking the buffers to what they still need."""
+        rows = list(rows)
+        self._set_lengths([self.lengths[i] for i in rows])
+        if not rows:
+            self.keys = self.values = None
+            return
+        if self.keys is None:
+            return
+        cap = min(self.keys.shape[2], self._capacity(max(self.lengths) + 1))
+        idx = mx.array(rows, dtype=mx.int32)
+        # A gather then a contiguous copy: fresh buffers of exactly the kept size, no view of the old.
+        self.keys = mx.contiguous(mx.take(self.keys, idx, axis=0)[:, :, :cap])
+        self.values = mx.contiguous(mx.take(self.values, idx, axis=0)[:, :, :cap])
+
+    def extract(self, row: int, n: Optional[int] = None) -> KVCache:
+        """The first `n` positions (default: all) of row `row` as a plain `KVCache` of its own."""
+        return row_copy(self.keys, self.values, row, self.lengths[row] if n is None else n)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        if self.keys is None:
+            return []
+        S = max(self.lengths)
+        return [self.keys[:, :, :S], self.values[:, :, :S]]
+
+    @property
+    def meta_state(self) -> dict:
+        return {"lengths": list(self.lengths)}
+
+    @classmethod
+    def from_state(cls, state: list[mx.array], meta_state: dict) -> "BatchKVCache":
+        cache = cls()
+        if state:
+            cache.keys, cache.values = state
+        cache._set_lengths(list(meta_state["lengths"]))
+        return cache
+
+    def is_trimmable(self) -> bool:
+        return False
+
+
 def make_prompt_cache(
     num_layers: int,
     max_kv_size: Optional[int] = None,
@@ -339,6 +509,16 @@ def make_prompt_cache(
     if max_kv_size is not None:
         return [RotatingKVCache(max_kv_size, keep) for _ in range(num_layers)]
     return [KVCache() for _ in range(num_layers)]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _buffers(x) -> list:
@@ -391,12 +571,7 @@ class PromptCache:
 
         A rotating cache that has wrapped cannot be cut back: it starts over instead.
         """
-        common = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        drop = len(self.tokens) - common
+        drop = len(self.tokens) - common_prefix(self.tokens, tokens)
         if drop and self.trim(drop) != drop:
             self.reset()
         return len(self.tokens)

@@ -102,7 +102,7 @@ class ChatSession:
     """A conversation, its token ids and its prompt cache.
 
     `generate_kwargs` go to `stream_generate` (sampler, logits_processors, stop, prefill_step_size,
-    compile); `max_tokens` and `generate_kwargs` may be changed between answers. `generate` stands
+    ...); `max_tokens` and `generate_kwargs` may be changed between answers. `generate` stands
     in for `stream_generate` (called with the same arguments), e.g. `lockstep.Leader.stream_generate`
     under mlx.launch, whose keywords then go in `generate_kwargs`.
     """

@@ -25,18 +25,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
 from . import backends
 from .batch import BatchEngine, BatchRequest, KVCapacityError
-from .cache import KVCache, PromptCache
+from .cache import KVCache, PromptCache, common_prefix
 from .errors import LlamaMLXError
 from .generate import context_length, stream_generate
-from .lockstep import make_processors
-from .sample import make_sampler
+from .sample import SamplingParams
 
 __all__ = [
     "Engine",
@@ -61,24 +60,15 @@ class EngineClosedError(LlamaMLXError):
 
 @dataclass
 class GenerationRequest:
-    """One generation: prompt ids and sampling settings (OpenAI's meanings).
-
-    top_logprobs: None for no log-probabilities, else how many alternatives per token (0-20).
-    response_format: an OpenAI `response_format` enforced by constrained decoding (llama_mlx.structured).
-    """
+    """One generation: prompt ids, its `SamplingParams` (OpenAI's meanings: temperature 1 unless
+    told), stop strings, and `top_logprobs`: None for no log-probabilities, else how many
+    alternatives per token (0-20)."""
 
     prompt: list[int]
     max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: Optional[int] = None
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temp=1.0))
     stop: Sequence[str] = ()
-    logit_bias: Optional[dict[int, float]] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     top_logprobs: Optional[int] = None
-    response_format: Optional[dict] = None
 
 
 @dataclass
@@ -114,15 +104,6 @@ class _Cancelled(Exception):
 _END = object()
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class PrefixCachePool:
     """Prompt caches kept between requests, at most `max_bytes` of KV buffers in all.
 
@@ -148,7 +129,7 @@ class PrefixCachePool:
         with self._lock:
             best, best_len = None, 0
             for key, (pc, _) in self._entries.items():
-                n = _common_prefix(pc.tokens, head)
+                n = common_prefix(pc.tokens, head)
                 if n > best_len:
                     best, best_len = key, n
             if best is not None and best_len == len(self._entries[best][0].tokens):
@@ -440,6 +421,10 @@ class Engine:
             self._ready.set()
             return
         self._ready.set()
+        with backends.wired_limit(self.model):
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while len(self._active) < self.max_concurrency and self._waiting:
@@ -481,9 +466,6 @@ class Engine:
             self._active.remove(job)
             self.counters["failed" if failed else "cancelled" if cancelled else "completed"] += 1
 
-    def _processors(self, req: GenerationRequest) -> list:
-        return make_processors(self.tokenizer, _processor_recipe(req), req.max_tokens)
-
     def _join_batch(self, job: Job) -> None:
         """Submit a job's row to the batch, warm-started from the prefix cache pool."""
         req = job.request
@@ -492,16 +474,17 @@ class Engine:
             self._retire(job, True)
             return
         try:
-            sampler = None if req.temperature == 0 else make_sampler(req.temperature, req.top_p, req.top_k,
-                                                                     seed=req.seed)
+            params = req.params
             pc = self.pool.take(req.prompt)
             cache = None
             if _copyable(pc) and pc.tokens:
                 pc.prepare(req.prompt)
                 cache = pc.cache if pc.offset else None
             job._cached = pc.offset if cache is not None else 0
-            job._batch = self.batch.submit(req.prompt, max_tokens=req.max_tokens, sampler=sampler,
-                                           logits_processors=self._processors(req), stop=list(req.stop) or None,
+            job._batch = self.batch.submit(req.prompt, max_tokens=req.max_tokens,
+                                           sampler=None if params.greedy else params.sampler(),
+                                           logits_processors=params.processors(self.tokenizer, req.max_tokens),
+                                           stop=list(req.stop) or None,
                                            prompt_cache=cache, keep_cache=self.pool.max_bytes > 0)
         except Exception as e:  # noqa: BLE001 - handed to the request's handler
             job._push(e)
@@ -550,14 +533,13 @@ class Engine:
         pc = self.pool.take(req.prompt)
         common = {"stop": list(req.stop) or None, "prompt_cache": pc, "prefill_step_size": self.prefill_step_size,
                   "prompt_progress": progress}
-        if self.lockstep is not None:  # every rank builds the sampler and processors from the recipes
-            sampling = {"temp": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed}
-            stream = self.lockstep.stream_generate(self.model, tokenizer, req.prompt, req.max_tokens, sampling=sampling,
-                                                   processors=_processor_recipe(req), **common)
+        if self.lockstep is not None:  # every rank builds the sampler and processors from the params
+            stream = self.lockstep.stream_generate(self.model, tokenizer, req.prompt, req.max_tokens,
+                                                   params=req.params, **common)
         else:
-            sampler = make_sampler(req.temperature, req.top_p, req.top_k, seed=req.seed)
-            stream = stream_generate(self.model, tokenizer, req.prompt, req.max_tokens, sampler=sampler,
-                                     logits_processors=self._processors(req), **common, **self.speculative)
+            stream = stream_generate(self.model, tokenizer, req.prompt, req.max_tokens, sampler=req.params.sampler(),
+                                     logits_processors=req.params.processors(tokenizer, req.max_tokens), **common,
+                                     **self.speculative)
         tokens: list[int] = []
         try:
             for r in stream:
@@ -566,12 +548,6 @@ class Engine:
         finally:
             stream.close()
             self.pool.give_back(pc)
-
-
-def _processor_recipe(req: GenerationRequest) -> dict:
-    """A request's logits processors as plain values (`lockstep.make_processors` builds them)."""
-    return {"logit_bias": req.logit_bias, "presence_penalty": req.presence_penalty,
-            "frequency_penalty": req.frequency_penalty, "response_format": req.response_format}
 
 
 def _kv_bytes(batch: BatchEngine) -> int:

@@ -2,20 +2,25 @@
 
 Every save writes a temporary file beside the target and renames it over the target. A rename
 replaces whatever the target is, so the target is checked first: only a missing path or a regular
-file (not a symbolic link, device node, FIFO or socket) may be replaced.
+file (not a symbolic link, device node, FIFO or socket) may be replaced. Whole folders are
+swapped in one step by `exchange_paths` where the system can.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Iterator, Union
 
 from .errors import UnsafeOutputError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_replaceable"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_replaceable", "exchange_paths"]
 
 PathLike = Union[str, Path]
 
@@ -75,3 +80,28 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write UTF-8 `text` to `path` atomically (see `atomic_path`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def exchange_paths(a: PathLike, b: PathLike) -> bool:
+    """Atomically swap two existing paths (folders included): renameat2(RENAME_EXCHANGE) on Linux,
+    renamex_np(RENAME_SWAP) on macOS.
+
+    Returns False where no atomic swap is available (another system, or a filesystem without one),
+    leaving both paths as they were; raises OSError when the swap itself fails.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if sys.platform.startswith("linux"):
+            rc = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+        elif sys.platform == "darwin":
+            rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2)  # RENAME_SWAP
+        else:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

@@ -2,8 +2,8 @@
 
 Each layer of a sharded model takes part in collectives (all-sums, sends), so every rank must make
 the same model calls with the same shapes, while only rank 0 reads a terminal or an HTTP port.
-Rank 0, the leader, sends each generation job to the others: the prompt's token ids, the sampler
-and logits processors as a recipe of plain values, the stop strings and tokens, a seed. Every rank
+Rank 0, the leader, sends each generation job to the others: the prompt's token ids, its
+`SamplingParams` as plain values (a seed included), the stop strings and tokens. Every rank
 then runs the same `_execute` on it, so the computations agree by construction. After each
 prefill chunk and each token but the last, rank 0 sends one flag, go on or stop, so that its own
 decisions (Ctrl-C, a client gone, a stream closed early) stop every rank at the same step. The
@@ -12,7 +12,7 @@ other ranks loop in `follow` until rank 0 sends "shutdown" (`Leader.shutdown`, o
 
     leader = Leader(group)                                   # rank 0
     with leader:
-        for r in leader.stream_generate(model, tokenizer, ids, 64, sampling={"temp": 0.7}): ...
+        for r in leader.stream_generate(model, tokenizer, ids, 64, params=SamplingParams(temp=0.7)): ...
     follow(model, tokenizer, group)                          # every other rank, until shutdown
 
 A job and a flag travel as all-sums from rank 0 (the others add zeros): a length, then the job as
@@ -29,41 +29,17 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import PromptCache
+from .cache import PromptCache, common_prefix
 from .errors import LlamaMLXError
-from .generate import GenerationResponse, _prompt_tokens, check_token_ids, stream_generate
-from .sample import make_logits_processors, make_penalties, make_sampler
+from .generate import check_token_ids, prompt_ids, stream_generate
+from .sample import SamplingParams
+from .sequence import GenerationResponse
 
-__all__ = ["Leader", "follow", "make_processors"]
-
-SAMPLING_KEYS = ("temp", "top_p", "top_k", "min_p", "min_tokens_to_keep", "order", "seed")
-PROCESSOR_KEYS = ("logit_bias", "repetition_penalty", "repetition_context_size", "presence_penalty",
-                  "frequency_penalty", "response_format")
+__all__ = ["Leader", "follow"]
 
 
 class _Stop(Exception):
     """Rank 0 said stop during the prefill."""
-
-
-def make_processors(tokenizer, recipe: Optional[dict], max_tokens: int) -> list:
-    """Logits processors from a recipe of plain values: logit_bias ({id: bias}), repetition_penalty and
-    repetition_context_size, presence_penalty and frequency_penalty (OpenAI's), response_format (an
-    OpenAI response_format, by constrained decoding). Raises ValueError for a bad value."""
-    r = dict(recipe or {})
-    unknown = set(r) - set(PROCESSOR_KEYS)
-    if unknown:
-        raise ValueError(f"unknown logits processor settings: {sorted(unknown)}")
-    bias = {int(k): float(v) for k, v in (r.get("logit_bias") or {}).items()}
-    processors = make_logits_processors(bias or None, r.get("repetition_penalty"), r.get("repetition_context_size", 20))
-    if r.get("presence_penalty") or r.get("frequency_penalty"):
-        processors.append(make_penalties(r.get("presence_penalty") or 0.0, r.get("frequency_penalty") or 0.0))
-    if r.get("response_format") is not None:
-        from .structured import json_logits_processor
-
-        processor = json_logits_processor(tokenizer, r["response_format"], max_tokens=max_tokens)
-        if processor is not None:
-            processors.append(processor)
-    return processors
 
 
 def _prepare(tokenizer, job: dict) -> tuple:
@@ -71,10 +47,8 @@ def _prepare(tokenizer, job: dict) -> tuple:
     missing = set(job["stop_tokens"]) - set(tokenizer.stop_tokens)
     if missing:  # rank 0's tokenizer was given more stop tokens (e.g. --extra-eos-token)
         tokenizer.add_stop_tokens(sorted(missing))
-    unknown = set(job["sampling"]) - set(SAMPLING_KEYS)
-    if unknown:
-        raise ValueError(f"unknown sampling settings: {sorted(unknown)}")
-    return make_sampler(**job["sampling"]), make_processors(tokenizer, job["processors"], job["max_tokens"])
+    params = SamplingParams.from_dict(job["params"])
+    return params.sampler(), params.processors(tokenizer, job["max_tokens"])
 
 
 # -- what travels
@@ -96,15 +70,8 @@ def _flag(go: bool, g) -> bool:
 
 def _agree_prefix(pc: PromptCache, ids: Sequence[int], g) -> None:
     """Cut every rank's cache to the longest prefix of the prompt that all of them hold."""
-    def common() -> int:
-        n, head = 0, ids[:-1]  # the last prompt token always runs again
-        for a, b in zip(pc.tokens, head):
-            if a != b:
-                break
-            n += 1
-        return n
-
-    keep = int(mx.distributed.all_gather(mx.array([common()], mx.int32), group=g).min().item())
+    mine = common_prefix(pc.tokens, ids[:-1])  # the last prompt token always runs again
+    keep = int(mx.distributed.all_gather(mx.array([mine], mx.int32), group=g).min().item())
     drop = len(pc.tokens) - keep
     if drop and pc.trim(drop) != drop:
         pc.reset()  # a rotating cache that wrapped cannot be cut back
@@ -169,29 +136,29 @@ class Leader:
         self.closed = False
         self._open: Optional[Iterator] = None
 
-    def stream_generate(self, model, tokenizer, prompt, max_tokens: int = 256, *, sampling: Optional[dict] = None,
-                        processors: Optional[dict] = None, stop: Optional[Sequence[str]] = None,
+    def stream_generate(self, model, tokenizer, prompt, max_tokens: int = 256, *,
+                        params: Optional[SamplingParams] = None, stop: Optional[Sequence[str]] = None,
                         prompt_cache: Optional[PromptCache] = None, prefill_step_size: int = 512,
                         prompt_progress: Optional[Callable[[int, int], None]] = None) -> Iterator[GenerationResponse]:
         """`llama_mlx.stream_generate` on every rank at once, with the sampler and logits processors
-        given as recipes: `sampling` holds `make_sampler`'s arguments (temp, top_p, top_k, min_p,
-        min_tokens_to_keep, order, seed; unseeded, rank 0 draws a seed from MLX's global random
-        state), `processors` those of `make_processors`. Close the stream to stop every rank.
+        given as `params` (a `SamplingParams`, sent as plain values, built alike on every rank;
+        unseeded, rank 0 draws a seed from MLX's global random state). Close the stream to stop
+        every rank.
         Like stream_generate, nothing runs (or is checked) before the first step is asked for."""
         if self.closed:
             raise LlamaMLXError("the other ranks were sent home (shutdown): no more generation")
         if self._open is not None:
             raise LlamaMLXError("one generation at a time under mlx.launch: close the running stream first")
-        ids = _prompt_tokens(tokenizer, prompt)
+        ids = prompt_ids(tokenizer, prompt)
         if not ids:
             raise ValueError("empty prompt")
         check_token_ids(ids, model)
-        sampling = dict(sampling or {})
-        if sampling.get("temp", 0.0) > 0 and sampling.get("seed") is None:
-            sampling["seed"] = int(mx.random.randint(0, 2**31 - 1, (1,)).item())
+        params = params.to_dict() if params is not None else SamplingParams().to_dict()
+        if params["temp"] > 0 and params["seed"] is None:
+            params["seed"] = int(mx.random.randint(0, 2**31 - 1, (1,)).item())
         pc = prompt_cache if prompt_cache is not None else PromptCache(model)
-        job = {"op": "generate", "prompt": ids, "max_tokens": int(max_tokens), "sampling": sampling,
-               "processors": dict(processors or {}), "stop": list(stop or []),
+        job = {"op": "generate", "prompt": ids, "max_tokens": int(max_tokens), "params": params,
+               "stop": list(stop or []),
                "stop_tokens": sorted(tokenizer.stop_tokens), "prefill_step_size": int(prefill_step_size),
                "cache": pc.options}
         built = _prepare(tokenizer, job)  # a bad recipe is refused here, before anything is sent

@@ -1,4 +1,5 @@
-"""Samplers and logits processors, as closures (`make_sampler`, `make_logits_processors`).
+"""Samplers and logits processors, as closures (`make_sampler`, `make_logits_processors`), and a
+request's sampling as plain values (`SamplingParams`), which builds both.
 
 A sampler maps log-probabilities `[B, vocab]` to token ids `[B]`. Two orders:
 - "mlx" (mlx-lm's): top-k / top-p / min-p filter the untempered distribution, the
@@ -12,8 +13,10 @@ key, None when unseeded) and `greedy`: speculative decoding needs them to accept
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
 
@@ -23,6 +26,17 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 NEG_INF = float("-inf")
+
+__all__ = [
+    "LogitsProcessor", "Sampler", "SamplingParams", "apply_min_p", "apply_processors", "apply_top_k", "apply_top_p",
+    "log_softmax", "make_logit_bias", "make_logits_processors", "make_penalties", "make_repetition_penalty",
+    "make_sampler",
+]
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities from logits over the last axis (the one place they are normalised)."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
@@ -129,8 +143,7 @@ def make_sampler(
         def meta_distribution(logprobs: mx.array) -> mx.array:
             # Meta's top-p on the tempered probabilities is apply_top_p's rule on their logs.
             tempered = logprobs.astype(mx.float32) / temp
-            kept = apply_top_p(tempered - mx.logsumexp(tempered, axis=-1, keepdims=True), top_p)
-            return kept - mx.logsumexp(kept, axis=-1, keepdims=True)
+            return log_softmax(apply_top_p(log_softmax(tempered), top_p))
 
         return _described(sample_meta, meta_distribution, next_key)
 
@@ -143,8 +156,7 @@ def make_sampler(
         return mx.random.categorical(filtered(logprobs) * (1 / temp), key=next_key())
 
     def distribution(logprobs: mx.array) -> mx.array:
-        scaled = filtered(logprobs) * (1 / temp)
-        return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+        return log_softmax(filtered(logprobs) * (1 / temp))
 
     return _described(sample, distribution, next_key)
 
@@ -221,3 +233,73 @@ def apply_processors(
     for process in processors:
         logits = process(tokens, logits)
     return logits
+
+
+@dataclass
+class SamplingParams:
+    """A request's sampling and logits processing as plain values: what the CLI's options, a
+    server request and a lockstep job each become. `sampler()` and `processors(tokenizer)` build
+    the closures; `to_dict` / `from_dict` carry it as JSON (to the other ranks of a group).
+
+    temp, top_p, top_k, min_p, min_tokens_to_keep, order, seed: `make_sampler`'s. logit_bias
+    ({token id: bias}), repetition_penalty and repetition_context_size: `make_logits_processors`'.
+    presence_penalty, frequency_penalty: OpenAI's (`make_penalties`). response_format: an OpenAI
+    `response_format`, enforced by constrained decoding (`llama_mlx.structured`).
+    """
+
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens_to_keep: int = 1
+    order: str = "mlx"
+    seed: Optional[int] = None
+    logit_bias: Optional[dict[int, float]] = None
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    response_format: Optional[dict] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0
+
+    def sampler(self) -> Sampler:
+        """The sampler closure (`make_sampler`); raises ArgumentError for a value out of range."""
+        return make_sampler(self.temp, self.top_p, self.top_k, self.min_p, self.min_tokens_to_keep,
+                            order=self.order, seed=self.seed)
+
+    def processors(self, tokenizer: Any = None, max_tokens: Optional[int] = None) -> list[LogitsProcessor]:
+        """Fresh logits processors, in the order they apply (the penalties count what they see, so
+        each generation needs its own); a response_format needs the tokenizer."""
+        bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        out = make_logits_processors(bias or None, self.repetition_penalty, self.repetition_context_size)
+        if self.presence_penalty or self.frequency_penalty:
+            out.append(make_penalties(self.presence_penalty or 0.0, self.frequency_penalty or 0.0))
+        if self.response_format is not None:
+            from .structured import json_logits_processor
+
+            processor = json_logits_processor(tokenizer, self.response_format, max_tokens=max_tokens)
+            if processor is not None:
+                out.append(processor)
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain values only (JSON): logit_bias keys become strings, as JSON has them."""
+        out = dataclasses.asdict(self)
+        if out["logit_bias"] is not None:
+            out["logit_bias"] = {str(k): v for k, v in out["logit_bias"].items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SamplingParams":
+        """The inverse of `to_dict`; raises ArgumentError for a key it does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ArgumentError(f"unknown sampling settings: {sorted(unknown)}")
+        values = dict(values)
+        if values.get("logit_bias") is not None:
+            values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
+        return cls(**values)

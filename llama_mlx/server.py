@@ -17,11 +17,13 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -33,10 +35,11 @@ from starlette.routing import Route
 
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
+from .sample import SamplingParams
 from .structured import ResponseFormatError, grammar_for_response_format
 from .tools import ToolCallStream, apply_tool_chat_template, normalize_messages, parse_tool_calls, tools_for_choice
 
-__all__ = ["ApiError", "ServerConfig", "create_app"]
+__all__ = ["ApiError", "ServerConfig", "create_app", "run"]
 
 log = logging.getLogger("llama_mlx.server")
 
@@ -189,9 +192,10 @@ class _Api:
                 logit_bias[int(k)] = float(v)
         seed = _get(body, "seed", (int,), None)
         stop = _stop_list(body, stop_key)
-        return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=float(temperature),
-                                 top_p=float(top_p), top_k=top_k, seed=seed, stop=stop, logit_bias=logit_bias,
-                                 presence_penalty=float(presence), frequency_penalty=float(frequency))
+        params = SamplingParams(temp=float(temperature), top_p=float(top_p), top_k=top_k, seed=seed,
+                                logit_bias=logit_bias, presence_penalty=float(presence),
+                                frequency_penalty=float(frequency))
+        return GenerationRequest(prompt=prompt, max_tokens=max_tokens, params=params, stop=stop)
 
     def submit(self, request: GenerationRequest):
         try:
@@ -242,7 +246,7 @@ class _Api:
                 return
         except ResponseFormatError as e:
             raise ApiError(400, str(e), param="tool_choice" if forced else "response_format") from None
-        req.response_format = response_format
+        req.params.response_format = response_format
 
     # -- endpoints
 
@@ -686,3 +690,50 @@ def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options:
                                                     "anthropic-version"]))
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                      exception_handlers={HTTPException: not_found})
+
+
+def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port: int = 8080,
+        model_name: str = "model", api_key: Optional[str] = None, allowed_origins: Sequence[str] = (),
+        max_body_bytes: int = 8 << 20, default_max_tokens: int = 512, max_concurrency: int = 8,
+        queue_size: int = 16, prompt_cache_bytes: int = 1 << 30, decode_concurrency: int = 8,
+        max_kv_bytes: Optional[int] = None, speculative: Optional[Callable[[], dict]] = None,
+        lockstep=None, log_level: str = "info", on_ready: Optional[Callable[[], None]] = None) -> bool:
+    """Serve the model `loader()` returns on http://host:port until SIGINT or SIGTERM (both stop cleanly).
+
+    The engine (see `Engine` for max_concurrency .. lockstep) loads in the background; `on_ready` is
+    called once it has. The app's options are `ServerConfig`'s; log_level is uvicorn's and llama_mlx's.
+    Returns False when the server could not listen; a failed load is raised once the server stops.
+    """
+    import uvicorn
+
+    engine = Engine(loader, max_concurrency=max_concurrency, queue_size=queue_size,
+                    prompt_cache_bytes=prompt_cache_bytes, decode_concurrency=decode_concurrency,
+                    max_kv_bytes=max_kv_bytes, speculative=speculative, lockstep=lockstep).start()
+    config = ServerConfig(model_name=model_name, api_key=api_key, allowed_origins=tuple(allowed_origins),
+                          max_body_bytes=max_body_bytes, default_max_tokens=default_max_tokens)
+    app = create_app(engine, config)
+    logging.getLogger("llama_mlx").setLevel(log_level.upper())
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=None, server_header=False))
+    failed: list[BaseException] = []
+
+    def watch_load() -> None:
+        try:
+            engine.wait_ready()
+            if on_ready is not None:
+                on_ready()
+        except BaseException as e:  # noqa: BLE001 - raised below, the server stops
+            failed.append(e)
+            server.should_exit = True
+
+    threading.Thread(target=watch_load, daemon=True).start()
+    # uvicorn re-raises the signal it shut down on; this handler takes it, so SIGTERM ends the call normally.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.close()
+    if failed:
+        raise failed[0]
+    return bool(server.started)

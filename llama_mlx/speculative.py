@@ -19,12 +19,12 @@ probability p_i(d_i) and redraws from p_i with d_i removed. Greedy (temperature 
 argmax of the processed log-probabilities at every position, as plain greedy decoding does: a
 draft is kept while it equals that argmax, and the first that differs is replaced by it.
 
-Queued rounds: where the backend's steps take their position as a device array (CUDA's fused
-steps: `takes_position`), a draft model's rounds are queued on the device, each computed from the
-previous one's device-side result (accepted count, next token, position) and queued before that
-one is read, so the device never waits on the host between rounds; the caches run up to one round
-ahead and are trimmed back as each round is read. Prompt lookup and logits processors, which need
-the host's view of the text, keep the round-by-round loop.
+One loop runs every round (`_Rounds`): each is built from the previous one's device-side result
+(accepted count, next token, position). Where the backend row reads ahead (`backends.read_ahead`:
+CUDA's fused steps, which take their position as a device array: `positioned`), a draft model's
+rounds are queued that many rounds before they are read, so the device never waits on the host
+between rounds; the caches run ahead and are trimmed back as each round is read. Prompt lookup
+and logits processors, which need the host's view of the text, read each round before the next.
 
 Prompt lookup backs off: after a round whose drafts were all rejected it drafts nothing for 1,
 then 2, 4, up to `LOOKUP_MAX_PAUSE` rounds (one-token steps, as plain decoding), and any accepted
@@ -44,7 +44,8 @@ import numpy as np
 from . import backends
 from .cache import RotatingKVCache, make_prompt_cache
 from .errors import DraftModelError, SpeculativeError
-from .sample import LogitsProcessor, Sampler, apply_processors, make_sampler
+from .sample import LogitsProcessor, Sampler, apply_processors, log_softmax, make_sampler
+from .sequence import Sampling, prefill
 
 __all__ = ["LOOKUP_MAX_PAUSE", "SpeculativeToken", "accept_drafts", "check_draft", "lookup_draft", "speculative_generate_step"]
 
@@ -105,19 +106,6 @@ def lookup_draft(tokens: Sequence[int], max_ngram: int, k: int) -> list[int]:
     return []
 
 
-def _prefill(model: nn.Module, cache: list, prompt: mx.array, step_size: int, progress=None) -> mx.array:
-    total = prompt.size
-    while prompt.size > 1:
-        n = min(step_size, prompt.size - 1)
-        model(prompt[None, :n], cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[n:]
-        if progress:
-            progress(total - prompt.size, total)
-        mx.clear_cache()
-    return prompt
-
-
 def _leading(accepted: mx.array) -> mx.array:
     """How many leading entries are true."""
     return mx.cumprod(accepted.astype(mx.int32)).sum()
@@ -150,11 +138,39 @@ def accept_drafts(p: mx.array, q: Optional[mx.array], drafts: mx.array, next_key
 LOOKUP_MAX_PAUSE = 8
 
 
-def _positioned(*steps) -> bool:
-    return all(getattr(s, "takes_position", False) for s in steps)
+class _Rule:
+    """The sampler's side of the rule: how a draft is drawn from the draft's log-probabilities
+    (keeping q for the check when sampling) and how the target's check is judged."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler, self.greedy = sampler, getattr(sampler, "greedy", False)
+        self.distribution = getattr(sampler, "distribution", None)
+        if not self.greedy and self.distribution is None:
+            raise SpeculativeError(
+                "speculative sampling needs the sampler's distribution: make the sampler with make_sampler")
+        self.next_key = getattr(sampler, "next_key", lambda: None)
+
+    def draw(self, lq: mx.array, qs: list) -> mx.array:
+        """A draft token from log-probabilities lq [1, vocab] (greedy: any logits); q goes to `qs`."""
+        if self.greedy:
+            return self.sampler(lq)
+        lq = self.distribution(lq)
+        qs.append(lq)
+        return mx.random.categorical(lq, key=self.next_key())
+
+    def judge(self, lps: mx.array, drafts: mx.array, qs: list) -> tuple[mx.array, mx.array]:
+        """(drafts accepted, the token after them) from the target's log-probabilities [k + 1, vocab]."""
+        k = drafts.size
+        if self.greedy:
+            best = self.sampler(lps)
+            n = _leading(best[:k] == drafts) if k else mx.array(0)
+            return n, best[n]
+        q = mx.exp(mx.concatenate(qs)) if qs else None
+        return accept_drafts(mx.exp(self.distribution(lps)), q, drafts, self.next_key)
 
 
 class _Round(NamedTuple):
+    k: int
     drafts: mx.array  # [k]
     n: mx.array  # drafts accepted
     new: mx.array  # the target's token after them
@@ -162,49 +178,99 @@ class _Round(NamedTuple):
     after: tuple  # the next round's (token before, last token, its position), on the device
 
 
+class _Lookup:
+    """Prompt lookup's drafts from the text so far (`tokens`, on the host), with its back-off."""
+
+    def __init__(self, ngram: int, tokens: list[int]):
+        self.ngram, self.tokens = ngram, tokens
+        self.pause, self.backoff = 0, 1  # rounds left without drafting, the next pause
+
+    def drafts(self, k: int) -> list[int]:
+        found = lookup_draft(self.tokens, self.ngram, k) if k and not self.pause else []
+        self.pause = max(0, self.pause - 1)
+        return found
+
+    def read(self, k: int, n: int) -> None:
+        if k:
+            self.pause, self.backoff = (self.backoff, min(2 * self.backoff, LOOKUP_MAX_PAUSE)) if n == 0 else (0, 1)
+
+
 class _Rounds:
-    """Speculative rounds queued on the device, each from the previous one's device-side result.
+    """Speculative rounds, each built from the previous one's device-side result (`after`), so a
+    backend whose steps take a device position queues them ahead of the host.
 
     A round's draft model runs [the token before the last, the last] at position pos - 1 (which
     fills in the last accepted draft after a round it got all right, else rewrites a position it
-    holds), then k - 1 single tokens; the target checks [last, drafts] at pos. The rule is
-    `speculative_generate_step`'s. Each cache advances k + 1 positions a round; the reader trims
-    k - n once it reads n.
+    holds), then k - 1 single tokens; prompt lookup's drafts come from the text read so far. The
+    target checks [last, drafts] at pos (no drafts: its one-token step). Each cache advances
+    k + 1 positions a round; `read` trims k - n once n is known.
     """
 
-    def __init__(self, dstep, verify, k: int, greedy: bool, sampler, distribution, next_key):
-        self.dstep, self.verify, self.k = dstep, verify, k
-        self.greedy, self.sampler, self.distribution, self.next_key = greedy, sampler, distribution, next_key
+    def __init__(self, step, verify, rule: _Rule, processors: list, dstep=None, dshift: int = 0,
+                 lookup: Optional[_Lookup] = None, history: Optional[mx.array] = None):
+        self.step, self.verify, self.rule, self.processors = step, verify, rule, processors
+        self.dstep, self.dshift, self.lookup, self.history = dstep, dshift, lookup, history
         self.rounds: deque[_Round] = deque()
 
-    def push(self, before: mx.array, last: mx.array, pos: mx.array) -> None:
-        inputs, ds, qs = mx.concatenate([before, last])[None], [], []
-        logits = self.dstep.at(inputs, pos - 1)
-        for i in range(self.k):
+    def process(self, logits: mx.array, history: Optional[mx.array]) -> mx.array:
+        if self.processors:
+            logits = apply_processors(self.processors, history, logits)
+        return log_softmax(logits)
+
+    def _draft(self, k: int, before: mx.array, last: mx.array, pos: mx.array) -> tuple[mx.array, list]:
+        qs: list = []
+        if self.dstep is None:
+            return mx.array(self.lookup.drafts(k), dtype=mx.uint32), qs
+        if not k:
+            return mx.array([], dtype=mx.uint32), qs
+        dpos, history, ds = pos + self.dshift, self.history, []
+        logits = self.dstep.at(mx.concatenate([before, last])[None], dpos - 1)
+        for i in range(k):
             if i:
-                logits = self.dstep.at(ds[-1][None], pos + i)
-            if self.greedy:
-                d = self.sampler(logits)
-            else:
-                lq = self.distribution(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-                d = mx.random.categorical(lq, key=self.next_key())
-                qs.append(lq)
+                logits = self.dstep.at(ds[-1][None], dpos + i)
+            # greedy drafts take the argmax of the logits as they are: nothing to normalise
+            lq = logits if self.rule.greedy and not self.processors else self.process(logits, history)
+            d = self.rule.draw(lq, qs)
             mx.async_eval(d)
             ds.append(d.astype(mx.uint32))
-        drafts = mx.concatenate(ds)
+            if self.processors:
+                history = mx.concatenate([history, d.astype(history.dtype)])
+        return mx.concatenate(ds), qs
+
+    def push(self, before: mx.array, last: mx.array, pos: mx.array, k: int) -> None:
+        drafts, qs = self._draft(k, before, last, pos)
+        k = drafts.size
         checked = mx.concatenate([last, drafts])
-        logits = self.verify.at(checked[None], pos)[0]
-        lps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if self.greedy:
-            best = self.sampler(lps)
-            n = _leading(best[: self.k] == drafts)
-            new = best[n]
+        if k:
+            logits = self.verify.at(checked[None], pos)[0]
+        else:  # nothing to check: the backend's one-token step, as plain decoding runs
+            logits = self.step.at(last[None], pos)
+        if self.processors:
+            rows = [self.process(logits[i : i + 1], mx.concatenate([self.history, drafts[:i].astype(self.history.dtype)]))
+                    for i in range(k + 1)]
+            lps = mx.concatenate(rows)
         else:
-            n, new = accept_drafts(mx.exp(self.distribution(lps)), mx.exp(mx.concatenate(qs)), drafts, self.next_key)
+            lps = log_softmax(logits)
+        n, new = self.rule.judge(lps, drafts, qs)
         new = new.reshape(1).astype(mx.uint32)
-        r = _Round(drafts, n, new, lps, (checked[n].reshape(1), new, pos + n + 1))
+        r = _Round(k, drafts, n, new, lps, (checked[n].reshape(1), new, pos + n + 1))
         mx.async_eval(r.drafts, r.n, r.new, r.logprobs, *r.after)
         self.rounds.append(r)
+
+    def read(self, caches: list) -> tuple[_Round, list[int]]:
+        """The oldest round and the tokens it gives (accepted drafts, then the target's); trims
+        every cache to what it checked and tells the text-side state."""
+        r = self.rounds.popleft()
+        n, new_id = r.n.item(), r.new.item()
+        out = r.drafts.tolist()[:n] + [new_id]
+        for c in caches:
+            c.trim(r.k - n)
+        if self.lookup is not None:
+            self.lookup.read(r.k, n)
+            self.lookup.tokens += out
+        if self.processors:
+            self.history = mx.concatenate([self.history, mx.array(out, dtype=self.history.dtype)])
+        return r, out
 
 
 def speculative_generate_step(
@@ -224,7 +290,6 @@ def speculative_generate_step(
     prefill_step_size: int = 512,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
-    compile: Optional[bool] = None,
     prompt_progress=None,
 ) -> Generator[SpeculativeToken, None, None]:
     """Yield `SpeculativeToken`s (token, logprobs, from_draft, drafted) for up to `max_tokens` new
@@ -251,168 +316,69 @@ def speculative_generate_step(
     if draft_model is not None:
         check_draft(model, None, draft_model)
     sampler = sampler or make_sampler()
-    greedy = getattr(sampler, "greedy", False)
-    distribution = getattr(sampler, "distribution", None)
-    if not greedy and distribution is None:
-        raise SpeculativeError("speculative sampling needs the sampler's distribution: make the sampler with make_sampler")
-    next_key = getattr(sampler, "next_key", lambda: None)
+    rule = _Rule(sampler)
     processors = list(logits_processors or [])
 
     def new_cache(m):
         return make_prompt_cache(len(m.layers), kv_bits=kv_bits, kv_group_size=kv_group_size)
 
     cache = prompt_cache if prompt_cache is not None else new_cache(model)
-    dcache = None
+    dcache = []
     if draft_model is not None:
         dcache = draft_cache if draft_cache is not None else new_cache(draft_model)
-    for c in cache + (dcache or []):
+    for c in cache + dcache:
         if isinstance(c, RotatingKVCache) or not c.is_trimmable():
             raise SpeculativeError("speculative decoding trims its caches: it cannot use a rotating KV cache (max_kv_size)")
-
-    def process(logits: mx.array, history: Optional[mx.array]) -> mx.array:
-        if processors:
-            logits = apply_processors(processors, history, logits)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     draft_prompt = prompt if draft_prompt is None else draft_prompt
     start = cache[0].offset + prompt.size  # the target cache holds no more than start + handed out
     dstart = (dcache[0].offset + draft_prompt.size) if dcache else 0
     yielded = 0
     try:
-        # First token exactly as generate_step makes it.
-        step = backends.decode_step(model, cache, compile)
-        last = _prefill(model, cache, prompt, prefill_step_size, prompt_progress)
-        history = prompt if processors else None
-        logprobs = process(step(last[None]), history)
-        token = sampler(logprobs)
-        if dcache is not None:
-            dstep = backends.decode_step(draft_model, dcache, compile)
-            pending = _prefill(draft_model, dcache, draft_prompt, prefill_step_size)  # tokens not yet in dcache
-            pending = mx.concatenate([pending, token])
-        if processors:
-            history = mx.concatenate([history, token])
-        verify = backends.verify_step(model, cache)
-        drafted, next_clear = 0, 256
-        if dcache is not None and not processors and dstart == start and _positioned(dstep, verify):
-            # Queued rounds: everything a round needs stays on the device, so each is queued
-            # before the previous one is read and the device never waits on the host.
-            pos = mx.array([start], dtype=mx.int32)
-            queue = _Rounds(dstep, verify, num_draft_tokens, greedy, sampler, distribution, next_key)
-            if max_tokens > 1:
-                queue.push(pending[:1], token.astype(mx.uint32), pos)
-            token_id = token.item()
-            yielded += 1
-            yield SpeculativeToken(token_id, logprobs[0], False, 0)
-            extent = start  # target positions below this hold checked tokens; the draft's, one fewer
-            try:
-                while queue.rounds:
-                    if yielded + 1 < max_tokens:  # the round being read may not finish the answer
-                        queue.push(*queue.rounds[-1].after)
-                    r = queue.rounds.popleft()
-                    n, new_id = r.n.item(), r.new.item()
-                    accepted = r.drafts.tolist()[:n]
-                    for c in cache + dcache:
-                        c.trim(queue.k - n)
-                    extent += n + 1
-                    drafted += queue.k
-                    for i, d in enumerate(accepted + [new_id]):
-                        yielded += 1
-                        yield SpeculativeToken(d, r.logprobs[i], i < n, drafted)
-                        if yielded >= max_tokens:
-                            break
-                    if yielded >= max_tokens:
-                        break
-                    if yielded >= next_clear:
-                        next_clear += 256
-                        mx.clear_cache()
-            finally:
-                # Queued rounds ran ahead of what was read: keep only what was checked.
-                for c in cache:
-                    c.trim(max(0, c.offset - extent))
-                for c in dcache:
-                    c.trim(max(0, c.offset - (extent - 1)))
-            return
+        # The first token exactly as generate_step makes it.
+        sample = Sampling(sampler, processors, prompt)
+        step = backends.decode_step(model, cache)
+        token, logprobs = sample(step(prefill(model, cache, prompt, prefill_step_size, prompt_progress)[None]))
+        token = token.astype(mx.uint32)
+        rounds = _Rounds(step, backends.verify_step(model, cache), rule, processors, history=sample.history)
+        before = token
+        if draft_model is not None:
+            rounds.dstep, rounds.dshift = backends.decode_step(draft_model, dcache), dstart - start
+            before = prefill(draft_model, dcache, draft_prompt, prefill_step_size).astype(mx.uint32)
+        else:
+            rounds.lookup = _Lookup(prompt_lookup, [int(t) for t in context] + prompt.tolist())
+        # Rounds are queued ahead only where they need nothing from the host (a draft model, no
+        # processors) and every step takes a device position.
+        positioned = step.positioned and rounds.verify.positioned and (rounds.dstep or step).positioned
+        ahead = backends.read_ahead() if draft_model is not None and not processors and positioned else 0
+        state = (before, token, mx.array([start], dtype=mx.int32))
+        if ahead and max_tokens > 1:  # queued before the first token is read: the device never waits
+            rounds.push(*state, num_draft_tokens)
+            state = rounds.rounds[-1].after
         token_id = token.item()
-        tokens = [int(t) for t in context] + prompt.tolist() + [token_id]
-        pause, backoff = 0, 1  # prompt lookup: rounds left without drafting, the next pause
+        if rounds.lookup is not None:
+            rounds.lookup.tokens.append(token_id)
         yielded += 1
-        yield SpeculativeToken(token_id, logprobs[0], False, 0)
-
+        yield SpeculativeToken(token_id, logprobs, False, 0)
+        drafted, next_clear = 0, 256
         while yielded < max_tokens:
-            k = min(num_draft_tokens, max_tokens - yielded - 1)
-            qs = []
-            if dcache is not None and k:
-                inputs, dhistory, ds = pending[None], history, []
-                for _ in range(k):
-                    lq = process(dstep(inputs), dhistory)
-                    if greedy:
-                        d = sampler(lq)
-                    else:
-                        lq = distribution(lq)
-                        d = mx.random.categorical(lq, key=next_key())
-                        qs.append(lq)
-                    mx.async_eval(d)
-                    ds.append(d)
-                    inputs = d[None]
-                    if processors:
-                        dhistory = mx.concatenate([dhistory, d])
-                drafts = mx.concatenate(ds)
-            else:
-                found = lookup_draft(tokens, prompt_lookup, k) if k and not pause else []
-                pause = max(0, pause - 1)
-                drafts = mx.array(found, dtype=mx.uint32)
-            k = drafts.size
-
-            if k:
-                checked = mx.concatenate([mx.array([token_id], dtype=mx.uint32), drafts.astype(mx.uint32)])
-                logits = verify(checked[None])[0]
-            else:  # nothing to check (no n-gram found): the backend's one-token step, as plain decoding runs
-                logits = step(mx.array([[token_id]], dtype=mx.uint32))
-            if processors:
-                rows = [process(logits[i : i + 1], mx.concatenate([history, drafts[:i]])) for i in range(k + 1)]
-                lps = mx.concatenate(rows)
-            else:
-                lps = process(logits, None)
-
-            if greedy:
-                best = sampler(lps)
-                n = _leading(best[:k] == drafts) if k else mx.array(0)
-                new = best[n]
-            else:
-                q = mx.exp(mx.concatenate(qs)) if qs else None
-                n, new = accept_drafts(mx.exp(distribution(lps)), q, drafts, next_key)
-            mx.eval(drafts, n, new)
-            n, new_id = int(n), int(new)
-            if dcache is None and k:
-                pause, backoff = (backoff, min(2 * backoff, LOOKUP_MAX_PAUSE)) if n == 0 else (0, 1)
-            accepted = drafts[:n].tolist()
-
-            for c in cache:
-                c.trim(k - n)
-            if dcache is not None and k:
-                # The draft ran pending + drafts[:k-1]; it keeps what was accepted.
-                for c in dcache:
-                    c.trim(k - 1 - min(n, k - 1))
-                pending = mx.array(([drafts[k - 1].item()] if n == k else []) + [new_id], dtype=mx.uint32)
-            elif dcache is not None:
-                pending = mx.concatenate([pending, mx.array([new_id], dtype=mx.uint32)])
-            if processors:
-                history = mx.concatenate([history, mx.array(accepted + [new_id], dtype=history.dtype)])
-            tokens += accepted + [new_id]
-            drafted += k
-            for i, d in enumerate(accepted):
+            while len(rounds.rounds) <= ahead and (not rounds.rounds or yielded + 1 < max_tokens):
+                rounds.push(*state, num_draft_tokens if ahead else min(num_draft_tokens, max_tokens - yielded - 1))
+                state = rounds.rounds[-1].after
+            r, out = rounds.read(cache + dcache)
+            drafted += r.k
+            for i, t in enumerate(out):
                 yielded += 1
-                yield SpeculativeToken(d, lps[i], True, drafted)
-            token_id = new_id
-            yielded += 1
-            yield SpeculativeToken(new_id, lps[n], False, drafted)
+                yield SpeculativeToken(t, r.logprobs[i], i < len(out) - 1, drafted)
+                if yielded >= max_tokens:
+                    break
             if yielded >= next_clear:
                 next_clear += 256
                 mx.clear_cache()
     finally:
-        # Drop whatever the caches hold beyond the tokens handed out (unchecked drafts on an
-        # interrupt, accepted ones the caller never took).
+        # Drop whatever the caches hold beyond the tokens handed out (rounds queued ahead, unchecked
+        # drafts on an interrupt, accepted ones the caller never took).
         for c in cache:
             c.trim(max(0, c.offset - (start + yielded)))
-        for c in dcache or []:
+        for c in dcache:
             c.trim(max(0, c.offset - (dstart + yielded)))

@@ -373,31 +373,22 @@ class GenerationOptions:
             return "the model's generation_config"
         return "Meta's defaults" if unset else "command line"
 
-    def sampling(self) -> dict[str, Any]:
-        """The sampler's settings as plain values (`make_sampler`'s keywords, the seed aside)."""
-        return {"temp": 0.6 if self.temp is None else self.temp,  # (before the model's defaults are known)
-                "top_p": 0.9 if self.top_p is None else self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                "min_tokens_to_keep": self.min_tokens_to_keep, "order": self.sampling_order}
+    def params(self, tokenizer=None):
+        """The options' `SamplingParams` (logit bias ids read through `tokenizer`; before the
+        model's defaults are known, temp and top-p stand at Meta's)."""
+        from llama_mlx.sample import SamplingParams
 
-    def processing(self, tokenizer) -> dict[str, Any]:
-        """The logits processors' settings as plain values (`make_logits_processors`' keywords)."""
-        return {"logit_bias": parse_logit_bias(self.logit_bias, tokenizer),
-                "repetition_penalty": self.repetition_penalty,
-                "repetition_context_size": self.repetition_context_size}
-
-    def sampler(self):
-        from llama_mlx.sample import make_sampler
-
-        return make_sampler(**self.sampling(), seed=self.seed)
-
-    def logits_processors(self, tokenizer):
-        from llama_mlx.sample import make_logits_processors
-
-        return make_logits_processors(**self.processing(tokenizer))
+        return SamplingParams(
+            temp=0.6 if self.temp is None else self.temp, top_p=0.9 if self.top_p is None else self.top_p,
+            top_k=self.top_k, min_p=self.min_p, min_tokens_to_keep=self.min_tokens_to_keep,
+            order=self.sampling_order, seed=self.seed,
+            logit_bias=parse_logit_bias(self.logit_bias, tokenizer) if tokenizer is not None else None,
+            repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size)
 
     def stream_kwargs(self, tokenizer) -> dict[str, Any]:
         """Keyword arguments for `stream_generate` (prompt cache and max_tokens excepted)."""
-        return dict(sampler=self.sampler(), logits_processors=self.logits_processors(tokenizer),
+        params = self.params(tokenizer)
+        return dict(sampler=params.sampler(), logits_processors=params.processors(tokenizer),
                     stop=list(self.stop) or None, prefill_step_size=self.prefill_step_size)
 
     def speculative_kwargs(self, *, keep_cache: bool = False) -> dict[str, Any]:
@@ -419,9 +410,9 @@ class GenerationOptions:
         return dict(self._draft)
 
     def lockstep_kwargs(self, tokenizer) -> dict[str, Any]:
-        """`stream_kwargs` for a lockstep leader (`llama_mlx.lockstep`): the sampler and processors as
-        plain values, which every rank builds alike. The seed seeds rank 0's draws of each answer's seed."""
-        return {"sampling": self.sampling(), "processors": self.processing(tokenizer), "stop": list(self.stop) or None,
+        """`stream_kwargs` for a lockstep leader (`llama_mlx.lockstep`): the `SamplingParams`, which
+        every rank builds alike. The seed seeds rank 0's draws of each answer's seed."""
+        return {"params": self.params(tokenizer), "stop": list(self.stop) or None,
                 "prefill_step_size": self.prefill_step_size}
 
     def cache_kwargs(self) -> dict[str, Any]:
@@ -431,7 +422,7 @@ class GenerationOptions:
         """Validate the combinations the option parser cannot see, before the model loads (ValueError)."""
         if self.max_kv_size is not None and self.kv_bits is not None:
             raise ValueError("--max-kv-size and --kv-bits cannot be combined (a rotating cache is not quantized)")
-        self.sampler()
+        self.params().sampler()
 
     def check(self, tokenizer) -> None:
         """Validate the options that need the tokenizer; adds --extra-eos-token stops to it (ValueError)."""

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
-import signal
-import threading
 from typing import Annotated, Optional
 
 import typer
@@ -109,11 +106,8 @@ def serve(
 ) -> None:
     """Serve a model over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
     model = with_gguf_file(model, gguf_file)
-    import uvicorn
-
-    from llama_mlx.engine import Engine
+    from llama_mlx import server
     from llama_mlx.loading import load, resolve_model
-    from llama_mlx.server import ServerConfig, create_app
 
     from .common import GenerationOptions, resolve_dtype
 
@@ -140,38 +134,15 @@ def serve(
     if leader is not None:
         note_line(f"split over {leader.group.size()} ranks ({'pipeline' if pipeline else 'tensor'} parallel): "
                   "one request at a time, no batching across ranks")
-    engine = Engine(loader, max_concurrency=max_concurrency, queue_size=queue_size,
-                    prompt_cache_bytes=prompt_cache_bytes, decode_concurrency=decode_concurrency,
-                    max_kv_bytes=max_kv_bytes, speculative=speculative, lockstep=leader).start()
-    config = ServerConfig(model_name=model_label(model), api_key=api_key,
-                          allowed_origins=tuple(allowed_origins or ()), max_body_bytes=max_body_bytes,
-                          default_max_tokens=max_tokens)
-    app = create_app(engine, config)
-    logging.getLogger("llama_mlx").setLevel(log_level.upper())
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=None, server_header=False))
     if not _loopback(host) and api_key is None:
         note_line(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
-    failed: list[BaseException] = []
-
-    def watch_load() -> None:
-        try:
-            engine.wait_ready()
-            note_line(f"{model_label(model)} loaded; serving on http://{host}:{port}/v1")
-        except BaseException as e:  # noqa: BLE001 - reported below, the server stops
-            failed.append(e)
-            server.should_exit = True
-
-    threading.Thread(target=watch_load, daemon=True).start()
-    # uvicorn re-raises the signal it shut down on; this handler takes it, so SIGTERM exits 0.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        server.run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        engine.close()
-    if failed:
-        raise failed[0]
-    if not server.started:
+    listened = server.run(
+        loader, host=host, port=port, model_name=model_label(model), api_key=api_key,
+        allowed_origins=allowed_origins or (), max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
+        max_concurrency=max_concurrency, queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes,
+        decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes, speculative=speculative,
+        lockstep=leader, log_level=log_level,
+        on_ready=lambda: note_line(f"{model_label(model)} loaded; serving on http://{host}:{port}/v1"))
+    if not listened:
         error_line(f"could not listen on {host}:{port}")
         raise typer.Exit(1)

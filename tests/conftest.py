@@ -40,3 +40,31 @@ def default_model() -> Path:
     from llama_mlx.resolve import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture
+def backend_row():
+    """`backend_row("metal")` forces a row of the backend table for one test (its steps then run
+    here on the CPU: the Metal row's compiled batch step, or the CUDA row's decoders with MLX ops
+    in place of the kernels); the device's own row is restored afterwards."""
+    from llama_mlx import backends
+
+    previous = backends.use(None)
+    yield backends.use
+    backends.use(previous)
+
+
+def compiled_decode_steps(monkeypatch):
+    """Decode single tokens through the compiled masked step (`backends.MaskedDecoder` over the
+    cache's whole buffers) wherever the caches are plain: a test-only path, no row runs it."""
+    from llama_mlx import backends
+    from llama_mlx.cache import KVCache
+
+    row_step = backends.decode_step
+
+    def step(model, cache):
+        if all(type(c) is KVCache for c in cache):
+            return backends.CompiledStep(model, cache, backends.MaskedDecoder)
+        return row_step(model, cache)
+
+    monkeypatch.setattr(backends, "decode_step", step)

@@ -9,7 +9,8 @@ import pytest
 
 import llama_mlx
 from llama_mlx import LlamaMLXError, batch_generate
-from llama_mlx.batch import BatchEngine, BatchKVCache, KVCapacityError
+from llama_mlx.batch import BatchEngine, KVCapacityError
+from llama_mlx.cache import BatchKVCache
 from llama_mlx.cache import KVCache
 from llama_mlx.generate import generate, stream_generate
 from llama_mlx.sample import make_logits_processors, make_sampler
@@ -65,20 +66,21 @@ def test_batch_cache_rows_see_what_they_would_alone(tiny):
 
 
 @pytest.mark.parametrize("variant", ["graph", "rows", "rows-kernel"])
-def test_tiny_join_and_leave_equals_no_cache_greedy(tiny, smol, variant, monkeypatch):
+def test_tiny_join_and_leave_equals_no_cache_greedy(tiny, smol, variant, monkeypatch, backend_row):
     """The batched step as the model's graph, as the one compiled graph GPUs run (over whole
     buffers, each row writing at its own position), and as CUDA's (2-7 rows run as 8, attention
     by the decode kernel: here MLX ops doing what its docstring says) all equal cache-free greedy
     decoding."""
+    backend_row({"graph": "cpu", "rows": "metal", "rows-kernel": "cuda"}[variant])
     if variant == "rows-kernel":
-        from test_cuda_decode import attention
+        from cuda_reference import attention
 
         from llama_mlx.backends import cuda
 
-        monkeypatch.setattr(cuda, "rows_supported", lambda model: True)
+        monkeypatch.setattr(cuda.decoder, "rows_supported", lambda model: True)
         monkeypatch.setattr(cuda.kernels, "decode_attention", attention)
     _, tokenizer = smol
-    eng = BatchEngine(tiny, tokenizer, prefill_chunk=5, compile=variant != "graph")
+    eng = BatchEngine(tiny, tokenizer, prefill_chunk=5)
     assert eng._rows_step.kind == variant
     specs = [(rand_ids(10, 3), 9), (rand_ids(11, 17), 4), (rand_ids(12, 1), 12), (rand_ids(13, 30), 7)]
     reqs, alone = [], []
@@ -99,13 +101,14 @@ def test_tiny_join_and_leave_equals_no_cache_greedy(tiny, smol, variant, monkeyp
 
 
 @pytest.mark.parametrize("variant", ["graph", "rows"])
-def test_burst_prefills_as_one_forward_and_equals_no_cache_greedy(tiny, smol, variant):
+def test_burst_prefills_as_one_forward_and_equals_no_cache_greedy(tiny, smol, variant, backend_row):
     """Five requests arriving together beside a running one: their prompts (1 to 23 tokens, one
     warm-started from a prompt cache) prefill as the rows of one forward a chunk, each row joining
     the decode batch when its own prompt is done, while the running one keeps decoding; every
     sequence equals cache-free greedy decoding."""
     _, tokenizer = smol
-    eng = BatchEngine(tiny, tokenizer, prefill_chunk=6, compile=variant != "graph")
+    backend_row({"graph": "cpu", "rows": "metal"}[variant])
+    eng = BatchEngine(tiny, tokenizer, prefill_chunk=6)
     first = eng.submit(rand_ids(40, 5), max_tokens=14, stop_tokens=())
     for _ in range(2):
         eng.step()

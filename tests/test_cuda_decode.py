@@ -18,6 +18,7 @@ from llama_mlx import backends
 from llama_mlx.backends import cuda, fusion
 from llama_mlx.cache import make_prompt_cache
 from llama_mlx.model import Model, ModelArgs
+from cuda_reference import attention, matvec, rows_matmul, shared_attention
 
 CONFIG = {
     "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256,
@@ -26,36 +27,6 @@ CONFIG = {
     "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 64},
 }
-
-
-def matvec(w, scales, biases, group_size, *, x=None, residual=None, gate_up=None, rope=None):
-    h = None
-    if residual is not None:
-        a, b, weight, eps = residual
-        h = a + b
-        x = mx.fast.rms_norm(h, weight, eps)
-    elif gate_up is not None:
-        gate, up = mx.split(gate_up, 2)
-        x = nn.silu(gate) * up
-    out = mx.quantized_matmul(x[None], w, scales, biases, transpose=True, group_size=group_size, bits=4)[0]
-    if rope is not None:
-        nq, nkv, D = rope["n_heads"], rope["n_kv_heads"], rope["head_dim"]
-
-        def rotate(t):
-            return mx.fast.rope(t, D, traditional=rope["traditional"], base=None, scale=1.0,
-                                offset=rope["offset"][0], freqs=1.0 / rope["inv_freq"])
-
-        q = rotate(out[: nq * D].reshape(1, nq, 1, D))
-        k = rotate(out[nq * D : (nq + nkv) * D].reshape(1, nkv, 1, D))
-        v = out[(nq + nkv) * D :].reshape(1, nkv, 1, D)
-        return (q, k, v) if h is None else (q, k, v, h)
-    return out if h is None else (out, h)
-
-
-def attention(q, keys, values, offset, scale):
-    """Row b attends over its positions 0..offset[b]."""
-    mask = (mx.arange(keys.shape[2])[None] <= offset[:, None])[:, None, None]
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask).reshape(-1)
 
 
 def quantized_pair(tied, traditional, seed):
@@ -77,10 +48,11 @@ def quantized_pair(tied, traditional, seed):
 
 
 @pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])
-def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, tied, traditional):
+def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, backend_row, tied, traditional):
     from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
-    monkeypatch.setattr(cuda, "supported", lambda model: True)
+    backend_row("cuda")
+    monkeypatch.setattr(cuda.decoder, "supported", lambda model: True)
     monkeypatch.setattr(cuda.kernels, "fused_matvec", matvec)
     monkeypatch.setattr(cuda.kernels, "decode_attention", attention)
 
@@ -102,47 +74,26 @@ def test_fused_step_gives_mlx_lm_logits_token_by_token(monkeypatch, tied, tradit
     assert cache[0].offset == 262 and cache[0].keys.shape[2] == 512
 
 
-def rows_matmul(w, scales, biases, group_size, *, x=None, residual=None, gate_up=None, rope=None):
-    """`cuda_kernels.rows_matmul` as its docstring says: `matvec` on each row, at that row's position."""
-    R = (x if x is not None else residual[0] if residual is not None else gate_up).shape[0]
-    rows = []
-    for r in range(R):
-        one = dict(x=None if x is None else x[r], gate_up=None if gate_up is None else gate_up[r],
-                   residual=None if residual is None else (residual[0][r], residual[1][r], *residual[2:]),
-                   rope=None if rope is None else dict(rope, offset=rope["offset"][r : r + 1]))
-        out = matvec(w, scales, biases, group_size, **one)
-        rows.append(out if isinstance(out, tuple) else (out,))
-    outs = [mx.concatenate(parts) if parts[0].ndim == 4 else mx.stack(parts) for parts in zip(*rows)]
-    return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-def shared_attention(q, keys, values, offset, scale, shared=False):
-    """`cuda_kernels.decode_attention`: row b over its positions 0..offset[b], of one shared sequence
-    when `shared`."""
-    if shared:
-        keys = mx.broadcast_to(keys, (q.shape[0], *keys.shape[1:]))
-        values = mx.broadcast_to(values, (q.shape[0], *values.shape[1:]))
-    return attention(q, keys, values, offset, scale)
-
-
-def fused_pair(monkeypatch, tied, traditional):
-    monkeypatch.setattr(cuda, "fused_rows_supported", lambda model: True)
+def fused_pair(monkeypatch, backend_row, tied, traditional):
+    """The CUDA row forced, its fused decoders supported, MLX ops in place of its kernels."""
+    backend_row("cuda")
+    monkeypatch.setattr(cuda.decoder, "fused_rows_supported", lambda model: True)
     monkeypatch.setattr(cuda.kernels, "rows_matmul", rows_matmul)
     monkeypatch.setattr(cuda.kernels, "decode_attention", shared_attention)
     return quantized_pair(tied, traditional, seed=5)
 
 
 @pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])
-def test_fused_rows_step_gives_each_row_mlx_lm_logits_alone(monkeypatch, tied, traditional):
+def test_fused_rows_step_gives_each_row_mlx_lm_logits_alone(monkeypatch, backend_row, tied, traditional):
     """The batch step CUDA runs for 4-bit models (`FusedRowsDecoder`: every layer in few-row kernels,
     here MLX ops doing what their docstrings say) over rows of different lengths, rows joining and
     leaving: each row's logits are mlx-lm's for that sequence alone."""
     from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
-    from llama_mlx.batch import BatchKVCache
+    from llama_mlx.cache import BatchKVCache
     from llama_mlx.cache import KVCache
 
-    ours, theirs = fused_pair(monkeypatch, tied, traditional)
+    ours, theirs = fused_pair(monkeypatch, backend_row, tied, traditional)
     rng = np.random.default_rng(6)
     prompts = [[int(t) for t in rng.integers(0, 256, size=n)] for n in (3, 40, 17)]
     batch = [BatchKVCache() for _ in ours.layers]
@@ -155,7 +106,7 @@ def test_fused_rows_step_gives_each_row_mlx_lm_logits_alone(monkeypatch, tied, t
         tc = mlx_lm_cache(theirs)
         theirs(mx.array([p]), cache=tc)
         theirs_caches.append(tc)
-    step = backends.rows_step(ours, batch, compile=True)
+    step = backends.rows_step(ours, batch)
     assert step.kind == "rows-fused"
     for i in range(6):
         if i == 3:  # the second row leaves
@@ -170,14 +121,14 @@ def test_fused_rows_step_gives_each_row_mlx_lm_logits_alone(monkeypatch, tied, t
 
 
 @pytest.mark.parametrize("tied, traditional", [(True, False), (False, True)])
-def test_fused_check_step_gives_mlx_lm_logits_at_every_position(monkeypatch, tied, traditional):
+def test_fused_check_step_gives_mlx_lm_logits_at_every_position(monkeypatch, backend_row, tied, traditional):
     """The speculative check CUDA runs for 4-bit models (`FusedCheckDecoder` through
     `backends.verify_step`): L = 1, 5 and 16 positions after a prompt (and 17, past its bound: the
     graph), each position's logits are mlx-lm's, and the cache holds the L positions afterwards
     (then trimmed, as a rejection does)."""
     from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
-    ours, theirs = fused_pair(monkeypatch, tied, traditional)
+    ours, theirs = fused_pair(monkeypatch, backend_row, tied, traditional)
     rng = np.random.default_rng(7)
     prompt = mx.array(rng.integers(0, 256, size=(1, 30)).astype(np.int32))
     cache = make_prompt_cache(len(ours.layers))
@@ -196,15 +147,15 @@ def test_fused_check_step_gives_mlx_lm_logits_at_every_position(monkeypatch, tie
             c.trim(L)
 
 
-def test_fused_step_runs_a_few_tokens_through_the_check(monkeypatch):
+def test_fused_step_runs_a_few_tokens_through_the_check(monkeypatch, backend_row):
     """A draft model catching up on two tokens (a round it got all right) and a short new turn
     stay on CUDA's fused path: `decode_step` gives 2 and 16 tokens at once to the fused check, and
     their last position's logits are mlx-lm's; 17 tokens take the graph."""
     from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
-    monkeypatch.setattr(cuda, "supported", lambda model: True)
+    monkeypatch.setattr(cuda.decoder, "supported", lambda model: True)
     monkeypatch.setattr(cuda.kernels, "fused_matvec", matvec)
-    ours, theirs = fused_pair(monkeypatch, True, False)
+    ours, theirs = fused_pair(monkeypatch, backend_row, True, False)
     rng = np.random.default_rng(9)
     prompt = mx.array(rng.integers(0, 256, size=(1, 20)).astype(np.int32))
     cache, their_cache = make_prompt_cache(len(ours.layers)), mlx_lm_cache(theirs)
@@ -236,7 +187,7 @@ def perturbed(model, seed, scale):
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.3, 3.0])
-def test_queued_rounds_equal_mlx_lm_greedy_and_leave_checked_caches(monkeypatch, scale):
+def test_queued_rounds_equal_mlx_lm_greedy_and_leave_checked_caches(monkeypatch, backend_row, scale):
     """On CUDA's fused steps (here with MLX ops as the kernels) speculative rounds are queued on the
     device, each before the previous is read. Drafts agreeing always (the target itself), often and
     rarely: the tokens are mlx-lm's plain greedy ones, and after closing mid-answer each cache holds
@@ -247,9 +198,9 @@ def test_queued_rounds_equal_mlx_lm_greedy_and_leave_checked_caches(monkeypatch,
     from llama_mlx import speculative
     from llama_mlx.speculative import speculative_generate_step
 
-    monkeypatch.setattr(cuda, "supported", lambda model: True)
+    monkeypatch.setattr(cuda.decoder, "supported", lambda model: True)
     monkeypatch.setattr(cuda.kernels, "fused_matvec", matvec)
-    ours, theirs = fused_pair(monkeypatch, False, True)
+    ours, theirs = fused_pair(monkeypatch, backend_row, False, True)
     draft = ours if scale == 0 else perturbed(ours, 11, scale)
     pushed = []
     push = speculative._Rounds.push

@@ -11,6 +11,7 @@ from llama_mlx.config import config_from_meta_params
 from llama_mlx.generate import generate_step
 from llama_mlx.model import Model, ModelArgs
 from llama_mlx.sample import apply_min_p, apply_top_k, apply_top_p, make_sampler
+from conftest import compiled_decode_steps
 from oracles import TINY_META_PARAMS, greedy_without_cache, tiny_random_model
 
 PARAMS = dict(TINY_META_PARAMS, dim=128)  # head_dim 32: also valid for a quantized KV cache
@@ -34,7 +35,7 @@ def reference(model):
 @pytest.mark.parametrize(
     "options",
     [
-        {"compile": True},
+        {"compiled": True},
         {},
         {"max_kv_size": 128},  # rotating cache, window larger than prompt + answer
         {"prefill_step_size": 4},  # chunked prefill
@@ -42,7 +43,10 @@ def reference(model):
     ],
     ids=["compiled", "uncompiled", "rotating", "chunked-prefill", "rotating-chunked"],
 )
-def test_greedy_equals_full_forward_loop(model, reference, options):
+def test_greedy_equals_full_forward_loop(model, reference, options, monkeypatch):
+    options = dict(options)
+    if options.pop("compiled", False):
+        compiled_decode_steps(monkeypatch)
     out = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=64, **options)]
     assert out == reference
 
@@ -130,19 +134,19 @@ def test_compiled_step_writes_the_cache_through_its_public_api(model):
     from llama_mlx import backends
 
     cache = make_prompt_cache(len(model.layers))
-    step = backends.decode_step(model, cache, compile=True)
+    step = backends.CompiledStep(model, cache, backends.MaskedDecoder)
     assert step.kind == "compiled"
     model(mx.array([PROMPT]), cache)
     logits = step(mx.array([[7]]))
     assert cache[0].offset == len(PROMPT) + 1 and cache[0].keys is not None
     want = model(mx.array([PROMPT + [7]]))[:, -1, :]
     np.testing.assert_allclose(np.array(logits), np.array(want), atol=1e-4)
-    # Prompt caches of other kinds, and an explicit False, run the model's own graph.
-    assert backends.decode_step(model, make_prompt_cache(len(model.layers), max_kv_size=64), True).kind == "graph"
-    assert backends.decode_step(model, cache, compile=False).kind == "graph"
+    # Prompt caches of other kinds, and the CPU row, run the model's own graph.
+    assert backends.decode_step(model, make_prompt_cache(len(model.layers), max_kv_size=64)).kind == "graph"
+    assert backends.decode_step(model, cache).kind == "graph"
 
 
-def test_a_compiled_step_never_keeps_its_model_alive():
+def test_a_compiled_step_never_keeps_its_model_alive(monkeypatch):
     import gc
     import weakref
 
@@ -151,7 +155,8 @@ def test_a_compiled_step_never_keeps_its_model_alive():
     m = Model(ModelArgs.from_dict(config_from_meta_params(PARAMS)))
     mx.eval(m.parameters())
     before = len(GRAPHS)
-    out = [t for t, _ in generate_step(mx.array(PROMPT), m, max_tokens=4, compile=True)]
+    compiled_decode_steps(monkeypatch)
+    out = [t for t, _ in generate_step(mx.array(PROMPT), m, max_tokens=4)]
     assert len(out) == 4 and len(GRAPHS) == before + 1
     assert not [k for k in vars(m) if "decode" in k]  # nothing hung on the model
     ref = weakref.ref(m)
@@ -160,23 +165,24 @@ def test_a_compiled_step_never_keeps_its_model_alive():
     assert ref() is None and len(GRAPHS) == before
 
 
-def test_a_given_step_needs_its_cache(model):
-    with pytest.raises(ValueError, match="prompt_cache"):
-        next(generate_step(mx.array(PROMPT), model, step=lambda tokens: tokens))
-
-
-def test_a_given_step_runs_the_decode(model, reference):
+def test_the_rows_step_runs_the_decode(model, reference, monkeypatch):
     from llama_mlx import backends
 
     cache = make_prompt_cache(len(model.layers))
     calls = []
-    inner = backends.decode_step(model, cache)
+    row_step = backends.decode_step
 
-    def step(tokens):
-        calls.append(tokens.shape)
-        return inner(tokens)
+    def decode_step(m, c):
+        inner = row_step(m, c)
 
-    out = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=8, prompt_cache=cache, step=step)]
+        def step(tokens):
+            calls.append(tokens.shape)
+            return inner(tokens)
+
+        return step
+
+    monkeypatch.setattr(backends, "decode_step", decode_step)
+    out = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=8, prompt_cache=cache)]
     assert out == reference[:8] and calls == [(1, 1)] * 8
 
 

@@ -224,7 +224,7 @@ class PositionedStep:
     """A step that takes its position on the device (as CUDA's fused ones do), over a `Fixed` model:
     speculative rounds are then queued, each before the previous one is read."""
 
-    takes_position = True
+    positioned = True
 
     def __init__(self, model, cache, every):
         self.model, self.cache, self.every = model, cache, every
@@ -240,8 +240,9 @@ class PositionedStep:
 def test_queued_rounds_sampling_keeps_the_target_distribution(monkeypatch):
     """The previous test's bound (V = 6, N = 12000, eps = 0.03) on the queued rounds' sampling
     (draft tokens drawn and accepted on the device, read a round late); both wrong rules fail it."""
-    monkeypatch.setattr(spec.backends, "decode_step", lambda m, c, compile=None: PositionedStep(m, c, False))
+    monkeypatch.setattr(spec.backends, "decode_step", lambda m, c: PositionedStep(m, c, False))
     monkeypatch.setattr(spec.backends, "verify_step", lambda m, c: PositionedStep(m, c, True))
+    monkeypatch.setattr(spec.backends, "read_ahead", lambda: 1)  # as the CUDA row reads
     pushed = []
     push = spec._Rounds.push
     monkeypatch.setattr(spec._Rounds, "push", lambda self, *a: pushed.append(1) or push(self, *a))

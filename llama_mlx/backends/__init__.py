@@ -1,146 +1,251 @@
-"""The one place that decides by device; the model, the cache and generation ask it nothing else.
+"""The backend table: one row per device, cpu, metal or cuda, carrying every device policy.
 
-- `compute_dtype(device)`: activations' dtype, float32 on the CPU, the weights' own on GPUs.
-- `prepare(model, fuse=, threads=)`: fits a built model to the default device, in place: sets
-  the compute dtype, fuses q/k/v and gate/up (`fusion`, GPUs) or spreads quantized matmuls over
-  the CPU cores (`cpu`); on CUDA, 4-bit projections pad 2-7 rows to 8 (`cuda.pad_small_matmuls`).
-  `loading.load` calls it once.
-- `decode_step(model, cache, compile=)`: the step generation runs, `step(tokens[B, L]) ->
-  logits[B, vocab]`: on CUDA the fused decoder of `cuda` (eight graph nodes a layer), elsewhere
-  the model's graph, or on request a compiled masked step (`steps`).
-- `rows_step(model, cache, compile=)`: the step a batch decodes with, one token per row over
-  per-layer `BatchKVCache`s: on GPUs one compiled graph (`steps.RowsDecoder`; on CUDA with the
-  attention kernel, `cuda.KernelRowsDecoder`, or with 4-bit models all fused, `cuda.FusedRowsDecoder`),
-  on the CPU the model's graph.
-- `warmup_batch_sizes(bound)`: how many batch sizes a server runs once before serving.
-- `verify_step(model, cache)`: the step speculative decoding checks drafts with, `step(tokens[B, L])
-  -> logits[B, L, vocab]` of every position (the K drafts and the token after them, in one forward);
-  on CUDA for 4-bit models `cuda.FusedCheckDecoder`, compiled.
-- `draft_tokens(lookup)`: how many tokens speculative decoding drafts a round when not told.
+The model, the cache and generation ask nothing of the device; they ask the current row
+(`current()`), through the functions below. `LLAMA_MLX_BACKEND=cpu|metal|cuda` forces a row
+(`use(name)` in-process): with `metal` on a CUDA machine the path Macs run (no CUDA kernels)
+runs and can be measured there.
 
-A new backend adds a module here and a branch in these functions, nowhere else.
+| policy | cpu | metal | cuda |
+| --- | --- | --- | --- |
+| activations' dtype | float32 | the weights' | the weights' |
+| q/k/v and gate/up fused at load | no | yes | yes |
+| load-time transform | matmuls over CPU threads | none | 2-7 row matmuls run as 8 |
+| one-token step | model graph | model graph | `cuda.FusedDecoder` (4-bit), else graph |
+| batch step | model graph | compiled `RowsDecoder` | `cuda.FusedRowsDecoder`, `KernelRowsDecoder`, `RowsDecoder` |
+| speculative check | model graph | model graph | `cuda.FusedCheckDecoder` (4-bit), else graph |
+| batch sizes warmed up | 2 | all | all |
+| drafts a round: model / lookup | 3 / 3 | 3 / 4 | 4 / 10 |
+| speculative rounds queued ahead | 0 | 0 | 1 |
+| wired memory limit | no | yes | no |
+
+Each row's fields say why (`CPU`, `METAL`, `CUDA` below). A new backend is a new row, and a
+wing of its own (`cuda/`) when it brings kernels; nothing outside this package changes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import KVCache
+from ..errors import ArgumentError
 from . import cpu, cuda, fusion
 from .steps import GRAPHS, AllPositionsStep, CompiledCheckStep, CompiledStep, GraphStep, MaskedDecoder, RowsDecoder
 
 __all__ = [
-    "Step", "compute_dtype", "decode_step", "draft_tokens", "prepare", "rows_step", "verify_step", "warmup_batch_sizes",
+    "BACKENDS", "Backend", "CPU", "CUDA", "GRAPHS", "METAL", "Step", "compute_dtype", "current", "decode_step",
+    "draft_tokens", "prepare", "read_ahead", "rows_step", "use", "verify_step", "warmup_batch_sizes", "wired_limit",
+    "AllPositionsStep", "CompiledCheckStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder",
 ]
 
 Step = Callable[[mx.array], mx.array]
 
 
-def compute_dtype(device: Optional[mx.Device] = None) -> Optional[mx.Dtype]:
-    """Activations' (and the KV cache's) dtype on `device` (default: MLX's default device).
+@dataclass(frozen=True)
+class Backend:
+    """One row of the table (see the module docstring).
 
-    float32 on the CPU, where half-precision kernels run many times slower; None (the weights'
-    own dtype) on GPUs. Weights stay as stored either way.
+    compute_dtype: activations' and the KV cache's dtype (None: the weights' own).
+    fuse: merge q/k/v and gate/up into one matmul each at load.
+    transform: a load-time change to the built model (`prepare`), or None.
+    decoders / rows_decoders / check_decoders: the compiled decoder classes a one-token step, a
+    batch's step and a speculative check run, the first whose `supported(model)` holds; none (or
+    none supported): the model's graph.
+    warm_all_batch_sizes: a server decodes every batch size once before serving (else two).
+    draft_tokens, lookup_tokens: drafts a round with a draft model, with prompt lookup.
+    read_ahead: speculative rounds queued on the device before the previous one is read (where
+    both steps are `positioned`).
+    wired_limit: keep the model's memory wired during generation (`mx.set_wired_limit`).
     """
-    device = device if device is not None else mx.default_device()
-    return mx.float32 if device == mx.cpu else None
+
+    name: str
+    compute_dtype: Optional[mx.Dtype]
+    fuse: bool
+    transform: Optional[Callable[..., int]]
+    decoders: tuple[type, ...]
+    rows_decoders: tuple[type, ...]
+    check_decoders: tuple[type, ...]
+    warm_all_batch_sizes: bool
+    draft_tokens: int
+    lookup_tokens: int
+    read_ahead: int
+    wired_limit: bool
+
+
+# MLX's CPU backend: half-precision kernels run 30-50x slower than float32 there, fusion would
+# only copy weights, and one quantized matmul runs on one thread (cpu.py spreads it over cores).
+# A step is bound by compute, so the graph is as fast as a compiled one, and a check of L
+# positions costs nearly L one-token steps: 3 drafts a round (benchmarks/results/*-cpu*).
+CPU = Backend(
+    name="cpu", compute_dtype=mx.float32, fuse=False, transform=cpu.use_threads,
+    decoders=(), rows_decoders=(), check_decoders=(), warm_all_batch_sizes=False,
+    draft_tokens=3, lookup_tokens=3, read_ahead=0, wired_limit=False,
+)
+
+# Apple GPUs through MLX's Metal backend (unified memory; decode bound by memory bandwidth).
+# - The weights' dtype: Metal's fp16/bf16 kernels are MLX's native path (mlx-lm runs them).
+# - Fused q/k/v and gate/up: the same bytes read in 2 matmuls instead of 5 per layer, fewer
+#   dispatches a token; a prompt runs the fused weight as row blocks (fusion.py). Measured on the
+#   proxy (H100, CUDA kernels off) beside mlx-lm: docs/ARCHITECTURE.md.
+# - One-token step and check as the model's graph, as mlx-lm runs them: Metal encodes a node in
+#   about a microsecond, and no Metal kernel of ours replaces them.
+# - A batch's step compiled (`RowsDecoder`): mx.compile fuses the elementwise ops (masking,
+#   RoPE, SwiGLU) into fewer kernels and the host builds one graph, not B rows' worth of nodes.
+# - Every batch size warmed up: mx.compile traces once per input shape, and MLX builds a Metal
+#   library for each new fused kernel on its first use, before the first request rather than in it.
+# - 3 drafts a round with a draft model (mlx-lm's default), 4 with lookup: a quantized matmul of
+#   a few rows still reads each weight once, so a check of up to ~5 positions costs about one
+#   step (unmeasured on a Mac: the speed issue adapts it online).
+# - No rounds queued ahead: that needs steps taking a device-side position (CUDA's fused ones).
+# - Wired memory: macOS may page out a model's buffers between tokens; mlx-lm wires them
+#   (`mx.set_wired_limit(max_recommended_working_set_size)`) around generation, and so do we.
+METAL = Backend(
+    name="metal", compute_dtype=None, fuse=True, transform=None,
+    decoders=(), rows_decoders=(RowsDecoder,), check_decoders=(), warm_all_batch_sizes=True,
+    draft_tokens=3, lookup_tokens=4, read_ahead=0, wired_limit=True,
+)
+
+# MLX's CUDA backend spends 4-5 us of host time per graph node, so a step's speed is its node
+# count: the fused decoders (eight nodes a layer) run where they apply (cuda.supported).
+# A first use at a new shape compiles kernels (tens of seconds): every batch size is warmed up.
+# A check of 2-11 positions costs about one step there: 10 lookup drafts (H200, SmolLM2), 4 with
+# a draft model (8B/1B, K 4-6 about equal: benchmarks/results/speculative_draft_queued-*); the
+# fused steps take a device position, so one round is queued ahead of the host.
+CUDA = Backend(
+    name="cuda", compute_dtype=None, fuse=True, transform=cuda.pad_small_matmuls,
+    decoders=(cuda.FusedDecoder,), rows_decoders=(cuda.FusedRowsDecoder, cuda.KernelRowsDecoder, RowsDecoder),
+    check_decoders=(cuda.FusedCheckDecoder,), warm_all_batch_sizes=True,
+    draft_tokens=4, lookup_tokens=10, read_ahead=1, wired_limit=False,
+)
+
+BACKENDS = {b.name: b for b in (CPU, METAL, CUDA)}
+_forced: list[Optional[Backend]] = [None]
+
+
+def use(name: Optional[str]) -> Optional[str]:
+    """Force the row `name` ("cpu", "metal" or "cuda") in this process, or None for the device's
+    own; returns the previous forced name. `LLAMA_MLX_BACKEND` does the same from outside."""
+    previous = _forced[0].name if _forced[0] is not None else None
+    if name is not None and name not in BACKENDS:
+        raise ArgumentError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    _forced[0] = BACKENDS[name] if name is not None else None
+    return previous
+
+
+def current() -> Backend:
+    """The row in force: `use`'s, else `LLAMA_MLX_BACKEND`'s, else the default device's."""
+    if _forced[0] is not None:
+        return _forced[0]
+    name = os.environ.get("LLAMA_MLX_BACKEND", "").strip().lower()
+    if name:
+        if name not in BACKENDS:
+            raise ArgumentError(f"LLAMA_MLX_BACKEND={name!r}: use one of {', '.join(BACKENDS)}")
+        return BACKENDS[name]
+    if mx.default_device() == mx.cpu:
+        return CPU
+    return CUDA if cuda.available() else METAL
+
+
+def compute_dtype(device: Optional[mx.Device] = None) -> Optional[mx.Dtype]:
+    """Activations' (and the KV cache's) dtype: the current row's, or for `device` the default
+    row of that device (float32 on the CPU, the weights' own on GPUs)."""
+    if device is None:
+        return current().compute_dtype
+    return CPU.compute_dtype if device == mx.cpu else None
 
 
 def prepare(model: nn.Module, *, fuse: Optional[bool] = None, threads: Optional[int] = None) -> nn.Module:
-    """Fit a built model to the default device, in place; returns it.
-
-    fuse: merge q/k/v and gate/up projections; default on GPUs, where a decode step is bound by
-    its number of graph nodes, and off on the CPU, where it would only cost a copy of those weights.
-    threads: on the CPU, quantized matmuls run over this many cores (default: the CPU count, at
-    most 8; 1 keeps one). Ignored on GPUs.
-    """
-    on_gpu = mx.default_device() == mx.gpu
-    model.model.compute_dtype = compute_dtype()
-    if fuse if fuse is not None else on_gpu:
+    """Fit a built model to the current row, in place; returns it: the compute dtype, fusion of
+    q/k/v and gate/up (`fuse` overrides the row), the row's transform (CPU: quantized matmuls over
+    `threads` cores, default the CPU count up to 8; CUDA: 2-7 row matmuls run as 8).
+    `loading.load` calls it once."""
+    row = current()
+    model.model.compute_dtype = row.compute_dtype
+    if fuse if fuse is not None else row.fuse:
         fusion.fuse(model)
-    if on_gpu:
-        cuda.pad_small_matmuls(model)
-    if not on_gpu:
+    if row.transform is cpu.use_threads:
         cpu.use_threads(model, threads)
+    elif row.transform is not None:
+        row.transform(model)
     return model
 
 
-def warmup_batch_sizes(bound: int) -> int:
-    """Batch sizes (1 .. n) a server should decode once before serving, for a bound of `bound`:
-    all of them on GPUs (MLX's CUDA backend compiles a kernel on its first use, up to tens of
-    seconds at a new batch size), two elsewhere."""
-    return bound if mx.default_device() == mx.gpu else min(bound, 2)
+def _first(decoders: tuple[type, ...], model: nn.Module) -> Optional[type]:
+    return next((d for d in decoders if d.supported(model)), None)
 
 
-def decode_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -> Step:
-    """The step that runs `model` on new tokens over `cache` (a per-layer list).
+def _plain(cache: list) -> bool:
+    return all(type(c) is KVCache for c in cache)
 
-    `step(tokens[B, L]) -> logits[B, vocab]` of the last position, updating the cache. `compile`:
-    None picks the CUDA fused decoder where it applies (`cuda.supported`) and the model's graph
-    elsewhere; True compiles single-token steps (fused on CUDA, else masked over the buffers);
-    False keeps the graph. On CUDA a few tokens at once (up to 16, one sequence) run through the
-    fused check (`verify_step`) and give their last position's logits. Compiling needs plain
-    `KVCache`s; the compiled graph is traced once per model and cache capacity, and kept for the
-    model (never on it) while the model lives.
-    The step's `kind` says which runs: "graph", "compiled" or "fused".
+
+def decode_step(model: nn.Module, cache: list) -> Step:
+    """The step that runs `model` on new tokens over `cache` (a per-layer list):
+    `step(tokens[B, L]) -> logits[B, vocab]` of the last position, updating the cache.
+
+    The row's one-token decoder where it applies (plain `KVCache`s; on CUDA the fused decoder,
+    whose steps run 2-16 tokens of one sequence through the row's check decoder too), else the
+    model's graph. A compiled graph is traced once per model and cache capacity, and kept for the
+    model (never on it) while the model lives. `kind` names what runs.
     """
-    plain = all(type(c) is KVCache for c in cache)
-    fused = plain and cuda.supported(model)
-    if not (plain and (fused if compile is None else compile)):
+    row = current()
+    decoder = _first(row.decoders, model) if _plain(cache) else None
+    if decoder is None:
         return GraphStep(model, cache)
-    kind = "fused" if fused else "compiled"
-    graph = GRAPHS.get(model, kind, cuda.FusedDecoder if fused else MaskedDecoder)
-    # A few tokens at once stay fused too: the graph's step costs several fused ones there.
-    short = verify_step(model, cache) if fused and cuda.fused_rows_supported(model) else None
-    return CompiledStep(model, cache, graph, kind, short)
+    check = _first(row.check_decoders, model)
+    # A few tokens at once stay compiled too: the graph's step costs several compiled ones there.
+    return CompiledStep(model, cache, decoder, CompiledCheckStep(model, cache, check) if check else None)
 
 
-def rows_step(model: nn.Module, cache: list, compile: Optional[bool] = None) -> Step:
+def rows_step(model: nn.Module, cache: list) -> Step:
     """The step that decodes a batch: `step(tokens[B, 1]) -> logits[B, vocab]` over per-layer
-    `BatchKVCache`s, each row at its own position, updating the cache (other shapes take the graph).
-
-    `compile`: None compiles on GPUs, where a step of B rows would otherwise pay for its graph's
-    nodes on the host, and keeps the graph on the CPU, which is bound by compute; True/False force
-    it. The compiled graph runs over the cache's whole buffers, traced once per batch size and
-    capacity; on CUDA its attention is the decode kernel (`cuda.rows_supported`), and for 4-bit
-    models every layer is fused (`cuda.fused_rows_supported`). `kind` says which runs: "graph",
-    "rows", "rows-kernel" or "rows-fused".
-    """
-    if not (compile if compile is not None else mx.default_device() == mx.gpu):
-        return GraphStep(model, cache)
-    if cuda.fused_rows_supported(model):
-        kind, make = "rows-fused", cuda.FusedRowsDecoder
-    elif cuda.rows_supported(model):
-        kind, make = "rows-kernel", cuda.KernelRowsDecoder
-    else:
-        kind, make = "rows", RowsDecoder
-    return CompiledStep(model, cache, GRAPHS.get(model, kind, make), kind)
+    `BatchKVCache`s, each row at its own position, updating the cache (other shapes take the graph):
+    the row's first supported batch decoder, compiled over the cache's whole buffers (traced once
+    per batch size and capacity), else the model's graph."""
+    decoder = _first(current().rows_decoders, model)
+    return CompiledStep(model, cache, decoder) if decoder else GraphStep(model, cache)
 
 
 def verify_step(model: nn.Module, cache: list) -> Step:
     """The step that checks K draft tokens: `step(tokens[B, L]) -> logits[B, L, vocab]` of every
-    position, updating `cache` with all L. On CUDA (`cuda.fused_rows_supported`, plain caches) up
-    to 16 positions run through `cuda.FusedCheckDecoder`, compiled (kind "check-fused"): there the
-    graph's check of 2-11 positions costs 2 to 4 one-token steps, bound by its nodes' host time
-    (SmolLM2 about 2, the 8B shape 3.6 at 4 positions), the fused one 2.3 on 8B. Elsewhere the
-    model's graph (kind "verify"), where L positions are one large matmul per weight.
-    """
-    if all(type(c) is KVCache for c in cache) and cuda.fused_rows_supported(model):
-        graph = GRAPHS.get(model, "check-fused", cuda.FusedCheckDecoder)
-        return CompiledCheckStep(model, cache, graph, cuda.FusedCheckDecoder.max_rows)
-    return AllPositionsStep(model, cache)
+    position, updating `cache` with all L: the row's check decoder where it applies (plain caches;
+    up to its `max_rows` positions), else the model's graph, where L positions are one large
+    matmul per weight."""
+    check = _first(current().check_decoders, model) if _plain(cache) else None
+    return CompiledCheckStep(model, cache, check) if check else AllPositionsStep(model, cache)
+
+
+def warmup_batch_sizes(bound: int) -> int:
+    """Batch sizes (1 .. n) a server should decode once before serving, for a bound of `bound`."""
+    return bound if current().warm_all_batch_sizes else min(bound, 2)
 
 
 def draft_tokens(lookup: bool) -> int:
-    """Tokens speculative decoding drafts a round by default. With a draft model (each draft costs
-    a draft step): 4 on GPUs (an H200 with queued rounds, 8B/1B shapes: K = 4 to 6 about equal,
-    7 slower: benchmarks/results/speculative_draft_queued-*), 3 on the CPU. Prompt lookup's drafts
-    cost nothing: 10 on GPUs, where checking 2 to 11 positions costs about the same (the step is
-    bound by host time per graph node), 3 on the CPU, where a check of L positions costs nearly L
-    one-token steps."""
-    if mx.default_device() != mx.gpu:
-        return 3
-    return 10 if lookup else 4
+    """Tokens speculative decoding drafts a round when not told: the row's, by draft source."""
+    row = current()
+    return row.lookup_tokens if lookup else row.draft_tokens
+
+
+def read_ahead() -> int:
+    """Speculative rounds the row queues ahead of the host where its steps are `positioned`."""
+    return current().read_ahead
+
+
+@contextlib.contextmanager
+def wired_limit(model: nn.Module) -> Iterator[None]:
+    """Around generation: on rows that ask for it, where Metal runs, raise MLX's wired-memory limit
+    to the device's recommended working set (as mlx-lm does), restored afterwards."""
+    if not current().wired_limit or not mx.metal.is_available():
+        yield
+        return
+    limit = mx.device_info()["max_recommended_working_set_size"]
+    old = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        mx.set_wired_limit(old)

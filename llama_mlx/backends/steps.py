@@ -1,12 +1,14 @@
 """Decode steps: `step(tokens[B, L]) -> logits[B, vocab]` of the last position, over a cache
 (`AllPositionsStep`: of every position, for checking drafts).
 
-`GraphStep` runs the model's own graph. `CompiledStep` runs single tokens through one compiled
-graph over the cache's whole buffers (handed over, so updates happen in place) and anything else
-through the model; over a batch's cache (`BatchKVCache`) each row's token goes to its own
-position. `CompiledCheckStep` runs a few positions of one sequence through one compiled graph
-the same way, every position's logits (a speculative check). Compiled graphs are kept per model
-in `GRAPHS`, holding the model weakly.
+`GraphStep` runs the model's own graph. `CompiledStep` runs single tokens through a decoder
+class's compiled graph over the cache's whole buffers (handed over, so updates happen in place)
+and anything else through the model; over a batch's cache (`BatchKVCache`) each row's token goes
+to its own position. `CompiledCheckStep` runs a few positions of one sequence through one
+compiled graph the same way, every position's logits (a speculative check). Decoder classes
+(`MaskedDecoder`, `RowsDecoder` here, the CUDA wing's in `cuda/`) carry `kind` (a label for
+reports), `supported(model)` and `max_batch`; the backend table chooses among them. Compiled
+graphs are kept per model and decoder class in `GRAPHS`, holding the model weakly.
 """
 
 from __future__ import annotations
@@ -28,13 +30,20 @@ class GraphStep:
     """The model's graph on any tokens."""
 
     kind = "graph"
-    takes_position = False  # `at(tokens, position)`: a device-side position (compiled fused steps)
+    # Whether `at(tokens, position)` may write at a position other than the cache's offset
+    # (compiled steps taking it as a device array): speculative rounds may then be queued ahead.
+    positioned = False
 
     def __init__(self, model: nn.Module, cache: list):
         self.model, self.cache = model, cache
 
     def __call__(self, tokens: mx.array) -> mx.array:
         return self.model(tokens, self.cache)[:, -1, :]
+
+    def at(self, tokens: mx.array, position: mx.array) -> mx.array:
+        """As calling it; `position` (the first token's, on the device) must be the cache's offset
+        unless the step is `positioned`."""
+        return self(tokens)
 
 
 class AllPositionsStep(GraphStep):
@@ -47,29 +56,35 @@ class AllPositionsStep(GraphStep):
 
 
 class CompiledStep(GraphStep):
-    """Single tokens through `graph(tokens, position, *kv_buffers) -> (logits, *kv_buffers)`.
+    """Single tokens through a decoder class's compiled graph, `graph(tokens, position, *kv_buffers)
+    -> (logits, *kv_buffers)`, over the cache's whole buffers; anything else through the model.
 
-    kind "fused" (the CUDA decoder: batch 1, position an int32 array of shape [1]), "compiled"
-    (`MaskedDecoder`: position a scalar) or "rows" / "rows-kernel" (`RowsDecoder` over a batch's
-    cache: positions int32 [B], one per row). `short`: a `CompiledCheckStep` over the same cache
-    that a few tokens of one sequence go through (their last position's logits), as a draft model
-    catching up on two tokens after a round it got all right. Prompts and empty caches take the graph.
+    The decoder class (`MaskedDecoder`, `RowsDecoder`, or the CUDA wing's) says how its position
+    is given (`position(offset)`; a batch's cache gives one per row) and how many rows it takes
+    (`max_batch`). `short`: a `CompiledCheckStep` over the same cache that a few tokens of one
+    sequence go through (their last position's logits), as a draft model catching up on two
+    tokens after a round it got all right. Prompts and empty caches take the graph.
     """
 
-    def __init__(self, model: nn.Module, cache: list, graph: Callable, kind: str,
-                 short: "CompiledCheckStep | None" = None):
+    def __init__(self, model: nn.Module, cache: list, decoder: type, short: "CompiledCheckStep | None" = None):
         super().__init__(model, cache)
-        self.graph, self.kind, self.short = graph, kind, short
+        self.decoder, self.short = decoder, short
+        self.graph = GRAPHS.get(model, decoder)
 
     @property
-    def takes_position(self) -> bool:
-        """Whether `at` runs: the CUDA fused step, with its few-token check."""
-        return self.kind == "fused" and self.short is not None
+    def kind(self) -> str:
+        return self.decoder.kind
+
+    @property
+    def positioned(self) -> bool:
+        return self.short is not None and self.decoder.max_batch == 1
 
     def at(self, tokens: mx.array, position: mx.array) -> mx.array:
         """As calling it on 1 to `short.max_rows` tokens of one sequence, the first written at
         `position` (int32 [1], on the device) rather than at the cache's offset, which advances as
         usual; the caller trims the cache back to what is valid once it knows."""
+        if not self.positioned:
+            return self(tokens)
         if tokens.shape[1] > 1:
             return self.short.at(tokens, position)[:, -1, :]
         return _over_buffers(self.cache, self.graph, tokens, position, 1)
@@ -81,9 +96,9 @@ class CompiledStep(GraphStep):
         empty = self.cache[0].keys is None if rows else offset == 0
         if self.short is not None and B == 1 and 1 < L <= self.short.max_rows and not empty:
             return self.short(tokens)[:, -1, :]
-        if L != 1 or empty or (self.kind == "fused" and B != 1):
+        if L != 1 or empty or B > self.decoder.max_batch:
             return super().__call__(tokens)
-        position = offset if rows else mx.array([offset] if self.kind == "fused" else offset, dtype=mx.int32)
+        position = offset if rows else self.decoder.position(offset)
         return _over_buffers(self.cache, self.graph, tokens, position, 1)
 
 
@@ -105,17 +120,20 @@ def _over_buffers(cache: list, graph: Callable, tokens: mx.array, position: mx.a
 
 
 class CompiledCheckStep(AllPositionsStep):
-    """Up to `max_rows` tokens of one sequence through `graph(tokens[1, L], position, *kv_buffers)
-    -> (logits[1, L, vocab], *kv_buffers)` (position: int32 [1]; traced once per L and capacity);
-    other shapes and empty caches take the graph."""
+    """Up to `decoder.max_rows` tokens of one sequence through a check decoder's compiled graph,
+    `graph(tokens[1, L], position, *kv_buffers) -> (logits[1, L, vocab], *kv_buffers)` (position:
+    int32 [1]; traced once per L and capacity); other shapes and empty caches take the graph."""
 
-    kind = "check-fused"
+    positioned = True
 
-    def __init__(self, model: nn.Module, cache: list, graph: Callable, max_rows: int):
+    def __init__(self, model: nn.Module, cache: list, decoder: type):
         super().__init__(model, cache)
-        self.graph, self.max_rows = graph, max_rows
+        self.decoder, self.max_rows = decoder, decoder.max_rows
+        self.graph = GRAPHS.get(model, decoder)
 
-    takes_position = True
+    @property
+    def kind(self) -> str:
+        return self.decoder.kind
 
     def at(self, tokens: mx.array, position: mx.array) -> mx.array:
         """As calling it, the first token written at `position` (int32 [1], on the device) rather
@@ -138,7 +156,17 @@ class MaskedDecoder:
     graph attending over whole fixed-capacity buffers with a mask, for `mx.compile` (traced once
     per capacity). Holds the model weakly."""
 
+    kind = "compiled"
     view = DecodeView
+    max_batch = 1 << 30
+
+    @staticmethod
+    def supported(model: nn.Module) -> bool:
+        return True
+
+    @staticmethod
+    def position(offset: int) -> mx.array:
+        return mx.array(offset, dtype=mx.int32)
 
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)
@@ -161,6 +189,7 @@ class RowsDecoder(MaskedDecoder):
     """`MaskedDecoder` over a batch's buffers [B, heads, capacity, head_dim], row b's token going to
     position offset[b] (int32 [B]); traced once per batch size and capacity."""
 
+    kind = "rows"
     view = RowsDecodeView
 
 
@@ -174,7 +203,7 @@ class _PerModel:
     def __init__(self):
         self._entries: dict[int, tuple[weakref.ref, dict]] = {}
 
-    def get(self, model: nn.Module, kind: str, make: Callable[[nn.Module], Callable]) -> Callable:
+    def get(self, model: nn.Module, decoder: type) -> Callable:
         key = id(model)
         entry = self._entries.get(key)
         if entry is None or entry[0]() is not model:
@@ -185,9 +214,9 @@ class _PerModel:
 
             entry = self._entries[key] = (weakref.ref(model, drop), {})
         graphs = entry[1]
-        if kind not in graphs:
-            graphs[kind] = mx.compile(make(model))
-        return graphs[kind]
+        if decoder not in graphs:
+            graphs[decoder] = mx.compile(decoder(model))
+        return graphs[decoder]
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,8 +1,8 @@
-"""One-token decode step for MLX's CUDA backend, in eight graph nodes per layer.
+"""The CUDA wing's decoders: one token in eight graph nodes per layer, and a batch's step.
 
 MLX's CUDA backend costs the host about 4-5 microseconds per graph node at evaluation, so the
 plain model's ~15 nodes per layer make decode host-bound (benchmarks/README.md). This step runs
-the same transformer with the kernels in `cuda_kernels.py`:
+the same transformer with the kernels in `kernels.py`:
 
     qkv   = matvec(rms_norm(a + b) * input_layernorm) + RoPE, split into q, k, v
     K, V  = slice_update(K, k), slice_update(V, v)      (in place: the buffers are donated)
@@ -15,9 +15,10 @@ The cache offset is an array and the K/V buffers have a fixed capacity, so `mx.c
 the step once per capacity. It applies to 4-bit affine models (group size a multiple of 32)
 with float16/bfloat16 activations and batch 1; `supported(model)` says whether it does.
 
-`FusedRowsDecoder` (a batch's step, a row per sequence) and `FusedCheckDecoder` (a speculative
-check, a row per position) run the same eight nodes a layer over 2-16 rows, with the few-row
-`cuda_kernels.rows_matmul` in place of the matvec (`fused_rows_supported(model)`).
+`FusedRowsDecoder` (a batch's step, a row per sequence) and `check.FusedCheckDecoder` (a
+speculative check, a row per position) run the same eight nodes a layer over 2-16 rows, with the
+few-row `kernels.rows_matmul` in place of the matvec (`fused_rows_supported(model)`).
+Each decoder class says where it applies (`supported(model)`); the backend table picks the class.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ import weakref
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import RowsDecodeView
-from . import cuda_kernels as kernels
-from .fusion import FusedAttention, FusedMLP
-from .steps import RowsDecoder
+from ...cache import RowsDecodeView
+from ..fusion import FusedAttention, FusedMLP
+from ..steps import RowsDecoder
+from . import kernels
 
 __all__ = [
-    "FusedCheckDecoder",
     "FusedDecoder",
     "FusedRowsDecoder",
     "KernelRowsDecoder",
@@ -87,7 +87,7 @@ def supported(model: nn.Module) -> bool:
 
 def fused_rows_supported(model: nn.Module) -> bool:
     """Whether `FusedRowsDecoder` and `FusedCheckDecoder` can run this model here: as `supported`,
-    with every projection's shape one `cuda_kernels.rows_matmul` takes and a head_dim RoPE's pairs
+    with every projection's shape one `kernels.rows_matmul` takes and a head_dim RoPE's pairs
     tile (a multiple of 16)."""
     return _fused_projections(model, _q4_rows) and model.args.head_dim % 16 == 0
 
@@ -129,11 +129,16 @@ class _KernelRowsView(RowsDecodeView):
 
 
 class KernelRowsDecoder(RowsDecoder):
-    """`RowsDecoder` whose attention is `cuda_kernels.decode_attention`, one row per block. A batch
+    """`RowsDecoder` whose attention is `kernels.decode_attention`, one row per block. A batch
     of 2-7 rows runs as 8 (PAD_ROWS) through the model, so every matmul takes 8 rows as they are
     instead of padding and slicing its own input (four times a layer)."""
 
     view = _KernelRowsView
+    kind = "rows-kernel"
+
+    @staticmethod
+    def supported(model: nn.Module) -> bool:
+        return rows_supported(model)
 
     def pad(self, tokens: mx.array, offset: mx.array) -> tuple[mx.array, mx.array]:
         B = tokens.shape[0]
@@ -151,6 +156,17 @@ class FusedDecoder:
     shape [1]) is the position of the new token. Wrap it in `mx.compile`. It holds the model
     weakly, so a compiled step kept for the model never keeps it alive.
     """
+
+    kind = "fused"
+    max_batch = 1
+
+    @staticmethod
+    def supported(model: nn.Module) -> bool:
+        return supported(model)
+
+    @staticmethod
+    def position(offset: int) -> mx.array:
+        return mx.array([offset], dtype=mx.int32)
 
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)
@@ -264,12 +280,18 @@ def pad_small_matmuls(model: nn.Module) -> int:
 class FusedRowsDecoder(FusedDecoder):
     """`decoder(tokens[B, 1], offset, *kv_buffers) -> (logits[B, vocab], *kv_buffers)` over a batch's
     buffers [B, Hkv, capacity, D], row b's token at position offset[b] (int32 [B]), for
-    `mx.compile`: `FusedDecoder`'s layers with `cuda_kernels.rows_matmul`, about eight graph nodes
+    `mx.compile`: `FusedDecoder`'s layers with `kernels.rows_matmul`, about eight graph nodes
     a layer for all rows. A single row, and batches over `max_rows`, run as `KernelRowsDecoder` (on
     an H200 a row alone is faster there, 8B 6.5 against 10.0 ms; from 2 rows on this is, 10.4
     against 14.5 ms: docs/batching.md)."""
 
+    kind = "rows-fused"
     max_rows = kernels.ROWS_MAX
+    max_batch = 1 << 30
+
+    @staticmethod
+    def supported(model: nn.Module) -> bool:
+        return fused_rows_supported(model)
 
     def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
         B = tokens.shape[0]
@@ -285,26 +307,3 @@ class FusedRowsDecoder(FusedDecoder):
             return kernels.decode_attention(q, out[2 * i], out[2 * i + 1], offset, self.scale).reshape(B, -1)
 
         return (self.layers(self.embed(tokens.reshape(-1)), offset, attend, kernels.rows_matmul), *out)
-
-
-class FusedCheckDecoder(FusedDecoder):
-    """`decoder(tokens[1, L], offset, *kv_buffers) -> (logits[1, L, vocab], *kv_buffers)`: L <=
-    `max_rows` positions of one sequence from `offset` (int32 [1]) on, each attending over what
-    precedes it and itself, every position's logits: a speculative check through `FusedDecoder`'s
-    layers with `cuda_kernels.rows_matmul`, about eight graph nodes a layer."""
-
-    max_rows = kernels.ROWS_MAX
-
-    def __call__(self, tokens: mx.array, offset: mx.array, *buffers: mx.array):
-        L = tokens.shape[1]
-        positions = offset + mx.arange(L, dtype=mx.int32)
-        out = list(buffers)
-
-        def attend(i, q, k, v):
-            # [L, Hkv, 1, D] -> [1, Hkv, L, D]: the L positions, written at offset
-            out[2 * i] = mx.slice_update(out[2 * i], k.transpose(2, 1, 0, 3), offset, axes=(2,))
-            out[2 * i + 1] = mx.slice_update(out[2 * i + 1], v.transpose(2, 1, 0, 3), offset, axes=(2,))
-            attention = kernels.decode_attention(q, out[2 * i], out[2 * i + 1], positions, self.scale, shared=True)
-            return attention.reshape(L, -1)
-
-        return (self.layers(self.embed(tokens.reshape(-1)), positions, attend, kernels.rows_matmul)[None], *out)
