@@ -32,7 +32,8 @@ from .cache import BatchKVCache, KVCache, row_copy
 from .errors import ContextLengthError, LlamaMLXError
 from .generate import Prompt, context_length, prompt_ids
 from .sample import LogitsProcessor, Sampler, log_softmax
-from .sequence import GenerationResponse, Sequence
+from . import sequence
+from .sequence import GenerationResponse, prefill_chunk
 
 __all__ = [
     "BatchEngine",
@@ -74,7 +75,7 @@ class BatchRequest:
     runs. Iterating drives the engine itself unless a thread runs `BatchEngine.serve`. Its
     sampling, stops and statistics are a `sequence.Sequence`'s (`seq`)."""
 
-    def __init__(self, engine: "BatchEngine", uid: int, seq: Sequence, prompt_cache: Optional[list[KVCache]] = None,
+    def __init__(self, engine: "BatchEngine", uid: int, seq: sequence.Sequence, prompt_cache: Optional[list[KVCache]] = None,
                  keep_cache: bool = False):
         self.engine, self.uid, self.seq = engine, uid, seq
         self.prompt = seq.prompt
@@ -300,7 +301,7 @@ class BatchEngine:
                 raise ValueError("prompt_cache must hold the same prefix, shorter than the prompt, in every layer")
         with self._lock:
             self._uid += 1
-            seq = Sequence(self.tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
+            seq = sequence.Sequence(self.tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
                            processors=logits_processors or (), stop=stop or (), stop_tokens=stops, limit=limit,
                            prompt_tokens=len(ids) - (caches[0].offset if caches else 0))
             req = BatchRequest(self, self._uid, seq, prompt_cache=caches, keep_cache=keep_cache)
@@ -325,6 +326,12 @@ class BatchEngine:
                 f"a request of {prompt_tokens} prompt tokens and up to {max_tokens} new ones needs "
                 f"{need} bytes of KV cache; the engine's cap is {self.max_kv_bytes}"
             )
+
+    def free_rows(self) -> int:
+        """Rows not yet promised: `max_batch` less those running, prefilling or waiting (thread-safe)."""
+        with self._lock:
+            taken = len(self.running) + len(self.prefilling) + len(self.waiting) + len(self._incoming)
+        return max(0, self.max_batch - taken)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -458,10 +465,10 @@ class BatchEngine:
                 self.model(mx.array(rows), p.cache)
                 for c in p.cache:
                     c.trim_rows([n - len(t[:n]) for t in p.todo])
+                mx.eval([c.state for c in p.cache])
                 self.max_prefill_rows = max(self.max_prefill_rows, len(rows))
             else:
-                self.model(mx.array(p.todo[0][:n])[None], p.cache)
-            mx.eval([c.state for c in p.cache])
+                prefill_chunk(self.model, p.cache, mx.array(p.todo[0][:n])[None])
             p.todo = [t[n:] for t in p.todo]
         done = [b for b, t in enumerate(p.todo) if not t]
         if done:  # join: a row's last prompt token goes in with its next decode step

@@ -8,7 +8,8 @@
 
 One worker thread owns the model (it loads it too, so every MLX array lives on that thread). It
 runs up to `max_concurrency` jobs at once; `queue_size` more wait, beyond that `submit` refuses.
-Running jobs decode together, continuously batched (`llama_mlx.batch.BatchEngine`): up to
+Jobs wait in one queue, the engine's: a job joins the batch only when the batch has a row free
+for it (`BatchEngine.free_rows`). Running jobs decode together, continuously batched (`llama_mlx.batch.BatchEngine`): up to
 `decode_concurrency` rows in one forward step, a newcomer's prefill interleaved in chunks, the KV
 of all live rows capped by `max_kv_bytes` (a request that could never fit is refused with
 `KVCapacityError`; one that does not fit now waits). At temperature 0 each answer is the one the
@@ -427,8 +428,12 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while len(self._active) < self.max_concurrency and self._waiting:
+                # One queue: a job waits here until it can run, and a batched one joins the batch
+                # only while the batch has a row for it (it may still wait there for KV room).
+                free = self.batch.free_rows() if self.batched else len(self._waiting)
+                while len(self._active) < self.max_concurrency and self._waiting and free > 0:
                     self._active.append(self._waiting.popleft())
+                    free -= 1
                 idle = not self._active
                 if idle and not (self.batch.has_work()):
                     if self._closing:

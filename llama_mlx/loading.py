@@ -7,7 +7,7 @@ building it is `build`'s; fitting it to the device is `backends.prepare`'s.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 
@@ -21,15 +21,9 @@ from .resolve import DEFAULT_MODEL, ensure_default_model, resolve_model, weights
 from .tokenizer import load_tokenizer
 
 __all__ = ["DEFAULT_MODEL", "META_SAMPLING", "build_model", "ensure_default_model", "generation_defaults", "load",
-           "load_checkpoint", "resolve_model", "weights_dir"]
+           "resolve_model", "weights_dir"]
 
 META_SAMPLING = {"temp": 0.6, "top_p": 0.9}  # Meta's reference chat defaults (llama/generation.py)
-
-
-def load_checkpoint(path: str | Path, *, rope_factor: float | None = None) -> tuple[dict, Mapping[str, mx.array], Any]:
-    """Read any checkpoint: (HF-style config, lazily read weights under HF names, tokenizer)."""
-    ckpt = read_checkpoint(path, rope_factor=rope_factor)
-    return ckpt.config, LazyWeights(ckpt.tensors), load_tokenizer(ckpt.tokenizer_source or ckpt.path)
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool = True,

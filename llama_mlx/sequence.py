@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from .sample import LogitsProcessor, Sampler, apply_processors, log_softmax
 
-__all__ = ["GenerationResponse", "Sampling", "Sequence", "StopStrings", "prefill"]
+__all__ = ["GenerationResponse", "Sampling", "Sequence", "StopStrings", "prefill", "prefill_chunk"]
 
 
 @dataclass
@@ -82,6 +82,12 @@ class StopStrings:
         return out
 
 
+def prefill_chunk(model: nn.Module, cache: list, tokens: mx.array) -> None:
+    """Run prompt tokens [B, n] into `cache` (no logits kept) and wait for it."""
+    model(tokens, cache)
+    mx.eval([c.state for c in cache])
+
+
 def prefill(model: nn.Module, cache: list, prompt: mx.array, step_size: int = 512,
             progress: Optional[Callable[[int, int], None]] = None, seconds: Optional[float] = None) -> mx.array:
     """Run all of `prompt` (1-D ids) but its last token into `cache`, `step_size` tokens a chunk;
@@ -93,8 +99,7 @@ def prefill(model: nn.Module, cache: list, prompt: mx.array, step_size: int = 51
     while prompt.size > 1:
         n = min(chunk, prompt.size - 1)
         started = time.perf_counter()
-        model(prompt[None, :n], cache)
-        mx.eval([c.state for c in cache])
+        prefill_chunk(model, cache, prompt[None, :n])
         if seconds is not None:  # grow at most 8x a chunk: one quick chunk may be luck
             per_token = max(time.perf_counter() - started, 1e-6) / n
             chunk = max(1, min(step_size, 8 * n, int(seconds / per_token)))

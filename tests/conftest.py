@@ -68,3 +68,13 @@ def compiled_decode_steps(monkeypatch):
         return row_step(model, cache)
 
     monkeypatch.setattr(backends, "decode_step", step)
+
+
+def load_checkpoint(path, *, rope_factor=None):
+    """Any checkpoint as (HF-style config, lazily read weights under HF names, tokenizer): the
+    readers' view, below `llama_mlx.load`, that the checkpoint tests compare with oracles."""
+    from llama_mlx.checkpoints import LazyWeights, read_checkpoint
+    from llama_mlx.tokenizer import load_tokenizer
+
+    ckpt = read_checkpoint(path, rope_factor=rope_factor)
+    return ckpt.config, LazyWeights(ckpt.tensors), load_tokenizer(ckpt.tokenizer_source or ckpt.path)

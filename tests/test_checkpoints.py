@@ -18,7 +18,7 @@ from llama_mlx.checkpoints.keymap import meta_to_hf
 from llama_mlx.checkpoints.meta import config_from_params
 from llama_mlx.checkpoints.safe_pickle import load_pth
 from llama_mlx.errors import CheckpointError, TokenizerError, UnsafeCheckpointError
-from llama_mlx.loading import load_checkpoint
+from conftest import load_checkpoint
 
 import torch
 

@@ -20,6 +20,7 @@ import pytest
 import test_checkpoints_support as S
 from llama_mlx import load
 from llama_mlx import loading, resolve
+from conftest import load_checkpoint
 from llama_mlx.checkpoints import read_checkpoint, writer
 from llama_mlx.convert import convert
 from llama_mlx.errors import ConfigError, ModelNotFoundError, OutputExistsError
@@ -271,7 +272,7 @@ def test_default_model_is_fetched_verified_converted_and_reused(tmp_path, monkey
     assert sorted(p.name for p in home.iterdir()) == ["SmolLM2-135M-Instruct"]  # no download leftovers
 
     # The GGUF's 4-bit and 8-bit blocks are kept as they are: the same weights, the same model.
-    converted = loading.load_checkpoint(path)[1]
+    converted = load_checkpoint(path)[1]
     direct = loading.LazyWeights(read_checkpoint(smollm2_gguf_path).tensors, mx.float16)
     assert set(converted) == set(direct)
     for name in converted:

@@ -237,12 +237,13 @@ def read_ahead() -> int:
 
 @contextlib.contextmanager
 def wired_limit(model: nn.Module) -> Iterator[None]:
-    """Around generation: on rows that ask for it, where Metal runs, raise MLX's wired-memory limit
-    to the device's recommended working set (as mlx-lm does), restored afterwards."""
-    if not current().wired_limit or not mx.metal.is_available():
+    """Around generation: on rows that ask for it, where the device recommends a working set
+    (Metal), raise MLX's wired-memory limit to it, as mlx-lm does; the old limit is restored after
+    the device is done."""
+    limit = mx.device_info().get("max_recommended_working_set_size") if current().wired_limit else None
+    if limit is None:
         yield
         return
-    limit = mx.device_info()["max_recommended_working_set_size"]
     old = mx.set_wired_limit(limit)
     try:
         yield
