@@ -9,7 +9,7 @@ from .cache import PromptCache
 from .chat import ChatSession
 from .errors import LlamaMLXError
 from .generate import GenerationResponse, generate, generate_step, stream_generate
-from .sample import make_logits_processors, make_sampler
+from .sample import SamplingParams, make_logits_processors, make_sampler
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "GenerationResponse",
     "LlamaMLXError",
     "PromptCache",
+    "SamplingParams",
     "batch_generate",
     "convert",
     "generate",
