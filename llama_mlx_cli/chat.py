@@ -75,6 +75,13 @@ Input
   Ctrl-C at the prompt clears the line; a second Ctrl-C on an empty line, Ctrl-D or /exit quits.
 """
 
+HISTORY_ENV = "LLAMA_MLX_HISTORY"  # the history file; empty or "off": none
+HISTORY_FILE = "~/.cache/llama-mlx/chat_history"
+HISTORY_MAX_CHARS = 4096  # longer inputs (pasted documents) are never written to the history file
+HISTORY_HELP = (f"Write no inputs to the history file. Up/down arrows recall earlier inputs, kept in {HISTORY_FILE} "
+                f"({HISTORY_ENV}=FILE: elsewhere; {HISTORY_ENV}=off: nowhere, as with this flag); inputs over "
+                f"{HISTORY_MAX_CHARS} characters and those of sessions resumed with --load or /load are never kept.")
+
 PREFILL_SECONDS = 0.25  # prefill chunks this long at most: Ctrl-C during a long prompt answers at once
 LONG_PROMPT = 256  # prompts to prefill longer than this show their progress
 TOOL_ROUNDS = 5  # code runs per question at most
@@ -100,37 +107,55 @@ SETTINGS = {
 class Terminal:
     """Prompt, input (readline, multi-line, paste), streamed output and dim notes."""
 
-    def __init__(self):
+    def __init__(self, *, history: bool = True):
         self.console = out_console()
         self.tty_in = sys.stdin.isatty()
         self.colour = self.console.is_terminal and not self.console.no_color
         self.history_file = None
         self.readline = None
+        self.kept: list[str] = []  # what the history file will hold: its old entries, then inputs worth keeping
+        self.keep_inputs = True  # off once a saved session is resumed: its inputs stay out of the file
         self.typeahead = ""  # keys typed while an answer streamed: the start of the next input
         if self.tty_in:
-            self._setup_readline()
+            self._setup_readline(history)
 
-    def _setup_readline(self) -> None:
+    def _setup_readline(self, history: bool) -> None:
         try:
             import readline
         except ImportError:
             return
         self.readline = readline
-        path = os.environ.get("LLAMA_MLX_HISTORY")
-        if path is None:
-            path = str(Path.home() / ".cache" / "llama-mlx" / "chat_history")
-        if path:
+        path = os.environ.get(HISTORY_ENV, HISTORY_FILE)
+        if history and path.strip().lower() not in ("", "off"):
             self.history_file = Path(path).expanduser()
             with contextlib.suppress(OSError):
                 readline.read_history_file(self.history_file)
+            self.kept = self._history()
         readline.set_history_length(1000)
 
+    def _history(self, start: int = 0) -> list[str]:
+        rl = self.readline
+        if rl is None:
+            return []
+        items = (rl.get_history_item(i) for i in range(start + 1, rl.get_current_history_length() + 1))
+        return [item for item in items if item is not None]
+
     def save_history(self) -> None:
+        """Write the history file: its old entries and the inputs worth keeping (not the whole recall list)."""
         if self.history_file is None:
             return
+        rl = self.readline
+        recall = self._history()
+        rl.clear_history()
+        for line in self.kept[-1000:]:
+            rl.add_history(line)
         with contextlib.suppress(OSError):
             self.history_file.parent.mkdir(parents=True, exist_ok=True)
-            self.readline.write_history_file(self.history_file)
+            rl.write_history_file(self.history_file)
+            os.chmod(self.history_file, 0o600)  # pasted text may be private
+        rl.clear_history()
+        for line in recall:
+            rl.add_history(line)
 
     def _prompt(self, continuation: bool = False) -> str:
         text = "... " if continuation else ">>> "
@@ -211,7 +236,16 @@ class Terminal:
         return answer.strip().lower() in ("y", "yes")
 
     def read_message(self) -> str:
-        """One message, however many lines; EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C."""
+        """One message, however many lines; EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C. Every line
+        stays for recall; the history file gets them only for a message of bounded size, outside a
+        resumed session."""
+        start = len(self._history())
+        text = self._read_message()
+        if self.keep_inputs and len(text) <= HISTORY_MAX_CHARS:
+            self.kept += self._history(start)
+        return text
+
+    def _read_message(self) -> str:
         first = self._input(self._prompt())
         if first.lstrip().startswith('"""'):
             rest = first.lstrip()[3:]
@@ -273,6 +307,16 @@ def edit_keys(keys: str) -> str:
     return "".join(out)
 
 
+def sampling_text(opts: GenerationOptions, sources: dict[str, str]) -> str:
+    """'temp 0.6, top-p 0.9 (Meta's defaults)'; values of different sources each name their own:
+    'temp 0 (command line), top-p 0.9 (Meta's defaults)'."""
+    temp, top_p = f"temp {opts.temp:g}", f"top-p {opts.top_p:g}"
+    a, b = sources.get("temp"), sources.get("top_p")
+    if a == b:
+        return f"{temp}, {top_p}" + (f" ({a})" if a else "")
+    return f"{temp}{f' ({a})' if a else ''}, {top_p}{f' ({b})' if b else ''}"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -314,16 +358,17 @@ class ChatApp:
     """The read-answer loop: commands, Ctrl-C handling and rendering around a `ChatSession`."""
 
     def __init__(self, session: ChatSession, options: GenerationOptions, term: Terminal, *,
-                 tools=None, confirm_tools: bool = True, sampling_source: str = "", lockstep: bool = False):
+                 tools=None, confirm_tools: bool = True, sampling_sources: Optional[dict[str, str]] = None,
+                 lockstep: bool = False):
         self.session, self.options, self.term = session, options, term
         self.tools, self.confirm_tools = tools, confirm_tools  # tools: a PythonSandbox, or None
-        self.sampling_source = sampling_source
+        self.sampling_sources = sampling_sources or {}  # option -> where its value came from
         self.lockstep = lockstep  # rank 0 under mlx.launch: answers run on every rank (llama_mlx.lockstep)
         self._stop = False
 
     def banner(self) -> None:
         s, o = self.session, self.options
-        sampling = f"temp {o.temp:g}, top-p {o.top_p:g}" + (f" ({self.sampling_source})" if self.sampling_source else "")
+        sampling = sampling_text(o, self.sampling_sources)
         self.term.note(f"llama-mlx chat · {s.name} · context {s.context_limit:,} tokens · {sampling} · "
                        "/help for commands · Ctrl-D to quit")
         if self.tools is not None:
@@ -433,6 +478,7 @@ class ChatApp:
         if not arg:
             raise ChatError("usage: /load FILE")
         self.note_loaded(self.session.load(Path(arg)))
+        self.term.keep_inputs = False
 
     def note_loaded(self, info: dict) -> None:
         s = self.session
@@ -680,11 +726,13 @@ def chat(
         "--tool-timeout", min=0.1, rich_help_panel=TOOLS, help="With --tools: seconds a run may take.")] = 10.0,
     tool_memory: Annotated[int, typer.Option(
         "--tool-memory", min=64, rich_help_panel=TOOLS, help="With --tools: megabytes of memory a run may use.")] = 1024,
+    no_history: Annotated[bool, typer.Option(
+        "--no-history", help=HISTORY_HELP, show_default=False)] = False,
 ) -> None:
     """Chat with a model in the terminal: streamed answers, multi-turn, with /commands (/help)."""
     model = with_gguf_file(model, gguf_file)
     raise typer.Exit(_run(model, system, dtype, load_session, options, tools, yes, tool_timeout, tool_memory,
-                          pipeline))
+                          pipeline, history=not no_history))
 
 
 TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its code interpreter on
@@ -692,7 +740,7 @@ TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its c
 
 @handle_errors
 def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None, yes=False, tool_timeout=10.0,
-         tool_memory=1024, pipeline=False) -> int:
+         tool_memory=1024, pipeline=False, history=True) -> int:
     from llama_mlx.loading import generation_defaults, resolve_model
 
     check_pipeline(pipeline)
@@ -705,7 +753,7 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
     if opts.draft_model is not None or opts.prompt_lookup is not None:
         refuse_in_group("speculative decoding (--draft-model, --prompt-lookup)")
     lm, tokenizer = load_model(model, dtype, pipeline=pipeline)
-    source = opts.use_model_defaults(generation_defaults(resolve_model(model)))
+    sources = opts.use_model_defaults(generation_defaults(resolve_model(model)))
     opts.check_static()
     opts.check(tokenizer)
     leader = lead_or_follow(lambda: (lm, tokenizer))  # under mlx.launch the other ranks follow here, then exit
@@ -720,8 +768,8 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
             from llama_mlx.sandbox import PythonSandbox
 
             sandbox = PythonSandbox(timeout=tool_timeout, memory_mb=tool_memory)
-        app = ChatApp(session, opts, Terminal(), tools=sandbox, confirm_tools=not yes, sampling_source=source,
-                      lockstep=leader is not None)
+        app = ChatApp(session, opts, Terminal(history=history), tools=sandbox, confirm_tools=not yes,
+                      sampling_sources=sources, lockstep=leader is not None)
         app.banner()
         if leader is not None:
             app.term.note(f"split over {leader.group.size()} ranks ({'pipeline' if pipeline else 'tensor'} "
@@ -733,6 +781,7 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
                 info = dict(info, cached=len(session.cache.tokens),
                             to_prefill=len(session.tokens) - len(session.cache.tokens))
             app.note_loaded(info)
+            app.term.keep_inputs = False
         return app.run()
     finally:
         if sandbox is not None:

@@ -4,6 +4,7 @@ consoles that drop colour when not on a terminal, and the error policy (one stde
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -11,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, get_type_hints
+from typing import Annotated, Any, Callable, Optional, get_args, get_type_hints
 
 import typer
 from rich.console import Console
@@ -267,11 +268,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as one 
 MaxTokensOpt = Annotated[int, typer.Option(
     "--max-tokens", "-m", min=1, help="Most tokens to generate (per answer).", rich_help_panel=SAMPLING)]
 TempOpt = Annotated[Optional[float], typer.Option(
-    "--temp", "--temperature", min=0.0, help="Sampling temperature; 0 is greedy (deterministic). "
-    "Unset: the model's generation_config.json, else 0.6 (Meta's).", rich_help_panel=SAMPLING)]
+    "--temp", "--temperature", min=0.0, help="Sampling temperature; 0 is greedy (deterministic).",
+    rich_help_panel=SAMPLING)]
 TopPOpt = Annotated[Optional[float], typer.Option(
-    "--top-p", callback=_top_p, help="Nucleus sampling: keep the most likely tokens up to this mass. "
-    "Unset: the model's generation_config.json, else 0.9 (Meta's).", rich_help_panel=SAMPLING)]
+    "--top-p", callback=_top_p, help="Nucleus sampling: keep the most likely tokens up to this mass.",
+    rich_help_panel=SAMPLING)]
 TopKOpt = Annotated[int, typer.Option(
     "--top-k", min=0, help="Keep only the k most likely tokens (0: all).", rich_help_panel=SAMPLING)]
 MinPOpt = Annotated[float, typer.Option(
@@ -361,17 +362,22 @@ class GenerationOptions:
         self.logit_bias, self.stop, self.extra_eos_token = (list(v or []) for v in (
             self.logit_bias, self.stop, self.extra_eos_token))
 
-    def use_model_defaults(self, recommended: dict[str, Any]) -> str:
+    def use_model_defaults(self, recommended: dict[str, Any]) -> dict[str, str]:
         """Fill the sampling options left unset (None) from the model's recommendations, then Meta's
-        chat defaults; returns where temp and top-p came from."""
+        chat defaults; returns where each of temp and top-p came from ({"temp": "command line", ...})."""
         from llama_mlx.loading import META_SAMPLING
 
-        unset = [name for name in ("temp", "top_p") if getattr(self, name) is None]
-        for name in unset:
-            setattr(self, name, recommended.get(name, META_SAMPLING[name]))
-        if unset and all(name in recommended for name in unset):
-            return "the model's generation_config"
-        return "Meta's defaults" if unset else "command line"
+        sources = {}
+        for name in ("temp", "top_p"):
+            if getattr(self, name) is not None:
+                sources[name] = "command line"
+            elif name in recommended:
+                setattr(self, name, recommended[name])
+                sources[name] = "the model's generation_config"
+            else:
+                setattr(self, name, META_SAMPLING[name])
+                sources[name] = "Meta's defaults"
+        return sources
 
     def params(self, tokenizer=None):
         """The options' `SamplingParams` (logit bias ids read through `tokenizer`; before the
@@ -431,6 +437,25 @@ class GenerationOptions:
             tokenizer.add_stop_tokens(token_or_id(t) for t in self.extra_eos_token)
 
 
+# Defaults whose value alone does not say where they come from: each command's help names the source.
+DEFAULT_TEXT = {
+    ("temp", None): "the model's generation_config.json, else 0.6 (Meta's)",
+    ("top_p", None): "the model's generation_config.json, else 0.9 (Meta's)",
+    ("temp", 0.0): "0.0 (greedy, as mlx-lm)",
+    ("top_p", 1.0): "1.0 (off, as mlx-lm)",
+}
+
+
+def _shown_default(annotation: Any, text: str) -> Any:
+    # A per-command copy of the option with its default written out, styled as Typer's own
+    # (a string show_default would come out in parentheses).
+    base, info = get_args(annotation)
+    info = copy.copy(info)
+    info.help = f"{info.help} [dim]\\[default: {text}][/dim]"
+    info.show_default = False
+    return Annotated[base, info]
+
+
 def generation_options(**defaults: Any) -> Callable:
     """Give a command the options of `GenerationOptions` (these `defaults` overriding its own) in place
     of its `options` parameter, which receives them as one `GenerationOptions`."""
@@ -443,9 +468,13 @@ def generation_options(**defaults: Any) -> Callable:
     def decorate(fn: Callable) -> Callable:
         own = list(inspect.signature(fn, eval_str=True).parameters.values())
         at = [p.name for p in own].index("options")
-        shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                                    default=defaults.get(f.name, f.default))
-                  for f in dataclasses.fields(GenerationOptions)]
+        shared = []
+        for f in dataclasses.fields(GenerationOptions):
+            default = defaults.get(f.name, f.default)
+            text = DEFAULT_TEXT.get((f.name, default))
+            annotation = hints[f.name] if text is None else _shown_default(hints[f.name], text)
+            shared.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=default))
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         params[at : at + 1] = shared
 

@@ -35,8 +35,8 @@ def clean(text: str) -> str:
 class Chat:
     """A chat process in a pty, with helpers that wait for the prompt."""
 
-    def __init__(self, *args: str, timeout: float = 240):
-        env = dict(os.environ, TERM="xterm", LLAMA_MLX_HISTORY="", COLUMNS="200")
+    def __init__(self, *args: str, timeout: float = 240, **env_vars: str):
+        env = {**os.environ, "TERM": "xterm", "LLAMA_MLX_HISTORY": "", "COLUMNS": "200", **env_vars}
         env.pop("NO_COLOR", None)
         env.pop("FORCE_COLOR", None)
         cmd = command()
@@ -219,3 +219,52 @@ def test_chat_with_piped_input_and_output_is_plain_text(gguf):
     assert STATS.search(r.stdout)
     assert "dropped the last exchange" in r.stdout and "context: 0/8192" in r.stdout
     assert "error: unknown command /nonsense" in r.stderr  # the session went on after it
+
+
+def test_chat_history_file_keeps_bounded_inputs_outside_loaded_sessions(gguf, tmp_path):
+    history = tmp_path / "history"
+    session_file = tmp_path / "talk.json"
+    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "2", LLAMA_MLX_HISTORY=str(history),
+                HOME=str(tmp_path / "home"))
+    chat.command("/system kept marker")
+    # A paste over 4096 characters (a pasted document): recalled in the session, never written.
+    lines = [f"zebra document line {i} " + "x" * 80 for i in range(60)]
+    chat.p.send("/system " + "\r".join(lines) + "\r")
+    chat.wait_prompt()
+    assert "zebra document line 59" in chat.command("/system")
+    chat.command(f"/save {session_file}")
+    chat.command(f"/load {session_file}")
+    chat.command("/system typed in a loaded session")  # inputs of a resumed session stay out of the file
+    chat.p.sendeof()
+    chat.p.expect(pexpect.EOF)
+    chat.p.close()
+    assert chat.p.exitstatus == 0
+    kept = history.read_text()
+    assert "/system kept marker" in kept and f"/load {session_file}" in kept
+    assert "zebra" not in kept and "loaded session" not in kept
+    assert not (tmp_path / "home").exists()
+
+    # --load: nothing typed in the resumed session is kept either; older entries stay.
+    again = Chat("--model", gguf, "--load", str(session_file), LLAMA_MLX_HISTORY=str(history))
+    again.command("/system typed after --load")
+    again.p.sendline("/exit")
+    again.p.expect(pexpect.EOF)
+    again.p.close()
+    assert "after --load" not in history.read_text() and "/system kept marker" in history.read_text()
+
+
+@pytest.mark.parametrize("how", ["off", "--no-history"])
+def test_chat_history_off_leaves_no_file(gguf, tmp_path, how):
+    home = tmp_path / "home"
+    home.mkdir()
+    if how == "off":
+        chat = Chat("--model", gguf, LLAMA_MLX_HISTORY="off", HOME=str(home))
+    else:
+        chat = Chat("--model", gguf, how, LLAMA_MLX_HISTORY=str(tmp_path / "history"), HOME=str(home))
+    chat.command("/system remember nothing")
+    chat.p.sendline("/exit")
+    chat.p.expect(pexpect.EOF)
+    chat.p.close()
+    assert chat.p.exitstatus == 0
+    assert list(tmp_path.rglob("*")) == [home]  # no history file, and no ~/.cache made
+    assert not Path("off").exists()  # "off" is no file name
