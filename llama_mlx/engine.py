@@ -9,8 +9,8 @@
 One worker thread owns the model (it loads it too, so every MLX array lives on that thread). It
 runs up to `max_concurrency` jobs at once; `queue_size` more wait, beyond that `submit` refuses.
 Jobs wait in one queue, the engine's: a job joins the batch only when the batch has a row free
-for it (`BatchEngine.free_rows`). Running jobs decode together, continuously batched (`llama_mlx.batch.BatchEngine`): up to
-`decode_concurrency` rows in one forward step, a newcomer's prefill interleaved in chunks, the KV
+for it (`BatchEngine.free_rows`). Running jobs decode together, continuously batched
+(`llama_mlx.batch.BatchEngine`): up to `decode_concurrency` rows in one forward step, a newcomer's prefill interleaved in chunks, the KV
 of all live rows capped by `max_kv_bytes` (a request that could never fit is refused with
 `KVCapacityError`; one that does not fit now waits). At temperature 0 each answer is the one the
 job gets alone. With speculative decoding (`speculative`) a job runs alone instead, over its own
