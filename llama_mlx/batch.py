@@ -75,8 +75,8 @@ class BatchRequest:
     runs. Iterating drives the engine itself unless a thread runs `BatchEngine.serve`. Its
     sampling, stops and statistics are a `sequence.Sequence`'s (`seq`)."""
 
-    def __init__(self, engine: "BatchEngine", uid: int, seq: sequence.Sequence, prompt_cache: Optional[list[KVCache]] = None,
-                 keep_cache: bool = False):
+    def __init__(self, engine: "BatchEngine", uid: int, seq: sequence.Sequence,
+                 prompt_cache: Optional[list[KVCache]] = None, keep_cache: bool = False):
         self.engine, self.uid, self.seq = engine, uid, seq
         self.prompt = seq.prompt
         # A warm start: per-layer caches already holding the first `cached_tokens` prompt tokens.

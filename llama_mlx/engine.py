@@ -6,19 +6,19 @@
     async for event in job: ...                                         # EngineEvent, the last has usage
     job.cancel()                                                        # stops it between tokens
 
-One worker thread owns the model (it loads it too, so every MLX array lives on that thread). It
-runs up to `max_concurrency` jobs at once; `queue_size` more wait, beyond that `submit` refuses.
-Jobs wait in one queue, the engine's: a job joins the batch only when the batch has a row free
-for it (`BatchEngine.free_rows`). Running jobs decode together, continuously batched
-(`llama_mlx.batch.BatchEngine`): up to `decode_concurrency` rows in one forward step, a newcomer's prefill interleaved in chunks, the KV
-of all live rows capped by `max_kv_bytes` (a request that could never fit is refused with
-`KVCapacityError`; one that does not fit now waits). At temperature 0 each answer is the one the
-job gets alone. With speculative decoding (`speculative`) a job runs alone instead, over its own
-prompt cache, interleaved token by token with the batch. `PrefixCachePool` keeps prompt caches
-between requests, bounded in bytes, least recently used evicted first; a batched job starts
-from the pool's prefix and gives its row back to it. Under `mlx.launch` (`lockstep`, a
-`llama_mlx.lockstep.Leader` on rank 0) the jobs run one at a time, each through the leader, so
-that every rank runs it (continuous batching across ranks is not done).
+One worker thread owns the model (it loads it too, so every MLX array lives on that thread). It runs
+up to `max_concurrency` jobs at once; `queue_size` more wait, beyond that `submit` refuses. Jobs
+wait in one queue, the engine's: a job joins the batch only when the batch has a row free for it
+(`BatchEngine.free_rows`). Running jobs decode together, continuously batched
+(`llama_mlx.batch.BatchEngine`): up to `decode_concurrency` rows in one forward step, a newcomer's
+prefill interleaved in chunks, the KV of all live rows capped by `max_kv_bytes` (a request that
+could never fit is refused with `KVCapacityError`; one that does not fit now waits). At temperature
+0 each answer is the one the job gets alone. With speculative decoding (`speculative`) a job runs
+alone instead, over its own prompt cache, interleaved token by token with the batch.
+`PrefixCachePool` keeps prompt caches between requests, bounded in bytes, least recently used
+evicted first; a batched job starts from the pool's prefix and gives its row back to it. Under
+`mlx.launch` (`lockstep`, a `llama_mlx.lockstep.Leader` on rank 0) the jobs run one at a time, each
+through the leader, so that every rank runs it (continuous batching across ranks is not done).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from .sample import LogitsProcessor, Sampler, make_sampler
 from .sequence import GenerationResponse, Sampling, Sequence as _Sequence, prefill
 from .speculative import check_draft, speculative_generate_step
 
-__all__ = ["GenerationResponse", "Prompt", "PromptCache", "check_keywords", "check_token_ids", "context_length", "prompt_ids",
-           "generate", "generate_step", "stream_generate", "verbose_stats"]
+__all__ = ["GenerationResponse", "Prompt", "PromptCache", "check_keywords", "check_token_ids", "context_length",
+           "generate", "generate_step", "prompt_ids", "stream_generate", "verbose_stats"]
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 

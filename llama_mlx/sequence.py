@@ -148,8 +148,9 @@ class Sequence:
     """
 
     def __init__(self, tokenizer: Any, prompt: Seq[int], *, max_tokens: int, sampler: Optional[Sampler] = None,
-                 processors: Seq[LogitsProcessor] = (), stop: Seq[str] = (), stop_tokens: Optional[Iterable[int]] = None,
-                 limit: Optional[int] = None, prompt_tokens: Optional[int] = None, submitted: Optional[float] = None):
+                 processors: Seq[LogitsProcessor] = (), stop: Seq[str] = (),
+                 stop_tokens: Optional[Iterable[int]] = None, limit: Optional[int] = None,
+                 prompt_tokens: Optional[int] = None, submitted: Optional[float] = None):
         self.prompt = list(prompt)
         self.max_tokens, self.limit = max_tokens, limit
         self.sample = Sampling(sampler, processors, self.prompt)

@@ -246,8 +246,8 @@ class _Rounds:
         else:  # nothing to check: the backend's one-token step, as plain decoding runs
             logits = self.step.at(last[None], pos)
         if self.processors:
-            rows = [self.process(logits[i : i + 1], mx.concatenate([self.history, drafts[:i].astype(self.history.dtype)]))
-                    for i in range(k + 1)]
+            seen = [mx.concatenate([self.history, drafts[:i].astype(self.history.dtype)]) for i in range(k + 1)]
+            rows = [self.process(logits[i : i + 1], seen[i]) for i in range(k + 1)]
             lps = mx.concatenate(rows)
         else:
             lps = log_softmax(logits)
@@ -328,7 +328,8 @@ def speculative_generate_step(
         dcache = draft_cache if draft_cache is not None else new_cache(draft_model)
     for c in cache + dcache:
         if isinstance(c, RotatingKVCache) or not c.is_trimmable():
-            raise SpeculativeError("speculative decoding trims its caches: it cannot use a rotating KV cache (max_kv_size)")
+            raise SpeculativeError(
+                "speculative decoding trims its caches: it cannot use a rotating KV cache (max_kv_size)")
 
     draft_prompt = prompt if draft_prompt is None else draft_prompt
     start = cache[0].offset + prompt.size  # the target cache holds no more than start + handed out
@@ -340,24 +341,25 @@ def speculative_generate_step(
         step = backends.decode_step(model, cache)
         token, logprobs = sample(step(prefill(model, cache, prompt, prefill_step_size, prompt_progress)[None]))
         token = token.astype(mx.uint32)
-        rounds = _Rounds(step, backends.verify_step(model, cache), rule, processors, history=sample.history)
-        before = token
+        before, dstep, lookup = token, None, None
         if draft_model is not None:
-            rounds.dstep, rounds.dshift = backends.decode_step(draft_model, dcache), dstart - start
+            dstep = backends.decode_step(draft_model, dcache)
             before = prefill(draft_model, dcache, draft_prompt, prefill_step_size).astype(mx.uint32)
         else:
-            rounds.lookup = _Lookup(prompt_lookup, [int(t) for t in context] + prompt.tolist())
+            lookup = _Lookup(prompt_lookup, [int(t) for t in context] + prompt.tolist())
+        rounds = _Rounds(step, backends.verify_step(model, cache), rule, processors, dstep, dstart - start, lookup,
+                         sample.history)
         # Rounds are queued ahead only where they need nothing from the host (a draft model, no
         # processors) and every step takes a device position.
-        positioned = step.positioned and rounds.verify.positioned and (rounds.dstep or step).positioned
-        ahead = backends.read_ahead() if draft_model is not None and not processors and positioned else 0
+        positioned = all(s.positioned for s in (step, rounds.verify, dstep or step))
+        ahead = backends.read_ahead() if dstep is not None and not processors and positioned else 0
         state = (before, token, mx.array([start], dtype=mx.int32))
         if ahead and max_tokens > 1:  # queued before the first token is read: the device never waits
             rounds.push(*state, num_draft_tokens)
             state = rounds.rounds[-1].after
         token_id = token.item()
-        if rounds.lookup is not None:
-            rounds.lookup.tokens.append(token_id)
+        if lookup is not None:
+            lookup.tokens.append(token_id)
         yielded += 1
         yield SpeculativeToken(token_id, logprobs, False, 0)
         drafted, next_clear = 0, 256
