@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import BinaryIO, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from .errors import PromptCacheError
-from .fileio import atomic_path
+from .fileio import atomic_files
 from .safetensors_file import check_safetensors
 
 __all__ = [
@@ -593,12 +594,12 @@ class PromptCache:
             return
         self.tokens = list(tokens)[: self.offset]
 
-    def save(self, path: Union[str, Path], metadata: Optional[dict] = None) -> None:
+    def save(self, path: Union[str, Path, BinaryIO], metadata: Optional[dict] = None) -> None:
         """Write the cache, its tokens and the model's fingerprint to a file (safetensors), atomically.
 
-        Only a missing path or a regular file is replaced (UnsafeOutputError otherwise).
+        Only a missing path or a regular file is replaced (UnsafeOutputError otherwise). `path` may
+        also be a binary file open for writing (one of `fileio.atomic_files`), written as it is.
         """
-        path = Path(path)
         arrays = {f"{i}.{j}": a for i, c in enumerate(self.cache) for j, a in enumerate(c.state)}
         layers = [{"kind": type(c).__name__, "n": len(c.state), **c.meta_state} for c in self.cache]
         info = {"tokens": list(map(int, self.tokens)), "layers": layers, "fingerprint": self._fingerprint}
@@ -606,8 +607,11 @@ class PromptCache:
             "llama_mlx": json.dumps(info),
             "metadata": json.dumps({"options": self.options, **(metadata or {})}),
         }
-        with atomic_path(path, suffix=".safetensors") as tmp:  # mlx appends the suffix otherwise
-            mx.save_safetensors(str(tmp), arrays, metadata=header)
+        if not isinstance(path, (str, os.PathLike)):
+            mx.save_safetensors(path, arrays, metadata=header)
+            return
+        with atomic_files([path]) as (f,):  # mlx writes through the file object, not by name
+            mx.save_safetensors(f, arrays, metadata=header)
 
     @classmethod
     def load(cls, model, path: Union[str, Path]) -> tuple["PromptCache", dict]:

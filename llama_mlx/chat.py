@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from .cache import PromptCache
 from .errors import ContextLengthError, LlamaMLXError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_files
 from .generate import GenerationResponse, check_keywords, context_length, stream_generate
 from .tokenizer.chat_template import TemplateNotIncrementalError
 
@@ -394,17 +394,18 @@ class ChatSession:
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the conversation as readable JSON and its KV cache beside it (see `session_files`);
-        returns `path`. Only a missing path or a regular file is replaced."""
+        returns `path`. Only a missing path or a regular file is replaced; the two files are saved both
+        or neither."""
         conversation, cache_file = session_files(path)
         if not conversation.parent.is_dir():
             raise SessionFileError(f"{conversation.parent}: no such folder")
         info = {"format": SESSION_FORMAT, "model": self.name, "fingerprint": self.fingerprint(),
                 "saved": _dt.datetime.now().isoformat(timespec="seconds")}
-        with atomic_path(cache_file, suffix=".safetensors") as tmp:
-            self.cache.save(tmp, metadata={**info, "messages": self.messages})
-        atomic_write_text(conversation, json.dumps(
-            {**info, "cache": cache_file.name, "cached_tokens": len(self.cache.tokens), "messages": self.messages},
-            indent=2, ensure_ascii=False) + "\n")
+        text = json.dumps({**info, "cache": cache_file.name, "cached_tokens": len(self.cache.tokens),
+                           "messages": self.messages}, indent=2, ensure_ascii=False) + "\n"
+        with atomic_files([cache_file, conversation]) as (cache_out, conversation_out):  # both or neither
+            self.cache.save(cache_out, metadata={**info, "messages": self.messages})
+            conversation_out.write(text.encode("utf-8"))
         return Path(path).expanduser()
 
     def load(self, path: Union[str, Path]) -> dict:
