@@ -54,7 +54,8 @@ class ConvertResult:
     tensors: int
     dtype: str
     quantization: dict | None
-    # GGUF sources: per source type, the error of its conversion to MLX's affine format
+    # GGUF sources: per (source type, what it was written as), the error measured against the
+    # source's values (gguf_quants.ConversionError)
     conversion_errors: dict = field(default_factory=dict)
 
 
@@ -90,10 +91,10 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
 
     ckpt = read_checkpoint(src, rope_factor=rope_factor)
     _check_requantize(ckpt, src, quantize=quantize, bits=bits, group_size=group_size, requantize=requantize)
-    track_conversion_error(ckpt)
     out_dtype = out_dtype or main_dtype(ckpt)
     items, quantization = plan(ckpt, dtype=out_dtype, quantize=quantize, bits=bits,
                                group_size=group_size, recipe=recipe, dequantize=dequantize)
+    items = track_conversion_error(ckpt, items)
     tokenizer = None if ckpt.tokenizer_files else load_tokenizer(ckpt.tokenizer_source or ckpt.path)
 
     parent = dst.parent

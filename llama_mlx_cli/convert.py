@@ -154,12 +154,17 @@ def convert(
 
 
 def _conversion_rows(errors: dict) -> list[tuple[str, str]]:
-    """One row per GGUF source type: what it became and the error measured against its own values."""
+    """One row per GGUF source type and what it was written as, with the error measured against the
+    source's values (groups held exactly are counted for tensors carried over, not re-quantized)."""
     rows = []
-    for kind, e in sorted(errors.items()):
-        exact = "exact" if e.groups and e.exact_groups == e.groups and e.max_abs == 0 else (
-            f"max error {e.max_abs:.2g}, relative RMS {e.rel_rms:.2g}, {e.exact_groups}/{e.groups} groups exact")
-        rows.append((f"From {kind}", f"{e.target}: {exact}"))
+    for (kind, target), e in sorted(errors.items()):
+        if e.max_abs == 0 and e.exact_groups == e.groups:
+            how = "exact"
+        else:
+            how = f"max error {e.max_abs:.2g}, relative RMS {e.rel_rms:.2g}"
+            if e.groups:
+                how += f", {e.exact_groups}/{e.groups} groups exact"
+        rows.append((f"From {kind}", f"{target}: {how}"))
     return rows
 
 

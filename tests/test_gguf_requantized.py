@@ -3,7 +3,8 @@
 gguf-py dequantizes K-quants but cannot quantize them, so a small Q4_K encoder lives here, checked
 first against `gguf.quants.dequantize` (llama.cpp's reference). The convert summary's "From Q4_K"
 figures must equal the error measured here from the output folder's own tensors; the converted
-model must still answer. Then the rules for quantized sources: -q needs --requantize, -d writes floats.
+model must still answer. Then the rules for quantized sources: -q needs --requantize, -d writes floats,
+and the summary names what was written (re-quantized, floats, or rounded scales) with its measured error.
 """
 
 from __future__ import annotations
@@ -222,3 +223,55 @@ def test_dequantize_writes_gguf_reference_values(tmp_path):
         want = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float16)
         assert got.shape == want.shape == tuple(int(n) for n in reversed(t.shape)), name
         np.testing.assert_array_equal(np.array(got), want, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized_gguf(tmp_path_factory):
+    import test_checkpoints_support as S
+
+    path = tmp_path_factory.mktemp("tinyq") / "tiny.gguf"
+    S.write_gguf(path, S.meta_state_dict(seed=31), S.TINY_PARAMS,
+                 {"token_embd": "Q4_1", "attn_q": "Q4_1", "attn_k": "Q4_1", "ffn_down": "Q8_0"})
+    return path
+
+
+@pytest.mark.parametrize("args, written", [
+    (["-q", "--requantize"], "4-bit group 64 (float16 scales)"),
+    (["-d"], "float16 weights"),
+    (["--dtype", "bfloat16"], None),  # carried over, its float16 scales rounded to bfloat16
+])
+def test_summary_describes_what_was_written(tiny_quantized_gguf, tmp_path, args, written):
+    done = run_convert(tiny_quantized_gguf, tmp_path / "out", *args)
+    assert done.returncode == 0, done.stderr
+    rows = summary_rows(done.stdout)
+    assert set(rows) == {"Q4_1", "Q8_0"}, done.stdout
+
+    # Independently: gguf-py's dequantization of each source tensor against the written tensor.
+    out = load_output(tmp_path / "out")
+    q = json.loads((tmp_path / "out" / "config.json").read_text()).get("quantization")
+    per_type: dict[str, list] = {}
+    for t in gguf.GGUFReader(str(tiny_quantized_gguf)).tensors:
+        if t.tensor_type not in (T.Q4_1, T.Q8_0):
+            continue
+        module = gguf_to_hf(t.name)[: -len(".weight")]
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+        w = out[f"{module}.weight"]
+        if f"{module}.scales" in out:
+            p = q.get(module, q)
+            s, b = (out[f"{module}.{x}"] for x in ("scales", "biases"))
+            got = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=p["group_size"],
+                                bits=p["bits"])
+            what = f"{p['bits']}-bit group {p['group_size']} ({str(s.dtype).rpartition('.')[2]} scales)"
+        else:
+            got, what = w.astype(mx.float32), f"{str(w.dtype).rpartition('.')[2]} weights"
+        diff = np.array(got).astype(np.float64) - ref
+        acc = per_type.setdefault(t.tensor_type.name, [what, 0.0, 0.0, 0.0])
+        assert acc[0] == what
+        acc[1] = max(acc[1], float(np.abs(diff).max()))
+        acc[2] += float((diff ** 2).sum())
+        acc[3] += float((ref ** 2).sum())
+    for kind, (what, max_abs, sq_err, sq_ref) in per_type.items():
+        assert written is None or what == written
+        assert max_abs > 0  # none of these writes holds the source exactly
+        assert rows[kind] == f"{what}: max error {max_abs:.2g}, relative RMS {(sq_err / sq_ref) ** 0.5:.2g}", \
+            (rows[kind], kind)

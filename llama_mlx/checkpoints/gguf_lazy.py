@@ -7,6 +7,7 @@ then its scales and biases (as the writer and the model do) decodes the blocks o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import numpy as np
 
 from ..errors import CheckpointError
 from . import gguf_quants as Q
-from .base import Checkpoint, Tensor
+from .base import Checkpoint, Tensor, dtype_name
+from .plan import Item
 
 __all__ = ["conversion_summary", "gguf_tensors", "read_float", "track_conversion_error"]
 
@@ -54,6 +56,15 @@ class _Quantized:
         return {"weight": ((self.rows, self.cols * self.bits // 32), mx.uint32),
                 "scales": ((self.rows, groups), self.scale_dtype),
                 "biases": ((self.rows, groups), self.scale_dtype)}
+
+    def values(self) -> np.ndarray:
+        """The source's values, float32 and flat, as llama.cpp dequantizes them."""
+        per, nbytes = Q.BLOCKS[self.kind]
+        raw = _map(self.path, self.info.offset, np.uint8, (self.rows * self.cols // per * nbytes,))
+        try:
+            return Q.dequantize(self.kind, raw)
+        finally:
+            del raw
 
     def read(self, part: str) -> mx.array:
         # Scales and biases of the last decode wait for their read; the weight is never kept, so
@@ -106,16 +117,53 @@ def _sources(ckpt: Checkpoint) -> list[_Quantized]:
     return list(seen.values())
 
 
-def track_conversion_error(ckpt: Checkpoint, on: bool = True) -> None:
-    """Make every later read of the checkpoint's GGUF quantized tensors measure its conversion error."""
-    for s in _sources(ckpt):
-        s.measure = on
+def track_conversion_error(ckpt: Checkpoint, items: list[Item]) -> list[Item]:
+    """The planned items, made to measure each GGUF quantized tensor's conversion error as written.
+
+    A tensor carried over as its affine triple is measured as it is decoded (counting the groups
+    held exactly); one re-quantized or written as floats, from what is written, dequantized in
+    float32, against the source's values.
+    """
+    out = []
+    for item in items:
+        t = ckpt.tensors.get(item.name)
+        source = t.reader.source if t is not None and isinstance(t.reader, _Part) else None
+        if source is None:
+            out.append(item)
+            continue
+        module = item.name[: -len(".weight")]
+        carried = [(f"{module}.{p}", shape, dtype) for p, (shape, dtype) in source.outputs().items()]
+        if [(n, tuple(shape), dtype) for n, shape, dtype in item.outputs] == carried:
+            source.measure = True
+            out.append(item)
+        else:
+            out.append(dataclasses.replace(item, produce=_measured(item.produce, source, module)))
+    return out
 
 
-def conversion_summary(ckpt: Checkpoint) -> dict[str, Q.ConversionError]:
-    """Conversion error per GGUF type, over the tensors read since `track_conversion_error`."""
-    summary: dict[str, Q.ConversionError] = {}
+def _measured(produce, source: _Quantized, module: str):
+    def run() -> dict[str, mx.array]:
+        arrays = produce()
+        w, scales = arrays[module + ".weight"], arrays.get(module + ".scales")
+        if scales is None:
+            ours, target = w, f"{dtype_name(w.dtype)} weights"
+        else:
+            gs, bits = source.cols // scales.shape[-1], w.shape[-1] * 32 // source.cols
+            ours = mx.dequantize(w, scales.astype(mx.float32), arrays[module + ".biases"].astype(mx.float32),
+                                 group_size=gs, bits=bits)
+            target = f"{bits}-bit group {gs} ({dtype_name(scales.dtype)} scales)"
+        source.error = Q.compare(source.kind, target, source.values(), ours)
+        return arrays
+
+    return run
+
+
+def conversion_summary(ckpt: Checkpoint) -> dict[tuple[str, str], Q.ConversionError]:
+    """Conversion error per (GGUF type, what it was written as), over the tensors written by items
+    from `track_conversion_error`."""
+    summary: dict[tuple[str, str], Q.ConversionError] = {}
     for s in _sources(ckpt):
         if s.error is not None:
-            summary.setdefault(s.kind, Q.ConversionError(s.kind, s.error.target)).add(s.error)
+            key = (s.kind, s.error.target)
+            summary.setdefault(key, Q.ConversionError(*key)).add(s.error)
     return summary

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 __all__ = ["BLOCKS", "GROUP_SIZE", "TARGET_BITS", "EXACT_TYPES", "ConversionError", "affine_bits",
-           "conversion_error", "dequantize", "to_affine"]
+           "compare", "conversion_error", "dequantize", "to_affine"]
 
 GROUP_SIZE = 32
 # (elements, bytes) per block
@@ -321,6 +321,7 @@ class ConversionError:
     elements: int = 0
     groups: int = 0
     exact_groups: int = 0  # groups held exactly before the scales are rounded to their dtype
+    # (not counted, groups 0, for tensors measured from what was written: re-quantized or floats)
     max_abs: float = 0.0
     sq_error: float = 0.0
     sq_source: float = 0.0
@@ -349,6 +350,23 @@ def measure(kind: str, source: np.ndarray, triple, exact: np.ndarray, scale_dtyp
     return ConversionError(kind, target, elements=diff.size, groups=int(exact.size),
                            exact_groups=int(exact.sum()), max_abs=float(np.abs(diff).max(initial=0.0)),
                            sq_error=float(diff @ diff), sq_source=float(source.astype(np.float64) @ source))
+
+
+def compare(kind: str, target: str, source: np.ndarray, ours: mx.array) -> ConversionError:
+    """Error of `ours` (rows, n; any float or affine output, dequantized) against the source's float32
+    values (flat, row-major), a few million elements at a time."""
+    rows = ours.shape[0]
+    n = ours.size // max(rows, 1)
+    step = max(1, (1 << 22) // max(n, 1))
+    err = ConversionError(kind, target, elements=int(ours.size))
+    for r in range(0, rows, step):
+        a = np.array(ours[r:r + step].astype(mx.float32)).ravel().astype(np.float64)
+        ref = source[r * n:r * n + a.size].astype(np.float64)
+        diff = a - ref
+        err.max_abs = max(err.max_abs, float(np.abs(diff).max(initial=0.0)))
+        err.sq_error += float(diff @ diff)
+        err.sq_source += float(ref @ ref)
+    return err
 
 
 def conversion_error(kind: str, raw: np.ndarray, rows: int,
