@@ -3,11 +3,13 @@
 Run under `mlx.launch` (ring, JACCL, MPI or NCCL backends): every rank runs the same program,
 `mx.distributed.init()` finds the group, and `load_sharded` gives each rank its shard:
 
-- tensor parallel (default): q/k/v and gate/up split by output rows (`AllToShardedLinear`),
+- tensor parallel (`pipeline=False`): q/k/v and gate/up split by output rows (`AllToShardedLinear`),
   o and down by input columns with an all-sum (`ShardedToAllLinear`), quantized layers alike;
   each rank attends over its own heads and KV heads.
 - pipeline parallel (`pipeline=True`): contiguous layer ranges per rank, activations passed on
   with send/recv, the last stage's hidden state shared with every rank.
+- automatic (`pipeline=None`, the default): tensor parallel where the heads, KV heads and sizes
+  divide by the ranks, else pipeline parallel; the plan's `fallback` says why it fell back.
 
 In both, the vocabulary is split by rows: the embedding lookup is summed over ranks and the head's
 logits gathered, so every rank holds the same logits and samples the same token. The sharded
@@ -67,13 +69,32 @@ class ShardPlan:
     vocab_shard: int  # rows per rank (the last may hold fewer)
     n_heads: int
     n_kv_heads: int
+    fallback: Optional[str] = None  # automatic mode only: why tensor parallel did not fit (pipeline chosen)
+
+    @property
+    def mode(self) -> str:
+        """"pipeline" or "tensor"."""
+        return "pipeline" if self.pipeline else "tensor"
 
 
-def plan(config: dict, size: int, rank: int = 0, *, pipeline: bool = False, source: str = "model") -> ShardPlan:
-    """The shard plan of an HF-style config over `size` ranks; ShardError (one line) if it does not divide."""
+def plan(config: dict, size: int, rank: int = 0, *, pipeline: Optional[bool] = None,
+         source: str = "model") -> ShardPlan:
+    """The shard plan of an HF-style config over `size` ranks; ShardError (one line) if it does not divide.
+
+    pipeline: True splits the layers, False the heads; None (automatic) the heads where they divide,
+    else the layers, with the reason in the plan's `fallback`.
+    """
     n_layers, vocab = config["num_hidden_layers"], config["vocab_size"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
+    fallback = None
+    if pipeline is None:
+        fallback = _tensor_parallel_problem(config, size)
+        if fallback and size > n_layers:
+            raise ShardError(f"{source}: the model does not split over {size} ranks: not by heads ({fallback}; "
+                             f"that works with {_or_list(_tensor_parallel_fits(config))} ranks), nor by layers "
+                             f"(it has {n_layers}; pipeline parallel works over up to {n_layers} ranks)")
+        pipeline = fallback is not None
     if pipeline:
         if size > n_layers:
             raise ShardError(f"{source}: pipeline parallel over {size} ranks needs at least {size} layers; "
@@ -83,14 +104,20 @@ def plan(config: dict, size: int, rank: int = 0, *, pipeline: bool = False, sour
     else:
         why = _tensor_parallel_problem(config, size)
         if why:
-            fits = [n for n in range(1, min(heads, 64) + 1) if not _tensor_parallel_problem(config, n)]
-            pipe = f"; or pipeline parallel (pipeline=True, --pipeline) over up to {n_layers} ranks"
+            pipe = (f"; pipeline parallel (--pipeline, or leave out --tensor-parallel; pipeline=True or None) "
+                    f"works over up to {n_layers} ranks")
             raise ShardError(f"{source}: tensor parallel over {size} ranks does not divide: {why}; "
-                             f"it works with {_or_list(fits)} ranks{pipe}")
+                             f"it works with {_or_list(_tensor_parallel_fits(config))} ranks{pipe}")
         layers, n_heads, n_kv_heads = range(n_layers), heads // size, kv // size
     shard = -(-vocab // size)
     lo = min(rank * shard, vocab)
-    return ShardPlan(size, rank, pipeline, layers, (lo, min(lo + shard, vocab)), shard, n_heads, n_kv_heads)
+    return ShardPlan(size, rank, pipeline, layers, (lo, min(lo + shard, vocab)), shard, n_heads, n_kv_heads,
+                     fallback)
+
+
+def _tensor_parallel_fits(config: dict) -> list[int]:
+    heads = config["num_attention_heads"]
+    return [n for n in range(1, min(heads, 64) + 1) if not _tensor_parallel_problem(config, n)]
 
 
 def _tensor_parallel_problem(config: dict, n: int) -> Optional[str]:
@@ -194,9 +221,11 @@ class PipelineLlamaModel(LlamaModel):
         return self.norm(h)
 
 
-def shard_model(model: nn.Module, g: mx.distributed.Group, *, pipeline: bool = False,
+def shard_model(model: nn.Module, g: mx.distributed.Group, *, pipeline: Optional[bool] = None,
                 source: str = "model") -> nn.Module:
-    """Shard a built (lazily loaded) `llama_mlx.model.Model` in place over group `g`; returns it.
+    """Shard a built (lazily loaded) `llama_mlx.model.Model` in place over group `g`; returns it,
+    its `ShardPlan` (the mode chosen, and why when automatic) as `model.shard_plan`.
+    pipeline: True by layers, False by heads, None automatic (see `plan`).
 
     Nothing is read here: each rank's slices of the lazy weights are read when evaluated, and the
     layers another rank owns are dropped unread.
@@ -210,7 +239,7 @@ def shard_model(model: nn.Module, g: mx.distributed.Group, *, pipeline: bool = F
     inner.embed_tokens = VocabParallelEmbedding(inner.embed_tokens, start, stop, p.vocab_shard, args.vocab_size, g)
     if not args.tie_word_embeddings:
         model.lm_head = VocabParallelHead(model.lm_head, start, stop, p.vocab_shard, args.vocab_size, g)
-    if pipeline:
+    if p.pipeline:
         inner.layers = inner.layers[p.layers.start : p.layers.stop]
         inner.stage_rank, inner.stage_size, inner.group = p.rank, p.size, g
         inner.__class__ = PipelineLlamaModel
@@ -229,12 +258,14 @@ def shard_model(model: nn.Module, g: mx.distributed.Group, *, pipeline: bool = F
 
 
 def load_sharded(path: str | Path | None = None, g: Optional[mx.distributed.Group] = None, *,
-                 pipeline: bool = False, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
+                 pipeline: Optional[bool] = None, dtype: Optional[str] = None, rope_factor: Optional[float] = None,
                  allow_vocab_mismatch: bool = False):
     """This rank's shard of a model, and the tokenizer: `(model, tokenizer)`, called like `load`'s.
 
     path: as for `llama_mlx.load` (any checkpoint layout). g: the group (default: `group()`).
-    pipeline: split layers across ranks instead of heads. Each rank reads its own slices only,
+    pipeline: True splits the layers across ranks, False the heads; None (the default) the heads
+    where they divide by the ranks, else the layers (`model.shard_plan.fallback` says why). A plan
+    that does not divide raises ShardError on every rank together. Each rank reads its own slices only,
     largest tensors first, so its memory is about 1/N of the model plus one full tensor while
     loading (safetensors are read tensor by tensor; a GGUF file is read whole, then sliced).
     The global random state is made the same on every rank (`sync_random`).
@@ -250,12 +281,20 @@ def load_sharded(path: str | Path | None = None, g: Optional[mx.distributed.Grou
     g = g if g is not None else group()
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     source = str(ckpt.path)
-    plan(ckpt.config, g.size(), g.rank(), pipeline=pipeline, source=source)  # refuse before reading
+    try:
+        p = plan(ckpt.config, g.size(), g.rank(), pipeline=pipeline, source=source)  # refuse before reading
+    except ShardError:
+        # Every rank refuses alike: meet first, as mlx.launch stops the others once one exits,
+        # which could cut rank 0 off before it reports.
+        mx.eval(mx.distributed.all_sum(mx.zeros(1), group=g))
+        raise
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = load_tokenizer(ckpt.tokenizer_source or ckpt.path)
     if not allow_vocab_mismatch:
         check_vocabulary(tokenizer, ckpt.config["vocab_size"], ckpt.path)
-    model = shard_model(build_model(ckpt.config, weights, source=ckpt.path), g, pipeline=pipeline, source=source)
+    model = shard_model(build_model(ckpt.config, weights, source=ckpt.path), g, pipeline=p.pipeline, source=source)
+    if g.size() > 1:
+        model.shard_plan = p  # with the automatic choice's reason
     del weights, ckpt
     # Fused q/k/v would undo the split; the backend seam fits the rest (compute dtype, CPU threads).
     backends.prepare(model, fuse=False)

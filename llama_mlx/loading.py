@@ -36,21 +36,25 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     lazy: leave weights unread until first used (safetensors are read from disk on demand).
     fuse: merge q/k/v and gate/up projections; default on GPUs only. The model is fitted to the
     device by `backends.prepare` (see there for fusion, compute dtype and CPU threads).
-    distributed: None shards the model tensor-parallel when this process is one rank of a group
-    of several (started by `mlx.launch`), "pipeline" splits its layers instead, "tensor" (or True)
-    asks for tensor parallel, False never shards (see `llama_mlx.distributed.load_sharded`).
+    distributed: None (or "auto") shards the model when this process is one rank of a group of
+    several (started by `mlx.launch`): by heads (tensor parallel) where they divide by the ranks,
+    else by layers (pipeline parallel; `model.shard_plan` tells which, and why). "pipeline" splits
+    its layers, "tensor" (or True) its heads or refuses, False never shards (see
+    `llama_mlx.distributed.load_sharded`).
     A tokenizer with ids past the model's vocabulary is refused (VocabularyMismatchError) unless
     `allow_vocab_mismatch` (tiny test models paired with a real tokenizer; ids are still range-checked
     when they reach generation).
     """
-    if distributed not in (None, False, True, "tensor", "pipeline"):
-        raise ValueError(f"distributed must be None, False, True, 'tensor' or 'pipeline', not {distributed!r}")
+    if distributed not in (None, False, True, "auto", "tensor", "pipeline"):
+        raise ValueError(f"distributed must be None, False, True, 'auto', 'tensor' or 'pipeline', "
+                         f"not {distributed!r}")
     if distributed is not False:
         from . import distributed as dist
 
         group = dist.group()
-        if group.size() > 1 or distributed is not None:
-            return dist.load_sharded(path, group, pipeline=distributed == "pipeline", dtype=dtype,
+        if group.size() > 1 or distributed not in (None, "auto"):
+            pipeline = None if distributed in (None, "auto") else distributed == "pipeline"
+            return dist.load_sharded(path, group, pipeline=pipeline, dtype=dtype,
                                      rope_factor=rope_factor, allow_vocab_mismatch=allow_vocab_mismatch)
     ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))

@@ -31,7 +31,7 @@ from .common import (
     ModelOpt,
     PipelineOpt,
     SystemOpt,
-    check_pipeline,
+    TensorParallelOpt,
     describe_exception,
     error_line,
     generation_options,
@@ -41,6 +41,7 @@ from .common import (
     model_label,
     out_console,
     refuse_in_group,
+    split_mode,
     with_gguf_file,
 )
 
@@ -714,6 +715,7 @@ def chat(
     options: GenerationOptions = None,
     dtype: DtypeOpt = "auto",
     pipeline: PipelineOpt = False,
+    tensor_parallel: TensorParallelOpt = False,
     load_session: Annotated[Optional[Path], typer.Option(
         "--load", metavar="FILE", help="Resume a conversation saved with /save.", show_default=False)] = None,
     tools: Annotated[Optional[str], typer.Option(
@@ -732,7 +734,7 @@ def chat(
     """Chat with a model in the terminal: streamed answers, multi-turn, with /commands (/help)."""
     model = with_gguf_file(model, gguf_file)
     raise typer.Exit(_run(model, system, dtype, load_session, options, tools, yes, tool_timeout, tool_memory,
-                          pipeline, history=not no_history))
+                          split_mode(pipeline, tensor_parallel), history=not no_history))
 
 
 TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its code interpreter on
@@ -740,10 +742,9 @@ TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its c
 
 @handle_errors
 def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None, yes=False, tool_timeout=10.0,
-         tool_memory=1024, pipeline=False, history=True) -> int:
+         tool_memory=1024, pipeline=None, history=True) -> int:
     from llama_mlx.loading import generation_defaults, resolve_model
 
-    check_pipeline(pipeline)
     if load_session is not None:
         refuse_in_group("--load")  # (each rank's KV cache holds only its shard)
         session_path(load_session, must_exist=True)  # fail before the model loads
@@ -772,8 +773,8 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
                       sampling_sources=sources, lockstep=leader is not None)
         app.banner()
         if leader is not None:
-            app.term.note(f"split over {leader.group.size()} ranks ({'pipeline' if pipeline else 'tensor'} "
-                          "parallel) · mlx.launch passes no Ctrl-C or Ctrl-D: /exit quits")
+            app.term.note(f"split over {leader.group.size()} ranks ({lm.shard_plan.mode} parallel) "
+                          "· mlx.launch passes no Ctrl-C or Ctrl-D: /exit quits")
         if load_session is not None:
             info = session.load(load_session)
             if system is not None:

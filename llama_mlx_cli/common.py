@@ -91,11 +91,30 @@ def distributed_group():
     return g if g.size() > 1 else None
 
 
-def check_pipeline(pipeline: bool) -> None:
-    """--pipeline outside a group of ranks is a usage error (there is nothing to split over)."""
-    if pipeline and distributed_group() is None:
-        raise usage_error("--pipeline splits the model over the ranks of mlx.launch; this is one process: "
-                          "drop --pipeline, or start the command with mlx.launch")
+def split_mode(pipeline: bool, tensor_parallel: bool = False) -> Optional[bool]:
+    """The sharding asked for: True (--pipeline), False (--tensor-parallel), None (automatic: heads
+    where they divide by the ranks, else layers). Both flags, or either outside a group of ranks
+    (there is nothing to split over), are usage errors."""
+    if pipeline and tensor_parallel:
+        raise usage_error("--pipeline and --tensor-parallel exclude each other: give one of them")
+    flag = "--pipeline" if pipeline else "--tensor-parallel" if tensor_parallel else None
+    if flag and distributed_group() is None:
+        raise usage_error(f"{flag} splits the model over the ranks of mlx.launch; this is one process: "
+                          f"drop {flag}, or start the command with mlx.launch")
+    return True if pipeline else False if tensor_parallel else None
+
+
+def distributed_arg(mode: Optional[bool]) -> Optional[str]:
+    """`llama_mlx.load`'s `distributed` for a `split_mode`."""
+    return {True: "pipeline", False: "tensor"}.get(mode)
+
+
+def note_split(model) -> None:
+    """The one line saying pipeline parallel was chosen by itself, and why (rank 0 only)."""
+    p = getattr(model, "shard_plan", None)
+    if p is not None and p.fallback and p.rank == 0:
+        note_line(f"pipeline parallel chosen: tensor parallel over {p.size} ranks does not divide ({p.fallback}); "
+                  "each rank holds a range of the model's layers instead")
 
 
 def refuse_in_group(what: str) -> None:
@@ -325,8 +344,12 @@ PromptLookupOpt = Annotated[Optional[int], typer.Option(
          "pays off when the answer copies its input. No draft model needed.")]
 PipelineOpt = Annotated[bool, typer.Option(
     "--pipeline", rich_help_panel=MODEL,
-    help="Under mlx.launch: split the model's layers over the ranks (pipeline parallel) instead of its heads "
-         "(tensor parallel, the default): for slow links, or heads that do not divide by the ranks.")]
+    help="Under mlx.launch: split the model's layers over the ranks (pipeline parallel), for slow links. "
+         "Default: its heads (tensor parallel) where they divide by the ranks, else its layers (said on stderr).")]
+TensorParallelOpt = Annotated[bool, typer.Option(
+    "--tensor-parallel", rich_help_panel=MODEL,
+    help="Under mlx.launch: split the model's heads over the ranks (tensor parallel), or refuse when they do "
+         "not divide, instead of falling back to --pipeline.")]
 SystemOpt = Annotated[Optional[str], typer.Option(
     "--system", "--system-prompt", "-s", help="System prompt (default: the model's own, if its template has one).")]
 
@@ -550,12 +573,20 @@ def with_gguf_file(model: Optional[str], gguf_file: Optional[str]) -> Optional[s
     return handle_errors(model_spec)(model, gguf_file)
 
 
-def load_model(model: Optional[str], dtype: Optional[str] = None, *, spinner: bool = True, pipeline: bool = False):
+def load_model(model: Optional[str], dtype: Optional[str] = None, *, spinner: bool = True,
+               pipeline: Optional[bool] = None):
     """`llama_mlx.load` with a spinner on stderr (when it is a terminal): (model, tokenizer).
-    pipeline: under mlx.launch, split the layers over the ranks (else the heads)."""
+    pipeline: under mlx.launch, a `split_mode` (the layers, the heads, or automatic); an automatic
+    choice of pipeline parallel is said on stderr (`note_split`)."""
+    loaded = _load_model(model, dtype, spinner, pipeline)
+    note_split(loaded[0])
+    return loaded
+
+
+def _load_model(model, dtype, spinner, pipeline):
     from llama_mlx.loading import load
 
-    load = functools.partial(load, distributed="pipeline") if pipeline else load
+    load = functools.partial(load, distributed=distributed_arg(pipeline))
 
     message = f"Loading {model_label(model)}…"
     if model is None:

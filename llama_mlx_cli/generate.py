@@ -17,12 +17,13 @@ from .common import (
     OUTPUT,
     PipelineOpt,
     SystemOpt,
-    check_pipeline,
+    TensorParallelOpt,
     err_console,
     generation_options,
     handle_errors,
     load_model,
     model_label,
+    split_mode,
     usage_error,
     with_gguf_file,
 )
@@ -42,7 +43,7 @@ EPILOG = """\
 
   llama-mlx generate --json "Hi" | jq .generation_tps
 
-  mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx generate "Hi" -M NAME --pipeline
+  mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx generate "Hi" -M NAME [--pipeline]
 """
 
 
@@ -103,26 +104,28 @@ def generate(
     options: GenerationOptions = None,
     dtype: DtypeOpt = "auto",
     pipeline: PipelineOpt = False,
+    tensor_parallel: TensorParallelOpt = False,
 ) -> None:
     """Generate a completion of a prompt. Only the generated text goes to stdout."""
     model = with_gguf_file(model, gguf_file)
     if prompt is not None and prompt_opt is not None:
         raise usage_error("give the prompt either as PROMPT or with --prompt, not both")
     _run(prompt if prompt_opt is None else prompt_opt, model, file, system, raw, json_out, verbose, dtype, options,
-         pipeline)
+         pipeline, tensor_parallel)
 
 
 @handle_errors
-def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: GenerationOptions, pipeline=False) -> None:
+def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: GenerationOptions, pipeline=False,
+         tensor_parallel=False) -> None:
     from llama_mlx.generate import stream_generate
 
-    check_pipeline(pipeline)
+    split = split_mode(pipeline, tensor_parallel)
     text_in = read_prompt(prompt, file)
     if raw and system is not None:
         raise usage_error("--system needs the chat template: drop --raw")
     opts.check_static()
     # (Under mlx.launch every rank runs this same generation: its input is the same on each.)
-    lm, tokenizer = load_model(model, dtype, pipeline=pipeline)
+    lm, tokenizer = load_model(model, dtype, pipeline=split)
     opts.check(tokenizer)
     if raw:
         request = text_in

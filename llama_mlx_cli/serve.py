@@ -15,13 +15,16 @@ from .common import (
     NumDraftTokensOpt,
     PipelineOpt,
     PromptLookupOpt,
-    check_pipeline,
+    TensorParallelOpt,
+    distributed_arg,
     error_line,
     handle_errors,
     lead_or_follow,
     model_label,
     note_line,
+    note_split,
     refuse_in_group,
+    split_mode,
     with_gguf_file,
 )
 
@@ -97,6 +100,7 @@ def serve(
         rich_help_panel=SERVER)] = 512,
     dtype: DtypeOpt = "auto",
     pipeline: PipelineOpt = False,
+    tensor_parallel: TensorParallelOpt = False,
     draft_model: DraftModelOpt = None,
     num_draft_tokens: NumDraftTokensOpt = None,
     prompt_lookup: PromptLookupOpt = None,
@@ -114,11 +118,16 @@ def serve(
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise typer.BadParameter(f"{log_level!r} is not one of critical, error, warning, info, debug",
                                  param_hint="--log-level")
-    check_pipeline(pipeline)
+    split = split_mode(pipeline, tensor_parallel)
     path = resolve_model(model) if model is not None else None  # a bad path fails here, before binding
 
     def loader():
-        return load(path, dtype=resolve_dtype(dtype), distributed="pipeline" if pipeline else None)
+        loaded = load(path, dtype=resolve_dtype(dtype), distributed=distributed_arg(split))
+        note_split(loaded[0])
+        p = getattr(loaded[0], "shard_plan", None)
+        if p is not None and p.size > 1 and p.rank == 0:
+            note_line(f"split over {p.size} ranks ({p.mode} parallel): one request at a time, no batching across ranks")
+        return loaded
 
     speculative = None
     if draft_model is not None or prompt_lookup is not None:
@@ -131,9 +140,6 @@ def serve(
         speculative = options.speculative_kwargs
     # Under mlx.launch the other ranks load the model and run rank 0's requests here, until it stops.
     leader = lead_or_follow(loader)
-    if leader is not None:
-        note_line(f"split over {leader.group.size()} ranks ({'pipeline' if pipeline else 'tensor'} parallel): "
-                  "one request at a time, no batching across ranks")
     if not _loopback(host) and api_key is None:
         note_line(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
     listened = server.run(

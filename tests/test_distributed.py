@@ -197,20 +197,29 @@ def test_smollm2_pipeline_two_ranks_greedy_text_printed_once(tmp_path):
 def test_smollm2_two_way_tensor_parallel_refused_in_one_line(tmp_path):
     config = json.loads((SMOLLM2 / "config.json").read_text())
     with pytest.raises(ShardError) as e:
-        plan(config, 2)
+        plan(config, 2, pipeline=False)
     message = str(e.value)
     assert "\n" not in message
     assert "9 attention heads and 3 KV heads must both divide by 2" in message
-    assert "works with 1 or 3 ranks" in message and "pipeline" in message
+    assert "works with 1 or 3 ranks" in message and "--pipeline" in message
     assert plan(config, 3).n_heads == 3 and plan(config, 3).n_kv_heads == 1
     with pytest.raises(ShardError, match="at least 31 layers; the model has 30"):
         plan(config, 31, pipeline=True)
-    # Launched: the load refuses before reading weights, one line on stderr, from rank 0 only.
-    proc = launch(2, SMOLLM2, "tensor", tmp_path)
-    assert "exited with code 1" in proc.stderr  # (mlx.launch itself exits 0 whatever its ranks do)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # Automatic: the heads where they divide, else the layers, and why.
+    assert plan(config, 3).mode == "tensor" and plan(config, 3).fallback is None
+    auto = plan(config, 2)
+    assert auto.mode == "pipeline" and auto.layers == range(15)
+    assert auto.fallback == "9 attention heads and 3 KV heads must both divide by 2"
+    with pytest.raises(ShardError, match="not by heads .* nor by layers \\(it has 30"):
+        plan(config, 31)
+    # Launched with --tensor-parallel: every rank refuses before reading weights, one line on
+    # stderr (rank 0's), and the ranks exit 1.
+    run = Launched(tmp_path, 2, "generate", "--model", str(SMOLLM2), "--raw", "Hi", "--tensor-parallel")
+    _, out, err = run.wait(120)
+    assert out == "" and "exited with code 1" in err  # (mlx.launch itself exits 0 whatever its ranks do)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {SMOLLM2}: {message.split(': ', 1)[1]}"]
-    assert sorted(p.name for p in tmp_path.glob("*.error")) == ["rank0.error", "rank1.error"]
+    assert "pipeline parallel chosen" not in err
 
 
 # -- the CLI under mlx.launch: rank 0 reads the input, the others follow its jobs (llama_mlx.lockstep)
@@ -402,14 +411,17 @@ def test_serve_two_ranks_openai_client_then_sigterm(tmp_path, request, mode):
         assert not Path(f"/proc/{pid}").exists()
 
 
-def test_generate_two_ranks_pipeline_flag(tmp_path, smollm2):
+def test_generate_two_ranks_picks_pipeline_by_itself(tmp_path, smollm2):
+    """No flag: SmolLM2's 9 heads do not split over 2 ranks, so its layers do; said once on stderr."""
     prompt = "The capital of France is"
-    run = Launched(tmp_path, 2, "generate", "--model", str(SMOLLM2), "--raw", prompt, "--max-tokens", "6",
-                   "--pipeline")
+    run = Launched(tmp_path, 2, "generate", "--model", str(SMOLLM2), "--raw", prompt, "--max-tokens", "6")
     rc, out, err = run.wait(120)
     assert rc == 0 and "exited with code" not in err, err
     model, tokenizer = smollm2
     assert out == generate(model, tokenizer, prompt, max_tokens=6, sampler=make_sampler(0.0)) + "\n"
+    assert [line for line in err.splitlines() if "parallel" in line] == [
+        "pipeline parallel chosen: tensor parallel over 2 ranks does not divide (9 attention heads and 3 KV heads "
+        "must both divide by 2); each rank holds a range of the model's layers instead"]
 
 
 def test_pipeline_flag_without_launch_is_refused_in_one_line():
@@ -419,3 +431,8 @@ def test_pipeline_flag_without_launch_is_refused_in_one_line():
     assert proc.stderr.splitlines() == [(
         "error: --pipeline splits the model over the ranks of mlx.launch; this is one process: drop --pipeline, "
         "or start the command with mlx.launch (see 'llama-mlx generate --help')")]
+    proc = subprocess.run([str(CLI), "chat", "--pipeline", "--tensor-parallel"], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: --pipeline and --tensor-parallel exclude each other: give one of them (see 'llama-mlx chat --help')"]
