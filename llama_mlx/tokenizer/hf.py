@@ -446,16 +446,18 @@ class HFTokenizer(BaseTokenizer):
         """Prompt ids from the checkpoint's own chat template (BOS added when the tokenizer adds one
         and the template did not). Special-token text inside message content stays plain text.
         `tokenize=False`: the prompt's text instead (with that BOS written out); other keywords
-        go to the template."""
+        go to the template; special-token text in them (tools, documents, dict keys) stays plain text too."""
         if self.chat_template is None:
             if self.chat_format is not None:
                 ids = self.chat_format.encode_dialog_prompt(messages, add_generation_prompt=add_generation_prompt)
                 return ids if tokenize else self.decode(ids)
             raise TokenizerError(f"{self.source}: the checkpoint has no chat template")
         messages = [dict(m) for m in messages]
-        guarded, restore = self._guard(messages)
-        context = {name: getattr(self, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        context.update(template_kwargs)
+        # Every caller string the template may render is guarded; only our own special-token names are not.
+        context = {name: template_kwargs.get(name, getattr(self, name)) for name in _OWN_TOKENS}
+        caller = {k: v for k, v in template_kwargs.items() if k not in _OWN_TOKENS}
+        (guarded, caller), restore = self._guard((messages, caller))
+        context.update(caller)
         text = render_chat_template(self.chat_template, guarded, add_generation_prompt, **context)
         if restore:
             ids = self._encode_guarded(text, restore)
@@ -469,35 +471,31 @@ class HFTokenizer(BaseTokenizer):
             ids.insert(0, self.bos_id)
         return ids
 
-    def _guard(self, messages: list[dict]) -> tuple[list[dict], dict[int, str]]:
-        """Stand-ins for special-token text inside messages, so the template's output can tell it apart."""
+    def _guard(self, value: Any) -> tuple[Any, dict[int, str]]:
+        """Stand-ins for special-token text in `value` (strings in it, dict keys included; tuples become
+        lists), so the template's output can tell it apart from the template's own special tokens."""
         if self._special_re is None:
-            return messages, {}
-        found: dict[str, str] = {}
-
-        def visit(value, replace):
-            if isinstance(value, str):
-                if replace is None:
-                    found.update(dict.fromkeys(self._special_re.findall(value), ""))
-                    return value
-                return self._special_re.sub(lambda m: replace[m.group()], value)
-            if isinstance(value, Mapping):
-                return {k: visit(v, replace) for k, v in value.items()}
-            if isinstance(value, (list, tuple)):
-                return [visit(v, replace) for v in value]
-            return value
-
-        visit(messages, None)
+            return value, {}
+        found = dict.fromkeys(name for text in _strings(value) for name in self._special_re.findall(text))
         if not found:
-            return messages, {}
-        text = json.dumps(messages, ensure_ascii=False, default=str)
+            return value, {}
         for base in (0xF0000, 0x100000):  # a Private Use plane the conversation does not use
-            if not any(base <= ord(c) <= base + 0xFFFF for c in text):
+            if not any(base <= ord(c) <= base + 0xFFFF for text in _strings(value) for c in text):
                 break
         else:
             raise TokenizerError("cannot guard special-token text: the messages use both Private Use planes")
         stand_in = {name: chr(base + i) for i, name in enumerate(found)}
-        return visit(messages, stand_in), {ord(c): name for name, c in stand_in.items()}
+
+        def visit(v):
+            if isinstance(v, str):
+                return self._special_re.sub(lambda m: stand_in[m.group()], v)
+            if isinstance(v, Mapping):
+                return {visit(k): visit(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [visit(x) for x in v]
+            return v
+
+        return visit(value), {ord(c): name for name, c in stand_in.items()}
 
     def _encode_guarded(self, text: str, restore: dict[int, str]) -> list[int]:
         ids: list[int] = []
@@ -540,7 +538,7 @@ class HFTokenizer(BaseTokenizer):
     def _template_turn(self, history, messages, add_generation_prompt: bool, after_generation_prompt: bool):
         history, messages = [dict(m) for m in history], [dict(m) for m in messages]
         guarded, restore = self._guard(history + messages)  # one set of stand-ins for both renderings
-        context = {name: getattr(self, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        context = {name: getattr(self, name) for name in _OWN_TOKENS}
         before, after = render_turn(self.chat_template, guarded[: len(history)], guarded[len(history) :],
                                     add_generation_prompt=add_generation_prompt,
                                     after_generation_prompt=after_generation_prompt, **context)
@@ -609,6 +607,22 @@ class HFTokenizer(BaseTokenizer):
             config["chat_template"] = self.chat_template
         write_json(folder / "tokenizer_config.json", config)
         write_json(folder / "special_tokens_map.json", special)
+
+
+_OWN_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _strings(value: Any) -> Iterable[str]:
+    """Every string in nested dicts and lists, dict keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
 
 
 def _has_surrogates(text: str) -> bool:
