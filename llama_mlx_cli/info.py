@@ -18,6 +18,7 @@ from .common import (
     KVGroupSizeOpt,
     ModelOpt,
     err_console,
+    fetch_default_model,
     format_bytes,
     format_count,
     handle_errors,
@@ -112,6 +113,7 @@ def info(
 def _run(model, context, kv_bits, kv_group_size, dtype, json_out) -> None:
     from llama_mlx.info import model_info
 
+    fetch_default_model(model)
     console = err_console()
     status = console.status(f"Resolving {model_label(model)}…") if model is None and console.is_terminal \
         else contextlib.nullcontext()

@@ -113,12 +113,13 @@ def serve(
     from llama_mlx import server
     from llama_mlx.loading import load, resolve_model
 
-    from .common import GenerationOptions, resolve_dtype
+    from .common import GenerationOptions, fetch_default_model, resolve_dtype
 
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise typer.BadParameter(f"{log_level!r} is not one of critical, error, warning, info, debug",
                                  param_hint="--log-level")
     split = split_mode(pipeline, tensor_parallel)
+    fetch_default_model(model)  # first use: its download bar, before the server starts
     path = resolve_model(model) if model is not None else None  # a bad path fails here, before binding
 
     def loader():

