@@ -7,7 +7,10 @@ Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/comp
 POST /v1/messages (Anthropic), GET /v1/internal/stats. Streams are server-sent events. Chat
 prompts go through the model's template with `tools` (llama_mlx.tools); replies that are tool
 calls come back as `tool_calls` / `tool_use` blocks; `response_format` and a forced `tool_choice`
-are enforced by constrained decoding (llama_mlx.structured). Errors are OpenAI's JSON
+are enforced by constrained decoding (llama_mlx.structured). A model whose template ignores tools
+(`llama_mlx.tools.supports_tools`; SmolLM2's) never sees them: a forced `tool_choice` ("required",
+a named function; Anthropic's any/tool) is a 400, and with "auto" the request is served without
+them (no tool-call parsing), its response marked `X-Llama-MLX-Warning`. Errors are OpenAI's JSON
 (`{"error": {...}}`; Anthropic's on /v1/messages). Prompts are never logged.
 """
 
@@ -37,7 +40,14 @@ from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, K
 from .errors import LlamaMLXError
 from .sample import SamplingParams
 from .structured import ResponseFormatError, grammar_for_response_format
-from .tools import ToolCallStream, apply_tool_chat_template, normalize_messages, parse_tool_calls, tools_for_choice
+from .tools import (
+    ToolCallStream,
+    apply_tool_chat_template,
+    normalize_messages,
+    parse_tool_calls,
+    supports_tools,
+    tools_for_choice,
+)
 
 __all__ = ["ApiError", "ServerConfig", "create_app", "run"]
 
@@ -220,18 +230,29 @@ class _Api:
             watcher.cancel()
             job.cancel()
 
-    def chat_prompt(self, messages: Any, tools: Any, tool_choice: Any) -> tuple[list[int], Optional[list]]:
+    def chat_prompt(self, messages: Any, tools: Any, tool_choice: Any) -> tuple[list[int], Optional[list], dict]:
+        """(prompt ids, the tools rendered or None, response headers)."""
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(422, "'messages' must be a non-empty list of objects", param="messages")
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise ApiError(422, "'tools' must be a list of objects", param="tools")
+        headers = {}
         try:
             rendered = tools_for_choice(tools, tool_choice if tool_choice is not None else "auto")
+            if rendered is not None and not supports_tools(self.engine.tokenizer):
+                if tool_choice == "required" or isinstance(tool_choice, dict):
+                    raise ApiError(400, "this model's chat template ignores tools, so the model cannot see them "
+                                   "and a forced tool_choice cannot be honored; send tool_choice 'auto' or 'none' "
+                                   "(the tools are then left out), or use a model whose template renders tools "
+                                   "(such as Llama 3.1+ Instruct)", param="tool_choice")
+                # Served as a plain chat: parsing replies for calls of tools the model never saw would pretend.
+                rendered, headers = None, {"X-Llama-MLX-Warning": "tools ignored: the model's chat template "
+                                                                  "does not render them"}
             msgs = _template_messages(messages)
             prompt = apply_tool_chat_template(self.engine.tokenizer, msgs, rendered)
         except (ValueError, TypeError, LlamaMLXError) as e:
             raise ApiError(400, f"cannot render the messages: {e}", param="messages") from None
-        return prompt, rendered
+        return prompt, rendered, headers
 
     def constrain(self, req: GenerationRequest, response_format: Any, tools: Optional[list], tool_choice: Any) -> None:
         forced = tools and (tool_choice == "required" or isinstance(tool_choice, dict))
@@ -270,7 +291,7 @@ class _Api:
         self.ensure_ready()
         stream = _get(body, "stream", (bool,), False)
         tool_choice = body.get("tool_choice")
-        prompt, tools = self.chat_prompt(body.get("messages"), body.get("tools"), tool_choice)
+        prompt, tools, headers = self.chat_prompt(body.get("messages"), body.get("tools"), tool_choice)
         req = self.sampling(body, prompt)
         if _get(body, "logprobs", (bool,), False):
             req.top_logprobs = _get(body, "top_logprobs", (int,), 0)
@@ -280,7 +301,7 @@ class _Api:
         job = self.submit(req)
         meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.config.model_name}
         if stream:
-            return _sse(self.chat_stream(job, meta, tools, include_usage))
+            return _sse(self.chat_stream(job, meta, tools, include_usage), headers)
         events = await self.collect(request, job)
         last = events[-1] if events else None
         if last is None or last.usage is None:
@@ -293,7 +314,7 @@ class _Api:
         if req.top_logprobs is not None:
             choice["logprobs"] = {"content": [self.logprob_entry(e) for e in events if e.logprob is not None]}
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
-                             "usage": _openai_usage(last), "system_fingerprint": None})
+                             "usage": _openai_usage(last), "system_fingerprint": None}, headers=headers)
 
     def logprob_entry(self, e: EngineEvent) -> dict:
         tok = self.engine.tokenizer
@@ -454,13 +475,13 @@ class _Api:
             {"type": "function", "function": {"name": choice.get("name")}} if kind == "tool" else None)
         if tool_choice is None:
             raise ApiError(422, "'tool_choice' must be {type: auto | any | tool | none}", param="tool_choice")
-        prompt, rendered = self.chat_prompt(msgs, tools, tool_choice)
+        prompt, rendered, headers = self.chat_prompt(msgs, tools, tool_choice)
         req = self.sampling(body, prompt, max_keys=("max_tokens",), stop_key="stop_sequences", temperature_max=1.0)
         self.constrain(req, None, rendered, tool_choice)
         job = self.submit(req)
         meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.config.model_name}
         if stream:
-            return _sse(self.messages_stream(job, meta, rendered))
+            return _sse(self.messages_stream(job, meta, rendered), headers)
         events = await self.collect(request, job)
         last = events[-1] if events else None
         if last is None or last.usage is None:
@@ -474,7 +495,7 @@ class _Api:
             content.append(_tool_use(call))
         return JSONResponse({**meta, "type": "message", "role": "assistant", "content": content,
                              "stop_reason": _stop_reason(last, reply), "stop_sequence": last.stop_sequence,
-                             "usage": _anthropic_usage(last)})
+                             "usage": _anthropic_usage(last)}, headers=headers)
 
     async def messages_stream(self, job, meta: dict, tools: Optional[list]) -> AsyncIterator[bytes]:
         holder = ToolCallStream(tools) if tools is not None else None
@@ -635,9 +656,9 @@ def _event(name: str, obj: dict) -> bytes:
     return f"event: {name}\n".encode() + _data(obj)
 
 
-def _sse(frames: AsyncIterator[bytes]) -> StreamingResponse:
+def _sse(frames: AsyncIterator[bytes], headers: Optional[dict] = None) -> StreamingResponse:
     return StreamingResponse(frames, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
 
 # -- the application

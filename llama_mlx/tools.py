@@ -3,7 +3,8 @@
 Rendering (`apply_tool_chat_template`): a tokenizer with a Jinja chat template renders it with
 the variables transformers' `apply_chat_template(..., tools=...)` passes (`messages`, `tools`,
 `documents`, `add_generation_prompt`, the special tokens, any extra keyword). Meta's tiktoken
-tokenizer has no template: it gets the Llama 3.1 Instruct template's layout, written here:
+tokenizer has no template, and a Llama 3.1+ vocabulary whose template ignores `tools` should not
+lose them: both get the Llama 3.1 Instruct template's layout, written here:
 
     <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n
     [Environment: ipython\\n][Tools: brave_search, wolfram_alpha\\n\\n]
@@ -13,6 +14,8 @@ tokenizer has no template: it gets the Llama 3.1 Instruct template's layout, wri
 
 with a `tool` result under an `ipython` header and an assistant call written
 `{"name": ..., "parameters": ...}` (built-ins `<|python_tag|>name.call(k="v")<|eom_id|>`).
+Other templates that ignore `tools` (SmolLM2's) drop them: `supports_tools` tells, by rendering a
+probe tool and looking for its name in the prompt, so callers can say so rather than pretend.
 
 Parsing (`parse_tool_calls`): a whole reply that is one or more JSON calls (`parameters` or
 `arguments`, with or without `<|python_tag|>` and `"type": "function"`), a built-in
@@ -30,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from .errors import TokenizerError
+from .errors import LlamaMLXError, TokenizerError
 
 __all__ = [
     "BUILTIN_TOOLS",
@@ -41,6 +44,7 @@ __all__ = [
     "may_be_tool_call",
     "normalize_messages",
     "parse_tool_calls",
+    "supports_tools",
     "tools_for_choice",
 ]
 
@@ -58,6 +62,7 @@ SYSTEM_TOOLS_PREAMBLE = (
     "Do not use variables.\n\n"
 )
 PYTHON_TAG = "<|python_tag|>"
+_PROBE = "llama_mlx_probe_tool_5f2c9e"  # a name no template writes unless it renders the tools given
 _UNSET: Any = object()
 _END_TAGS = ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>")
 
@@ -127,21 +132,70 @@ def apply_tool_chat_template(
     tools=tools, documents=documents, add_generation_prompt=..., **kwargs)` does. Without one, a
     Llama 3 vocabulary gets the Llama 3.1 Instruct layout (`builtin_tools`, `date_string`,
     `tools_in_user_message`, `custom_tools` as that template reads them) when there are tools,
-    built-in tools or tool turns, and Meta's plain chat format otherwise.
+    built-in tools or tool turns, and Meta's plain chat format otherwise. A Llama 3.1+ vocabulary
+    whose template ignores `tools` gets that layout when there are tools. Other templates that
+    ignore them drop them (see `supports_tools`).
     Raises TokenizerError when the tokenizer has neither, ValueError on malformed messages.
     """
     messages = normalize_messages(messages)
     tools = None if tools is None else [dict(t) for t in tools]
-    if getattr(tokenizer, "chat_template", None):
+    if getattr(tokenizer, "chat_template", None) and not (
+            tools and _llama31_vocabulary(tokenizer) and not _template_renders_tools(tokenizer)):
         return tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=documents, **kwargs
         )
-    if not hasattr(tokenizer, "special_tokens") or "<|start_header_id|>" not in tokenizer.special_tokens:
+    if not _llama3_vocabulary(tokenizer):
         raise TokenizerError("this tokenizer has no chat template and no Llama 3 chat format to render tools with")
     tool_turns = any("tool_calls" in m or m.get("role") in ("tool", "ipython") for m in messages)
     if tools is None and kwargs.get("custom_tools") is None and "builtin_tools" not in kwargs and not tool_turns:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     return Llama31Prompt(tokenizer).encode(messages, tools, add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether `apply_tool_chat_template` shows `tools` to the model: with Meta's Llama 3 format (no
+    template; Llama 3.1's layout), with a chat template that renders them (a probe tool's name reaches
+    the prompt), or on a Llama 3.1+ vocabulary whose template ignores them (Llama 3.1's layout instead).
+    False for other templates that ignore them (SmolLM2's): the model would never see the tools.
+    Cached per tokenizer and template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return _llama3_vocabulary(tokenizer)
+    return _template_renders_tools(tokenizer) or _llama31_vocabulary(tokenizer)
+
+
+def _llama3_vocabulary(tokenizer) -> bool:
+    return "<|start_header_id|>" in (getattr(tokenizer, "special_tokens", None) or {})
+
+
+def _llama31_vocabulary(tokenizer) -> bool:
+    # Llama 3.1 named <|python_tag|> and <|eom_id|> among 3.0's reserved tokens.
+    special = getattr(tokenizer, "special_tokens", None) or {}
+    return all(t in special for t in ("<|start_header_id|>", "<|python_tag|>", "<|eom_id|>"))
+
+
+def _template_renders_tools(tokenizer) -> bool:
+    template = tokenizer.chat_template
+    cached = getattr(tokenizer, "_renders_tools", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    probe = {"type": "function", "function": {"name": _PROBE, "description": "Probe.",
+                                              "parameters": {"type": "object", "properties": {}}}}
+    renders = False
+    # Some templates write tools into the system turn, others into the first or last user turn.
+    for messages in ([{"role": "user", "content": "Hi"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]):
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, tools=[probe])
+        except (LlamaMLXError, ValueError, TypeError):  # a template that refuses tools does not render them
+            continue
+        if _PROBE in text:
+            renders = True
+            break
+    try:
+        tokenizer._renders_tools = (template, renders)
+    except AttributeError:
+        pass
+    return renders
 
 
 def _tojson(value: Any, indent: Optional[int] = None) -> str:

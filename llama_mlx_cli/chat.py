@@ -39,6 +39,7 @@ from .common import (
     lead_or_follow,
     load_model,
     model_label,
+    note_line,
     out_console,
     refuse_in_group,
     split_mode,
@@ -740,6 +741,19 @@ def chat(
 TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its code interpreter on
 
 
+def python_tool_warning(tokenizer) -> Optional[str]:
+    """Why the model cannot use `--tools python` (Llama 3.1's code interpreter), or None when it can."""
+    from llama_mlx.tools import supports_tools
+
+    if not supports_tools(tokenizer):
+        return ("this model's chat template ignores tools, so the model will not see the python tool "
+                "(Llama 3.1+ Instruct models call it with <|python_tag|>)")
+    if "<|python_tag|>" not in tokenizer.special_tokens:
+        return ("this model has no <|python_tag|> token, so it cannot call the python tool "
+                "(Llama 3.1's code interpreter)")
+    return None
+
+
 @handle_errors
 def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None, yes=False, tool_timeout=10.0,
          tool_memory=1024, pipeline=None, history=True) -> int:
@@ -754,6 +768,8 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
     if opts.draft_model is not None or opts.prompt_lookup is not None:
         refuse_in_group("speculative decoding (--draft-model, --prompt-lookup)")
     lm, tokenizer = load_model(model, dtype, pipeline=pipeline)
+    if tools is not None and (warning := python_tool_warning(tokenizer)):
+        note_line(f"warning: {warning}")
     sources = opts.use_model_defaults(generation_defaults(resolve_model(model)))
     opts.check_static()
     opts.check(tokenizer)

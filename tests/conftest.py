@@ -78,3 +78,20 @@ def load_checkpoint(path, *, rope_factor=None):
 
     ckpt = read_checkpoint(path, rope_factor=rope_factor)
     return ckpt.config, LazyWeights(ckpt.tensors), load_tokenizer(ckpt.tokenizer_source or ckpt.path)
+
+
+@pytest.fixture(scope="session")
+def tiny_meta_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight, 4-bit MLX folder of a tiny Llama 3 shape (128256 vocabulary rows) with Meta's
+    real tokenizer.model and no chat template: it loads with Meta's Llama 3 chat format, whose tool
+    prompts are Llama 3.1's layout."""
+    import shutil
+
+    from benchmarks.random_model import SHAPES, write_random_model
+
+    folder = write_random_model(tmp_path_factory.mktemp("tiny-meta") / "tiny", {**SHAPES["tiny"], "vocab_size": 128256},
+                                bits=4, group_size=64, dtype="float32")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the random model's own word-level tokenizer
+        (folder / name).unlink()
+    shutil.copyfile(assets.TOKENIZER_MODEL, folder / "tokenizer.model")
+    return folder

@@ -170,3 +170,28 @@ def test_tools_are_off_by_default(model, llama3):
     app.ask("Run it.")
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
     assert session.tool_call() == "print(1)" and term.asked == []
+
+
+def test_cli_warns_once_when_the_template_ignores_tools(tiny_meta_checkpoint):
+    """`chat --tools python` on SmolLM2 (its template drops tools, and it has no <|python_tag|>) says so in
+    one line on stderr; on Meta's Llama 3 format (a tiny random model with Meta's tokenizer) it says nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).with_name("llama-mlx")
+    env = {**os.environ, "LLAMA_MLX_HISTORY": "off"}
+
+    def chat(*args):
+        return subprocess.run([str(cli), "chat", "--tools", "python", *args], input="/exit\n", capture_output=True,
+                              text=True, env=env, timeout=120)
+
+    smollm2 = chat()
+    assert smollm2.returncode == 0, smollm2.stderr
+    assert [line for line in smollm2.stderr.splitlines() if "tools" in line] == [
+        "warning: this model's chat template ignores tools, so the model will not see the python tool "
+        "(Llama 3.1+ Instruct models call it with <|python_tag|>)"]
+    meta = chat("--model", str(tiny_meta_checkpoint))
+    assert meta.returncode == 0, meta.stderr
+    assert "warning" not in meta.stderr and "python tool on" in meta.stdout

@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, *args: str):
+    def __init__(self, tmp: Path, *args: str, model: Path = MODEL):
         from llama_mlx.resolve import ensure_default_model
 
         assert ensure_default_model() == MODEL  # a fresh clone converts it on first use
@@ -55,7 +55,7 @@ class Server:
         self.log_path = tmp / f"server-{self.port}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(CLI), "serve", "--model", str(MODEL), "--port", str(self.port), *args],
+        self.proc = subprocess.Popen([str(CLI), "serve", "--model", str(model), "--port", str(self.port), *args],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -99,6 +99,19 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def oai(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def meta_server(tmp_path_factory, tiny_meta_checkpoint):
+    """A tiny random model with Meta's tokenizer: Llama 3.1's tool prompts (SmolLM2's template ignores tools)."""
+    s = Server(tmp_path_factory.mktemp("serve-meta"), "--api-key", KEY, model=tiny_meta_checkpoint)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def meta_oai(meta_server):
+    return openai.OpenAI(base_url=meta_server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +213,22 @@ def test_messages_both_ways(server, hf):
 # -- tools and structured output
 
 
-def test_forced_tool_call_openai(oai):
+def test_forced_tool_call_openai(meta_oai):
     """tool_choice naming a function constrains the reply to {"name", "parameters"} of it; the server's
-    parser turns that generated text into tool_calls, streamed (held back, never as content) or not."""
+    parser turns that generated text into tool_calls, streamed (held back, never as content) or not.
+    The prompt is Llama 3.1's with the tool (Meta's real template through transformers, the oracle)."""
+    from test_tools import real_template, transformers_llama3
+
+    oai = meta_oai
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    r = oai.chat.completions.create(model="m", messages=messages, tools=[WEATHER], tool_choice=choice,
-                                    temperature=0, max_tokens=60)
+    raw = oai.chat.completions.with_raw_response.create(model="m", messages=messages, tools=[WEATHER],
+                                                        tool_choice=choice, temperature=0, max_tokens=60)
+    assert "x-llama-mlx-warning" not in raw.headers
+    r = raw.parse()
+    expected = transformers_llama3().apply_chat_template(messages, chat_template=real_template("3.1"), tools=[WEATHER],
+                                                         add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(expected["input_ids"] if hasattr(expected, "keys") else expected)
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
     (call,) = r.choices[0].message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
@@ -224,20 +246,21 @@ def test_forced_tool_call_openai(oai):
     assert again.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
-def test_tools_auto_plain_text_is_released(oai):
+def test_tools_auto_plain_text_is_released(meta_oai):
+    oai = meta_oai
     q = "Write one short sentence about cats."
     kw = dict(model="m", messages=[{"role": "user", "content": q}], tools=[WEATHER], temperature=0, max_tokens=16)
     r = oai.chat.completions.create(**kw)
     chunks = list(oai.chat.completions.create(**kw, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    if r.choices[0].message.tool_calls:  # the 135M model may call the tool by itself: then both must agree
+    if r.choices[0].message.tool_calls:  # the model may call the tool by itself: then both must agree
         assert chunks[-1].choices[0].finish_reason == "tool_calls" and not text
     else:
         assert text == r.choices[0].message.content != ""
 
 
-def test_forced_tool_use_anthropic(server):
-    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+def test_forced_tool_use_anthropic(meta_server):
+    client = anthropic.Anthropic(base_url=meta_server.url, api_key=KEY, max_retries=0)
     tool = {"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}
     kw = dict(model="m", max_tokens=60, extra_body=T0, tools=[tool], tool_choice={"type": "tool", "name": "get_weather"},
               messages=[{"role": "user", "content": "Weather in Oslo?"}])
@@ -252,6 +275,38 @@ def test_forced_tool_use_anthropic(server):
         *kw["messages"], {"role": "assistant", "content": [b.model_dump() for b in r.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "cold"}]}])
     assert result.type == "message"
+
+
+def test_tools_the_template_ignores_are_never_pretended(server, oai):
+    """SmolLM2's template drops tools: a forced tool_choice is a 400 naming tool_choice (OpenAI, streamed
+    or not, and Anthropic's any/tool); with "auto" the answer is the plain answer without the tools,
+    no tool calls parsed, marked by a warning header."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                oai.chat.completions.create(model="m", messages=messages, tools=[WEATHER], tool_choice=choice,
+                                            temperature=0, max_tokens=20, stream=stream)
+            assert e.value.status_code == 400 and e.value.param == "tool_choice"
+            assert "chat template ignores tools" in e.value.message
+    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+    tool = {"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+        with pytest.raises(anthropic.BadRequestError) as e:
+            client.messages.create(model="m", max_tokens=20, extra_body=T0, tools=[tool], tool_choice=choice,
+                                   messages=messages)
+        assert e.value.status_code == 400 and "chat template ignores tools" in str(e.value)
+    plain = oai.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=12)
+    raw = oai.chat.completions.with_raw_response.create(model="m", messages=messages, tools=[WEATHER],
+                                                        temperature=0, max_tokens=12)
+    assert raw.headers["x-llama-mlx-warning"].startswith("tools ignored")
+    r = raw.parse()
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == plain.choices[0].message.content
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens
+    raw = client.messages.with_raw_response.create(model="m", max_tokens=12, extra_body=T0, tools=[tool],
+                                                   messages=messages)
+    assert raw.headers["x-llama-mlx-warning"].startswith("tools ignored")
+    assert [b.type for b in raw.parse().content] == ["text"]
 
 
 def test_json_schema_output_validates(oai):

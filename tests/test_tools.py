@@ -20,6 +20,7 @@ from llama_mlx.tools import (
     may_be_tool_call,
     normalize_messages,
     parse_tool_calls,
+    supports_tools,
     tools_for_choice,
 )
 
@@ -248,6 +249,39 @@ def test_smollm2_template_with_tools_matches_transformers():
         expected = _ids(oracle.apply_chat_template(messages, tools=[WEATHER], add_generation_prompt=gen))
         assert apply_tool_chat_template(smollm2(), messages, [WEATHER], add_generation_prompt=gen) == expected
     assert "<|im_start|>tool\nsunny and warm<|im_end|>" in smollm2().decode(expected)
+
+
+def test_supports_tools_tells_templates_that_drop_them():
+    """A template that ignores `tools` (SmolLM2's) drops them: the prompt equals the one without tools,
+    and `supports_tools` says so. Meta's format and Meta's real templates render them."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    assert apply_tool_chat_template(smollm2(), messages, [WEATHER]) == apply_tool_chat_template(smollm2(), messages)
+    assert not supports_tools(smollm2())
+    assert supports_tools(llama3())
+    for version in REAL_TEMPLATES:
+        assert supports_tools(hf_llama3_with(real_template(version)))
+    from test_tokenizer_corpus import smollm2_metadata
+
+    def smollm2_with(template):
+        return load_tokenizer(gguf_metadata={**smollm2_metadata(), "tokenizer.chat_template": template})
+
+    assert not supports_tools(smollm2_with("{% if tools %}{{ raise_exception('no tools') }}{% endif %}x"))
+    assert supports_tools(smollm2_with("{% for t in tools or [] %}{{ t.function.name }}{% endfor %}x"))
+
+
+def test_llama31_vocabulary_whose_template_ignores_tools_gets_llama31_layout():
+    """Our own Llama 3 template (written into converted folders) ignores `tools`; on a Llama 3.1
+    vocabulary the tools are rendered in Llama 3.1's layout instead: Meta's real 3.1 template's prompt."""
+    from llama_mlx.tokenizer.chat_format import LLAMA3_CHAT_TEMPLATE
+
+    tokenizer = hf_llama3_with(LLAMA3_CHAT_TEMPLATE)
+    assert supports_tools(tokenizer)
+    for chat in CHATS[:2]:
+        expected = _ids(transformers_llama3().apply_chat_template(
+            chat, chat_template=real_template("3.1"), tools=[WEATHER, TIME], add_generation_prompt=True))
+        assert apply_tool_chat_template(tokenizer, chat, [WEATHER, TIME]) == expected
+    # without tools, the template itself
+    assert apply_tool_chat_template(tokenizer, CHATS[0]) == tokenizer.apply_chat_template(CHATS[0])
 
 
 def test_tools_for_choice():
