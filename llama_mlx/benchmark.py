@@ -30,12 +30,14 @@ import mlx.core as mx
 
 __all__ = [
     "BenchResult",
+    "BenchSizes",
     "LlamaMLX",
     "Runtime",
     "Trial",
     "benchmark",
     "curve_trial",
     "decode_curve",
+    "default_sizes",
     "default_warmup_tokens",
     "device_summary",
     "free_memory",
@@ -295,25 +297,55 @@ def model_vocab_size(path: str | Path) -> int:
     return int(read_checkpoint(path).config["vocab_size"])
 
 
-def benchmark(model: str | Path | None = None, prompt_tokens: int = 512, gen_tokens: int = 128, trials: int = 3, *,
+@dataclass(frozen=True)
+class BenchSizes:
+    prompt_tokens: int
+    gen_tokens: int
+    trials: int
+
+
+# mlx-lm's benchmark sizes on a GPU. The CPU backend prefills a few hundred tokens a second at
+# best (far fewer on a shared machine), so there a short prompt and two trials give a figure
+# in seconds rather than minutes; the full sizes stay one option away.
+GPU_SIZES = BenchSizes(512, 128, 3)
+CPU_SIZES = BenchSizes(128, 32, 2)
+
+
+def default_sizes() -> BenchSizes:
+    """The prompt, generation and trial counts `benchmark` uses unless told: by device."""
+    return GPU_SIZES if mx.default_device() == mx.gpu else CPU_SIZES
+
+
+def benchmark(model: str | Path | None = None, prompt_tokens: Optional[int] = None,
+              gen_tokens: Optional[int] = None, trials: Optional[int] = None, *,
               runtime: Optional[Runtime] = None, dtype: Optional[str] = None, warmup_tokens: Optional[int] = None,
               seed: int = 0, progress=None) -> BenchResult:
     """Median-of-trials benchmark of one runtime (default: `LlamaMLX()`) on one model (a path, a name in
-    weights/, or None: the default)."""
+    weights/, or None: the default). Sizes left None come from `default_sizes()`.
+
+    progress(stage, trial, trials, result) is called as the run goes: ("load", 0, n, None) before the
+    untimed first load, ("trial", i, n, None) as trial i starts, ("done", i, n, Trial) as it ends.
+    """
     from .resolve import resolve_model
 
+    sizes = default_sizes()
+    prompt_tokens = sizes.prompt_tokens if prompt_tokens is None else prompt_tokens
+    gen_tokens = sizes.gen_tokens if gen_tokens is None else gen_tokens
+    trials = sizes.trials if trials is None else trials
     if trials < 1 or prompt_tokens < 1:
         raise ValueError("trials and prompt_tokens must be at least 1")
     path = resolve_model(model)
     prompt_ids = random_prompt(model_vocab_size(path), prompt_tokens, seed)
     rt = LlamaMLX() if runtime is None else runtime
+    report = progress or (lambda *a: None)
     rt.prepare()
+    report("load", 0, trials, None)
     preload(rt, path, dtype)
     results = []
     for i in range(trials):
+        report("trial", i + 1, trials, None)
         results.append(run_trial(rt, path, prompt_ids, gen_tokens, dtype=dtype, warmup_tokens=warmup_tokens))
-        if progress:
-            progress(i + 1, trials, results[-1])
+        report("done", i + 1, trials, results[-1])
     return BenchResult(runtime=rt.name, model=str(path), prompt_tokens=prompt_tokens, generation_tokens=gen_tokens,
                        trials=results, device=device_summary())
 

@@ -14,6 +14,7 @@ __all__ = [
     "OutsideModelError",
     "PromptCacheError",
     "RemovalRefusedError",
+    "SandboxUnavailableError",
     "ShardError",
     "SpeculativeError",
     "TokenIdError",
@@ -66,6 +67,11 @@ class HubError(ModelNotFoundError):
 
 class RemovalRefusedError(LlamaMLXError):
     """`remove_model` was asked to delete something outside the weights folder and the Hugging Face cache."""
+
+
+class SandboxUnavailableError(LlamaMLXError):
+    """The Python tool cannot be confined on this machine (no namespaces, Landlock or sandbox-exec), so it
+    does not run."""
 
 
 class ShardError(LlamaMLXError):

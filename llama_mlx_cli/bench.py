@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -14,6 +14,7 @@ from .common import (
     GgufFileOpt,
     JsonOpt,
     ModelOpt,
+    err_console,
     handle_errors,
     model_label,
     note_line,
@@ -27,12 +28,16 @@ EPILOG = """\
 
   llama-mlx bench
 
-  llama-mlx bench -M weights/Llama-3.2-1B-Instruct -p 512 -g 128 -n 5
+  llama-mlx bench --prompt-tokens 512 -g 128 -n 3      # the GPU sizes, on a CPU too
 
-  llama-mlx bench -p 128 -g 32 -n 3 --json
+  llama-mlx bench -M weights/Llama-3.2-1B-Instruct --prompt-tokens 512 -g 128 -n 5
+
+  llama-mlx bench --prompt-tokens 128 -g 32 -n 3 --json
 
 Each trial loads the model, warms it up, then generates greedily after a prompt of random token ids.
-Figures are medians over trials. To compare with mlx-lm, see benchmarks/vs_mlx_lm.py.
+Figures are medians over trials; progress goes to stderr. Unset sizes depend on the device:
+a GPU gets 512 prompt tokens, 128 generated and 3 trials, a CPU 128, 32 and 2.
+To compare with mlx-lm, see benchmarks/vs_mlx_lm.py.
 """
 
 ROWS = [
@@ -47,12 +52,15 @@ ROWS = [
 def bench(
     model: ModelOpt = None,
     gguf_file: GgufFileOpt = None,
-    prompt_tokens: Annotated[int, typer.Option(
-        "--prompt-tokens", min=1, metavar="N", help="Prompt length, in tokens (random ids).")] = 512,
-    gen_tokens: Annotated[int, typer.Option(
-        "--gen-tokens", "--generation-tokens", "-g", min=2, metavar="N", help="Tokens to generate.")] = 128,
-    trials: Annotated[int, typer.Option("--trials", "--num-trials", "-n", min=1, metavar="N",
-                                        help="Timed trials; the figures are their medians.")] = 3,
+    prompt_tokens: Annotated[Optional[int], typer.Option(
+        "--prompt-tokens", min=1, metavar="N", show_default=False,
+        help="Prompt length, in tokens (random ids). Default: 512 on a GPU, 128 on a CPU.")] = None,
+    gen_tokens: Annotated[Optional[int], typer.Option(
+        "--gen-tokens", "--generation-tokens", "-g", min=2, metavar="N", show_default=False,
+        help="Tokens to generate. Default: 128 on a GPU, 32 on a CPU.")] = None,
+    trials: Annotated[Optional[int], typer.Option(
+        "--trials", "--num-trials", "-n", min=1, metavar="N", show_default=False,
+        help="Timed trials; the figures are their medians. Default: 3 on a GPU, 2 on a CPU.")] = None,
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -62,14 +70,40 @@ def bench(
 
 
 @handle_errors
-def _run(model, prompt_tokens: int, gen_tokens: int, trials: int, dtype, json_out: bool) -> None:
-    from llama_mlx.benchmark import benchmark
+def _run(model, prompt_tokens, gen_tokens, trials, dtype, json_out: bool) -> None:
+    from llama_mlx.benchmark import GPU_SIZES, benchmark, default_sizes
 
-    def progress(i: int, n: int, t) -> None:
-        note_line(f"trial {i}/{n}: prompt {t.prompt_tps:.1f} tok/s, generation {t.generation_tps:.2f} tok/s, "
-                  f"time to first token {t.ttft_s:.3f} s, peak memory {t.peak_memory_gb:.3f} GB, load {t.load_s:.2f} s")
+    sizes = default_sizes()
+    if sizes != GPU_SIZES and None in (prompt_tokens, gen_tokens, trials):
+        note_line(f"On this CPU: prompt {prompt_tokens or sizes.prompt_tokens} tokens, "
+                  f"{gen_tokens or sizes.gen_tokens} generated, {trials or sizes.trials} trials; for the GPU "
+                  f"sizes ask with --prompt-tokens {GPU_SIZES.prompt_tokens} -g {GPU_SIZES.gen_tokens} "
+                  f"-n {GPU_SIZES.trials}")
+    console = err_console()
+    status = console.status("", spinner="dots") if console.is_terminal else None
 
-    result = benchmark(model, prompt_tokens, gen_tokens, trials, dtype=resolve_dtype(dtype), progress=progress)
+    def progress(stage: str, i: int, n: int, t) -> None:
+        if stage == "load":
+            message = f"Loading {model_label(model)} (untimed, once)…"
+        elif stage == "trial":
+            message = f"Trial {i}/{n}: load, warm up, prefill and generate…"
+        else:
+            note_line(f"trial {i}/{n}: prompt {t.prompt_tps:.1f} tok/s, generation {t.generation_tps:.2f} tok/s, "
+                      f"time to first token {t.ttft_s:.3f} s, peak memory {t.peak_memory_gb:.3f} GB, "
+                      f"load {t.load_s:.2f} s")
+            return
+        if status is None:
+            note_line(message)
+        else:
+            status.update(message)
+
+    if status is not None:
+        status.start()
+    try:
+        result = benchmark(model, prompt_tokens, gen_tokens, trials, dtype=resolve_dtype(dtype), progress=progress)
+    finally:
+        if status is not None:
+            status.stop()
     d = {"name": model_label(model), **result.to_dict()}
     if json_out:
         sys.stdout.write(json.dumps(d) + "\n")

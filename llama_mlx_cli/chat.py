@@ -374,11 +374,10 @@ class ChatApp:
         self.term.note(f"llama-mlx chat · {s.name} · context {s.context_limit:,} tokens · {sampling} · "
                        "/help for commands · Ctrl-D to quit")
         if self.tools is not None:
-            from llama_mlx.sandbox import network_isolation
-
-            self.term.note(f"python tool on: code runs in {self.tools.scratch} (no network: "
-                           f"{network_isolation()[0]}; {self.tools.timeout:g} s, {self.tools.memory_mb} MB)"
-                           + ("" if self.confirm_tools else " without asking"))
+            t = self.tools
+            self.term.note(f"python tool on: code runs in {t.scratch}, confined by {t.confinement}; "
+                           f"{t.timeout:g} s, {t.memory_mb} MB, {t.max_processes} processes"
+                           + ("" if self.confirm_tools else " · runs without asking"))
 
     def run(self) -> int:
         """Read and answer until /exit, Ctrl-D, or Ctrl-C twice at the prompt; returns the exit code."""
@@ -721,14 +720,17 @@ def chat(
         "--load", metavar="FILE", help="Resume a conversation saved with /save.", show_default=False)] = None,
     tools: Annotated[Optional[str], typer.Option(
         "--tools", metavar="python", callback=_tools, rich_help_panel=TOOLS, show_default=False,
-        help="Let the model run Python (Llama 3.1's <|python_tag|> code interpreter) in a subprocess: no network, "
-             "a scratch folder, time and memory limits. Off by default.")] = None,
+        help="Let the model run Python (Llama 3.1's <|python_tag|> code interpreter), confined: files only in a "
+             "scratch folder (system paths read-only), no network or Unix sockets, time, memory and process "
+             "limits. Refused where it cannot be confined. Off by default.")] = None,
     yes: Annotated[bool, typer.Option(
         "--yes", "-y", rich_help_panel=TOOLS, help="With --tools: run the model's code without asking first.")] = False,
     tool_timeout: Annotated[float, typer.Option(
-        "--tool-timeout", min=0.1, rich_help_panel=TOOLS, help="With --tools: seconds a run may take.")] = 10.0,
+        "--tool-timeout", min=0.1, rich_help_panel=TOOLS,
+        help="With --tools: seconds a run may take (then all its processes are killed).")] = 10.0,
     tool_memory: Annotated[int, typer.Option(
-        "--tool-memory", min=64, rich_help_panel=TOOLS, help="With --tools: megabytes of memory a run may use.")] = 1024,
+        "--tool-memory", min=64, rich_help_panel=TOOLS,
+        help="With --tools: megabytes of memory a run may use, all its processes together.")] = 1024,
     no_history: Annotated[bool, typer.Option(
         "--no-history", help=HISTORY_HELP, show_default=False)] = False,
 ) -> None:
@@ -764,6 +766,10 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
         session_path(load_session, must_exist=True)  # fail before the model loads
     if yes and tools is None:
         raise ValueError("--yes only applies with --tools python")
+    if tools == "python":  # refuse before the model loads where the code cannot be confined
+        from llama_mlx.sandbox import confinement
+
+        confinement()
     opts.check_static()
     if opts.draft_model is not None or opts.prompt_lookup is not None:
         refuse_in_group("speculative decoding (--draft-model, --prompt-lookup)")

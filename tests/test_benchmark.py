@@ -104,3 +104,24 @@ def test_decode_probe_script_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("tiny:")]
     assert len(lines) == 2 and all("tok/s" in line and "async_eval" in line for line in lines)
+
+
+def test_bench_defaults_sized_to_the_cpu_with_progress():
+    """`llama-mlx bench` as a newcomer runs it on a CPU: sizes for the CPU, said once with how to ask
+    for more, and progress on stderr while it runs (the first line long before it ends)."""
+    cmd = [sys.executable, "-c", "from llama_mlx_cli.main import app; app()", "bench", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()
+    running_after_first_line = proc.poll() is None
+    out, rest = proc.communicate(timeout=600)
+    err = first + rest
+    assert proc.returncode == 0, err[-3000:]
+    assert running_after_first_line
+    assert first.startswith("On this CPU: prompt 128 tokens, 32 generated, 2 trials")
+    assert "--prompt-tokens 512 -g 128 -n 3" in first
+    lines = err.splitlines()
+    for i in (1, 2):
+        started = lines.index(f"Trial {i}/2: load, warm up, prefill and generate…")
+        assert lines[started + 1].startswith(f"trial {i}/2: prompt ")  # that trial's figures follow it
+    d = json.loads(out)
+    assert (d["prompt_tokens"], d["generation_tokens"], d["trials"]) == (128, 32, 2)
