@@ -11,15 +11,18 @@ are enforced by constrained decoding (llama_mlx.structured). A model whose templ
 (`llama_mlx.tools.supports_tools`; SmolLM2's) never sees them: a forced `tool_choice` ("required",
 a named function; Anthropic's any/tool) is a 400, and with "auto" the request is served without
 them (no tool-call parsing), its response marked `X-Llama-MLX-Warning`. Errors are OpenAI's JSON
-(`{"error": {...}}`; Anthropic's on /v1/messages). Prompts are never logged.
+(`{"error": {...}}`; Anthropic's on /v1/messages). Prompts are never logged. What a web page of another
+origin could send (a foreign Host or Origin, a POST that is not application/json) is refused (`RequestGuard`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -49,7 +52,7 @@ from .tools import (
     tools_for_choice,
 )
 
-__all__ = ["ApiError", "ServerConfig", "create_app", "run"]
+__all__ = ["ApiError", "RequestGuard", "ServerConfig", "create_app", "run"]
 
 log = logging.getLogger("llama_mlx.server")
 
@@ -59,6 +62,8 @@ class ServerConfig:
     model_name: str = "model"
     api_key: Optional[str] = None
     allowed_origins: tuple[str, ...] = ()
+    host: str = "127.0.0.1"  # where it listens: decides which Host headers are answered
+    allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: int = 8 << 20
     default_max_tokens: int = 512
 
@@ -66,8 +71,9 @@ class ServerConfig:
 class ApiError(Exception):
     """An HTTP error with OpenAI's error fields."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 503: "overloaded_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
+             422: "invalid_request_error", 503: "overloaded_error"}
 
     def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
@@ -79,8 +85,8 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
     def anthropic(self) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
-                503: "overloaded_error"}.get(self.status, "invalid_request_error")
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                413: "request_too_large", 503: "overloaded_error"}.get(self.status, "invalid_request_error")
         return JSONResponse({"type": "error", "error": {"type": kind, "message": self.message}},
                             status_code=self.status)
 
@@ -661,14 +667,116 @@ def _sse(frames: AsyncIterator[bytes], headers: Optional[dict] = None) -> Stream
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
 
+# -- who may call: Host, Origin and Content-Type (web pages of other origins may not)
+
+
+def _host_part(value: str) -> Optional[str]:
+    """The host of a Host header or an origin's authority (`name[:port]`, `[v6][:port]`), lowercased
+    and without its port; None when malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]")
+        port = port[1:] if port.startswith(":") else (None if port else "")
+        ok = sep and port is not None
+    else:
+        host, _, port = value.partition(":")
+        ok = True
+    if not ok or not host or (port and not (port.isascii() and port.isdigit())):
+        return None
+    return host
+
+
+def _ip(host: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    ip = _ip(host)
+    return host == "localhost" or (ip is not None and ip.is_loopback)
+
+
+_ORIGIN = re.compile(r"(https?)://([^/?#@\s]+)/?")
+_WILDCARD_BINDS = ("", "0.0.0.0", "::")
+
+
+class RequestGuard:
+    """ASGI middleware refusing what a web page of another origin could send (DNS rebinding, cross-site
+    POSTs): a `Host` that is not a loopback name or address, the address listened on (`host`; any IP
+    address on a wildcard bind) or one of `allowed_hosts` ('*': any) gets 403; an `Origin` that is not
+    a loopback origin or one of `allowed_origins` ('*': any) gets 403; a POST whose Content-Type is not
+    application/json gets 415. Errors are JSON (Anthropic's on /v1/messages)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", allowed_hosts: Sequence[str] = (),
+                 allowed_origins: Sequence[str] = ()):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = {h for h in map(_host_part, allowed_hosts) if h}
+        bind = host.strip("[]").lower()
+        self.any_ip = bind in _WILDCARD_BINDS  # reachable at every address of the machine
+        if not self.any_ip:
+            self.hosts.add(bind)
+        self.any_origin = "*" in allowed_origins
+        self.origins = {o.strip().rstrip("/").lower() for o in allowed_origins}
+
+    def host_allowed(self, value: str) -> bool:
+        host = _host_part(value)
+        if host is None:
+            return False
+        # DNS rebinding needs the attacker's name in Host: an IP address cannot be one.
+        return (self.any_host or _is_loopback(host) or host in self.hosts
+                or (self.any_ip and _ip(host) is not None))
+
+    def origin_allowed(self, origin: str) -> bool:
+        origin = origin.strip().lower()
+        if self.any_origin or origin.rstrip("/") in self.origins:
+            return True
+        m = _ORIGIN.fullmatch(origin)
+        host = _host_part(m.group(2)) if m else None
+        return host is not None and _is_loopback(host)
+
+    def refusal(self, scope) -> Optional[ApiError]:
+        headers: dict[str, list[str]] = {}
+        for k, v in scope.get("headers", ()):
+            headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+        hosts = headers.get("host", [])
+        if len(hosts) != 1 or not self.host_allowed(hosts[0]):
+            shown = ", ".join(hosts) or "(none)"
+            return ApiError(403, f"the Host header {shown!r:.100} is not this server's (loopback names, --host, "
+                                 "--allowed-hosts)", code="host_not_allowed")
+        for origin in headers.get("origin", []):
+            if not self.origin_allowed(origin):
+                return ApiError(403, f"requests from origin {origin!r:.100} are not allowed (--allowed-origins)",
+                                code="origin_not_allowed")
+        if scope["method"] == "POST":
+            types = headers.get("content-type", [])
+            media = types[0].split(";")[0].strip().lower() if len(types) == 1 else ", ".join(types)
+            if media != "application/json":
+                return ApiError(415, f"the request body must be sent as Content-Type: application/json (got "
+                                     f"{repr(media)[:60] if media else 'none'})", code="unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            error = self.refusal(scope)
+            if error is not None:
+                response = error.anthropic() if scope["path"] == "/v1/messages" else error.openai()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # -- the application
 
 
 def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options: Any) -> Starlette:
     """The Starlette application over `engine` (started by the caller; closed, drained, at shutdown).
 
-    `config` or its fields as keywords: model_name, api_key, allowed_origins, max_body_bytes,
-    default_max_tokens.
+    `config` or its fields as keywords: model_name, api_key, allowed_origins, host, allowed_hosts,
+    max_body_bytes, default_max_tokens. `host` is where the app listens: on loopback only loopback
+    Host headers (and `allowed_hosts`) are answered (see `RequestGuard`).
     """
     config = config or ServerConfig(**options)
     api = _Api(engine, config)
@@ -703,7 +811,8 @@ def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options:
         Route("/v1/completions", guarded(api.completions), methods=["POST"]),
         Route("/v1/messages", guarded(api.messages, anthropic=True), methods=["POST"]),
     ]
-    middleware = []
+    middleware = [Middleware(RequestGuard, host=config.host, allowed_hosts=config.allowed_hosts,
+                             allowed_origins=config.allowed_origins)]
     if config.allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                                      allow_methods=["GET", "POST", "OPTIONS"],
@@ -715,8 +824,8 @@ def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options:
 
 def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port: int = 8080,
         model_name: str = "model", api_key: Optional[str] = None, allowed_origins: Sequence[str] = (),
-        max_body_bytes: int = 8 << 20, default_max_tokens: int = 512, max_concurrency: int = 8,
-        queue_size: int = 16, prompt_cache_bytes: int = 1 << 30, decode_concurrency: int = 8,
+        allowed_hosts: Sequence[str] = (), max_body_bytes: int = 8 << 20, default_max_tokens: int = 512,
+        max_concurrency: int = 8, queue_size: int = 16, prompt_cache_bytes: int = 1 << 30, decode_concurrency: int = 8,
         max_kv_bytes: Optional[int] = None, speculative: Optional[Callable[[], dict]] = None,
         lockstep=None, log_level: str = "info", on_ready: Optional[Callable[[], None]] = None) -> bool:
     """Serve the model `loader()` returns on http://host:port until SIGINT or SIGTERM (both stop cleanly).
@@ -731,7 +840,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
                     prompt_cache_bytes=prompt_cache_bytes, decode_concurrency=decode_concurrency,
                     max_kv_bytes=max_kv_bytes, speculative=speculative, lockstep=lockstep).start()
     config = ServerConfig(model_name=model_name, api_key=api_key, allowed_origins=tuple(allowed_origins),
-                          max_body_bytes=max_body_bytes, default_max_tokens=default_max_tokens)
+                          host=host, allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes,
+                          default_max_tokens=default_max_tokens)
     app = create_app(engine, config)
     logging.getLogger("llama_mlx").setLevel(log_level.upper())
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Optional
 
 import typer
@@ -56,6 +57,18 @@ def _loopback(host: str) -> bool:
         return False
 
 
+_HOST = re.compile(r"\*|[a-z0-9_.-]+(:\d+)?|\[[0-9a-f:.]+\](:\d+)?|[0-9a-f:]+", re.IGNORECASE)
+
+
+def _host_list(values: list[str]) -> list[str]:
+    hosts = [h.strip() for v in values for h in v.split(",") if h.strip()]
+    for h in hosts:
+        if not _HOST.fullmatch(h):
+            raise typer.BadParameter(f"{h!r} is not a host name or address (like mybox.lan or 192.168.1.5)",
+                                     param_hint="--allowed-hosts")
+    return hosts
+
+
 @handle_errors
 def serve(
     model: ModelOpt = None,
@@ -90,7 +103,14 @@ def serve(
         rich_help_panel=SERVER)] = 1 << 30,
     allowed_origins: Annotated[Optional[list[str]], typer.Option(
         "--allowed-origins", metavar="ORIGIN",
-        help="Allow browser requests from this origin (CORS; repeatable; '*' for any). Default: none.",
+        help="Allow browser requests from this origin, e.g. https://app.example (CORS; repeatable; '*' for any). "
+             "Requests from other origins are refused (403), loopback ones (http://localhost:PORT) aside.",
+        rich_help_panel=SERVER)] = None,
+    allowed_hosts: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-hosts", metavar="HOSTS",
+        help="Also answer requests whose Host header names one of these (comma-separated, repeatable; '*' for "
+             "any). By default only loopback names and addresses and --host's are answered (403 otherwise), so "
+             "a web page cannot reach the server through a name of its own (DNS rebinding).",
         rich_help_panel=SERVER)] = None,
     max_body_bytes: Annotated[int, typer.Option(
         "--max-body-bytes", min=1, metavar="BYTES", help="Largest request body accepted (413 beyond).",
@@ -119,6 +139,7 @@ def serve(
         raise typer.BadParameter(f"{log_level!r} is not one of critical, error, warning, info, debug",
                                  param_hint="--log-level")
     split = split_mode(pipeline, tensor_parallel)
+    hosts = _host_list(allowed_hosts or [])
     fetch_default_model(model)  # first use: its download bar, before the server starts
     path = resolve_model(model) if model is not None else None  # a bad path fails here, before binding
 
@@ -145,10 +166,10 @@ def serve(
         note_line(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
     listened = server.run(
         loader, host=host, port=port, model_name=model_label(model), api_key=api_key,
-        allowed_origins=allowed_origins or (), max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
-        max_concurrency=max_concurrency, queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes,
-        decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes, speculative=speculative,
-        lockstep=leader, log_level=log_level,
+        allowed_origins=allowed_origins or (), allowed_hosts=hosts, max_body_bytes=max_body_bytes,
+        default_max_tokens=max_tokens, max_concurrency=max_concurrency, queue_size=queue_size,
+        prompt_cache_bytes=prompt_cache_bytes, decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes,
+        speculative=speculative, lockstep=leader, log_level=log_level,
         on_ready=lambda: note_line(f"{model_label(model)} loaded; serving on http://{host}:{port}/v1"))
     if not listened:
         error_line(f"could not listen on {host}:{port}")

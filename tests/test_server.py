@@ -328,7 +328,8 @@ def test_errors(server, oai):
     url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
 
     def post(path, body=None, content=None, headers=auth):
-        return httpx.post(url + path, json=body, content=content, headers=headers, timeout=30)
+        typed = {"Content-Type": "application/json"} if content is not None else {}  # httpx types json= itself
+        return httpx.post(url + path, json=body, content=content, headers={**headers, **typed}, timeout=30)
 
     msgs = [{"role": "user", "content": "hi"}]
     r = post("/v1/chat/completions", content=b"{not json")
