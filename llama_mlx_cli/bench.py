@@ -15,6 +15,7 @@ from .common import (
     JsonOpt,
     ModelOpt,
     err_console,
+    fetch_default_model,
     handle_errors,
     model_label,
     note_line,
@@ -73,6 +74,7 @@ def bench(
 def _run(model, prompt_tokens, gen_tokens, trials, dtype, json_out: bool) -> None:
     from llama_mlx.benchmark import GPU_SIZES, benchmark, default_sizes
 
+    fetch_default_model(model)
     sizes = default_sizes()
     if sizes != GPU_SIZES and None in (prompt_tokens, gen_tokens, trials):
         note_line(f"On this CPU: prompt {prompt_tokens or sizes.prompt_tokens} tokens, "
