@@ -7,6 +7,7 @@
 from .batch import BatchEngine, BatchResult, batch_generate
 from .cache import PromptCache
 from .chat import ChatSession
+from .embed import embed
 from .errors import LlamaMLXError
 from .generate import GenerationResponse, generate, generate_step, stream_generate
 from .sample import SamplingParams, make_logits_processors, make_sampler
@@ -23,6 +24,7 @@ __all__ = [
     "SamplingParams",
     "batch_generate",
     "convert",
+    "embed",
     "generate",
     "generate_step",
     "load",
