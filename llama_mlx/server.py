@@ -161,11 +161,22 @@ class _Api:
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    def ensure_ready(self) -> None:
-        if not self.engine.ready:
+    async def engine_for(self, model: Any) -> Engine:
+        """The engine serving a request's `model` (None: the default model), loaded: waits while it
+        loads, without blocking the event loop. ApiError 404 `model_not_found` for a name that names
+        no model this server can serve, 422 for a `model` that is not a string."""
+        if model is not None and not isinstance(model, str):
+            raise ApiError(422, "'model' must be a string", param="model")
+        engine = self.engine
+        if not engine.ready:
             raise ApiError(503, "the model is still loading")
+        return engine
 
-    def sampling(self, body: dict, prompt: list[int], *, max_keys=("max_completion_tokens", "max_tokens"),
+    def name_of(self, engine: Engine) -> str:
+        """The name answers carry for the model `engine` serves."""
+        return self.config.model_name
+
+    def sampling(self, engine: Engine, body: dict, prompt: list[int], *, max_keys=("max_completion_tokens", "max_tokens"),
                  stop_key: str = "stop", temperature_max: float = 2.0) -> GenerationRequest:
         n = _get(body, "n", (int,), 1)
         if n != 1:
@@ -184,7 +195,7 @@ class _Api:
                 if max_tokens < 1:
                     raise ApiError(400, f"'{key}' must be at least 1", param=key)
                 break
-        context = self.engine.context_length
+        context = engine.context_length
         if len(prompt) >= context:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; the model's context holds {context}",
                            code="context_length_exceeded")
@@ -197,7 +208,7 @@ class _Api:
         bias = _get(body, "logit_bias", (dict,), None, "an object")
         logit_bias = None
         if bias:
-            vocab = self.engine.tokenizer.vocab_size
+            vocab = engine.tokenizer.vocab_size
             logit_bias = {}
             for k, v in bias.items():
                 if not str(k).lstrip("-").isdigit() or not _kind(v, (int, float)):
@@ -213,9 +224,9 @@ class _Api:
                                 frequency_penalty=float(frequency))
         return GenerationRequest(prompt=prompt, max_tokens=max_tokens, params=params, stop=stop)
 
-    def submit(self, request: GenerationRequest):
+    def submit(self, engine: Engine, request: GenerationRequest):
         try:
-            return self.engine.submit(request)
+            return engine.submit(request)
         except (QueueFullError, EngineClosedError) as e:
             raise ApiError(503, str(e), code="server_busy") from None
         except KVCapacityError as e:
@@ -236,7 +247,7 @@ class _Api:
             watcher.cancel()
             job.cancel()
 
-    def chat_prompt(self, messages: Any, tools: Any, tool_choice: Any) -> tuple[list[int], Optional[list], dict]:
+    def chat_prompt(self, engine: Engine, messages: Any, tools: Any, tool_choice: Any) -> tuple[list[int], Optional[list], dict]:
         """(prompt ids, the tools rendered or None, response headers)."""
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(422, "'messages' must be a non-empty list of objects", param="messages")
@@ -245,7 +256,7 @@ class _Api:
         headers = {}
         try:
             rendered = tools_for_choice(tools, tool_choice if tool_choice is not None else "auto")
-            if rendered is not None and not supports_tools(self.engine.tokenizer):
+            if rendered is not None and not supports_tools(engine.tokenizer):
                 if tool_choice == "required" or isinstance(tool_choice, dict):
                     raise ApiError(400, "this model's chat template ignores tools, so the model cannot see them "
                                    "and a forced tool_choice cannot be honored; send tool_choice 'auto' or 'none' "
@@ -255,7 +266,7 @@ class _Api:
                 rendered, headers = None, {"X-Llama-MLX-Warning": "tools ignored: the model's chat template "
                                                                   "does not render them"}
             msgs = _template_messages(messages)
-            prompt = apply_tool_chat_template(self.engine.tokenizer, msgs, rendered)
+            prompt = apply_tool_chat_template(engine.tokenizer, msgs, rendered)
         except (ValueError, TypeError, LlamaMLXError) as e:
             raise ApiError(400, f"cannot render the messages: {e}", param="messages") from None
         return prompt, rendered, headers
@@ -294,18 +305,18 @@ class _Api:
     async def chat_completions(self, request: Request) -> Response:
         self.check_key(request)
         body = await self.read_json(request)
-        self.ensure_ready()
+        engine = await self.engine_for(body.get("model"))
         stream = _get(body, "stream", (bool,), False)
         tool_choice = body.get("tool_choice")
-        prompt, tools, headers = self.chat_prompt(body.get("messages"), body.get("tools"), tool_choice)
-        req = self.sampling(body, prompt)
+        prompt, tools, headers = self.chat_prompt(engine, body.get("messages"), body.get("tools"), tool_choice)
+        req = self.sampling(engine, body, prompt)
         if _get(body, "logprobs", (bool,), False):
             req.top_logprobs = _get(body, "top_logprobs", (int,), 0)
             _in_range("top_logprobs", req.top_logprobs, 0, 20)
         self.constrain(req, body.get("response_format"), tools, tool_choice)
         include_usage = bool((_get(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
-        job = self.submit(req)
-        meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.config.model_name}
+        job = self.submit(engine, req)
+        meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.name_of(engine)}
         if stream:
             return _sse(self.chat_stream(job, meta, tools, include_usage), headers)
         events = await self.collect(request, job)
@@ -318,12 +329,12 @@ class _Api:
         choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason(last.finish_reason)
                   if reply else last.finish_reason, "logprobs": None}
         if req.top_logprobs is not None:
-            choice["logprobs"] = {"content": [self.logprob_entry(e) for e in events if e.logprob is not None]}
+            choice["logprobs"] = {"content": [self.logprob_entry(engine, e) for e in events if e.logprob is not None]}
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
                              "usage": _openai_usage(last), "system_fingerprint": None}, headers=headers)
 
-    def logprob_entry(self, e: EngineEvent) -> dict:
-        tok = self.engine.tokenizer
+    def logprob_entry(self, engine: Engine, e: EngineEvent) -> dict:
+        tok = engine.tokenizer
 
         def one(token: int, lp: float) -> dict:
             raw = tok.token_bytes(token)
@@ -344,7 +355,7 @@ class _Api:
             yield chunk({"role": "assistant", "content": ""})
             async for e in job:
                 if with_logprobs and e.logprob is not None:
-                    pending.append(self.logprob_entry(e))
+                    pending.append(self.logprob_entry(job.engine, e))
                 text = holder.feed(e.text) if holder else e.text
                 if text:
                     yield chunk({"content": text}, logprobs=pending if with_logprobs else None)
@@ -374,12 +385,12 @@ class _Api:
     async def completions(self, request: Request) -> Response:
         self.check_key(request)
         body = await self.read_json(request)
-        self.ensure_ready()
+        engine = await self.engine_for(body.get("model"))
         stream = _get(body, "stream", (bool,), False)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        tok = self.engine.tokenizer
+        tok = engine.tokenizer
         if isinstance(prompt, str):
             ids = tok.encode(prompt, bos=tok.add_bos and tok.bos_id is not None)
         elif isinstance(prompt, list) and prompt and all(_kind(t, (int,)) for t in prompt):
@@ -392,15 +403,15 @@ class _Api:
             raise ApiError(400, "the prompt is empty", param="prompt")
         if _get(body, "echo", (bool,), False):
             raise ApiError(400, "'echo' is not supported", param="echo")
-        req = self.sampling(body, ids, max_keys=("max_tokens",))
+        req = self.sampling(engine, body, ids, max_keys=("max_tokens",))
         top = _get(body, "logprobs", (int,), None)
         if top is not None:
             _in_range("logprobs", top, 0, 20)
             req.top_logprobs = top
         self.constrain(req, body.get("response_format"), None, None)
         include_usage = bool((_get(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
-        job = self.submit(req)
-        meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.config.model_name}
+        job = self.submit(engine, req)
+        meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.name_of(engine)}
         if stream:
             return _sse(self.completion_stream(job, meta, include_usage))
         events = await self.collect(request, job)
@@ -408,11 +419,11 @@ class _Api:
         if last is None or last.usage is None:
             return Response(status_code=499)
         choice = {"index": 0, "text": "".join(e.text for e in events), "finish_reason": last.finish_reason,
-                  "logprobs": self.legacy_logprobs(events) if req.top_logprobs is not None else None}
+                  "logprobs": self.legacy_logprobs(engine, events) if req.top_logprobs is not None else None}
         return JSONResponse({**meta, "object": "text_completion", "choices": [choice], "usage": _openai_usage(last)})
 
-    def legacy_logprobs(self, events: list[EngineEvent], offset: int = 0) -> dict:
-        tok = self.engine.tokenizer
+    def legacy_logprobs(self, engine: Engine, events: list[EngineEvent], offset: int = 0) -> dict:
+        tok = engine.tokenizer
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in events:
             if e.logprob is None:
@@ -431,7 +442,7 @@ class _Api:
         try:
             async for e in job:
                 if e.text or e.finish_reason:
-                    logprobs = self.legacy_logprobs([e], offset) if with_logprobs else None
+                    logprobs = self.legacy_logprobs(job.engine, [e], offset) if with_logprobs else None
                     offset += len(e.text)
                     choice = {"index": 0, "text": e.text, "finish_reason": e.finish_reason, "logprobs": logprobs}
                     yield _data({**meta, "object": "text_completion", "choices": [choice]})
@@ -455,7 +466,7 @@ class _Api:
     async def _messages(self, request: Request) -> Response:
         self.check_key(request)
         body = await self.read_json(request)
-        self.ensure_ready()
+        engine = await self.engine_for(body.get("model"))
         if _get(body, "max_tokens", (int,), None) is None:
             raise ApiError(422, "'max_tokens' is required", param="max_tokens")
         stream = _get(body, "stream", (bool,), False)
@@ -481,11 +492,11 @@ class _Api:
             {"type": "function", "function": {"name": choice.get("name")}} if kind == "tool" else None)
         if tool_choice is None:
             raise ApiError(422, "'tool_choice' must be {type: auto | any | tool | none}", param="tool_choice")
-        prompt, rendered, headers = self.chat_prompt(msgs, tools, tool_choice)
-        req = self.sampling(body, prompt, max_keys=("max_tokens",), stop_key="stop_sequences", temperature_max=1.0)
+        prompt, rendered, headers = self.chat_prompt(engine, msgs, tools, tool_choice)
+        req = self.sampling(engine, body, prompt, max_keys=("max_tokens",), stop_key="stop_sequences", temperature_max=1.0)
         self.constrain(req, None, rendered, tool_choice)
-        job = self.submit(req)
-        meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.config.model_name}
+        job = self.submit(engine, req)
+        meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.name_of(engine)}
         if stream:
             return _sse(self.messages_stream(job, meta, rendered), headers)
         events = await self.collect(request, job)
