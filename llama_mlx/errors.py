@@ -8,6 +8,7 @@ __all__ = [
     "ContextLengthError",
     "DraftModelError",
     "HubError",
+    "ImageError",
     "LlamaMLXError",
     "ModelNotFoundError",
     "OutputExistsError",
@@ -43,6 +44,11 @@ class UnsafeCheckpointError(CheckpointError):
 
 class TokenizerError(LlamaMLXError):
     """A tokenizer file is missing or malformed."""
+
+
+class ImageError(LlamaMLXError):
+    """An image that cannot be used: not an image file, more than one in a message, or given to a
+    model that does not see images."""
 
 
 class ContextLengthError(LlamaMLXError):
