@@ -37,6 +37,8 @@ def embedding_tokens(tokenizer, inputs: Inputs) -> list[list[int]]:
     out = []
     for i, item in enumerate(inputs):
         if isinstance(item, str):
+            if not item:
+                raise ArgumentError(f"input {i} is empty")
             ids = tokenizer.encode(item, bos=tokenizer.add_bos and tokenizer.bos_id is not None)
         elif isinstance(item, (list, tuple)) and all(_is_id(t) for t in item):
             ids = [int(t) for t in item]

@@ -294,6 +294,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
+        self._calls: list[tuple[Callable, asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._closing = False
         self._thread: Optional[threading.Thread] = None
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
@@ -357,6 +358,33 @@ class Engine:
             self._waiting.append(job)
             self._cond.notify_all()
         return job
+
+    async def call(self, fn: Callable[[Any, Any], Any]) -> Any:
+        """Run `fn(model, tokenizer)` on the worker thread, between steps (the model's arrays live
+        there), and return what it returns or raise what it raises. Raises EngineClosedError."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._closing or not self.ready:
+                raise EngineClosedError("the server is shutting down" if self._closing else "the model is not loaded")
+            self._calls.append((fn, loop, future))
+            self._cond.notify_all()
+        return await future
+
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for fn, loop, future in calls:
+            try:
+                result, error = fn(self.model, self.tokenizer), None
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                result, error = None, e
+
+            def settle(future=future, result=result, error=error):
+                if not future.done():
+                    future.set_exception(error) if error is not None else future.set_result(result)
+
+            loop.call_soon_threadsafe(settle)
 
     def _forget_waiting(self, job: Job) -> None:
         with self._cond:
@@ -427,6 +455,8 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            if self._calls:
+                self._run_calls()
             with self._cond:
                 # One queue: a job waits here until it can run, and a batched one joins the batch
                 # only while the batch has a row for it (it may still wait there for KV room).
@@ -436,6 +466,8 @@ class Engine:
                     free -= 1
                 idle = not self._active
                 if idle and not (self.batch.has_work()):
+                    if self._calls:
+                        continue
                     if self._closing:
                         return
                     self._cond.wait()

@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
@@ -36,9 +37,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import api_embeddings
+from .api_common import ApiError, _data, _event, _get, _in_range, _kind, _sse, _stop_list
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
 from .sample import SamplingParams
@@ -66,63 +69,6 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: int = 8 << 20
     default_max_tokens: int = 512
-
-
-class ApiError(Exception):
-    """An HTTP error with OpenAI's error fields."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
-             422: "invalid_request_error", 503: "overloaded_error"}
-
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def openai(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-    def anthropic(self) -> JSONResponse:
-        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                413: "request_too_large", 503: "overloaded_error"}.get(self.status, "invalid_request_error")
-        return JSONResponse({"type": "error", "error": {"type": kind, "message": self.message}},
-                            status_code=self.status)
-
-
-# -- request parsing
-
-
-def _kind(value: Any, kinds: tuple) -> bool:
-    if isinstance(value, bool) and bool not in kinds:
-        return False
-    return isinstance(value, kinds)
-
-
-def _get(body: dict, key: str, kinds: tuple, default: Any = None, what: str = "") -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not _kind(value, kinds):
-        raise ApiError(422, f"'{key}' must be {what or ' or '.join(k.__name__ for k in kinds)}", param=key)
-    return value
-
-
-def _in_range(key: str, value: float, lo: float, hi: float, *, open_lo: bool = False) -> None:
-    if value is not None and (value < lo or value > hi or (open_lo and value == lo)):
-        raise ApiError(400, f"'{key}' must be in {'(' if open_lo else '['}{lo}, {hi}], got {value}", param=key)
-
-
-def _stop_list(body: dict, key: str) -> list[str]:
-    stop = body.get(key)
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise ApiError(422, f"'{key}' must be a string or a list of strings", param=key)
-    return stop
 
 
 class _Api:
@@ -665,19 +611,6 @@ def _anthropic_usage(e: EngineEvent) -> dict:
             "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
 
 
-def _data(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
-
-def _event(name: str, obj: dict) -> bytes:
-    return f"event: {name}\n".encode() + _data(obj)
-
-
-def _sse(frames: AsyncIterator[bytes], headers: Optional[dict] = None) -> StreamingResponse:
-    return StreamingResponse(frames, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
-
-
 # -- who may call: Host, Origin and Content-Type (web pages of other origins may not)
 
 
@@ -821,6 +754,7 @@ def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options:
         Route("/v1/chat/completions", guarded(api.chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(api.completions), methods=["POST"]),
         Route("/v1/messages", guarded(api.messages, anthropic=True), methods=["POST"]),
+        Route("/v1/embeddings", guarded(partial(api_embeddings.embeddings, api)), methods=["POST"]),
     ]
     middleware = [Middleware(RequestGuard, host=config.host, allowed_hosts=config.allowed_hosts,
                              allowed_origins=config.allowed_origins)]
