@@ -1,0 +1,86 @@
+"""Tiny random Llama 3.2 Vision (mllama) models built with transformers (float32), the oracle of the vision tests.
+
+transformers 5.x's MllamaVisionEncoder collects the *outputs* of the local layers as its intermediate
+states; Meta's reference (and transformers 4.x, see huggingface/transformers#39785) takes each listed
+layer's *input*. `meta_intermediate_states()` restores Meta's collection in the oracle, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+IMAGE_TOKEN = 300  # vocab_size, as in Llama 3.2 Vision (128256)
+
+TINY_CONFIG = dict(
+    vision_config=dict(hidden_size=32, num_hidden_layers=4, num_global_layers=2, attention_heads=4,
+                       intermediate_size=64, vision_output_dim=32 * 3, image_size=28, patch_size=14,
+                       max_num_tiles=4, intermediate_layers_indices=[1, 3], norm_eps=1e-5),
+    text_config=dict(vocab_size=300, hidden_size=64, num_hidden_layers=5, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=128, cross_attention_layers=[1, 3],
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 64},
+                     max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    image_token_index=IMAGE_TOKEN,
+)
+
+
+def tiny_mllama(seed: int = 0, scale: float = 0.2):
+    """A random MllamaForConditionalGeneration (float32, eval), gates and embeddings far from their zero init."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(MllamaConfig(**TINY_CONFIG)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "gate" in name:
+                p.copy_(torch.empty_like(p).uniform_(-1.2, 1.2))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return model
+
+
+@contextlib.contextmanager
+def meta_intermediate_states():
+    from transformers.modeling_outputs import BaseModelOutput
+    from transformers.models.mllama import modeling_mllama as mm
+
+    original = mm.MllamaVisionEncoder.forward
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        states = ()
+        for layer in self.layers:
+            states = states + (hidden_states,)
+            hidden_states = layer(hidden_states=hidden_states, attention_mask=attention_mask)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=states)
+
+    mm.MllamaVisionEncoder.forward = forward
+    try:
+        yield
+    finally:
+        mm.MllamaVisionEncoder.forward = original
+
+
+def cross_attention_mask(ids: list[int], num_tiles: int, max_tiles: int = 4) -> torch.Tensor:
+    """The processor's mask for one image: every token from the image token on sees its tiles."""
+    mask = torch.zeros(1, len(ids), 1, max_tiles, dtype=torch.long)
+    if IMAGE_TOKEN in ids:
+        mask[0, ids.index(IMAGE_TOKEN):, 0, :num_tiles] = 1
+    return mask
+
+
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
+    """Parameters under the names save_pretrained writes (language_model.model.*, vision_model.*)."""
+    out = {}
+    for name, p in model.state_dict().items():
+        name = name.replace("model.language_model.", "language_model.model.").replace(
+            "model.vision_model.", "vision_model.").replace("model.multi_modal_projector.", "multi_modal_projector.")
+        if name == "lm_head.weight":
+            name = "language_model.lm_head.weight"
+        out[name] = p.detach().numpy().copy()
+    return out
