@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import api_embeddings
+from . import api_embeddings, api_responses
 from .api_common import ApiError, _data, _event, _get, _in_range, _kind, _sse, _stop_list
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
@@ -755,6 +755,7 @@ def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options:
         Route("/v1/completions", guarded(api.completions), methods=["POST"]),
         Route("/v1/messages", guarded(api.messages, anthropic=True), methods=["POST"]),
         Route("/v1/embeddings", guarded(partial(api_embeddings.embeddings, api)), methods=["POST"]),
+        Route("/v1/responses", guarded(partial(api_responses.responses, api)), methods=["POST"]),
     ]
     middleware = [Middleware(RequestGuard, host=config.host, allowed_hosts=config.allowed_hosts,
                              allowed_origins=config.allowed_origins)]
