@@ -540,9 +540,18 @@ class PromptCache:
                  kv_group_size: int = 64):
         self.num_layers = len(model.layers)
         self.options = dict(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
-        self.cache = make_prompt_cache(self.num_layers, **self.options)
-        self.tokens: list[int] = []
         self._model = model  # for its fingerprint, computed when saving or loading
+        self.cache = self._make()
+        self.tokens: list[int] = []
+
+    def _make(self) -> list:
+        # A model with caches of its own kinds (Llama 3.2 Vision's cross-attention) makes them.
+        make = getattr(self._model, "make_cache", None)
+        if make is None:
+            return make_prompt_cache(self.num_layers, **self.options)
+        if self.options["max_kv_size"] is not None or self.options["kv_bits"] is not None:
+            raise ValueError("this model's cache neither rotates nor quantizes: drop max_kv_size and kv_bits")
+        return make()
 
     @property
     def offset(self) -> int:
@@ -554,7 +563,7 @@ class PromptCache:
         return sum(c.nbytes for c in self.cache)
 
     def reset(self) -> None:
-        self.cache = make_prompt_cache(self.num_layers, **self.options)
+        self.cache = self._make()
         self.tokens = []
 
     def trim(self, n: int) -> int:

@@ -127,8 +127,13 @@ def stream_generate(
     num_draft_tokens: Optional[int] = None,
     prompt_lookup: Optional[int] = None,
     prefill_seconds: Optional[float] = None,
+    images: Optional[Sequence[Any]] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion of `prompt` (text, token ids, or chat messages).
+
+    images: for Llama 3.2 Vision, the conversation's images in order (paths, bytes or Pillow
+    images), one per message: image parts of the messages, or the last user message's when they
+    have none (`vision.prompt.image_prompt_ids`); each is encoded once per `prompt_cache`.
 
     Ends on a stop token (`finish_reason="stop"`), a stop string (never streamed, "stop"),
     `max_tokens` ("length") or the model's context ("context"). With a `prompt_cache`, only the
@@ -142,7 +147,12 @@ def stream_generate(
     The tokens are distributed as without it (greedy: the same tokens).
     """
     started = time.perf_counter()
-    ids = prompt_ids(tokenizer, prompt)
+    if images is not None:
+        from .vision.prompt import image_prompt_ids
+
+        ids = image_prompt_ids(model, tokenizer, prompt, images)
+    else:
+        ids = prompt_ids(tokenizer, prompt)
     if not ids:
         raise ValueError("empty prompt")
     check_token_ids(ids, model)
@@ -155,6 +165,10 @@ def stream_generate(
         )
     if limit is not None:
         max_tokens = min(max_tokens, limit - len(ids))
+    if images:
+        from .vision.prompt import attach_new_images
+
+        attach_new_images(model, tokenizer, pc.cache, images)
     todo = pc.prepare(ids)
     seq = _Sequence(tokenizer, ids, max_tokens=max_tokens, stop=stop or (), limit=limit, prompt_tokens=len(todo),
                     submitted=started)

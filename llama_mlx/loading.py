@@ -29,7 +29,8 @@ META_SAMPLING = {"temp": 0.6, "top_p": 0.9}  # Meta's reference chat defaults (l
 def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool = True,
          rope_factor: float | None = None, fuse: bool | None = None, distributed: bool | str | None = None,
          allow_vocab_mismatch: bool = False):
-    """Load a model and its tokenizer from a Meta folder, HF folder, GGUF file or MLX folder.
+    """Load a model and its tokenizer from a Meta folder, HF folder, GGUF file or MLX folder; a Llama 3.2
+    Vision folder (`model_type: mllama`) gives (model, processor) (`llama_mlx.vision.loading.Processor`).
 
     path: a file, a folder, a model name under the weights folder, or None for the default model.
     dtype: float16 / bfloat16 / float32 for float tensors (default: the checkpoint's own).
@@ -56,7 +57,12 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
             pipeline = None if distributed in (None, "auto") else distributed == "pipeline"
             return dist.load_sharded(path, group, pipeline=pipeline, dtype=dtype,
                                      rope_factor=rope_factor, allow_vocab_mismatch=allow_vocab_mismatch)
-    ckpt = read_checkpoint(resolve_model(path), rope_factor=rope_factor)
+    resolved = resolve_model(path)
+    from .vision.loading import is_mllama_folder, load_mllama
+
+    if is_mllama_folder(resolved):  # Llama 3.2 Vision: (model, processor)
+        return load_mllama(resolved, dtype=parse_dtype(dtype), lazy=lazy, allow_vocab_mismatch=allow_vocab_mismatch)
+    ckpt = read_checkpoint(resolved, rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = load_tokenizer(ckpt.tokenizer_source or ckpt.path)
     if not allow_vocab_mismatch:

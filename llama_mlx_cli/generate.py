@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from llama_mlx.errors import ImageError
+
 from .common import (
     DtypeOpt,
     GenerationOptions,
@@ -92,6 +94,9 @@ def generate(
     file: Annotated[Optional[Path], typer.Option(
         "--file", "-f", metavar="FILE", help="Read the prompt from FILE ('-' for stdin).", show_default=False)] = None,
     system: SystemOpt = None,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        "--image", metavar="PATH", help="An image the prompt asks about (Llama 3.2 Vision models; one image).",
+        show_default=False)] = None,
     raw: Annotated[bool, typer.Option(
         "--raw", "--ignore-chat-template",
         help="Use the prompt as plain text (after BOS), without the chat template.")] = False,
@@ -111,22 +116,30 @@ def generate(
     if prompt is not None and prompt_opt is not None:
         raise usage_error("give the prompt either as PROMPT or with --prompt, not both")
     _run(prompt if prompt_opt is None else prompt_opt, model, file, system, raw, json_out, verbose, dtype, options,
-         pipeline, tensor_parallel)
+         pipeline, tensor_parallel, image)
 
 
 @handle_errors
 def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: GenerationOptions, pipeline=False,
-         tensor_parallel=False) -> None:
+         tensor_parallel=False, image=None) -> None:
     from llama_mlx.generate import stream_generate
 
     split = split_mode(pipeline, tensor_parallel)
     text_in = read_prompt(prompt, file)
+    images = _read_images(image)
+    if images is not None:
+        _check_sees_images(model)
     if raw and system is not None:
         raise usage_error("--system needs the chat template: drop --raw")
     opts.check_static()
     # (Under mlx.launch every rank runs this same generation: its input is the same on each.)
     lm, tokenizer = load_model(model, dtype, pipeline=split)
     opts.check(tokenizer)
+    if images is not None:
+        from llama_mlx.vision.prompt import sees_images
+
+        if not sees_images(lm):
+            raise ImageError(f"{model_label(model)} reads text only: --image needs a Llama 3.2 Vision model")
     if raw:
         request = text_in
     else:
@@ -137,7 +150,8 @@ def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: Gener
     pieces: list[str] = []
     last = None
     stream = stream_generate(lm, tokenizer, request, opts.max_tokens, **opts.stream_kwargs(tokenizer),
-                             **opts.cache_kwargs(), **opts.speculative_kwargs())
+                             **opts.cache_kwargs(), **opts.speculative_kwargs(),
+                             **({"images": images} if images is not None else {}))
     try:
         for response in stream:
             last = response
@@ -161,6 +175,28 @@ def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: Gener
         if last is not None and text:  # mlx-lm's lines, for scripts that read them; then ours
             console.print("=" * 10 + "\n" + verbose_stats(last).rstrip("\n"), style="dim", markup=False)
         console.print(stats_line(stats), style="dim", markup=False)
+
+
+def _read_images(paths: Optional[list[Path]]) -> Optional[list]:
+    """The --image files decoded (before the model loads, so that a bad file fails at once)."""
+    if not paths:
+        return None
+    if len(paths) > 1:
+        raise ImageError(f"{len(paths)} images given: one image per message (Llama 3.2 Vision was trained so)")
+    from llama_mlx.vision.processor import load_image
+
+    return [load_image(p) for p in paths]
+
+
+def _check_sees_images(model: Optional[str]) -> None:
+    """ImageError before loading when the model named is a local text-only one (the default model included)."""
+    from llama_mlx.resolve import DEFAULT_MODEL, weights_dir
+    from llama_mlx.vision.loading import is_mllama_folder
+
+    name = model or DEFAULT_MODEL
+    local = next((p for p in (Path(name).expanduser(), weights_dir() / name) if p.exists()), None)
+    if (model is None or local is not None) and not (local is not None and is_mllama_folder(local)):
+        raise ImageError(f"{model_label(model)} reads text only: --image needs a Llama 3.2 Vision model")
 
 
 def _stats(r) -> dict:

@@ -8,6 +8,7 @@ layer's *input*. `meta_intermediate_states()` restores Meta's collection in the 
 from __future__ import annotations
 
 import contextlib
+import json
 
 import numpy as np
 import torch
@@ -84,3 +85,63 @@ def state_dict_numpy(model) -> dict[str, np.ndarray]:
             name = "language_model.lm_head.weight"
         out[name] = p.detach().numpy().copy()
     return out
+
+
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            "<|eom_id|>", "<|python_tag|>"]
+CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+
+def write_tokenizer(folder) -> None:
+    """A byte-level tokenizer: ids 0-255 the bytes, Llama 3's special tokens from 256, `<|image|>` at 300."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    vocab = _byte_chars()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(300 - 256 - len(SPECIALS))] + ["<|image|>"]
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+        ("<|begin_of_text|>", 256)])
+    assert tok.token_to_id("<|image|>") == IMAGE_TOKEN and tok.token_to_id("<|eot_id|>") == 260
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512}))
+
+
+def _byte_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def write_tiny_folder(folder, seed: int = 0):
+    """A Hugging Face Llama 3.2 Vision folder (save_pretrained) with the byte-level tokenizer and a
+    preprocessor_config.json; the head only ever picks printable ASCII bytes. Returns the transformers model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_mllama(seed)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        printable = torch.zeros(head.shape[0], dtype=torch.bool)
+        printable[32:127] = True
+        head[~printable] = 0
+    model.generation_config.bos_token_id = 256
+    model.generation_config.eos_token_id = [257, 260]
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "MllamaImageProcessor", "size": {"height": 28, "width": 28}, "max_image_tiles": 4,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "rescale_factor": 0.00392156862745098, "do_resize": True, "do_pad": True, "do_rescale": True,
+        "do_normalize": True, "do_convert_rgb": True, "resample": 2}))
+    return model

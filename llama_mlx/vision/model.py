@@ -112,6 +112,8 @@ class Model(nn.Module):
             mx.array(a) for a in (pixel_values, aspect_ratio_ids, aspect_ratio_mask))
         if pixel_values.ndim != 6 or pixel_values.shape[0] != 1:
             raise ImageError("pixel_values must be [1, images, tiles, channels, height, width]")
+        if aspect_ratio_ids.shape != pixel_values.shape[:2] or aspect_ratio_mask.shape != pixel_values.shape[:3]:
+            raise ImageError("aspect_ratio_ids must be [1, images] and aspect_ratio_mask [1, images, tiles]")
         cross = [i for i, c in enumerate(cache) if isinstance(c, CrossAttentionCache)]
         if not cross:
             raise ImageError("this cache has no cross-attention layers (make it with model.make_cache())")

@@ -1,0 +1,160 @@
+"""Llama 3.2 Vision end to end: a Hugging Face folder (save_pretrained of a tiny random transformers
+model, a byte-level tokenizer, preprocessor_config.json) through `llama_mlx.load`, `generate(...,
+images=[...])`, chat turns with the prompt cache, and `llama-mlx generate --image` in a real process;
+the oracle is transformers' MllamaProcessor + MllamaForConditionalGeneration.generate (float32)."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+from PIL import Image
+
+import llama_mlx
+from llama_mlx.cache import PromptCache
+from llama_mlx.errors import ImageError
+from llama_mlx.generate import stream_generate
+from llama_mlx.vision.language import CrossAttentionCache
+from llama_mlx.vision.loading import Processor
+from llama_mlx.vision.model import Model
+
+from mllama_oracle import CHAT_TEMPLATE, IMAGE_TOKEN, meta_intermediate_states, write_tiny_folder
+from test_cli_generate import run
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mllama") / "tiny-vision"
+    return path, write_tiny_folder(path)
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "odd.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (33, 71, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def oracle(folder, messages, images, max_new_tokens=N):
+    """transformers' tokens and text for a conversation (its processor builds every input)."""
+    from transformers import AutoTokenizer, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    path, hf = folder
+    tok = AutoTokenizer.from_pretrained(path)
+    processor = MllamaProcessor(image_processor=MllamaImageProcessorPil.from_pretrained(path), tokenizer=tok,
+                                chat_template=CHAT_TEMPLATE)
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[[Image.open(p) for p in images]] if images else None, text=[text],
+                       add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad(), meta_intermediate_states():
+        out = hf.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return new, tok.decode(new, skip_special_tokens=True)
+
+
+def tokens(model, processor, messages, **kwargs):
+    return [r.token for r in stream_generate(model, processor, messages, N, **kwargs)]
+
+
+def test_load_gives_model_and_processor(folder):
+    model, processor = llama_mlx.load(folder[0])
+    assert isinstance(model, Model) and isinstance(processor, Processor)
+    assert processor.image_processor.tile_size == 28 and processor.image_token_id == IMAGE_TOKEN
+    assert processor.eos_token_ids == processor.tokenizer.eos_token_ids
+
+
+def test_generate_with_an_image_equals_transformers(folder, image_path):
+    model, processor = llama_mlx.load(folder[0])
+    question = [{"role": "user", "content": "What is in the picture?"}]
+    want, text = oracle(folder, [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                  "text": question[0]["content"]}]}],
+                        [image_path])
+    assert tokens(model, processor, question, images=[image_path]) == want
+    assert llama_mlx.generate(model, processor, question, N, images=[str(image_path)]) == text
+
+
+def test_generate_without_an_image_equals_transformers(folder):
+    model, processor = llama_mlx.load(folder[0])
+    messages = [{"role": "user", "content": "Hello there"}]
+    want, _ = oracle(folder, messages, [])
+    assert tokens(model, processor, messages) == want
+
+
+def test_chat_turns_reuse_the_image(folder, image_path, monkeypatch):
+    """Turn 2 has no new image: the cache keeps turn 1's, the vision model does not run again."""
+    model, processor = llama_mlx.load(folder[0])
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    pc = PromptCache(model)
+    answer = tokens(model, processor, first, images=[image_path], prompt_cache=pc)
+    reply = processor.decode(answer)
+    calls = []
+    monkeypatch.setattr(model, "encode_images", lambda *a: calls.append(a))
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And the colours?"}]
+    got = tokens(model, processor, second, images=[image_path], prompt_cache=pc)
+    assert calls == []
+    assert len([c for c in pc.cache if isinstance(c, CrossAttentionCache)][0].spans) == 1
+    want, _ = oracle(folder, second, [image_path])
+    assert got == want
+
+
+def test_two_images_in_one_message_are_refused(folder, image_path):
+    model, processor = llama_mlx.load(folder[0])
+    with pytest.raises(ImageError, match="one image per message"):
+        tokens(model, processor, [{"role": "user", "content": "Compare"}], images=[image_path, image_path])
+
+
+def test_text_model_given_an_image_is_refused():
+    from llama_mlx.model import Model as TextModel, ModelArgs
+
+    text = TextModel(ModelArgs(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                               vocab_size=400))
+    with pytest.raises(ImageError, match="reads text only"):
+        tokens(text, None, [1, 2, 3], images=["x.png"])
+
+
+def test_mlx_vlm_folder_loads_unchanged(folder, tmp_path):
+    """mlx-vlm's layout: `vision_tower.*`, channels-last patch convolution; same logits."""
+    model, _ = llama_mlx.load(folder[0])
+    vlm = tmp_path / "mlx-vlm"
+    shutil.copytree(folder[0], vlm, ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = {k.replace("vision_model.", "vision_tower.", 1): v for k, v in tree_flatten(model.parameters())}
+    assert weights["vision_tower.patch_embedding.weight"].shape[-1] == 3
+    mx.save_safetensors(str(vlm / "model.safetensors"), weights, metadata={"format": "mlx"})
+    again, _ = llama_mlx.load(vlm)
+    ids = mx.array([[256, IMAGE_TOKEN, 65, 66, 67]])
+    pixels = np.random.default_rng(0).standard_normal((1, 1, 4, 3, 28, 28)).astype(np.float32)
+    logits = []
+    for m in (model, again):
+        cache = m.make_cache()
+        m.attach_images(cache, pixels, np.array([[6]]), np.array([[[1, 1, 1, 1]]]))
+        logits.append(np.array(m(ids, cache)))
+    assert np.abs(logits[0] - logits[1]).max() == 0
+
+
+def test_cli_generate_image_equals_transformers(folder, image_path):
+    want, text = oracle(folder, [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                  "text": "What is it?"}]}],
+                        [image_path])
+    r = run("generate", "-M", str(folder[0]), "--image", str(image_path), "--temp", "0", "--max-tokens", str(N),
+            "What is it?")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text + "\n"
+
+
+def test_cli_image_errors(folder, tmp_path, image_path):
+    from test_hostile import write_tiny_hf
+
+    text_model = write_tiny_hf(tmp_path / "text")
+    r = run("generate", "-M", str(text_model), "--image", str(image_path), "Hi")
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "reads text only" in r.stderr
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    r = run("generate", "-M", str(folder[0]), "--image", str(bad), "Hi")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "not an image" in r.stderr
