@@ -63,7 +63,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
             dtype: str | None = None, recipe: str | None = None, force: bool = False,
             rope_factor: float | None = None,
             progress: Callable[[Progress], None] | None = None, source_label: str | None = None,
-            dequantize: bool = False, requantize: bool = False) -> ConvertResult:
+            dequantize: bool = False, requantize: bool = False, quantize_vision: bool = False) -> ConvertResult:
     """Convert the checkpoint at `src` (Meta, Hugging Face, GGUF or MLX) into an MLX folder at `dst`.
 
     quantize/bits/group_size: affine quantization of the linear layers and embeddings (a recipe
@@ -73,6 +73,8 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     after each module's tensors are written. source_label: what config.json records as the source
     (default: its resolved path). dequantize: write a quantized checkpoint's weights as floats.
     A quantized source is never quantized again unless `requantize` (ConfigError otherwise).
+    Llama 3.2 Vision folders (`vision.convert`): quantize applies to the language model, and to the
+    vision tower too with `quantize_vision` (else it stays float).
     Raises LlamaMLXError subclasses on bad input.
     """
     start = time.perf_counter()
@@ -88,6 +90,15 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     with contextlib.suppress(OSError):
         _remove_stale(dst.parent, dst.name)
     _check_target(src, dst, force)
+    from .vision.loading import is_mllama_folder
+
+    if is_mllama_folder(src):
+        if recipe is not None or dequantize or requantize or rope_factor is not None:
+            raise CheckpointError(f"{src}: Llama 3.2 Vision converts with quantize, bits, group_size and dtype only")
+        from .vision.convert import convert_mllama
+
+        return convert_mllama(src, dst, quantize=quantize, bits=bits, group_size=group_size, dtype=dtype,
+                              quantize_vision=quantize_vision, source_label=source_label)
 
     ckpt = read_checkpoint(src, rope_factor=rope_factor)
     _check_requantize(ckpt, src, quantize=quantize, bits=bits, group_size=group_size, requantize=requantize)

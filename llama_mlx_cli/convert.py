@@ -101,6 +101,9 @@ def convert(
     requantize: Annotated[bool, typer.Option(
         "--requantize", help="Allow -q on an already quantized checkpoint (dequantized, then quantized again).",
         rich_help_panel=QUANT)] = False,
+    quantize_vision: Annotated[bool, typer.Option(
+        "--quantize-vision", help="Llama 3.2 Vision: quantize the vision tower too (else it stays float).",
+        rich_help_panel=QUANT)] = False,
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", metavar="uniform|mixed", callback=_recipe, rich_help_panel=QUANT,
         help="mixed: keep embeddings and output head at 8 bits (implies --quantize).")] = None,
@@ -146,7 +149,7 @@ def convert(
         with _sigterm_interrupts(), bar:
             result = run_convert(src, out, quantize=quantize, bits=bits, group_size=group_size, dtype=dtype,
                                  recipe=recipe, force=force, rope_factor=rope_factor, progress=progress,
-                                 dequantize=dequantize, requantize=requantize)
+                                 dequantize=dequantize, requantize=requantize, quantize_vision=quantize_vision)
     except KeyboardInterrupt:
         error_line(f"{out}: interrupted; nothing was written there")
         raise typer.Exit(130)

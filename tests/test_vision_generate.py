@@ -158,3 +158,47 @@ def test_cli_image_errors(folder, tmp_path, image_path):
     bad.write_text("not a picture")
     r = run("generate", "-M", str(folder[0]), "--image", str(bad), "Hi")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "not an image" in r.stderr
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_convert_quantizes_the_language_model(folder, tmp_path, bits):
+    """convert -q: quantized language model, float vision tower; loads back and stays close to float."""
+    from llama_mlx.convert import convert
+    from llama_mlx.quant import quantize
+
+    out = tmp_path / f"q{bits}"
+    result = convert(folder[0], out, quantize=True, bits=bits, group_size=32)
+    assert result.quantization == {"group_size": 32, "bits": bits}
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == bits and config["model_type"] == "mllama"
+    model, _ = llama_mlx.load(folder[0])
+    quantized, processor = llama_mlx.load(out)
+    assert "scales" in quantized.language_model.model.layers[1].cross_attn.q_proj
+    assert "scales" not in quantized.vision_model.transformer.layers[0].self_attn.q_proj
+    assert processor.image_processor.tile_size == 28
+    ids = mx.array([[256, IMAGE_TOKEN, 65, 66, 67]])
+    pixels = np.random.default_rng(0).standard_normal((1, 1, 4, 3, 28, 28)).astype(np.float32)
+    in_memory, _ = llama_mlx.load(folder[0])
+    quantize(in_memory.language_model, bits, 32)
+    logits = []
+    for m in (model, quantized, in_memory):
+        cache = m.make_cache()
+        m.attach_images(cache, pixels, np.array([[6]]), np.array([[[1, 1, 1, 1]]]))
+        logits.append(np.array(m(ids, cache)))
+    assert np.abs(logits[1] - logits[2]).max() == 0  # the folder holds exactly the quantized model
+    err = np.abs(logits[0] - logits[1]).max() / np.abs(logits[0]).max()
+    assert 0 < err < (1.0 if bits == 4 else 0.05)  # random tiny weights: 4 bits is coarse
+    both = tmp_path / "both"
+    convert(folder[0], both, quantize=True, bits=bits, group_size=32, quantize_vision=True)
+    again, _ = llama_mlx.load(both)
+    assert "scales" in again.vision_model.transformer.layers[0].self_attn.q_proj
+
+
+def test_cli_convert_q(folder, tmp_path, image_path):
+    out = tmp_path / "cli-q4"
+    r = run("convert", str(folder[0]), str(out), "-q", "--q-group-size", "32", "--quantize-vision")
+    assert r.returncode == 0, r.stderr
+    model, _ = llama_mlx.load(out)
+    assert "scales" in model.vision_model.transformer.layers[0].self_attn.q_proj
+    r = run("generate", "-M", str(out), "--image", str(image_path), "--temp", "0", "--max-tokens", "4", "Hi")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
