@@ -27,8 +27,21 @@ def kv_cache_bytes(config: dict, tokens: int, elem_bytes: int, kv_bits: Optional
 
 
 def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] = None,
-             kv_bits: Optional[int] = None, kv_group_size: int = 64) -> dict:
-    """Figures about the checkpoint at `path`, from its config and tensor headers (no weights read)."""
+             kv_bits: Optional[int] = None, kv_group_size: int = 64, images: int = 1) -> dict:
+    """Figures about the checkpoint at `path`, from its config and tensor headers (no weights read).
+    Llama 3.2 Vision (`vision.info.describe_mllama`): the memory adds `images` images' cross-attention
+    keys and values; a folder with config.json alone is estimated from the config and its quantization."""
+    from .vision.loading import is_mllama_folder
+
+    if is_mllama_folder(path):
+        import json
+
+        from .vision.info import describe_mllama
+
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return describe_mllama(folder, config, context=context, dtype=dtype, kv_bits=kv_bits,
+                               kv_group_size=kv_group_size, images=images)
     from .checkpoints import read_checkpoint
     from .checkpoints.base import dtype_name, parse_dtype
     from .checkpoints.plan import main_dtype, plan

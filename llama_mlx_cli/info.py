@@ -84,8 +84,14 @@ def render(d: dict, name: str) -> None:
         ("size on disk", f"{format_bytes(d['size_on_disk'])} ({d['size_on_disk']:,} bytes)"),
         ("memory", f"weights {format_bytes(mem['weights'])} ({mem['dtype']}) + KV cache "
                    f"{format_bytes(mem['kv_cache'])} for {mem['kv_cache_tokens']:,} tokens ({kv}) "
-                   f"= {format_bytes(mem['total'])}"),
+                   + (f"+ image cache {format_bytes(mem['image_cache'])} for {mem['images']} image "
+                      if "image_cache" in mem else "") + f"= {format_bytes(mem['total'])}"),
     ]
+    if "vision" in d:
+        v = d["vision"]
+        rows.insert(3, ("vision", f"{v['layers']} + {v['global_layers']} global layers, hidden size "
+                                  f"{v['hidden_size']}, up to {v['max_tiles']} tiles of {v['tile_size']} px; "
+                                  f"cross-attention at layers {', '.join(map(str, v['cross_attention_layers']))}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
