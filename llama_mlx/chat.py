@@ -223,9 +223,37 @@ class ChatSession:
 
     # --- turns -------------------------------------------------------------------------
 
-    def add_user(self, text: str) -> None:
-        """Append a question (answer it with `respond`)."""
-        self._push({"role": "user", "content": text})
+    def add_user(self, text: str, image: Any = None) -> None:
+        """Append a question (answer it with `respond`); `image` (a path, bytes or Pillow image) goes
+        with it for Llama 3.2 Vision: one per message, encoded once for the conversation."""
+        if image is None:
+            self._push({"role": "user", "content": text})
+            return
+        from .vision.prompt import sees_images
+
+        if not sees_images(self.model):
+            raise ChatError(f"{self.name} reads text only: images need a Llama 3.2 Vision model")
+        image = str(image) if isinstance(image, Path) else image
+        self._push({"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]})
+
+    @property
+    def images(self) -> list:
+        """The conversation's images, in order."""
+        return [part["image"] for m in self.messages if isinstance(m.get("content"), list)
+                for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"]
+
+    def _image_kwargs(self) -> dict:
+        """`images=` for the next answer; the cache starts over when the images it holds are no longer
+        the conversation's first ones (an exchange with an image was dropped)."""
+        images = self.images
+        held = next((len(c.spans) for c in self.cache.cache if hasattr(c, "spans")), 0)
+        attached = getattr(self, "_attached", [])
+        if held != len(attached) or attached != images[:len(attached)]:
+            if held:
+                self.cache.reset()
+            attached = []
+        self._attached = images
+        return {"images": images} if images else {}
 
     def add_assistant(self, text: str) -> None:
         """Append an answer written elsewhere (a scripted reply, a conversation restored by a client)."""
@@ -288,7 +316,7 @@ class ChatSession:
                 prompt_progress(done, total)
 
         stream = self.generate(self.model, self.tokenizer, prompt, self.max_tokens, prompt_cache=self.cache,
-                               prompt_progress=progress, **self.generate_kwargs)
+                               prompt_progress=progress, **self.generate_kwargs, **self._image_kwargs())
         pieces: list[str] = []
         last: Optional[GenerationResponse] = None
         try:

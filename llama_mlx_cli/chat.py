@@ -561,8 +561,26 @@ class ChatApp:
     # --- answers -----------------------------------------------------------------------
 
     def ask(self, text: str) -> None:
-        self.session.add_user(text)
+        image, self.pending_image = getattr(self, "pending_image", None), None
+        self.session.add_user(text, **({"image": image} if image is not None else {}))
         self._answer()
+
+    def cmd_image(self, arg: str) -> None:
+        from llama_mlx.errors import ImageError
+        from llama_mlx.vision.processor import load_image
+        from llama_mlx.vision.prompt import sees_images
+
+        if not arg:
+            raise ChatError("/image PATH: name the image file")
+        if not sees_images(self.session.model):
+            raise ChatError(f"{self.session.name} reads text only: /image needs a Llama 3.2 Vision model")
+        path = Path(arg).expanduser()
+        try:
+            load_image(path)
+        except ImageError as e:
+            raise ChatError(str(e)) from None
+        self.pending_image = str(path)
+        self.term.note(f"{path.name} goes with your next message")
 
     def _answer(self) -> None:
         """Answer the last question; with tools on, run the code it calls and answer its output."""
@@ -665,6 +683,8 @@ COMMANDS = [
             "cache, the conversation going to the .json beside it)", ChatApp.cmd_save),
     Command(("/load",), "/load FILE", "resume a saved conversation (either file); what its cache holds is not "
             "prefilled again", ChatApp.cmd_load),
+    Command(("/image",), "/image PATH", "attach an image to the next message (Llama 3.2 Vision models; one per "
+            "message)", ChatApp.cmd_image),
     Command(("/history",), "/history", "show the conversation", ChatApp.cmd_history),
     Command(("/stats",), "/stats", "session statistics and settings", ChatApp.cmd_stats),
     Command(("/set",), "/set [NAME VALUE]", f"change a setting: {', '.join(SETTINGS)} (no NAME: show them)",

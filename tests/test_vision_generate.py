@@ -202,3 +202,32 @@ def test_cli_convert_q(folder, tmp_path, image_path):
     assert "scales" in model.vision_model.transformer.layers[0].self_attn.q_proj
     r = run("generate", "-M", str(out), "--image", str(image_path), "--temp", "0", "--max-tokens", "4", "Hi")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_chat_session_and_cli_chat_image(folder, image_path, tmp_path):
+    """ChatSession.add_user(text, image=...) and `/image PATH` in `llama-mlx chat`: two turns, the image
+    encoded once, each answer equal to transformers on the conversation so far."""
+    import os
+    import subprocess
+
+    from llama_mlx.chat import ChatSession
+    from test_cli_generate import command
+
+    model, processor = llama_mlx.load(folder[0])
+    session = ChatSession(model, processor, max_tokens=N)
+    session.add_user("What is it?", image=image_path)
+    first = "".join(r.text for r in session.respond())
+    session.add_user("Why?")
+    second = "".join(r.text for r in session.respond())
+    image_message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    assert first == oracle(folder, [image_message], [image_path])[1]
+    assert second == oracle(folder, [image_message, {"role": "assistant", "content": first},
+                                     {"role": "user", "content": "Why?"}], [image_path])[1]
+
+    env = dict(os.environ, LLAMA_MLX_HISTORY="off")
+    r = subprocess.run([*command(), "chat", "-M", str(folder[0]), "--temp", "0", "--max-tokens", str(N)],
+                       input=f"/image {tmp_path / 'missing.png'}\n/image {image_path}\nWhat is it?\nWhy?\n/exit\n",
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "missing.png: no such file" in r.stderr and "odd.png goes with your next message" in r.stdout
+    assert first in r.stdout and second in r.stdout
