@@ -18,6 +18,7 @@ origin could send (a foreign Host or Origin, a POST that is not application/json
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -30,6 +31,7 @@ import uuid
 from contextlib import asynccontextmanager
 from functools import partial
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from starlette.applications import Starlette
@@ -44,6 +46,8 @@ from . import api_embeddings, api_responses
 from .api_common import ApiError, _data, _event, _get, _in_range, _kind, _sse, _stop_list
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
+from .metrics import Gauge, Metrics
+from .registry import ModelLoadError, ModelRegistry, RegistryBusyError, UnknownModelError
 from .sample import SamplingParams
 from .structured import ResponseFormatError, grammar_for_response_format
 from .tools import (
@@ -55,9 +59,11 @@ from .tools import (
     tools_for_choice,
 )
 
-__all__ = ["ApiError", "RequestGuard", "ServerConfig", "create_app", "run"]
+__all__ = ["ApiError", "MAX_CHOICES", "RequestGuard", "ServerConfig", "create_app", "run"]
 
 log = logging.getLogger("llama_mlx.server")
+
+MAX_CHOICES = 8  # most `n` of one request: its choices decode together, a batch row each
 
 
 @dataclass
@@ -72,8 +78,14 @@ class ServerConfig:
 
 
 class _Api:
-    def __init__(self, engine: Engine, config: ServerConfig):
-        self.engine, self.config = engine, config
+    def __init__(self, registry: ModelRegistry, config: ServerConfig):
+        self.registry, self.config = registry, config
+        self.metrics = Metrics()
+
+    @property
+    def engine(self) -> Optional[Engine]:
+        """The default model's engine (None while it is unloaded)."""
+        return self.registry.default_engine()
 
     # -- shared plumbing
 
@@ -107,26 +119,64 @@ class _Api:
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    async def engine_for(self, model: Any) -> Engine:
-        """The engine serving a request's `model` (None: the default model), loaded: waits while it
-        loads, without blocking the event loop. ApiError 404 `model_not_found` for a name that names
-        no model this server can serve, 422 for a `model` that is not a string."""
+    async def engine_for(self, model: Any, *, keep_alive: Optional[float] = None) -> Engine:
+        """The engine serving a request's `model` (None or "": the default model), loaded: waits while
+        it loads (unloading idle models to make room), without blocking the event loop. keep_alive:
+        seconds the model stays loaded once idle (ollama's per request; negative: forever).
+        ApiError 404 `model_not_found` for a name that names no model this server can serve (see
+        `ModelRegistry.resolve`), 422 for a `model` that is not a string, 503 when every loaded model
+        is busy and none can make room, 500 `model_load_failed` when it fails to load."""
         if model is not None and not isinstance(model, str):
             raise ApiError(422, "'model' must be a string", param="model")
-        engine = self.engine
-        if not engine.ready:
-            raise ApiError(503, "the model is still loading")
-        return engine
+        try:
+            return await self.registry.engine(model or None, keep_alive=keep_alive)
+        except UnknownModelError as e:
+            raise ApiError(404, f"model {e}", param="model", code="model_not_found") from None
+        except RegistryBusyError as e:
+            raise ApiError(503, str(e), code="server_busy") from None
+        except ModelLoadError as e:
+            raise ApiError(500, str(e), param="model", code="model_load_failed") from None
 
     def name_of(self, engine: Engine) -> str:
         """The name answers carry for the model `engine` serves."""
-        return self.config.model_name
+        return self.registry.name_of(engine) or self.config.model_name
+
+    @staticmethod
+    def choices(body: dict) -> int:
+        """A request's `n`, bounded (400 beyond MAX_CHOICES)."""
+        n = _get(body, "n", (int,), 1)
+        if not 1 <= n <= MAX_CHOICES:
+            raise ApiError(400, f"'n' must be in [1, {MAX_CHOICES}], got {n}", param="n")
+        return n
+
+    def submit_all(self, engine: Engine, request: GenerationRequest, n: int) -> list:
+        """`n` jobs of one request, decoded together: with a seed, choice i samples with seed + i
+        (so that choices differ yet are reproducible). All or none are queued."""
+        jobs = []
+        try:
+            for i in range(n):
+                req = request
+                if i:
+                    params = dataclasses.replace(request.params)
+                    if params.seed is not None:
+                        params.seed += i
+                    req = dataclasses.replace(request, params=params)
+                jobs.append(self.submit(engine, req))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        return jobs
+
+    async def collect_all(self, request: Request, jobs: list) -> Optional[list[list[EngineEvent]]]:
+        """Every job's events (None when one did not finish: the client went away)."""
+        results = await asyncio.gather(*(self.collect(request, job) for job in jobs))
+        if any(not events or events[-1].usage is None for events in results):
+            return None
+        return results
 
     def sampling(self, engine: Engine, body: dict, prompt: list[int], *, max_keys=("max_completion_tokens", "max_tokens"),
                  stop_key: str = "stop", temperature_max: float = 2.0) -> GenerationRequest:
-        n = _get(body, "n", (int,), 1)
-        if n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
         temperature = _get(body, "temperature", (int, float), 1.0, "a number")
         top_p = _get(body, "top_p", (int, float), 1.0, "a number")
         top_k = _get(body, "top_k", (int,), 0)
@@ -235,18 +285,61 @@ class _Api:
     # -- endpoints
 
     async def health(self, request: Request) -> Response:
-        if not self.engine.ready:
+        default = self.engine
+        if default is not None and not default.ready and default.load_error is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "models": sorted(self.registry.engines())})
 
     async def models(self, request: Request) -> Response:
         self.check_key(request)
+        infos = await asyncio.to_thread(self.registry.list)
+        now = int(time.time())
         return JSONResponse({"object": "list", "data": [
-            {"id": self.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "llama-mlx"}]})
+            {"id": i.name, "object": "model", "created": now, "owned_by": "llama-mlx", "loaded": i.loaded,
+             "ready": i.ready, "default": i.default, "size_bytes": i.size_bytes, "loaded_bytes": i.loaded_bytes,
+             "expires_at": i.expires_at} for i in infos]})
 
     async def stats(self, request: Request) -> Response:
         self.check_key(request)
-        return JSONResponse(self.engine.stats())
+        default = self.engine
+        out = default.stats() if default is not None else {"loaded": False}
+        out["models"] = {name: engine.stats() for name, engine in self.registry.engines().items()}
+        out["registry"] = {"loads": self.registry.loads, "unloads": self.registry.unloads,
+                           "max_loaded": self.registry.max_loaded, "max_bytes": self.registry.max_bytes,
+                           "keep_alive": self.registry.keep_alive}
+        return JSONResponse(out)
+
+    async def prometheus(self, request: Request) -> Response:
+        """GET /metrics: Prometheus' text format (behind the API key like /v1: it names the models)."""
+        self.check_key(request)
+        infos = self.registry.list(listed=False)
+        engines = self.registry.engines()
+        gauges = {k: [] for k in ("loaded", "weights", "running", "waiting", "pool", "kv")}
+        for info in infos:
+            m = {"model": info.name}
+            gauges["loaded"].append((m, 1.0 if info.ready else 0.0))
+            gauges["weights"].append((m, info.loaded_bytes))
+            engine = engines.get(info.name)
+            if engine is None or not engine.ready:
+                continue
+            s = engine.stats()
+            gauges["running"].append((m, s["active"]))
+            gauges["waiting"].append((m, s["waiting"]))
+            gauges["pool"].append((m, (s["prompt_cache"] or {}).get("bytes", 0)))
+            gauges["kv"].append((m, max(0, (s["batch"] or {}).get("kv_bytes", 0))))
+        extra = [
+            Gauge("llama_mlx_model_loaded", "1 when the model is loaded and ready.", gauges["loaded"]),
+            Gauge("llama_mlx_model_weights_bytes", "Bytes of the model's weights in memory.", gauges["weights"]),
+            Gauge("llama_mlx_prompt_cache_bytes", "Bytes of KV kept by the prefix cache.", gauges["pool"]),
+            Gauge("llama_mlx_kv_cache_bytes", "Bytes of KV of the running requests.", gauges["kv"]),
+            Gauge("llama_mlx_requests_running", "Generations running.", gauges["running"]),
+            Gauge("llama_mlx_requests_waiting", "Generations waiting in the queue.", gauges["waiting"]),
+            Gauge("llama_mlx_model_loads_total", "Models started since the server started.",
+                  [({}, self.registry.loads)], kind="counter"),
+            Gauge("llama_mlx_model_unloads_total", "Models unloaded since the server started.",
+                  [({}, self.registry.unloads)], kind="counter"),
+        ]
+        return Response(self.metrics.render(extra), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def chat_completions(self, request: Request) -> Response:
         self.check_key(request)
@@ -255,29 +348,36 @@ class _Api:
         stream = _get(body, "stream", (bool,), False)
         tool_choice = body.get("tool_choice")
         prompt, tools, headers = self.chat_prompt(engine, body.get("messages"), body.get("tools"), tool_choice)
+        n = self.choices(body)
         req = self.sampling(engine, body, prompt)
         if _get(body, "logprobs", (bool,), False):
             req.top_logprobs = _get(body, "top_logprobs", (int,), 0)
             _in_range("top_logprobs", req.top_logprobs, 0, 20)
         self.constrain(req, body.get("response_format"), tools, tool_choice)
         include_usage = bool((_get(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
-        job = self.submit(engine, req)
+        jobs = self.submit_all(engine, req, n)
         meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.name_of(engine)}
         if stream:
-            return _sse(self.chat_stream(job, meta, tools, include_usage), headers)
-        events = await self.collect(request, job)
-        last = events[-1] if events else None
-        if last is None or last.usage is None:
+            return _sse(self.chat_stream(jobs, meta, tools, include_usage), headers)
+        results = await self.collect_all(request, jobs)
+        if results is None:
             return Response(status_code=499)
-        text = "".join(e.text for e in events)
-        reply = parse_tool_calls(text, tools) if tools is not None else None
-        message = reply.message() if reply else {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason(last.finish_reason)
-                  if reply else last.finish_reason, "logprobs": None}
-        if req.top_logprobs is not None:
-            choice["logprobs"] = {"content": [self.logprob_entry(engine, e) for e in events if e.logprob is not None]}
-        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice],
-                             "usage": _openai_usage(last), "system_fingerprint": None}, headers=headers)
+        choices = []
+        for i, events in enumerate(results):
+            last = events[-1]
+            text = "".join(e.text for e in events)
+            reply = parse_tool_calls(text, tools) if tools is not None else None
+            message = reply.message() if reply else {"role": "assistant", "content": text}
+            choice = {"index": i, "message": message, "finish_reason": reply.finish_reason(last.finish_reason)
+                      if reply else last.finish_reason, "logprobs": None}
+            if req.top_logprobs is not None:
+                choice["logprobs"] = {"content": [self.logprob_entry(engine, e) for e in events
+                                                  if e.logprob is not None]}
+            choices.append(choice)
+        lasts = [events[-1] for events in results]
+        self.metrics.finished(meta["model"], [e.usage for e in lasts])
+        return JSONResponse({**meta, "object": "chat.completion", "choices": choices,
+                             "usage": _openai_usage(*lasts), "system_fingerprint": None}, headers=headers)
 
     def logprob_entry(self, engine: Engine, e: EngineEvent) -> dict:
         tok = engine.tokenizer
@@ -288,45 +388,54 @@ class _Api:
 
         return {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top_logprobs or []]}
 
-    async def chat_stream(self, job, meta: dict, tools: Optional[list], include_usage: bool) -> AsyncIterator[bytes]:
-        def chunk(delta: dict, finish: Optional[str] = None, logprobs: Optional[list] = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish,
+    async def chat_stream(self, jobs: list, meta: dict, tools: Optional[list],
+                          include_usage: bool) -> AsyncIterator[bytes]:
+        def chunk(index: int, delta: dict, finish: Optional[str] = None, logprobs: Optional[list] = None) -> bytes:
+            choice = {"index": index, "delta": delta, "finish_reason": finish,
                       "logprobs": None if logprobs is None else {"content": logprobs}}
             return _data({**meta, "object": "chat.completion.chunk", "choices": [choice]})
 
-        holder = ToolCallStream(tools) if tools is not None else None
-        pending: list = []  # log-probabilities of text held back
-        with_logprobs = job.request.top_logprobs is not None
+        holders = [ToolCallStream(tools) if tools is not None else None for _ in jobs]
+        pending: list[list] = [[] for _ in jobs]  # log-probabilities of text held back
+        with_logprobs = jobs[0].request.top_logprobs is not None
+        lasts: list = [None] * len(jobs)
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            async for e in job:
+            for i in range(len(jobs)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for i, e in _merged(jobs):
+                holder = holders[i]
                 if with_logprobs and e.logprob is not None:
-                    pending.append(self.logprob_entry(job.engine, e))
+                    pending[i].append(self.logprob_entry(jobs[i].engine, e))
                 text = holder.feed(e.text) if holder else e.text
                 if text:
-                    yield chunk({"content": text}, logprobs=pending if with_logprobs else None)
-                    pending = []
+                    yield chunk(i, {"content": text}, logprobs=pending[i] if with_logprobs else None)
+                    pending[i] = []
                 if e.finish_reason is None:
                     continue
                 finish = e.finish_reason
                 if holder:
                     rest, reply = holder.finish()
                     if rest:
-                        yield chunk({"content": rest}, logprobs=pending if with_logprobs else None)
-                        pending = []
+                        yield chunk(i, {"content": rest}, logprobs=pending[i] if with_logprobs else None)
+                        pending[i] = []
                     if reply.tool_calls:
-                        calls = [{"index": i, **call} for i, call in enumerate(reply.tool_calls)]
-                        yield chunk({"tool_calls": calls}, logprobs=pending if with_logprobs else None)
+                        calls = [{"index": k, **call} for k, call in enumerate(reply.tool_calls)]
+                        yield chunk(i, {"tool_calls": calls}, logprobs=pending[i] if with_logprobs else None)
                     finish = reply.finish_reason(finish)
-                yield chunk({}, finish)
+                yield chunk(i, {}, finish)
+                lasts[i] = e
+            if all(e is not None and e.usage is not None for e in lasts):
+                self.metrics.finished(meta["model"], [e.usage for e in lasts])
                 if include_usage:
-                    yield _data({**meta, "object": "chat.completion.chunk", "choices": [], "usage": _openai_usage(e)})
+                    yield _data({**meta, "object": "chat.completion.chunk", "choices": [],
+                                 "usage": _openai_usage(*lasts)})
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
             log.exception("generation failed")
             yield _data({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         finally:
-            job.cancel()
+            for job in jobs:
+                job.cancel()
 
     async def completions(self, request: Request) -> Response:
         self.check_key(request)
@@ -349,6 +458,7 @@ class _Api:
             raise ApiError(400, "the prompt is empty", param="prompt")
         if _get(body, "echo", (bool,), False):
             raise ApiError(400, "'echo' is not supported", param="echo")
+        n = self.choices(body)
         req = self.sampling(engine, body, ids, max_keys=("max_tokens",))
         top = _get(body, "logprobs", (int,), None)
         if top is not None:
@@ -356,17 +466,20 @@ class _Api:
             req.top_logprobs = top
         self.constrain(req, body.get("response_format"), None, None)
         include_usage = bool((_get(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
-        job = self.submit(engine, req)
+        jobs = self.submit_all(engine, req, n)
         meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.name_of(engine)}
         if stream:
-            return _sse(self.completion_stream(job, meta, include_usage))
-        events = await self.collect(request, job)
-        last = events[-1] if events else None
-        if last is None or last.usage is None:
+            return _sse(self.completion_stream(jobs, meta, include_usage))
+        results = await self.collect_all(request, jobs)
+        if results is None:
             return Response(status_code=499)
-        choice = {"index": 0, "text": "".join(e.text for e in events), "finish_reason": last.finish_reason,
-                  "logprobs": self.legacy_logprobs(engine, events) if req.top_logprobs is not None else None}
-        return JSONResponse({**meta, "object": "text_completion", "choices": [choice], "usage": _openai_usage(last)})
+        choices = [{"index": i, "text": "".join(e.text for e in events), "finish_reason": events[-1].finish_reason,
+                    "logprobs": self.legacy_logprobs(engine, events) if req.top_logprobs is not None else None}
+                   for i, events in enumerate(results)]
+        lasts = [events[-1] for events in results]
+        self.metrics.finished(meta["model"], [e.usage for e in lasts])
+        return JSONResponse({**meta, "object": "text_completion", "choices": choices,
+                             "usage": _openai_usage(*lasts)})
 
     def legacy_logprobs(self, engine: Engine, events: list[EngineEvent], offset: int = 0) -> dict:
         tok = engine.tokenizer
@@ -382,24 +495,30 @@ class _Api:
             offset += len(e.text)
         return out
 
-    async def completion_stream(self, job, meta: dict, include_usage: bool) -> AsyncIterator[bytes]:
-        with_logprobs = job.request.top_logprobs is not None
-        offset = 0
+    async def completion_stream(self, jobs: list, meta: dict, include_usage: bool) -> AsyncIterator[bytes]:
+        with_logprobs = jobs[0].request.top_logprobs is not None
+        offsets = [0] * len(jobs)
+        lasts: list = [None] * len(jobs)
         try:
-            async for e in job:
+            async for i, e in _merged(jobs):
                 if e.text or e.finish_reason:
-                    logprobs = self.legacy_logprobs(job.engine, [e], offset) if with_logprobs else None
-                    offset += len(e.text)
-                    choice = {"index": 0, "text": e.text, "finish_reason": e.finish_reason, "logprobs": logprobs}
+                    logprobs = self.legacy_logprobs(jobs[i].engine, [e], offsets[i]) if with_logprobs else None
+                    offsets[i] += len(e.text)
+                    choice = {"index": i, "text": e.text, "finish_reason": e.finish_reason, "logprobs": logprobs}
                     yield _data({**meta, "object": "text_completion", "choices": [choice]})
-                if e.finish_reason and include_usage:
-                    yield _data({**meta, "object": "text_completion", "choices": [], "usage": _openai_usage(e)})
+                if e.finish_reason:
+                    lasts[i] = e
+            if all(e is not None and e.usage is not None for e in lasts):
+                self.metrics.finished(meta["model"], [e.usage for e in lasts])
+                if include_usage:
+                    yield _data({**meta, "object": "text_completion", "choices": [], "usage": _openai_usage(*lasts)})
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001
             log.exception("generation failed")
             yield _data({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         finally:
-            job.cancel()
+            for job in jobs:
+                job.cancel()
 
     # -- Anthropic Messages
 
@@ -416,6 +535,41 @@ class _Api:
         if _get(body, "max_tokens", (int,), None) is None:
             raise ApiError(422, "'max_tokens' is required", param="max_tokens")
         stream = _get(body, "stream", (bool,), False)
+        prompt, rendered, headers, tool_choice = self.anthropic_prompt(engine, body)
+        req = self.sampling(engine, body, prompt, max_keys=("max_tokens",), stop_key="stop_sequences",
+                            temperature_max=1.0)
+        self.constrain(req, None, rendered, tool_choice)
+        job = self.submit(engine, req)
+        meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.name_of(engine)}
+        if stream:
+            return _sse(self.messages_stream(job, meta, rendered), headers)
+        events = await self.collect(request, job)
+        last = events[-1] if events else None
+        if last is None or last.usage is None:
+            return Response(status_code=499)
+        self.metrics.finished(meta["model"], [last.usage])
+        text = "".join(e.text for e in events)
+        reply = parse_tool_calls(text, rendered) if rendered is not None else None
+        content = []
+        if reply is None or reply.content:
+            content.append({"type": "text", "text": reply.content if reply else text})
+        for call in reply.tool_calls if reply else []:
+            content.append(_tool_use(call))
+        return JSONResponse({**meta, "type": "message", "role": "assistant", "content": content,
+                             "stop_reason": _stop_reason(last, reply), "stop_sequence": last.stop_sequence,
+                             "usage": _anthropic_usage(last)}, headers=headers)
+
+    async def count_tokens(self, request: Request) -> Response:
+        """POST /v1/messages/count_tokens: the prompt /v1/messages would run, counted (its input_tokens
+        plus cache_read_input_tokens)."""
+        self.check_key(request)
+        body = await self.read_json(request)
+        engine = await self.engine_for(body.get("model"))
+        prompt, _, headers, _ = self.anthropic_prompt(engine, body)
+        return JSONResponse({"input_tokens": len(prompt)}, headers=headers)
+
+    def anthropic_prompt(self, engine: Engine, body: dict) -> tuple[list[int], Optional[list], dict, Any]:
+        """An Anthropic request's (prompt ids, tools rendered or None, response headers, OpenAI tool_choice)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(422, "'messages' must be a non-empty list", param="messages")
@@ -439,26 +593,7 @@ class _Api:
         if tool_choice is None:
             raise ApiError(422, "'tool_choice' must be {type: auto | any | tool | none}", param="tool_choice")
         prompt, rendered, headers = self.chat_prompt(engine, msgs, tools, tool_choice)
-        req = self.sampling(engine, body, prompt, max_keys=("max_tokens",), stop_key="stop_sequences", temperature_max=1.0)
-        self.constrain(req, None, rendered, tool_choice)
-        job = self.submit(engine, req)
-        meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.name_of(engine)}
-        if stream:
-            return _sse(self.messages_stream(job, meta, rendered), headers)
-        events = await self.collect(request, job)
-        last = events[-1] if events else None
-        if last is None or last.usage is None:
-            return Response(status_code=499)
-        text = "".join(e.text for e in events)
-        reply = parse_tool_calls(text, rendered) if rendered is not None else None
-        content = []
-        if reply is None or reply.content:
-            content.append({"type": "text", "text": reply.content if reply else text})
-        for call in reply.tool_calls if reply else []:
-            content.append(_tool_use(call))
-        return JSONResponse({**meta, "type": "message", "role": "assistant", "content": content,
-                             "stop_reason": _stop_reason(last, reply), "stop_sequence": last.stop_sequence,
-                             "usage": _anthropic_usage(last)}, headers=headers)
+        return prompt, rendered, headers, tool_choice
 
     async def messages_stream(self, job, meta: dict, tools: Optional[list]) -> AsyncIterator[bytes]:
         holder = ToolCallStream(tools) if tools is not None else None
@@ -510,6 +645,7 @@ class _Api:
                     yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
                     index += 1
                 usage = _anthropic_usage(e)
+                self.metrics.finished(meta["model"], [e.usage])
                 yield _event("message_delta", {"type": "message_delta", "delta": {
                     "stop_reason": _stop_reason(e, reply), "stop_sequence": e.stop_sequence}, "usage": usage})
                 yield _event("message_stop", {"type": "message_stop"})
@@ -597,12 +733,46 @@ def _stop_reason(last: EngineEvent, reply) -> str:
     return "stop_sequence" if last.stop_sequence else "end_turn"
 
 
-def _openai_usage(e: EngineEvent) -> dict:
+def _openai_usage(e: EngineEvent, *others: EngineEvent) -> dict:
+    """OpenAI's usage of a request's last events, one a choice: the prompt once, completions summed."""
     u = e.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
+    completion = u.completion_tokens + sum(o.usage.completion_tokens for o in others)
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": u.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
             "time_to_first_token": u.time_to_first_token}
+
+
+async def _merged(jobs: list) -> AsyncIterator[tuple[int, EngineEvent]]:
+    """(choice index, event) of several jobs, as they come."""
+    if len(jobs) == 1:
+        async for e in jobs[0]:
+            yield 0, e
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job) -> None:
+        try:
+            async for e in job:
+                queue.put_nowait((i, e))
+            queue.put_nowait((i, None))
+        except Exception as error:  # noqa: BLE001 - raised to the reader
+            queue.put_nowait((i, error))
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        left = len(jobs)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _anthropic_usage(e: EngineEvent) -> dict:
@@ -706,24 +876,50 @@ class RequestGuard:
         if scope["type"] == "http":
             error = self.refusal(scope)
             if error is not None:
-                response = error.anthropic() if scope["path"] == "/v1/messages" else error.openai()
+                response = error.anthropic() if scope["path"].startswith("/v1/messages") else error.openai()
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
+class _CountRequests:
+    """ASGI middleware counting HTTP requests by endpoint (a route's path, else "other") and status."""
+
+    def __init__(self, app, metrics: Metrics, paths: set[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in self.paths else "other"
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.inc(endpoint=endpoint, method=scope["method"], status=str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 # -- the application
 
 
-def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options: Any) -> Starlette:
-    """The Starlette application over `engine` (started by the caller; closed, drained, at shutdown).
+def create_app(engine: Engine | ModelRegistry, config: Optional[ServerConfig] = None, **options: Any) -> Starlette:
+    """The Starlette application over `engine` (started by the caller; closed, drained, at shutdown), or
+    over the models of a `ModelRegistry` (its idle models unloaded as its keep-alive says).
 
-    `config` or its fields as keywords: model_name, api_key, allowed_origins, host, allowed_hosts,
-    max_body_bytes, default_max_tokens. `host` is where the app listens: on loopback only loopback
-    Host headers (and `allowed_hosts`) are answered (see `RequestGuard`).
+    `config` or its fields as keywords: model_name (the one engine's name), api_key, allowed_origins,
+    host, allowed_hosts, max_body_bytes, default_max_tokens. `host` is where the app listens: on
+    loopback only loopback Host headers (and `allowed_hosts`) are answered (see `RequestGuard`).
     """
     config = config or ServerConfig(**options)
-    api = _Api(engine, config)
+    if isinstance(engine, ModelRegistry):
+        registry = engine
+    else:
+        registry = ModelRegistry()
+        registry.add(config.model_name, None, engine=engine, start=False)
+    api = _Api(registry, config)
 
     def guarded(handler: Callable, anthropic: bool = False) -> Callable:
         async def endpoint(request: Request) -> Response:
@@ -744,8 +940,18 @@ def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options:
 
     @asynccontextmanager
     async def lifespan(app):
+        async def sweep() -> None:  # keep-alive: unload the models idle too long
+            while True:
+                await asyncio.sleep(0.25)
+                try:
+                    await registry.sweep()
+                except Exception:  # noqa: BLE001 - the server lives on
+                    log.exception("unloading idle models failed")
+
+        sweeper = asyncio.create_task(sweep())
         yield
-        await asyncio.to_thread(engine.close)  # uvicorn has let the in-flight requests finish
+        sweeper.cancel()
+        await asyncio.to_thread(registry.close)  # uvicorn has let the in-flight requests finish
 
     routes = [
         Route("/health", guarded(api.health), methods=["GET"]),
@@ -754,10 +960,13 @@ def create_app(engine: Engine, config: Optional[ServerConfig] = None, **options:
         Route("/v1/chat/completions", guarded(api.chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(api.completions), methods=["POST"]),
         Route("/v1/messages", guarded(api.messages, anthropic=True), methods=["POST"]),
+        Route("/v1/messages/count_tokens", guarded(api.count_tokens, anthropic=True), methods=["POST"]),
+        Route("/metrics", guarded(api.prometheus), methods=["GET"]),
         Route("/v1/embeddings", guarded(partial(api_embeddings.embeddings, api)), methods=["POST"]),
         Route("/v1/responses", guarded(partial(api_responses.responses, api)), methods=["POST"]),
     ]
-    middleware = [Middleware(RequestGuard, host=config.host, allowed_hosts=config.allowed_hosts,
+    middleware = [Middleware(_CountRequests, metrics=api.metrics, paths={r.path for r in routes}),
+                  Middleware(RequestGuard, host=config.host, allowed_hosts=config.allowed_hosts,
                              allowed_origins=config.allowed_origins)]
     if config.allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
@@ -773,22 +982,35 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
         allowed_hosts: Sequence[str] = (), max_body_bytes: int = 8 << 20, default_max_tokens: int = 512,
         max_concurrency: int = 8, queue_size: int = 16, prompt_cache_bytes: int = 1 << 30, decode_concurrency: int = 8,
         max_kv_bytes: Optional[int] = None, speculative: Optional[Callable[[], dict]] = None,
-        lockstep=None, log_level: str = "info", on_ready: Optional[Callable[[], None]] = None) -> bool:
-    """Serve the model `loader()` returns on http://host:port until SIGINT or SIGTERM (both stop cleanly).
+        lockstep=None, log_level: str = "info", on_ready: Optional[Callable[[], None]] = None,
+        model_path: Optional[Path] = None, models: Sequence[tuple[str, Path]] = (),
+        loader_for: Optional[Callable[[Path], Callable[[], tuple[Any, Any]]]] = None,
+        max_loaded_models: Optional[int] = None, max_loaded_bytes: Optional[int] = None,
+        keep_alive: Optional[float] = None) -> bool:
+    """Serve the model `loader()` returns (the default one, `model_name`, at `model_path`) on
+    http://host:port until SIGINT or SIGTERM (both stop cleanly).
 
-    The engine (see `Engine` for max_concurrency .. lockstep) loads in the background; `on_ready` is
-    called once it has. The app's options are `ServerConfig`'s; log_level is uvicorn's and llama_mlx's.
-    Returns False when the server could not listen; a failed load is raised once the server stops.
+    The engine (see `Engine` for max_concurrency .. lockstep; speculative and lockstep apply to this
+    model only) loads in the background; `on_ready` is called once it has. `models`: more (name,
+    path) preloaded. With `loader_for(path)` (a loader of the model at path) any model `llama-mlx list`
+    shows, a path, or a hub id in the cache is served on request, loaded then; `max_loaded_models`,
+    `max_loaded_bytes` and `keep_alive` (seconds idle) are `ModelRegistry`'s bounds. The app's
+    options are `ServerConfig`'s; log_level is uvicorn's and llama_mlx's. Returns False when the
+    server could not listen; a failed load of a preloaded model is raised once the server stops.
     """
     import uvicorn
 
-    engine = Engine(loader, max_concurrency=max_concurrency, queue_size=queue_size,
-                    prompt_cache_bytes=prompt_cache_bytes, decode_concurrency=decode_concurrency,
-                    max_kv_bytes=max_kv_bytes, speculative=speculative, lockstep=lockstep).start()
+    options = dict(max_concurrency=max_concurrency, queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes,
+                   decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes)
+    factory = None if loader_for is None else (lambda path: Engine(loader_for(path), **options))
+    registry = ModelRegistry(factory, max_loaded=max_loaded_models, max_bytes=max_loaded_bytes, keep_alive=keep_alive)
+    engine = registry.add(model_name, model_path, default=True,
+                          engine=Engine(loader, **options, speculative=speculative, lockstep=lockstep))
+    preloaded = [engine] + [registry.add(name, path) for name, path in models]
     config = ServerConfig(model_name=model_name, api_key=api_key, allowed_origins=tuple(allowed_origins),
                           host=host, allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes,
                           default_max_tokens=default_max_tokens)
-    app = create_app(engine, config)
+    app = create_app(registry, config)
     logging.getLogger("llama_mlx").setLevel(log_level.upper())
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=None, server_header=False))
@@ -796,7 +1018,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
 
     def watch_load() -> None:
         try:
-            engine.wait_ready()
+            for e in preloaded:
+                e.wait_ready()
             if on_ready is not None:
                 on_ready()
         except BaseException as e:  # noqa: BLE001 - raised below, the server stops
@@ -810,7 +1033,7 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
         server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        engine.close()
+        registry.close()
     if failed:
         raise failed[0]
     return bool(server.started)

@@ -12,7 +12,6 @@ from .common import (
     DraftModelOpt,
     DtypeOpt,
     GgufFileOpt,
-    ModelOpt,
     NumDraftTokensOpt,
     PipelineOpt,
     PromptLookupOpt,
@@ -36,6 +35,12 @@ EPILOG = """\
 
   llama-mlx serve -M weights/Llama-3.2-1B-Instruct --port 9000 --api-key "$KEY"
 
+  llama-mlx serve -M SmolLM2-135M-Instruct -M mlx-community/Llama-3.2-1B-Instruct-4bit --max-loaded-models 2
+                                                    # both preloaded; a request's "model" may also name
+                                                    # any other model `llama-mlx list` shows (loaded then)
+
+  llama-mlx serve --keep-alive 10m                  # unload models idle for 10 minutes
+
   OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=x your-openai-app
 
   mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx serve -M NAME [--pipeline]
@@ -57,6 +62,21 @@ def _loopback(host: str) -> bool:
         return False
 
 
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
+
+
+def parse_keep_alive(value: Optional[str]) -> Optional[float]:
+    """Seconds of a keep-alive: 300, 300s, 5m, 1h, 500ms; negative: forever (None); 0: unload when idle."""
+    if value is None:
+        return None
+    m = _DURATION.fullmatch(value.strip())
+    if m is None:
+        raise typer.BadParameter(f"{value!r} is not a duration (like 300, 30s, 5m, 1h; -1: forever)",
+                                 param_hint="--keep-alive")
+    seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return None if seconds < 0 else seconds
+
+
 _HOST = re.compile(r"\*|[a-z0-9_.-]+(:\d+)?|\[[0-9a-f:.]+\](:\d+)?|[0-9a-f:]+", re.IGNORECASE)
 
 
@@ -71,7 +91,12 @@ def _host_list(values: list[str]) -> list[str]:
 
 @handle_errors
 def serve(
-    model: ModelOpt = None,
+    models: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-M", metavar="PATH|NAME", show_default=False,
+        help="A model to preload (repeatable; the first is the default, served when a request names none): a "
+             "Meta / Hugging Face / MLX folder, a .gguf file, a name in weights/, or a Hugging Face id (fetched "
+             "once into the HF cache). A request's \"model\" may also name any model `llama-mlx list` shows, "
+             "or a path: it is loaded then (never downloaded). Default: SmolLM2-135M-Instruct.")] = None,
     gguf_file: GgufFileOpt = None,
     host: Annotated[str, typer.Option(
         "--host", help="Address to listen on (loopback by default; 0.0.0.0 exposes the server).",
@@ -115,6 +140,18 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(
         "--max-body-bytes", min=1, metavar="BYTES", help="Largest request body accepted (413 beyond).",
         rich_help_panel=SERVER)] = 8 << 20,
+    max_loaded_models: Annotated[Optional[int], typer.Option(
+        "--max-loaded-models", min=1, metavar="N",
+        help="Most models loaded at once; loading another unloads the least recently used idle one. "
+             "Default: no bound.", rich_help_panel=SERVER)] = None,
+    max_loaded_bytes: Annotated[Optional[int], typer.Option(
+        "--max-loaded-bytes", min=1, metavar="BYTES",
+        help="Bound on the loaded models' weights (a model not loaded counts its size on disk); loading another "
+             "unloads the least recently used idle ones. Default: no bound.", rich_help_panel=SERVER)] = None,
+    keep_alive: Annotated[Optional[str], typer.Option(
+        "--keep-alive", metavar="DURATION",
+        help="Unload a model idle this long (300, 30s, 5m, 1h; 0: as soon as idle; -1: never). A request may "
+             "set its own (ollama's keep_alive). Default: never.", rich_help_panel=SERVER)] = None,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", "-m", min=1, help="Answer length when a request does not say (capped by the context).",
         rich_help_panel=SERVER)] = 512,
@@ -128,8 +165,9 @@ def serve(
         "--log-level", metavar="LEVEL", help="uvicorn's log level: critical, error, warning, info, debug.",
         rich_help_panel=SERVER)] = "info",
 ) -> None:
-    """Serve a model over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
-    model = with_gguf_file(model, gguf_file)
+    """Serve models over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
+    models = list(models or [])
+    model = with_gguf_file(models[0] if models else None, gguf_file)
     from llama_mlx import server
     from llama_mlx.loading import load, resolve_model
 
@@ -140,8 +178,22 @@ def serve(
                                  param_hint="--log-level")
     split = split_mode(pipeline, tensor_parallel)
     hosts = _host_list(allowed_hosts or [])
+    seconds = parse_keep_alive(keep_alive)
+    if len(models) > 1:
+        refuse_in_group("serving several models (--model repeated)")
+    if max_loaded_models is not None and len(models) > max_loaded_models:
+        raise typer.BadParameter(f"{len(models)} models preloaded but at most {max_loaded_models} may be loaded",
+                                 param_hint="--max-loaded-models")
     fetch_default_model(model)  # first use: its download bar, before the server starts
-    path = resolve_model(model) if model is not None else None  # a bad path fails here, before binding
+    path = resolve_model(model)  # a bad path fails here, before binding
+    more = [(model_label(m), resolve_model(m)) for m in models[1:]]
+    names = [model_label(model)] + [name for name, _ in more]
+    if len(set(names)) < len(names):
+        raise typer.BadParameter(f"two models are named alike ({', '.join(names)}); name each once",
+                                 param_hint="--model")
+
+    def loader_for(p):
+        return lambda: load(p, dtype=resolve_dtype(dtype), distributed=False)
 
     def loader():
         loaded = load(path, dtype=resolve_dtype(dtype), distributed=distributed_arg(split))
@@ -169,8 +221,10 @@ def serve(
         allowed_origins=allowed_origins or (), allowed_hosts=hosts, max_body_bytes=max_body_bytes,
         default_max_tokens=max_tokens, max_concurrency=max_concurrency, queue_size=queue_size,
         prompt_cache_bytes=prompt_cache_bytes, decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes,
-        speculative=speculative, lockstep=leader, log_level=log_level,
-        on_ready=lambda: note_line(f"{model_label(model)} loaded; serving on http://{host}:{port}/v1"))
+        speculative=speculative, lockstep=leader, log_level=log_level, model_path=path, models=more,
+        loader_for=loader_for if leader is None else None, max_loaded_models=max_loaded_models,
+        max_loaded_bytes=max_loaded_bytes, keep_alive=seconds,
+        on_ready=lambda: note_line(f"{', '.join(names)} loaded; serving on http://{host}:{port}/v1"))
     if not listened:
         error_line(f"could not listen on {host}:{port}")
         raise typer.Exit(1)

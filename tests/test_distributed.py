@@ -379,19 +379,19 @@ def test_serve_two_ranks_openai_client_then_sigterm(tmp_path, request, mode):
         stats = httpx.get(url + "/v1/internal/stats").json()
         assert stats["ranks"] == 2 and stats["max_concurrency"] == 1 and not stats["batch"]["enabled"], stats
         oai = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-        r = oai.chat.completions.create(model="m", messages=first, temperature=0, max_tokens=6)
+        r = oai.chat.completions.create(model=folder.name, messages=first, temperature=0, max_tokens=6)
         assert r.choices[0].message.content == expected[0]
-        chunks = list(oai.chat.completions.create(model="m", messages=follow_up, temperature=0, max_tokens=6,
+        chunks = list(oai.chat.completions.create(model=folder.name, messages=follow_up, temperature=0, max_tokens=6,
                                                   stream=True, stream_options={"include_usage": True}))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[1]
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 30  # the first exchange, on both ranks
-        dropped = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell a long story."}],
+        dropped = oai.chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "Tell a long story."}],
                                               temperature=0, max_tokens=200, stream=True)
         for i, _ in enumerate(dropped):
             if i == 2:
                 break
         dropped.close()  # rank 0 sees the client gone and stops every rank at the same token
-        r = oai.chat.completions.create(model="m", messages=first, temperature=0, max_tokens=6)
+        r = oai.chat.completions.create(model=folder.name, messages=first, temperature=0, max_tokens=6)
         assert r.choices[0].message.content == expected[0]
         for _ in range(50):  # (the worker counts a job just after its last event went out)
             stats = httpx.get(url + "/v1/internal/stats").json()

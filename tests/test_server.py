@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import anthropic
 import httpx2 as httpx
@@ -26,6 +27,8 @@ from llama_mlx.model import Model, ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
+NAME = MODEL.name  # what requests name it (an unknown name is a 404)
+META = "tiny"  # the tiny Meta-tokenizer model's folder name
 CLI = Path(sys.executable).parent / "llama-mlx"
 KEY = "test-key-123"
 SECRET = "zebra-quartz-7781"  # appears in prompts: must never reach the log
@@ -46,14 +49,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, *args: str, model: Path = MODEL):
+    def __init__(self, tmp: Path, *args: str, model: Path = MODEL, env: Optional[dict] = None):
         from llama_mlx.resolve import ensure_default_model
 
         assert ensure_default_model() == MODEL  # a fresh clone converts it on first use
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([str(CLI), "serve", "--model", str(model), "--port", str(self.port), *args],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -134,12 +137,12 @@ def stop_bias(server) -> dict:
 
 
 def chat(oai, content, **kw):
-    return oai.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+    return oai.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}],
                                        temperature=0, **kw)
 
 
 def stream_chat(oai, content, **kw):
-    chunks = list(oai.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+    chunks = list(oai.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}],
                                               temperature=0, stream=True, **kw))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return text, chunks
@@ -149,8 +152,9 @@ def stream_chat(oai, content, **kw):
 
 
 def test_health_and_models(server, oai):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    assert [m.id for m in oai.models.list().data] == ["SmolLM2-135M-Instruct"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "models": [NAME]}
+    first = oai.models.list().data[0]  # the default model first, then what `llama-mlx list` shows
+    assert first.id == "SmolLM2-135M-Instruct" and first.loaded is True
 
 
 def test_chat_stream_equals_non_stream_and_usage_is_real(server, oai, hf):
@@ -183,8 +187,8 @@ def test_max_tokens_and_stop(oai):
 
 def test_completions_stream_and_not(server, oai, hf):
     prompt = "The capital of France is"
-    full = oai.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
-    parts = list(oai.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+    full = oai.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
+    parts = list(oai.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
                                         stream_options={"include_usage": True}))
     assert "".join(p.choices[0].text for p in parts if p.choices) == full.choices[0].text != ""
     assert full.usage.prompt_tokens == parts[-1].usage.prompt_tokens == len(hf(prompt)["input_ids"])
@@ -194,17 +198,17 @@ def test_completions_stream_and_not(server, oai, hf):
 def test_messages_both_ways(server, hf):
     client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
     msgs = [{"role": "user", "content": "Say hello politely."}]
-    r = client.messages.create(model="m", max_tokens=16, extra_body=T0, system="Be brief.", messages=msgs)
+    r = client.messages.create(model=NAME, max_tokens=16, extra_body=T0, system="Be brief.", messages=msgs)
     assert r.type == "message" and r.content[0].type == "text" and r.stop_reason in ("end_turn", "max_tokens")
     assert r.usage.input_tokens + r.usage.cache_read_input_tokens == hf_chat_len(
         hf, [{"role": "system", "content": "Be brief."}, *msgs])
-    with client.messages.stream(model="m", max_tokens=16, extra_body=T0, system="Be brief.", messages=msgs) as s:
+    with client.messages.stream(model=NAME, max_tokens=16, extra_body=T0, system="Be brief.", messages=msgs) as s:
         streamed = "".join(s.text_stream)
         final = s.get_final_message()
     assert streamed == r.content[0].text and final.usage.output_tokens == r.usage.output_tokens
     # the raw event sequence
     with httpx.stream("POST", server.url + "/v1/messages", headers={"x-api-key": KEY}, timeout=60,
-                      json={"model": "m", "max_tokens": 8, "messages": msgs, "stream": True}) as resp:
+                      json={"model": NAME, "max_tokens": 8, "messages": msgs, "stream": True}) as resp:
         events = [line[7:] for line in resp.iter_lines() if line.startswith("event: ")]
     assert events[0] == "message_start" and events[-2:] == ["message_delta", "message_stop"]
     assert {"content_block_start", "content_block_delta", "content_block_stop"} <= set(events)
@@ -222,7 +226,7 @@ def test_forced_tool_call_openai(meta_oai):
     oai = meta_oai
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    raw = oai.chat.completions.with_raw_response.create(model="m", messages=messages, tools=[WEATHER],
+    raw = oai.chat.completions.with_raw_response.create(model=META, messages=messages, tools=[WEATHER],
                                                         tool_choice=choice, temperature=0, max_tokens=60)
     assert "x-llama-mlx-warning" not in raw.headers
     r = raw.parse()
@@ -233,7 +237,7 @@ def test_forced_tool_call_openai(meta_oai):
     (call,) = r.choices[0].message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    chunks = list(oai.chat.completions.create(model="m", messages=messages, tools=[WEATHER], tool_choice=choice,
+    chunks = list(oai.chat.completions.create(model=META, messages=messages, tools=[WEATHER], tool_choice=choice,
                                               temperature=0, max_tokens=60, stream=True))
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)
     deltas = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
@@ -242,14 +246,14 @@ def test_forced_tool_call_openai(meta_oai):
     # the call and its result go back in: rendered, answered
     follow = messages + [r.choices[0].message.model_dump(exclude_none=True),
                          {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 18}'}]
-    again = oai.chat.completions.create(model="m", messages=follow, tools=[WEATHER], temperature=0, max_tokens=8)
+    again = oai.chat.completions.create(model=META, messages=follow, tools=[WEATHER], temperature=0, max_tokens=8)
     assert again.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 def test_tools_auto_plain_text_is_released(meta_oai):
     oai = meta_oai
     q = "Write one short sentence about cats."
-    kw = dict(model="m", messages=[{"role": "user", "content": q}], tools=[WEATHER], temperature=0, max_tokens=16)
+    kw = dict(model=META, messages=[{"role": "user", "content": q}], tools=[WEATHER], temperature=0, max_tokens=16)
     r = oai.chat.completions.create(**kw)
     chunks = list(oai.chat.completions.create(**kw, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -262,7 +266,7 @@ def test_tools_auto_plain_text_is_released(meta_oai):
 def test_forced_tool_use_anthropic(meta_server):
     client = anthropic.Anthropic(base_url=meta_server.url, api_key=KEY, max_retries=0)
     tool = {"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}
-    kw = dict(model="m", max_tokens=60, extra_body=T0, tools=[tool], tool_choice={"type": "tool", "name": "get_weather"},
+    kw = dict(model=META, max_tokens=60, extra_body=T0, tools=[tool], tool_choice={"type": "tool", "name": "get_weather"},
               messages=[{"role": "user", "content": "Weather in Oslo?"}])
     r = client.messages.create(**kw)
     (block,) = [b for b in r.content if b.type == "tool_use"]
@@ -271,7 +275,7 @@ def test_forced_tool_use_anthropic(meta_server):
     with client.messages.stream(**kw) as s:
         final = s.get_final_message()
     assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(block.name, block.input)]
-    result = client.messages.create(model="m", max_tokens=8, extra_body=T0, tools=[tool], messages=[
+    result = client.messages.create(model=META, max_tokens=8, extra_body=T0, tools=[tool], messages=[
         *kw["messages"], {"role": "assistant", "content": [b.model_dump() for b in r.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "cold"}]}])
     assert result.type == "message"
@@ -285,7 +289,7 @@ def test_tools_the_template_ignores_are_never_pretended(server, oai):
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError) as e:
-                oai.chat.completions.create(model="m", messages=messages, tools=[WEATHER], tool_choice=choice,
+                oai.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER], tool_choice=choice,
                                             temperature=0, max_tokens=20, stream=stream)
             assert e.value.status_code == 400 and e.value.param == "tool_choice"
             assert "chat template ignores tools" in e.value.message
@@ -293,17 +297,17 @@ def test_tools_the_template_ignores_are_never_pretended(server, oai):
     tool = {"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}
     for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
         with pytest.raises(anthropic.BadRequestError) as e:
-            client.messages.create(model="m", max_tokens=20, extra_body=T0, tools=[tool], tool_choice=choice,
+            client.messages.create(model=NAME, max_tokens=20, extra_body=T0, tools=[tool], tool_choice=choice,
                                    messages=messages)
         assert e.value.status_code == 400 and "chat template ignores tools" in str(e.value)
-    plain = oai.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=12)
-    raw = oai.chat.completions.with_raw_response.create(model="m", messages=messages, tools=[WEATHER],
+    plain = oai.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=12)
+    raw = oai.chat.completions.with_raw_response.create(model=NAME, messages=messages, tools=[WEATHER],
                                                         temperature=0, max_tokens=12)
     assert raw.headers["x-llama-mlx-warning"].startswith("tools ignored")
     r = raw.parse()
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == plain.choices[0].message.content
     assert r.usage.prompt_tokens == plain.usage.prompt_tokens
-    raw = client.messages.with_raw_response.create(model="m", max_tokens=12, extra_body=T0, tools=[tool],
+    raw = client.messages.with_raw_response.create(model=NAME, max_tokens=12, extra_body=T0, tools=[tool],
                                                    messages=messages)
     assert raw.headers["x-llama-mlx-warning"].startswith("tools ignored")
     assert [b.type for b in raw.parse().content] == ["text"]
@@ -334,14 +338,14 @@ def test_errors(server, oai):
     msgs = [{"role": "user", "content": "hi"}]
     r = post("/v1/chat/completions", content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    r = post("/v1/chat/completions", {"messages": msgs, "n": 2})
+    r = post("/v1/chat/completions", {"messages": msgs, "n": 9})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     assert post("/v1/chat/completions", {"messages": msgs}, headers={}).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
-            model="m", max_tokens=4, messages=msgs)
+            model=NAME, max_tokens=4, messages=msgs)
     r = post("/v1/nothing", {})
     assert r.status_code == 404 and "error" in r.json()
     r = post("/v1/chat/completions", content=b'{"messages": "' + b"x" * 1_100_000 + b'"}')
@@ -396,7 +400,7 @@ def test_prefix_cache_reuse_and_ttft(server, oai, hf):
     def ask(messages):
         start, ttft = time.perf_counter(), None
         chunks = []
-        for c in oai.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=8, stream=True,
+        for c in oai.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=8, stream=True,
                                              stream_options={"include_usage": True}):
             if ttft is None and c.choices and c.choices[0].delta.content:
                 ttft = time.perf_counter() - start
@@ -418,7 +422,7 @@ def test_prefix_cache_reuse_and_ttft(server, oai, hf):
 
 def test_prefix_cache_is_bounded_and_lru(server, oai):
     def ask(tag):
-        r = oai.chat.completions.create(model="m", temperature=0, max_tokens=2, messages=[
+        r = oai.chat.completions.create(model=NAME, temperature=0, max_tokens=2, messages=[
             {"role": "system", "content": _system(tag)}, {"role": "user", "content": "ok?"}])
         stats = server.stats()["prompt_cache"]
         assert stats["bytes"] <= stats["max_bytes"] == CACHE_BOUND

@@ -11,12 +11,12 @@ import subprocess
 import anthropic
 import openai
 import pytest
-from test_server import CLI, Server
+from test_server import CLI, NAME, Server
 
 from llama_mlx.server import RequestGuard
 
 ALLOWED = "https://app.example"
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +128,11 @@ def test_anthropic_shaped_refusal_on_messages(server):
 
 def test_the_official_clients_still_work(server):
     oai = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    r = oai.chat.completions.create(model="m", messages=CHAT["messages"], max_tokens=2, temperature=0)
+    r = oai.chat.completions.create(model=NAME, messages=CHAT["messages"], max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1
-    assert oai.completions.create(model="m", prompt="Hello", max_tokens=2).usage.completion_tokens >= 1
+    assert oai.completions.create(model=NAME, prompt="Hello", max_tokens=2).usage.completion_tokens >= 1
     client = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0)
-    m = client.messages.create(model="m", max_tokens=2, messages=CHAT["messages"])
+    m = client.messages.create(model=NAME, max_tokens=2, messages=CHAT["messages"])
     assert m.type == "message" and m.usage.output_tokens >= 1
     bad = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
                         default_headers={"Origin": "http://evil.example"})

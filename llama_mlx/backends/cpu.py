@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import threading
 from typing import Optional
 
 import mlx.core as mx
@@ -27,13 +28,21 @@ __all__ = [
     "use_threads",
 ]
 
-_cpu_streams: list = []
+# MLX streams belong to the thread that made them: each thread running a model (a server runs one
+# per model) has streams of its own.
+_local = threading.local()
+_drain_registered = False
 
 
 def _streams(n: int) -> list:
+    global _drain_registered
+    _cpu_streams = getattr(_local, "streams", None)
+    if _cpu_streams is None:
+        _cpu_streams = _local.streams = []
     if len(_cpu_streams) >= n:
         return _cpu_streams[:n]
-    if not _cpu_streams:
+    if not _drain_registered:
+        _drain_registered = True
         atexit.register(_drain)
     # A new stream starts a thread, which inherits this thread's signal mask: with SIGINT blocked
     # there, Ctrl-C always reaches the main thread (else it may wake a worker and be missed).
@@ -52,7 +61,8 @@ def _streams(n: int) -> list:
 def _drain() -> None:
     # Work still queued at exit (a decode step runs one token ahead) must finish before MLX tears
     # its stream threads down: a stream waiting on another one already stopped would never return.
-    for stream in [mx.default_stream(mx.cpu), *_cpu_streams]:
+    # (atexit runs on the main thread: the streams it can reach are its own.)
+    for stream in [mx.default_stream(mx.cpu), *getattr(_local, "streams", [])]:
         mx.synchronize(stream)
 
 
