@@ -45,10 +45,10 @@ def test_the_metal_row_wires_memory_as_mlx_lm_does(wiring, backend_row):
 
 
 @pytest.mark.parametrize("row, wired", [("metal", True), ("cpu", False), ("cuda", False)])
-def test_stream_generate_wires_memory_on_the_metal_row_alone(wiring, backend_row, smollm2, row, wired):
+def test_stream_generate_wires_memory_on_the_metal_row_alone(wiring, backend_row, tiny_meta, row, wired):
     """Under the Metal row (run here on the CPU: fused projections, the model's graph) the answer is
     cache-free greedy decoding's, generated with the limit raised, and the limit is restored."""
-    model, tokenizer = smollm2
+    model, tokenizer = tiny_meta
     backend_row(row)
     ids = tokenizer.encode("The capital of France is", bos=True)
     tokens, during = [], []
@@ -61,10 +61,10 @@ def test_stream_generate_wires_memory_on_the_metal_row_alone(wiring, backend_row
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf_path):
+def tiny_meta(tiny_meta_checkpoint):
     import llama_mlx
 
-    return llama_mlx.load(smollm2_gguf_path)
+    return llama_mlx.load(tiny_meta_checkpoint)
 
 
 def test_the_env_var_forces_a_row(monkeypatch):
@@ -84,3 +84,18 @@ def test_an_unknown_backend_is_one_line_from_the_cli(monkeypatch):
     monkeypatch.setenv("LLAMA_MLX_BACKEND", "tpu")
     assert os.environ["LLAMA_MLX_BACKEND"] == "tpu"
     assert_one_line_error(run("generate", "-m", "1", "hi"), 1, "LLAMA_MLX_BACKEND", "tpu")
+
+
+def test_prompt_lookup_is_on_by_default_where_the_row_says(backend_row):
+    """chat and single-stream serve draft by prompt lookup by default on GPU rows (a failed check
+    costs about a step there), not on the CPU's (a check of k + 1 positions costs ~k + 1 steps);
+    --prompt-lookup 0 turns it off."""
+    from llama_mlx_cli.common import DEFAULT_PROMPT_LOOKUP, GenerationOptions, default_prompt_lookup
+
+    for name, want in (("cpu", None), ("metal", DEFAULT_PROMPT_LOOKUP), ("cuda", DEFAULT_PROMPT_LOOKUP)):
+        backend_row(name)
+        assert default_prompt_lookup() == want, name
+        assert backends.lookup_by_default() == (want is not None)
+    assert backends.CPU.check_cost > 5 * backends.METAL.check_cost
+    assert GenerationOptions(prompt_lookup=0).speculative_kwargs() == {}
+    assert GenerationOptions(prompt_lookup=3).speculative_kwargs()["prompt_lookup"] == 3
