@@ -609,6 +609,9 @@ class PromptCache:
         Only a missing path or a regular file is replaced (UnsafeOutputError otherwise). `path` may
         also be a binary file open for writing (one of `fileio.atomic_files`), written as it is.
         """
+        if hasattr(self._model, "make_cache"):
+            raise PromptCacheError("saving the cache of a Llama 3.2 Vision model (its image keys and values) is "
+                                   "not supported yet")
         arrays = {f"{i}.{j}": a for i, c in enumerate(self.cache) for j, a in enumerate(c.state)}
         layers = [{"kind": type(c).__name__, "n": len(c.state), **c.meta_state} for c in self.cache]
         info = {"tokens": list(map(int, self.tokens)), "layers": layers, "fingerprint": self._fingerprint}

@@ -1,8 +1,10 @@
 """Tiny random Llama 3.2 Vision (mllama) models built with transformers (float32), the oracle of the vision tests.
 
-transformers 5.x's MllamaVisionEncoder collects the *outputs* of the local layers as its intermediate
-states; Meta's reference (and transformers 4.x, see huggingface/transformers#39785) takes each listed
-layer's *input*. `meta_intermediate_states()` restores Meta's collection in the oracle, nothing else.
+Where transformers 5.x departs from Meta's reference (`llama-models`), `meta_semantics()` gives the
+oracle Meta's behaviour, nothing else: its MllamaVisionEncoder collects the *outputs* of the local layers
+as intermediate states, where Meta (and transformers 4.x, huggingface/transformers#39785) takes each listed
+layer's *input*; and a text token with no image before it (BOS, the first header) still adds
+cross-attention output, where Meta multiplies it by `full_text_row_masked_out_mask`.
 """
 
 from __future__ import annotations
@@ -47,24 +49,44 @@ def tiny_mllama(seed: int = 0, scale: float = 0.2):
 
 
 @contextlib.contextmanager
-def meta_intermediate_states():
+def meta_semantics(rows: bool = True):
+    """transformers' mllama with Meta's intermediate states and, with `rows`, Meta's rows without an image:
+    a text token with no image before it gets no cross-attention output (Meta multiplies the attention
+    output by `full_text_row_masked_out_mask`; transformers zeroes only the feed-forward)."""
     from transformers.modeling_outputs import BaseModelOutput
     from transformers.models.mllama import modeling_mllama as mm
 
-    original = mm.MllamaVisionEncoder.forward
+    encoder, layer = mm.MllamaVisionEncoder.forward, mm.MllamaCrossAttentionDecoderLayer.forward
 
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
+    def encoder_forward(self, hidden_states, attention_mask=None, **kwargs):
         states = ()
-        for layer in self.layers:
+        for block in self.layers:
             states = states + (hidden_states,)
-            hidden_states = layer(hidden_states=hidden_states, attention_mask=attention_mask)
+            hidden_states = block(hidden_states=hidden_states, attention_mask=attention_mask)
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=states)
 
-    mm.MllamaVisionEncoder.forward = forward
+    def layer_forward(self, hidden_states, cross_attention_states, cross_attention_mask, attention_mask,
+                      full_text_row_masked_out_mask, position_ids=None, cache=None, use_cache=False,
+                      position_embeddings=None, **kwargs):
+        residual = hidden_states
+        h, _ = self.cross_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=cross_attention_mask,
+                               cross_attention_states=cross_attention_states, cache=cache, **kwargs)
+        if full_text_row_masked_out_mask is not None:
+            h = full_text_row_masked_out_mask[:, 0] * h  # per row, so before or after o_proj alike
+        h = residual + self.cross_attn_attn_gate.tanh() * h
+        residual = h
+        h = self.mlp(self.post_attention_layernorm(h))
+        if full_text_row_masked_out_mask is not None:
+            h = full_text_row_masked_out_mask[:, 0] * h
+        return residual + self.cross_attn_mlp_gate.tanh() * h
+
+    mm.MllamaVisionEncoder.forward = encoder_forward
+    if rows:
+        mm.MllamaCrossAttentionDecoderLayer.forward = layer_forward
     try:
         yield
     finally:
-        mm.MllamaVisionEncoder.forward = original
+        mm.MllamaVisionEncoder.forward, mm.MllamaCrossAttentionDecoderLayer.forward = encoder, layer
 
 
 def cross_attention_mask(ids: list[int], num_tiles: int, max_tiles: int = 4) -> torch.Tensor:

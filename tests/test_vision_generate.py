@@ -21,7 +21,7 @@ from llama_mlx.vision.language import CrossAttentionCache
 from llama_mlx.vision.loading import Processor
 from llama_mlx.vision.model import Model
 
-from mllama_oracle import CHAT_TEMPLATE, IMAGE_TOKEN, meta_intermediate_states, write_tiny_folder
+from mllama_oracle import CHAT_TEMPLATE, IMAGE_TOKEN, meta_semantics, write_tiny_folder
 from test_cli_generate import run
 
 N = 10
@@ -41,7 +41,8 @@ def image_path(tmp_path_factory):
 
 
 def oracle(folder, messages, images, max_new_tokens=N):
-    """transformers' tokens and text for a conversation (its processor builds every input)."""
+    """transformers' tokens and text for a conversation (its processor builds every input), with Meta's
+    semantics (`meta_semantics`), which llama-mlx follows by default."""
     from transformers import AutoTokenizer, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -52,7 +53,7 @@ def oracle(folder, messages, images, max_new_tokens=N):
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=[[Image.open(p) for p in images]] if images else None, text=[text],
                        add_special_tokens=False, return_tensors="pt")
-    with torch.no_grad(), meta_intermediate_states():
+    with torch.no_grad(), meta_semantics():
         out = hf.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     return new, tok.decode(new, skip_special_tokens=True)
@@ -101,6 +102,14 @@ def test_chat_turns_reuse_the_image(folder, image_path, monkeypatch):
     assert len([c for c in pc.cache if isinstance(c, CrossAttentionCache)][0].spans) == 1
     want, _ = oracle(folder, second, [image_path])
     assert got == want
+
+
+def test_saving_a_vision_cache_is_refused(folder, tmp_path):
+    from llama_mlx.errors import PromptCacheError
+
+    model, _ = llama_mlx.load(folder[0])
+    with pytest.raises(PromptCacheError, match="not supported yet"):
+        PromptCache(model).save(tmp_path / "cache.safetensors")
 
 
 def test_two_images_in_one_message_are_refused(folder, image_path):

@@ -5,7 +5,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx.utils import tree_flatten
 from PIL import Image
 
 from llama_mlx.errors import ImageError
@@ -13,18 +12,28 @@ from llama_mlx.generate import generate_step
 from llama_mlx.vision.model import MllamaArgs, Model
 from llama_mlx.vision.processor import ImageProcessor
 
-from mllama_oracle import IMAGE_TOKEN, cross_attention_mask, meta_intermediate_states, state_dict_numpy, tiny_mllama
+from mllama_oracle import IMAGE_TOKEN, cross_attention_mask, meta_semantics, state_dict_numpy, tiny_mllama
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def pair():
-    hf = tiny_mllama()
-    ours = Model(MllamaArgs.from_dict(hf.config.to_dict()))
+def hf():
+    return tiny_mllama()
+
+
+def _ours(hf, rows):
+    ours = Model(MllamaArgs.from_dict({**hf.config.to_dict(), "cross_attention_rows": rows}))
     weights = {k: mx.array(v) for k, v in state_dict_numpy(hf).items()}
     ours.load_weights(list(ours.sanitize(weights).items()), strict=True)
-    return hf, ours
+    return ours
+
+
+@pytest.fixture(scope="module", params=["meta", "transformers"])
+def pair(request, hf):
+    """Ours with Meta's rows before the image (the default) against transformers given Meta's, and ours
+    with transformers' rows against transformers as it is (Meta's intermediate states in both)."""
+    return hf, _ours(hf, request.param), request.param == "meta"
 
 
 def _inputs(w, h, seed=0):
@@ -33,12 +42,12 @@ def _inputs(w, h, seed=0):
     return ImageProcessor(tile_size=28, max_image_tiles=4)([image])
 
 
-def _hf(hf, ids, inp=None, mask=None, cache=None):
+def _hf(hf, rows, ids, inp=None, mask=None, cache=None):
     kwargs = {}
     if inp is not None:
         kwargs = dict(pixel_values=torch.tensor(inp["pixel_values"]), aspect_ratio_ids=torch.tensor(inp["aspect_ratio_ids"]),
                       aspect_ratio_mask=torch.tensor(inp["aspect_ratio_mask"]))
-    with torch.no_grad(), meta_intermediate_states():
+    with torch.no_grad(), meta_semantics(rows=rows):
         out = hf(input_ids=torch.tensor([ids]), cross_attention_mask=mask, cache=cache, use_cache=True, **kwargs)
     return out.logits.numpy(), out.cache
 
@@ -51,19 +60,19 @@ def _close(got, want):
 
 @pytest.mark.parametrize("size", [(70, 40), (23, 61), (29, 29)])
 def test_prompt_logits_with_an_image(pair, size):
-    hf, ours = pair
+    hf, ours, rows = pair
     inp = _inputs(*size)
     ids = [1, 5, 7, IMAGE_TOKEN, 9, 11, 13, 200, 17]
-    want, _ = _hf(hf, ids, inp, cross_attention_mask(ids, inp["num_tiles"][0][0]))
+    want, _ = _hf(hf, rows, ids, inp, cross_attention_mask(ids, inp["num_tiles"][0][0]))
     cache = ours.make_cache()
     ours.attach_images(cache, inp["pixel_values"], inp["aspect_ratio_ids"], inp["aspect_ratio_mask"])
     _close(ours(mx.array([ids]), cache), want)
 
 
 def test_prompt_logits_without_an_image(pair):
-    hf, ours = pair
+    hf, ours, rows = pair
     ids = [1, 5, 7, 9, 250, 11]
-    want, _ = _hf(hf, ids)
+    want, _ = _hf(hf, rows, ids)
     _close(ours(mx.array([ids])), want)
     cache = ours.make_cache()
     _close(ours(mx.array([ids]), cache), want)
@@ -72,7 +81,7 @@ def test_prompt_logits_without_an_image(pair):
 
 def test_turns_with_the_cache(pair):
     """Turn 1 holds the image, turns 2 and 3 reuse its cached keys; decode one token at a time too."""
-    hf, ours = pair
+    hf, ours, rows = pair
     inp = _inputs(90, 30, seed=3)
     turns = [[1, 5, IMAGE_TOKEN, 9, 11], [40, 41, 42], [43], [44, 45, 46, 47]]
     full = [t for turn in turns for t in turn]
@@ -80,15 +89,15 @@ def test_turns_with_the_cache(pair):
     cache, hf_cache, seen = ours.make_cache(), None, 0
     ours.attach_images(cache, inp["pixel_values"], inp["aspect_ratio_ids"], inp["aspect_ratio_mask"])
     for n, turn in enumerate(turns):
-        want, hf_cache = _hf(hf, turn, inp if n == 0 else None, mask[:, : seen + len(turn)], hf_cache)
+        want, hf_cache = _hf(hf, rows, turn, inp if n == 0 else None, mask[:, : seen + len(turn)], hf_cache)
         _close(ours(mx.array([turn]), cache), want)
         seen += len(turn)
-    want_all, _ = _hf(hf, full, inp, mask)
+    want_all, _ = _hf(hf, rows, full, inp, mask)
     assert np.abs(want_all[0, -1] - want[0, -1]).max() < TOL  # the oracle agrees with itself
 
 
 def test_second_image_in_a_later_turn(pair):
-    hf, ours = pair
+    hf, ours, rows = pair
     first, second = _inputs(70, 40, seed=1), _inputs(20, 50, seed=2)
     turns = [[1, IMAGE_TOKEN, 9, 11], [12, IMAGE_TOKEN, 14, 15]]
     full = turns[0] + turns[1]
@@ -96,19 +105,19 @@ def test_second_image_in_a_later_turn(pair):
     mask[0, 1:5, 0, : first["num_tiles"][0][0]] = 1  # until the next image token
     mask[0, 5:, 1, : second["num_tiles"][0][0]] = 1
     cache = ours.make_cache()
-    want, hf_cache = _hf(hf, turns[0], first, mask[:, :4, :1])
+    want, hf_cache = _hf(hf, rows, turns[0], first, mask[:, :4, :1])
     ours.attach_images(cache, first["pixel_values"], first["aspect_ratio_ids"], first["aspect_ratio_mask"])
     _close(ours(mx.array([turns[0]]), cache), want)
-    want, _ = _hf(hf, turns[1], second, mask, hf_cache)
+    want, _ = _hf(hf, rows, turns[1], second, mask, hf_cache)
     ours.attach_images(cache, second["pixel_values"], second["aspect_ratio_ids"], second["aspect_ratio_mask"])
     _close(ours(mx.array([turns[1]]), cache), want)
 
 
 def test_greedy_tokens_equal_transformers_generate(pair):
-    hf, ours = pair
+    hf, ours, rows = pair
     inp = _inputs(45, 80, seed=5)
     ids = [1, 5, 7, IMAGE_TOKEN, 9, 11, 13]
-    with torch.no_grad(), meta_intermediate_states():
+    with torch.no_grad(), meta_semantics(rows=rows):
         out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(inp["pixel_values"]),
                           aspect_ratio_ids=torch.tensor(inp["aspect_ratio_ids"]),
                           aspect_ratio_mask=torch.tensor(inp["aspect_ratio_mask"]),
@@ -121,19 +130,16 @@ def test_greedy_tokens_equal_transformers_generate(pair):
     assert got == want
 
 
-def test_meta_rows_leave_text_before_the_image_alone(pair):
-    """cross_attention_rows="meta": tokens before the image pass the cross-attention layers unchanged."""
-    hf, ours = pair
-    meta = Model(MllamaArgs.from_dict({**hf.config.to_dict(), "cross_attention_rows": "meta"}))
-    meta.load_weights(tree_flatten(ours.parameters()))
+def test_meta_rows_leave_text_before_the_image_alone(hf):
+    """The default (Meta's): tokens before the image pass the cross-attention layers unchanged."""
+    meta, transformers_rows = _ours(hf, "meta"), _ours(hf, "transformers")
     inp = _inputs(70, 40)
     ids = [1, 5, 7, IMAGE_TOKEN, 9]
-    cache = meta.make_cache()
-    meta.attach_images(cache, inp["pixel_values"], inp["aspect_ratio_ids"], inp["aspect_ratio_mask"])
-    got = np.array(meta(mx.array([ids]), cache))
+    got = np.array(meta(mx.array([ids]), _attached(meta, inp)))
     text = np.array(meta(mx.array([ids[:3]])))
     assert np.abs(got[:, :3] - text).max() < 1e-5
-    assert np.abs(got[:, 3:] - np.array(ours(mx.array([ids]), _attached(ours, inp))[:, 3:])).max() > 1e-3
+    other = np.array(transformers_rows(mx.array([ids]), _attached(transformers_rows, inp)))
+    assert np.abs(got[:, :3] - other[:, :3]).max() > 1e-3
 
 
 def _attached(model, inp):
@@ -143,6 +149,6 @@ def _attached(model, inp):
 
 
 def test_image_token_without_an_image(pair):
-    _, ours = pair
+    _, ours, _ = pair
     with pytest.raises(ImageError, match="1 image token"):
         ours(mx.array([[1, IMAGE_TOKEN, 5]]), ours.make_cache())

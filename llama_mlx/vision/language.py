@@ -4,10 +4,11 @@ image states.
 
 The cross-attention keys and values of an image are computed once, when the image is attached to
 the cache (`CrossAttentionCache.add_image`); a text token attends to the valid tiles of the
-latest image whose `<|image|>` token precedes it. A token with no image before it attends as
-transformers lets it (to every image key, unmasked) while its feed-forward is zeroed, or, with
-`cross_attention_rows="meta"`, passes the layer unchanged as in Meta's reference. With no image
-attached the cross-attention layers are skipped: the text layers alone run.
+latest image whose `<|image|>` token precedes it. A token with no image before it passes the layer
+unchanged, as in Meta's reference (`cross_attention_rows="meta"`, the default), or, with
+`cross_attention_rows="transformers"`, attends as transformers lets it (to every image key, unmasked)
+while its feed-forward is zeroed. With no image attached the cross-attention layers are skipped: the
+text layers alone run.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class _Rows:
 
 class TextModel(nn.Module):
     def __init__(self, args: ModelArgs, cross_attention_layers: list[int], image_token_index: int,
-                 cross_attention_rows: str = "transformers"):
+                 cross_attention_rows: str = "meta"):
         super().__init__()
         if cross_attention_rows not in ("transformers", "meta"):
             raise ValueError(f"cross_attention_rows must be 'transformers' or 'meta', not {cross_attention_rows!r}")
@@ -209,7 +210,7 @@ class TextModel(nn.Module):
 
 class LanguageModel(nn.Module):
     def __init__(self, args: ModelArgs, cross_attention_layers: list[int], image_token_index: int,
-                 cross_attention_rows: str = "transformers"):
+                 cross_attention_rows: str = "meta"):
         super().__init__()
         self.args = args
         self.model = TextModel(args, cross_attention_layers, image_token_index, cross_attention_rows)

@@ -46,7 +46,7 @@ class MllamaArgs:
     text_config: dict
     vision_config: dict
     image_token_index: int = 128256
-    cross_attention_rows: str = "transformers"
+    cross_attention_rows: str = "meta"
     model_type: str = "mllama"
     quantization: Optional[dict] = field(default=None, repr=False)
 
