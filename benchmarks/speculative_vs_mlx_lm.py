@@ -29,6 +29,13 @@ random weights perturb the agreement, the more the larger ALPHA. The draft must 
 (`1b-untied`). Same shapes, same work per token as real weights; only the acceptance is staged.
 
   python3 benchmarks/speculative_vs_mlx_lm.py --target 8b --drafts 1b-untied --agree 0.05,0.1 -g 128
+
+Ours drafts adaptively (`speculative._Adapt`: the draft length follows what pays, none when nothing
+does); --fixed-too adds "fixed" rows drafting K every round (adaptive=False), as before it. The
+`stranger` draft is a small random model on the target's tokenizer: drafts that never match, the
+case where a draft model slows decoding down (with --fixed-too, by how much without adapting):
+
+  python benchmarks/speculative_vs_mlx_lm.py --drafts stranger --fixed-too --no-mlx-lm -g 160 --trials 5
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ def parse_args(argv=None):
                    help="also time each draft with rounds read before the next is queued (as before queued rounds)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
     p.add_argument("--out", default=None, help="write every number to this JSON file")
+    p.add_argument("--fixed-too", action="store_true", help="also draft K every round (adaptive=False)")
     p.add_argument("--agree", default=None, help="layer scales making a random draft agree with the target "
                                                 "(comma-separated; see below)")
     return p.parse_args(argv)
@@ -108,6 +116,18 @@ def folder(name: str, work: Path, target: Path | None = None) -> Path:
         if not (dst / "config.json").is_file():
             log(f"requantizing {target} to 8 bits -> {dst}")
             convert(target, dst, quantize=True, bits=8, group_size=64, dtype=dtype, force=True, requantize=True)
+        return dst
+    if name == "stranger":  # 2 small random layers on the target's vocabulary and tokenizer
+        import shutil
+
+        vocab = json.loads((target / "config.json").read_text())["vocab_size"]
+        dst = work / f"stranger-{target.name}"
+        shape = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=512, vocab_size=vocab, tie_word_embeddings=True, rope_factor=8.0)
+        write_random_model(dst, shape, bits=4, group_size=64, dtype=dtype or "bfloat16", seed=3)
+        for f in target.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and f.is_file():
+                shutil.copy(f, dst / f.name)
         return dst
     untied = name.endswith("-untied") and name[: -len("-untied")] in SHAPES
     if name in SHAPES or untied:
@@ -157,8 +177,11 @@ def ours(model, ids, g, stop, draft_model=None, temp=0.0, **kw):
         return {"tps": tps, "tokens": [t for t, _ in items], "from_draft": 0}
     items, tps = timed(speculative_generate_step(mx.array(ids), model, draft_model=draft_model, max_tokens=g,
                                                  sampler=sampler, **kw), g, stop)
+    stats = items[-1].stats or {}
     return {"tps": tps, "tokens": [t.token for t in items], "drafted": items[-1].drafted,
-            "accepted": sum(t.from_draft for t in items), "from_draft": sum(t.from_draft for t in items)}
+            "accepted": sum(t.from_draft for t in items), "from_draft": sum(t.from_draft for t in items),
+            "rounds_off": stats.get("rounds_off"), "rounds": stats.get("rounds"), "estimate": stats.get("speedup"),
+            "k_range": (stats.get("k_min"), stats.get("k_max"))}
 
 
 def synchronous(run):
@@ -293,9 +316,15 @@ def measure(args, k, target, tok, drafts, mlm, random_weights) -> dict:
         t = args.temp
         runs = {"ours plain": lambda: ours(target, ids, g, stop, temp=t),
                 "ours lookup": lambda: ours(target, ids, g, stop, temp=t, prompt_lookup=args.ngram, num_draft_tokens=k)}
+        if args.fixed_too:
+            runs["ours lookup fixed"] = lambda: ours(target, ids, g, stop, temp=t, prompt_lookup=args.ngram,
+                                                     num_draft_tokens=k, adaptive=False)
         for name, (_, (dm, dt)) in drafts.items():
             check_draft(target, tok, dm, dt)
             runs[f"ours draft {name}"] = lambda dm=dm: ours(target, ids, g, stop, dm, t, num_draft_tokens=k)
+            if args.fixed_too:
+                runs[f"ours draft {name} fixed"] = lambda dm=dm: ours(target, ids, g, stop, dm, t, num_draft_tokens=k,
+                                                                      adaptive=False)
             if args.sync_too:
                 runs[f"ours draft {name} sync"] = lambda dm=dm: synchronous(
                     lambda: ours(target, ids, g, stop, dm, t, num_draft_tokens=k))
@@ -312,7 +341,9 @@ def measure(args, k, target, tok, drafts, mlm, random_weights) -> dict:
                 r = measured[m][-1]
                 log(f"{pname:5s} {m:22s} {r['tps']:8.2f} tok/s  {len(r['tokens'])} tokens, "
                     f"{r['from_draft']} from the draft" + (f", {r['accepted']}/{r['drafted']} drafts accepted"
-                                                           if 'drafted' in r and r['drafted'] else ""))
+                                                           if 'drafted' in r and r['drafted'] else "")
+                    + (f", off {r['rounds_off']}/{r['rounds']} rounds, k {r['k_range']}, estimate {r['estimate']}x"
+                       if r.get("rounds") else ""))
         rows = {}
         for m, rs in measured.items():
             tps = statistics.median(r["tps"] for r in rs)
@@ -320,6 +351,10 @@ def measure(args, k, target, tok, drafts, mlm, random_weights) -> dict:
                    "from_draft_share": statistics.median(r["from_draft"] / len(r["tokens"]) for r in rs)}
             if rs[0].get("drafted"):
                 row["acceptance"] = statistics.median(r["accepted"] / r["drafted"] for r in rs if r["drafted"])
+            if rs[0].get("rounds"):
+                row["rounds_off_share"] = statistics.median(r["rounds_off"] / r["rounds"] for r in rs)
+                row["drafted"] = statistics.median(r["drafted"] for r in rs)
+                row["estimate"] = statistics.median(r["estimate"] or 0.0 for r in rs)
             base = "ours plain" if m.startswith("ours") else "mlx-lm plain"
             row["same_as_plain"] = rs[0]["tokens"] == measured[base][0]["tokens"]
             rows[m] = row
@@ -337,14 +372,18 @@ def report(results: dict, tpath: Path, args) -> None:
     agreed = f", --agree {results['agree']}" if results.get("agree") is not None else ""
     print(f"\n# speculative decoding, {results['device']}, target {tpath.name}, K={results['k']}, "
           f"{args.gen_tokens} tokens, {args.trials} trial(s), greedy{agreed}\n")
-    print("| prompt | method | tok/s | vs plain | vs mlx-lm same method | acceptance | from draft | = plain |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| prompt | method | tok/s | vs plain | vs mlx-lm same method | acceptance | from draft | drafted | "
+          "rounds off | its estimate | = plain |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for pname, res in results["prompts"].items():
         for m, r in res["rows"].items():
             acc = f"{r['acceptance']:.0%}" if "acceptance" in r else "-"
             vs = f"{r['vs_mlx_lm']:.2f}x" if "vs_mlx_lm" in r else "-"
+            off = f"{r['rounds_off_share']:.0%}" if "rounds_off_share" in r else "-"
+            est = f"{r['estimate']:.2f}x" if r.get("estimate") else "-"
+            drafted = f"{r['drafted']:.0f}" if "drafted" in r else "-"
             print(f"| {pname} | {m} | {r['tps']:.2f} | {r['speedup_vs_plain']:.2f}x | {vs} | {acc} | "
-                  f"{r['from_draft_share']:.0%} | {'yes' if r['same_as_plain'] else 'NO'} |")
+                  f"{r['from_draft_share']:.0%} | {drafted} | {off} | {est} | {'yes' if r['same_as_plain'] else 'NO'} |")
     print("\nverify step, one forward of L tokens after the prompt, ms (ratio to L=1):\n")
     for pname, res in results["prompts"].items():
         v = res["verify_ms"]

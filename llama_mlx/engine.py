@@ -79,6 +79,7 @@ class Usage:
     cached_tokens: int
     time_to_first_token: float
     generation_tps: float
+    speculative: Optional[dict] = None  # a speculative job's figures (`GenerationResponse.speculative`)
 
 
 @dataclass
@@ -557,7 +558,8 @@ class Engine:
             event.finish_reason = "length" if r.finish_reason == "context" else r.finish_reason
             if event.finish_reason == "stop" and r.token not in stops:
                 event.stop_sequence = _which_stop(self.tokenizer.decode(tokens), req.stop)
-            event.usage = Usage(len(req.prompt), r.generation_tokens, cached, r.time_to_first_token, r.generation_tps)
+            event.usage = Usage(len(req.prompt), r.generation_tokens, cached, r.time_to_first_token, r.generation_tps,
+                                getattr(r, "speculative", None))
         return event
 
     def _generate(self, job: Job) -> Iterator[EngineEvent]:

@@ -22,7 +22,7 @@ from .cache import PromptCache, RotatingKVCache, make_prompt_cache
 from .errors import ContextLengthError, TokenIdError
 from .sample import LogitsProcessor, Sampler, make_sampler
 from .sequence import GenerationResponse, Sampling, Sequence as _Sequence, prefill
-from .speculative import check_draft, speculative_generate_step
+from .speculative import check_draft, describe, speculative_generate_step
 
 __all__ = ["GenerationResponse", "Prompt", "PromptCache", "check_keywords", "check_token_ids", "context_length",
            "generate", "generate_step", "prompt_ids", "stream_generate", "verbose_stats"]
@@ -126,6 +126,7 @@ def stream_generate(
     draft_cache: Optional[PromptCache] = None,
     num_draft_tokens: Optional[int] = None,
     prompt_lookup: Optional[int] = None,
+    adaptive: bool = True,
     prefill_seconds: Optional[float] = None,
     images: Optional[Sequence[Any]] = None,
 ) -> Generator[GenerationResponse, None, None]:
@@ -144,7 +145,9 @@ def stream_generate(
     the target's: else `DraftModelError`; `draft_cache` is its PromptCache, kept across turns like
     `prompt_cache`), or `prompt_lookup=n` drafts from the last n-gram (n..1) found earlier in the
     prompt and answer; `num_draft_tokens=None` takes the backend row's (`backends.draft_tokens`).
-    The tokens are distributed as without it (greedy: the same tokens).
+    How many drafts a round adapts to what pays, none when nothing does (`adaptive=False`: always
+    `num_draft_tokens`); `GenerationResponse.speculative` reports it. The tokens are distributed
+    as without it (greedy: the same tokens).
     """
     started = time.perf_counter()
     if images is not None:
@@ -183,7 +186,7 @@ def stream_generate(
             logits_processors=logits_processors, prompt_cache=pc.cache,
             draft_cache=draft_pc.cache if draft_pc else None,
             draft_prompt=mx.array(draft_pc.prepare(ids)) if draft_pc else None, context=ids[: seq.cached_tokens],
-            prefill_step_size=prefill_step_size, prompt_progress=prompt_progress,
+            prefill_step_size=prefill_step_size, prompt_progress=prompt_progress, adaptive=adaptive,
         )
     else:
         steps = generate_step(
@@ -243,10 +246,12 @@ def generate(model: nn.Module, tokenizer: Any, prompt: Prompt, max_tokens: int =
 
 
 def verbose_stats(r: GenerationResponse) -> str:
-    """mlx-lm's statistics lines (Prompt, Generation, Peak memory) for a final response."""
+    """mlx-lm's statistics lines (Prompt, Generation, Peak memory) for a final response; with
+    speculative decoding, one more (`speculative.describe`)."""
     return (f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
             f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
-            f"Peak memory: {r.peak_memory:.3f} GB\n")
+            f"Peak memory: {r.peak_memory:.3f} GB\n"
+            + (describe(r.speculative) + "\n" if r.speculative else ""))
 
 
 def _write_stdout(text: str) -> None:

@@ -32,6 +32,10 @@ class GenerationResponse:
     finish_reason: None while generating, then "stop", "length" or "context".
     from_draft: this token is a draft token the target accepted (speculative decoding).
     draft_tokens, accepted_tokens: draft tokens proposed and accepted so far (0 without speculation).
+    speculative: with speculation, the adaptive controller's figures so far (None without):
+    drafted, accepted, rounds, rounds_off (rounds it drafted nothing), k (drafts it chose last),
+    k_min/k_max (over rounds that drafted), acceptance (its running estimate per draft token) and
+    speedup (its estimate over plain decoding: tokens a second against a plain step's time).
     """
 
     text: str
@@ -48,6 +52,7 @@ class GenerationResponse:
     from_draft: bool = False
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    speculative: Optional[dict] = None
 
 
 class StopStrings:
@@ -160,6 +165,7 @@ class Sequence:
         self.text = ""
         self.finish_reason: Optional[str] = None
         self.drafted = self.accepted = 0
+        self.speculative: Optional[dict] = None
         self._detok = tokenizer.detokenizer()
         self._stops = StopStrings(stop)
         self.submitted = time.perf_counter() if submitted is None else submitted
@@ -171,7 +177,8 @@ class Sequence:
     def cached_tokens(self) -> int:
         return len(self.prompt) - self.prompt_tokens
 
-    def accept(self, token: int, logprobs: mx.array, from_draft: bool = False, drafted: int = 0) -> GenerationResponse:
+    def accept(self, token: int, logprobs: mx.array, from_draft: bool = False, drafted: int = 0,
+               speculative: Optional[dict] = None) -> GenerationResponse:
         """Hand out `token`: its text (stop strings held back), the finish reason if it ends the
         sequence ("stop", "length" or "context"), and the statistics so far."""
         n = len(self.tokens)
@@ -182,6 +189,7 @@ class Sequence:
             self.started = self.started if self.started is not None else self.submitted
         self.accepted += from_draft
         self.drafted = max(self.drafted, drafted)
+        self.speculative = speculative or self.speculative
         text, finish = self._text(token, n)
         self.text += text
         if finish is not None:
@@ -193,7 +201,7 @@ class Sequence:
             generation_tps=n / (now - self.first_token) if n and now > self.first_token else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, cached_tokens=self.cached_tokens,
             time_to_first_token=self.first_token - self.submitted, from_draft=from_draft,
-            draft_tokens=self.drafted, accepted_tokens=self.accepted,
+            draft_tokens=self.drafted, accepted_tokens=self.accepted, speculative=self.speculative,
         )
 
     def _text(self, token: int, n: int) -> tuple[str, Optional[str]]:

@@ -26,14 +26,21 @@ rounds are queued that many rounds before they are read, so the device never wai
 between rounds; the caches run ahead and are trimmed back as each round is read. Prompt lookup
 and logits processors, which need the host's view of the text, read each round before the next.
 
-Prompt lookup backs off: after a round whose drafts were all rejected it drafts nothing for 1,
-then 2, 4, up to `LOOKUP_MAX_PAUSE` rounds (one-token steps, as plain decoding), and any accepted
-draft resets the pause. A text that copies nothing then costs a few wasted checks, not one a
-token (a K+1-token check costs up to K+1 one-token steps where decoding is compute-bound).
+How many drafts a round adapts online (`_Adapt`), for a draft model and prompt lookup alike: it
+keeps decaying estimates of the acceptance per drafted token a, of the wall time of a plain
+one-token step (rounds without drafts) and of a round's time with k drafts, and each round picks
+the k in 0..K with the most expected tokens a second, (1 - a^(k+1)) / (1 - a) per round's time
+(until a k is timed, the backend row's `check_cost` prices it). When no k beats plain decoding by
+`MARGIN`, drafting is off: plain steps, then one probe round after 4, 16, then every `MAX_PAUSE`
+of them (4 again once a probe matches), so drafts that never match cost a few checks, not one a
+token, and drafting comes back when they start to match. It only picks k: the tokens are the
+rule's above whatever it picks. A draft model skips the rounds drafting is off and catches up on
+the tokens it missed in its next round.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, Generator, NamedTuple, Optional, Sequence
 
@@ -47,7 +54,8 @@ from .errors import DraftModelError, SpeculativeError
 from .sample import LogitsProcessor, Sampler, apply_processors, log_softmax, make_sampler
 from .sequence import Sampling, prefill
 
-__all__ = ["LOOKUP_MAX_PAUSE", "SpeculativeToken", "accept_drafts", "check_draft", "lookup_draft", "speculative_generate_step"]
+__all__ = ["MARGIN", "MAX_PAUSE", "SpeculativeToken", "accept_drafts", "check_draft", "describe", "lookup_draft",
+           "speculative_generate_step"]
 
 
 class SpeculativeToken(NamedTuple):
@@ -55,12 +63,14 @@ class SpeculativeToken(NamedTuple):
 
     from_draft: a draft token the target accepted (else the target's own: first, correction, bonus).
     drafted: draft tokens proposed so far, this token's round included.
+    stats: the adaptive controller's figures after this token's round (`_Adapt.stats`), or None.
     """
 
     token: int
     logprobs: mx.array
     from_draft: bool
     drafted: int
+    stats: Optional[dict] = None
 
 
 def check_draft(model: nn.Module, tokenizer: Any, draft_model: nn.Module, draft_tokenizer: Any = None) -> None:
@@ -106,6 +116,21 @@ def lookup_draft(tokens: Sequence[int], max_ngram: int, k: int) -> list[int]:
     return []
 
 
+def describe(stats: dict) -> str:
+    """One line from `SpeculativeToken.stats` / `GenerationResponse.speculative`, as
+    "speculative: 63% of 210 drafts accepted, k 1-4, off 12 of 80 rounds, 1.90x estimated"."""
+    drafted = stats["drafted"]
+    parts = [f"{100 * stats['accepted'] / drafted:.0f}% of {drafted} drafts accepted" if drafted else "no drafts"]
+    if drafted:
+        lo, hi = stats["k_min"], stats["k_max"]
+        parts.append(f"k {lo}-{hi}" if lo != hi else f"k {hi}")
+    if stats["rounds_off"]:
+        parts.append(f"off {stats['rounds_off']} of {stats['rounds']} rounds")
+    if stats["speedup"] is not None:
+        parts.append(f"{stats['speedup']:.2f}x estimated")
+    return "speculative: " + ", ".join(parts)
+
+
 def _leading(accepted: mx.array) -> mx.array:
     """How many leading entries are true."""
     return mx.cumprod(accepted.astype(mx.int32)).sum()
@@ -133,9 +158,6 @@ def accept_drafts(p: mx.array, q: Optional[mx.array], drafts: mx.array, next_key
     # max(0, p - q) vanishes only where p == q, when rejection has probability 0: p then.
     residual = mx.where(residual.sum() > 0, residual, p[n])
     return n, mx.random.categorical(mx.log(residual), key=next_key())
-
-
-LOOKUP_MAX_PAUSE = 8
 
 
 class _Rule:
@@ -179,20 +201,138 @@ class _Round(NamedTuple):
 
 
 class _Lookup:
-    """Prompt lookup's drafts from the text so far (`tokens`, on the host), with its back-off."""
+    """Prompt lookup's drafts from the text so far (`tokens`, on the host)."""
 
     def __init__(self, ngram: int, tokens: list[int]):
         self.ngram, self.tokens = ngram, tokens
-        self.pause, self.backoff = 0, 1  # rounds left without drafting, the next pause
 
     def drafts(self, k: int) -> list[int]:
-        found = lookup_draft(self.tokens, self.ngram, k) if k and not self.pause else []
-        self.pause = max(0, self.pause - 1)
-        return found
+        return lookup_draft(self.tokens, self.ngram, k) if k else []
 
-    def read(self, k: int, n: int) -> None:
+
+MARGIN = 1.02  # drafting must beat plain decoding by this much: a tie is not worth the risk
+MAX_PAUSE = 64  # plain steps between probes at most: a probe then costs ~1/64 of the time
+
+
+class _Adapt:
+    """Online choice of drafts a round (see the module docstring). `choose` gives the next round's
+    k; `read` takes each round's k, accepted count and tokens given when the round is read, and
+    times it as the wall time since the previous read (rounds queued ahead overlap, so in steady
+    state that is the round's own time). `check_cost`: the prior for a round of k drafts, about
+    1 + check_cost * k plain steps, until one is timed (the backend row's)."""
+
+    DECAY = 0.9  # weight of the past per observation: about the last 10 rounds count
+    PRIOR = (1.4, 2.0)  # acceptance prior (hits, tries): 0.7, worth two drafts
+    FIRST_PAUSE = 4  # plain steps before the first probe; x4 after each failed one, up to MAX_PAUSE
+
+    def __init__(self, k_max: int, check_cost: float = 0.1, adaptive: bool = True, clock=time.perf_counter):
+        self.k_max, self.check_cost, self.adaptive, self.clock = k_max, check_cost, adaptive, clock
+        self.hits, self.tries = self.PRIOR
+        self.plain: Optional[float] = None  # seconds a plain one-token round
+        self.cost: dict[int, float] = {}  # seconds a round of k drafts
+        self.wait: Optional[int] = None  # plain steps left before a probe; None: drafting is on
+        self.backoff = self.FIRST_PAUSE
+        self.probes: deque[bool] = deque()  # per round chosen and not yet read: whether it is a probe
+        self.last: Optional[float] = None
+        self.k = 0
+        self.rounds = self.off = self.drafted = self.accepted = self.timed_tokens = 0
+        self.k_low, self.k_high, self.elapsed = k_max, 0, 0.0
+
+    def acceptance(self) -> float:
+        return self.hits / self.tries
+
+    def expected(self, k: int) -> float:
+        """Tokens a round of k drafts gives at the estimated acceptance."""
+        a = min(self.acceptance(), 0.999)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def round_cost(self, k: int) -> float:
+        if k in self.cost:
+            return self.cost[k]
+        # Linear in k: through the two nearest ks timed; from one, the prior's slope; from none, the prior.
+        near = sorted(self.cost, key=lambda j: (abs(j - k), -j))[:2]
+        if len(near) == 2:
+            (i, ci), (j, cj) = sorted((j, self.cost[j]) for j in near)
+            return max(self.plain, ci + max(0.0, (cj - ci) / (j - i)) * (k - i))
+        if near:
+            return max(self.plain, self.cost[near[0]] + self.plain * self.check_cost * (k - near[0]))
+        return self.plain * (1 + self.check_cost * k)
+
+    def gain(self, k: int) -> float:
+        """Expected speed over plain decoding with k drafts a round."""
+        return self.expected(k) * self.plain / self.round_cost(k)
+
+    def choose(self, limit: int) -> int:
+        """Drafts for the next round, at most `limit`."""
+        self.k = self._choose(min(self.k_max, limit))
+        return self.k
+
+    def _choose(self, k_max: int) -> int:
+        self.probes.append(False)
+        if not self.adaptive:
+            return max(k_max, 0)
+        if self.plain is None or k_max < 1:
+            return 0  # a plain step's time first: nothing compares without it
+        k = max(range(1, k_max + 1), key=self.gain)
+        if self.gain(k) >= MARGIN:
+            self.wait, self.backoff = None, self.FIRST_PAUSE
+            if k < k_max and k + 1 not in self.cost:
+                k += 1  # one more than the best, untimed: time it, so k can grow where checks are cheap
+        elif self.wait is None:  # it stopped paying: plain steps, then a probe
+            self.wait, k = self.backoff - 1, 0
+            self.backoff = min(4 * self.backoff, MAX_PAUSE)
+        elif self.wait:
+            self.wait, k = self.wait - 1, 0
+        else:  # a probe: one round of drafts (its outcome sets the next pause: `read`)
+            self.wait, self.probes[-1] = self.backoff, True
+        return k
+
+    def read(self, k: int, n: int, given: int) -> None:
+        now = self.clock()
+        probing = self.probes.popleft() if self.probes else False
+        self.rounds += 1
         if k:
-            self.pause, self.backoff = (self.backoff, min(2 * self.backoff, LOOKUP_MAX_PAUSE)) if n == 0 else (0, 1)
+            self.drafted += k
+            self.accepted += n
+            self.k_low, self.k_high = min(self.k_low, k), max(self.k_high, k)
+            # Per drafted token: n hits, then a miss unless all k held (tokens after a miss are unseen).
+            self.hits = self.DECAY * self.hits + n
+            self.tries = self.DECAY * self.tries + n + (n < k)
+            if probing and n:  # it matched again: probe often until it pays or clearly does not
+                self.wait = self.backoff = self.FIRST_PAUSE
+            elif probing:
+                self.backoff = min(4 * self.backoff, MAX_PAUSE)
+        else:
+            self.off += 1
+            if probing:  # nothing to draft (lookup found no match): probe on the next round
+                self.wait = 0
+        if self.last is not None:
+            t = now - self.last
+            self.elapsed += t
+            self.timed_tokens += given
+            old = self.plain if k == 0 else self.cost.get(k)
+            if old is not None:  # a stall (the caller busy, the machine shared) counts as 4x at most
+                self.set(k, self.DECAY * old + (1 - self.DECAY) * min(t, 4 * old))
+            elif k == 0 or self.plain is None or t <= 2 * (k + 1) * self.plain:  # else a first use compiling kernels
+                self.set(k, t)
+        self.last = now
+
+    def set(self, k: int, t: float) -> None:
+        if k == 0:
+            self.plain = t
+        else:
+            self.cost[k] = t
+
+    def stats(self) -> dict:
+        """drafted, accepted, rounds, rounds_off (rounds without drafts), k (the last chosen),
+        k_min/k_max (over drafting rounds), acceptance (the estimate), speedup (tokens a second
+        over all rounds timed against a plain step's; None before a plain step was timed)."""
+        speedup = None
+        if self.plain and self.elapsed > 0:
+            speedup = round(self.timed_tokens / self.elapsed * self.plain, 3)
+        return {"drafted": self.drafted, "accepted": self.accepted, "rounds": self.rounds, "rounds_off": self.off,
+                "k": self.k, "k_min": min(self.k_low, self.k_high), "k_max": self.k_high,
+                "acceptance": round(self.acceptance(), 3), "speedup": speedup}
 
 
 class _Rounds:
@@ -201,16 +341,22 @@ class _Rounds:
 
     A round's draft model runs [the token before the last, the last] at position pos - 1 (which
     fills in the last accepted draft after a round it got all right, else rewrites a position it
-    holds), then k - 1 single tokens; prompt lookup's drafts come from the text read so far. The
-    target checks [last, drafts] at pos (no drafts: its one-token step). Each cache advances
-    k + 1 positions a round; `read` trims k - n once n is known.
+    holds), then k - 1 single tokens; after rounds without drafts, which it skips, the tokens it
+    missed go first. Prompt lookup's drafts come from the text read so far. The target checks
+    [last, drafts] at pos (no drafts: its one-token step). Each cache advances k + 1 positions a
+    drafting round (the draft model's, plus what it missed); `read` trims k - n once n is known.
     """
 
     def __init__(self, step, verify, rule: _Rule, processors: list, dstep=None, dshift: int = 0,
-                 lookup: Optional[_Lookup] = None, history: Optional[mx.array] = None):
+                 lookup: Optional[_Lookup] = None, history: Optional[mx.array] = None,
+                 adapt: Optional[_Adapt] = None):
         self.step, self.verify, self.rule, self.processors = step, verify, rule, processors
         self.dstep, self.dshift, self.lookup, self.history = dstep, dshift, lookup, history
+        self.adapt = adapt
         self.rounds: deque[_Round] = deque()
+        self.missed: list[mx.array] = []  # tokens the draft model skipped (device-side, [1] each)
+        short = getattr(dstep, "short", None)
+        self.chunk = max(2, getattr(short, "max_rows", 0) if getattr(dstep, "positioned", False) else 1 << 20)
 
     def process(self, logits: mx.array, history: Optional[mx.array]) -> mx.array:
         if self.processors:
@@ -222,9 +368,13 @@ class _Rounds:
         if self.dstep is None:
             return mx.array(self.lookup.drafts(k), dtype=mx.uint32), qs
         if not k:
+            self.missed.append(before)
             return mx.array([], dtype=mx.uint32), qs
         dpos, history, ds = pos + self.dshift, self.history, []
-        logits = self.dstep.at(mx.concatenate([before, last])[None], dpos - 1)
+        feed = mx.concatenate(self.missed + [before, last])
+        start, self.missed = dpos - feed.size + 1, []
+        for i in range(0, feed.size, self.chunk):  # a positioned step takes a few tokens at a time
+            logits = self.dstep.at(feed[None, i : i + self.chunk], start + i)
         for i in range(k):
             if i:
                 logits = self.dstep.at(ds[-1][None], dpos + i)
@@ -237,7 +387,8 @@ class _Rounds:
                 history = mx.concatenate([history, d.astype(history.dtype)])
         return mx.concatenate(ds), qs
 
-    def push(self, before: mx.array, last: mx.array, pos: mx.array, k: int) -> None:
+    def push(self, before: mx.array, last: mx.array, pos: mx.array, limit: int) -> None:
+        k = self.adapt.choose(limit)
         drafts, qs = self._draft(k, before, last, pos)
         k = drafts.size
         checked = mx.concatenate([last, drafts])
@@ -265,8 +416,8 @@ class _Rounds:
         out = r.drafts.tolist()[:n] + [new_id]
         for c in caches:
             c.trim(r.k - n)
+        self.adapt.read(r.k, n, len(out))
         if self.lookup is not None:
-            self.lookup.read(r.k, n)
             self.lookup.tokens += out
         if self.processors:
             self.history = mx.concatenate([self.history, mx.array(out, dtype=self.history.dtype)])
@@ -291,10 +442,13 @@ def speculative_generate_step(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     prompt_progress=None,
+    adaptive: bool = True,
 ) -> Generator[SpeculativeToken, None, None]:
-    """Yield `SpeculativeToken`s (token, logprobs, from_draft, drafted) for up to `max_tokens` new
-    tokens, drafting `num_draft_tokens` a round (default: the backend's, `backends.draft_tokens`)
-    with `draft_model` or by `prompt_lookup` (the longest n-gram tried; exactly one of the two).
+    """Yield `SpeculativeToken`s (token, logprobs, from_draft, drafted, stats) for up to `max_tokens`
+    new tokens, drafting up to `num_draft_tokens` a round (default: the backend's,
+    `backends.draft_tokens`; fewer, or none, where that is faster: see the module docstring) with
+    `draft_model` or by `prompt_lookup` (the longest n-gram tried; exactly one of the two).
+    `adaptive=False` drafts `num_draft_tokens` every round, whether or not it pays.
 
     `prompt` and `prompt_cache` are as in `generate_step`; `context` holds the tokens already in
     `prompt_cache` (prompt lookup searches them too). `draft_cache` is the draft model's cache and
@@ -348,7 +502,7 @@ def speculative_generate_step(
         else:
             lookup = _Lookup(prompt_lookup, [int(t) for t in context] + prompt.tolist())
         rounds = _Rounds(step, backends.verify_step(model, cache), rule, processors, dstep, dstart - start, lookup,
-                         sample.history)
+                         sample.history, _Adapt(num_draft_tokens, backends.check_cost(), adaptive))
         # Rounds are queued ahead only where they need nothing from the host (a draft model, no
         # processors) and every step takes a device position.
         positioned = all(s.positioned for s in (step, rounds.verify, dstep or step))
@@ -361,7 +515,7 @@ def speculative_generate_step(
         if lookup is not None:
             lookup.tokens.append(token_id)
         yielded += 1
-        yield SpeculativeToken(token_id, logprobs, False, 0)
+        yield SpeculativeToken(token_id, logprobs, False, 0, rounds.adapt.stats())
         drafted, next_clear = 0, 256
         while yielded < max_tokens:
             while len(rounds.rounds) <= ahead and (not rounds.rounds or yielded + 1 < max_tokens):
@@ -369,9 +523,10 @@ def speculative_generate_step(
                 state = rounds.rounds[-1].after
             r, out = rounds.read(cache + dcache)
             drafted += r.k
+            stats = rounds.adapt.stats()
             for i, t in enumerate(out):
                 yielded += 1
-                yield SpeculativeToken(t, r.logprobs[i], i < len(out) - 1, drafted)
+                yield SpeculativeToken(t, r.logprobs[i], i < len(out) - 1, drafted, stats)
                 if yielded >= max_tokens:
                     break
             if yielded >= next_clear:

@@ -32,6 +32,7 @@ from .common import (
     PipelineOpt,
     SystemOpt,
     TensorParallelOpt,
+    default_prompt_lookup,
     describe_exception,
     error_line,
     generation_options,
@@ -332,7 +333,11 @@ def stats_line(turn: Turn, limit: int) -> str:
         f"context {turn.context_used}/{limit}",
         f"peak {r.peak_memory:.2f} GB",
     ]
-    if r.draft_tokens:
+    if r.speculative:
+        from llama_mlx.speculative import describe
+
+        parts.append(describe(r.speculative))
+    elif r.draft_tokens:
         parts.append(f"drafted {r.draft_tokens}, accepted {r.accepted_tokens} "
                      f"({100 * r.accepted_tokens / r.draft_tokens:.0f}%)")
     line = " · ".join(parts)
@@ -791,8 +796,10 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
 
         confinement()
     opts.check_static()
-    if opts.draft_model is not None or opts.prompt_lookup is not None:
+    if opts.draft_model is not None or opts.prompt_lookup:
         refuse_in_group("speculative decoding (--draft-model, --prompt-lookup)")
+    if opts.draft_model is None and opts.prompt_lookup is None:
+        opts.prompt_lookup = default_prompt_lookup()
     lm, tokenizer = load_model(model, dtype, pipeline=pipeline)
     if tools is not None and (warning := python_tool_warning(tokenizer)):
         note_line(f"warning: {warning}")

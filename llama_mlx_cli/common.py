@@ -117,6 +117,17 @@ def note_split(model) -> None:
                   "each rank holds a range of the model's layers instead")
 
 
+DEFAULT_PROMPT_LOOKUP = 3
+
+
+def default_prompt_lookup() -> Optional[int]:
+    """chat's and single-stream serve's prompt lookup when not told: `DEFAULT_PROMPT_LOOKUP` where the
+    backend row says so (GPUs) and not under mlx.launch (no speculation there), else None."""
+    from llama_mlx import backends
+
+    return DEFAULT_PROMPT_LOOKUP if backends.lookup_by_default() and distributed_group() is None else None
+
+
 def refuse_in_group(what: str) -> None:
     """ValueError (one line, exit 1) when run as one rank of several: `what` does not work there."""
     if distributed_group() is not None:
@@ -339,9 +350,11 @@ NumDraftTokensOpt = Annotated[Optional[int], typer.Option(
     help="Tokens drafted per verification step (with --draft-model or --prompt-lookup). Default 3; "
          "with --prompt-lookup on GPUs 10, where checking 11 positions costs about what 2 do.")]
 PromptLookupOpt = Annotated[Optional[int], typer.Option(
-    "--prompt-lookup", min=1, max=16, metavar="N", rich_help_panel=SPECULATIVE,
+    "--prompt-lookup", min=0, max=16, metavar="N", rich_help_panel=SPECULATIVE,
     help="Draft by matching the last N tokens (then fewer) against the prompt and the answer so far: "
-         "pays off when the answer copies its input. No draft model needed.")]
+         "pays off when the answer copies its input. No draft model needed; 0: off. chat, and serve with "
+         "--decode-concurrency 1, draft this way (N 3) by default on GPUs, where a check that fails costs about "
+         "one step; not on the CPU. Drafting switches itself off while it does not pay.")]
 PipelineOpt = Annotated[bool, typer.Option(
     "--pipeline", rich_help_panel=MODEL,
     help="Under mlx.launch: split the model's layers over the ranks (pipeline parallel), for slow links. "
@@ -423,11 +436,11 @@ class GenerationOptions:
     def speculative_kwargs(self, *, keep_cache: bool = False) -> dict[str, Any]:
         """Keyword arguments for `stream_generate`'s speculative decoding ({} when off); loads the draft
         model once. keep_cache: give the draft a prompt cache of its own that lasts across turns."""
-        if self.draft_model is not None and self.prompt_lookup is not None:
+        if self.draft_model is not None and self.prompt_lookup:
             raise usage_error("--draft-model and --prompt-lookup are two ways to draft: choose one")
-        if self.draft_model is None and self.prompt_lookup is None:
+        if self.draft_model is None and not self.prompt_lookup:  # (--prompt-lookup 0: off)
             return {}
-        if self.prompt_lookup is not None:
+        if self.prompt_lookup:
             return dict(prompt_lookup=self.prompt_lookup, num_draft_tokens=self.num_draft_tokens)
         if not hasattr(self, "_draft"):
             from llama_mlx.cache import PromptCache

@@ -215,6 +215,7 @@ def _stats(r) -> dict:
         "peak_memory_gb": round(r.peak_memory, 4),
         "draft_tokens": r.draft_tokens,
         "accepted_tokens": r.accepted_tokens,
+        **({"speculative": r.speculative} if r.speculative else {}),
     }
 
 

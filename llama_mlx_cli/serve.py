@@ -171,7 +171,7 @@ def serve(
     from llama_mlx import server
     from llama_mlx.loading import load, resolve_model
 
-    from .common import GenerationOptions, fetch_default_model, resolve_dtype
+    from .common import GenerationOptions, default_prompt_lookup, fetch_default_model, resolve_dtype
 
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise typer.BadParameter(f"{log_level!r} is not one of critical, error, warning, info, debug",
@@ -204,12 +204,15 @@ def serve(
         return loaded
 
     speculative = None
-    if draft_model is not None or prompt_lookup is not None:
+    if draft_model is not None or prompt_lookup:
         refuse_in_group("speculative decoding (--draft-model, --prompt-lookup)")
+    elif prompt_lookup is None and decode_concurrency == 1:  # (speculative jobs are never batched)
+        prompt_lookup = default_prompt_lookup()
+    if draft_model is not None or prompt_lookup:
         # Speculative requests run alone (not batched): rows would accept different numbers of drafts.
         options = GenerationOptions(draft_model=resolve_model(draft_model) if draft_model else None,
                                     num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
-        if draft_model is not None and prompt_lookup is not None:
+        if draft_model is not None and prompt_lookup:
             options.speculative_kwargs()  # refuses the pair in one line, before loading anything
         speculative = options.speculative_kwargs
     # Under mlx.launch the other ranks load the model and run rank 0's requests here, until it stops.

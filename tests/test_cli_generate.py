@@ -65,3 +65,18 @@ def test_prompt_from_stdin_with_json(smollm2_gguf_path, expected):
     assert data["finish_reason"] in ("stop", "length")
     for key in ("prompt_tps", "generation_tps", "time_to_first_token", "peak_memory_gb"):
         assert isinstance(data[key], float) and data[key] >= 0
+
+
+def test_verbose_reports_speculation_in_one_line(smollm2_gguf_path, expected):
+    """With prompt lookup the text is plain greedy's and --verbose adds one line: acceptance, the
+    drafts a round and the estimated speed-up (or that it drafted nothing)."""
+    import re
+
+    r = run("generate", "-M", str(smollm2_gguf_path), "--temp", "0", "--max-tokens", str(MAX_TOKENS),
+            "--prompt-lookup", "3", "--verbose", PROMPT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == expected.rstrip("\n")
+    lines = [line for line in r.stderr.splitlines() if line.startswith("speculative: ")]
+    assert len(lines) == 1, r.stderr
+    assert re.fullmatch(r"speculative: (\d+% of \d+ drafts accepted, k \d+(-\d+)?|no drafts)"
+                        r"(, off \d+ of \d+ rounds)?(, \d+\.\d\dx estimated)?", lines[0]), lines[0]

@@ -186,12 +186,19 @@ def perturbed(model, seed, scale):
     return draft
 
 
-@pytest.mark.parametrize("scale", [0.0, 0.3, 3.0])
-def test_queued_rounds_equal_mlx_lm_greedy_and_leave_checked_caches(monkeypatch, backend_row, scale):
+# Drafts a round in place of the adaptive controller's choice: drafting off for up to 20 rounds
+# (the draft model then catches up on more tokens than the fused check takes at once).
+TOGGLE = [3, 0, 0, 2, 0, 1] + [0] * 20 + [3, 3, 0, 2]
+
+
+@pytest.mark.parametrize("scale, schedule", [(0.0, None), (0.3, None), (3.0, None), (0.0, TOGGLE)])
+def test_queued_rounds_equal_mlx_lm_greedy_and_leave_checked_caches(monkeypatch, backend_row, scale, schedule):
     """On CUDA's fused steps (here with MLX ops as the kernels) speculative rounds are queued on the
     device, each before the previous is read. Drafts agreeing always (the target itself), often and
-    rarely: the tokens are mlx-lm's plain greedy ones, and after closing mid-answer each cache holds
-    exactly the keys and values mlx-lm computes for the tokens it says it holds."""
+    rarely, K every round; and drafting switched off and on (`schedule`), the draft model catching
+    up on what it skipped: the tokens are mlx-lm's plain greedy ones, every draft of the target's
+    own is accepted, and after closing mid-answer each cache holds exactly the keys and values
+    mlx-lm computes for the tokens it says it holds."""
     from mlx_lm.generate import generate_step as mlx_lm_generate_step
     from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
@@ -205,21 +212,31 @@ def test_queued_rounds_equal_mlx_lm_greedy_and_leave_checked_caches(monkeypatch,
     pushed = []
     push = speculative._Rounds.push
     monkeypatch.setattr(speculative._Rounds, "push", lambda self, *a: pushed.append(1) or push(self, *a))
+    adaptive = {"adaptive": False}
+    if schedule is not None:
+        adaptive = {}
+        monkeypatch.setattr(speculative._Adapt, "choose",
+                            lambda self, limit: min(self.__dict__.setdefault("plan", iter(schedule * 9)).__next__(),
+                                                    limit))
     prompt = [int(t) for t in np.random.default_rng(12).integers(0, 256, size=25)]
     want = [int(t) for t, _ in mlx_lm_generate_step(mx.array(prompt), theirs, max_tokens=40)]
 
     cache, dcache = make_prompt_cache(len(ours.layers)), make_prompt_cache(len(draft.layers))
     steps = speculative_generate_step(mx.array(prompt), ours, draft_model=draft, num_draft_tokens=3,
-                                      max_tokens=40, prompt_cache=cache, draft_cache=dcache)
+                                      max_tokens=40, prompt_cache=cache, draft_cache=dcache, **adaptive)
     got = list(steps)
     assert [t.token for t in got] == want and len(pushed) >= 40 // 4
     accepted = sum(t.from_draft for t in got)
-    assert (accepted == got[-1].drafted) if scale == 0 else (0 < accepted < got[-1].drafted) if scale < 1 else True
+    if schedule is not None:
+        stats = got[-1].stats
+        assert stats["accepted"] == stats["drafted"] >= 10 and stats["rounds_off"] >= 20
+    else:
+        assert (accepted == got[-1].drafted) if scale == 0 else (0 < accepted < got[-1].drafted) if scale < 1 else True
 
-    for take in (1, 6, 17):
+    for take in (1, 6, 17, 33):
         cache, dcache = make_prompt_cache(len(ours.layers)), make_prompt_cache(len(draft.layers))
         steps = speculative_generate_step(mx.array(prompt), ours, draft_model=draft, num_draft_tokens=3,
-                                          max_tokens=40, prompt_cache=cache, draft_cache=dcache)
+                                          max_tokens=40, prompt_cache=cache, draft_cache=dcache, **adaptive)
         assert [next(steps).token for _ in range(take)] == want[:take]
         steps.close()
         seq = prompt + want[:take]

@@ -55,7 +55,8 @@ def plain(smollm2):
 
 def test_same_model_draft_equals_plain_greedy(smollm2, plain):
     model, tok = smollm2
-    out, last = tokens_of(model, tok, CHAT, 40, draft_model=model, draft_tokenizer=tok, num_draft_tokens=3)
+    out, last = tokens_of(model, tok, CHAT, 40, draft_model=model, draft_tokenizer=tok, num_draft_tokens=3,
+                          adaptive=False)
     assert out == plain["chat"]
     # Its own draft agrees with itself: nearly every draft is accepted (so speculation really ran).
     assert last.draft_tokens >= 20 and last.accepted_tokens >= 0.9 * last.draft_tokens
@@ -63,14 +64,15 @@ def test_same_model_draft_equals_plain_greedy(smollm2, plain):
 
 def test_8bit_draft_equals_plain_greedy(smollm2, draft8, plain):
     model, tok = smollm2
-    out, last = tokens_of(model, tok, CHAT, 40, draft_model=draft8[0], draft_tokenizer=draft8[1], num_draft_tokens=4)
+    out, last = tokens_of(model, tok, CHAT, 40, draft_model=draft8[0], draft_tokenizer=draft8[1], num_draft_tokens=4,
+                          adaptive=False)
     assert out == plain["chat"]
     assert last.draft_tokens > 0 and 0 < last.accepted_tokens <= last.draft_tokens
 
 
 def test_prompt_lookup_equals_plain_greedy_on_a_copy_heavy_prompt(smollm2, plain):
     model, tok = smollm2
-    out, last = tokens_of(model, tok, COPY, 40, prompt_lookup=3, num_draft_tokens=4)
+    out, last = tokens_of(model, tok, COPY, 40, prompt_lookup=3, num_draft_tokens=4, adaptive=False)
     assert out == plain["copy"]
     assert last.accepted_tokens >= 10  # the answer copies the code: most drafts hold
 
@@ -110,7 +112,7 @@ def test_closing_mid_round_leaves_only_handed_out_tokens_in_the_caches(smollm2):
     for take in (2, 5):
         cache, dcache = PromptCache(model).cache, PromptCache(model).cache
         steps = speculative_generate_step(mx.array(prompt), model, draft_model=model, num_draft_tokens=4,
-                                          max_tokens=20, prompt_cache=cache, draft_cache=dcache)
+                                          max_tokens=20, prompt_cache=cache, draft_cache=dcache, adaptive=False)
         got = [next(steps).token for _ in range(take)]
         steps.close()
         assert got == want[:take]
@@ -180,8 +182,9 @@ def bound(categories, n, eps):
 
 
 def sampled_tokens(n, seed, **kw):
+    # Drafting every round (adaptive=False): the rule judges N drafts, whatever they cost here.
     gen = speculative_generate_step(mx.array([0]), Fixed(TARGET), max_tokens=n + 1, num_draft_tokens=3,
-                                    sampler=make_sampler(TEMP, top_k=TOP_K, seed=seed), **kw)
+                                    sampler=make_sampler(TEMP, top_k=TOP_K, seed=seed), adaptive=False, **kw)
     return np.array([t.token for t in gen][1:])  # the first token is plain sampling's, not the rule's
 
 
@@ -348,7 +351,7 @@ def test_greedy_with_logits_processors_equals_plain(tiny):
     want = list(generate_step(prompt, tiny, max_tokens=40, logits_processors=procs))
     for kw in ({"draft_model": tiny}, {"prompt_lookup": 3}):
         got = list(speculative_generate_step(prompt, tiny, max_tokens=40, logits_processors=procs,
-                                             num_draft_tokens=3, **kw))
+                                             num_draft_tokens=3, adaptive=False, **kw))
         assert [t.token for t in got] == [t for t, _ in want]
         if "draft_model" in kw:  # a random model copies nothing, so lookup's drafts fail: only equality there
             assert sum(t.from_draft for t in got) > 0
@@ -356,16 +359,96 @@ def test_greedy_with_logits_processors_equals_plain(tiny):
             np.testing.assert_allclose(np.array(g.logprobs), np.array(lp), atol=1e-4)
 
 
-def test_prompt_lookup_backs_off_when_its_drafts_fail(tiny):
-    """A random model copies nothing: every lookup draft is rejected. Lookup then pauses 1, 2, 4,
-    up to 8 rounds after each failed round (drafting every round, it checks about 49 drafts in
-    these 80 tokens), and the tokens are still plain greedy decoding's. Not told how many to draft,
-    lookup drafts 3 a round on the CPU (where a check of L positions costs nearly L steps)."""
-    prompt = mx.array([int(t) for t in np.random.default_rng(11).integers(0, 256, size=9)] * 3)
-    want = [t for t, _ in generate_step(prompt, tiny, max_tokens=80)]
-    got = list(speculative_generate_step(prompt, tiny, max_tokens=80, prompt_lookup=3))
+# --- the adaptive draft length ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stranger():
+    """Another tiny random model on the same vocabulary: as a draft, it (almost) never agrees."""
+    from oracles import TINY_META_PARAMS, tiny_random_model
+
+    return tiny_random_model(dict(TINY_META_PARAMS, dim=128), seed=23)
+
+
+def test_adaptive_greedy_equals_plain_greedy(tiny, stranger):
+    """Whatever the controller picks (its own copy drafting, a stranger, lookup on text it does not
+    copy), the tokens and log-probabilities are plain greedy decoding's."""
+    prompt = mx.array([int(t) for t in np.random.default_rng(5).integers(0, 256, size=12)] * 2)
+    want = list(generate_step(prompt, tiny, max_tokens=120))
+    for kw in ({"draft_model": tiny}, {"draft_model": stranger}, {"prompt_lookup": 3}):
+        got = list(speculative_generate_step(prompt, tiny, max_tokens=120, num_draft_tokens=4, **kw))
+        assert [t.token for t in got] == [t for t, _ in want], kw
+        assert got[-1].stats["rounds"] > 0
+        for g, (_, lp) in zip(got, want):
+            np.testing.assert_allclose(np.array(g.logprobs), np.array(lp), atol=1e-4)
+
+
+def test_a_draft_model_catches_up_on_the_rounds_it_skipped(tiny, monkeypatch):
+    """Drafting switched off and on (a fixed schedule in place of the controller's choice): the draft
+    model runs the tokens it missed before drafting again, so the target as its own draft still has
+    every draft accepted, and the tokens are plain greedy's."""
+    schedule = iter([3, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 3, 0, 4] * 20)
+    monkeypatch.setattr(spec._Adapt, "choose", lambda self, limit: min(next(schedule), limit))
+    prompt = mx.array([int(t) for t in np.random.default_rng(6).integers(0, 256, size=10)])
+    want = [t for t, _ in generate_step(prompt, tiny, max_tokens=60)]
+    got = list(speculative_generate_step(prompt, tiny, draft_model=tiny, max_tokens=60, num_draft_tokens=4))
     assert [t.token for t in got] == want
-    assert sum(t.from_draft for t in got) == 0
-    assert 0 < got[-1].drafted <= 24
-    rounds = sorted({t.drafted for t in got})
-    assert max(b - a for a, b in zip([0] + rounds, rounds)) == 3
+    stats = got[-1].stats
+    assert stats["drafted"] >= 20 and stats["accepted"] == stats["drafted"] and stats["rounds_off"] >= 10
+
+
+def test_a_draft_that_never_agrees_is_switched_off_and_probed(tiny, stranger, monkeypatch):
+    """A stranger's drafts fail: the controller stops drafting (plain steps) and probes now and then.
+    The backend row's prior says a check costs little (as on GPUs), so drafting starts on and it is
+    the measured acceptance that turns it off."""
+    monkeypatch.setattr(spec.backends, "check_cost", lambda: 0.05)
+    prompt = mx.array([int(t) for t in np.random.default_rng(7).integers(0, 256, size=16)])
+    want = [t for t, _ in generate_step(prompt, tiny, max_tokens=200)]
+    got = list(speculative_generate_step(prompt, tiny, draft_model=stranger, max_tokens=200, num_draft_tokens=3))
+    assert [t.token for t in got] == want
+    stats = got[-1].stats
+    assert 0 < stats["drafted"] < 0.15 * 200  # drafting every round would propose ~3 a token
+    assert stats["rounds_off"] > 0.8 * stats["rounds"]
+    assert stats["k_max"] == 3  # it started on, at the most drafts
+    assert got[-1].drafted > got[100].drafted  # and still probes, long after switching off
+    assert stats["speedup"] is not None and stats["k"] == 0
+
+
+class Cycle:
+    """A stand-in model that continues a fixed cycle of 16 tokens (t -> t + 4 mod 64) whatever came
+    before: a text holding the cycle is one prompt lookup copies from perfectly."""
+
+    def __init__(self, vocab: int = 64):
+        self.next = mx.array([(t + 4) % vocab for t in range(vocab)])
+        self.args = types.SimpleNamespace(vocab_size=vocab, max_position_embeddings=1 << 30)
+        self.layers = [None]
+        self.vocab = vocab
+
+    def __call__(self, tokens, cache=None, mask=None):
+        B, L = tokens.shape
+        if cache is not None:  # keeps the cache's offset honest, so trims are exercised
+            z = mx.zeros((B, 1, L, 1))
+            cache[0].update_and_fetch(z, z)
+        return 8.0 * (mx.arange(self.vocab) == self.next[tokens][..., None]).astype(mx.float32)
+
+
+def test_copy_heavy_text_drafts_the_most_a_round():
+    """Every lookup draft holds: the controller drafts the most it may (k = 6) and most tokens come
+    from drafts; the tokens are plain greedy's."""
+    model = Cycle()
+    prompt = mx.array([(1 + 4 * i) % 64 for i in range(40)])  # the cycle, two and a half times
+    want = [t for t, _ in generate_step(prompt, model, max_tokens=150)]
+    got = list(speculative_generate_step(prompt, model, prompt_lookup=3, max_tokens=150, num_draft_tokens=6))
+    assert [t.token for t in got] == want
+    stats = got[-1].stats
+    assert stats["k_max"] == 6 and stats["acceptance"] > 0.9
+    assert sum(t.from_draft for t in got) > 0.7 * len(got)
+    assert stats["accepted"] == stats["drafted"] and stats["speedup"] > 1
+
+
+def test_describe_says_acceptance_range_and_estimate():
+    line = spec.describe({"drafted": 210, "accepted": 132, "rounds": 80, "rounds_off": 12, "k": 4, "k_min": 1,
+                          "k_max": 4, "acceptance": 0.6, "speedup": 1.9})
+    assert line == "speculative: 63% of 210 drafts accepted, k 1-4, off 12 of 80 rounds, 1.90x estimated"
+    assert spec.describe({"drafted": 0, "accepted": 0, "rounds": 0, "rounds_off": 0, "k": 0, "k_min": 0,
+                          "k_max": 0, "acceptance": 0.7, "speedup": None}) == "speculative: no drafts"

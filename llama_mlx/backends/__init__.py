@@ -16,6 +16,8 @@ runs and can be measured there.
 | batch sizes warmed up | 2 | all | all |
 | drafts a round: model / lookup | 3 / 3 | 3 / 4 | 4 / 10 |
 | speculative rounds queued ahead | 0 | 0 | 1 |
+| a check of k + 1 positions, in steps (prior) | 1 + 0.8k | 1 + 0.1k | 1 + 0.05k |
+| prompt lookup on by default (chat, serve) | no | yes | yes |
 | wired memory limit | no | yes | no |
 
 Each row's fields say why (`CPU`, `METAL`, `CUDA` below). A new backend is a new row, and a
@@ -38,8 +40,9 @@ from . import cpu, cuda, fusion
 from .steps import GRAPHS, AllPositionsStep, CompiledCheckStep, CompiledStep, GraphStep, MaskedDecoder, RowsDecoder
 
 __all__ = [
-    "BACKENDS", "Backend", "CPU", "CUDA", "GRAPHS", "METAL", "Step", "compute_dtype", "current", "decode_step",
-    "draft_tokens", "prepare", "read_ahead", "rows_step", "use", "verify_step", "warmup_batch_sizes", "wired_limit",
+    "BACKENDS", "Backend", "CPU", "CUDA", "GRAPHS", "METAL", "Step", "check_cost", "compute_dtype", "current",
+    "decode_step", "draft_tokens", "lookup_by_default", "prepare", "read_ahead", "rows_step", "use", "verify_step",
+    "warmup_batch_sizes", "wired_limit",
     "AllPositionsStep", "CompiledCheckStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder",
 ]
 
@@ -60,6 +63,9 @@ class Backend:
     draft_tokens, lookup_tokens: drafts a round with a draft model, with prompt lookup.
     read_ahead: speculative rounds queued on the device before the previous one is read (where
     both steps are `positioned`).
+    check_cost: a speculative check of k + 1 positions costs about 1 + check_cost * k one-token
+    steps: the adaptive draft length's prior until it has timed a round (`speculative._Adapt`).
+    lookup_by_default: chat and serve draft by prompt lookup unless told not to.
     wired_limit: keep the model's memory wired during generation (`mx.set_wired_limit`).
     """
 
@@ -75,16 +81,21 @@ class Backend:
     lookup_tokens: int
     read_ahead: int
     wired_limit: bool
+    check_cost: float = 0.1
+    lookup_by_default: bool = False
 
 
 # MLX's CPU backend: half-precision kernels run 30-50x slower than float32 there, fusion would
 # only copy weights, and one quantized matmul runs on one thread (cpu.py spreads it over cores).
 # A step is bound by compute, so the graph is as fast as a compiled one, and a check of L
-# positions costs nearly L one-token steps: 3 drafts a round (benchmarks/results/*-cpu*).
+# positions costs nearly L one-token steps: 3 drafts a round (benchmarks/results/*-cpu*), a
+# check of k + 1 positions priced 1 + 0.8k steps (measured 2.45-3.38 for k = 3, SmolLM2), and no
+# prompt lookup by default: it pays only when nearly every draft holds, and where none does its
+# probes still cost (benchmarks/results/speculative_adaptive-cpu.md).
 CPU = Backend(
     name="cpu", compute_dtype=mx.float32, fuse=False, transform=cpu.use_threads,
     decoders=(), rows_decoders=(), check_decoders=(), warm_all_batch_sizes=False,
-    draft_tokens=3, lookup_tokens=3, read_ahead=0, wired_limit=False,
+    draft_tokens=3, lookup_tokens=3, read_ahead=0, wired_limit=False, check_cost=0.8, lookup_by_default=False,
 )
 
 # Apple GPUs through MLX's Metal backend (unified memory; decode bound by memory bandwidth).
@@ -100,14 +111,16 @@ CPU = Backend(
 #   library for each new fused kernel on its first use, before the first request rather than in it.
 # - 3 drafts a round with a draft model (mlx-lm's default), 4 with lookup: a quantized matmul of
 #   a few rows still reads each weight once, so a check of up to ~5 positions costs about one
-#   step (unmeasured on a Mac: the speed issue adapts it online).
+#   step (unmeasured on a Mac: the speed issue adapts it online). Priced 1 + 0.1k steps until
+#   timed, and prompt lookup on by default in chat and serve: a round whose drafts fail costs
+#   about one step, and the adaptive draft length turns drafting off where it does not pay.
 # - No rounds queued ahead: that needs steps taking a device-side position (CUDA's fused ones).
 # - Wired memory: macOS may page out a model's buffers between tokens; mlx-lm wires them
 #   (`mx.set_wired_limit(max_recommended_working_set_size)`) around generation, and so do we.
 METAL = Backend(
     name="metal", compute_dtype=None, fuse=True, transform=None,
     decoders=(), rows_decoders=(RowsDecoder,), check_decoders=(), warm_all_batch_sizes=True,
-    draft_tokens=3, lookup_tokens=4, read_ahead=0, wired_limit=True,
+    draft_tokens=3, lookup_tokens=4, read_ahead=0, wired_limit=True, check_cost=0.1, lookup_by_default=True,
 )
 
 # MLX's CUDA backend spends 4-5 us of host time per graph node, so a step's speed is its node
@@ -115,12 +128,13 @@ METAL = Backend(
 # A first use at a new shape compiles kernels (tens of seconds): every batch size is warmed up.
 # A check of 2-11 positions costs about one step there: 10 lookup drafts (H200, SmolLM2), 4 with
 # a draft model (8B/1B, K 4-6 about equal: benchmarks/results/speculative_draft_queued-*); the
-# fused steps take a device position, so one round is queued ahead of the host.
+# fused steps take a device position, so one round is queued ahead of the host. A check is priced
+# 1 + 0.05k steps until timed; prompt lookup is on by default in chat and serve (as on Metal).
 CUDA = Backend(
     name="cuda", compute_dtype=None, fuse=True, transform=cuda.pad_small_matmuls,
     decoders=(cuda.FusedDecoder,), rows_decoders=(cuda.FusedRowsDecoder, cuda.KernelRowsDecoder, RowsDecoder),
     check_decoders=(cuda.FusedCheckDecoder,), warm_all_batch_sizes=True,
-    draft_tokens=4, lookup_tokens=10, read_ahead=1, wired_limit=False,
+    draft_tokens=4, lookup_tokens=10, read_ahead=1, wired_limit=False, check_cost=0.05, lookup_by_default=True,
 )
 
 BACKENDS = {b.name: b for b in (CPU, METAL, CUDA)}
@@ -228,6 +242,16 @@ def draft_tokens(lookup: bool) -> int:
     """Tokens speculative decoding drafts a round when not told: the row's, by draft source."""
     row = current()
     return row.lookup_tokens if lookup else row.draft_tokens
+
+
+def check_cost() -> float:
+    """A speculative check of k + 1 positions in one-token steps, per extra position (the row's prior)."""
+    return current().check_cost
+
+
+def lookup_by_default() -> bool:
+    """Whether chat and serve draft by prompt lookup when not told (the row's)."""
+    return current().lookup_by_default
 
 
 def read_ahead() -> int:
