@@ -240,3 +240,12 @@ def test_chat_session_and_cli_chat_image(folder, image_path, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "missing.png: no such file" in r.stderr and "odd.png goes with your next message" in r.stdout
     assert first in r.stdout and second in r.stdout
+
+
+def test_batch_of_text_prompts_runs_the_text_layers(folder):
+    """A batch engine's caches (text alone) on a vision model: each row as generated alone."""
+    model, processor = llama_mlx.load(folder[0])
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Hello there, friend"}]]
+    batch = llama_mlx.batch_generate(model, processor, prompts, max_tokens=6)
+    alone = [llama_mlx.generate(model, processor, p, 6) for p in prompts]
+    assert [getattr(r, "text", r) for r in getattr(batch, "texts", batch)] == alone

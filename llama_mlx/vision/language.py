@@ -181,6 +181,8 @@ class TextModel(nn.Module):
         if cache is None:
             cache = self.make_cache()
         cross = [cache[i] for i in self.cross_attention_layers]
+        if not all(isinstance(c, CrossAttentionCache) for c in cross):
+            cross = []  # caches made for text alone (a batch engine's): the text layers alone run
         rows = None
         if cross:
             # Decoding one token with every attached image bound needs no look at the token on the

@@ -44,6 +44,8 @@ class VisionArgs:
     def from_dict(cls, config: dict) -> "VisionArgs":
         """From a Hugging Face `vision_config` dict; unknown keys are ignored."""
         names = inspect.signature(cls).parameters
+        if "attention_heads" not in config and "num_attention_heads" in config:  # mlx-vlm's spelling
+            config = {**config, "attention_heads": config["num_attention_heads"]}
         return cls(**{k: v for k, v in config.items() if k in names})
 
     @property
