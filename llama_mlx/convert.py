@@ -95,10 +95,8 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     if is_mllama_folder(src):
         if recipe is not None or dequantize or requantize or rope_factor is not None:
             raise CheckpointError(f"{src}: Llama 3.2 Vision converts with quantize, bits, group_size and dtype only")
-        from .vision.convert import convert_mllama
-
-        return convert_mllama(src, dst, quantize=quantize, bits=bits, group_size=group_size, dtype=dtype,
-                              quantize_vision=quantize_vision, source_label=source_label)
+        return _convert_mllama(src, dst, start, force=force, quantize=quantize, bits=bits, group_size=group_size,
+                               dtype=dtype, quantize_vision=quantize_vision, source_label=source_label)
 
     ckpt = read_checkpoint(src, rope_factor=rope_factor)
     _check_requantize(ckpt, src, quantize=quantize, bits=bits, group_size=group_size, requantize=requantize)
@@ -158,6 +156,36 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
         quantization=quantization,
         conversion_errors=conversion_summary(ckpt),
     )
+
+
+def _convert_mllama(src: Path, dst: Path, start: float, *, force: bool, source_label: str | None,
+                    **options) -> ConvertResult:
+    """Llama 3.2 Vision (`vision.convert.write_mllama`), written beside `dst` and swapped in as `convert` does."""
+    from .vision.convert import write_mllama
+
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
+    except OSError as e:
+        raise CheckpointError(f"{dst.parent}: cannot create the output folder: {e.strerror or e}") from None
+    try:
+        marker = {"converter": f"llama-mlx {_version()}"}
+        if source_label is not None:
+            marker["path"] = source_label
+        wrote = write_mllama(src, tmp, marker=marker, **options)
+        if (dst.exists() or dst.is_symlink()) and not force:
+            raise OutputExistsError(f"{dst}: already exists (use --force to replace it)")
+        old = _swap_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        _remove(old)
+    return ConvertResult(path=dst, source_format=wrote["source_format"], parameters=wrote["parameters"],
+                         bits_per_weight=8 * wrote["nbytes"] / max(wrote["parameters"], 1),
+                         size_bytes=sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()),
+                         seconds=time.perf_counter() - start, tensors=wrote["tensors"], dtype=wrote["dtype"],
+                         quantization=wrote["quantization"])
 
 
 def _check_requantize(ckpt: Checkpoint, src: Path, *, quantize: bool, bits: int, group_size: int,

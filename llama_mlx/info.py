@@ -36,12 +36,19 @@ def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] 
     if is_mllama_folder(path):
         import json
 
-        from .vision.info import describe_mllama
+        from .checkpoints.base import parse_dtype
+        from .vision.info import describe_mllama, self_attention_config
 
         folder = Path(path) if Path(path).is_dir() else Path(path).parent
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return describe_mllama(folder, config, context=context, dtype=dtype, kv_bits=kv_bits,
-                               kv_group_size=kv_group_size, images=images)
+        d = describe_mllama(folder, config, dtype=dtype, images=images)
+        text = self_attention_config(config)
+        tokens = context or d["context_length"]
+        kv = kv_cache_bytes(text, tokens, parse_dtype(d["memory"]["kv_dtype"]).size, kv_bits, kv_group_size)
+        d["size_on_disk"] = disk_size(folder)
+        d["memory"].update(kv_cache_tokens=tokens, kv_bits=kv_bits, kv_cache=kv,
+                           total=d["memory"]["weights"] + kv + d["memory"]["image_cache"])
+        return d
     from .checkpoints import read_checkpoint
     from .checkpoints.base import dtype_name, parse_dtype
     from .checkpoints.plan import main_dtype, plan

@@ -9,7 +9,7 @@ from typing import Optional
 
 from .model import MllamaArgs
 
-__all__ = ["describe_mllama", "image_cache_bytes", "weight_bytes"]
+__all__ = ["describe_mllama", "image_cache_bytes", "self_attention_config", "weight_bytes"]
 
 
 def _linear_bytes(out_f: int, in_f: int, bits: Optional[int], group_size: int, elem: int) -> int:
@@ -74,13 +74,21 @@ def image_cache_bytes(config: dict, images: int = 1, elem: int = 2) -> int:
         * positions * elem
 
 
-def describe_mllama(path: Path, config: dict, *, context: Optional[int] = None, dtype: Optional[str] = None,
-                    kv_bits: Optional[int] = None, kv_group_size: int = 64, images: int = 1) -> dict:
-    """`llama_mlx.info.describe`'s figures for a Llama 3.2 Vision folder, with `vision` and, in
-    `memory`, `image_cache` (the cross-attention keys and values of `images` images)."""
+def self_attention_config(config: dict) -> dict:
+    """The text config with only the self-attention layers counted (what `info.kv_cache_bytes` sizes)."""
+    args = MllamaArgs.from_dict(config)
+    t = args.text
+    cross = len(args.text_config.get("cross_attention_layers") or [])
+    return {"num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim,
+            "num_hidden_layers": t.num_hidden_layers - cross, "max_position_embeddings": t.max_position_embeddings}
+
+
+def describe_mllama(path: Path, config: dict, *, dtype: Optional[str] = None, images: int = 1) -> dict:
+    """`llama_mlx.info.describe`'s figures for a Llama 3.2 Vision folder, but for the text KV cache and
+    the size on disk (which `describe` adds), with `vision` and, in `memory`, `image_cache` (the
+    cross-attention keys and values of `images` images)."""
     from ..checkpoints.base import dtype_name, parse_dtype
     from ..checkpoints.hf import _weight_files, load_safetensors
-    from ..info import disk_size, kv_cache_bytes
 
     args = MllamaArgs.from_dict(config)
     t, v = args.text, args.vision
@@ -94,11 +102,6 @@ def describe_mllama(path: Path, config: dict, *, context: Optional[int] = None, 
     if files:
         stored = sum(a.nbytes for f in files for a in load_safetensors(f)[0].values())  # headers only
     weights = estimated if stored is None or dtype is not None else stored
-    context_length = int(t.max_position_embeddings)
-    tokens = context or context_length
-    self_layers = {**vars(t), "num_hidden_layers": t.num_hidden_layers - len(args.text_config.get(
-        "cross_attention_layers") or [])}
-    kv = kv_cache_bytes(self_layers, tokens, elem, kv_bits, kv_group_size)
     image = image_cache_bytes(config, images, elem)
     return {
         "path": str(path), "format": "mlx" if quant else "hf", "architecture": "mllama",
@@ -106,18 +109,14 @@ def describe_mllama(path: Path, config: dict, *, context: Optional[int] = None, 
         "attention_heads": t.num_attention_heads, "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
         "vocab_size": t.vocab_size, "tie_word_embeddings": False, "rope_theta": t.rope_theta,
         "rope_scaling": t.rope_scaling, "parameters": parameters, "quantization": quant,
-        "dtype": dtype_name(memory_dtype),
-        "bits_per_weight": round(8 * weights / max(parameters, 1), 3),
-        "context_length": context_length, "size_on_disk": disk_size(path),
+        "dtype": dtype_name(memory_dtype), "bits_per_weight": round(8 * weights / max(parameters, 1), 3),
+        "context_length": int(t.max_position_embeddings),
         "weight_files": [str(f) for f in files], "weight_files_bytes": sum(f.stat().st_size for f in files),
         "tensor_bytes": stored if stored is not None else estimated,
         "vision": {"layers": v.num_hidden_layers, "global_layers": v.num_global_layers,
                    "hidden_size": v.hidden_size, "tile_size": v.image_size, "patch_size": v.patch_size,
                    "max_tiles": v.max_num_tiles, "cross_attention_layers": list(
                        args.text_config.get("cross_attention_layers") or [])},
-        "memory": {
-            "dtype": dtype_name(memory_dtype),
-            "weights": weights, "weights_estimated": stored is None, "kv_cache_tokens": tokens,
-            "kv_bits": kv_bits, "kv_dtype": dtype_name(memory_dtype), "kv_cache": kv, "images": images, "image_cache": image, "total": weights + kv + image,
-        },
+        "memory": {"dtype": dtype_name(memory_dtype), "weights": weights, "weights_estimated": stored is None,
+                   "kv_dtype": dtype_name(memory_dtype), "images": images, "image_cache": image},
     }
