@@ -288,7 +288,7 @@ class _Api:
         default = self.engine
         if default is not None and not default.ready and default.load_error is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "models": sorted(self.registry.engines())})
+        return JSONResponse({"status": "ok"})  # (which models are loaded: /v1/models)
 
     async def models(self, request: Request) -> Response:
         self.check_key(request)

@@ -239,3 +239,48 @@ def test_stream_goes_on_while_another_model_loads_and_keep_alive(kept):
                        json={"model": TINY, "prompt": PROMPT, "max_tokens": 2, "temperature": 0})
     assert again.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
     assert json.loads(httpx.get(kept.url + "/v1/internal/stats").text)["registry"]["unloads"] >= 2
+
+
+def test_registry_byte_budget_evicts_the_least_recently_used_idle_model(tmp_path, tiny_meta_checkpoint):
+    """ModelRegistry in this process over real engines: with room for one model's bytes, loading a
+    second unloads the least recently used idle one (and it loads again on use); a model larger than
+    the whole budget and an unknown name are refused; keep-alive 0 unloads a model once idle."""
+    import asyncio
+    import shutil
+
+    from llama_mlx.engine import Engine, GenerationRequest
+    from llama_mlx.registry import ModelRegistry, RegistryBusyError, UnknownModelError
+    from llama_mlx.sample import SamplingParams
+
+    a, b = tiny_meta_checkpoint, shutil.copytree(tiny_meta_checkpoint, tmp_path / "tiny-copy")
+    registry = ModelRegistry(lambda p: Engine(lambda: load(p), max_concurrency=1))
+
+    async def answer(name) -> list[int]:
+        engine = await registry.engine(name)
+        job = engine.submit(GenerationRequest(prompt=PROMPT, max_tokens=3, params=SamplingParams(temp=0)))
+        return [e.token async for e in job]
+
+    def flags() -> dict:
+        return {i.name: i.loaded for i in registry.list(listed=False)}
+
+    async def main():
+        first = await answer(str(a))
+        info = registry.list(listed=False)[0]
+        registry.max_bytes = info.loaded_bytes + info.size_bytes - 1  # one model, never two
+        assert await answer(str(b)) == first  # the same weights
+        assert flags() == {str(a): False, str(b): True}
+        assert await answer(str(a)) == first and flags() == {str(a): True, str(b): False}
+        assert registry.unloads == 2
+        registry.max_bytes = info.size_bytes // 2
+        with pytest.raises(RegistryBusyError):
+            await registry.engine(str(b))
+        with pytest.raises(UnknownModelError):
+            await registry.engine(str(tmp_path / "nothing-here"))
+        registry.max_bytes, registry.keep_alive = None, 0
+        await asyncio.sleep(1.1)  # past the hand-off grace
+        assert await registry.sweep() == [str(a)] and not any(flags().values())
+
+    try:
+        asyncio.run(main())
+    finally:
+        registry.close()
