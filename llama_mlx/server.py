@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import api_embeddings, api_responses
+from . import api_embeddings, api_ollama, api_responses
 from .api_common import ApiError, _data, _event, _get, _in_range, _kind, _sse, _stop_list
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
@@ -964,6 +964,8 @@ def create_app(engine: Engine | ModelRegistry, config: Optional[ServerConfig] = 
         Route("/metrics", guarded(api.prometheus), methods=["GET"]),
         Route("/v1/embeddings", guarded(partial(api_embeddings.embeddings, api)), methods=["POST"]),
         Route("/v1/responses", guarded(partial(api_responses.responses, api)), methods=["POST"]),
+        *[Route(f"/api/{name}", guarded(partial(getattr(api_ollama, name), api)), methods=[method])
+          for name, method in api_ollama.ROUTES],
     ]
     middleware = [Middleware(_CountRequests, metrics=api.metrics, paths={r.path for r in routes}),
                   Middleware(RequestGuard, host=config.host, allowed_hosts=config.allowed_hosts,

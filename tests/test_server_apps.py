@@ -206,3 +206,151 @@ def test_responses_errors(srv):
         r = post(body)
         assert r.status_code == status, (body, r.text)
         assert r.json()["error"]["param"] == param, r.text
+
+
+# -- ollama's API
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["answer", "n"], "additionalProperties": False}
+T0_8 = {"temperature": 0, "num_predict": 8}
+
+
+@pytest.fixture(scope="module")
+def oll(srv):
+    import ollama
+
+    return ollama.Client(host=srv.url, headers=AUTH, timeout=120)
+
+
+def test_ollama_version_tags_ps_show(srv, oll, tiny_meta_checkpoint):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    version = httpx.get(srv.url + "/api/version", headers=AUTH).json()["version"]
+    assert [int(p) for p in version.split(".")] >= [0, 5, 0]
+    (listed,) = [m for m in oll.list().models if m.model == NAME]
+    assert listed.size > 0 and listed.details.family == "llama" and listed.details.quantization_level == "Q4"
+    (loaded,) = oll.ps().models
+    assert loaded.model == NAME and loaded.context_length == 131072 and loaded.size > 0
+    shown = oll.show(NAME)
+    assert shown.capabilities == ["completion", "tools"]  # Meta's format renders tools
+    info = shown.modelinfo
+    config = json.loads((tiny_meta_checkpoint / "config.json").read_text())
+    with torch.device("meta"):  # transformers counts the parameters of the same shape
+        reference = LlamaForCausalLM(LlamaConfig(**config))
+    assert info["general.parameter_count"] == sum(p.numel() for p in reference.parameters())
+    assert info["general.architecture"] == "llama" and info["llama.context_length"] == 131072
+    assert (info["llama.embedding_length"], info["llama.block_count"], info["llama.attention.head_count_kv"]) == (
+        config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"])
+    assert shown.details.parameter_size.endswith("M") and 'stop "<|eot_id|>"' in shown.parameters
+
+
+def test_ollama_chat_both_ways_and_format(srv, oll, oai):
+    messages = [{"role": "user", "content": "Say hello."}]
+    r = oll.chat(model=NAME, messages=messages, options=T0_8, stream=False)
+    want = oai.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    assert r.message.role == "assistant" and r.message.content == want.choices[0].message.content
+    assert r.done and r.done_reason == want.choices[0].finish_reason
+    assert (r.prompt_eval_count, r.eval_count) == (want.usage.prompt_tokens, want.usage.completion_tokens)
+    parts = list(oll.chat(model=NAME, messages=messages, options=T0_8, stream=True))
+    assert "".join(p.message.content for p in parts) == r.message.content
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True] and parts[-1].eval_count == r.eval_count
+    # a request without "stream" is streamed, as ollama's are: one JSON object a line
+    raw = httpx.post(srv.url + "/api/chat", json={"model": NAME, "messages": messages, "options": T0_8},
+                     headers=AUTH, timeout=60)
+    assert raw.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in raw.text.splitlines()]
+    assert "".join(x["message"]["content"] for x in lines) == r.message.content and lines[-1]["done"]
+
+    j = oll.chat(model=NAME, messages=[{"role": "user", "content": "Answer in JSON."}], format=SCHEMA,
+                 options={"temperature": 0, "num_predict": 60}, stream=False)
+    jsonschema.validate(json.loads(j.message.content), SCHEMA)
+    streamed = "".join(p.message.content for p in oll.chat(model=NAME, format=SCHEMA, stream=True, options={
+        "temperature": 0, "num_predict": 60}, messages=[{"role": "user", "content": "Answer in JSON."}]))
+    assert streamed == j.message.content
+
+
+def test_ollama_tools_in_and_calls_out(oll, oai):
+    import ollama
+
+    from llama_mlx.api_ollama import _ollama_calls
+    from llama_mlx.tools import parse_tool_calls
+
+    history = [{"role": "user", "content": "What is the weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]},
+               {"role": "tool", "content": '{"temp": 18}', "tool_name": "get_weather"}]
+    # ollama's client keeps only type, description, enum and items of each property: a tool it sends whole
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                             "parameters": {"type": "object", "required": ["city", "unit"],
+                                                            "properties": {"city": {"type": "string"},
+                                                                           "unit": {"type": "string", "enum": ["c", "f"]}}}}}
+    r = oll.chat(model=NAME, messages=history, tools=[tool], options=T0_8, stream=False)
+    want = oai.chat.completions.create(model=NAME, tools=[tool], max_tokens=8, temperature=0, messages=[
+        history[0], {"role": "assistant", "tool_calls": [{"id": "call_0_0", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+        {"role": "tool", "tool_call_id": "call_0_0", "content": '{"temp": 18}', "name": "get_weather"}])
+    assert r.prompt_eval_count == want.usage.prompt_tokens
+    # A reply that is a call comes back as ollama's tool_calls (the random model will not make one by itself).
+    reply = parse_tool_calls('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}', [CHAT_WEATHER])
+    message = ollama.Message(role="assistant", content="", tool_calls=_ollama_calls(reply.tool_calls))
+    assert message.tool_calls[0].function.arguments == {"city": "Paris", "unit": "c"}
+
+
+def test_ollama_generate(oll, oai):
+    r = oll.generate(model=NAME, prompt="Say hi.", options=T0_8, stream=False)
+    want = oai.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8,
+                                       temperature=0)
+    assert r.response == want.choices[0].message.content and r.done
+    assert r.context[:r.prompt_eval_count] and len(r.context) <= r.prompt_eval_count + r.eval_count
+    streamed = list(oll.generate(model=NAME, prompt="Say hi.", options=T0_8, stream=True))
+    assert "".join(p.response for p in streamed) == r.response and streamed[-1].context == r.context
+    raw = oll.generate(model=NAME, prompt="Once upon a time", raw=True, options=T0_8, stream=False)
+    plain = oai.completions.create(model=NAME, prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert raw.response == plain.choices[0].text and raw.prompt_eval_count == plain.usage.prompt_tokens
+    more = oll.generate(model=NAME, prompt="And then?", context=r.context, options=T0_8, stream=False)
+    assert more.prompt_eval_count > len(r.context)
+
+
+def test_ollama_embed(oll, local):
+    texts = ["The cat sat on the mat.", "Embeddings"]
+    got = oll.embed(model=NAME, input=texts)
+    np.testing.assert_allclose(np.array(got.embeddings), np.array(llama_mlx.embed(*local, texts)), atol=1e-5)
+    assert got.prompt_eval_count == sum(len(local[1].encode(t, bos=True)) for t in texts)
+    legacy = oll.embeddings(model=NAME, prompt=texts[0]).embedding
+    np.testing.assert_allclose(legacy, np.array(llama_mlx.embed(*local, texts[:1], normalize=False))[0], atol=1e-4)
+
+
+def test_ollama_pull_offline_and_errors(srv, oll):
+    import ollama
+
+    with pytest.raises(ollama.ResponseError, match="test-org/absent.*HF_HUB_OFFLINE"):
+        list(oll.pull("test-org/absent", stream=True))
+    with pytest.raises(ollama.ResponseError, match="not a Hugging Face id") as e:
+        oll.pull("llama3.2", stream=False)
+    assert e.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as e:
+        oll.chat(model="no-such-model", messages=[{"role": "user", "content": "x"}], stream=False)
+    assert e.value.status_code == 404
+    for path, body, status in [("chat", {"messages": "x"}, 422), ("chat", {"messages": [], "keep_alive": "soon"}, 400),
+                               ("generate", {"prompt": "x", "options": {"temperature": "hot"}}, 422),
+                               ("generate", {"prompt": "x", "format": "xml"}, 400),
+                               ("embed", {"input": 5}, 400), ("show", {"model": "no-such-model"}, 404)]:
+        r = httpx.post(f"{srv.url}/api/{path}", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == status and list(r.json()) == ["error"], (path, body, r.text)
+
+
+def test_ollama_keep_alive_load_and_unload(oll):
+    import datetime as dt
+
+    oll.generate(model=NAME, prompt="", keep_alive="10m")
+    (m,) = oll.ps().models
+    left = (m.expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    assert 500 < left <= 601
+    assert oll.generate(model=NAME, prompt="", keep_alive=0).done_reason == "unload"
+    assert not oll.ps().models
+    assert oll.generate(model=NAME, prompt="", keep_alive=-1).done_reason == "load"
+    (m,) = oll.ps().models
+    assert m.expires_at.year == 9999
