@@ -235,8 +235,8 @@ class _Adapt:
         self.probes: deque[bool] = deque()  # per round chosen and not yet read: whether it is a probe
         self.last: Optional[float] = None
         self.k = 0
-        self.rounds = self.off = self.drafted = self.accepted = self.timed_tokens = 0
-        self.k_low, self.k_high, self.elapsed = k_max, 0, 0.0
+        self.rounds = self.off = self.drafted = self.accepted = self.timed_tokens = self.timed_plain = 0
+        self.k_low, self.k_high, self.elapsed, self.plain_elapsed = k_max, 0, 0.0, 0.0
 
     def acceptance(self) -> float:
         return self.hits / self.tries
@@ -310,6 +310,9 @@ class _Adapt:
             t = now - self.last
             self.elapsed += t
             self.timed_tokens += given
+            if k == 0:
+                self.timed_plain += 1
+                self.plain_elapsed += t
             old = self.plain if k == 0 else self.cost.get(k)
             if old is not None:  # a stall (the caller busy, the machine shared) counts as 4x at most
                 self.set(k, self.DECAY * old + (1 - self.DECAY) * min(t, 4 * old))
@@ -326,10 +329,11 @@ class _Adapt:
     def stats(self) -> dict:
         """drafted, accepted, rounds, rounds_off (rounds without drafts), k (the last chosen),
         k_min/k_max (over drafting rounds), acceptance (the estimate), speedup (tokens a second
-        over all rounds timed against a plain step's; None before a plain step was timed)."""
+        over all rounds timed against the plain steps' mean, unclipped both, so all plain gives 1.0;
+        None before a plain step was timed)."""
         speedup = None
-        if self.plain and self.elapsed > 0:
-            speedup = round(self.timed_tokens / self.elapsed * self.plain, 3)
+        if self.timed_plain and self.elapsed > 0:
+            speedup = round(self.timed_tokens / self.elapsed * self.plain_elapsed / self.timed_plain, 3)
         return {"drafted": self.drafted, "accepted": self.accepted, "rounds": self.rounds, "rounds_off": self.off,
                 "k": self.k, "k_min": min(self.k_low, self.k_high), "k_max": self.k_high,
                 "acceptance": round(self.acceptance(), 3), "speedup": speedup}
