@@ -27,6 +27,15 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
 
+    def ollama(self) -> JSONResponse:
+        return JSONResponse({"error": self.message}, status_code=self.status)
+
+    def for_path(self, path: str) -> JSONResponse:
+        """The error in the shape of the API that `path` belongs to: Anthropic's, ollama's or OpenAI's."""
+        if path.startswith("/v1/messages"):
+            return self.anthropic()
+        return self.ollama() if path.startswith("/api/") else self.openai()
+
     def anthropic(self) -> JSONResponse:
         kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 413: "request_too_large", 503: "overloaded_error"}.get(self.status, "invalid_request_error")

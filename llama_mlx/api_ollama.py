@@ -56,7 +56,7 @@ def _ollama(handler: Callable) -> Callable:
         try:
             return await handler(api, request)
         except ApiError as e:
-            return JSONResponse({"error": e.message}, status_code=e.status)
+            return e.ollama()
 
     return wrapped
 

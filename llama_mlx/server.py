@@ -821,7 +821,7 @@ class RequestGuard:
     POSTs): a `Host` that is not a loopback name or address, the address listened on (`host`; any IP
     address on a wildcard bind) or one of `allowed_hosts` ('*': any) gets 403; an `Origin` that is not
     a loopback origin or one of `allowed_origins` ('*': any) gets 403; a POST whose Content-Type is not
-    application/json gets 415. Errors are JSON (Anthropic's on /v1/messages)."""
+    application/json gets 415. Errors are JSON (Anthropic's on /v1/messages, ollama's on /api/)."""
 
     def __init__(self, app, host: str = "127.0.0.1", allowed_hosts: Sequence[str] = (),
                  allowed_origins: Sequence[str] = ()):
@@ -876,7 +876,7 @@ class RequestGuard:
         if scope["type"] == "http":
             error = self.refusal(scope)
             if error is not None:
-                response = error.anthropic() if scope["path"].startswith("/v1/messages") else error.openai()
+                response = error.for_path(scope["path"])
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -929,14 +929,14 @@ def create_app(engine: Engine | ModelRegistry, config: Optional[ServerConfig] = 
                 return e.anthropic() if anthropic else e.openai()
             except Exception:  # noqa: BLE001 - the server lives on
                 log.exception("request failed")
-                return ApiError(500, "internal error").openai()
+                return ApiError(500, "internal error").for_path(request.url.path)
 
         return endpoint
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
         status = exc.status_code
         message = "no such endpoint" if status == 404 else exc.detail
-        return ApiError(status, f"{message}: {request.method} {request.url.path}").openai()
+        return ApiError(status, f"{message}: {request.method} {request.url.path}").for_path(request.url.path)
 
     @asynccontextmanager
     async def lifespan(app):

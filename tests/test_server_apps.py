@@ -340,6 +340,12 @@ def test_ollama_pull_offline_and_errors(srv, oll):
                                ("embed", {"input": 5}, 400), ("show", {"model": "no-such-model"}, 404)]:
         r = httpx.post(f"{srv.url}/api/{path}", json=body, headers=AUTH, timeout=60)
         assert r.status_code == status and list(r.json()) == ["error"], (path, body, r.text)
+    # what the server refuses before any handler runs is in ollama's shape too
+    refused = [httpx.post(srv.url + "/api/chat", content=b"{}", headers={**AUTH, "Content-Type": "text/plain"}),
+               httpx.get(srv.url + "/api/tags", headers={"Authorization": "Bearer wrong"}),
+               httpx.delete(srv.url + "/api/delete", headers=AUTH)]
+    assert [r.status_code for r in refused] == [415, 401, 404]
+    assert all(list(r.json()) == ["error"] and isinstance(r.json()["error"], str) for r in refused)
 
 
 def test_ollama_keep_alive_load_and_unload(oll):
