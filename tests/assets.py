@@ -43,6 +43,14 @@ WHEELS = [
         "c59b143261fe7c086b841701b4833c221e1133038611b46c957a59a510e60e80",
         {},
     ),
+    (  # Meta's Llama 3.2 Vision reference (llama_models/llama3/multimodal), the vision tests' oracle
+        "llama-models",
+        "0.3.0",
+        "7f77f78ff13fca09f70d76a376aff6414cd901623fb9d57e69c2f8367a73032f",
+        {
+            "llama_models/llama3/multimodal/model.py": "32e60047dc05aece99e87bd81f3470bd0f6e8dc70f02e5b2d856d3ed9ba59a0d",
+        },
+    ),
 ]
 
 # name, version, sdist sha256, folder under ASSETS, {member: sha256}, NOTICE text. Members are

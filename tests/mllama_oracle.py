@@ -167,3 +167,68 @@ def write_tiny_folder(folder, seed: int = 0):
         "rescale_factor": 0.00392156862745098, "do_resize": True, "do_pad": True, "do_rescale": True,
         "do_normalize": True, "do_convert_rgb": True, "resample": 2}))
     return model
+
+
+def meta_vision_encoder(seed: int = 0, scale: float = 0.2):
+    """Meta's reference VisionEncoder (llama-models 0.3.0, unpacked into tests/.assets, float32, CPU) at the
+    tiny vision config, random; and the same weights under our names and layouts (HF's tables per
+    aspect-ratio id, built from Meta's per-(rows, columns) tables)."""
+    import sys
+    import types
+
+    from oracles import _init_fairscale
+
+    v = TINY_CONFIG["vision_config"]
+    # The encoder never touches the image transform, whose module imports torchvision (not installed).
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    from llama_models.llama3.multimodal.model import VisionEncoder
+
+    _init_fairscale()
+    torch.manual_seed(seed)
+    T, D, p = v["max_num_tiles"], v["hidden_size"], v["patch_size"]
+    meta = VisionEncoder(max_num_tiles=T, image_size=v["image_size"], patch_size=p, width=D,
+                         layers=v["num_hidden_layers"], heads=v["attention_heads"],
+                         mlp_ratio=v["intermediate_size"] / D, n_global_layers=v["num_global_layers"],
+                         global_model=True, return_intermediate=v["intermediate_layers_indices"]).eval()
+    with torch.no_grad():
+        for name, param in meta.named_parameters():
+            if "gate" in name:
+                param.copy_(torch.empty_like(param).uniform_(-1.2, 1.2))
+            elif ".ln" in "." + name:
+                param.copy_((1 if name.endswith("weight") else 0) + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(scale * torch.randn_like(param))
+    sd = {k: t.detach().numpy().copy() for k, t in meta.state_dict().items()}
+    grids = [(a, b) for a in range(1, T + 1) for b in range(1, T + 1) if a * b <= T]
+
+    def table(grid_table):  # [T, T, n, D] per (rows, columns) -> [ids + 1, T * n * D] per aspect-ratio id
+        n = grid_table.shape[2]
+        rows = np.zeros((len(grids) + 1, T, n, D), np.float32)
+        for i, (h, w) in enumerate(grids, start=1):
+            rows[i, : h * w] = grid_table[:h, :w].reshape(h * w, n, D)
+        return rows.reshape(len(grids) + 1, -1)
+
+    ours = {
+        "patch_embedding.weight": sd["conv1._linear.weight"].reshape(D, -1, p, p).transpose(0, 2, 3, 1),
+        "class_embedding": sd["class_embedding"],
+        "gated_positional_embedding.embedding": sd["positional_embedding"],
+        "gated_positional_embedding.gate": sd["gated_positional_embedding_gate"],
+        "gated_positional_embedding.tile_embedding.weight": table(sd["gated_positional_embedding"]),
+        "layernorm_pre.weight": sd["ln_pre.weight"], "layernorm_pre.bias": sd["ln_pre.bias"],
+        "layernorm_post.weight": sd["ln_post.weight"], "layernorm_post.bias": sd["ln_post.bias"],
+    }
+    for which in ("pre", "post"):
+        ours[f"{which}_tile_positional_embedding.embedding.weight"] = table(sd[f"{which}_tile_pos_embed.embedding"])
+        ours[f"{which}_tile_positional_embedding.gate"] = sd[f"{which}_tile_pos_embed.gate"]
+    names = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+             "attn.wo": "self_attn.o_proj", "ln_1": "input_layernorm", "ln_2": "post_attention_layernorm",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "gate_attn": "gate_attn", "gate_ffn": "gate_ffn"}
+    for key, value in sd.items():
+        if ".resblocks." in key:
+            encoder, _, rest = key.partition(".resblocks.")
+            index, _, leaf = rest.partition(".")
+            module, _, kind = leaf.rpartition(".")
+            mapped = names[module] + "." + kind if module else names[leaf]
+            ours[f"{encoder}.layers.{index}.{mapped}"] = value
+    return meta, ours, grids

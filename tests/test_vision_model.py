@@ -152,3 +152,25 @@ def test_image_token_without_an_image(pair):
     _, ours, _ = pair
     with pytest.raises(ImageError, match="1 image token"):
         ours(mx.array([[1, IMAGE_TOKEN, 5]]), ours.make_cache())
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 3), (2, 2), (4, 1), (2, 1)])
+def test_vision_encoder_equals_metas_reference(grid):
+    """The vision tower against Meta's own VisionEncoder (llama-models), independent of transformers."""
+    from llama_mlx.vision.vision import VisionArgs, VisionModel
+
+    from mllama_oracle import TINY_CONFIG, meta_vision_encoder
+
+    meta, weights, grids = meta_vision_encoder()
+    ours = VisionModel(VisionArgs.from_dict(TINY_CONFIG["vision_config"]))
+    ours.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    h, w = grid
+    pixels = np.zeros((1, 1, 4, 3, 28, 28), np.float32)
+    pixels[0, 0, : h * w] = np.random.default_rng(h * 10 + w).standard_normal((h * w, 3, 28, 28))
+    mask = np.zeros((1, 1, 4), np.int64)
+    mask[0, 0, : h * w] = 1
+    with torch.no_grad():
+        want = meta(torch.tensor(pixels), torch.tensor([[h, w]])).numpy()
+    got = np.array(ours(mx.array(pixels), mx.array([[grids.index(grid) + 1]]), mx.array(mask)))
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
