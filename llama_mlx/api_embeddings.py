@@ -17,6 +17,8 @@ from .errors import LlamaMLXError
 
 __all__ = ["embed_rows", "embeddings", "tokenize_inputs"]
 
+_PER_CALL = 8
+
 
 def tokenize_inputs(engine: Engine, inputs: Any, *, param: str = "input", truncate: bool = False) -> list[list[int]]:
     """Token ids of an embeddings request's inputs (strings or token id lists); ApiError 400 for
@@ -45,9 +47,14 @@ async def embed_rows(engine: Engine, rows: list[list[int]], *, pooling: str = "m
                        code="unsupported")
     if pooling not in POOLINGS:
         raise ApiError(400, f"'pooling' must be one of {', '.join(POOLINGS)}", param="pooling")
+    out: list[list[float]] = []
     try:
-        return await engine.call(lambda model, tok: embed(model, tok, rows, pooling=pooling,
-                                                          normalize=normalize).tolist())
+        # A few inputs a call: the streams being generated step between them.
+        for start in range(0, len(rows), _PER_CALL):
+            part = rows[start:start + _PER_CALL]
+            out += await engine.call(lambda model, tok, part=part: embed(model, tok, part, pooling=pooling,
+                                                                         normalize=normalize).tolist())
+        return out
     except EngineClosedError as e:
         raise ApiError(503, str(e), code="server_busy") from None
 

@@ -63,6 +63,10 @@ def test_openai_embeddings_equal_the_library(oai, local):
                                atol=1e-5)
     cut = oai.embeddings.create(model=NAME, input=texts[:1], encoding_format="float", dimensions=8).data[0].embedding
     np.testing.assert_allclose(cut, want[0][:8] / np.linalg.norm(want[0][:8]), atol=1e-5)
+    many = [f"sentence number {i}" + "!" * i for i in range(11)]  # more than one call's worth on the engine
+    got = oai.embeddings.create(model=NAME, input=many, encoding_format="float")
+    np.testing.assert_allclose(np.array([d.embedding for d in got.data]), np.array(llama_mlx.embed(*local, many)),
+                               atol=1e-5)
 
 
 def test_embeddings_errors_are_json(srv):
