@@ -1,4 +1,4 @@
-"""`llama-mlx serve`: the OpenAI- and Anthropic-compatible HTTP server (llama_mlx.server on uvicorn)."""
+"""`llama-mlx serve`: the OpenAI-, Anthropic- and ollama-compatible HTTP server (llama_mlx.server on uvicorn)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ EPILOG = """\
   llama-mlx serve --keep-alive 10m                  # unload models idle for 10 minutes
 
   OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=x your-openai-app
+
+  OLLAMA_HOST=http://127.0.0.1:8080 your-ollama-app   # ollama's API on the same port
 
   mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx serve -M NAME [--pipeline]
                                                     # one model over two machines; rank 0 listens
@@ -165,7 +167,8 @@ def serve(
         "--log-level", metavar="LEVEL", help="uvicorn's log level: critical, error, warning, info, debug.",
         rich_help_panel=SERVER)] = "info",
 ) -> None:
-    """Serve models over HTTP: OpenAI's chat/completions, completions and models, Anthropic's messages."""
+    """Serve models over HTTP: OpenAI's chat/completions, completions, responses, embeddings and models,
+    Anthropic's messages, and ollama's /api/* (chat, generate, embed, tags, show, ps, pull)."""
     models = list(models or [])
     model = with_gguf_file(models[0] if models else None, gguf_file)
     from llama_mlx import server
