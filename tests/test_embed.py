@@ -79,3 +79,29 @@ def test_embed_refuses_bad_input(pair):
         llama_mlx.embed(ours, tok, [[1, 10**6]])
     with pytest.raises(ContextLengthError, match="65 tokens"):
         llama_mlx.embed(ours, tok, [[1] * 65])
+
+
+def test_engine_call_runs_on_the_worker_thread(pair):
+    """Engine.call, which the server's embeddings go through: on the model's thread, errors raised back."""
+    import asyncio
+    import threading
+
+    from llama_mlx.engine import Engine, EngineClosedError
+
+    _, _, ours, tok = pair
+    engine = Engine(lambda: (ours, tok), max_concurrency=1, prompt_cache_bytes=0, decode_concurrency=1).start()
+    engine.wait_ready(120)
+
+    async def main():
+        name = await engine.call(lambda model, tokenizer: threading.current_thread().name)
+        vector = await engine.call(lambda model, tokenizer: llama_mlx.embed(model, tokenizer, ["x y"]).tolist())
+        with pytest.raises(ZeroDivisionError):
+            await engine.call(lambda model, tokenizer: 1 / 0)
+        return name, vector
+
+    name, vector = asyncio.run(main())
+    assert name == "llama-mlx-engine"
+    np.testing.assert_allclose(vector, np.array(llama_mlx.embed(ours, tok, ["x y"])), atol=1e-6)
+    engine.close()
+    with pytest.raises(EngineClosedError):
+        asyncio.run(engine.call(lambda model, tokenizer: 0))
