@@ -249,3 +249,26 @@ def test_batch_of_text_prompts_runs_the_text_layers(folder):
     batch = llama_mlx.batch_generate(model, processor, prompts, max_tokens=6)
     alone = [llama_mlx.generate(model, processor, p, 6) for p in prompts]
     assert [getattr(r, "text", r) for r in getattr(batch, "texts", batch)] == alone
+
+
+def test_raw_prompt_and_prompt_lookup_with_an_image(folder, image_path):
+    """A plain-text prompt gets the image first, then BOS (Meta's base-model layout, which transformers'
+    processor writes too); speculative decoding by prompt lookup gives the same greedy tokens."""
+    from transformers import AutoTokenizer, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    path, hf = folder
+    tok = AutoTokenizer.from_pretrained(path)
+    hf_processor = MllamaProcessor(image_processor=MllamaImageProcessorPil.from_pretrained(path), tokenizer=tok,
+                                   chat_template=CHAT_TEMPLATE)
+    inputs = hf_processor(images=[[Image.open(image_path)]], text=["<|image|>The picture shows"],
+                          add_special_tokens=False, return_tensors="pt")
+    assert inputs["input_ids"][0, :2].tolist() == [IMAGE_TOKEN, 256]
+    with torch.no_grad(), meta_semantics():
+        out = hf.generate(**inputs, max_new_tokens=N, do_sample=False)
+    want = out[0, inputs["input_ids"].shape[1]:].tolist()
+    model, processor = llama_mlx.load(path)
+    assert tokens(model, processor, "The picture shows", images=[image_path]) == want
+    question = [{"role": "user", "content": "What is it? What is it?"}]
+    plain = tokens(model, processor, question, images=[image_path])
+    assert tokens(model, processor, question, images=[image_path], prompt_lookup=2) == plain

@@ -59,7 +59,8 @@ def _with_images(messages: list, count: int) -> list[dict]:
 
 def image_prompt_ids(model: Any, tokenizer: Any, prompt: Any, images: Sequence[Any]) -> list[int]:
     """Prompt ids holding one `<|image|>` per image: chat messages (image parts, or the image put in
-    the last user message), plain text (the image after BOS) or token ids (counted)."""
+    the last user message), plain text (the image first, before BOS, as Meta prompts base models)
+    or token ids (counted)."""
     if not sees_images(model):
         raise ImageError("this model reads text only: images need a Llama 3.2 Vision model (model_type mllama)")
     images = list(images)
@@ -70,8 +71,7 @@ def image_prompt_ids(model: Any, tokenizer: Any, prompt: Any, images: Sequence[A
         bos = getattr(tokenizer, "add_bos", False) and getattr(tokenizer, "bos_id", None) is not None
         ids = tokenizer.encode(prompt, bos=bos)
         if images and token not in ids:
-            at = 1 if bos and ids[:1] == [tokenizer.bos_id] else 0
-            ids = ids[:at] + [token] + ids[at:]
+            ids = [token] + ids  # Meta's layout for a base model: <|image|><|begin_of_text|>text
     else:
         prompt = list(prompt)
         if prompt and isinstance(prompt[0], dict):
