@@ -34,8 +34,8 @@ from .engine import Engine, EngineEvent
 from .errors import LlamaMLXError
 from .tools import ToolCallStream, parse_tool_calls, supports_tools
 
-__all__ = ["OLLAMA_VERSION", "ROUTES", "chat", "embed", "embeddings", "generate", "parse_keep_alive", "ps", "pull", "show",
-           "tags", "version"]
+__all__ = ["OLLAMA_VERSION", "ROUTES", "chat", "embed", "embeddings", "generate", "parse_keep_alive", "ps", "pull",
+           "show", "tags", "version"]
 
 log = logging.getLogger("llama_mlx.server")
 
@@ -470,8 +470,9 @@ async def embed(api, request: Request) -> Response:
         raise ApiError(400, "'dimensions' must be at least 1", param="dimensions")
     rows = tokenize_inputs(engine, inputs, truncate=_get(body, "truncate", (bool,), True))
     vectors = [_shorten(v, dimensions) for v in await embed_rows(engine, rows)]
-    return JSONResponse({"model": name, "embeddings": vectors, "total_duration": int((time.monotonic() - started) * 1e9),
-                         "load_duration": 0, "prompt_eval_count": sum(map(len, rows))})
+    total = int((time.monotonic() - started) * 1e9)
+    return JSONResponse({"model": name, "embeddings": vectors, "total_duration": total, "load_duration": 0,
+                         "prompt_eval_count": sum(map(len, rows))})
 
 
 @_ollama

@@ -287,10 +287,10 @@ def test_ollama_tools_in_and_calls_out(oll, oai):
                    {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]},
                {"role": "tool", "content": '{"temp": 18}', "tool_name": "get_weather"}]
     # ollama's client keeps only type, description, enum and items of each property: a tool it sends whole
+    properties = {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
                                              "parameters": {"type": "object", "required": ["city", "unit"],
-                                                            "properties": {"city": {"type": "string"},
-                                                                           "unit": {"type": "string", "enum": ["c", "f"]}}}}}
+                                                            "properties": properties}}}
     r = oll.chat(model=NAME, messages=history, tools=[tool], options=T0_8, stream=False)
     want = oai.chat.completions.create(model=NAME, tools=[tool], max_tokens=8, temperature=0, messages=[
         history[0], {"role": "assistant", "tool_calls": [{"id": "call_0_0", "type": "function", "function": {
