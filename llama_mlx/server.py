@@ -1,10 +1,12 @@
-"""An OpenAI- and Anthropic-compatible HTTP server over an `Engine` (Starlette; run it with uvicorn).
+"""An OpenAI- and Anthropic-compatible HTTP server over an `Engine`, or over the several models of a
+`llama_mlx.registry.ModelRegistry` (a request's `model` picks one; Starlette; run it with uvicorn).
 
     app = create_app(engine, model_name="SmolLM2-135M-Instruct", api_key="secret")
     uvicorn.run(app, host="127.0.0.1", port=8080)
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
-POST /v1/messages (Anthropic), GET /v1/internal/stats. Streams are server-sent events. Chat
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with
+`n` choices decoded together), POST /v1/messages and /v1/messages/count_tokens (Anthropic),
+GET /v1/internal/stats, GET /metrics (Prometheus' text format). Streams are server-sent events. Chat
 prompts go through the model's template with `tools` (llama_mlx.tools); replies that are tool
 calls come back as `tool_calls` / `tool_use` blocks; `response_format` and a forced `tool_choice`
 are enforced by constrained decoding (llama_mlx.structured). A model whose template ignores tools
