@@ -232,3 +232,101 @@ def meta_vision_encoder(seed: int = 0, scale: float = 0.2):
             mapped = names[module] + "." + kind if module else names[leaf]
             ours[f"{encoder}.layers.{index}.{mapped}"] = value
     return meta, ours, grids
+
+
+META_TEXT = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32,
+                 ffn_dim_multiplier=0.75, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=64,
+                 vision_chunk_size=28, vision_max_num_chunks=4, vision_num_cross_attention_layers=2)
+
+
+def meta_reference_mllama(seed: int = 0, scale: float = 0.2):
+    """Meta's reference Llama 3.2 Vision at a tiny size: its VisionEncoder (`meta_vision_encoder`), a vision
+    projection, and its CrossAttentionTransformerText (float32, CPU, random). Returns (run, config,
+    weights, grids): `run(tokens, pixels, grid, image_at, chunks)` gives Meta's logits for a prompt whose
+    image token is at `image_at` (Meta's mask: from there to the end); `config` and `weights` describe the same
+    model under Hugging Face's names (cross-attention layers interleaved where Meta's fusion schedule
+    runs them, before its self-attention layer; Meta's interleaved-pair RoPE as rope_traditional)."""
+    vision, vision_weights, grids = meta_vision_encoder(seed, scale)  # (sets up the imports below)
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.multimodal.model import CrossAttentionTransformerText, _pad_masks
+
+    from llama_mlx.config import ffn_hidden_dim
+
+    v = TINY_CONFIG["vision_config"]
+    torch.manual_seed(seed + 1)
+    args = ModelArgs(**META_TEXT)
+    text = CrossAttentionTransformerText(args).eval()
+    projection = torch.nn.Linear(v["vision_output_dim"], args.dim)
+    with torch.no_grad():
+        for name, param in [*text.named_parameters(), *projection.named_parameters()]:
+            if "gate" in name:
+                param.copy_(torch.empty_like(param).uniform_(-1.2, 1.2))
+            elif "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(scale * torch.randn_like(param))
+    text.setup_cache(1, torch.device("cpu"), torch.float32)
+    schedule = text.fusion_schedule
+
+    def run(tokens: list[int], pixels: np.ndarray, grid: tuple[int, int], image_at: int,
+            chunks: tuple[int, ...] = ()) -> list[np.ndarray]:
+        """Logits of each chunk of `tokens` (one chunk: all), run in turn through Meta's KV cache."""
+        with torch.no_grad():
+            states = projection(vision(torch.tensor(pixels), torch.tensor([list(grid)])))
+            B, I, T, P, D = states.shape
+            caches = torch.stack([layer.compute_xattn_kv_cache(states.view(B, -1, D))
+                                  for layer in text.cross_attention_layers])
+            masks = _pad_masks([[[image_at, -1]]], [[grid[0] * grid[1]]], len(tokens), T)
+            xattn_mask, rows = text._get_xattn_mask(len(tokens), "cpu", torch.float32, states, masks)
+            ids, out, start = torch.tensor([tokens]), [], 0
+            for n in chunks or (len(tokens),):
+                positions = torch.arange(start, start + n)
+                h = text.get_partially_trainable_embedding(ids[:, positions])
+                out.append(text.forward(positions, h, xattn_mask[:, :, positions], rows[:, :, positions],
+                                        caches).numpy())
+                start += n
+            return out
+
+    sd = {k: t.detach().numpy().copy() for k, t in text.state_dict().items()}
+    self_names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                  "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                  "ffn_norm": "post_attention_layernorm"}
+    cross_names = {**{k: v.replace("self_attn", "cross_attn") for k, v in self_names.items()},
+                   "attention.q_norm": "cross_attn.q_norm", "attention.k_norm": "cross_attn.k_norm"}
+    order, cross_at = [], []  # HF layer index of each Meta layer
+    for i in range(args.n_layers):
+        if i in schedule:
+            cross_at.append(len(order))
+            order.append(("cross_attention_layers", schedule.index(i)))
+        order.append(("layers", i))
+    weights = {"language_model.model.embed_tokens.weight": np.concatenate(
+                   [sd["tok_embeddings.weight"], sd["learnable_embedding.weight"]]),
+               "language_model.model.norm.weight": sd["norm.weight"],
+               "language_model.lm_head.weight": sd["output.weight"],
+               "multi_modal_projector.weight": projection.weight.detach().numpy().copy(),
+               "multi_modal_projector.bias": projection.bias.detach().numpy().copy(),
+               **{f"vision_model.{k}": val for k, val in vision_weights.items()}}
+    for hf_index, (group, meta_index) in enumerate(order):
+        names = cross_names if group == "cross_attention_layers" else self_names
+        prefix = f"{group}.{meta_index}."
+        for key, value in sd.items():
+            if not key.startswith(prefix):
+                continue
+            leaf = key[len(prefix):]
+            module, _, kind = leaf.rpartition(".")
+            if leaf in ("gate_attn", "gate_ffwd"):
+                mapped = {"gate_attn": "cross_attn_attn_gate", "gate_ffwd": "cross_attn_mlp_gate"}[leaf]
+            else:
+                mapped = names[module] + "." + kind
+            weights[f"language_model.model.layers.{hf_index}.{mapped}"] = value
+    config = {"model_type": "mllama", "image_token_index": args.vocab_size, "vision_config": v,
+              "text_config": {"vocab_size": args.vocab_size, "hidden_size": args.dim, "num_hidden_layers": len(order),
+                              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+                              "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of,
+                                                                  args.ffn_dim_multiplier),
+                              "cross_attention_layers": cross_at, "rms_norm_eps": args.norm_eps,
+                              "rope_theta": args.rope_theta, "rope_traditional": True,
+                              "max_position_embeddings": args.max_seq_len}}
+    return run, config, weights, grids

@@ -174,3 +174,38 @@ def test_vision_encoder_equals_metas_reference(grid):
     got = np.array(ours(mx.array(pixels), mx.array([[grids.index(grid) + 1]]), mx.array(mask)))
     assert got.shape == want.shape
     assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
+
+
+@pytest.fixture(scope="module")
+def meta_reference():
+    from mllama_oracle import meta_reference_mllama
+
+    run, config, weights, grids = meta_reference_mllama()
+    ours = Model(MllamaArgs.from_dict(config))  # Meta's rows: the default
+    ours.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    return run, ours, grids
+
+
+@pytest.mark.parametrize("grid,image_at,chunks", [((2, 1), 3, ()), ((1, 1), 1, ()), ((2, 2), 2, (5, 1, 1, 3)),
+                                                  ((1, 3), 4, (4, 2, 4))])
+def test_whole_model_equals_metas_reference(meta_reference, grid, image_at, chunks):
+    """Vision tower, projection and the language model with cross-attention against Meta's reference
+    (llama-models: VisionEncoder + CrossAttentionTransformerText, its KV cache over the same chunks):
+    tokens before the image included."""
+    run, ours, grids = meta_reference
+    h, w = grid
+    pixels = np.zeros((1, 1, 4, 3, 28, 28), np.float32)
+    pixels[0, 0, : h * w] = np.random.default_rng(h * 10 + w).standard_normal((h * w, 3, 28, 28))
+    mask = np.zeros((1, 1, 4), np.int64)
+    mask[0, 0, : h * w] = 1
+    tokens = [256, 5, 7, 9, 11, 13, 40, 41, 42, 43]
+    tokens.insert(image_at, IMAGE_TOKEN)
+    tokens = tokens[:10]
+    want = run(tokens, pixels, grid, image_at, chunks)
+    cache = ours.make_cache()
+    ours.attach_images(cache, pixels, np.array([[grids.index(grid) + 1]]), mask)
+    start = 0
+    for n, expected in zip(chunks or (len(tokens),), want):
+        got = np.array(ours(mx.array([tokens[start:start + n]]), cache))
+        assert np.abs(got - expected).max() < TOL, np.abs(got - expected).max()
+        start += n
