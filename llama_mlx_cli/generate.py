@@ -43,6 +43,8 @@ EPILOG = """\
 
   llama-mlx generate --raw "The capital of France is" --max-tokens 8
 
+  llama-mlx generate -M path/to/Llama-3.2-11B-Vision-Instruct --image photo.jpg "What is in this picture?"
+
   llama-mlx generate --json "Hi" | jq .generation_tps
 
   mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx generate "Hi" -M NAME [--pipeline]
