@@ -452,3 +452,16 @@ def test_describe_says_acceptance_range_and_estimate():
     assert line == "speculative: 63% of 210 drafts accepted, k 1-4, off 12 of 80 rounds, 1.90x estimated"
     assert spec.describe({"drafted": 0, "accepted": 0, "rounds": 0, "rounds_off": 0, "k": 0, "k_min": 0,
                           "k_max": 0, "acceptance": 0.7, "speedup": None}) == "speculative: no drafts"
+
+
+def test_chat_stats_carry_the_speculative_line():
+    from llama_mlx.chat import Turn
+    from llama_mlx.sequence import GenerationResponse
+    from llama_mlx_cli.chat import stats_line
+
+    stats = {"drafted": 40, "accepted": 30, "rounds": 30, "rounds_off": 5, "k": 3, "k_min": 2, "k_max": 4,
+             "acceptance": 0.75, "speedup": 1.5}
+    r = GenerationResponse("", 1, mx.zeros(4), 10, 100.0, 60, 20.0, 0.1, "stop", draft_tokens=40,
+                           accepted_tokens=30, speculative=stats)
+    line = stats_line(Turn(r, "x", 70, False), 2048)
+    assert spec.describe(stats) in line and "drafted 40" not in line
