@@ -284,3 +284,17 @@ def test_registry_byte_budget_evicts_the_least_recently_used_idle_model(tmp_path
         asyncio.run(main())
     finally:
         registry.close()
+
+
+def test_serve_refuses_bad_model_options_in_one_line(tmp_path):
+    """A keep-alive that is no duration, and more preloaded models than --max-loaded-models, are one
+    line each and exit 2, before anything loads or listens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "llama-mlx"
+    for args, words in ((["--keep-alive", "soon"], "--keep-alive"),
+                        (["-M", str(MODEL), "-M", str(MODEL), "--max-loaded-models", "1"], "--max-loaded-models")):
+        r = subprocess.run([str(cli), "serve", "--port", "1", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
