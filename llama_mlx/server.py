@@ -31,8 +31,8 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
@@ -177,7 +177,8 @@ class _Api:
             return None
         return results
 
-    def sampling(self, engine: Engine, body: dict, prompt: list[int], *, max_keys=("max_completion_tokens", "max_tokens"),
+    def sampling(self, engine: Engine, body: dict, prompt: list[int], *,
+                 max_keys=("max_completion_tokens", "max_tokens"),
                  stop_key: str = "stop", temperature_max: float = 2.0) -> GenerationRequest:
         temperature = _get(body, "temperature", (int, float), 1.0, "a number")
         top_p = _get(body, "top_p", (int, float), 1.0, "a number")
@@ -245,7 +246,8 @@ class _Api:
             watcher.cancel()
             job.cancel()
 
-    def chat_prompt(self, engine: Engine, messages: Any, tools: Any, tool_choice: Any) -> tuple[list[int], Optional[list], dict]:
+    def chat_prompt(self, engine: Engine, messages: Any, tools: Any,
+                    tool_choice: Any) -> tuple[list[int], Optional[list], dict]:
         """(prompt ids, the tools rendered or None, response headers)."""
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(422, "'messages' must be a non-empty list of objects", param="messages")

@@ -385,8 +385,8 @@ def test_serve_two_ranks_openai_client_then_sigterm(tmp_path, request, mode):
                                                   stream=True, stream_options={"include_usage": True}))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[1]
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 30  # the first exchange, on both ranks
-        dropped = oai.chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "Tell a long story."}],
-                                              temperature=0, max_tokens=200, stream=True)
+        dropped = oai.chat.completions.create(model=folder.name, temperature=0, max_tokens=200, stream=True,
+                                              messages=[{"role": "user", "content": "Tell a long story."}])
         for i, _ in enumerate(dropped):
             if i == 2:
                 break

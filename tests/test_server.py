@@ -266,7 +266,8 @@ def test_tools_auto_plain_text_is_released(meta_oai):
 def test_forced_tool_use_anthropic(meta_server):
     client = anthropic.Anthropic(base_url=meta_server.url, api_key=KEY, max_retries=0)
     tool = {"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}
-    kw = dict(model=META, max_tokens=60, extra_body=T0, tools=[tool], tool_choice={"type": "tool", "name": "get_weather"},
+    kw = dict(model=META, max_tokens=60, extra_body=T0, tools=[tool],
+              tool_choice={"type": "tool", "name": "get_weather"},
               messages=[{"role": "user", "content": "Weather in Oslo?"}])
     r = client.messages.create(**kw)
     (block,) = [b for b in r.content if b.type == "tool_use"]

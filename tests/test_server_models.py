@@ -12,10 +12,10 @@ import httpx2 as httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_server import KEY, MODEL, NAME, Server
 
 from llama_mlx.generate import stream_generate
 from llama_mlx.loading import load
-from test_server import KEY, MODEL, NAME, Server
 
 TINY = "tiny"
 PROMPT = list(range(1000, 1016))  # token ids both vocabularies hold
