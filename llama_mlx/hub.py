@@ -32,7 +32,7 @@ __all__ = ["HubModel", "PullResult", "cache_dir", "fetch", "is_hub_id", "model_s
 
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?::(?P<pick>[^/:\s]+))?$")
 INDEX = "model.safetensors.index.json"
-WANTED = ("config.json", "generation_config.json", INDEX)
+WANTED = ("config.json", "generation_config.json", INDEX, "preprocessor_config.json")  # (the last: vision models)
 _progress = False
 
 

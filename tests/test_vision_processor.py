@@ -67,3 +67,14 @@ def test_not_an_image(tmp_path):
     good = tmp_path / "ok.png"
     _image(10, 12).save(good)
     assert load_image(good).size == (10, 12)
+
+
+def test_without_a_preprocessor_config_metas_mean_and_std(tmp_path):
+    """A folder without preprocessor_config.json gets Meta's normalisation (the real config's), not
+    transformers' class defaults."""
+    image = _image(40, 30)
+    got = ImageProcessor.for_model(28, 4)([image])
+    want = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=4,
+                                   image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                   image_std=[0.26862954, 0.26130258, 0.27577711])(images=[[image]], return_tensors="np")
+    np.testing.assert_allclose(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)

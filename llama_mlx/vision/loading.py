@@ -109,5 +109,5 @@ def load_mllama(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: boo
         image_processor = ImageProcessor.from_dict(read_json(pre, "preprocessor config"))
     else:
         vision = model.config.vision
-        image_processor = ImageProcessor(tile_size=vision.image_size, max_image_tiles=vision.max_num_tiles)
+        image_processor = ImageProcessor.for_model(vision.image_size, vision.max_num_tiles)
     return model, Processor(tokenizer, image_processor, model.config.image_token_index)

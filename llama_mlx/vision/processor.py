@@ -27,8 +27,10 @@ __all__ = [
     "supported_aspect_ratios",
 ]
 
-IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)  # transformers' class defaults
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+LLAMA_VISION_MEAN = (0.48145466, 0.4578275, 0.40821073)  # what Llama 3.2 Vision uses (Meta's image transform)
+LLAMA_VISION_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @lru_cache(maxsize=16)
@@ -126,6 +128,12 @@ class ImageProcessor:
                    image_mean=tuple(config.get("image_mean", IMAGENET_STANDARD_MEAN)),
                    image_std=tuple(config.get("image_std", IMAGENET_STANDARD_STD)),
                    rescale_factor=float(config.get("rescale_factor", 1 / 255)))
+
+    @classmethod
+    def for_model(cls, tile_size: int, max_image_tiles: int) -> "ImageProcessor":
+        """Llama 3.2 Vision's processing (Meta's mean and std), for a folder without preprocessor_config.json."""
+        return cls(tile_size=tile_size, max_image_tiles=max_image_tiles, image_mean=LLAMA_VISION_MEAN,
+                   image_std=LLAMA_VISION_STD)
 
     def tiles(self, image) -> tuple[np.ndarray, tuple[int, int]]:
         """One image as tiles [n, 3, tile, tile] and its grid (rows, columns)."""

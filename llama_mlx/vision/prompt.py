@@ -95,7 +95,7 @@ def attach_new_images(model: Any, processor: Any, cache: list, images: Sequence[
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:
         vision = model.config.vision
-        image_processor = ImageProcessor(tile_size=vision.image_size, max_image_tiles=vision.max_num_tiles)
+        image_processor = ImageProcessor.for_model(vision.image_size, vision.max_num_tiles)
     for image in images[held:]:
         arrays = image_processor([image])
         model.attach_images(cache, arrays["pixel_values"], arrays["aspect_ratio_ids"], arrays["aspect_ratio_mask"])
