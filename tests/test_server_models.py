@@ -30,11 +30,40 @@ def home(tmp_path_factory, tiny_meta_checkpoint):
     return folder
 
 
+def hf_cache(tmp_path_factory, repo_id: str, folder) -> dict:
+    """The environment of a Hugging Face cache holding `folder` as `repo_id`, laid out as huggingface_hub
+    does (blobs, a snapshot of links, refs/main), with no hub to reach (a closed port)."""
+    import hashlib
+    import os
+    import socket
+
+    hf = tmp_path_factory.mktemp("hf")
+    repo = hf / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    return {"HF_HOME": str(hf), "HF_ENDPOINT": f"http://127.0.0.1:{closed}", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+HUB_ID = "test-org/tiny-hub"
+
+
 @pytest.fixture(scope="module")
-def one(tmp_path_factory, home):
-    """The default model preloaded, any listed model on request, at most one loaded at a time."""
+def one(tmp_path_factory, home, tiny_meta_checkpoint):
+    """The default model preloaded, any listed model on request, at most one loaded at a time; the
+    tiny model is also in the Hugging Face cache as HUB_ID."""
     s = Server(tmp_path_factory.mktemp("serve-models"), "--api-key", KEY, "--max-loaded-models", "1",
-               env={"LLAMA_MLX_HOME": str(home)})
+               env={"LLAMA_MLX_HOME": str(home), **hf_cache(tmp_path_factory, HUB_ID, tiny_meta_checkpoint)})
     yield s
     s.stop()
 
@@ -72,6 +101,12 @@ def test_two_models_by_name_and_lru_eviction(one, oai, tiny_meta_checkpoint):
     assert got == expected
     by_path = oai.completions.create(model=str(tiny_meta_checkpoint), prompt=PROMPT, max_tokens=8, temperature=0)
     assert by_path.model == TINY and by_path.choices[0].text == expected[TINY]  # the same model, not a second
+    assert loaded(one)[HUB_ID] is False  # listed from the Hugging Face cache
+    by_id = oai.completions.create(model=HUB_ID, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert by_id.model == HUB_ID and by_id.choices[0].text == expected[TINY]  # the same weights
+    with pytest.raises(openai.NotFoundError) as e:  # not in the cache: never downloaded at request time
+        oai.completions.create(model="test-org/not-cached", prompt=PROMPT, max_tokens=2)
+    assert e.value.code == "model_not_found"
     with pytest.raises(openai.NotFoundError) as e:
         oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert e.value.code == "model_not_found" and "gpt-4o" in e.value.message
@@ -80,7 +115,7 @@ def test_two_models_by_name_and_lru_eviction(one, oai, tiny_meta_checkpoint):
             model="no-such/model", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["error"]["type"] == "not_found_error"
     stats = one.stats()
-    assert stats["registry"]["unloads"] >= 3 and set(stats["models"]) == {TINY}
+    assert stats["registry"]["unloads"] >= 4 and set(stats["models"]) == {HUB_ID}
 
 
 def test_count_tokens_equals_messages_usage(one):
