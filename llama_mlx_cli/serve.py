@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import (
+    MODEL,
     DraftModelOpt,
     DtypeOpt,
     GgufFileOpt,
@@ -55,6 +56,7 @@ EPILOG = """\
 SERVER = "Server"
 
 
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -94,7 +96,7 @@ def _host_list(values: list[str]) -> list[str]:
 @handle_errors
 def serve(
     models: Annotated[Optional[list[str]], typer.Option(
-        "--model", "-M", metavar="PATH|NAME", show_default=False,
+        "--model", "-M", metavar="PATH|NAME", show_default=False, rich_help_panel=MODEL,
         help="A model to preload (repeatable; the first is the default, served when a request names none): a "
              "Meta / Hugging Face / MLX folder, a .gguf file, a name in weights/, or a Hugging Face id (fetched "
              "once into the HF cache). A request's \"model\" may also name any model `llama-mlx list` shows, "
