@@ -198,6 +198,7 @@ class _Round(NamedTuple):
     new: mx.array  # the target's token after them
     logprobs: mx.array  # [k + 1, vocab], the target's
     after: tuple  # the next round's (token before, last token, its position), on the device
+    timed: bool = True  # its time is a round of k drafts' (not one where the draft model caught up)
 
 
 class _Lookup:
@@ -287,7 +288,7 @@ class _Adapt:
             self.wait, self.probes[-1] = self.backoff, True
         return k
 
-    def read(self, k: int, n: int, given: int) -> None:
+    def read(self, k: int, n: int, given: int, timed: bool = True) -> None:
         now = self.clock()
         probing = self.probes.popleft() if self.probes else False
         self.rounds += 1
@@ -314,7 +315,9 @@ class _Adapt:
                 self.timed_plain += 1
                 self.plain_elapsed += t
             old = self.plain if k == 0 else self.cost.get(k)
-            if old is not None:  # a stall (the caller busy, the machine shared) counts as 4x at most
+            if not timed:
+                pass
+            elif old is not None:  # a stall (the caller busy, the machine shared) counts as 4x at most
                 self.set(k, self.DECAY * old + (1 - self.DECAY) * min(t, 4 * old))
             elif k == 0 or self.plain is None or t <= 2 * (k + 1) * self.plain:  # else a first use compiling kernels
                 self.set(k, t)
@@ -359,6 +362,7 @@ class _Rounds:
         self.adapt = adapt
         self.rounds: deque[_Round] = deque()
         self.missed: list[mx.array] = []  # tokens the draft model skipped (device-side, [1] each)
+        self.caught_up = 0
         short = getattr(dstep, "short", None)
         self.chunk = max(2, getattr(short, "max_rows", 0) if getattr(dstep, "positioned", False) else 1 << 20)
 
@@ -376,6 +380,7 @@ class _Rounds:
             return mx.array([], dtype=mx.uint32), qs
         dpos, history, ds = pos + self.dshift, self.history, []
         feed = mx.concatenate(self.missed + [before, last])
+        self.caught_up = len(self.missed)
         start, self.missed = dpos - feed.size + 1, []
         for i in range(0, feed.size, self.chunk):  # a positioned step takes a few tokens at a time
             logits = self.dstep.at(feed[None, i : i + self.chunk], start + i)
@@ -393,6 +398,7 @@ class _Rounds:
 
     def push(self, before: mx.array, last: mx.array, pos: mx.array, limit: int) -> None:
         k = self.adapt.choose(limit)
+        self.caught_up = 0
         drafts, qs = self._draft(k, before, last, pos)
         k = drafts.size
         checked = mx.concatenate([last, drafts])
@@ -408,7 +414,8 @@ class _Rounds:
             lps = log_softmax(logits)
         n, new = self.rule.judge(lps, drafts, qs)
         new = new.reshape(1).astype(mx.uint32)
-        r = _Round(k, drafts, n, new, lps, (checked[n].reshape(1), new, pos + n + 1))
+        # A round that ran many tokens the draft model missed says little about a round's cost.
+        r = _Round(k, drafts, n, new, lps, (checked[n].reshape(1), new, pos + n + 1), self.caught_up <= 2)
         mx.async_eval(r.drafts, r.n, r.new, r.logprobs, *r.after)
         self.rounds.append(r)
 
@@ -420,7 +427,7 @@ class _Rounds:
         out = r.drafts.tolist()[:n] + [new_id]
         for c in caches:
             c.trim(r.k - n)
-        self.adapt.read(r.k, n, len(out))
+        self.adapt.read(r.k, n, len(out), r.timed)
         if self.lookup is not None:
             self.lookup.tokens += out
         if self.processors:
