@@ -74,6 +74,7 @@ class _Slot:
         self.handed: float = 0.0
         self.keep_alive: Optional[float] = None  # per-slot override of the registry's; <0: forever
         self.weights: int = 0
+        self.make: Optional[Callable[[Optional[Path]], Engine]] = None  # its own engine builder, if any
 
 
 def _key(path: Path) -> str:
@@ -138,12 +139,14 @@ class ModelRegistry:
     # -- adding and naming
 
     def add(self, name: str, path: Optional[Path | str], *, engine: Optional[Engine] = None, default: bool = False,
-            start: bool = True) -> Engine:
+            start: bool = True, make: Optional[Callable[[Optional[Path]], Engine]] = None) -> Engine:
         """Serve the model at `path` as `name` (preloaded: its engine is started now unless `start` is
-        False; `engine` when given is used, else the factory's). The first added model is the default.
-        `path` may be None with an `engine` (then it is known by its name only)."""
-        if path is None and engine is None:
-            raise ValueError("a model needs a path or an engine")
+        False; `engine` when given is used, else `make(path)`'s, else the factory's). The first added
+        model is the default. `make` also rebuilds it after an unload (else the factory does, given a
+        path). `path` may be None with an `engine` (then it is known by its name only). A model that
+        nothing can rebuild is never unloaded."""
+        if path is None and engine is None and make is None:
+            raise ValueError("a model needs a path, an engine or a maker")
         with self._lock:
             key = _key(Path(path)) if path is not None else "engine:" + name
             slot = self._slots.get(key) or _Slot(name, Path(path) if path is not None else None,
@@ -153,15 +156,27 @@ class ModelRegistry:
             self._names[name] = key
             if default or self._default is None:
                 self._default = key
+            slot.make = make or slot.make
             if slot.engine is None:
                 if engine is None:
-                    if self.factory is None:
-                        raise ValueError("an engine or a factory is needed")
-                    engine = self.factory(path)
+                    engine = self._build(slot)
+                    if engine is None:
+                        raise ValueError("an engine, a maker or a factory is needed")
                 slot.engine = engine.start() if start else engine
                 self.loads += 1
             slot.last_used = time.monotonic()
             return slot.engine
+
+    def _build(self, slot: _Slot) -> Optional[Engine]:
+        if slot.make is not None:
+            return slot.make(slot.path)
+        if self.factory is not None and slot.path is not None:
+            return self.factory(slot.path)
+        return None
+
+    def _pinned(self, slot: _Slot) -> bool:
+        """Whether nothing could load `slot`'s model again (so it is never unloaded)."""
+        return slot.make is None and (self.factory is None or slot.path is None)
 
     @property
     def default_name(self) -> Optional[str]:
@@ -291,11 +306,11 @@ class ModelRegistry:
             if keep_alive is not None:
                 slot.keep_alive = float(keep_alive)
             if slot.engine is None:
-                if slot.path is None or self.factory is None:
+                if self._pinned(slot):
                     raise ModelLoadError(f"{name}: unloaded, and this server cannot load it again")
                 await self._make_room(slot)
                 with self._lock:
-                    slot.engine = self.factory(path).start()
+                    slot.engine = self._build(slot).start()
                     slot.weights = 0
                     self.loads += 1
             engine = slot.engine
@@ -326,7 +341,8 @@ class ModelRegistry:
                 over_bytes = self.max_bytes is not None and self._loaded_bytes() + slot.size > self.max_bytes
                 if not over_count and not over_bytes:
                     return
-                idle = sorted((s for s in loaded if not self._busy(s)), key=lambda s: s.last_used or 0.0)
+                idle = sorted((s for s in loaded if not self._busy(s) and not self._pinned(s)),
+                              key=lambda s: s.last_used or 0.0)
                 victim = idle[0] if idle else None
                 if victim is not None:
                     engine = self._detach(victim)
@@ -349,11 +365,12 @@ class ModelRegistry:
         return self.name_of(engine) or str(name)
 
     async def unload(self, name: Optional[str]) -> bool:
-        """Unload `name` once its running requests finish (new ones load it again); False if it was not loaded."""
+        """Unload `name` once its running requests finish (new ones load it again); False if it was not
+        loaded (or nothing could load it again)."""
         name, path, key = self._resolve(name)
         with self._lock:
             slot = self._slots.get(key)
-            if slot is None or slot.engine is None:
+            if slot is None or slot.engine is None or self._pinned(slot):
                 return False
             engine = self._detach(slot)
         await asyncio.to_thread(engine.close)
@@ -366,7 +383,7 @@ class ModelRegistry:
         closing = []
         with self._lock:
             for slot in self._slots.values():
-                if slot.engine is None:
+                if slot.engine is None or self._pinned(slot):
                     continue
                 if self._busy(slot):
                     slot.last_used = now

@@ -1010,7 +1010,10 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
                    decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes)
     factory = None if loader_for is None else (lambda path: Engine(loader_for(path), **options))
     registry = ModelRegistry(factory, max_loaded=max_loaded_models, max_bytes=max_loaded_bytes, keep_alive=keep_alive)
-    engine = registry.add(model_name, model_path, default=True,
+    # The default model keeps its own options (speculative decoding) when loaded again; under
+    # mlx.launch it is never unloaded (closing the leader sends the other ranks home).
+    make = None if lockstep is not None else (lambda _path: Engine(loader, **options, speculative=speculative))
+    engine = registry.add(model_name, model_path, default=True, make=make,
                           engine=Engine(loader, **options, speculative=speculative, lockstep=lockstep))
     preloaded = [engine] + [registry.add(name, path) for name, path in models]
     config = ServerConfig(model_name=model_name, api_key=api_key, allowed_origins=tuple(allowed_origins),

@@ -279,7 +279,8 @@ def test_stream_goes_on_while_another_model_loads_and_keep_alive(kept):
 def test_registry_byte_budget_evicts_the_least_recently_used_idle_model(tmp_path, tiny_meta_checkpoint):
     """ModelRegistry in this process over real engines: with room for one model's bytes, loading a
     second unloads the least recently used idle one (and it loads again on use); a model larger than
-    the whole budget and an unknown name are refused; keep-alive 0 unloads a model once idle."""
+    the whole budget and an unknown name are refused; keep-alive 0 unloads a model once idle, but
+    never one that nothing could load again."""
     import asyncio
     import shutil
 
@@ -314,11 +315,18 @@ def test_registry_byte_budget_evicts_the_least_recently_used_idle_model(tmp_path
         registry.max_bytes, registry.keep_alive = None, 0
         await asyncio.sleep(1.1)  # past the hand-off grace
         assert await registry.sweep() == [str(a)] and not any(flags().values())
+        # An engine nothing could load again (create_app(engine), mlx.launch's) is never unloaded.
+        pinned.add("one", None, engine=Engine(lambda: load(a), max_concurrency=1)).wait_ready()
+        await asyncio.sleep(1.1)
+        assert await pinned.sweep() == [] and await pinned.unload("one") is False
+        assert (await pinned.engine(None)).ready
 
+    pinned = ModelRegistry(keep_alive=0)
     try:
         asyncio.run(main())
     finally:
         registry.close()
+        pinned.close()
 
 
 def test_serve_refuses_bad_model_options_in_one_line(tmp_path):
