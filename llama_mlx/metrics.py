@@ -125,18 +125,17 @@ class Metrics:
         self.tpot = Histogram("llama_mlx_time_per_output_token_seconds",
                               "Mean time per generated token after the first, per generation.", _TOKEN_LATENCY)
 
-    def finished(self, model: str, usages: Sequence) -> None:
-        """Count the generations of one request: the `Usage`s of its choices, their shared prompt once."""
-        if not usages:
-            return
-        self.prompt_tokens.inc(usages[0].prompt_tokens, model=model)
-        for u in usages:
-            self.generation_tokens.inc(u.completion_tokens, model=model)
-            self.cached_tokens.inc(u.cached_tokens, model=model)
-            (self.prefix_hits if u.cached_tokens > 0 else self.prefix_misses).inc(model=model)
-            self.ttft.observe(u.time_to_first_token, model=model)
-            if u.generation_tps and u.generation_tps > 0 and u.completion_tokens > 1:
-                self.tpot.observe(1.0 / u.generation_tps, model=model)
+    def generation(self, model: str, u, *, prompt: bool = True) -> None:
+        """Count one finished generation (its `llama_mlx.engine.Usage`); its prompt tokens unless
+        `prompt` is False (a second choice of one request shares the first's prompt)."""
+        if prompt:
+            self.prompt_tokens.inc(u.prompt_tokens, model=model)
+        self.generation_tokens.inc(u.completion_tokens, model=model)
+        self.cached_tokens.inc(u.cached_tokens, model=model)
+        (self.prefix_hits if u.cached_tokens > 0 else self.prefix_misses).inc(model=model)
+        self.ttft.observe(u.time_to_first_token, model=model)
+        if u.generation_tps and u.generation_tps > 0 and u.completion_tokens > 1:
+            self.tpot.observe(1.0 / u.generation_tps, model=model)
 
     def render(self, extra: Sequence[Gauge] = ()) -> str:
         families: list = [self.requests, self.prompt_tokens, self.generation_tokens, self.cached_tokens,

@@ -163,7 +163,7 @@ class _Api:
                     if params.seed is not None:
                         params.seed += i
                     req = dataclasses.replace(request, params=params)
-                jobs.append(self.submit(engine, req))
+                jobs.append(self.submit(engine, req, count_prompt=i == 0))
         except BaseException:
             for job in jobs:
                 job.cancel()
@@ -223,9 +223,11 @@ class _Api:
                                 frequency_penalty=float(frequency))
         return GenerationRequest(prompt=prompt, max_tokens=max_tokens, params=params, stop=stop)
 
-    def submit(self, engine: Engine, request: GenerationRequest):
+    def submit(self, engine: Engine, request: GenerationRequest, *, count_prompt: bool = True):
+        """Queue a generation (503 when the engine cannot take it). The job counts in /metrics once it
+        finishes, its prompt tokens unless `count_prompt` is False (a second choice of one request)."""
         try:
-            return engine.submit(request)
+            return _Metered(engine.submit(request), self.metrics, self.name_of(engine), count_prompt)
         except (QueueFullError, EngineClosedError) as e:
             raise ApiError(503, str(e), code="server_busy") from None
         except KVCapacityError as e:
@@ -379,7 +381,6 @@ class _Api:
                                                   if e.logprob is not None]}
             choices.append(choice)
         lasts = [events[-1] for events in results]
-        self.metrics.finished(meta["model"], [e.usage for e in lasts])
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices,
                              "usage": _openai_usage(*lasts), "system_fingerprint": None}, headers=headers)
 
@@ -429,7 +430,6 @@ class _Api:
                 yield chunk(i, {}, finish)
                 lasts[i] = e
             if all(e is not None and e.usage is not None for e in lasts):
-                self.metrics.finished(meta["model"], [e.usage for e in lasts])
                 if include_usage:
                     yield _data({**meta, "object": "chat.completion.chunk", "choices": [],
                                  "usage": _openai_usage(*lasts)})
@@ -481,7 +481,6 @@ class _Api:
                     "logprobs": self.legacy_logprobs(engine, events) if req.top_logprobs is not None else None}
                    for i, events in enumerate(results)]
         lasts = [events[-1] for events in results]
-        self.metrics.finished(meta["model"], [e.usage for e in lasts])
         return JSONResponse({**meta, "object": "text_completion", "choices": choices,
                              "usage": _openai_usage(*lasts)})
 
@@ -513,7 +512,6 @@ class _Api:
                 if e.finish_reason:
                     lasts[i] = e
             if all(e is not None and e.usage is not None for e in lasts):
-                self.metrics.finished(meta["model"], [e.usage for e in lasts])
                 if include_usage:
                     yield _data({**meta, "object": "text_completion", "choices": [], "usage": _openai_usage(*lasts)})
             yield b"data: [DONE]\n\n"
@@ -551,7 +549,6 @@ class _Api:
         last = events[-1] if events else None
         if last is None or last.usage is None:
             return Response(status_code=499)
-        self.metrics.finished(meta["model"], [last.usage])
         text = "".join(e.text for e in events)
         reply = parse_tool_calls(text, rendered) if rendered is not None else None
         content = []
@@ -649,7 +646,6 @@ class _Api:
                     yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
                     index += 1
                 usage = _anthropic_usage(e)
-                self.metrics.finished(meta["model"], [e.usage])
                 yield _event("message_delta", {"type": "message_delta", "delta": {
                     "stop_reason": _stop_reason(e, reply), "stop_sequence": e.stop_sequence}, "usage": usage})
                 yield _event("message_stop", {"type": "message_stop"})
@@ -745,6 +741,25 @@ def _openai_usage(e: EngineEvent, *others: EngineEvent) -> dict:
             "total_tokens": u.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
             "time_to_first_token": u.time_to_first_token}
+
+
+class _Metered:
+    """A job (the engine's `Job`, its attributes delegated) whose finished generation is counted in metrics."""
+
+    def __init__(self, job, metrics: Metrics, model: str, count_prompt: bool):
+        self._job, self._metrics, self._model, self._count_prompt = job, metrics, model, count_prompt
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._job, name)
+
+    def __aiter__(self) -> "_Metered":
+        return self
+
+    async def __anext__(self) -> EngineEvent:
+        event = await self._job.__anext__()
+        if event.usage is not None:
+            self._metrics.generation(self._model, event.usage, prompt=self._count_prompt)
+        return event
 
 
 async def _merged(jobs: list) -> AsyncIterator[tuple[int, EngineEvent]]:

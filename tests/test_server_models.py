@@ -190,7 +190,8 @@ def scrape(server, headers=None) -> dict:
 
 def test_metrics_move_by_what_requests_reported(one, oai):
     """/metrics parses with prometheus_client's parser; its token counters move by exactly the usage the
-    requests reported, its request counter by the requests sent; it needs the API key."""
+    requests reported (OpenAI's, Anthropic's and the Responses API's), its request counter by the
+    requests sent; it needs the API key."""
     assert httpx.get(one.url + "/metrics").status_code == 401
     oai.completions.create(model=NAME, prompt="warm", max_tokens=1, temperature=0)  # the default model loaded
     before = scrape(one)
@@ -205,20 +206,21 @@ def test_metrics_move_by_what_requests_reported(one, oai):
         usage = chunk.usage or usage
     m3 = anthropic.Anthropic(base_url=one.url, api_key=KEY, max_retries=0).messages.create(
         model=NAME, max_tokens=3, messages=[{"role": "user", "content": "Say no"}])
+    r4 = oai.responses.create(model=NAME, input="Say maybe", max_output_tokens=3, temperature=0)
     after = scrape(one)
 
     def delta(name, labels=m):
         return after.get((name, labels), 0) - before.get((name, labels), 0)
 
     prompt = r1.usage.prompt_tokens + r2.usage.prompt_tokens + usage.prompt_tokens + \
-        m3.usage.input_tokens + m3.usage.cache_read_input_tokens
+        m3.usage.input_tokens + m3.usage.cache_read_input_tokens + r4.usage.input_tokens
     generated = r1.usage.completion_tokens + r2.usage.completion_tokens + usage.completion_tokens + \
-        m3.usage.output_tokens
+        m3.usage.output_tokens + r4.usage.output_tokens
     assert delta("llama_mlx_prompt_tokens_total") == prompt
     assert delta("llama_mlx_generation_tokens_total") == generated
-    assert delta("llama_mlx_time_to_first_token_seconds_count") == 5  # one a generation: n=2 is two
-    assert delta("llama_mlx_prefix_cache_hits_total") + delta("llama_mlx_prefix_cache_misses_total") == 5
-    assert delta("llama_mlx_time_to_first_token_seconds_bucket", (("le", "+Inf"),) + m) == 5
+    assert delta("llama_mlx_time_to_first_token_seconds_count") == 6  # one a generation: n=2 is two
+    assert delta("llama_mlx_prefix_cache_hits_total") + delta("llama_mlx_prefix_cache_misses_total") == 6
+    assert delta("llama_mlx_time_to_first_token_seconds_bucket", (("le", "+Inf"),) + m) == 6
     ok = (("endpoint", "/v1/chat/completions"), ("method", "POST"), ("status", "200"))
     assert delta("llama_mlx_requests_total", ok) == 2
     assert after[("llama_mlx_model_loaded", m)] == 1 and after[("llama_mlx_model_weights_bytes", m)] > 1e6
