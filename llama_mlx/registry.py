@@ -294,9 +294,33 @@ class ModelRegistry:
             name, path, key = await asyncio.to_thread(self._resolve, name)
         else:
             name, path, key = self._resolve(name)
+        slot = self._slots.get(key)
+        if slot is not None and keep_alive is not None:
+            slot.keep_alive = float(keep_alive)
+        engine = slot.engine if slot is not None else None
+        if engine is None:
+            engine, slot = await self._start(key, name, path, keep_alive)
+        slot.handed = slot.last_used = time.monotonic()
+        while not engine._ready.is_set():
+            await asyncio.sleep(0.02)
+        slot.handed = slot.last_used = time.monotonic()
+        if engine.load_error is not None:
+            with self._lock:
+                if slot.engine is engine:
+                    slot.engine = None
+            e = engine.load_error
+            raise ModelLoadError(f"{name}: cannot load it: {e}") from None
+        if not slot.weights:
+            slot.weights = _weights_bytes(engine)
+        return engine
+
+    async def _start(self, key: str, name: str, path: Optional[Path],
+                     keep_alive: Optional[float]) -> tuple[Engine, _Slot]:
+        """Start the engine of a model not loaded (unless another request just did)."""
         if self._alock is None:
             self._alock = asyncio.Lock()
-        async with self._alock:  # one model made room for and started at a time
+        # One model made room for and started at a time; a loaded model's requests never wait here.
+        async with self._alock:
             if key not in self._slots:
                 size = await asyncio.to_thread(_disk_size, path)
                 with self._lock:
@@ -313,20 +337,7 @@ class ModelRegistry:
                     slot.engine = self._build(slot).start()
                     slot.weights = 0
                     self.loads += 1
-            engine = slot.engine
-            slot.handed = slot.last_used = time.monotonic()
-        while not engine._ready.is_set():
-            await asyncio.sleep(0.02)
-        slot.handed = slot.last_used = time.monotonic()
-        if engine.load_error is not None:
-            with self._lock:
-                if slot.engine is engine:
-                    slot.engine = None
-            e = engine.load_error
-            raise ModelLoadError(f"{name}: cannot load it: {e}") from None
-        if not slot.weights:
-            slot.weights = _weights_bytes(engine)
-        return engine
+            return slot.engine, slot
 
     async def _make_room(self, slot: _Slot) -> None:
         """Unload least recently used idle models until `slot`'s model fits the bounds."""

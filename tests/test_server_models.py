@@ -343,3 +343,35 @@ def test_serve_refuses_bad_model_options_in_one_line(tmp_path):
                         (["-M", str(MODEL), "-M", str(MODEL), "--max-loaded-models", "1"], "--max-loaded-models")):
         r = subprocess.run([str(cli), "serve", "--port", "1", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_registry_serves_a_loaded_model_while_another_waits_for_room(tmp_path, tiny_meta_checkpoint):
+    """With room for one model and that one busy, a request for a second model waits (nothing idle to
+    unload), yet the busy model's own requests are answered at once; once it is idle the second loads."""
+    import asyncio
+    import shutil
+
+    from llama_mlx.engine import Engine, GenerationRequest
+    from llama_mlx.registry import ModelRegistry
+    from llama_mlx.sample import SamplingParams
+
+    a, b = str(tiny_meta_checkpoint), str(shutil.copytree(tiny_meta_checkpoint, tmp_path / "tiny-copy"))
+    registry = ModelRegistry(lambda p: Engine(lambda: load(p), max_concurrency=2), max_loaded=1)
+
+    async def main():
+        engine = await registry.engine(a)
+        long = engine.submit(GenerationRequest(prompt=PROMPT, max_tokens=100_000, params=SamplingParams(temp=0)))
+        await long.__anext__()  # running
+        waiting = asyncio.create_task(registry.engine(b))
+        await asyncio.sleep(1.5)  # past the hand-off grace: only the running job keeps `a` loaded
+        assert not waiting.done()
+        again = await asyncio.wait_for(registry.engine(a), 1.0)  # not behind the load that waits
+        assert again is engine
+        long.cancel()
+        second = await asyncio.wait_for(waiting, 60)
+        assert second is not engine and {i.name: i.loaded for i in registry.list(listed=False)} == {a: False, b: True}
+
+    try:
+        asyncio.run(main())
+    finally:
+        registry.close()
