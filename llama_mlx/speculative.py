@@ -273,6 +273,8 @@ class _Adapt:
         if not self.adaptive:
             return max(k_max, 0)
         if self.plain is None or k_max < 1:
+            if self.wait:  # (a plain round queued ahead during a pause counts towards it)
+                self.wait -= 1
             return 0  # a plain step's time first: nothing compares without it
         k = max(range(1, k_max + 1), key=self.gain)
         if self.gain(k) >= MARGIN:
@@ -287,6 +289,10 @@ class _Adapt:
         else:  # a probe: one round of drafts (its outcome sets the next pause: `read`)
             self.wait, self.probes[-1] = self.backoff, True
         return k
+
+    def pausing(self) -> bool:
+        """Whether the next round will be plain (drafting is off, its pause not over)."""
+        return self.adaptive and bool(self.wait)
 
     def read(self, k: int, n: int, given: int, timed: bool = True) -> None:
         now = self.clock()
@@ -531,6 +537,13 @@ def speculative_generate_step(
         while yielded < max_tokens:
             while len(rounds.rounds) <= ahead and (not rounds.rounds or yielded + 1 < max_tokens):
                 rounds.push(*state, num_draft_tokens if ahead else min(num_draft_tokens, max_tokens - yielded - 1))
+                state = rounds.rounds[-1].after
+            # While drafting is paused, a plain round is queued before the previous one is read, as
+            # plain decoding does: it needs nothing from the host, and behind plain rounds only (no
+            # trim pending) any step writes where it should.
+            while (rounds.adapt.pausing() and not processors and len(rounds.rounds) < ahead + 2
+                   and all(q.k == 0 for q in rounds.rounds) and yielded + len(rounds.rounds) + 1 < max_tokens):
+                rounds.push(*state, 0)
                 state = rounds.rounds[-1].after
             r, out = rounds.read(cache + dcache)
             drafted += r.k
