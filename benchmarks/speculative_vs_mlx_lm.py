@@ -65,6 +65,7 @@ CODE = ("def area(width, height):\n    return width * height\n\n\n"
 PROMPTS = {
     "chat": "Give three short tips for writing clear emails.",
     "copy": "Rewrite this Python code, renaming width to w and height to h, and change nothing else:\n\n" + CODE,
+    "story": "Write a short, original story about a lighthouse keeper who finds a strange map.",
 }
 
 
@@ -90,6 +91,7 @@ def parse_args(argv=None):
                    help="also time each draft with rounds read before the next is queued (as before queued rounds)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
     p.add_argument("--out", default=None, help="write every number to this JSON file")
+    p.add_argument("--prompts", default="chat,copy", help=f"comma-separated, of {', '.join(PROMPTS)} (default chat,copy)")
     p.add_argument("--fixed-too", action="store_true", help="also draft K every round (adaptive=False)")
     p.add_argument("--agree", default=None, help="layer scales making a random draft agree with the target "
                                                 "(comma-separated; see below)")
@@ -309,7 +311,7 @@ def measure(args, k, target, tok, drafts, mlm, random_weights) -> dict:
     from llama_mlx.speculative import check_draft
 
     results = {"device": str(mx.default_device()), "k": k, "gen_tokens": args.gen_tokens, "prompts": {}}
-    for pname in PROMPTS:
+    for pname in [p.strip() for p in args.prompts.split(",") if p.strip()]:
         ids = prompt_ids(tok, pname, target.args.vocab_size, random_weights)
         g = args.gen_tokens
         stop = set() if random_weights else set(tok.stop_tokens)
