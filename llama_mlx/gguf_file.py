@@ -50,6 +50,8 @@ class GGUFHeader:
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensorInfo]
     file_size: int
+    data_start: int = 0  # where the tensor data section begins (tensor offsets are from the file's start)
+    alignment: int = 32
 
 
 class _Reader:
@@ -123,6 +125,7 @@ def _parse(path: Path, error: type[LlamaMLXError], with_tensors: bool) -> GGUFHe
     if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
         raise error(f"{path}: GGUF metadata 'general.alignment' must be a power of two, found {align!r:.40}")
     tensors: dict[str, GGUFTensorInfo] = {}
+    start = 0
     if with_tensors:
         infos = []
         for _ in range(n_tensors):
@@ -143,7 +146,7 @@ def _parse(path: Path, error: type[LlamaMLXError], with_tensors: bool) -> GGUFHe
         for name, shape, type_id, offset in infos:
             kind = GGML_TYPES.get(type_id, f"type {type_id}")
             tensors[name] = GGUFTensorInfo(name, shape, kind, start + offset)
-    return GGUFHeader(version, metadata, tensors, len(data))
+    return GGUFHeader(version, metadata, tensors, len(data), start, align)
 
 
 def read_gguf_header(path: str | Path, *, error: type[LlamaMLXError] = CheckpointError) -> GGUFHeader:

@@ -32,7 +32,11 @@ GROUP_SIZE = quants.GROUP_SIZE  # of every GGUF quant type's MLX conversion
 
 
 def _check_tensors(header: GGUFHeader, path: Path) -> None:
-    """Every tensor of a type MLX reads, whole blocks, inside the file."""
+    """Every tensor of a type MLX reads, whole blocks, inside the file, and the tensors tiling the data
+    section as llama.cpp writes it: each starts where the previous one ends (rounded up to the
+    alignment), so no two share bytes (a small file cannot load as many times its size) and a tensor
+    holding other bytes than its type's size (F32 data under an F16 type) does not fit its slot."""
+    extents = []
     for name, info in header.tensors.items():
         if info.type not in BLOCKS:
             raise CheckpointError(
@@ -44,6 +48,21 @@ def _check_tensors(header: GGUFHeader, path: Path) -> None:
             raise CheckpointError(f"{path}: tensor {name!r} of {numel} elements is not whole {info.type} blocks")
         if info.offset + numel // per * nbytes > header.file_size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} extends past the end of the file")
+        extents.append((info.offset, numel // per * nbytes, name))
+    align = header.alignment
+    expected, before = header.data_start, None
+    for offset, size, name in sorted(extents):
+        if offset != expected:
+            where = f"after tensor {before!r}" if before else "at the start of the data"
+            problem = "overlaps the tensor before it" if offset < expected else "leaves a gap"
+            raise CheckpointError(f"{path}: corrupt GGUF tensor table: tensor {name!r} at offset {offset} "
+                                  f"{problem} ({where}, expected offset {expected}: the sizes of the tensors "
+                                  f"do not match their types)")
+        expected, before = offset + (size + align - 1) // align * align, name
+        end = offset + size
+    if extents and header.file_size - end >= align:
+        raise CheckpointError(f"{path}: corrupt GGUF tensor table: {header.file_size - end} bytes follow the "
+                              f"last tensor {before!r} (the sizes of the tensors do not match their types)")
 
 
 def _meta(metadata: dict, key: str, path: Path, default=None, kind=int):

@@ -1,0 +1,114 @@
+"""Hostile files and absurd values, second battery (issue 12, classes 6, 7, 8 and 10): bombs, hub cache
+escapes, silent garbage, errors that were not named. Helpers from test_hostile."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_mlx.checkpoints import read_checkpoint
+from llama_mlx.errors import CheckpointError
+from test_hostile import (
+    ARR,
+    STR,
+    U32,
+    assert_bounded_error,
+    gguf_kv,
+    gguf_string,
+    llama_kvs,
+    run_bounded,
+)
+
+ALIGN = 32
+# GGML type ids and (elements, bytes) per block
+TYPES = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144)}
+
+
+def _nbytes(kind: str, shape) -> int:
+    _, per, nbytes = TYPES[kind]
+    return math.prod(shape) // per * nbytes
+
+
+def write_gguf(path: Path, tensors: list[tuple[str, tuple, str, int]], data: bytes, kvs=None) -> Path:
+    """A GGUF with `tensors` (name, numpy shape, type, offset into the data section) and `data`."""
+    kvs = llama_kvs() if kvs is None else kvs
+    table = b""
+    for name, shape, kind, offset in tensors:
+        table += gguf_string(name) + struct.pack("<I", len(shape)) + b"".join(
+            struct.pack("<Q", d) for d in reversed(shape)) + struct.pack("<IQ", TYPES[kind][0], offset)
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs) + table
+    head += b"\0" * (-len(head) % ALIGN)
+    path.write_bytes(head + data)
+    return path
+
+
+def tiled(tensors: list[tuple[str, tuple, str]]) -> tuple[list, int]:
+    """Offsets of `tensors` laid end to end as llama.cpp writes them, and the data size."""
+    out, at = [], 0
+    for name, shape, kind in tensors:
+        out.append((name, shape, kind, at))
+        at += (_nbytes(kind, shape) + ALIGN - 1) // ALIGN * ALIGN
+    return out, at
+
+
+# 6. Bombs: GGUF tensors tile the data section ------------------------------------------------------------
+
+def test_gguf_tensors_sharing_bytes_are_refused(tmp_path):
+    shape = (8, 256)
+    n = _nbytes("Q4_K", shape)
+    path = write_gguf(tmp_path / "shared.gguf", [(f"blk.{i}.ffn_up.weight", shape, "Q4_K", 0) for i in range(3)],
+                      b"\0" * n)
+    with pytest.raises(CheckpointError, match="overlaps the tensor before it") as e:
+        read_checkpoint(path)
+    assert str(path) in str(e.value)
+
+
+def test_gguf_f32_bytes_in_an_f16_slot_are_refused(tmp_path):
+    # F16 declared, F32 written (twice the bytes): the next tensor starts past the F16 slot
+    a = np.ones((4, 32), np.float32).tobytes()
+    tensors = [("a.weight", (4, 32), "F16", 0), ("b.weight", (4, 32), "F32", len(a))]
+    path = write_gguf(tmp_path / "f32.gguf", tensors, a + a)
+    with pytest.raises(CheckpointError, match="leaves a gap") as e:
+        read_checkpoint(path)
+    assert "b.weight" in str(e.value)
+    # ... or, the last tensor, bytes left over at the end of the file
+    path = write_gguf(tmp_path / "last.gguf", [("a.weight", (4, 32), "F16", 0)], a)
+    with pytest.raises(CheckpointError, match="bytes follow the last tensor 'a.weight'"):
+        read_checkpoint(path)
+
+
+BOMB_CHILD = """
+from llama_mlx.checkpoints import read_checkpoint
+def load():
+    ckpt = read_checkpoint(sys.argv[1])
+    held = [t.read() for t in ckpt.tensors.values()]
+report(load)
+"""
+
+
+def bomb_gguf(path: Path, layers: int) -> Path:
+    """A consistent Llama GGUF (hidden 2048) whose every quantized tensor is the same 2.4 MB of Q4_K blocks."""
+    hidden = 2048
+    kvs = llama_kvs(**{"llama.embedding_length": hidden, "llama.attention.head_count": 16,
+                       "llama.block_count": layers, "llama.feed_forward_length": hidden})
+    square = (hidden, hidden)
+    tensors = [("token_embd.weight", (256, hidden), "Q4_K", 0), ("output.weight", (256, hidden), "Q4_K", 0),
+               ("output_norm.weight", (hidden,), "F32", 0)]
+    for i in range(layers):
+        tensors += [(f"blk.{i}.{m}.weight", square, "Q4_K", 0)
+                    for m in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+        tensors += [(f"blk.{i}.{m}.weight", (hidden,), "F32", 0) for m in ("attn_norm", "ffn_norm")]
+    return write_gguf(path, tensors, b"\0" * _nbytes("Q4_K", square), kvs)
+
+
+def test_a_small_gguf_whose_layers_share_bytes_loads_in_bounded_memory(tmp_path):
+    # 32 layers of seven 2048x2048 Q4_K matrices over the same 2.4 MB: 600 MB of weights from a 2.4 MB file
+    path = bomb_gguf(tmp_path / "bomb.gguf", 32)
+    assert path.stat().st_size < 3 << 20
+    result = run_bounded(BOMB_CHILD, path)
+    assert_bounded_error(result, "CheckpointError", str(path), "overlaps", seconds=10)
