@@ -286,8 +286,6 @@ def _messages(messages: Any) -> list[dict]:
         raise ApiError(422, "'messages' must be a list of objects", param="messages")
     out = []
     for i, m in enumerate(messages):
-        if m.get("images"):
-            raise ApiError(400, "images are not supported by this model", param="messages")
         content = m.get("content") or ""
         if not isinstance(content, str):
             raise ApiError(422, f"message {i}: 'content' must be a string", param="messages")
@@ -305,8 +303,16 @@ def _messages(messages: Any) -> list[dict]:
                 del msg["content"]
         if m.get("tool_name"):
             msg["name"] = m["tool_name"]
+        if m.get("images"):  # base64 strings: decoded by chat_prompt (api_images), the image before the text
+            msg["content"] = _image_parts(m["images"], "messages") + [{"type": "text", "text": content}]
         out.append(msg)
     return out
+
+
+def _image_parts(images: Any, param: str) -> list[dict]:
+    if not isinstance(images, list) or not all(isinstance(b, str) for b in images):
+        raise ApiError(422, "'images' must be a list of base64 strings", param=param)
+    return [{"type": "image", "source": {"type": "base64", "data": b}} for b in images]
 
 
 def _ndjson(lines: AsyncIterator[dict]) -> StreamingResponse:
@@ -397,7 +403,7 @@ async def generate(api, request: Request) -> Response:
     stream = _get(body, "stream", (bool,), True)
     prompt = _get(body, "prompt", (str,), "")
     system = _get(body, "system", (str,), None)
-    for key in ("suffix", "images", "template"):
+    for key in ("suffix", "template"):
         if body.get(key):
             raise ApiError(400, f"'{key}' is not supported", param=key)
     context = body.get("context") or []
@@ -407,14 +413,19 @@ async def generate(api, request: Request) -> Response:
         raise ApiError(400, "'context' must be a list of token ids of this model", param="context")
     if not prompt and not context:
         return await _loaded(api, body, name, engine, "response")
+    images = body.get("images")
+    if images and (context or _get(body, "raw", (bool,), False)):
+        raise ApiError(400, "'images' go with a templated prompt, without 'context' or 'raw'", param="images")
     if _get(body, "raw", (bool,), False):
         ids = tok.encode(prompt, bos=tok.add_bos and tok.bos_id is not None and not context)
     else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        user = _image_parts(images, "images") + [{"type": "text", "text": prompt}] if images else prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         ids = api.chat_prompt(engine, messages, None, None)[0]
         if context and tok.bos_id is not None and ids[:1] == [tok.bos_id]:
             ids = ids[1:]  # the context starts with it already
-    ids = list(context) + ids
+    if context:
+        ids = list(context) + ids
     req = _sampling(api, engine, body, ids)
     api.constrain(req, _format(body.get("format")), None, None)
     job = api.submit(engine, req)

@@ -30,11 +30,17 @@ log = logging.getLogger("llama_mlx.server")
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-def _text(content: Any, where: str) -> str:
+def _text(content: Any, where: str, images: bool = False) -> Any:
+    """A content's text; with `images`, a content holding an `input_image` part stays a list of parts
+    (text and that image, decoded by the server's `chat_prompt`)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
         raise ApiError(422, f"{where}: content must be a string or a list of content parts", param="input")
+    if images and any(p.get("type") == "input_image" for p in content):
+        if all(p.get("type") in _TEXT_PARTS + ("input_image",) for p in content):
+            return [p if p.get("type") == "input_image" else {"type": "text", "text": str(p.get("text", ""))}
+                    for p in content]
     for part in content:
         if part.get("type") not in _TEXT_PARTS:
             raise ApiError(400, f"{where}: content parts of type {part.get('type')!r} are not supported (text only)",
@@ -61,7 +67,7 @@ def to_messages(input_: Any, instructions: Any) -> list[dict]:
             if role not in ("user", "assistant", "system", "developer"):
                 raise ApiError(422, f"{where}: 'role' must be user, assistant, system or developer", param="input")
             messages.append({"role": "system" if role == "developer" else role,
-                             "content": _text(item.get("content"), where)})
+                             "content": _text(item.get("content"), where, images=role == "user")})
         elif kind == "function_call":
             name, arguments = item.get("name"), item.get("arguments", "{}")
             if not isinstance(name, str) or not isinstance(arguments, str):
@@ -185,7 +191,12 @@ async def responses(api, request: Request) -> Response:
     stream = _get(body, "stream", (bool,), False)
     tool_choice = _tool_choice(body.get("tool_choice"))
     messages = to_messages(body.get("input"), body.get("instructions"))
-    prompt, rendered, headers = api.chat_prompt(engine, messages, _tools(body.get("tools")), tool_choice)
+    try:
+        prompt, rendered, headers = api.chat_prompt(engine, messages, _tools(body.get("tools")), tool_choice)
+    except ApiError as e:
+        if e.param == "messages":  # (this API's messages are its input)
+            e.param = "input"
+        raise
     sampling = {k: body[k] for k in ("temperature", "top_p", "max_output_tokens") if k in body}
     req = api.sampling(engine, sampling, prompt, max_keys=("max_output_tokens",))
     api.constrain(req, _response_format(body.get("text")), rendered, tool_choice)

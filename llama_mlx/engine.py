@@ -34,7 +34,7 @@ import mlx.core as mx
 from . import backends
 from .batch import BatchEngine, BatchRequest, KVCapacityError
 from .cache import KVCache, PromptCache, common_prefix
-from .errors import LlamaMLXError
+from .errors import ImageError, LlamaMLXError
 from .generate import context_length, stream_generate
 from .sample import SamplingParams
 
@@ -70,6 +70,10 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temp=1.0))
     stop: Sequence[str] = ()
     top_logprobs: Optional[int] = None
+    # Llama 3.2 Vision: the images of the prompt's <|image|> tokens, in order (a job with images runs
+    # alone, not in the batch), and their content hashes, which key the prefix cache with the tokens.
+    images: Sequence[Any] = ()
+    image_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -115,6 +119,11 @@ class PrefixCachePool:
     the cache is new. `give_back(cache)` keeps it as the most recently used, drops the kept caches
     it makes redundant (whose tokens it starts with), then evicts the least recently used until
     the total is within the bound. A cache larger than the bound is not kept.
+
+    Images (Llama 3.2 Vision): a cache records the content hashes of the images it holds
+    (`image_keys`); it is reused only for a request whose images start with those same ones (the
+    `<|image|>` tokens of two different images are the same token), and a request with images
+    takes only a cache that has cross-attention layers to hold them.
     """
 
     def __init__(self, model, max_bytes: int, *, min_reuse: int = 16, **cache_options: Any):
@@ -126,11 +135,15 @@ class PrefixCachePool:
         self.hits = 0
         self.misses = 0
 
-    def take(self, prompt: Sequence[int]) -> PromptCache:
+    def take(self, prompt: Sequence[int], image_keys: Sequence[str] = ()) -> PromptCache:
         head = list(prompt)[:-1]  # the last prompt token always runs again
+        image_keys = tuple(image_keys)
         with self._lock:
             best, best_len = None, 0
             for key, (pc, _) in self._entries.items():
+                held = getattr(pc, "image_keys", ())
+                if held != image_keys[: len(held)] or (image_keys and not _holds_images(pc)):
+                    continue
                 n = common_prefix(pc.tokens, head)
                 if n > best_len:
                     best, best_len = key, n
@@ -151,8 +164,11 @@ class PrefixCachePool:
         with self._lock:
             if not pc.tokens or size > self.max_bytes:
                 return
+            keys = getattr(pc, "image_keys", ())
             for key, (other, other_size) in list(self._entries.items()):
-                if len(other.tokens) <= len(pc.tokens) and pc.tokens[: len(other.tokens)] == other.tokens:
+                held = getattr(other, "image_keys", ())
+                if (len(other.tokens) <= len(pc.tokens) and pc.tokens[: len(other.tokens)] == other.tokens
+                        and held == keys[: len(held)]):
                     del self._entries[key]
                     self.nbytes -= other_size
             self._entries[id(pc)] = (pc, size)
@@ -172,6 +188,10 @@ class PrefixCachePool:
             return {"bytes": self.nbytes, "max_bytes": self.max_bytes, "entries": len(self._entries),
                     "tokens": sum(len(pc.tokens) for pc, _ in self._entries.values()),
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+def _holds_images(pc: PromptCache) -> bool:
+    return any(hasattr(c, "spans") for c in pc.cache)  # a vision model's cross-attention caches
 
 
 def _copyable(pc: PromptCache) -> bool:
@@ -483,7 +503,7 @@ class Engine:
         """One batched step for the jobs in the batch (joining it first), one token for each job alone."""
         alone = []
         for job in active:
-            if not self.batched:
+            if not self.batched or job.request.images:  # (the batch takes no images)
                 alone.append(job)
             elif job._batch is None:
                 self._join_batch(job)
@@ -569,9 +589,13 @@ class Engine:
             if job.cancelled:
                 raise _Cancelled
 
-        pc = self.pool.take(req.prompt)
+        pc = self.pool.take(req.prompt, req.image_keys)
         common = {"stop": list(req.stop) or None, "prompt_cache": pc, "prefill_step_size": self.prefill_step_size,
                   "prompt_progress": progress}
+        if req.images:
+            if self.lockstep is not None:
+                raise ImageError("images are not served under mlx.launch (the ranks run text prompts only)")
+            common["images"] = list(req.images)
         if self.lockstep is not None:  # every rank builds the sampler and processors from the params
             stream = self.lockstep.stream_generate(self.model, tokenizer, req.prompt, req.max_tokens,
                                                    params=req.params, **common)
@@ -586,6 +610,8 @@ class Engine:
                 yield self._event(req, r, tokens, r.cached_tokens)
         finally:
             stream.close()
+            held = next((len(c.spans) for c in pc.cache if hasattr(c, "spans")), 0)  # images attached
+            pc.image_keys = tuple(req.image_keys[:held])
             self.pool.give_back(pc)
 
 

@@ -46,6 +46,7 @@ from starlette.routing import Route
 
 from . import api_embeddings, api_ollama, api_responses
 from .api_common import ApiError, _data, _event, _get, _in_range, _kind, _sse, _stop_list
+from .api_images import ImagePolicy, has_images, take_images
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
 from .metrics import Gauge, Metrics
@@ -60,6 +61,7 @@ from .tools import (
     supports_tools,
     tools_for_choice,
 )
+from .vision.prompt import sees_images
 
 __all__ = ["ApiError", "MAX_CHOICES", "RequestGuard", "ServerConfig", "create_app", "run"]
 
@@ -77,6 +79,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: int = 8 << 20
     default_max_tokens: int = 512
+    images: ImagePolicy = ImagePolicy()  # where images may come from besides data URLs
 
 
 class _Api:
@@ -221,7 +224,9 @@ class _Api:
         params = SamplingParams(temp=float(temperature), top_p=float(top_p), top_k=top_k, seed=seed,
                                 logit_bias=logit_bias, presence_penalty=float(presence),
                                 frequency_penalty=float(frequency))
-        return GenerationRequest(prompt=prompt, max_tokens=max_tokens, params=params, stop=stop)
+        images = getattr(prompt, "images", ())  # a chat prompt's (`chat_prompt`): they run with it
+        return GenerationRequest(prompt=list(prompt), max_tokens=max_tokens, params=params, stop=stop,
+                                 images=tuple(i.image for i in images), image_keys=tuple(i.key for i in images))
 
     def submit(self, engine: Engine, request: GenerationRequest, *, count_prompt: bool = True):
         """Queue a generation (503 when the engine cannot take it). The job counts in /metrics once it
@@ -267,10 +272,18 @@ class _Api:
                 # Served as a plain chat: parsing replies for calls of tools the model never saw would pretend.
                 rendered, headers = None, {"X-Llama-MLX-Warning": "tools ignored: the model's chat template "
                                                                   "does not render them"}
+            images = []
+            if has_images(messages):
+                if not sees_images(engine.model):
+                    raise ApiError(400, "this model takes no images: it reads text only; send the image to a Llama 3.2 "
+                                   "Vision model (model_type mllama)", param="messages", code="images_not_supported")
+                messages, images = take_images(messages, self.config.images)
             msgs = _template_messages(messages)
             prompt = apply_tool_chat_template(engine.tokenizer, msgs, rendered)
         except (ValueError, TypeError, LlamaMLXError) as e:
             raise ApiError(400, f"cannot render the messages: {e}", param="messages") from None
+        if images:
+            prompt = _ImagePrompt(prompt, images)
         return prompt, rendered, headers
 
     def constrain(self, req: GenerationRequest, response_format: Any, tools: Optional[list], tool_choice: Any) -> None:
@@ -659,6 +672,14 @@ class _Api:
 # -- message and reply mapping
 
 
+class _ImagePrompt(list):
+    """Prompt ids that carry the images of their `<|image|>` tokens (`api_images.ServerImage`s, in order)."""
+
+    def __init__(self, ids: Sequence[int], images: Sequence[Any]):
+        super().__init__(ids)
+        self.images = tuple(images)
+
+
 def _template_messages(messages: list[dict]) -> list[dict]:
     """OpenAI messages as chat templates take them: text content, developer as system, a tool call's
     text kept as content for templates that know no tool calls."""
@@ -668,9 +689,13 @@ def _template_messages(messages: list[dict]) -> list[dict]:
             m["role"] = "system"
         content = m.get("content")
         if isinstance(content, list):
-            if any(isinstance(p, dict) and p.get("type") not in ("text", None) for p in content):
-                raise ValueError("only text content parts are supported")
-            m["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if any(isinstance(p, dict) and p.get("type") not in ("text", "image", None) for p in content):
+                raise ValueError("only text and image content parts are supported")
+            if any(isinstance(p, dict) and p.get("type") == "image" for p in content):  # (`take_images`'s)
+                m["content"] = [p if p.get("type") == "image" else {"type": "text", "text": p.get("text", "")}
+                                for p in content if isinstance(p, dict)]
+            else:
+                m["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if m.get("tool_calls") and "content" not in m:
             m["content"] = "; ".join(json.dumps({"name": c["function"].get("name"),
                                                  "parameters": c["function"].get("arguments", {})})
@@ -691,11 +716,14 @@ def _from_anthropic(messages: list) -> list[dict]:
             continue
         if not isinstance(content, list):
             raise ApiError(422, "message content must be a string or a list of blocks", param="messages")
-        texts, calls = [], []
+        texts, calls, parts = [], [], []
         for block in content:
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
                 texts.append(block.get("text", ""))
+                parts.append({"type": "text", "text": block.get("text", "")})
+            elif kind == "image":  # decoded by `chat_prompt` (api_images.take_images)
+                parts.append(block)
             elif kind == "tool_use":
                 calls.append({"id": block.get("id"), "type": "function",
                               "function": {"name": block.get("name"), "arguments": block.get("input", {})}})
@@ -708,6 +736,8 @@ def _from_anthropic(messages: list) -> list[dict]:
                 raise ApiError(400, f"content blocks of type {kind!r} are not supported", param="messages")
         if calls:
             out.append({"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls})
+        elif len(parts) > len(texts):  # an image among them: the parts in order
+            out.append({"role": m["role"], "content": parts})
         elif texts or not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
             out.append({"role": m["role"], "content": "".join(texts)})
     return out
@@ -1007,7 +1037,7 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
         model_path: Optional[Path] = None, models: Sequence[tuple[str, Path]] = (),
         loader_for: Optional[Callable[[Path], Callable[[], tuple[Any, Any]]]] = None,
         max_loaded_models: Optional[int] = None, max_loaded_bytes: Optional[int] = None,
-        keep_alive: Optional[float] = None) -> bool:
+        keep_alive: Optional[float] = None, images: ImagePolicy = ImagePolicy()) -> bool:
     """Serve the model `loader()` returns (the default one, `model_name`, at `model_path`) on
     http://host:port until SIGINT or SIGTERM (both stop cleanly).
 
@@ -1018,6 +1048,7 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     `max_loaded_bytes` and `keep_alive` (seconds idle) are `ModelRegistry`'s bounds. The app's
     options are `ServerConfig`'s; log_level is uvicorn's and llama_mlx's. Returns False when the
     server could not listen; a failed load of a preloaded model is raised once the server stops.
+    images: where request images may come from besides data URLs (`api_images.ImagePolicy`).
     """
     import uvicorn
 
@@ -1033,7 +1064,7 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     preloaded = [engine] + [registry.add(name, path) for name, path in models]
     config = ServerConfig(model_name=model_name, api_key=api_key, allowed_origins=tuple(allowed_origins),
                           host=host, allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes,
-                          default_max_tokens=default_max_tokens)
+                          default_max_tokens=default_max_tokens, images=images)
     app = create_app(registry, config)
     logging.getLogger("llama_mlx").setLevel(log_level.upper())
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -144,6 +145,14 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(
         "--max-body-bytes", min=1, metavar="BYTES", help="Largest request body accepted (413 beyond).",
         rich_help_panel=SERVER)] = 8 << 20,
+    allow_image_urls: Annotated[bool, typer.Option(
+        "--allow-image-urls",
+        help="Fetch images that requests name by http(s) URL (vision models). Off by default: only inline "
+             "images (data URLs, base64) are read.", rich_help_panel=SERVER)] = False,
+    allow_image_files: Annotated[Optional[Path], typer.Option(
+        "--allow-image-files", metavar="DIR", exists=True, file_okay=False, dir_okay=True,
+        help="Read images that requests name by file path, only under DIR (vision models). Off by default.",
+        rich_help_panel=SERVER)] = None,
     max_loaded_models: Annotated[Optional[int], typer.Option(
         "--max-loaded-models", min=1, metavar="N",
         help="Most models loaded at once; loading another unloads the least recently used idle one. "
@@ -174,6 +183,7 @@ def serve(
     models = list(models or [])
     model = with_gguf_file(models[0] if models else None, gguf_file)
     from llama_mlx import server
+    from llama_mlx.api_images import ImagePolicy
     from llama_mlx.loading import load, resolve_model
 
     from .common import GenerationOptions, default_prompt_lookup, fetch_default_model, resolve_dtype
@@ -232,6 +242,7 @@ def serve(
         speculative=speculative, lockstep=leader, log_level=log_level, model_path=path, models=more,
         loader_for=loader_for if leader is None else None, max_loaded_models=max_loaded_models,
         max_loaded_bytes=max_loaded_bytes, keep_alive=seconds,
+        images=ImagePolicy(allow_urls=allow_image_urls, files_dir=allow_image_files),
         on_ready=lambda: note_line(f"{', '.join(names)} loaded; serving on http://{host}:{port}/v1"))
     if not listened:
         error_line(f"could not listen on {host}:{port}")
