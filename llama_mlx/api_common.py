@@ -4,6 +4,7 @@ and server-sent event frames."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, AsyncIterator, Optional
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -62,26 +63,57 @@ def _get(body: dict, key: str, kinds: tuple, default: Any = None, what: str = ""
 
 
 def _in_range(key: str, value: float, lo: float, hi: float, *, open_lo: bool = False) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ApiError(400, f"'{key}' must be a finite number", param=key)
     if value is not None and (value < lo or value > hi or (open_lo and value == lo)):
         raise ApiError(400, f"'{key}' must be in {'(' if open_lo else '['}{lo}, {hi}], got {value}", param=key)
 
 
+MAX_STOP = 16  # most stop strings of one request (OpenAI allows 4)
+MAX_STOP_BYTES = 4096  # most UTF-8 bytes of them all: each is matched against every token's text
+
+
 def _stop_list(body: dict, key: str) -> list[str]:
+    """A request's stop strings: at most MAX_STOP of them, MAX_STOP_BYTES in all (else 400)."""
     stop = body.get(key)
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
+        stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise ApiError(422, f"'{key}' must be a string or a list of strings", param=key)
+    if len(stop) > MAX_STOP or sum(len(s.encode("utf-8", "replace")) for s in stop) > MAX_STOP_BYTES:
+        raise ApiError(400, f"'{key}' holds at most {MAX_STOP} strings of {MAX_STOP_BYTES} bytes in all", param=key)
     return stop
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every float that JSON cannot carry (NaN, +-Infinity) replaced: -inf by -9999.0 (what
+    OpenAI sends for a log-probability of zero), +inf by 9999.0 and NaN by None."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return None if math.isnan(value) else math.copysign(9999.0, value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(obj: Any) -> str:
+    """JSON text of `obj`, never with a non-JSON number (see `_finite`)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)
 
 
 # -- server-sent events
 
 
 def _data(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + _dumps(obj).encode() + b"\n\n"
 
 
 def _event(name: str, obj: dict) -> bytes:

@@ -45,14 +45,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import api_embeddings, api_ollama, api_responses
-from .api_common import ApiError, _data, _event, _get, _in_range, _kind, _sse, _stop_list
+from .api_common import ApiError, _data, _event, _finite, _get, _in_range, _kind, _sse, _stop_list
 from .api_images import ImagePolicy, has_images, take_images
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
 from .metrics import Gauge, Metrics
 from .registry import ModelLoadError, ModelRegistry, RegistryBusyError, UnknownModelError
 from .sample import SamplingParams
-from .structured import ResponseFormatError, grammar_for_response_format
+from .structured import JSONLogitsProcessor, ResponseFormatError, grammar_for_response_format
 from .tools import (
     ToolCallStream,
     apply_tool_chat_template,
@@ -68,6 +68,8 @@ __all__ = ["ApiError", "MAX_CHOICES", "RequestGuard", "ServerConfig", "create_ap
 log = logging.getLogger("llama_mlx.server")
 
 MAX_CHOICES = 8  # most `n` of one request: its choices decode together, a batch row each
+MAX_JSON_DEPTH = 64  # deepest nesting of a request body's arrays and objects (deeper: 400)
+MAX_SEED = (1 << 63) - 1
 
 
 @dataclass
@@ -79,6 +81,10 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: int = 8 << 20
     default_max_tokens: int = 512
+    # Templating and tokenizing take ~1 s a MB: a chat's messages (their JSON) and tools are bounded
+    # before any of it (400), far beyond what a 128k-token context holds (~0.5 MB of text).
+    max_prompt_bytes: int = 2 << 20
+    max_tools_bytes: int = 256 << 10
     images: ImagePolicy = ImagePolicy()  # where images may come from besides data URLs
 
 
@@ -116,10 +122,13 @@ class _Api:
             if size > limit:
                 raise ApiError(413, f"the request body is over the {limit}-byte limit", code="request_too_large")
             chunks.append(chunk)
+        raw = b"".join(chunks)
+        if _json_depth(raw) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body nests arrays and objects over {MAX_JSON_DEPTH} deep")
         try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            body = json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
+            raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body
@@ -213,13 +222,16 @@ class _Api:
             vocab = engine.tokenizer.vocab_size
             logit_bias = {}
             for k, v in bias.items():
-                if not str(k).lstrip("-").isdigit() or not _kind(v, (int, float)):
+                token = _int(k)
+                if token is None or not _kind(v, (int, float)):
                     raise ApiError(422, "'logit_bias' maps token ids to numbers", param="logit_bias")
-                if not 0 <= int(k) < vocab or not -100 <= v <= 100:
+                if not 0 <= token < vocab or not -100 <= v <= 100:
                     raise ApiError(400, f"'logit_bias': token {k} outside the vocabulary or bias {v} outside "
                                         "[-100, 100]", param="logit_bias")
-                logit_bias[int(k)] = float(v)
+                logit_bias[token] = float(v)
         seed = _get(body, "seed", (int,), None)
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ApiError(400, f"'seed' must be in [0, {MAX_SEED}]", param="seed")
         stop = _stop_list(body, stop_key)
         params = SamplingParams(temp=float(temperature), top_p=float(top_p), top_k=top_k, seed=seed,
                                 logit_bias=logit_bias, presence_penalty=float(presence),
@@ -260,6 +272,13 @@ class _Api:
             raise ApiError(422, "'messages' must be a non-empty list of objects", param="messages")
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise ApiError(422, "'tools' must be a list of objects", param="tools")
+        for t in tools or ():
+            function = t.get("function", t)
+            if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
+                    or not isinstance(function.get("parameters") or {}, dict)):
+                raise ApiError(400, "each of 'tools' must be {type: 'function', function: {name, description, "
+                                    "parameters}} with a string name and an object of parameters", param="tools")
+        self.check_prompt_size(messages, tools)
         headers = {}
         try:
             rendered = tools_for_choice(tools, tool_choice if tool_choice is not None else "auto")
@@ -286,7 +305,18 @@ class _Api:
             prompt = _ImagePrompt(prompt, images)
         return prompt, rendered, headers
 
-    def constrain(self, req: GenerationRequest, response_format: Any, tools: Optional[list], tool_choice: Any) -> None:
+    def check_prompt_size(self, messages: Any, tools: Any) -> None:
+        """400 for messages or tools over `max_prompt_bytes` / `max_tools_bytes` (their JSON), before
+        any templating or tokenizing."""
+        for what, value, limit in (("messages", messages, self.config.max_prompt_bytes),
+                                   ("tools", tools, self.config.max_tools_bytes)):
+            if value is not None and len(json.dumps(value, ensure_ascii=False, default=str).encode()) > limit:
+                raise ApiError(400, f"'{what}' is over the {limit}-byte limit", param=what, code="request_too_large")
+
+    def constrain(self, req: GenerationRequest, response_format: Any, tools: Optional[list], tool_choice: Any,
+                  engine: Optional[Engine] = None) -> None:
+        """Enforce `response_format` or a forced tool call by constrained decoding (400 for one that cannot
+        be: with `engine`, a grammar that fails at its first token, such as a `$ref` to itself, too)."""
         forced = tools and (tool_choice == "required" or isinstance(tool_choice, dict))
         if forced:
             schemas = [_call_schema(t) for t in tools]
@@ -295,8 +325,15 @@ class _Api:
         if response_format is None:
             return
         try:
-            if grammar_for_response_format(response_format) is None:
+            grammar = grammar_for_response_format(response_format)
+            if grammar is None:
                 return
+            if engine is not None:  # the first step's mask: what fails there would fail mid-generation
+                probe = JSONLogitsProcessor(engine.tokenizer, grammar)
+                probe.allowed()
+                if probe.matcher.is_error():
+                    error = probe.matcher.get_error().splitlines()
+                    raise ResponseFormatError(f"the schema cannot be enforced: {error[0] if error else 'invalid'}")
         except ResponseFormatError as e:
             raise ApiError(400, str(e), param="tool_choice" if forced else "response_format") from None
         req.params.response_format = response_format
@@ -366,13 +403,14 @@ class _Api:
         engine = await self.engine_for(body.get("model"))
         stream = _get(body, "stream", (bool,), False)
         tool_choice = body.get("tool_choice")
-        prompt, tools, headers = self.chat_prompt(engine, body.get("messages"), body.get("tools"), tool_choice)
+        prompt, tools, headers = await asyncio.to_thread(self.chat_prompt, engine, body.get("messages"),
+                                                         body.get("tools"), tool_choice)
         n = self.choices(body)
         req = self.sampling(engine, body, prompt)
         if _get(body, "logprobs", (bool,), False):
             req.top_logprobs = _get(body, "top_logprobs", (int,), 0)
             _in_range("top_logprobs", req.top_logprobs, 0, 20)
-        self.constrain(req, body.get("response_format"), tools, tool_choice)
+        await asyncio.to_thread(self.constrain, req, body.get("response_format"), tools, tool_choice, engine)
         include_usage = bool((_get(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
         jobs = self.submit_all(engine, req, n)
         meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.name_of(engine)}
@@ -402,7 +440,7 @@ class _Api:
 
         def one(token: int, lp: float) -> dict:
             raw = tok.token_bytes(token)
-            return {"token": raw.decode("utf-8", "replace"), "logprob": lp, "bytes": list(raw)}
+            return {"token": raw.decode("utf-8", "replace"), "logprob": _finite(lp), "bytes": list(raw)}
 
         return {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top_logprobs or []]}
 
@@ -464,7 +502,10 @@ class _Api:
             prompt = prompt[0]
         tok = engine.tokenizer
         if isinstance(prompt, str):
-            ids = tok.encode(prompt, bos=tok.add_bos and tok.bos_id is not None)
+            if len(prompt.encode("utf-8", "replace")) > self.config.max_prompt_bytes:
+                raise ApiError(400, f"'prompt' is over the {self.config.max_prompt_bytes}-byte limit", param="prompt",
+                               code="request_too_large")
+            ids = await asyncio.to_thread(tok.encode, prompt, bos=tok.add_bos and tok.bos_id is not None)
         elif isinstance(prompt, list) and prompt and all(_kind(t, (int,)) for t in prompt):
             if not all(0 <= t < tok.vocab_size for t in prompt):
                 raise ApiError(400, "a prompt token id is outside the vocabulary", param="prompt")
@@ -481,7 +522,7 @@ class _Api:
         if top is not None:
             _in_range("logprobs", top, 0, 20)
             req.top_logprobs = top
-        self.constrain(req, body.get("response_format"), None, None)
+        await asyncio.to_thread(self.constrain, req, body.get("response_format"), None, None, engine)
         include_usage = bool((_get(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
         jobs = self.submit_all(engine, req, n)
         meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.name_of(engine)}
@@ -504,8 +545,8 @@ class _Api:
             if e.logprob is None:
                 continue
             out["tokens"].append(tok.token_bytes(e.token).decode("utf-8", "replace"))
-            out["token_logprobs"].append(e.logprob)
-            out["top_logprobs"].append({tok.token_bytes(t).decode("utf-8", "replace"): lp
+            out["token_logprobs"].append(_finite(e.logprob))
+            out["top_logprobs"].append({tok.token_bytes(t).decode("utf-8", "replace"): _finite(lp)
                                         for t, lp in e.top_logprobs or []})
             out["text_offset"].append(offset)
             offset += len(e.text)
@@ -550,10 +591,10 @@ class _Api:
         if _get(body, "max_tokens", (int,), None) is None:
             raise ApiError(422, "'max_tokens' is required", param="max_tokens")
         stream = _get(body, "stream", (bool,), False)
-        prompt, rendered, headers, tool_choice = self.anthropic_prompt(engine, body)
+        prompt, rendered, headers, tool_choice = await asyncio.to_thread(self.anthropic_prompt, engine, body)
         req = self.sampling(engine, body, prompt, max_keys=("max_tokens",), stop_key="stop_sequences",
                             temperature_max=1.0)
-        self.constrain(req, None, rendered, tool_choice)
+        await asyncio.to_thread(self.constrain, req, None, rendered, tool_choice, engine)
         job = self.submit(engine, req)
         meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.name_of(engine)}
         if stream:
@@ -579,7 +620,7 @@ class _Api:
         self.check_key(request)
         body = await self.read_json(request)
         engine = await self.engine_for(body.get("model"))
-        prompt, _, headers, _ = self.anthropic_prompt(engine, body)
+        prompt, _, headers, _ = await asyncio.to_thread(self.anthropic_prompt, engine, body)
         return JSONResponse({"input_tokens": len(prompt)}, headers=headers)
 
     def anthropic_prompt(self, engine: Engine, body: dict) -> tuple[list[int], Optional[list], dict, Any]:
@@ -589,9 +630,13 @@ class _Api:
             raise ApiError(422, "'messages' must be a non-empty list", param="messages")
         system = body.get("system")
         if isinstance(system, list):
-            system = "".join(b.get("text", "") for b in system if isinstance(b, dict))
+            if not all(isinstance(b, dict) and b.get("type", "text") == "text" and isinstance(b.get("text"), str)
+                       for b in system):
+                raise ApiError(400, "'system' must be a string or a list of {type: 'text', text: string} blocks",
+                               param="system")
+            system = "".join(b["text"] for b in system)
         if system is not None and not isinstance(system, str):
-            raise ApiError(422, "'system' must be a string or text blocks", param="system")
+            raise ApiError(400, "'system' must be a string or a list of text blocks", param="system")
         msgs = ([{"role": "system", "content": system}] if system else []) + _from_anthropic(messages)
         tools = body.get("tools")
         if tools is not None:
@@ -667,6 +712,35 @@ class _Api:
             yield _event("error", {"type": "error", "error": {"type": "api_error", "message": str(e)}})
         finally:
             job.cancel()
+
+
+# -- request bodies
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # every byte but the brackets (to delete)
+
+
+def _json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of JSON text `raw` nest (its strings skipped), in C and numpy time."""
+    import numpy as np
+
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _BRACKETS)
+    if not brackets:
+        return 0
+    steps = np.frombuffer(brackets, dtype=np.uint8)
+    return int(np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1)).max())
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _int(key: Any) -> Optional[int]:
+    """A logit_bias key as a token id (None when it is none)."""
+    try:
+        return int(key) if isinstance(key, str) and key.strip().lstrip("-").isascii() else None
+    except ValueError:
+        return None
 
 
 # -- message and reply mapping

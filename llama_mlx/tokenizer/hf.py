@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -252,6 +253,9 @@ class HFTokenizer(BaseTokenizer):
         source: str = "tokenizer.json",
     ):
         self._tok = tokenizer
+        # Encodes of several threads (the server templates off its event loop) share `_tok`, whose
+        # `encode_special_tokens` `_encode_native` flips: one at a time.
+        self._lock = threading.RLock()
         # Special-token text is plain text unless `encode` is told otherwise; see _encode_native.
         self._tok.encode_special_tokens = True
         self.source = source
@@ -406,21 +410,29 @@ class HFTokenizer(BaseTokenizer):
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
             return []
-        try:
+        with self._lock:
+            try:
+                return self._encode_one(text)
+            except Exception:
+                if not _has_surrogates(text):
+                    raise
+                # Lone surrogates cannot be UTF-8: replace them, as tiktoken does.
+                return self._encode_one(_fix_surrogates(text))
+
+    def _encode_one(self, text: str) -> list[int]:
+        if len(text) < _LONG_TEXT:
             return self._tok.encode(text, add_special_tokens=False).ids
-        except Exception:
-            if not _has_surrogates(text):
-                raise
-            # Lone surrogates cannot be UTF-8: replace them, as tiktoken does.
-            return self._tok.encode(_fix_surrogates(text), add_special_tokens=False).ids
+        # (`encode_batch` lets other threads run meanwhile: `encode` holds the GIL, ~1 s a MB)
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def _encode_native(self, text: str) -> list[int]:
         """The tokenizer's own matching of special tokens in text (lstrip/rstrip rules and all)."""
-        self._tok.encode_special_tokens = False
-        try:
-            return self._encode_plain(text)
-        finally:
-            self._tok.encode_special_tokens = True
+        with self._lock:
+            self._tok.encode_special_tokens = False
+            try:
+                return self._encode_plain(text)
+            finally:
+                self._tok.encode_special_tokens = True
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of the ids, special tokens written out."""
@@ -623,6 +635,9 @@ def _strings(value: Any) -> Iterable[str]:
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _strings(v)
+
+
+_LONG_TEXT = 1 << 16  # characters from which an encode lets other threads run
 
 
 def _has_surrogates(text: str) -> bool:
