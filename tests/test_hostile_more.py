@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,52 @@ def test_a_small_gguf_whose_layers_share_bytes_loads_in_bounded_memory(tmp_path)
     assert path.stat().st_size < 3 << 20
     result = run_bounded(BOMB_CHILD, path)
     assert_bounded_error(result, "CheckpointError", str(path), "overlaps", seconds=10)
+
+
+# 6. Bombs: templates whose filters would make gigabytes, or chains that run for seconds ------------------
+
+SHARED = "{% set a = 'x' * 4000000 %}{% set l = [a] * 300 %}"  # 300 references to one 4 MB text
+
+
+@pytest.mark.parametrize("template", [
+    SHARED + "{{ l|join }}",
+    SHARED + "{{ l|tojson }}",
+    SHARED + "{{ l|string }}",
+    SHARED + "{{ l }}",
+    SHARED + "{{ 'y' ~ l }}",
+    SHARED + "{{ ''.join(l) }}",
+    SHARED + "{{ {'k': l}|tojson(indent=2) }}",
+    SHARED + "{{ l|map('upper')|join }}",
+])
+def test_template_filters_check_their_output_size_before_making_it(template):
+    result = run_bounded(TEMPLATE_TEXT_CHILD, template)
+    assert_bounded_error(result, "ChatTemplateLimitError", "chat template", "past the size bound", seconds=8)
+    assert result["maxrss_mb"] < 200, result  # the 1.2 GB text is never made
+
+
+TEMPLATE_TEXT_CHILD = """
+from llama_mlx.tokenizer.chat_template import render_chat_template
+report(lambda: render_chat_template(sys.argv[1], [{"role": "user", "content": "hi"}], True))
+"""
+
+
+def test_a_filter_chain_stops_at_the_time_bound(monkeypatch):
+    from llama_mlx.errors import ChatTemplateLimitError
+    from llama_mlx.tokenizer import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_SECONDS", 1.0)  # the bound is checked inside the filters too
+
+    template = "{% for i in range(300) %}{{ (range(60000)|list)|sort(reverse=true)|first }}{% endfor %}"
+    t0 = time.monotonic()
+    with pytest.raises(ChatTemplateLimitError, match="seconds"):
+        chat_template.render_chat_template(template, [{"role": "user", "content": "hi"}], True)
+    assert time.monotonic() - t0 < 3  # each sort takes ~50 ms; unbounded, 300 take 20 s
+
+
+def test_ordinary_filters_still_render():
+    from llama_mlx.tokenizer.chat_template import render_chat_template
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    out = render_chat_template("{{ messages|map(attribute='content')|join(', ') }}|{{ messages[0]|tojson }}|"
+                               "{{ messages|length }}|{{ [1, 2]|string }}", messages, False)
+    assert out == 'hi, yo|{"role": "user", "content": "hi"}|2|[1, 2]'

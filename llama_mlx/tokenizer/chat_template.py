@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import datetime
 from functools import lru_cache, wraps
+from itertools import chain
 from typing import Any, Sequence
 
 import jinja2
@@ -75,6 +76,11 @@ class _Budget:
         if n > self.chars:
             raise ChatTemplateLimitError(f"chat template: {what} would be {n} long, past the size bound")
 
+    def tick(self) -> None:
+        """Past the deadline: stop (checked by every filter, call and operator, not only per line)."""
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateLimitError(f"chat template: ran past {MAX_SECONDS:g} seconds")
+
     def tracer(self, frame, event, arg):
         # Only the template's own code is counted; its loops are lines executed again and again.
         if frame.f_code.co_filename != TEMPLATE_FILE:
@@ -86,7 +92,7 @@ class _Budget:
             self.steps += 1
             if self.steps > MAX_STEPS:
                 raise ChatTemplateLimitError(f"chat template: ran past {MAX_STEPS} steps (a loop that does not end?)")
-            if not self.steps % 4096 and time.monotonic() > self.deadline:
+            if not self.steps % 256 and time.monotonic() > self.deadline:
                 raise ChatTemplateLimitError(f"chat template: ran past {MAX_SECONDS:g} seconds")
         return self._line
 
@@ -128,15 +134,64 @@ def _check_format(fmt: str, args, kwargs, percent: bool) -> None:
     _check_int_args(args if isinstance(args, tuple) else (args,), kwargs, "formatting")
 
 
+def _text_size(value: Any, limit: int, indent: int = 0) -> int:
+    """About how many characters `str`, `join` or `tojson` make of `value` (a list holding one long text
+    many times makes it many times over), counted only up to just past `limit`."""
+    total, stack = 0, [(iter((value,)), 0)]
+    while stack and total <= limit:
+        items, depth = stack[-1]
+        v = next(items, _END)
+        if v is _END:
+            stack.pop()
+        elif isinstance(v, (str, bytes)):
+            total += len(v) + 2
+        elif isinstance(v, dict):
+            total += 2 + indent * depth
+            stack.append((chain.from_iterable(v.items()), depth + 1))
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 2 + indent * depth
+            stack.append((iter(v), depth + 1))
+        else:
+            total += 24 + indent * depth
+    return total
+
+
+_END = object()
+
+
+def _bounded_str(value: Any = "", *args) -> str:
+    """`str`, as the compiled template calls it to print a value: its size checked before it is made."""
+    if args or isinstance(value, str):
+        return str(value, *args)
+    b = _budget()
+    b.check(_text_size(value, b.chars), "a printed value")
+    return str(value)
+
+
 def _bounded_join(seq) -> str:
-    parts = [str(x) for x in seq]
+    parts = [_bounded_str(x) for x in seq]
     _budget().spend(sum(map(len, parts)), "text")
     return "".join(parts)
+
+
+_CONTEXTS = (nodes.EvalContext, jinja2.runtime.Context, jinja2.Environment)
+# Filters whose text grows with everything their first argument holds: that size is checked first.
+_TEXT_FILTERS = frozenset(["join", "tojson", "string", "pprint", "e", "escape", "forceescape", "safe",
+                           "urlencode", "xmlattr", "format", "indent", "center", "wordwrap", "upper", "lower",
+                           "title", "capitalize", "trim", "striptags", "truncate", "urlize", "replace", "list",
+                           "sum", "unique", "sort", "dictsort", "reverse", "wordcount"])
 
 
 def _bounded_filter(name: str, fn):
     @wraps(fn)
     def filter_(*args, **kwargs):
+        b = _budget()
+        b.tick()
+        value = next((a for a in args if not isinstance(a, _CONTEXTS)), "")  # after jinja's context argument
+        if name in _TEXT_FILTERS and not isinstance(value, str):
+            indent = kwargs.get("indent", 0) if name == "tojson" else 0
+            b.check(_text_size(value, b.chars, indent if isinstance(indent, int) else 0),
+                    f"the text of filter {name}")
         _check_int_args(args[1:] if args and not isinstance(args[0], (int, float)) else args, kwargs,
                         f"filter {name}")
         if name == "indent" and args and isinstance(args[0], str) and len(args) > 1 and isinstance(args[1], int):
@@ -164,6 +219,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         b = _budget()
+        b.tick()
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if _size(seq) and isinstance(n, int):
@@ -188,6 +244,9 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         inner = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         owner = getattr(inner, "__self__", None)
         name = getattr(inner, "__name__", "")
+        _budget().tick()
+        if isinstance(owner, str) and name == "join" and args:
+            _budget().check(_text_size(args[0], _budget().chars), "a joined text")
         if isinstance(owner, (str, bytes, list, tuple)):
             _check_int_args(args, kwargs, f"{name}()")
             if name == "expandtabs":
@@ -222,7 +281,8 @@ def compile_chat_template(source: str) -> jinja2.Template:
     except (ChatTemplateLimitError, RecursionError, MemoryError) as e:
         raise ChatTemplateLimitError(f"chat template does not compile: {e or type(e).__name__}") from None
     # Jinja's generated code joins `a ~ b` with these: bounded like every other way of making text.
-    template.root_render_func.__globals__.update(str_join=_bounded_join, markup_join=_bounded_join)
+    template.root_render_func.__globals__.update(str_join=_bounded_join, markup_join=_bounded_join,
+                                                 str=_bounded_str)
     return template
 
 
