@@ -66,8 +66,9 @@ def decode_image(data: bytes, where: str = "the image") -> ServerImage:
             image.load()
     except ApiError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError,
-            ValueError, SyntaxError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # (Pillow's own check, in open)
+        raise _bad(f"{where} has too many pixels, over the {MAX_IMAGE_PIXELS}-pixel limit") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise _bad(f"{where} is not an image Pillow can read ({e.__class__.__name__})") from None
     digest = hashlib.sha256(f"{image.mode} {width}x{height}\n".encode())
     digest.update(image.tobytes())

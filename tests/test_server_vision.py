@@ -205,3 +205,41 @@ def test_prefix_cache_keys_images_by_content(srv, local):
     same, usage = turn(1)  # the kept conversation's own image: its cache is reused
     assert other != same
     assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_http_urls_fetched_only_when_allowed():
+    """`--allow-image-urls`'s path, in-process (api_images): fetched from a loopback http server and
+    decoded; refused without the flag; a response over the size bound is refused."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from unittest import mock
+
+    from llama_mlx import api_images
+    from llama_mlx.api_common import ApiError
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = png(3) if self.path == "/a.png" else b"x" * 5000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    part = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url + "/a.png"}}]}
+    try:
+        messages, images = api_images.take_images([part], api_images.ImagePolicy(allow_urls=True))
+        assert messages[0]["content"] == [{"type": "image"}]
+        assert images[0].key == api_images.decode_image(png(3)).key and images[0].image.size == (120, 20)
+        with pytest.raises(ApiError, match="--allow-image-urls"):
+            api_images.take_images([part], api_images.ImagePolicy())
+        with mock.patch.object(api_images, "MAX_IMAGE_BYTES", 4000), pytest.raises(ApiError, match="limit"):
+            api_images.take_images([{"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": url + "/big"}}]}], api_images.ImagePolicy(allow_urls=True))
+    finally:
+        httpd.shutdown()
