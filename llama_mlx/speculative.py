@@ -31,11 +31,11 @@ keeps decaying estimates of the acceptance per drafted token a, of the wall time
 one-token step (rounds without drafts) and of a round's time with k drafts, and each round picks
 the k in 0..K with the most expected tokens a second, (1 - a^(k+1)) / (1 - a) per round's time
 (until a k is timed, the backend row's `check_cost` prices it). When no k beats plain decoding by
-`MARGIN`, drafting is off: plain steps, then one probe round after 4, 16, then every `MAX_PAUSE`
-of them (4 again once a probe matches), so drafts that never match cost a few checks, not one a
-token, and drafting comes back when they start to match. It only picks k: the tokens are the
-rule's above whatever it picks. A draft model skips the rounds drafting is off and catches up on
-the tokens it missed in its next round.
+`MARGIN`, drafting is off: plain steps (queued ahead, as plain decoding's are), then one probe
+round after 4, 16, then every `MAX_PAUSE` of them (4 again once every draft of a probe holds),
+so drafts that never match cost a few checks, not one a token, and drafting comes back when they
+start to match. It only picks k: the tokens are the rule's above whatever it picks. A draft model
+skips the rounds drafting is off and catches up on the tokens it missed in its next round.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ class _Adapt:
             # Per drafted token: n hits, then a miss unless all k held (tokens after a miss are unseen).
             self.hits = self.DECAY * self.hits + n
             self.tries = self.DECAY * self.tries + n + (n < k)
-            if probing and n:  # it matched again: probe often until it pays or clearly does not
+            if probing and n == k:  # every draft held: probe often until it pays or clearly does not
                 self.wait = self.backoff = self.FIRST_PAUSE
             elif probing:
                 self.backoff = min(4 * self.backoff, MAX_PAUSE)
