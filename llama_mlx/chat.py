@@ -33,6 +33,7 @@ __all__ = [
     "session_path",
 ]
 
+MAX_SESSION_BYTES = 32 << 20  # a saved conversation's JSON (a 128k-token context is well under 1 MB of text)
 SESSION_FORMAT = "llama-mlx-chat/1"
 PYTHON_TAG = "<|python_tag|>"
 _MESSAGE_KEYS = ("role", "content", "python_tag", "stop_reason")
@@ -277,7 +278,7 @@ class ChatSession:
         limit = self.context_limit
         reserve = min(self.max_tokens, limit // 2)
         start = self._first_turn()
-        dropped = 0
+        dropped = self._drop_at_once(limit, reserve, start)
         while True:
             prompt = self.prompt_tokens()
             alone = len(self.messages) - start <= 1
@@ -293,6 +294,37 @@ class ChatSession:
                 del self.messages[start]  # ... and its answer
             dropped += 1
             self._rebuild()
+
+    def _drop_at_once(self, limit: int, reserve: int, start: int) -> int:
+        """fit's drops, found without encoding the conversation once per drop (quadratic in a long
+        saved session): the newest 1, 2, 4, ... exchanges are encoded until one count does not fit, then
+        a binary search between; returns how many exchanges were dropped (fit checks the result)."""
+        n = len(self.messages)
+        if n - start <= 2 or len(self.prompt_tokens()) + reserve <= limit:
+            return 0
+        cuts, i = [], start  # cuts[j]: the first message kept after j + 1 drops, as fit drops them
+        while n - i > 1:
+            i += 1
+            if n - i > 1 and self.messages[i]["role"] == "assistant":
+                i += 1
+            cuts.append(i)
+        head = self.messages[:start]
+
+        def fits(j: int) -> bool:
+            ids = self.tokenizer.apply_chat_template(head + self.messages[cuts[j]:], add_generation_prompt=True)
+            return len(ids) + reserve <= limit
+
+        last = len(cuts) - 1  # a lone question: fit itself decides
+        good, bad, step = last, -1, 1
+        while good - step >= 0 and fits(good - step):
+            good, step = good - step, step * 2
+        bad = max(good - step, -1)
+        while good - bad > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if fits(mid) else (good, mid)
+        self.messages = head + self.messages[cuts[good]:]
+        self._rebuild()
+        return good + 1
 
     def respond(self, *, stop_requested: Optional[Callable[[], bool]] = None,
                 prompt_progress: Optional[Callable[[int, int], None]] = None) -> Iterator[GenerationResponse]:
@@ -479,7 +511,13 @@ def _why(e: BaseException) -> str:
 
 def _read_conversation(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SESSION_BYTES + 1)  # never more: a huge file is refused unread
+        if len(raw) > MAX_SESSION_BYTES:
+            raise SessionFileError(f"{path}: not a saved chat (larger than {MAX_SESSION_BYTES >> 20} MiB)")
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise SessionFileError(f"{path}: not a saved chat (JSON nested too deep)") from None
     except UnicodeDecodeError:
         raise SessionFileError(f"{path}: not a saved chat (not UTF-8 text)") from None
     except ValueError as e:

@@ -162,3 +162,101 @@ def test_ordinary_filters_still_render():
     out = render_chat_template("{{ messages|map(attribute='content')|join(', ') }}|{{ messages[0]|tojson }}|"
                                "{{ messages|length }}|{{ [1, 2]|string }}", messages, False)
     assert out == 'hi, yo|{"role": "user", "content": "hi"}|2|[1, 2]'
+
+
+# 6. Bombs: saved sessions (size cap, linear trimming) ---------------------------------------------------
+
+def _session(context: int, tokenizer):
+    from types import SimpleNamespace
+
+    from llama_mlx.chat import ChatSession
+
+    model = SimpleNamespace(layers=[None] * 2, args=SimpleNamespace(max_position_embeddings=context))
+    return ChatSession(model, tokenizer, system="Be brief.", max_tokens=16)
+
+
+def _reference_fit(session) -> int:
+    """fit as it was: drop the oldest exchange and encode the whole conversation again, until it fits."""
+    limit, start, dropped = session.context_limit, session._first_turn(), 0
+    reserve = min(session.max_tokens, limit // 2)
+    while True:
+        n = len(session.tokenizer.apply_chat_template(session.messages, add_generation_prompt=True))
+        if n + reserve <= limit or len(session.messages) - start <= 1:
+            return dropped
+        del session.messages[start]
+        if len(session.messages) - start > 1 and session.messages[start]["role"] == "assistant":
+            del session.messages[start]
+        dropped += 1
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    import assets
+    from llama_mlx.tokenizer import load_tokenizer
+
+    return load_tokenizer(assets.TOKENIZER_JSON)
+
+
+def test_trimming_a_long_session_encodes_it_a_logarithmic_number_of_times(llama3_tokenizer):
+    tok = llama3_tokenizer
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(150):
+        messages += [{"role": "user", "content": f"question {i} " * (1 + i % 7)},
+                     {"role": "assistant", "content": f"answer {i}"}]
+    messages.append({"role": "user", "content": "last?"})
+    for context in (300, 1500):
+        session = _session(context, tok)
+        session.messages = [dict(m) for m in messages]
+        session._rebuild()
+        calls = []
+        real = tok.apply_chat_template
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        tok.apply_chat_template = counting
+        try:
+            dropped = session.fit()
+        finally:
+            del tok.apply_chat_template
+        reference = _session(context, tok)
+        reference.messages = [dict(m) for m in messages]
+        assert dropped == _reference_fit(reference), context
+        assert session.messages == reference.messages
+        assert len(session.prompt_tokens()) + 16 <= context
+        assert len(calls) < 40, (context, len(calls))  # was one encode of the whole conversation per drop
+
+
+def test_a_session_file_past_the_size_cap_is_refused_unread(tmp_path, monkeypatch, llama3_tokenizer):
+    from llama_mlx import chat
+    from llama_mlx.chat import SessionFileError
+
+    monkeypatch.setattr(chat, "MAX_SESSION_BYTES", 4096)
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"format": chat.SESSION_FORMAT, "messages": [{"role": "user", "content": "x" * 8000}]}))
+    with pytest.raises(SessionFileError, match="larger than") as e:
+        _session(4096, llama3_tokenizer).load(path)
+    assert str(path) in str(e.value)
+
+
+# 10. Errors that were not named ---------------------------------------------------------------------------
+
+def test_a_session_nested_100k_deep_is_a_named_error(tmp_path, llama3_tokenizer):
+    from llama_mlx.chat import SessionFileError
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SessionFileError, match="nested too deep") as e:
+        _session(4096, llama3_tokenizer).load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("block, end, depth", [("{% if true %}", "{% endif %}", 120),
+                                               ("{% for i in [1] %}", "{% endfor %}", 25)])
+def test_templates_nested_past_pythons_limits_are_named(block, end, depth):
+    from llama_mlx.errors import ChatTemplateLimitError
+    from llama_mlx.tokenizer.chat_template import render_chat_template
+
+    with pytest.raises(ChatTemplateLimitError, match="nests too deep"):
+        render_chat_template(block * depth + "x" + end * depth, [{"role": "user", "content": "hi"}], True)

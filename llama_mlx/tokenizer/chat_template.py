@@ -280,6 +280,9 @@ def compile_chat_template(source: str) -> jinja2.Template:
         raise TokenizerError(f"chat template does not compile: {e}") from None
     except (ChatTemplateLimitError, RecursionError, MemoryError) as e:
         raise ChatTemplateLimitError(f"chat template does not compile: {e or type(e).__name__}") from None
+    except SyntaxError as e:  # Python's own limits on the code Jinja makes: blocks or indentation nested too deep
+        raise ChatTemplateLimitError(f"chat template does not compile: it nests too deep ({type(e).__name__}: "
+                                     f"{e.msg})") from None
     # Jinja's generated code joins `a ~ b` with these: bounded like every other way of making text.
     template.root_render_func.__globals__.update(str_join=_bounded_join, markup_join=_bounded_join,
                                                  str=_bounded_str)
