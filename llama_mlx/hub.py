@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +171,32 @@ def select_files(repo_id: str, files: list[str], pick: str | None = None) -> tup
     return "safetensors", sorted([f for f in top if f in wanted] + weights)
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _snapshot_of(folder: Path) -> tuple[Path, Path] | None:
+    """(the snapshot folder, its repo's blobs folder) of a folder in the HF cache layout, else None."""
+    for p in (folder, *folder.parents):
+        if p.parent.name == "snapshots":
+            return p, p.parent.parent / "blobs"
+    return None
+
+
+def _contained(folder: Path, name: str) -> None:
+    """A snapshot's file is a link into its own repo's blobs/ or a file inside the snapshot, else HubError
+    (a hand-made or tampered cache must not make us open files elsewhere)."""
+    where = _snapshot_of(folder)
+    if where is None:
+        return
+    snap, blobs = (os.path.realpath(p) for p in where)
+    real = os.path.realpath(folder / name)
+    if not any(real.startswith(root + os.sep) for root in (blobs, snap)):
+        raise HubError(f"{folder / name}: the Hugging Face cache links it outside its repository's blobs "
+                       f"({real[:200]})")
+
+
 def _present(folder: Path, name: str) -> bool:
+    _contained(folder, name)
     return (folder / name).is_file()  # follows the snapshot link to its blob
 
 
@@ -236,11 +262,18 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 
     try:
         # allow_patterns=[]: only locate the snapshot here; completeness is judged below.
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=[]))
+        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=[]))
     except IncompleteSnapshotError as e:  # pragma: no cover - not raised with no patterns
-        return Path(e.snapshot_path)
+        folder = Path(e.snapshot_path)
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
+    # refs/main names the snapshot: only a commit hash, naming a folder of the repo's own snapshots/
+    snapshots = Path(os.path.realpath(cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots"))
+    if not _COMMIT.fullmatch(folder.name) or ".." in folder.parts or \
+            Path(os.path.realpath(folder)).parent != snapshots:
+        raise HubError(f"{repo_id}: the Hugging Face cache's ref names {str(folder)[:200]!r}, not a commit "
+                       f"snapshot of the repository ({snapshots})")
+    return folder
 
 
 def _cached_listing(repo_id: str, folder: Path) -> list[str] | None:

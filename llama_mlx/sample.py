@@ -87,6 +87,15 @@ def meta_top_p(probs: mx.array, top_p: float, u: mx.array) -> mx.array:
     return mx.take_along_axis(order, pick[..., None], axis=-1)[..., 0]
 
 
+MIN_TEMP = 1e-5  # temperatures below it sample greedily
+
+
+def _finite(**values) -> None:
+    for name, v in values.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ArgumentError(f"{name} must be a finite number, found {v!r:.40}")
+
+
 def make_sampler(
     temp: float = 0.0,
     top_p: float = 1.0,
@@ -97,7 +106,7 @@ def make_sampler(
     order: str = "mlx",
     seed: Optional[int] = None,
 ) -> Sampler:
-    """A sampler closure: greedy at temp 0; `seed` (0 <= seed < 2**64) makes the draws reproducible.
+    """A sampler closure: greedy at temp 0 (below MIN_TEMP); `seed` (0 <= seed < 2**64) makes the draws reproducible.
 
     The closure carries `distribution`, `next_key` and `greedy` (see the module docstring).
     Raises ArgumentError (a ValueError) for an option out of its range.
@@ -111,7 +120,7 @@ def make_sampler(
         raise ArgumentError("need temp >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p <= 1")
     if order not in ("mlx", "meta"):
         raise ArgumentError(f"unknown sampling order {order!r}: use 'mlx' or 'meta'")
-    if temp == 0:
+    if temp < MIN_TEMP:  # 1/temp past float32's range: the draw is the argmax (or NaN, past it)
 
         def greedy(logprobs: mx.array) -> mx.array:
             return mx.argmax(logprobs, axis=-1)
@@ -168,8 +177,9 @@ def _described(sample: Callable, distribution: Callable, next_key: Callable, gre
 
 def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsProcessor:
     """Scale down the logits of tokens among the last `context_size` (CTRL's rule)."""
+    _finite(repetition_penalty=penalty)
     if penalty <= 0:
-        raise ValueError(f"repetition penalty must be positive, got {penalty}")
+        raise ArgumentError(f"repetition penalty must be positive, got {penalty}")
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:
@@ -197,6 +207,7 @@ def make_logit_bias(bias: dict[int, float]) -> LogitsProcessor:
 def make_penalties(presence: float = 0.0, frequency: float = 0.0) -> LogitsProcessor:
     """OpenAI's presence and frequency penalties over the tokens generated so far (the prompt's are
     not counted): a fresh processor per generation, as it counts what it has seen."""
+    _finite(presence_penalty=presence, frequency_penalty=frequency)
     state: dict = {"counts": None, "seen": 0}
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
@@ -261,9 +272,19 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     response_format: Optional[dict] = None
 
+    def __post_init__(self):
+        """Non-finite numbers are refused here (ArgumentError): NaN penalties or temperatures would
+        sample garbage; ranges are checked by `sampler()`."""
+        _finite(temperature=self.temp, top_p=self.top_p, min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty)
+        for token, bias in (self.logit_bias or {}).items():
+            if isinstance(bias, float) and math.isnan(bias):
+                raise ArgumentError(f"logit_bias of token {token} is NaN")
+
     @property
     def greedy(self) -> bool:
-        return self.temp == 0
+        return 0 <= self.temp < MIN_TEMP
 
     def sampler(self) -> Sampler:
         """The sampler closure (`make_sampler`); raises ArgumentError for a value out of range."""

@@ -260,3 +260,103 @@ def test_templates_nested_past_pythons_limits_are_named(block, end, depth):
 
     with pytest.raises(ChatTemplateLimitError, match="nests too deep"):
         render_chat_template(block * depth + "x" + end * depth, [{"role": "user", "content": "hi"}], True)
+
+
+# 7. Hub cache escapes ---------------------------------------------------------------------------------------
+
+HUB_CHILD = """
+import json, sys
+try:
+    from llama_mlx.hub import resolve
+    print(json.dumps({"path": str(resolve(sys.argv[1]))}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"""
+
+
+def _resolve_offline(hf_home: Path, repo_id: str) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    from test_hostile import REPO
+
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", HUB_CHILD, repo_id], capture_output=True, text=True, env=env,
+                          timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def hub_repo(tmp_path):
+    from test_hostile import write_tiny_hf
+    from test_hub import lay_out_repo
+
+    tiny = write_tiny_hf(tmp_path / "tiny")
+    snapshot = lay_out_repo(tmp_path / "hf", "org/tiny",
+                            {n: tiny / n for n in ("config.json", "model.safetensors", "tokenizer.json")})
+    assert _resolve_offline(tmp_path / "hf", "org/tiny") == {"path": str(snapshot)}
+    return tmp_path / "hf", snapshot
+
+
+@pytest.mark.parametrize("ref", ["..", "../../models--org--other/snapshots/" + "a" * 40, "main-but-not-a-hash"])
+def test_a_ref_that_is_not_a_commit_hash_is_refused(hub_repo, ref):
+    hf_home, snapshot = hub_repo
+    repo = snapshot.parent.parent
+    other = hf_home / "hub" / "models--org--other" / "snapshots" / ("a" * 40)
+    other.mkdir(parents=True)
+    (repo / "snapshots" / ref).mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(ref)
+    result = _resolve_offline(hf_home, "org/tiny")
+    assert result.get("error") == "HubError" and "not a commit snapshot" in result["message"], result
+
+
+def test_a_snapshot_file_linked_outside_the_repos_blobs_is_refused(hub_repo, tmp_path):
+    hf_home, snapshot = hub_repo
+    outside = tmp_path / "outside.json"
+    outside.write_text((snapshot / "config.json").read_text())
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(outside)
+    result = _resolve_offline(hf_home, "org/tiny")
+    assert result.get("error") == "HubError" and "outside its repository's blobs" in result["message"], result
+    assert str(snapshot / "config.json") in result["message"]
+
+
+# 8. Silent garbage: sampling options ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("values, name", [
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"temp": float("nan")}, "temperature"),
+    ({"top_p": float("-inf")}, "top_p"),
+    ({"logit_bias": {3: float("nan")}}, "logit_bias"),
+])
+def test_non_finite_sampling_parameters_are_argument_errors(values, name):
+    from llama_mlx.errors import ArgumentError
+    from llama_mlx.sample import SamplingParams, make_penalties, make_repetition_penalty
+
+    with pytest.raises(ArgumentError, match=name):
+        SamplingParams(**values)
+    with pytest.raises(ArgumentError, match=name):
+        SamplingParams.from_dict(values)
+    with pytest.raises(ArgumentError):
+        make_penalties(float("nan"), 0.0)
+    with pytest.raises(ArgumentError):
+        make_repetition_penalty(float("nan"))
+
+
+def test_tiny_temperatures_sample_greedily():
+    import mlx.core as mx
+
+    from llama_mlx.sample import SamplingParams, make_sampler
+
+    logits = mx.array([[0.0, 1.0, 0.5, -2.0]])
+    for temp in (1e-300, 1e-30, 1e-6):
+        sampler = make_sampler(temp, seed=0)
+        assert sampler.greedy, temp
+        assert SamplingParams(temp=temp).greedy
+        assert [int(sampler(logits)[0]) for _ in range(5)] == [1] * 5
+    assert not make_sampler(0.5, seed=0).greedy
