@@ -360,3 +360,35 @@ def test_tiny_temperatures_sample_greedily():
         assert SamplingParams(temp=temp).greedy
         assert [int(sampler(logits)[0]) for _ in range(5)] == [1] * 5
     assert not make_sampler(0.5, seed=0).greedy
+
+
+# 8. Silent garbage: non-finite block scales ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, at, value", [("Q8_0", 0, np.nan), ("Q8_0", 0, np.inf), ("Q4_K", 0, np.inf),
+                                             ("Q4_K", 2, -np.inf), ("Q6_K", 208, np.nan)])
+def test_non_finite_block_scales_are_refused_naming_the_tensor(tmp_path, kind, at, value):
+    from llama_mlx.checkpoints import gguf_quants
+    from llama_mlx.checkpoints.gguf_lazy import gguf_tensors
+    from llama_mlx.gguf_file import GGUFTensorInfo
+
+    per, nbytes = gguf_quants.BLOCKS[kind]
+    shape = (4, 2 * per)
+    blocks = np.random.default_rng(0).integers(0, 256, (8, nbytes), dtype=np.uint8)
+    for b in blocks:  # finite scales everywhere ...
+        b[at:at + 2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+        if kind == "Q4_K":
+            b[2:4] = np.frombuffer(np.float16(0.25).tobytes(), np.uint8)
+        if kind == "Q6_K":
+            b[208:210] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+    blocks[5, at:at + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)  # ... but in block 5
+    path = tmp_path / "w.bin"
+    path.write_bytes(blocks.tobytes())
+    info = GGUFTensorInfo("blk.0.ffn_up.weight", shape, kind, 0)
+    tensors = gguf_tensors(path, info, "model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(CheckpointError, match="NaN or infinite scale") as e:
+        tensors["model.layers.0.mlp.up_proj.weight"].read()
+    assert "blk.0.ffn_up.weight" in str(e.value) and str(path) in str(e.value) and "block 5" in str(e.value)
+    blocks[5, at:at + 2] = blocks[4, at:at + 2]
+    path.write_bytes(blocks.tobytes())
+    tensors = gguf_tensors(path, info, "model.layers.0.mlp.up_proj.weight")
+    assert tensors["model.layers.0.mlp.up_proj.weight"].read().shape[0] == 4  # finite: reads

@@ -74,7 +74,10 @@ class _Quantized:
         per, nbytes = Q.BLOCKS[self.kind]
         raw = _map(self.path, self.info.offset, np.uint8, (self.rows * self.cols // per * nbytes,))
         try:
-            *triple, exact = Q.to_affine(self.kind, raw, self.rows, self.scale_dtype, with_exact=True)
+            try:
+                *triple, exact = Q.to_affine(self.kind, raw, self.rows, self.scale_dtype, with_exact=True)
+            except Q.NonFiniteScaleError as e:
+                raise CheckpointError(f"{self.path}: tensor {self.info.name!r}: {e}") from None
             if self.measure:
                 self.error = Q.measure(self.kind, Q.dequantize(self.kind, raw), triple, exact, self.scale_dtype)
         finally:

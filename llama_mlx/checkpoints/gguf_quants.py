@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["BLOCKS", "GROUP_SIZE", "TARGET_BITS", "EXACT_TYPES", "ConversionError", "affine_bits",
-           "compare", "conversion_error", "dequantize", "to_affine"]
+__all__ = ["BLOCKS", "GROUP_SIZE", "TARGET_BITS", "EXACT_TYPES", "ConversionError", "NonFiniteScaleError",
+           "affine_bits", "compare", "conversion_error", "dequantize", "to_affine"]
 
 GROUP_SIZE = 32
 # (elements, bytes) per block
@@ -35,6 +35,10 @@ TARGET_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5,
 EXACT_TYPES = frozenset(TARGET_BITS) - {"Q2_K", "Q6_K"}  # every block kept exact
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 _CHUNK_BLOCKS = 1 << 14  # blocks decoded at a time: bounds the temporaries to a few tens of MB
+
+
+class NonFiniteScaleError(ValueError):
+    """A block's scale or min is NaN or infinite (the reader names the tensor)."""
 
 
 def affine_bits(kind: str) -> int:
@@ -286,10 +290,14 @@ def to_affine(kind: str, raw: np.ndarray, rows: int, scale_dtype: mx.Dtype = mx.
     for start in range(0, b.shape[0], _CHUNK_BLOCKS):
         chunk = np.asarray(b[start:start + _CHUNK_BLOCKS])
         g0, g1 = start * gpb, (start + chunk.shape[0]) * gpb
-        if kind in _EXACT:
-            codes, s, bias = _EXACT[kind](chunk)
-        else:
-            codes, s, bias, exact[g0:g1] = _gridded(kind, chunk, scale_dtype)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite scales are refused just below
+            if kind in _EXACT:
+                codes, s, bias = _EXACT[kind](chunk)
+            else:
+                codes, s, bias, exact[g0:g1] = _gridded(kind, chunk, scale_dtype)
+        if not (np.isfinite(s).all() and np.isfinite(bias).all()):
+            block = start + int(np.flatnonzero(~(np.isfinite(s) & np.isfinite(bias)))[0]) // gpb
+            raise NonFiniteScaleError(f"block {block} of its {kind} blocks has a NaN or infinite scale")
         packed[g0:g1] = _pack(codes, bits)
         scales[g0:g1], biases[g0:g1] = s, bias
     shape = (rows, groups // rows)
