@@ -32,7 +32,7 @@ one-token step (rounds without drafts) and of a round's time with k drafts, and 
 the k in 0..K with the most expected tokens a second, (1 - a^(k+1)) / (1 - a) per round's time
 (until a k is timed, the backend row's `check_cost` prices it). When no k beats plain decoding by
 `MARGIN`, drafting is off: plain steps (queued ahead, as plain decoding's are), then one probe
-round after 4, 16, then every `MAX_PAUSE` of them (4 again once every draft of a probe holds),
+round after 4, 16, then every `MAX_PAUSE` of them (4 again after a probe that says it pays),
 so drafts that never match cost a few checks, not one a token, and drafting comes back when they
 start to match. It only picks k: the tokens are the rule's above whatever it picks. A draft model
 skips the rounds drafting is off and catches up on the tokens it missed in its next round.
@@ -305,9 +305,9 @@ class _Adapt:
             # Per drafted token: n hits, then a miss unless all k held (tokens after a miss are unseen).
             self.hits = self.DECAY * self.hits + n
             self.tries = self.DECAY * self.tries + n + (n < k)
-            if probing and n == k:  # every draft held: probe often until it pays or clearly does not
-                self.wait = self.backoff = self.FIRST_PAUSE
-            elif probing:
+            if probing and self.plain is not None and max(map(self.gain, range(1, self.k_max + 1))) >= MARGIN:
+                self.wait = self.backoff = self.FIRST_PAUSE  # drafting would pay now: back to it soon
+            elif probing:  # (drafts that hold but cost more than they save count as failing)
                 self.backoff = min(4 * self.backoff, MAX_PAUSE)
         else:
             self.off += 1

@@ -437,12 +437,13 @@ def test_copy_heavy_text_drafts_the_most_a_round():
     from drafts; the tokens are plain greedy's."""
     model = Cycle()
     prompt = mx.array([(1 + 4 * i) % 64 for i in range(40)])  # the cycle, two and a half times
-    want = [t for t, _ in generate_step(prompt, model, max_tokens=150)]
-    got = list(speculative_generate_step(prompt, model, prompt_lookup=3, max_tokens=150, num_draft_tokens=6))
+    want = [t for t, _ in generate_step(prompt, model, max_tokens=200)]
+    got = list(speculative_generate_step(prompt, model, prompt_lookup=3, max_tokens=200, num_draft_tokens=6))
     assert [t.token for t in got] == want
     stats = got[-1].stats
     assert stats["k_max"] == 6 and stats["acceptance"] > 0.9
-    assert sum(t.from_draft for t in got) > 0.7 * len(got)
+    # (the CPU row's prior prices checks dearly: drafting starts off, and a probe or two turn it on)
+    assert sum(t.from_draft for t in got) > 0.6 * len(got)
     assert stats["accepted"] == stats["drafted"] and stats["speedup"] > 1
 
 
