@@ -3,6 +3,7 @@ and server-sent event frames."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any, AsyncIterator, Optional
@@ -120,6 +121,61 @@ def _event(name: str, obj: dict) -> bytes:
     return f"event: {name}\n".encode() + _data(obj)
 
 
+_cut = False  # set by `cut_streams`: the server's shutdown drain has run out
+_cut_waiters: set = set()
+
+
+def cut_streams() -> None:
+    """End every server-sent event stream with a final error event (on the event loop, at shutdown once
+    the drain's time is up: see server.run's `shutdown_timeout`)."""
+    global _cut
+    _cut = True
+    for waiter in list(_cut_waiters):
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+def streams_cut() -> bool:
+    """Whether `cut_streams` has been called."""
+    return _cut
+
+
+_CUT_MESSAGE = "the server is shutting down: this stream was cut"
+
+
+async def _cuttable(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`frames`, until `cut_streams`: then a last error event (Anthropic's `event: error` in a stream of
+    named events, OpenAI's `data: {"error": ...}` otherwise) and the end."""
+    it = frames.__aiter__()
+    cut = asyncio.get_running_loop().create_future()
+    _cut_waiters.add(cut)
+    step = None
+    named = False
+    try:
+        while not _cut:
+            step = asyncio.ensure_future(it.__anext__())
+            await asyncio.wait({step, cut}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()  # (the stream's own `finally` cancels its jobs)
+                break
+            try:
+                frame = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            named = named or frame.startswith(b"event:")
+            yield frame
+        if named:
+            yield _event("error", {"type": "error", "error": {"type": "overloaded_error", "message": _CUT_MESSAGE}})
+        else:
+            yield _data({"error": {"message": _CUT_MESSAGE, "type": "server_error", "param": None,
+                                   "code": "server_shutting_down"}})
+    finally:
+        _cut_waiters.discard(cut)
+        if step is not None and not step.done():
+            step.cancel()  # (the stream's own `finally` cancels its jobs)
+
+
 def _sse(frames: AsyncIterator[bytes], headers: Optional[dict] = None) -> StreamingResponse:
-    return StreamingResponse(frames, media_type="text/event-stream",
+    return StreamingResponse(_cuttable(frames), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})

@@ -25,8 +25,10 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -44,8 +46,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import api_embeddings, api_ollama, api_responses
-from .api_common import ApiError, _data, _event, _finite, _get, _in_range, _kind, _sse, _stop_list
+from . import api_common, api_embeddings, api_ollama, api_responses
+from .api_common import ApiError, _data, _event, _finite, _get, _in_range, _kind, _sse, _stop_list, cut_streams
 from .api_images import ImagePolicy, has_images, take_images
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
@@ -251,16 +253,20 @@ class _Api:
             raise ApiError(503, f"{e} (--max-kv-bytes); ask for fewer tokens", code="kv_capacity_exceeded") from None
 
     async def collect(self, request: Request, job) -> list[EngineEvent]:
-        """All of a job's events; a client that goes away cancels it."""
+        """All of a job's events; a client that goes away cancels it, and so does the end of the drain at
+        shutdown (`cut_streams`: then a 503)."""
 
         async def watch():
-            while not await request.is_disconnected():
+            while not await request.is_disconnected() and not api_common.streams_cut():
                 await asyncio.sleep(0.2)
             job.cancel()
 
         watcher = asyncio.create_task(watch())
         try:
-            return [event async for event in job]
+            events = [event async for event in job]
+            if api_common.streams_cut() and (not events or events[-1].usage is None):
+                raise ApiError(503, "the server is shutting down: this request was cut", code="server_shutting_down")
+            return events
         finally:
             watcher.cancel()
             job.cancel()
@@ -1102,6 +1108,85 @@ def create_app(engine: Engine | ModelRegistry, config: Optional[ServerConfig] = 
                      exception_handlers={HTTPException: not_found})
 
 
+# -- connections: a cap below the open-file limit, deadlines for slow clients, a bounded drain at shutdown
+
+
+def fd_room() -> int:
+    """The soft limit on open files, first raised to the hard one (at most 65536) where allowed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft == resource.RLIM_INFINITY or soft >= ceiling:
+        return ceiling if soft == resource.RLIM_INFINITY else soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+        return ceiling
+    except (ValueError, OSError):
+        return soft
+
+
+def default_max_connections() -> int:
+    """Connections served at once by default: 1024, or fewer where the open-file limit (raised as far as
+    allowed) leaves fewer than 128 files for the rest (models, logs)."""
+    return max(8, min(1024, fd_room() - 128))
+
+
+def _protocol(header_timeout: float, write_timeout: float):
+    """uvicorn's h11 protocol with deadlines: a connection whose request headers have not all come
+    `header_timeout` seconds after it opened or after its last response (a slow or idle client) is
+    closed, and so is one whose client has read nothing of a response for `write_timeout` seconds."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _header_deadline = _write_deadline = None
+
+        def _arm_header_deadline(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            self._header_deadline = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.abort()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_deadline is None:
+                self._write_deadline = self.loop.call_later(write_timeout, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
+                self._write_deadline = None
+
+        def connection_lost(self, exc) -> None:
+            for handle in (self._header_deadline, self._write_deadline):
+                if handle is not None:
+                    handle.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def _stop_now(*_: Any) -> None:
+    """A second SIGINT or SIGTERM: exit at once, in one line (no tracebacks of the threads left)."""
+    try:
+        sys.stderr.write("llama-mlx: stopped at a second signal, without waiting for requests to finish\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
 def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port: int = 8080,
         model_name: str = "model", api_key: Optional[str] = None, allowed_origins: Sequence[str] = (),
         allowed_hosts: Sequence[str] = (), max_body_bytes: int = 8 << 20, default_max_tokens: int = 512,
@@ -1111,7 +1196,9 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
         model_path: Optional[Path] = None, models: Sequence[tuple[str, Path]] = (),
         loader_for: Optional[Callable[[Path], Callable[[], tuple[Any, Any]]]] = None,
         max_loaded_models: Optional[int] = None, max_loaded_bytes: Optional[int] = None,
-        keep_alive: Optional[float] = None, images: ImagePolicy = ImagePolicy()) -> bool:
+        keep_alive: Optional[float] = None, images: ImagePolicy = ImagePolicy(),
+        max_connections: Optional[int] = None, shutdown_timeout: float = 5.0, header_timeout: float = 10.0,
+        write_timeout: float = 60.0) -> bool:
     """Serve the model `loader()` returns (the default one, `model_name`, at `model_path`) on
     http://host:port until SIGINT or SIGTERM (both stop cleanly).
 
@@ -1123,6 +1210,13 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     options are `ServerConfig`'s; log_level is uvicorn's and llama_mlx's. Returns False when the
     server could not listen; a failed load of a preloaded model is raised once the server stops.
     images: where request images may come from besides data URLs (`api_images.ImagePolicy`).
+
+    Connections: at most `max_connections` at once (default `default_max_connections()`, below the
+    open-file limit; requests beyond it are answered 503 at once); a client that has not sent its
+    request headers `header_timeout` seconds after connecting (or after its last response), or that
+    reads nothing of a response for `write_timeout` seconds, is disconnected. On SIGINT or SIGTERM
+    requests have `shutdown_timeout` seconds to finish; then streams end with an error event and the
+    rest are cut. A second SIGINT or SIGTERM exits at once (status 130, one line on stderr).
     """
     import uvicorn
 
@@ -1141,8 +1235,29 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
                           default_max_tokens=default_max_tokens, images=images)
     app = create_app(registry, config)
     logging.getLogger("llama_mlx").setLevel(log_level.upper())
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=None, server_header=False))
+    if max_connections is None:
+        max_connections = default_max_connections()
+    else:
+        fd_room()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig in (signal.SIGINT, signal.SIGTERM):
+                _stop_now()
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            # Streams get their last event a little before uvicorn cancels what is left.
+            cut = asyncio.get_running_loop().call_later(max(0.0, shutdown_timeout - 0.5), cut_streams)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                cut.cancel()
+
+    # (uvicorn's limit counts the connection asking too: +1 lets max_connections be served)
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
+                                   timeout_graceful_shutdown=shutdown_timeout, limit_concurrency=max_connections + 1,
+                                   timeout_keep_alive=5, http=_protocol(header_timeout, write_timeout)))
     failed: list[BaseException] = []
 
     def watch_load() -> None:
@@ -1156,13 +1271,23 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
             server.should_exit = True
 
     threading.Thread(target=watch_load, daemon=True).start()
-    # uvicorn re-raises the signal it shut down on; this handler takes it, so SIGTERM ends the call normally.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn re-raises the signal it shut down on: these handlers take it (the call ends normally), and
+    # a second signal while the models close exits at once.
+    stopping = []
+
+    def after_serve(*_: Any) -> None:
+        if stopping:
+            _stop_now()
+        stopping.append(True)
+
+    previous = {sig: signal.signal(sig, after_serve) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stopping.append(True)  # (from here on any signal is a second one)
         registry.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if failed:
         raise failed[0]
     return bool(server.started)

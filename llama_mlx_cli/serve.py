@@ -145,6 +145,18 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(
         "--max-body-bytes", min=1, metavar="BYTES", help="Largest request body accepted (413 beyond).",
         rich_help_panel=SERVER)] = 8 << 20,
+    max_connections: Annotated[Optional[int], typer.Option(
+        "--max-connections", min=1, metavar="N",
+        help="Most client connections served at once (503 beyond). Default: 1024, or fewer where the open-file "
+             "limit is lower.", rich_help_panel=SERVER)] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        "--shutdown-timeout", min=0, metavar="SECONDS",
+        help="On SIGTERM or Ctrl-C, how long requests may take to finish; streams still running then end with "
+             "an error event. A second signal stops at once.", rich_help_panel=SERVER)] = 5.0,
+    header_timeout: Annotated[float, typer.Option(
+        "--header-timeout", min=0.1, metavar="SECONDS",
+        help="Disconnect a client that has not sent its request headers this long after connecting (or after "
+             "its last response).", rich_help_panel=SERVER)] = 10.0,
     allow_image_urls: Annotated[bool, typer.Option(
         "--allow-image-urls",
         help="Fetch images that requests name by http(s) URL (vision models). Off by default: only inline "
@@ -243,6 +255,7 @@ def serve(
         loader_for=loader_for if leader is None else None, max_loaded_models=max_loaded_models,
         max_loaded_bytes=max_loaded_bytes, keep_alive=seconds,
         images=ImagePolicy(allow_urls=allow_image_urls, files_dir=allow_image_files),
+        max_connections=max_connections, shutdown_timeout=shutdown_timeout, header_timeout=header_timeout,
         on_ready=lambda: note_line(f"{', '.join(names)} loaded; serving on http://{host}:{port}/v1"))
     if not listened:
         error_line(f"could not listen on {host}:{port}")

@@ -94,7 +94,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("serve1"), "--max-concurrency", "1", "--queue-size", "1")
+    s = Server(tmp_path_factory.mktemp("serve1"), "--max-concurrency", "1", "--queue-size", "1",
+               "--shutdown-timeout", "60")  # (test_sigterm_finishes_in_flight_then_exits_0 drains)
     yield s
     s.stop()
 

@@ -5,6 +5,8 @@ the event loop. `llama-mlx serve` as a real process on a free loopback port, req
 
 import http.client
 import json
+import signal
+import socket
 import threading
 import time
 
@@ -17,7 +19,8 @@ MESSAGES = "/v1/messages"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("hostile-input"), "--max-concurrency", "2")
+    s = Server(tmp_path_factory.mktemp("hostile-input"), "--max-concurrency", "2", "--max-connections", "8",
+               "--header-timeout", "2")
     yield s
     s.stop()
 
@@ -176,4 +179,93 @@ def test_a_big_prompt_is_refused_fast_and_templating_leaves_health_alone(server)
         time.sleep(0.05)
     worker.join()
     openai_error(*done["r"])
+    print(f"/health during templating: {len(waits)} answers, slowest {max(waits):.3f} s")
     assert waits and max(waits) < 1.0, waits
+
+
+def test_idle_connections_over_the_cap_neither_lock_out_nor_last(server):
+    """20 clients that connect and send nothing, against --max-connections 8: a request is answered at once
+    (503 while they hold the connections), and they are dropped after --header-timeout (2 s)."""
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+    try:
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status in (200, 503)
+        conn.close()
+        assert time.monotonic() - started < 3
+        time.sleep(2.5)
+        for s in idle:
+            s.settimeout(5)
+            assert s.recv(1) == b""  # closed by the server
+        assert health(server) < 1
+    finally:
+        for s in idle:
+            s.close()
+
+
+def _stream_request(port: int, max_tokens: int = 4000) -> socket.socket:
+    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "Tell me a long story."}],
+                       "max_tokens": max_tokens, "stream": True, "logit_bias": {"0": -100, "1": -100, "2": -100}})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    return sock
+
+
+def test_sigterm_drains_for_shutdown_timeout_then_cuts_streams(tmp_path):
+    """A client that stops reading does not keep the server alive past --shutdown-timeout; one that reads
+    gets a last error event (JSON) when its stream is cut."""
+    s = Server(tmp_path, "--shutdown-timeout", "2")
+    try:
+        stalled, reader = _stream_request(s.port), _stream_request(s.port)
+        whole = {}
+        long_chat = chat(max_tokens=4000, logit_bias={"0": -100, "1": -100, "2": -100})
+        waiting = threading.Thread(target=lambda: whole.setdefault("r", post(s, CHAT, long_chat)))
+        waiting.start()
+        received = bytearray()
+        while received.count(b"data: ") < 3:
+            received += reader.recv(65536)
+        time.sleep(1)  # the stalled client's buffers fill
+        started = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        reader.settimeout(10)
+        while chunk := reader.recv(65536):
+            received += chunk
+        s.proc.wait(15)
+        waiting.join(5)
+        status, body = whole["r"]  # a whole answer cut: a 503 in OpenAI's shape
+        assert status == 503 and body["error"]["code"] == "server_shutting_down", (status, body)
+        elapsed = time.monotonic() - started
+        assert elapsed < 2 + 4, elapsed
+        assert s.proc.returncode == 0, s.log_path.read_text()
+        frames = [line[6:] for line in received.decode().splitlines() if line.startswith("data: ")]
+        print(f"exited {elapsed:.2f} s after SIGTERM; the reader's last frame: {frames[-1][:100]}")
+        assert frames[-1] == "[DONE]" or json.loads(frames[-1])["error"]["code"] == "server_shutting_down", frames[-3:]
+        assert "Traceback" not in s.log_path.read_text()
+        stalled.close()
+        reader.close()
+    finally:
+        s.stop()
+
+
+def test_a_second_sigint_exits_at_once_in_one_line(tmp_path):
+    s = Server(tmp_path, "--shutdown-timeout", "60")
+    try:
+        stalled = _stream_request(s.port)
+        time.sleep(1)
+        s.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert s.proc.poll() is None  # draining (up to 60 s)
+        started = time.monotonic()
+        s.proc.send_signal(signal.SIGINT)
+        s.proc.wait(10)
+        assert time.monotonic() - started < 5
+        assert s.proc.returncode in (0, 130)
+        log = s.log_path.read_text()
+        assert "Traceback" not in log and "stopped at a second signal" in log, log
+        stalled.close()
+    finally:
+        s.stop()
