@@ -344,9 +344,10 @@ async def chat(api, request: Request) -> Response:
     if not body.get("messages"):
         return await _loaded(api, body, name, engine, "message")
     tools = body.get("tools") or None
-    prompt, rendered, headers = api.chat_prompt(engine, _messages(body.get("messages")), tools, None)
+    prompt, rendered, headers = await asyncio.to_thread(api.chat_prompt, engine, _messages(body.get("messages")),
+                                                        tools, None)
     req = _sampling(api, engine, body, prompt)
-    api.constrain(req, _format(body.get("format")), rendered, None)
+    await asyncio.to_thread(api.constrain, req, _format(body.get("format")), rendered, None, engine)
     job = api.submit(engine, req)
     head = {"model": name}
     if stream:
@@ -417,17 +418,19 @@ async def generate(api, request: Request) -> Response:
     if images and (context or _get(body, "raw", (bool,), False)):
         raise ApiError(400, "'images' go with a templated prompt, without 'context' or 'raw'", param="images")
     if _get(body, "raw", (bool,), False):
-        ids = tok.encode(prompt, bos=tok.add_bos and tok.bos_id is not None and not context)
+        if len(prompt.encode("utf-8", "replace")) > api.config.max_prompt_bytes:
+            raise ApiError(400, f"'prompt' is over the {api.config.max_prompt_bytes}-byte limit", param="prompt")
+        ids = await asyncio.to_thread(tok.encode, prompt, bos=tok.add_bos and tok.bos_id is not None and not context)
     else:
         user = _image_parts(images, "images") + [{"type": "text", "text": prompt}] if images else prompt
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        ids = api.chat_prompt(engine, messages, None, None)[0]
+        ids = (await asyncio.to_thread(api.chat_prompt, engine, messages, None, None))[0]
         if context and tok.bos_id is not None and ids[:1] == [tok.bos_id]:
             ids = ids[1:]  # the context starts with it already
     if context:
         ids = list(context) + ids
     req = _sampling(api, engine, body, ids)
-    api.constrain(req, _format(body.get("format")), None, None)
+    await asyncio.to_thread(api.constrain, req, _format(body.get("format")), None, None, engine)
     job = api.submit(engine, req)
     head = {"model": name}
     stops = tok.stop_tokens

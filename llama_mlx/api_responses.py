@@ -11,6 +11,7 @@ refused (send the whole conversation in `input`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -192,14 +193,15 @@ async def responses(api, request: Request) -> Response:
     tool_choice = _tool_choice(body.get("tool_choice"))
     messages = to_messages(body.get("input"), body.get("instructions"))
     try:
-        prompt, rendered, headers = api.chat_prompt(engine, messages, _tools(body.get("tools")), tool_choice)
+        prompt, rendered, headers = await asyncio.to_thread(api.chat_prompt, engine, messages,
+                                                            _tools(body.get("tools")), tool_choice)
     except ApiError as e:
         if e.param == "messages":  # (this API's messages are its input)
             e.param = "input"
         raise
     sampling = {k: body[k] for k in ("temperature", "top_p", "max_output_tokens") if k in body}
     req = api.sampling(engine, sampling, prompt, max_keys=("max_output_tokens",))
-    api.constrain(req, _response_format(body.get("text")), rendered, tool_choice)
+    await asyncio.to_thread(api.constrain, req, _response_format(body.get("text")), rendered, tool_choice, engine)
     shape = _Shape(body, api.name_of(engine), req, tool_choice)
     job = api.submit(engine, req)
     if stream:

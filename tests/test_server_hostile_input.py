@@ -135,6 +135,23 @@ def test_a_hostile_messages_body_is_a_4xx_in_anthropic_shape(server, case, path)
 def test_ollama_errors_keep_ollama_shape(server):
     status, body = post(server, "/api/chat", b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert 400 <= status < 500 and set(body) == {"error"} and isinstance(body["error"], str), body
+    recursive = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}
+    for path, req in (("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+                                     "format": recursive}),
+                      ("/api/generate", {"model": NAME, "prompt": "Hi", "stream": False, "format": recursive}),
+                      ("/api/generate", {"model": NAME, "prompt": "x" * (3 << 20), "raw": True, "stream": False}),
+                      ("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "x" * (3 << 20)}]})):
+        status, body = post(server, path, req)
+        assert 400 <= status < 500 and set(body) == {"error"} and isinstance(body["error"], str), (path, body)
+    assert health(server) < 5
+
+
+def test_responses_errors_keep_openai_shape(server):
+    status, body = post(server, "/v1/responses", {"model": NAME, "input": "x" * (3 << 20)})
+    openai_error(status, body)
+    status, body = post(server, "/v1/responses", {"model": NAME, "input": "Hi", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}}})
+    openai_error(status, body)
 
 
 def test_json_object_logprobs_stream_only_json_numbers(server):
