@@ -1132,8 +1132,9 @@ def default_max_connections() -> int:
     return max(8, min(1024, fd_room() - 128))
 
 
-def _protocol(header_timeout: float, write_timeout: float):
-    """uvicorn's h11 protocol with deadlines: a connection whose request headers have not all come
+def _protocol(max_connections: int, header_timeout: float, write_timeout: float):
+    """uvicorn's h11 protocol with a cap and deadlines: a request on a connection beyond the first
+    `max_connections` open is answered 503 (JSON, in its endpoint's shape); a connection whose request headers have not all come
     `header_timeout` seconds after it opened or after its last response (a slow or idle client) is
     closed, and so is one whose client has read nothing of a response for `write_timeout` seconds."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -1153,6 +1154,17 @@ def _protocol(header_timeout: float, write_timeout: float):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_header_deadline()
+            app, connections = self.app, self.connections
+
+            async def capped(scope, receive, send) -> None:
+                if scope["type"] == "http" and len(connections) > max_connections:
+                    busy = ApiError(503, f"the server is serving its most connections ({max_connections}, "
+                                         "--max-connections); try again", code="server_busy")
+                    await busy.for_path(scope["path"])(scope, receive, send)
+                    return
+                await app(scope, receive, send)
+
+            self.app = capped
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -1254,10 +1266,9 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
             finally:
                 cut.cancel()
 
-    # (uvicorn's limit counts the connection asking too: +1 lets max_connections be served)
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
-                                   timeout_graceful_shutdown=shutdown_timeout, limit_concurrency=max_connections + 1,
-                                   timeout_keep_alive=5, http=_protocol(header_timeout, write_timeout)))
+                                   timeout_graceful_shutdown=shutdown_timeout, timeout_keep_alive=5,
+                                   http=_protocol(max_connections, header_timeout, write_timeout)))
     failed: list[BaseException] = []
 
     def watch_load() -> None:

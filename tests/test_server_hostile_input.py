@@ -208,8 +208,11 @@ def test_idle_connections_over_the_cap_neither_lock_out_nor_last(server):
         started = time.monotonic()
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         conn.request("GET", "/health")
-        assert conn.getresponse().status in (200, 503)
+        r = conn.getresponse()
+        assert r.status == 503 and json.loads(r.read())["error"]["code"] == "server_busy"
         conn.close()
+        status, body = post(server, "/api/chat", {"model": NAME})  # in ollama's shape there
+        assert status == 503 and set(body) == {"error"}, body
         assert time.monotonic() - started < 3
         time.sleep(2.5)
         for s in idle:
