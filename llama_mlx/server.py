@@ -48,7 +48,7 @@ from starlette.routing import Route
 
 from . import api_common, api_embeddings, api_ollama, api_responses
 from .api_common import ApiError, _data, _event, _finite, _get, _in_range, _kind, _sse, _stop_list, cut_streams
-from .api_images import ImagePolicy, has_images, take_images
+from .api_images import ImagePolicy, has_images, is_image_part, take_images
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
 from .metrics import Gauge, Metrics
@@ -314,6 +314,10 @@ class _Api:
     def check_prompt_size(self, messages: Any, tools: Any) -> None:
         """400 for messages or tools over `max_prompt_bytes` / `max_tools_bytes` (their JSON), before
         any templating or tokenizing."""
+        # Images have their own bounds (api_images): their base64 does not count as prompt text.
+        if isinstance(messages, list):
+            messages = [{k: ([p for p in v if not is_image_part(p)] if k == "content" and isinstance(v, list) else v)
+                         for k, v in m.items() if k != "images"} if isinstance(m, dict) else m for m in messages]
         for what, value, limit in (("messages", messages, self.config.max_prompt_bytes),
                                    ("tools", tools, self.config.max_tools_bytes)):
             if value is not None and len(json.dumps(value, ensure_ascii=False, default=str).encode()) > limit:

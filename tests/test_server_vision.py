@@ -243,3 +243,15 @@ def test_http_urls_fetched_only_when_allowed():
                 "url": url + "/big"}}]}], api_images.ImagePolicy(allow_urls=True))
     finally:
         httpd.shutdown()
+
+
+def test_an_image_over_the_prompt_text_cap_is_still_served(srv, local):
+    """The 2 MB cap is on prompt text: an image's base64 has its own bounds (20 MiB, 50 Mpixels)."""
+    rng = np.random.default_rng(0)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1000, 1000, 3), dtype=np.uint8)).save(out, format="PNG")
+    data = out.getvalue()
+    assert len(data_url(data)) > 3 << 20
+    r = chat(srv, [{"type": "image_url", "image_url": {"url": data_url(data)}}, {"type": "text", "text": QUESTION}])
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected(local, data)
