@@ -239,6 +239,8 @@ def _sampling(api, engine: Engine, body: dict, prompt: list[int]):
         fields["num_predict"] = predict if predict >= 0 else engine.context_length  # -1, -2: to the context's end
     if fields.get("top_p") == 0:
         fields["top_p"] = 1.0  # ollama reads 0 as off
+    if fields.get("seed") == -1:
+        del fields["seed"]  # ollama's "a random seed"
     req = api.sampling(engine, fields, prompt, max_keys=("num_predict",), temperature_max=math.inf)
     penalty = _get(options, "repeat_penalty", (int, float), None, "a number")
     if penalty is not None and penalty != 1:

@@ -316,6 +316,9 @@ def test_ollama_generate(oll, oai):
     assert raw.response == plain.choices[0].text and raw.prompt_eval_count == plain.usage.prompt_tokens
     more = oll.generate(model=NAME, prompt="And then?", context=r.context, options=T0_8, stream=False)
     assert more.prompt_eval_count > len(r.context)
+    # seed -1 is ollama's "a random seed", not an error; greedy is still greedy
+    random_seed = oll.generate(model=NAME, prompt="Say hi.", options={**T0_8, "seed": -1}, stream=False)
+    assert random_seed.response == r.response
 
 
 def test_ollama_embed(oll, local):
