@@ -228,13 +228,14 @@ def test_convert_records_conversion_errors(tmp_path):
     rng = np.random.default_rng(12)
     write_mixed_model(tmp_path / "mixed.gguf", MIXED_PARAMS, MIXED_FFN, MIXED_TYPES, rng)
     ckpt = read_checkpoint(tmp_path / "mixed.gguf")
-    track_conversion_error(ckpt)
     items, _ = plan(ckpt)
+    items = track_conversion_error(ckpt, items)
     (tmp_path / "out").mkdir()
     write_weights(tmp_path / "out", items)
     summary = conversion_summary(ckpt)
-    assert set(summary) == set(MIXED_TYPES.values())
-    for kind, e in summary.items():
+    assert {kind for kind, _ in summary} == set(MIXED_TYPES.values())
+    for (kind, target), e in summary.items():
+        assert e.target == target
         assert e.elements > 0 and e.target.startswith(f"{TARGET_BITS[kind]}-bit group 32 (float16")
         if kind in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "Q3_K"):  # scales and biases are f16 values already
             assert e.max_abs == 0.0, kind
