@@ -120,6 +120,10 @@ class Metrics:
                                    "Generations that started from a prefix-cache entry.")
         self.prefix_misses = Counter("llama_mlx_prefix_cache_misses_total",
                                      "Generations that found nothing in the prefix cache.")
+        self.drafted = Counter("llama_mlx_speculative_drafted_tokens_total",
+                               "Draft tokens checked by speculative decoding (a draft model or prompt lookup).")
+        self.accepted = Counter("llama_mlx_speculative_accepted_tokens_total",
+                                "Draft tokens speculative decoding accepted.")
         self.ttft = Histogram("llama_mlx_time_to_first_token_seconds", "Time to the first generated token.",
                               _LATENCY)
         self.tpot = Histogram("llama_mlx_time_per_output_token_seconds",
@@ -134,12 +138,16 @@ class Metrics:
         self.cached_tokens.inc(u.cached_tokens, model=model)
         (self.prefix_hits if u.cached_tokens > 0 else self.prefix_misses).inc(model=model)
         self.ttft.observe(u.time_to_first_token, model=model)
+        if u.speculative:
+            self.drafted.inc(u.speculative["drafted"], model=model)
+            self.accepted.inc(u.speculative["accepted"], model=model)
         if u.generation_tps and u.generation_tps > 0 and u.completion_tokens > 1:
             self.tpot.observe(1.0 / u.generation_tps, model=model)
 
     def render(self, extra: Sequence[Gauge] = ()) -> str:
         families: list = [self.requests, self.prompt_tokens, self.generation_tokens, self.cached_tokens,
-                          self.prefix_hits, self.prefix_misses, self.ttft, self.tpot, *extra]
+                          self.prefix_hits, self.prefix_misses, self.drafted, self.accepted, self.ttft, self.tpot,
+                          *extra]
         return render(families)
 
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from test_server import MODEL, Server, stop_bias
 
@@ -139,5 +140,12 @@ def test_prompt_lookup_server_equals_plain(batched, tmp_path):
     try:
         assert s.stats()["speculative"] == ["prompt_lookup"] and not s.stats()["batch"]["enabled"]
         assert ask(s, prompt, 24)["choices"][0]["text"] == plain
+        # /metrics counts the drafts checked and accepted (a copy-heavy prompt: some were drafted)
+        metrics = {}
+        for family in text_string_to_metric_families(httpx.get(s.url + "/metrics").text):
+            for sample in family.samples:
+                metrics[sample.name] = metrics.get(sample.name, 0) + sample.value
+        drafted = metrics["llama_mlx_speculative_drafted_tokens_total"]
+        assert drafted > 0 and 0 <= metrics["llama_mlx_speculative_accepted_tokens_total"] <= drafted
     finally:
         s.stop()
