@@ -111,7 +111,12 @@ def report(fn):
         result = {"error": None, "message": ""}
     except BaseException as e:
         result = {"error": type(e).__name__, "message": str(e)}
-    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak; ru_maxrss keeps the forking parent's resident size across exec
+    try:
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        result["maxrss_mb"] = int(hwm.split()[1]) / 1024
+    except (OSError, StopIteration):
+        result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["seconds"] = time.monotonic() - start
     print(json.dumps(result))
 """

@@ -43,7 +43,7 @@ def _config(folder: Path) -> Optional[dict]:
         return None
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # the text loader's read_json says what is wrong
         return None
     return config if isinstance(config, dict) else None
 
