@@ -32,7 +32,7 @@ from .api_common import ApiError, _get
 from .api_embeddings import _shorten, embed_rows, tokenize_inputs
 from .engine import Engine, EngineEvent
 from .errors import LlamaMLXError
-from .tools import ToolCallStream, parse_tool_calls, supports_tools
+from .tools import ToolCallStream, supports_tools
 
 __all__ = ["OLLAMA_VERSION", "ROUTES", "chat", "embed", "embeddings", "generate", "parse_keep_alive", "ps", "pull",
            "show", "tags", "version"]
@@ -354,12 +354,10 @@ async def chat(api, request: Request) -> Response:
     head = {"model": name}
     if stream:
         return _ndjson(_chat_stream(job, head, rendered, started))
-    events = await api.collect(request, job)
-    last = events[-1] if events else None
-    if last is None or last.usage is None:
+    answer = await api.whole(request, job, rendered)
+    if answer is None:
         return Response(status_code=499)
-    text = "".join(e.text for e in events)
-    reply = parse_tool_calls(text, rendered) if rendered is not None else None
+    events, last, text, reply = answer
     message = {"role": "assistant", "content": (reply.content or "") if reply else text}
     if reply and reply.tool_calls:
         message["tool_calls"] = _ollama_calls(reply.tool_calls)

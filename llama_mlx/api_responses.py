@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from .api_common import ApiError, _event, _get, _sse
 from .engine import EngineEvent
-from .tools import ToolCallStream, parse_tool_calls
+from .tools import ToolCallStream
 
 __all__ = ["responses"]
 
@@ -206,12 +206,10 @@ async def responses(api, request: Request) -> Response:
     job = api.submit(engine, req)
     if stream:
         return _sse(_stream(job, shape, rendered), headers)
-    events = await api.collect(request, job)
-    last = events[-1] if events else None
-    if last is None or last.usage is None:
+    answer = await api.whole(request, job, rendered)
+    if answer is None:
         return Response(status_code=499)
-    text = "".join(e.text for e in events)
-    reply = parse_tool_calls(text, rendered) if rendered is not None else None
+    events, last, text, reply = answer
     output = []
     if reply is None or reply.content or not reply.tool_calls:
         output.append(_message_item("msg_" + uuid.uuid4().hex, (reply.content or "") if reply else text))

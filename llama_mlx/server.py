@@ -252,6 +252,16 @@ class _Api:
         except KVCapacityError as e:
             raise ApiError(503, f"{e} (--max-kv-bytes); ask for fewer tokens", code="kv_capacity_exceeded") from None
 
+    async def whole(self, request: Request, job, tools: Optional[list]) -> Optional[tuple]:
+        """(events, the last one, the text, the tool calls parsed from it where `tools` were rendered) of
+        a job run to its end; None when it ended without usage (the client went away)."""
+        events = await self.collect(request, job)
+        last = events[-1] if events else None
+        if last is None or last.usage is None:
+            return None
+        text = "".join(e.text for e in events)
+        return events, last, text, parse_tool_calls(text, tools) if tools is not None else None
+
     async def collect(self, request: Request, job) -> list[EngineEvent]:
         """All of a job's events; a client that goes away cancels it, and so does the end of the drain at
         shutdown (`cut_streams`: then a 503)."""
@@ -609,12 +619,10 @@ class _Api:
         meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.name_of(engine)}
         if stream:
             return _sse(self.messages_stream(job, meta, rendered), headers)
-        events = await self.collect(request, job)
-        last = events[-1] if events else None
-        if last is None or last.usage is None:
+        answer = await self.whole(request, job, rendered)
+        if answer is None:
             return Response(status_code=499)
-        text = "".join(e.text for e in events)
-        reply = parse_tool_calls(text, rendered) if rendered is not None else None
+        events, last, text, reply = answer
         content = []
         if reply is None or reply.content:
             content.append({"type": "text", "text": reply.content if reply else text})
