@@ -1,5 +1,5 @@
 """What the server's endpoint modules share: `ApiError` (OpenAI's error fields), request field checks,
-and server-sent event frames."""
+a job's text as streams show it (`shown_text`), and server-sent event frames."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 from typing import Any, AsyncIterator, Optional
 
 from starlette.responses import JSONResponse, StreamingResponse
+
+from .tools import ToolCallStream
 
 __all__ = ["ApiError"]
 
@@ -108,6 +110,28 @@ def _dumps(obj: Any) -> str:
         return json.dumps(obj, ensure_ascii=False, allow_nan=False)
     except ValueError:
         return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)
+
+
+# -- streamed replies
+
+
+async def shown_text(job, tools: Optional[list]) -> AsyncIterator[tuple[str, Any, Any]]:
+    """A job's text as a stream shows it, the text of tool calls held back where `tools` were rendered
+    (`llama_mlx.tools.ToolCallStream`): (text, None, None) for each piece to show, then, at the job's
+    last event, ("", that event, its `ParsedReply` with the tool calls, None without `tools`)."""
+    holder = ToolCallStream(tools) if tools is not None else None
+    async for e in job:
+        text = holder.feed(e.text) if holder else e.text
+        if text:
+            yield text, None, None
+        if e.finish_reason is None:
+            continue
+        reply = None
+        if holder:
+            rest, reply = holder.finish()
+            if rest:
+                yield rest, None, None
+        yield "", e, reply
 
 
 # -- server-sent events

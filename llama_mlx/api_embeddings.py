@@ -3,6 +3,7 @@ default, L2-normalised), and the plumbing the ollama endpoints share with it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 from typing import Any, Optional
@@ -20,13 +21,15 @@ __all__ = ["embed_rows", "embeddings", "tokenize_inputs"]
 _PER_CALL = 8
 
 
-def tokenize_inputs(engine: Engine, inputs: Any, *, param: str = "input", truncate: bool = False) -> list[list[int]]:
-    """Token ids of an embeddings request's inputs (strings or token id lists); ApiError 400 for
-    inputs that are empty, malformed or (unless `truncate`) longer than the model's context."""
+async def tokenize_inputs(engine: Engine, inputs: Any, *, param: str = "input",
+                          truncate: bool = False) -> list[list[int]]:
+    """Token ids of an embeddings request's inputs (strings or token id lists), tokenized off the event
+    loop (a body of text takes about a second a MB); ApiError 400 for inputs that are empty, malformed
+    or (unless `truncate`) longer than the model's context."""
     if isinstance(inputs, list) and not inputs:
         raise ApiError(400, f"'{param}' is empty", param=param)
     try:
-        rows = embedding_tokens(engine.tokenizer, inputs)
+        rows = await asyncio.to_thread(embedding_tokens, engine.tokenizer, inputs)
     except LlamaMLXError as e:
         raise ApiError(400, f"'{param}': {e}", param=param) from None
     limit = engine.context_length
@@ -87,7 +90,7 @@ async def embeddings(api, request: Request) -> Response:
     if dimensions is not None and dimensions < 1:
         raise ApiError(400, "'dimensions' must be at least 1", param="dimensions")
     pooling = _get(body, "pooling", (str,), "mean")
-    rows = tokenize_inputs(engine, body["input"])
+    rows = await tokenize_inputs(engine, body["input"])
     vectors = await embed_rows(engine, rows, pooling=pooling)
     data = []
     for i, vector in enumerate(vectors):

@@ -13,7 +13,6 @@ id (org/name[:QUANT]) into the hub cache through llama_mlx.hub; ollama's own reg
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
@@ -22,17 +21,17 @@ import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import hub
-from .api_common import ApiError, _get
+from .api_common import ApiError, _get, shown_text
 from .api_embeddings import _shorten, embed_rows, tokenize_inputs
 from .engine import Engine, EngineEvent
 from .errors import LlamaMLXError
-from .tools import ToolCallStream, supports_tools
+from .tools import supports_tools
 
 __all__ = ["OLLAMA_VERSION", "ROUTES", "chat", "embed", "embeddings", "generate", "parse_keep_alive", "ps", "pull",
            "show", "tags", "version"]
@@ -46,19 +45,6 @@ _FOREVER = "9999-12-31T23:59:59Z"
 # (handler name = path under /api/, method)
 ROUTES = [("version", "GET"), ("tags", "GET"), ("ps", "GET"), ("show", "POST"), ("chat", "POST"), ("generate", "POST"),
           ("embed", "POST"), ("embeddings", "POST"), ("pull", "POST")]
-
-
-def _ollama(handler: Callable) -> Callable:
-    """Errors in ollama's shape: `{"error": message}` with the status."""
-
-    @functools.wraps(handler)
-    async def wrapped(api, request: Request) -> Response:
-        try:
-            return await handler(api, request)
-        except ApiError as e:
-            return e.ollama()
-
-    return wrapped
 
 
 def _now() -> str:
@@ -156,7 +142,6 @@ def _modified(path: str) -> str:
         return _now()
 
 
-@_ollama
 async def version(api, request: Request) -> Response:
     """GET /api/version."""
     api.check_key(request)
@@ -165,20 +150,19 @@ async def version(api, request: Request) -> Response:
     return JSONResponse({"version": OLLAMA_VERSION, "llama_mlx": __version__})
 
 
-@_ollama
 async def tags(api, request: Request) -> Response:
-    """GET /api/tags: every model the server can serve."""
+    """GET /api/tags: every model the server can serve (listed off the event loop: it reads the disk)."""
     api.check_key(request)
-    engines = api.registry.engines()
-    models = []
-    for info in api.registry.list():
-        models.append({"name": info.name, "model": info.name, "modified_at": _modified(info.path),
-                       "size": info.size_bytes, "digest": _digest(info.name, info.path),
-                       "details": _details(engines.get(info.name), info.path)})
-    return JSONResponse({"models": models})
+
+    def models() -> list[dict]:
+        engines = api.registry.engines()
+        return [{"name": info.name, "model": info.name, "modified_at": _modified(info.path), "size": info.size_bytes,
+                 "digest": _digest(info.name, info.path), "details": _details(engines.get(info.name), info.path)}
+                for info in api.registry.list()]
+
+    return JSONResponse({"models": await asyncio.to_thread(models)})
 
 
-@_ollama
 async def ps(api, request: Request) -> Response:
     """GET /api/ps: the models loaded now."""
     import mlx.core as mx
@@ -200,7 +184,6 @@ async def ps(api, request: Request) -> Response:
     return JSONResponse({"models": models})
 
 
-@_ollama
 async def show(api, request: Request) -> Response:
     """POST /api/show: the model's details, `model_info` (its shape under GGUF's keys), template and
     capabilities (loads the model)."""
@@ -335,7 +318,6 @@ async def _loaded(api, body: dict, name: str, engine: Engine, reply_key: str) ->
     return JSONResponse({"model": name, "created_at": _now(), reply_key: reply, "done": True, "done_reason": reason})
 
 
-@_ollama
 async def chat(api, request: Request) -> Response:
     """POST /api/chat."""
     started = time.monotonic()
@@ -366,25 +348,17 @@ async def chat(api, request: Request) -> Response:
 
 
 async def _chat_stream(job, head: dict, tools: Optional[list], started: float) -> AsyncIterator[dict]:
-    holder = ToolCallStream(tools) if tools is not None else None
-
     def chunk(content: str, **extra) -> dict:
         return {**head, "created_at": _now(), "message": {"role": "assistant", "content": content, **extra},
                 "done": False}
 
     try:
-        async for e in job:
-            text = holder.feed(e.text) if holder else e.text
-            if text:
+        async for text, e, reply in shown_text(job, tools):
+            if e is None:
                 yield chunk(text)
-            if e.finish_reason is None:
                 continue
-            if holder:
-                rest, reply = holder.finish()
-                if rest:
-                    yield chunk(rest)
-                if reply.tool_calls:
-                    yield chunk("", tool_calls=_ollama_calls(reply.tool_calls))
+            if reply and reply.tool_calls:
+                yield chunk("", tool_calls=_ollama_calls(reply.tool_calls))
             yield {**chunk(""), "done": True, "done_reason": e.finish_reason, **_stats(e, started)}
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
         log.exception("generation failed")
@@ -393,7 +367,6 @@ async def _chat_stream(job, head: dict, tools: Optional[list], started: float) -
         job.cancel()
 
 
-@_ollama
 async def generate(api, request: Request) -> Response:
     """POST /api/generate: `prompt` (with `system`) through the chat template, or as is with `raw`;
     `context` (the token ids a previous answer returned) continues that conversation."""
@@ -466,7 +439,6 @@ async def _generate_stream(job, head: dict, ids: list[int], stops, started: floa
 # -- embeddings
 
 
-@_ollama
 async def embed(api, request: Request) -> Response:
     """POST /api/embed: `input` a string or a list of them; normalised, mean-pooled vectors;
     `truncate` (default true) cuts inputs to the context, `dimensions` shortens them."""
@@ -482,14 +454,13 @@ async def embed(api, request: Request) -> Response:
     dimensions = _get(body, "dimensions", (int,), None)
     if dimensions is not None and dimensions < 1:
         raise ApiError(400, "'dimensions' must be at least 1", param="dimensions")
-    rows = tokenize_inputs(engine, inputs, truncate=_get(body, "truncate", (bool,), True))
+    rows = await tokenize_inputs(engine, inputs, truncate=_get(body, "truncate", (bool,), True))
     vectors = [_shorten(v, dimensions) for v in await embed_rows(engine, rows)]
     total = int((time.monotonic() - started) * 1e9)
     return JSONResponse({"model": name, "embeddings": vectors, "total_duration": total, "load_duration": 0,
                          "prompt_eval_count": sum(map(len, rows))})
 
 
-@_ollama
 async def embeddings(api, request: Request) -> Response:
     """POST /api/embeddings (ollama's older endpoint): one `prompt`, its mean-pooled vector not
     normalised, as ollama's older endpoint answers."""
@@ -499,7 +470,7 @@ async def embeddings(api, request: Request) -> Response:
     prompt = _get(body, "prompt", (str,), "")
     if not prompt:
         return JSONResponse({"embedding": []})
-    rows = tokenize_inputs(engine, [prompt], param="prompt")
+    rows = await tokenize_inputs(engine, [prompt], param="prompt")
     (vector,) = await embed_rows(engine, rows, normalize=False)
     return JSONResponse({"embedding": vector})
 
@@ -507,7 +478,6 @@ async def embeddings(api, request: Request) -> Response:
 # -- pulling
 
 
-@_ollama
 async def pull(api, request: Request) -> Response:
     """POST /api/pull: download a Hugging Face id into the hub cache (llama_mlx.hub), reporting
     status lines (`stream`, default true) or one object; failures are one `error` line."""

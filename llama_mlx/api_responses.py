@@ -20,9 +20,8 @@ from typing import Any, AsyncIterator, Optional
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .api_common import ApiError, _event, _get, _sse
+from .api_common import ApiError, _event, _get, _sse, shown_text
 from .engine import EngineEvent
-from .tools import ToolCallStream
 
 __all__ = ["responses"]
 
@@ -227,7 +226,6 @@ async def _stream(job, shape: _Shape, tools: Optional[list]) -> AsyncIterator[by
         seq += 1
         return frame
 
-    holder = ToolCallStream(tools) if tools is not None else None
     output: list[dict] = []
     message: Optional[dict] = None  # the open message item
     parts: list[str] = []
@@ -261,19 +259,11 @@ async def _stream(job, shape: _Shape, tools: Optional[list]) -> AsyncIterator[by
     try:
         yield event("response.created", response=shape.response("in_progress", []))
         yield event("response.in_progress", response=shape.response("in_progress", []))
-        async for e in job:
-            text = holder.feed(e.text) if holder else e.text
-            if text:
+        async for text, e, reply in shown_text(job, tools):
+            if e is None:
                 for frame in delta(text):
                     yield frame
-            if e.finish_reason is None:
                 continue
-            reply = None
-            if holder:
-                rest, reply = holder.finish()
-                if rest:
-                    for frame in delta(rest):
-                        yield frame
             calls = reply.tool_calls if reply else []
             if message is None and not calls:
                 for frame in open_message():

@@ -315,7 +315,7 @@ class ChatSession:
             return len(ids) + reserve <= limit
 
         last = len(cuts) - 1  # a lone question: fit itself decides
-        good, bad, step = last, -1, 1
+        good, step = last, 1
         while good - step >= 0 and fits(good - step):
             good, step = good - step, step * 2
         bad = max(good - step, -1)

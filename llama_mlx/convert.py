@@ -90,13 +90,15 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     with contextlib.suppress(OSError):
         _remove_stale(dst.parent, dst.name)
     _check_target(src, dst, force)
-    from .vision.loading import is_mllama_folder
+    from .vision.loading import mllama_config
 
-    if is_mllama_folder(src):
+    vision_config = mllama_config(src)
+    if vision_config is not None:
         if recipe is not None or dequantize or requantize or rope_factor is not None:
             raise CheckpointError(f"{src}: Llama 3.2 Vision converts with quantize, bits, group_size and dtype only")
         return _convert_mllama(src, dst, start, force=force, quantize=quantize, bits=bits, group_size=group_size,
-                               dtype=dtype, quantize_vision=quantize_vision, source_label=source_label)
+                               dtype=dtype, quantize_vision=quantize_vision, source_label=source_label,
+                               config=vision_config)
 
     ckpt = read_checkpoint(src, rope_factor=rope_factor)
     _check_requantize(ckpt, src, quantize=quantize, bits=bits, group_size=group_size, requantize=requantize)
@@ -173,8 +175,10 @@ def _convert_mllama(src: Path, dst: Path, start: float, *, force: bool, source_l
         if source_label is not None:
             marker["path"] = source_label
         wrote = write_mllama(src, tmp, marker=marker, **options)
-        if (dst.exists() or dst.is_symlink()) and not force:
-            raise OutputExistsError(f"{dst}: already exists (use --force to replace it)")
+        if dst.exists() or dst.is_symlink():  # appeared (or changed) while we were writing, as in `convert`
+            if not force:
+                raise OutputExistsError(f"{dst}: already exists (use --force to replace it)")
+            check_replaceable_model(dst)
         old = _swap_into_place(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

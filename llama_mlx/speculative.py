@@ -276,8 +276,9 @@ class _Adapt:
             if self.wait:  # (a plain round queued ahead during a pause counts towards it)
                 self.wait -= 1
             return 0  # a plain step's time first: nothing compares without it
-        k = max(range(1, k_max + 1), key=self.gain)
-        if self.gain(k) >= MARGIN:
+        gains = {k: self.gain(k) for k in range(1, k_max + 1)}
+        k = max(gains, key=gains.get)
+        if gains[k] >= MARGIN:
             self.wait, self.backoff = None, self.FIRST_PAUSE
             if k < k_max and k + 1 not in self.cost:
                 k += 1  # one more than the best, untimed: time it, so k can grow where checks are cheap
@@ -533,7 +534,7 @@ def speculative_generate_step(
             lookup.tokens.append(token_id)
         yielded += 1
         yield SpeculativeToken(token_id, logprobs, False, 0, rounds.adapt.stats())
-        drafted, next_clear = 0, 256
+        next_clear = 256
         while yielded < max_tokens:
             while len(rounds.rounds) <= ahead and (not rounds.rounds or yielded + 1 < max_tokens):
                 rounds.push(*state, num_draft_tokens if ahead else min(num_draft_tokens, max_tokens - yielded - 1))
@@ -546,8 +547,7 @@ def speculative_generate_step(
                 rounds.push(*state, 0)
                 state = rounds.rounds[-1].after
             r, out = rounds.read(cache + dcache)
-            drafted += r.k
-            stats = rounds.adapt.stats()
+            drafted, stats = rounds.adapt.drafted, rounds.adapt.stats()
             for i, t in enumerate(out):
                 yielded += 1
                 yield SpeculativeToken(t, r.logprobs[i], i < len(out) - 1, drafted, stats)

@@ -333,13 +333,10 @@ def stats_line(turn: Turn, limit: int) -> str:
         f"context {turn.context_used}/{limit}",
         f"peak {r.peak_memory:.2f} GB",
     ]
-    if r.speculative:
+    if r.speculative:  # (every speculative response carries it, the first token's included)
         from llama_mlx.speculative import describe
 
         parts.append(describe(r.speculative))
-    elif r.draft_tokens:
-        parts.append(f"drafted {r.draft_tokens}, accepted {r.accepted_tokens} "
-                     f"({100 * r.accepted_tokens / r.draft_tokens:.0f}%)")
     line = " · ".join(parts)
     if turn.interrupted:
         line += " · stopped"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Optional
@@ -57,29 +56,18 @@ EPILOG = """\
 SERVER = "Server"
 
 
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
-
-
 def parse_keep_alive(value: Optional[str]) -> Optional[float]:
-    """Seconds of a keep-alive: 300, 300s, 5m, 1h, 500ms; negative: forever (None); 0: unload when idle."""
-    if value is None:
-        return None
-    m = _DURATION.fullmatch(value.strip())
-    if m is None:
+    """--keep-alive in seconds, in ollama's keep_alive syntax (300, 30s, 5m, 1h30m, 500ms); negative:
+    forever (None); 0: unload when idle."""
+    from llama_mlx.api_common import ApiError
+    from llama_mlx.api_ollama import parse_keep_alive as parse
+
+    try:
+        seconds = parse(value)
+    except ApiError:
         raise typer.BadParameter(f"{value!r} is not a duration (like 300, 30s, 5m, 1h; -1: forever)",
-                                 param_hint="--keep-alive")
-    seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    return None if seconds < 0 else seconds
+                                 param_hint="--keep-alive") from None
+    return None if seconds is None or seconds < 0 else seconds
 
 
 _HOST = re.compile(r"\*|[a-z0-9_.-]+(:\d+)?|\[[0-9a-f:.]+\](:\d+)?|[0-9a-f:]+", re.IGNORECASE)
@@ -244,7 +232,7 @@ def serve(
         speculative = options.speculative_kwargs
     # Under mlx.launch the other ranks load the model and run rank 0's requests here, until it stops.
     leader = lead_or_follow(loader)
-    if not _loopback(host) and api_key is None:
+    if not server._is_loopback(host) and api_key is None:
         note_line(f"warning: listening on {host} without --api-key: anyone who can reach it can use it")
     listened = server.run(
         loader, host=host, port=port, model_name=model_label(model), api_key=api_key,

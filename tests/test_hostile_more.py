@@ -15,11 +15,7 @@ import pytest
 from llama_mlx.checkpoints import read_checkpoint
 from llama_mlx.errors import CheckpointError
 from test_hostile import (
-    ARR,
-    STR,
-    U32,
     assert_bounded_error,
-    gguf_kv,
     gguf_string,
     llama_kvs,
     run_bounded,

@@ -71,6 +71,14 @@ class Server:
             time.sleep(0.3)
         raise AssertionError("server did not come up:\n" + self.log_path.read_text())
 
+    def openai(self) -> openai.OpenAI:
+        """The official OpenAI client on this server, with the test key."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+    def anthropic(self, **options) -> anthropic.Anthropic:
+        """The official Anthropic client on this server, with the test key."""
+        return anthropic.Anthropic(base_url=self.url, api_key=KEY, max_retries=0, **options)
+
     def stats(self) -> dict:
         return httpx.get(self.url + "/v1/internal/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
 
@@ -102,7 +110,7 @@ def small(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    return server.openai()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +123,7 @@ def meta_server(tmp_path_factory, tiny_meta_checkpoint):
 
 @pytest.fixture(scope="module")
 def meta_oai(meta_server):
-    return openai.OpenAI(base_url=meta_server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    return meta_server.openai()
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +205,7 @@ def test_completions_stream_and_not(server, oai, hf):
 
 
 def test_messages_both_ways(server, hf):
-    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+    client = server.anthropic()
     msgs = [{"role": "user", "content": "Say hello politely."}]
     r = client.messages.create(model=NAME, max_tokens=16, extra_body=T0, system="Be brief.", messages=msgs)
     assert r.type == "message" and r.content[0].type == "text" and r.stop_reason in ("end_turn", "max_tokens")
@@ -265,7 +273,7 @@ def test_tools_auto_plain_text_is_released(meta_oai):
 
 
 def test_forced_tool_use_anthropic(meta_server):
-    client = anthropic.Anthropic(base_url=meta_server.url, api_key=KEY, max_retries=0)
+    client = meta_server.anthropic()
     tool = {"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}
     kw = dict(model=META, max_tokens=60, extra_body=T0, tools=[tool],
               tool_choice={"type": "tool", "name": "get_weather"},
@@ -295,7 +303,7 @@ def test_tools_the_template_ignores_are_never_pretended(server, oai):
                                             temperature=0, max_tokens=20, stream=stream)
             assert e.value.status_code == 400 and e.value.param == "tool_choice"
             assert "chat template ignores tools" in e.value.message
-    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+    client = server.anthropic()
     tool = {"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}
     for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
         with pytest.raises(anthropic.BadRequestError) as e:

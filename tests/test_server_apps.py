@@ -6,13 +6,10 @@ transformers in test_embed.py), jsonschema, the server's own non-streamed answer
 
 import base64
 import json
-import os
-from unittest import mock
 
 import httpx2 as httpx
 import jsonschema
 import numpy as np
-import openai
 import pytest
 
 import llama_mlx
@@ -25,15 +22,15 @@ NAME = "tiny"  # the served folder's name
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_meta_checkpoint):
     home = tmp_path_factory.mktemp("hf-home")
-    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}):
-        s = Server(tmp_path_factory.mktemp("serve-apps"), "--api-key", KEY, model=tiny_meta_checkpoint)
+    s = Server(tmp_path_factory.mktemp("serve-apps"), "--api-key", KEY, model=tiny_meta_checkpoint,
+               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(home)})
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
 def oai(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    return srv.openai()
 
 
 @pytest.fixture(scope="module")

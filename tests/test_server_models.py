@@ -70,7 +70,7 @@ def one(tmp_path_factory, home, tiny_meta_checkpoint):
 
 @pytest.fixture(scope="module")
 def oai(one):
-    return openai.OpenAI(base_url=one.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    return one.openai()
 
 
 def loaded(server) -> dict:
@@ -111,7 +111,7 @@ def test_two_models_by_name_and_lru_eviction(one, oai, tiny_meta_checkpoint):
         oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert e.value.code == "model_not_found" and "gpt-4o" in e.value.message
     with pytest.raises(anthropic.NotFoundError) as e:
-        anthropic.Anthropic(base_url=one.url, api_key=KEY, max_retries=0).messages.create(
+        one.anthropic().messages.create(
             model="no-such/model", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["error"]["type"] == "not_found_error"
     stats = one.stats()
@@ -121,7 +121,7 @@ def test_two_models_by_name_and_lru_eviction(one, oai, tiny_meta_checkpoint):
 def test_count_tokens_equals_messages_usage(one):
     """count_tokens counts the prompt /v1/messages runs: system, messages and tools (rendered by the
     Meta-tokenizer model's template) included."""
-    client = anthropic.Anthropic(base_url=one.url, api_key=KEY, max_retries=0)
+    client = one.anthropic()
     tool = {"name": "get_weather", "description": "Current weather in a city",
             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
     cases = [dict(model=NAME, system="You are terse.", messages=[{"role": "user", "content": "Count to 3 please."}]),
@@ -204,7 +204,7 @@ def test_metrics_move_by_what_requests_reported(one, oai):
                                              max_tokens=3, temperature=0, stream=True,
                                              stream_options={"include_usage": True}):
         usage = chunk.usage or usage
-    m3 = anthropic.Anthropic(base_url=one.url, api_key=KEY, max_retries=0).messages.create(
+    m3 = one.anthropic().messages.create(
         model=NAME, max_tokens=3, messages=[{"role": "user", "content": "Say no"}])
     r4 = oai.responses.create(model=NAME, input="Say maybe", max_output_tokens=3, temperature=0)
     after = scrape(one)

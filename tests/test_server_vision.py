@@ -8,11 +8,9 @@ test_vision_generate.py)."""
 import base64
 import io
 
-import anthropic
 import httpx2 as httpx
 import numpy as np
 import ollama
-import openai
 import pytest
 from PIL import Image
 
@@ -85,7 +83,7 @@ def chat(srv, content, model="tiny-vision", **extra) -> httpx.Response:
 
 
 def test_openai_data_url_and_two_images_in_turn(srv, local):
-    oai = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    oai = srv.openai()
     answers = {}
     for seed in (1, 2, 1, 2):  # the same text, two images: the prefix cache must tell them apart
         data = png(seed)
@@ -103,7 +101,7 @@ def test_openai_data_url_and_two_images_in_turn(srv, local):
 
 
 def test_responses_input_image(srv, local):
-    oai = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    oai = srv.openai()
     data = png(3)
     r = oai.responses.create(model="tiny-vision", max_output_tokens=N, temperature=0, input=[{
         "role": "user", "content": [{"type": "input_image", "image_url": data_url(data)},
@@ -112,7 +110,7 @@ def test_responses_input_image(srv, local):
 
 
 def test_anthropic_image_block(srv, local):
-    client = anthropic.Anthropic(base_url=srv.url, api_key=KEY, max_retries=0, timeout=300)
+    client = srv.anthropic(timeout=300)
     data = png(4)
     r = client.messages.create(model="tiny-vision", max_tokens=N, extra_body={"temperature": 0}, messages=[{
         "role": "user", "content": [

@@ -81,8 +81,8 @@ class Backend:
     lookup_tokens: int
     read_ahead: int
     wired_limit: bool
-    check_cost: float = 0.1
-    lookup_by_default: bool = False
+    check_cost: float
+    lookup_by_default: bool
 
 
 # MLX's CPU backend: half-precision kernels run 30-50x slower than float32 there, fusion would
@@ -103,6 +103,8 @@ CPU = Backend(
 # - Fused q/k/v and gate/up: the same bytes read in 2 matmuls instead of 5 per layer, fewer
 #   dispatches a token; a prompt runs the fused weight as row blocks (fusion.py). Measured on the
 #   proxy (H100, CUDA kernels off) beside mlx-lm: docs/ARCHITECTURE.md.
+# - No load-time transform: the other rows' suit their own backends' kernels (one thread per
+#   quantized matmul on the CPU, 2-7 row matmuls padded to 8 on CUDA); Metal's run as mlx-lm's do.
 # - One-token step and check as the model's graph, as mlx-lm runs them: Metal encodes a node in
 #   about a microsecond, and no Metal kernel of ours replaces them.
 # - A batch's step compiled (`RowsDecoder`): mx.compile fuses the elementwise ops (masking,
@@ -110,10 +112,14 @@ CPU = Backend(
 # - Every batch size warmed up: mx.compile traces once per input shape, and MLX builds a Metal
 #   library for each new fused kernel on its first use, before the first request rather than in it.
 # - 3 drafts a round with a draft model (mlx-lm's default), 4 with lookup: a quantized matmul of
-#   a few rows still reads each weight once, so a check of up to ~5 positions costs about one
-#   step (unmeasured on a Mac: the speed issue adapts it online). Priced 1 + 0.1k steps until
-#   timed, and prompt lookup on by default in chat and serve: a round whose drafts fail costs
-#   about one step, and the adaptive draft length turns drafting off where it does not pay.
+#   a few rows still reads each weight once, so a check of up to ~5 positions should cost about
+#   one step. Reasoned from bandwidth-bound decode, not measured on a Mac; the adaptive draft
+#   length (`speculative._Adapt`) times the rounds and corrects it online.
+# - A check priced 1 + 0.1k steps until timed (the same reasoning: a few extra rows add little
+#   to a step that reads every weight once), and prompt lookup on by default in chat and serve,
+#   since by that reasoning a round whose drafts all fail costs about one step, and the adaptive
+#   draft length turns drafting off where timing shows it does not pay. Both are reasoned, not
+#   measured on Apple GPUs (the CPU and CUDA figures in benchmarks/results/ do not carry over).
 # - No rounds queued ahead: that needs steps taking a device-side position (CUDA's fused ones).
 # - Wired memory: macOS may page out a model's buffers between tokens; mlx-lm wires them
 #   (`mx.set_wired_limit(max_recommended_working_set_size)`) around generation, and so do we.

@@ -57,10 +57,14 @@ class _Quantized:
                 "scales": ((self.rows, groups), self.scale_dtype),
                 "biases": ((self.rows, groups), self.scale_dtype)}
 
+    def _raw(self) -> np.memmap:
+        """A map of the tensor's blocks (bytes as stored)."""
+        per, nbytes = Q.BLOCKS[self.kind]
+        return _map(self.path, self.info.offset, np.uint8, (self.rows * self.cols // per * nbytes,))
+
     def values(self) -> np.ndarray:
         """The source's values, float32 and flat, as llama.cpp dequantizes them."""
-        per, nbytes = Q.BLOCKS[self.kind]
-        raw = _map(self.path, self.info.offset, np.uint8, (self.rows * self.cols // per * nbytes,))
+        raw = self._raw()
         try:
             return Q.dequantize(self.kind, raw)
         finally:
@@ -71,8 +75,7 @@ class _Quantized:
         # parts read in another order cost a second decode, never a second copy.
         if part in self._parts:
             return self._parts.pop(part)
-        per, nbytes = Q.BLOCKS[self.kind]
-        raw = _map(self.path, self.info.offset, np.uint8, (self.rows * self.cols // per * nbytes,))
+        raw = self._raw()
         try:
             try:
                 *triple, exact = Q.to_affine(self.kind, raw, self.rows, self.scale_dtype, with_exact=True)

@@ -183,25 +183,28 @@ _TEXT_FILTERS = frozenset(["join", "tojson", "string", "pprint", "e", "escape", 
 
 
 def _bounded_filter(name: str, fn):
+    makes_text = name in _TEXT_FILTERS
+
     @wraps(fn)
     def filter_(*args, **kwargs):
         b = _budget()
         b.tick()
-        value = next((a for a in args if not isinstance(a, _CONTEXTS)), "")  # after jinja's context argument
-        if name in _TEXT_FILTERS and not isinstance(value, str):
-            indent = kwargs.get("indent", 0) if name == "tojson" else 0
-            b.check(_text_size(value, b.chars, indent if isinstance(indent, int) else 0),
-                    f"the text of filter {name}")
+        if makes_text:
+            value = next((a for a in args if not isinstance(a, _CONTEXTS)), "")  # after jinja's context argument
+            if not isinstance(value, str):
+                indent = kwargs.get("indent", 0) if name == "tojson" else 0
+                b.check(_text_size(value, b.chars, indent if isinstance(indent, int) else 0),
+                        f"the text of filter {name}")
         _check_int_args(args[1:] if args and not isinstance(args[0], (int, float)) else args, kwargs,
                         f"filter {name}")
         if name == "indent" and args and isinstance(args[0], str) and len(args) > 1 and isinstance(args[1], int):
-            _budget().check(len(args[0]) + (args[0].count("\n") + 1) * args[1], "an indented text")
+            b.check(len(args[0]) + (args[0].count("\n") + 1) * args[1], "an indented text")
         if name == "replace" and len(args) >= 3 and all(isinstance(a, str) for a in args[:3]):
             _check_replace(*args[:3])
         if name == "format" and args and isinstance(args[0], str):
             _check_format(args[0], tuple(args[1:]), kwargs, percent=True)
         out = fn(*args, **kwargs)
-        _budget().spend(_size(out), f"filter {name}")
+        b.spend(_size(out), f"filter {name}")
         return out
 
     return filter_
@@ -244,22 +247,23 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         inner = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         owner = getattr(inner, "__self__", None)
         name = getattr(inner, "__name__", "")
-        _budget().tick()
+        b = _budget()
+        b.tick()
         if isinstance(owner, str) and name == "join" and args:
-            _budget().check(_text_size(args[0], _budget().chars), "a joined text")
+            b.check(_text_size(args[0], b.chars), "a joined text")
         if isinstance(owner, (str, bytes, list, tuple)):
             _check_int_args(args, kwargs, f"{name}()")
             if name == "expandtabs":
                 tab = args[0] if args else kwargs.get("tabsize", 8)
                 if isinstance(tab, int):
-                    _budget().check(len(owner) * max(tab, 1), "an expanded text")
+                    b.check(len(owner) * max(tab, 1), "an expanded text")
             elif name == "replace" and len(args) >= 2 and isinstance(owner, str) and \
                     all(isinstance(a, str) for a in args[:2]):
                 _check_replace(owner, args[0], args[1])
             elif name in ("format", "format_map") and isinstance(owner, str):
                 _check_format(owner, args, kwargs, percent=False)
         out = super().call(__context, __obj, *args, **kwargs)
-        _budget().spend(_size(out), f"{name or 'call'}()")
+        b.spend(_size(out), f"{name or 'call'}()")
         return out
 
 

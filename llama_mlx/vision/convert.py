@@ -5,7 +5,6 @@ patch convolution, and loads here and in mlx-vlm (which renames `vision_model` i
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -22,18 +21,20 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 
 
 def write_mllama(src: Path, out: Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
-                 dtype: Optional[str] = None, quantize_vision: bool = False, marker: Optional[dict] = None) -> dict:
+                 dtype: Optional[str] = None, quantize_vision: bool = False, marker: Optional[dict] = None,
+                 config: Optional[dict] = None) -> dict:
     """Write `src` (a Llama 3.2 Vision folder) as an MLX folder into the empty folder `out` (which
     `llama_mlx.convert.convert` then swaps into place); returns what it wrote: parameters, bytes,
-    tensors, dtype, quantization, source_format. `marker` goes into config.json as `converted_from`."""
-    from ..checkpoints.base import dtype_name, parse_dtype
-    from ..checkpoints.writer import fsync_dir
+    tensors, dtype, quantization, source_format. `marker` goes into config.json as `converted_from`;
+    `config`: src's config.json already read (`loading.mllama_config`), else it is read here."""
+    from ..checkpoints.base import dtype_name, parse_dtype, read_json
+    from ..checkpoints.writer import fsync_dir, write_json
     from ..quant import quantize as quantize_model
     from .loading import load_mllama
 
-    model, _ = load_mllama(src, dtype=parse_dtype(dtype), allow_vocab_mismatch=True)
+    config = dict(config) if config is not None else read_json(src / "config.json", "config")
+    model, _ = load_mllama(src, dtype=parse_dtype(dtype), allow_vocab_mismatch=True, config=config)
     parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     was_quantized = bool(config.get("quantization"))
     if was_quantized and quantize:
         raise CheckpointError(f"{src}: already quantized; convert from the float checkpoint")
@@ -51,7 +52,7 @@ def write_mllama(src: Path, out: Path, *, quantize: bool = False, bits: int = 4,
     weights = dict(tree_flatten(model.parameters()))
     try:
         mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(out / "config.json", config)
         for name in COPIED:
             if (src / name).is_file():
                 shutil.copyfile(src / name, out / name)

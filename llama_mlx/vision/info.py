@@ -24,7 +24,7 @@ def weight_bytes(config: dict, *, bits: Optional[int] = None, group_size: int = 
     embedding quantized (and the vision tower's with `quantize_vision`), as `convert -q` writes them."""
     args = MllamaArgs.from_dict(config)
     t, v = args.text, args.vision
-    cross = set(args.text_config.get("cross_attention_layers") or [])
+    cross = set(args.cross_attention_layers)
     params, nbytes = 0, 0
 
     def linear(out_f, in_f, q, bias=False):
@@ -70,15 +70,14 @@ def image_cache_bytes(config: dict, images: int = 1, elem: int = 2) -> int:
     args = MllamaArgs.from_dict(config)
     t, v = args.text, args.vision
     positions = images * v.max_num_tiles * v.num_patches
-    return 2 * len(args.text_config.get("cross_attention_layers") or []) * t.num_key_value_heads * t.head_dim \
-        * positions * elem
+    return 2 * len(args.cross_attention_layers) * t.num_key_value_heads * t.head_dim * positions * elem
 
 
 def self_attention_config(config: dict) -> dict:
     """The text config with only the self-attention layers counted (what `info.kv_cache_bytes` sizes)."""
     args = MllamaArgs.from_dict(config)
     t = args.text
-    cross = len(args.text_config.get("cross_attention_layers") or [])
+    cross = len(args.cross_attention_layers)
     return {"num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim,
             "num_hidden_layers": t.num_hidden_layers - cross, "max_position_embeddings": t.max_position_embeddings}
 
@@ -115,8 +114,7 @@ def describe_mllama(path: Path, config: dict, *, dtype: Optional[str] = None, im
         "tensor_bytes": stored if stored is not None else estimated,
         "vision": {"layers": v.num_hidden_layers, "global_layers": v.num_global_layers,
                    "hidden_size": v.hidden_size, "tile_size": v.image_size, "patch_size": v.patch_size,
-                   "max_tiles": v.max_num_tiles, "cross_attention_layers": list(
-                       args.text_config.get("cross_attention_layers") or [])},
+                   "max_tiles": v.max_num_tiles, "cross_attention_layers": args.cross_attention_layers},
         "memory": {"dtype": dtype_name(memory_dtype), "weights": weights, "weights_estimated": stored is None,
                    "kv_dtype": dtype_name(memory_dtype), "images": images, "image_cache": image},
     }

@@ -36,6 +36,7 @@ class CrossAttentionCache:
         self.spans: list[tuple[int, int]] = []
         self.image_positions: list[int] = []
         self.offset = 0
+        self.decode_rows: Optional["_Rows"] = None  # what a decoded token sees once every image is bound
 
     def add_image(self, keys: mx.array, values: mx.array, valid: list[int]) -> None:
         """Append images' keys and values; `valid[i]`: how many leading positions of image i's
@@ -43,6 +44,7 @@ class CrossAttentionCache:
         start = 0 if self.keys is None else self.keys.shape[2]
         per_image = keys.shape[2] // len(valid)
         self.spans += [(start + i * per_image, start + i * per_image + n) for i, n in enumerate(valid)]
+        self.decode_rows = None
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
@@ -98,8 +100,9 @@ class CrossAttention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array, cache: CrossAttentionCache) -> mx.array:
         B, L, D = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3))
-        out = mx.fast.scaled_dot_product_attention(q, cache.keys.astype(q.dtype), cache.values.astype(q.dtype),
-                                                   scale=self.scale, mask=mask)
+        if cache.keys.dtype != q.dtype:  # once, into the activations' dtype (float32 on CPU), not every token
+            cache.keys, cache.values = cache.keys.astype(q.dtype), cache.values.astype(q.dtype)
+        out = mx.fast.scaled_dot_product_attention(q, cache.keys, cache.values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -188,17 +191,25 @@ class TextModel(nn.Module):
             # Decoding one token with every attached image bound needs no look at the token on the
             # host (a sampled <|image|> sees the latest image): the next step is queued without waiting.
             bound = len(cross[0].image_positions) == len(cross[0].spans)
-            positions = [] if (B, L) == (1, 1) and bound else self._image_positions(tokens, cross[0])
-            rows = self._rows(tokens, cross[0]) if cross[0].has_images else None
+            decoding = (B, L) == (1, 1) and bound
+            positions = [] if decoding else self._image_positions(tokens, cross[0])
+            if decoding and cross[0].has_images:
+                # The latest image, whatever the token: made once per image attached, not per token.
+                if cross[0].decode_rows is None:
+                    cross[0].decode_rows = self._rows(tokens, cross[0])
+                rows = cross[0].decode_rows
+            elif cross[0].has_images:
+                rows = self._rows(tokens, cross[0])
             for c in cross:
                 c.image_positions = c.image_positions + positions
         if mask is None:
-            first = next(c for i, c in enumerate(cache) if i not in self.cross_attention_layers)
+            first = next((c for i, c in enumerate(cache) if i not in self.cross_attention_layers), None)
             mask = first.make_mask(L) if first is not None else ("causal" if L > 1 else None)
+        row_scale = rows.rows.astype(h.dtype) if rows is not None else None
         for layer, c in zip(self.layers, cache):
             if isinstance(layer, CrossAttentionDecoderLayer):
                 if rows is not None:
-                    h = layer(h, rows.mask, rows.rows.astype(h.dtype), c, self.meta_rows)
+                    h = layer(h, rows.mask, row_scale, c, self.meta_rows)
             else:
                 h = layer(h, mask, c)
         for c in cross:

@@ -16,7 +16,7 @@ from ..errors import CheckpointError, ConfigError
 from .model import MllamaArgs, Model, is_mllama_config
 from .processor import ImageProcessor
 
-__all__ = ["Processor", "is_mllama_folder", "load_mllama"]
+__all__ = ["Processor", "is_mllama_folder", "load_mllama", "mllama_config"]
 
 IMAGE_TOKEN = "<|image|>"
 
@@ -37,30 +37,31 @@ class Processor:
         return getattr(self.tokenizer, name)
 
 
-def _config(folder: Path) -> Optional[dict]:
-    file = folder / "config.json"
+def mllama_config(path: str | Path) -> Optional[dict]:
+    """The config.json dict of the Llama 3.2 Vision folder `path` is (or is a file in), else None
+    (read once: callers hand it on to `load_mllama`, `describe_mllama`, `write_mllama`)."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix not in (".json", ".safetensors"):
+        return None
+    file = (path if path.is_dir() else path.parent) / "config.json"
     if not file.is_file():
         return None
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):  # the text loader's read_json says what is wrong
         return None
-    return config if isinstance(config, dict) else None
+    return config if isinstance(config, dict) and is_mllama_config(config) else None
 
 
 def is_mllama_folder(path: str | Path) -> bool:
     """Whether `path` is a folder (or a file in one) holding a Llama 3.2 Vision config.json."""
-    path = Path(path).expanduser()
-    if path.is_file() and path.suffix not in (".json", ".safetensors"):
-        return False
-    folder = path if path.is_dir() else path.parent
-    config = _config(folder)
-    return config is not None and is_mllama_config(config)
+    return mllama_config(path) is not None
 
 
 def load_mllama(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = True,
-                allow_vocab_mismatch: bool = False):
-    """(Model, Processor) from a Hugging Face or mlx-vlm Llama 3.2 Vision folder."""
+                allow_vocab_mismatch: bool = False, config: Optional[dict] = None):
+    """(Model, Processor) from a Hugging Face or mlx-vlm Llama 3.2 Vision folder; `config`: its
+    config.json already read (`mllama_config`), else it is read here."""
     from .. import backends
     from ..build import check_vocabulary
     from ..checkpoints.base import is_float, read_json
@@ -70,7 +71,8 @@ def load_mllama(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: boo
 
     folder = Path(path).expanduser()
     folder = folder if folder.is_dir() else folder.parent
-    config = read_json(folder / "config.json", "config")
+    if config is None:
+        config = read_json(folder / "config.json", "config")
     if not isinstance(config.get("text_config"), dict) or not isinstance(config.get("vision_config"), dict):
         raise ConfigError(f"{folder / 'config.json'}: a Llama 3.2 Vision config needs text_config and vision_config")
     files = _weight_files(folder)

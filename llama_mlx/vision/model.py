@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Optional
 
 import mlx.core as mx
@@ -58,13 +59,18 @@ class MllamaArgs:
                    text_config=_text_config(config), vision_config=dict(config.get("vision_config") or {}))
         return args
 
-    @property
+    @cached_property
     def text(self) -> ModelArgs:
         return ModelArgs.from_dict(self.text_config)
 
-    @property
+    @cached_property
     def vision(self) -> VisionArgs:
         return VisionArgs.from_dict(self.vision_config)
+
+    @property
+    def cross_attention_layers(self) -> list[int]:
+        """The text layers that are gated cross-attention layers."""
+        return list(self.text_config.get("cross_attention_layers") or [])
 
 
 class Model(nn.Module):
@@ -75,8 +81,8 @@ class Model(nn.Module):
         self.config = args
         text, vision = args.text, args.vision
         self.vision_model = VisionModel(vision)
-        self.language_model = LanguageModel(text, list(args.text_config.get("cross_attention_layers") or []),
-                                            args.image_token_index, args.cross_attention_rows)
+        self.language_model = LanguageModel(text, args.cross_attention_layers, args.image_token_index,
+                                            args.cross_attention_rows)
         self.multi_modal_projector = nn.Linear(vision.vision_output_dim, text.hidden_size, bias=True)
         # What generation reads: the context, and the ids the embedding takes (the image token included).
         self.args = replace(text, vocab_size=text.vocab_size + 8)

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from .processor import supported_aspect_ratios
+
 __all__ = ["VisionArgs", "VisionModel"]
 
 
@@ -37,8 +39,7 @@ class VisionArgs:
 
     def __post_init__(self):
         if self.supported_aspect_ratios is None:
-            n = self.max_num_tiles
-            self.supported_aspect_ratios = [[a, b] for a in range(1, n + 1) for b in range(1, n + 1) if a * b <= n]
+            self.supported_aspect_ratios = [list(g) for g in supported_aspect_ratios(self.max_num_tiles)]
 
     @classmethod
     def from_dict(cls, config: dict) -> "VisionArgs":
