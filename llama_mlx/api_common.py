@@ -61,7 +61,7 @@ def _get(body: dict, key: str, kinds: tuple, default: Any = None, what: str = ""
     if value is None:
         return default
     if not _kind(value, kinds):
-        raise ApiError(422, f"'{key}' must be {what or ' or '.join(k.__name__ for k in kinds)}", param=key)
+        raise ApiError(400, f"'{key}' must be {what or ' or '.join(k.__name__ for k in kinds)}", param=key)
     return value
 
 
@@ -84,7 +84,7 @@ def _stop_list(body: dict, key: str) -> list[str]:
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise ApiError(422, f"'{key}' must be a string or a list of strings", param=key)
+        raise ApiError(400, f"'{key}' must be a string or a list of strings", param=key)
     if len(stop) > MAX_STOP or sum(len(s.encode("utf-8", "replace")) for s in stop) > MAX_STOP_BYTES:
         raise ApiError(400, f"'{key}' holds at most {MAX_STOP} strings of {MAX_STOP_BYTES} bytes in all", param=key)
     return stop

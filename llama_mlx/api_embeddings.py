@@ -82,7 +82,7 @@ async def embeddings(api, request: Request) -> Response:
     body = await api.read_json(request)
     engine = await api.engine_for(body.get("model"))
     if "input" not in body:
-        raise ApiError(422, "'input' is required", param="input")
+        raise ApiError(400, "'input' is required", param="input")
     encoding = _get(body, "encoding_format", (str,), "float")
     if encoding not in ("float", "base64"):
         raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")

@@ -214,7 +214,7 @@ async def show(api, request: Request) -> Response:
 def _sampling(api, engine: Engine, body: dict, prompt: list[int]):
     options = body.get("options") or {}
     if not isinstance(options, dict):
-        raise ApiError(422, "'options' must be an object", param="options")
+        raise ApiError(400, "'options' must be an object", param="options")
     fields = {**_DEFAULTS, **{k: options[k] for k in ("temperature", "top_p", "top_k", "seed", "stop",
                                                       "presence_penalty", "frequency_penalty") if k in options}}
     predict = _get(options, "num_predict", (int,), None)
@@ -268,18 +268,18 @@ def _ollama_calls(calls: list[dict]) -> list[dict]:
 def _messages(messages: Any) -> list[dict]:
     """ollama chat messages as OpenAI's (tool calls with ids, tool results)."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ApiError(422, "'messages' must be a list of objects", param="messages")
+        raise ApiError(400, "'messages' must be a list of objects", param="messages")
     out = []
     for i, m in enumerate(messages):
         content = m.get("content") or ""
         if not isinstance(content, str):
-            raise ApiError(422, f"message {i}: 'content' must be a string", param="messages")
+            raise ApiError(400, f"message {i}: 'content' must be a string", param="messages")
         msg: dict = {"role": m.get("role"), "content": content}
         calls = m.get("tool_calls")
         if calls:
             if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
                                                       for c in calls):
-                raise ApiError(422, f"message {i}: 'tool_calls' must be a list of {{function: {{name, arguments}}}}",
+                raise ApiError(400, f"message {i}: 'tool_calls' must be a list of {{function: {{name, arguments}}}}",
                                param="messages")
             msg["tool_calls"] = [{"id": f"call_{i}_{j}", "type": "function", "function": {
                 "name": c["function"].get("name"), "arguments": c["function"].get("arguments") or {}}}
@@ -296,7 +296,7 @@ def _messages(messages: Any) -> list[dict]:
 
 def _image_parts(images: Any, param: str) -> list[dict]:
     if not isinstance(images, list) or not all(isinstance(b, str) for b in images):
-        raise ApiError(422, "'images' must be a list of base64 strings", param=param)
+        raise ApiError(400, "'images' must be a list of base64 strings", param=param)
     return [{"type": "image", "source": {"type": "base64", "data": b}} for b in images]
 
 

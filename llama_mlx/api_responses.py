@@ -36,7 +36,7 @@ def _text(content: Any, where: str, images: bool = False) -> Any:
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
-        raise ApiError(422, f"{where}: content must be a string or a list of content parts", param="input")
+        raise ApiError(400, f"{where}: content must be a string or a list of content parts", param="input")
     if images and any(p.get("type") == "input_image" for p in content):
         if all(p.get("type") in _TEXT_PARTS + ("input_image",) for p in content):
             return [p if p.get("type") == "input_image" else {"type": "text", "text": str(p.get("text", ""))}
@@ -53,25 +53,25 @@ def to_messages(input_: Any, instructions: Any) -> list[dict]:
     messages: list[dict] = []
     if instructions is not None:
         if not isinstance(instructions, str):
-            raise ApiError(422, "'instructions' must be a string", param="instructions")
+            raise ApiError(400, "'instructions' must be a string", param="instructions")
         messages.append({"role": "system", "content": instructions})
     if isinstance(input_, str):
         return messages + [{"role": "user", "content": input_}]
     if not isinstance(input_, list) or not input_ or not all(isinstance(i, dict) for i in input_):
-        raise ApiError(422, "'input' must be a string or a non-empty list of items", param="input")
+        raise ApiError(400, "'input' must be a string or a non-empty list of items", param="input")
     for n, item in enumerate(input_):
         kind = item.get("type", "message" if "role" in item else None)
         where = f"input item {n}"
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise ApiError(422, f"{where}: 'role' must be user, assistant, system or developer", param="input")
+                raise ApiError(400, f"{where}: 'role' must be user, assistant, system or developer", param="input")
             messages.append({"role": "system" if role == "developer" else role,
                              "content": _text(item.get("content"), where, images=role == "user")})
         elif kind == "function_call":
             name, arguments = item.get("name"), item.get("arguments", "{}")
             if not isinstance(name, str) or not isinstance(arguments, str):
-                raise ApiError(422, f"{where}: a function_call needs 'name' and 'arguments' (a JSON string)",
+                raise ApiError(400, f"{where}: a function_call needs 'name' and 'arguments' (a JSON string)",
                                param="input")
             call = {"id": item.get("call_id"), "type": "function", "function": {"name": name, "arguments": arguments}}
             if messages and messages[-1]["role"] == "assistant":  # the calls of one turn share its message
@@ -95,7 +95,7 @@ def _tools(tools: Any) -> Optional[list[dict]]:
     if tools is None:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ApiError(422, "'tools' must be a list of objects", param="tools")
+        raise ApiError(400, "'tools' must be a list of objects", param="tools")
     out = []
     for t in tools:
         if t.get("type") != "function" or not isinstance(t.get("name"), str):
@@ -111,7 +111,7 @@ def _tool_choice(choice: Any) -> Any:
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise ApiError(422, "'tool_choice' must be auto, none, required or {type: function, name}", param="tool_choice")
+    raise ApiError(400, "'tool_choice' must be auto, none, required or {type: function, name}", param="tool_choice")
 
 
 def _response_format(text: Any) -> Optional[dict]:
@@ -119,7 +119,7 @@ def _response_format(text: Any) -> Optional[dict]:
     if text is None:
         return None
     if not isinstance(text, dict):
-        raise ApiError(422, "'text' must be an object", param="text")
+        raise ApiError(400, "'text' must be an object", param="text")
     fmt = text.get("format")
     if fmt is None:
         return None

@@ -152,10 +152,10 @@ class _Api:
         it loads (unloading idle models to make room), without blocking the event loop. keep_alive:
         seconds the model stays loaded once idle (ollama's per request; negative: forever).
         ApiError 404 `model_not_found` for a name that names no model this server can serve (see
-        `ModelRegistry.engine`), 422 for a `model` that is not a string, 503 when every loaded model
+        `ModelRegistry.engine`), 400 for a `model` that is not a string, 503 when every loaded model
         is busy and none can make room, 500 `model_load_failed` when it fails to load."""
         if model is not None and not isinstance(model, str):
-            raise ApiError(422, "'model' must be a string", param="model")
+            raise ApiError(400, "'model' must be a string", param="model")
         try:
             return await self.registry.engine(model or None, keep_alive=keep_alive)
         except UnknownModelError as e:
@@ -238,7 +238,7 @@ class _Api:
             for k, v in bias.items():
                 token = _int(k)
                 if token is None or not _kind(v, (int, float)):
-                    raise ApiError(422, "'logit_bias' maps token ids to numbers", param="logit_bias")
+                    raise ApiError(400, "'logit_bias' maps token ids to numbers", param="logit_bias")
                 if not 0 <= token < vocab or not -100 <= v <= 100:
                     raise ApiError(400, f"'logit_bias': token {k} outside the vocabulary or bias {v} outside "
                                         "[-100, 100]", param="logit_bias")
@@ -297,9 +297,9 @@ class _Api:
                     tool_choice: Any) -> tuple[list[int], Optional[list], dict]:
         """(prompt ids, the tools rendered or None, response headers)."""
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ApiError(422, "'messages' must be a non-empty list of objects", param="messages")
+            raise ApiError(400, "'messages' must be a non-empty list of objects", param="messages")
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-            raise ApiError(422, "'tools' must be a list of objects", param="tools")
+            raise ApiError(400, "'tools' must be a list of objects", param="tools")
         for t in tools or ():
             function = t.get("function", t)
             if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
@@ -543,7 +543,7 @@ class _Api:
                 raise ApiError(400, "a prompt token id is outside the vocabulary", param="prompt")
             ids = list(prompt)
         else:
-            raise ApiError(422, "'prompt' must be a string or a list of token ids (one prompt)", param="prompt")
+            raise ApiError(400, "'prompt' must be a string or a list of token ids (one prompt)", param="prompt")
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         if _get(body, "echo", (bool,), False):
@@ -615,7 +615,7 @@ class _Api:
         body = await self.read_json(request)
         engine = await self.engine_for(body.get("model"))
         if _get(body, "max_tokens", (int,), None) is None:
-            raise ApiError(422, "'max_tokens' is required", param="max_tokens")
+            raise ApiError(400, "'max_tokens' is required", param="max_tokens")
         stream = _get(body, "stream", (bool,), False)
         prompt, rendered, headers, tool_choice = await asyncio.to_thread(self.anthropic_prompt, engine, body)
         req = self.sampling(engine, body, prompt, max_keys=("max_tokens",), stop_key="stop_sequences",
@@ -651,7 +651,7 @@ class _Api:
         """An Anthropic request's (prompt ids, tools rendered or None, response headers, OpenAI tool_choice)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise ApiError(422, "'messages' must be a non-empty list", param="messages")
+            raise ApiError(400, "'messages' must be a non-empty list", param="messages")
         system = body.get("system")
         if isinstance(system, list):
             if not all(isinstance(b, dict) and b.get("type", "text") == "text" and isinstance(b.get("text"), str)
@@ -665,7 +665,7 @@ class _Api:
         tools = body.get("tools")
         if tools is not None:
             if not isinstance(tools, list) or not all(isinstance(t, dict) and "name" in t for t in tools):
-                raise ApiError(422, "'tools' must be a list of {name, description, input_schema}", param="tools")
+                raise ApiError(400, "'tools' must be a list of {name, description, input_schema}", param="tools")
             tools = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
                                                        "parameters": t.get("input_schema", {"type": "object"})}}
                      for t in tools]
@@ -674,7 +674,7 @@ class _Api:
         tool_choice = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or (
             {"type": "function", "function": {"name": choice.get("name")}} if kind == "tool" else None)
         if tool_choice is None:
-            raise ApiError(422, "'tool_choice' must be {type: auto | any | tool | none}", param="tool_choice")
+            raise ApiError(400, "'tool_choice' must be {type: auto | any | tool | none}", param="tool_choice")
         prompt, rendered, headers = self.chat_prompt(engine, msgs, tools, tool_choice)
         return prompt, rendered, headers, tool_choice
 
@@ -798,13 +798,13 @@ def _from_anthropic(messages: list) -> list[dict]:
     out: list[dict] = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise ApiError(422, "each message needs role 'user' or 'assistant'", param="messages")
+            raise ApiError(400, "each message needs role 'user' or 'assistant'", param="messages")
         content = m.get("content")
         if isinstance(content, str):
             out.append({"role": m["role"], "content": content})
             continue
         if not isinstance(content, list):
-            raise ApiError(422, "message content must be a string or a list of blocks", param="messages")
+            raise ApiError(400, "message content must be a string or a list of blocks", param="messages")
         texts, calls, parts = [], [], []
         for block in content:
             kind = block.get("type") if isinstance(block, dict) else None

@@ -361,11 +361,11 @@ def test_errors(server, oai):
     r = post("/v1/chat/completions", content=b'{"messages": "' + b"x" * 1_100_000 + b'"}')
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = post("/v1/chat/completions", {"messages": msgs, "temperature": "hot"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "temperature"
-    assert post("/v1/chat/completions", {"messages": "hi"}).status_code == 422
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    assert post("/v1/chat/completions", {"messages": "hi"}).status_code == 400
     assert post("/v1/chat/completions", {"messages": msgs, "response_format": {"type": "xml"}}).status_code == 400
     r = post("/v1/messages", {"messages": msgs})  # max_tokens is required
-    assert r.status_code == 422 and r.json()["type"] == "error"
+    assert r.status_code == 400 and r.json()["type"] == "error"
     long = post("/v1/completions", {"prompt": list(range(100, 9000)), "max_tokens": 4})
     assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
     assert "access-control-allow-origin" not in httpx.options(
