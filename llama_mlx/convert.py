@@ -36,6 +36,7 @@ from .errors import CheckpointError, ConfigError, OutputExistsError, UnsafeOutpu
 # Under its old name: a test replaces `_exchange` here to take the two-rename fallback.
 from .fileio import check_replaceable, exchange_paths as _exchange
 from .hub import is_hub_id, resolve as resolve_hub_id
+from .lora import read_adapter, weight_updater
 from .tokenizer import load_tokenizer
 
 __all__ = ["ConvertResult", "MARKER_KEY", "Progress", "check_replaceable_model", "convert"]
@@ -63,7 +64,8 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
             dtype: str | None = None, recipe: str | None = None, force: bool = False,
             rope_factor: float | None = None,
             progress: Callable[[Progress], None] | None = None, source_label: str | None = None,
-            dequantize: bool = False, requantize: bool = False, quantize_vision: bool = False) -> ConvertResult:
+            dequantize: bool = False, requantize: bool = False, quantize_vision: bool = False,
+            adapter_path: str | Path | None = None) -> ConvertResult:
     """Convert the checkpoint at `src` (Meta, Hugging Face, GGUF or MLX) into an MLX folder at `dst`.
 
     quantize/bits/group_size: affine quantization of the linear layers and embeddings (a recipe
@@ -75,6 +77,8 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     A quantized source is never quantized again unless `requantize` (ConfigError otherwise).
     Llama 3.2 Vision folders (`vision.convert`): quantize applies to the language model, and to the
     vision tower too with `quantize_vision` (else it stays float).
+    adapter_path: an mlx-lm LoRA/DoRA adapter folder fused into the weights (`mlx_lm.fuse`): a weight kept
+    quantized is dequantized, updated and quantized again with its own bits and group size.
     Raises LlamaMLXError subclasses on bad input.
     """
     start = time.perf_counter()
@@ -84,6 +88,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     if quantize:
         check_options(bits, group_size, recipe)
     out_dtype = parse_dtype(dtype)
+    adapter = read_adapter(adapter_path) if adapter_path is not None else None  # checked before reading weights
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists() and is_hub_id(str(src)):  # a Hugging Face id: the cached (or fetched) snapshot
         src = resolve_hub_id(str(src))
@@ -94,7 +99,7 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
 
     vision_config = mllama_config(src)
     if vision_config is not None:
-        if recipe is not None or dequantize or requantize or rope_factor is not None:
+        if recipe is not None or dequantize or requantize or rope_factor is not None or adapter is not None:
             raise CheckpointError(f"{src}: Llama 3.2 Vision converts with quantize, bits, group_size and dtype only")
         return _convert_mllama(src, dst, start, force=force, quantize=quantize, bits=bits, group_size=group_size,
                                dtype=dtype, quantize_vision=quantize_vision, source_label=source_label,
@@ -104,7 +109,8 @@ def convert(src: str | Path, dst: str | Path, *, quantize: bool = False, bits: i
     _check_requantize(ckpt, src, quantize=quantize, bits=bits, group_size=group_size, requantize=requantize)
     out_dtype = out_dtype or main_dtype(ckpt)
     items, quantization = plan(ckpt, dtype=out_dtype, quantize=quantize, bits=bits,
-                               group_size=group_size, recipe=recipe, dequantize=dequantize)
+                               group_size=group_size, recipe=recipe, dequantize=dequantize,
+                               update=weight_updater(adapter, ckpt.config) if adapter is not None else None)
     items = track_conversion_error(ckpt, items)
     tokenizer = None if ckpt.tokenizer_files else load_tokenizer(ckpt.tokenizer_source or ckpt.path)
 

@@ -1,6 +1,7 @@
 """Named exceptions: the library raises these, the CLI turns them into one line and exit code 1."""
 
 __all__ = [
+    "AdapterError",
     "ArgumentError",
     "ChatTemplateLimitError",
     "CheckpointError",
@@ -32,6 +33,10 @@ class LlamaMLXError(Exception):
 
 class CheckpointError(LlamaMLXError):
     """A checkpoint is missing, malformed, truncated, unsafe or inconsistent with its config."""
+
+
+class AdapterError(CheckpointError):
+    """A LoRA/DoRA adapter folder that is missing, malformed, or does not fit the model."""
 
 
 class ConfigError(CheckpointError):

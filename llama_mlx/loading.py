@@ -16,7 +16,7 @@ from .build import build_model, check_vocabulary
 from .checkpoints import LazyWeights, read_checkpoint
 from .checkpoints.base import parse_dtype
 from .checkpoints.plan import main_dtype
-from .errors import CheckpointError
+from .errors import ArgumentError, CheckpointError
 from .resolve import DEFAULT_MODEL, ensure_default_model, resolve_model, weights_dir
 from .tokenizer import load_tokenizer
 
@@ -28,7 +28,7 @@ META_SAMPLING = {"temp": 0.6, "top_p": 0.9}  # Meta's reference chat defaults (l
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool = True,
          rope_factor: float | None = None, fuse: bool | None = None, distributed: bool | str | None = None,
-         allow_vocab_mismatch: bool = False):
+         allow_vocab_mismatch: bool = False, adapter_path: str | Path | None = None):
     """Load a model and its tokenizer from a Meta folder, HF folder, GGUF file or MLX folder; a Llama 3.2
     Vision folder (`model_type: mllama`) gives (model, processor) (`llama_mlx.vision.loading.Processor`).
 
@@ -45,15 +45,22 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     A tokenizer with ids past the model's vocabulary is refused (VocabularyMismatchError) unless
     `allow_vocab_mismatch` (tiny test models paired with a real tokenizer; ids are still range-checked
     when they reach generation).
+    adapter_path: an mlx-lm LoRA/DoRA adapter folder applied to the model (`llama_mlx.lora`).
     """
     if distributed not in (None, False, True, "auto", "tensor", "pipeline"):
         raise ValueError(f"distributed must be None, False, True, 'auto', 'tensor' or 'pipeline', "
                          f"not {distributed!r}")
+    from .lora import read_adapter
+
+    adapter = read_adapter(adapter_path) if adapter_path is not None else None  # checked before loading
     if distributed is not False:
         from . import distributed as dist
 
         group = dist.group()
         if group.size() > 1 or distributed not in (None, "auto"):
+            if adapter is not None:
+                raise ArgumentError("an adapter (--adapter-path) cannot be applied to a model split over "
+                                    "several processes: fuse it first (llama-mlx convert --adapter-path)")
             pipeline = None if distributed in (None, "auto") else distributed == "pipeline"
             return dist.load_sharded(path, group, pipeline=pipeline, dtype=dtype,
                                      rope_factor=rope_factor, allow_vocab_mismatch=allow_vocab_mismatch)
@@ -62,6 +69,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
 
     vision_config = mllama_config(resolved)
     if vision_config is not None:  # Llama 3.2 Vision: (model, processor)
+        if adapter is not None:
+            raise ArgumentError(f"{resolved}: adapters apply to Llama 3 text models, not Llama 3.2 Vision")
         return load_mllama(resolved, dtype=parse_dtype(dtype), lazy=lazy, allow_vocab_mismatch=allow_vocab_mismatch,
                            config=vision_config)
     ckpt = read_checkpoint(resolved, rope_factor=rope_factor)
@@ -69,7 +78,12 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, lazy: bool
     tokenizer = load_tokenizer(ckpt.tokenizer_source or ckpt.path)
     if not allow_vocab_mismatch:
         check_vocabulary(tokenizer, ckpt.config["vocab_size"], ckpt.path)
-    model = backends.prepare(build_model(ckpt.config, weights, source=ckpt.path), fuse=fuse)
+    model = build_model(ckpt.config, weights, source=ckpt.path)
+    if adapter is not None:  # before fusion: the adapted projections stay apart there
+        from .lora import apply_adapter
+
+        apply_adapter(model, adapter)
+    model = backends.prepare(model, fuse=fuse)
     del weights, ckpt  # so that each layer's unfused arrays are freed once its fused ones exist
     if not lazy:
         # One layer at a time, so fusing never holds two copies of more than one layer's weights.

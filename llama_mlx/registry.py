@@ -74,8 +74,9 @@ class _Slot:
         self.make: Optional[Callable[[Optional[Path]], Engine]] = None  # its own engine builder, if any
 
 
-def _key(path: Path) -> str:
-    return os.path.realpath(path)
+def _key(path: Path, adapter: Optional[Path | str] = None) -> str:
+    # An adapter is part of a model's identity: the same weights without it are another model.
+    return os.path.realpath(path) + (f"+adapter:{os.path.realpath(adapter)}" if adapter is not None else "")
 
 
 def _disk_size(path: Path) -> int:
@@ -131,16 +132,18 @@ class ModelRegistry:
     # -- adding and naming
 
     def add(self, name: str, path: Optional[Path | str], *, engine: Optional[Engine] = None, default: bool = False,
-            start: bool = True, make: Optional[Callable[[Optional[Path]], Engine]] = None) -> Engine:
+            start: bool = True, make: Optional[Callable[[Optional[Path]], Engine]] = None,
+            adapter: Optional[Path | str] = None) -> Engine:
         """Serve the model at `path` as `name` (preloaded: its engine is started now unless `start` is
         False; `engine` when given is used, else `make(path)`'s, else the factory's). The first added
         model is the default. `make` also rebuilds it after an unload (else the factory does, given a
         path). `path` may be None with an `engine` (then it is known by its name only). A model that
-        nothing can rebuild is never unloaded."""
+        nothing can rebuild is never unloaded. `adapter`: the adapter folder its engine applies (`make`
+        builds it so): the same path without it stays a model of its own."""
         if path is None and engine is None and make is None:
             raise ValueError("a model needs a path, an engine or a maker")
         with self._lock:
-            key = _key(Path(path)) if path is not None else "engine:" + name
+            key = _key(Path(path), adapter) if path is not None else "engine:" + name
             slot = self._slots.get(key) or _Slot(name, Path(path) if path is not None else None,
                                                  _disk_size(Path(path)) if path is not None else 0, preloaded=True)
             slot.preloaded = True

@@ -1221,7 +1221,7 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
         max_loaded_models: Optional[int] = None, max_loaded_bytes: Optional[int] = None,
         keep_alive: Optional[float] = None, images: ImagePolicy = ImagePolicy(),
         max_connections: Optional[int] = None, shutdown_timeout: float = 5.0, header_timeout: float = 10.0,
-        write_timeout: float = 60.0) -> bool:
+        write_timeout: float = 60.0, adapter_path: Optional[Path] = None) -> bool:
     """Serve the model `loader()` returns (the default one, `model_name`, at `model_path`) on
     http://host:port until SIGINT or SIGTERM (both stop cleanly).
 
@@ -1233,6 +1233,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     options are `ServerConfig`'s; log_level is uvicorn's and llama_mlx's. Returns False when the
     server could not listen; a failed load of a preloaded model is raised once the server stops.
     images: where request images may come from besides data URLs (`api_images.ImagePolicy`).
+    adapter_path: the adapter folder `loader` and `loader_for(path, adapter_path)` apply to the default and
+    `models` (part of their identity in the registry: a request naming their path gets the base model).
 
     Connections: at most `max_connections` at once (default `default_max_connections()`, below the
     open-file limit; requests beyond it are answered 503 at once); a client that has not sent its
@@ -1250,9 +1252,14 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     # The default model keeps its own options (speculative decoding) when loaded again; under
     # mlx.launch it is never unloaded (closing the leader sends the other ranks home).
     make = None if lockstep is not None else (lambda _path: Engine(loader, **options, speculative=speculative))
-    engine = registry.add(model_name, model_path, default=True, make=make,
+    engine = registry.add(model_name, model_path, default=True, make=make, adapter=adapter_path,
                           engine=Engine(loader, **options, speculative=speculative, lockstep=lockstep))
-    preloaded = [engine] + [registry.add(name, path) for name, path in models]
+
+    def adapted(path: Path) -> Engine:
+        return Engine(loader_for(path, adapter_path), **options)
+
+    preloaded = [engine] + [registry.add(name, path, adapter=adapter_path, make=adapted if adapter_path else None)
+                            for name, path in models]
     config = ServerConfig(model_name=model_name, api_key=api_key, allowed_origins=tuple(allowed_origins),
                           host=host, allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes,
                           default_max_tokens=default_max_tokens, images=images)

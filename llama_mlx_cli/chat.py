@@ -25,6 +25,7 @@ from llama_mlx.chat import ChatError, ChatSession, Turn, session_files, session_
 from llama_mlx.errors import ContextLengthError
 
 from .common import (
+    AdapterOpt,
     DtypeOpt,
     GenerationOptions,
     GgufFileOpt,
@@ -55,6 +56,8 @@ EPILOG = """\
   llama-mlx chat -M weights/Llama-3.2-1B-Instruct --system "You are a terse assistant."
 
   llama-mlx chat --temp 0 --max-tokens 128 --max-kv-size 4096
+
+  llama-mlx chat -M weights/Llama-3.2-1B-Instruct --adapter-path adapters     # a LoRA from mlx_lm.lora
 
 Inside the chat, /help lists the commands (/undo, /retry, /save, /load, /stats, ...).
 End a line with a backslash, or wrap text in triple quotes, to send several lines; pasted text
@@ -733,6 +736,7 @@ TOOLS = "Tools"
 def chat(
     model: ModelOpt = None,
     gguf_file: GgufFileOpt = None,
+    adapter_path: AdapterOpt = None,
     system: SystemOpt = None,
     options: GenerationOptions = None,
     dtype: DtypeOpt = "auto",
@@ -759,7 +763,7 @@ def chat(
     """Chat with a model in the terminal: streamed answers, multi-turn, with /commands (/help)."""
     model = with_gguf_file(model, gguf_file)
     raise typer.Exit(_run(model, system, dtype, load_session, options, tools, yes, tool_timeout, tool_memory,
-                          split_mode(pipeline, tensor_parallel), history=not no_history))
+                          split_mode(pipeline, tensor_parallel), history=not no_history, adapter_path=adapter_path))
 
 
 TOOL_SYSTEM = "Environment: ipython"  # Llama 3.1's system line that turns its code interpreter on
@@ -780,7 +784,7 @@ def python_tool_warning(tokenizer) -> Optional[str]:
 
 @handle_errors
 def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None, yes=False, tool_timeout=10.0,
-         tool_memory=1024, pipeline=None, history=True) -> int:
+         tool_memory=1024, pipeline=None, history=True, adapter_path=None) -> int:
     from llama_mlx.loading import generation_defaults, resolve_model
 
     if load_session is not None:
@@ -797,7 +801,7 @@ def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None
         refuse_in_group("speculative decoding (--draft-model, --prompt-lookup)")
     if opts.draft_model is None and opts.prompt_lookup is None:
         opts.prompt_lookup = default_prompt_lookup()
-    lm, tokenizer = load_model(model, dtype, pipeline=pipeline)
+    lm, tokenizer = load_model(model, dtype, pipeline=pipeline, adapter_path=adapter_path)
     if tools is not None and (warning := python_tool_warning(tokenizer)):
         note_line(f"warning: {warning}")
     sources = opts.use_model_defaults(generation_defaults(resolve_model(model)))

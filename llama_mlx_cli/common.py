@@ -286,6 +286,10 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     help="A model: a Meta / Hugging Face / MLX folder, a .gguf file, the name of a folder in weights/, or a "
          "Hugging Face id (org/name, org/name:Q4_K_M for GGUF repos; fetched once into the HF cache). "
          "Default: SmolLM2-135M-Instruct, fetched and converted on first use.")]
+AdapterOpt = Annotated[Optional[Path], typer.Option(
+    "--adapter-path", metavar="PATH", rich_help_panel=MODEL, show_default=False,
+    help="An mlx-lm LoRA/DoRA adapter folder (adapter_config.json + adapters.safetensors, as `mlx_lm.lora` "
+         "writes it) applied to the model.")]
 GgufFileOpt = Annotated[Optional[str], typer.Option(
     "--gguf-file", metavar="FILE", rich_help_panel=MODEL,
     help="With a Hugging Face id (or a folder) holding several .gguf files: the one to use.")]
@@ -587,19 +591,19 @@ def with_gguf_file(model: Optional[str], gguf_file: Optional[str]) -> Optional[s
 
 
 def load_model(model: Optional[str], dtype: Optional[str] = None, *, spinner: bool = True,
-               pipeline: Optional[bool] = None):
+               pipeline: Optional[bool] = None, adapter_path: Optional[Path] = None):
     """`llama_mlx.load` with a spinner on stderr (when it is a terminal): (model, tokenizer).
     pipeline: under mlx.launch, a `split_mode` (the layers, the heads, or automatic); an automatic
-    choice of pipeline parallel is said on stderr (`note_split`)."""
-    loaded = _load_model(model, dtype, spinner, pipeline)
+    choice of pipeline parallel is said on stderr (`note_split`). adapter_path: an mlx-lm adapter folder."""
+    loaded = _load_model(model, dtype, spinner, pipeline, adapter_path)
     note_split(loaded[0])
     return loaded
 
 
-def _load_model(model, dtype, spinner, pipeline):
+def _load_model(model, dtype, spinner, pipeline, adapter_path=None):
     from llama_mlx.loading import load
 
-    load = functools.partial(load, distributed=distributed_arg(pipeline))
+    load = functools.partial(load, distributed=distributed_arg(pipeline), adapter_path=adapter_path)
 
     fetch_default_model(model)
     message = f"Loading {model_label(model)}…"

@@ -28,6 +28,8 @@ EPILOG = """\
   llama-mlx convert --hf-path hf-folder --mlx-path out -q --q-bits 4 --q-group-size 64   # mlx-lm's names
 
   llama-mlx convert weights/smol-4bit weights/smol-f16 -d --dtype float16                # dequantize
+
+  llama-mlx convert weights/llama-1b-4bit weights/llama-1b-tuned --adapter-path adapters   # mlx_lm.fuse
 """
 
 QUANT = "Quantization"
@@ -111,6 +113,11 @@ def convert(
         "--dtype", metavar="float16|bfloat16|float32", callback=_dtype,
         help="Float type of the written weights (and of quantization scales). Default: the checkpoint's.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
+    adapter_path: Annotated[Optional[Path], typer.Option(
+        "--adapter-path", metavar="PATH", show_default=False,
+        help="Fuse an mlx-lm LoRA/DoRA adapter folder (as `mlx_lm.lora` writes it) into the weights, as "
+             "`mlx_lm.fuse` does: quantized weights are quantized again with their own bits and group size "
+             "(floats with --dequantize).")] = None,
     rope_factor: Annotated[Optional[float], typer.Option(
         "--rope-factor", min=1.0, help="Llama 3 RoPE scaling factor. Default: read from the checkpoint; for Meta "
                                        "checkpoints 32 for the Llama 3.2 1B/3B shapes, else 8.")] = None,
@@ -149,7 +156,8 @@ def convert(
         with _sigterm_interrupts(), bar:
             result = run_convert(src, out, quantize=quantize, bits=bits, group_size=group_size, dtype=dtype,
                                  recipe=recipe, force=force, rope_factor=rope_factor, progress=progress,
-                                 dequantize=dequantize, requantize=requantize, quantize_vision=quantize_vision)
+                                 dequantize=dequantize, requantize=requantize, quantize_vision=quantize_vision,
+                                 adapter_path=adapter_path)
     except KeyboardInterrupt:
         error_line(f"{out}: interrupted; nothing was written there")
         raise typer.Exit(130)

@@ -12,6 +12,7 @@ import typer
 from llama_mlx.errors import ImageError
 
 from .common import (
+    AdapterOpt,
     DtypeOpt,
     GenerationOptions,
     GgufFileOpt,
@@ -46,6 +47,8 @@ EPILOG = """\
   llama-mlx generate -M path/to/Llama-3.2-11B-Vision-Instruct --image photo.jpg "What is in this picture?"
 
   llama-mlx generate --json "Hi" | jq .generation_tps
+
+  llama-mlx generate -M weights/Llama-3.2-1B-Instruct --adapter-path adapters "Hi"   # mlx_lm.lora's output
 
   mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- llama-mlx generate "Hi" -M NAME [--pipeline]
 """
@@ -93,6 +96,7 @@ def generate(
         show_default=False)] = None,
     model: ModelOpt = None,
     gguf_file: GgufFileOpt = None,
+    adapter_path: AdapterOpt = None,
     file: Annotated[Optional[Path], typer.Option(
         "--file", "-f", metavar="FILE", help="Read the prompt from FILE ('-' for stdin).", show_default=False)] = None,
     system: SystemOpt = None,
@@ -118,12 +122,12 @@ def generate(
     if prompt is not None and prompt_opt is not None:
         raise usage_error("give the prompt either as PROMPT or with --prompt, not both")
     _run(prompt if prompt_opt is None else prompt_opt, model, file, system, raw, json_out, verbose, dtype, options,
-         pipeline, tensor_parallel, image)
+         pipeline, tensor_parallel, image, adapter_path)
 
 
 @handle_errors
 def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: GenerationOptions, pipeline=False,
-         tensor_parallel=False, image=None) -> None:
+         tensor_parallel=False, image=None, adapter_path=None) -> None:
     from llama_mlx.generate import stream_generate
 
     split = split_mode(pipeline, tensor_parallel)
@@ -135,7 +139,7 @@ def _run(prompt, model, file, system, raw, json_out, verbose, dtype, opts: Gener
         raise usage_error("--system needs the chat template: drop --raw")
     opts.check_static()
     # (Under mlx.launch every rank runs this same generation: its input is the same on each.)
-    lm, tokenizer = load_model(model, dtype, pipeline=split)
+    lm, tokenizer = load_model(model, dtype, pipeline=split, adapter_path=adapter_path)
     opts.check(tokenizer)
     if images is not None:
         from llama_mlx.vision.prompt import sees_images

@@ -42,6 +42,9 @@ EPILOG = """\
 
   llama-mlx serve --keep-alive 10m                  # unload models idle for 10 minutes
 
+  llama-mlx serve -M weights/Llama-3.2-1B-Instruct --adapter-path adapters
+                                                    # with a LoRA adapter from mlx_lm.lora
+
   OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=x your-openai-app
 
   OLLAMA_HOST=http://127.0.0.1:8080 your-ollama-app   # ollama's API on the same port
@@ -91,6 +94,10 @@ def serve(
              "once into the HF cache). A request's \"model\" may also name any model `llama-mlx list` shows, "
              "or a path: it is loaded then (never downloaded). Default: SmolLM2-135M-Instruct.")] = None,
     gguf_file: GgufFileOpt = None,
+    adapter_path: Annotated[Optional[Path], typer.Option(
+        "--adapter-path", metavar="PATH", show_default=False, rich_help_panel=MODEL,
+        help="An mlx-lm LoRA/DoRA adapter folder (as `mlx_lm.lora` writes it) applied to the --model models; a "
+             "request naming one of their paths gets the model without it.")] = None,
     host: Annotated[str, typer.Option(
         "--host", help="Address to listen on (loopback by default; 0.0.0.0 exposes the server).",
         rich_help_panel=SERVER)] = "127.0.0.1",
@@ -207,11 +214,18 @@ def serve(
         raise typer.BadParameter(f"two models are named alike ({', '.join(names)}); name each once",
                                  param_hint="--model")
 
-    def loader_for(p):
-        return lambda: load(p, dtype=resolve_dtype(dtype), distributed=False)
+    if adapter_path is not None:  # one that does not fit a model fails here, before binding
+        from llama_mlx.lora import check_adapter
+
+        for p in [path] + [p for _, p in more]:
+            check_adapter(adapter_path, p)
+
+    def loader_for(p, adapter=None):
+        return lambda: load(p, dtype=resolve_dtype(dtype), distributed=False, adapter_path=adapter)
 
     def loader():
-        loaded = load(path, dtype=resolve_dtype(dtype), distributed=distributed_arg(split))
+        loaded = load(path, dtype=resolve_dtype(dtype), distributed=distributed_arg(split),
+                      adapter_path=adapter_path)
         note_split(loaded[0])
         p = getattr(loaded[0], "shard_plan", None)
         if p is not None and p.size > 1 and p.rank == 0:
@@ -244,6 +258,7 @@ def serve(
         max_loaded_bytes=max_loaded_bytes, keep_alive=seconds,
         images=ImagePolicy(allow_urls=allow_image_urls, files_dir=allow_image_files),
         max_connections=max_connections, shutdown_timeout=shutdown_timeout, header_timeout=header_timeout,
+        adapter_path=adapter_path,
         on_ready=lambda: note_line(f"{', '.join(names)} loaded; serving on http://{host}:{port}/v1"))
     if not listened:
         error_line(f"could not listen on {host}:{port}")

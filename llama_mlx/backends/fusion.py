@@ -95,7 +95,8 @@ def _concat_linears(linears: list[nn.Module]) -> nn.Module:
                 fused[name] = mx.concatenate([l[name] for l in linears], axis=0)
         fused.freeze()
         return fused
-    if any(isinstance(l, nn.QuantizedLinear) for l in linears):
+    # Mixed precisions, or adapted projections (llama_mlx.lora), keep their own matmuls.
+    if any(isinstance(l, nn.QuantizedLinear) or not isinstance(l, nn.Linear) for l in linears):
         return _Unfused(linears)
     fused = nn.Linear(1, 1, bias="bias" in first)
     fused.weight = mx.concatenate([l.weight for l in linears], axis=0)

@@ -79,9 +79,15 @@ def main_dtype(ckpt: Checkpoint) -> mx.Dtype:
 
 
 def plan(ckpt: Checkpoint, *, dtype: mx.Dtype | None = None, quantize: bool = False, bits: int = 4,
-         group_size: int = 64, recipe: str | None = None, dequantize: bool = False) -> tuple[list[Item], dict | None]:
+         group_size: int = 64, recipe: str | None = None, dequantize: bool = False,
+         update: tuple[set[str], Callable[[str, mx.array], mx.array]] | None = None,
+         ) -> tuple[list[Item], dict | None]:
     """Output items in writing order, and the output config's `quantization` entry (None if none);
-    `dequantize`: a quantized source's weights are written as floats (unless `quantize`)."""
+    `dequantize`: a quantized source's weights are written as floats (unless `quantize`).
+    update: (modules, fn): those modules' float weights become fn(module, weight) before they are cast
+    or quantized (an adapter fused in, `lora.weight_updater`); kept-quantized ones are quantized again
+    with their own bits and group size."""
+    changed, fn = update or (set(), None)
     dtype = dtype or main_dtype(ckpt)
     source_q = ckpt.config.get("quantization")
     modules = sorted({n.rpartition(".")[0] for n in ckpt.tensors}, key=_order)
@@ -103,9 +109,15 @@ def plan(ckpt: Checkpoint, *, dtype: mx.Dtype | None = None, quantize: bool = Fa
             if target is not None and target["bits"] != bits:
                 out_q[module] = target
         elif not quantize and src is not None and not dequantize:
-            items.append(_keep_quantized(ckpt, module, dtype, _size(logical)))
-            continue
-        items.append(_float_or_quantized(ckpt, module, logical, src, target, dtype))
+            if module not in changed:
+                items.append(_keep_quantized(ckpt, module, dtype, _size(logical)))
+                continue
+            if src.get("mode", "affine") != "affine":
+                raise ConfigError(f"{module}: an adapter fuses into affine-quantized weights only, "
+                                  f"not {src['mode']!r} (convert with --dequantize)")
+            target = {"group_size": src["group_size"], "bits": src["bits"]}
+        items.append(_float_or_quantized(ckpt, module, logical, src, target, dtype,
+                                         (lambda w, m=module: fn(m, w)) if module in changed else None))
     return items, (out_q if _quantized_any(items) else None)
 
 
@@ -129,7 +141,8 @@ def _keep_quantized(ckpt: Checkpoint, module: str, dtype: mx.Dtype, parameters: 
 
 
 def _float_or_quantized(ckpt: Checkpoint, module: str, logical: tuple, src: dict | None,
-                        target: dict | None, dtype: mx.Dtype) -> Item:
+                        target: dict | None, dtype: mx.Dtype,
+                        update: Callable[[mx.array], mx.array] | None = None) -> Item:
     name = module + ".weight"
 
     def weight() -> mx.array:
@@ -140,6 +153,8 @@ def _float_or_quantized(ckpt: Checkpoint, module: str, logical: tuple, src: dict
                 s, b = s.astype(mx.float32), b.astype(mx.float32)
             w = mx.dequantize(w, s, b, group_size=src["group_size"], bits=src["bits"],
                               mode=src.get("mode", "affine"))
+        if update is not None:
+            w = update(w)
         return _cast(w, dtype)
 
     if target is None:
