@@ -250,6 +250,7 @@ class BatchEngine:
         dtype = model.model.compute_dtype or model.model.norm.weight.dtype
         # Keys and values, every layer, one position.
         self.bytes_per_token = 2 * len(model.layers) * args.num_key_value_heads * args.head_dim * dtype.size
+        self.bucketed = backends.rows_step(model, [BatchKVCache()]).kind != "graph"
         self._new_batch_cache()
         # The one running sequence's own caches and step, when it runs alone (else None).
         self.solo: Optional[list[KVCache]] = None
@@ -316,7 +317,40 @@ class BatchEngine:
     def kv_bytes_needed(self, prompt_tokens: int, max_tokens: int) -> int:
         """KV bytes a request needs alone (what `submit` compares with `max_kv_bytes`)."""
         reservation = prompt_tokens + max_tokens
+        if self.bucketed:
+            reservation = _round_up(reservation, BatchKVCache.step)
         return (reservation + _round_up(prompt_tokens - 1, KVCache.step)) * self.bytes_per_token
+
+    def warm_up(self, seconds: float = 30.0, capacities: Sequence[int] = (256, 512, 1024)) -> int:
+        """Run the batched step once at each shape it will take (every bucket of rows up to
+        `max_batch`, at each of `capacities`, smallest first), so that its traces and kernel builds
+        happen now rather than in the first requests; stops starting new shapes after `seconds`
+        and skips shapes over `max_kv_bytes`. Returns the shapes run (0 where the step is the
+        model's graph, which traces nothing)."""
+        if not self.bucketed:
+            return 0
+        deadline = time.perf_counter() + seconds
+        probe = [KVCache() for _ in self.model.layers]  # the buffers' dtype and head shape, as a step makes them
+        self.model(mx.array([[0]]), probe)
+        _, H, _, D = probe[0].keys.shape
+        dtype = probe[0].keys.dtype
+        sizes = sorted({BatchKVCache(bucketed=True).rows(n) for n in range(1, self.max_batch + 1)})
+        done = 0
+        for cap in sorted({_round_up(c, BatchKVCache.step) for c in capacities}):
+            for rows in sizes:
+                if time.perf_counter() > deadline:
+                    return done
+                if self.max_kv_bytes is not None and rows * cap * self.bytes_per_token > self.max_kv_bytes:
+                    continue
+                cache = [BatchKVCache(bucketed=True) for _ in self.model.layers]
+                zeros = mx.zeros((rows, H, cap, D), dtype)
+                for c in cache:
+                    c.add_rows(zeros, zeros, [cap - 1] * rows)
+                mx.eval(backends.rows_step(self.model, cache)(mx.zeros((rows, 1), mx.uint32)))
+                done += 1
+                del cache, zeros
+        mx.clear_cache()
+        return done
 
     def check_capacity(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise KVCapacityError if such a request could never fit under `max_kv_bytes` (thread-safe)."""
@@ -390,7 +424,11 @@ class BatchEngine:
     def _bytes_with(self, reqs: list[BatchRequest], rows: int, limit: int) -> int:
         """Most KV bytes held while `reqs` prefill beside `rows` rows whose longest reservation is
         `limit`, and after they join them (a prefill's rows counted in whole `KVCache.step`s)."""
-        batch = (rows + len(reqs)) * max([limit] + [r.reservation for r in reqs])
+        longest = max([limit] + [r.reservation for r in reqs])
+        if self.bucketed:  # the batch's buffers in buckets (`BatchKVCache.rows`, whole steps)
+            batch = self.cache[0].rows(rows + len(reqs)) * _round_up(longest, BatchKVCache.step)
+        else:
+            batch = (rows + len(reqs)) * longest
         prefill = len(reqs) * _round_up(_prefill_bound(reqs), KVCache.step)
         return (batch + prefill) * self.bytes_per_token
 
@@ -522,7 +560,8 @@ class BatchEngine:
         mx.clear_cache()
 
     def _new_batch_cache(self) -> None:
-        self.cache = [BatchKVCache() for _ in self.model.layers]
+        # A compiled step traces per buffer shape: its cache's shapes come from a few buckets.
+        self.cache = [BatchKVCache(bucketed=self.bucketed) for _ in self.model.layers]
         self._rows_step = backends.rows_step(self.model, self.cache)
 
     def _inputs(self) -> mx.array:

@@ -350,15 +350,27 @@ class BatchKVCache(HandOver):
     `lengths` when first asked for (a compiled step reads only the first layer's). Capacity grows
     in steps of `step` positions but never past `limit` (when set), the most any row may hold.
     Compiled steps take its buffers whole (`HandOver`).
+
+    `bucketed`: the buffers' shapes come from a few buckets, so that a compiled step traces (and
+    compiles kernels) a few times, not once per batch size and request mix: capacity in whole
+    `step`s (`limit` then no tighter), and `rows(B)` buffer rows for B sequences (1, 2, 4, 8,
+    then multiples of 8), the rows past B padding that nothing reads.
     """
 
     step = 256
 
-    def __init__(self):
+    def __init__(self, bucketed: bool = False):
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.limit: Optional[int] = None
+        self.bucketed = bucketed
         self._set_lengths([])
+
+    def rows(self, n: int) -> int:
+        """Buffer rows that hold n sequences."""
+        if not self.bucketed or n <= 1:
+            return n
+        return 1 << (n - 1).bit_length() if n <= 8 else _round_up(n, 8)
 
     def _set_lengths(self, lengths: list[int]) -> None:
         self.lengths = lengths
@@ -372,15 +384,18 @@ class BatchKVCache(HandOver):
 
     def _capacity(self, needed: int) -> int:
         cap = _round_up(needed, self.step)
-        return max(needed, min(cap, self.limit)) if self.limit else cap
+        if self.bucketed or not self.limit:
+            return cap
+        return max(needed, min(cap, self.limit))
 
     def _grow(self, needed: int, like: mx.array) -> None:
         if self.keys is not None and needed <= self.keys.shape[2]:
             return
-        B, H, _, D = like.shape
+        _, H, _, D = like.shape
+        R = self.keys.shape[0] if self.keys is not None else self.rows(like.shape[0])
         cap = self._capacity(needed)
-        new_k = mx.zeros((B, H, cap, D), like.dtype)
-        new_v = mx.zeros((B, H, cap, D), like.dtype)
+        new_k = mx.zeros((R, H, cap, D), like.dtype)
+        new_v = mx.zeros((R, H, cap, D), like.dtype)
         if self.keys is not None:
             old = self.keys.shape[2]
             new_k[:, :, :old] = self.keys
@@ -391,13 +406,17 @@ class BatchKVCache(HandOver):
         B, H, L, D = k.shape
         needed = max(self.lengths) + L
         self._grow(needed, k)
+        offset, R = self.offset, self.keys.shape[0]
+        if R > B:  # bucketed: padding rows write zeros at their position 0
+            k, v = (mx.concatenate([a, mx.zeros((R - B, H, L, D), a.dtype)]) for a in (k, v))
+            offset = mx.concatenate([offset, mx.zeros((R - B,), offset.dtype)])
         # Row b writes its L new positions at lengths[b] ...
-        pos = self.offset[:, None, None, None] + mx.arange(L, dtype=mx.int32)[None, None, :, None]
-        idx = mx.broadcast_to(pos, (B, H, L, D))
+        pos = offset[:, None, None, None] + mx.arange(L, dtype=mx.int32)[None, None, :, None]
+        idx = mx.broadcast_to(pos, (R, H, L, D))
         self.keys = mx.put_along_axis(self.keys, idx, k, axis=2)
         self.values = mx.put_along_axis(self.values, idx, v, axis=2)
         self._set_lengths([n + L for n in self.lengths])
-        return self.keys[:, :, :needed], self.values[:, :, :needed]
+        return self.keys[:B, :, :needed], self.values[:B, :, :needed]
 
     def reserve(self, n: int) -> None:
         """Room for `n` more positions in every row (the buffers must exist: `add` made them)."""
@@ -430,17 +449,17 @@ class BatchKVCache(HandOver):
         B, n = len(self.lengths), len(lengths)
         _, H, _, D = ref.shape
         cap = max(self._capacity(max(self.lengths + lengths) + 1), 0 if self.keys is None else self.keys.shape[2])
-        new_k = mx.zeros((B + n, H, cap, D), ref.dtype)
-        new_v = mx.zeros((B + n, H, cap, D), ref.dtype)
-        if self.keys is not None:
+        new_k = mx.zeros((self.rows(B + n), H, cap, D), ref.dtype)
+        new_v = mx.zeros((self.rows(B + n), H, cap, D), ref.dtype)
+        if self.keys is not None and B:
             old = self.keys.shape[2]
-            new_k[:B, :, :old] = self.keys
-            new_v[:B, :, :old] = self.values
+            new_k[:B, :, :old] = self.keys[:B]
+            new_v[:B, :, :old] = self.values[:B]
         m = max(lengths)
         if keys is not None and m:
             # Past its own length a row's copy is padding: masked out, as everywhere.
-            new_k[B:, :, :m] = keys[:, :, :m]
-            new_v[B:, :, :m] = values[:, :, :m]
+            new_k[B : B + n, :, :m] = keys[:, :, :m]
+            new_v[B : B + n, :, :m] = values[:, :, :m]
         self.keys, self.values = new_k, new_v
         self._set_lengths(self.lengths + lengths)
 
@@ -459,7 +478,8 @@ class BatchKVCache(HandOver):
         if self.keys is None:
             return
         cap = min(self.keys.shape[2], self._capacity(max(self.lengths) + 1))
-        idx = mx.array(rows, dtype=mx.int32)
+        # (bucketed: the first kept row again as padding)
+        idx = mx.array(rows + rows[:1] * (self.rows(len(rows)) - len(rows)), dtype=mx.int32)
         # A gather then a contiguous copy: fresh buffers of exactly the kept size, no view of the old.
         self.keys = mx.contiguous(mx.take(self.keys, idx, axis=0)[:, :, :cap])
         self.values = mx.contiguous(mx.take(self.values, idx, axis=0)[:, :, :cap])
@@ -476,8 +496,8 @@ class BatchKVCache(HandOver):
     def state(self) -> list[mx.array]:
         if self.keys is None:
             return []
-        S = max(self.lengths)
-        return [self.keys[:, :, :S], self.values[:, :, :S]]
+        B, S = len(self.lengths), max(self.lengths)
+        return [self.keys[:B, :, :S], self.values[:B, :, :S]]
 
     @property
     def meta_state(self) -> dict:

@@ -194,6 +194,10 @@ def _holds_images(pc: PromptCache) -> bool:
     return any(hasattr(c, "spans") for c in pc.cache)  # a vision model's cross-attention caches
 
 
+# Load-time bound on tracing the batched step's shapes (`BatchEngine.warm_up`).
+WARM_UP_SECONDS = 30.0
+
+
 def _copyable(pc: PromptCache) -> bool:
     return all(type(c) is KVCache for c in pc.cache)
 
@@ -465,6 +469,8 @@ class Engine:
                 while self.batch.has_work():
                     self.batch.step()
                 self.batch.decode_steps = self.batch.multi_row_steps = self.batch.max_rows = 0
+                # Every bucket of rows at the first capacities, bounded: no first-request traces.
+                self.batch.warm_up(seconds=WARM_UP_SECONDS)
         except BaseException as e:  # noqa: BLE001 - reported by wait_ready
             self.load_error = e
             self._closing = True

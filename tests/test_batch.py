@@ -273,3 +273,35 @@ def test_cancel_and_threaded_serve(tiny, smol):
         eng.close(10)
     assert dropped.finish_reason == "cancelled" and 3 <= len(dropped.tokens) < 200
     assert got == keep.tokens == greedy_without_cache(tiny, rand_ids(30, 6), 10)
+
+
+def test_compiled_batch_step_takes_few_shapes(tiny, smol, backend_row):
+    """Under a compiled batch step (the Metal row: traced per buffer shape), ten requests of random
+    prompt and answer lengths, joining at random steps and leaving at their own, hold the batch's
+    buffers in a few bucketed shapes (rows 1, 2, 4 or 8; capacity in whole 256-position steps)
+    rather than one per batch size and request mix; `warm_up` runs exactly those shapes first,
+    and every sequence equals cache-free greedy decoding."""
+    backend_row("metal")
+    _, tokenizer = smol
+    rng = np.random.default_rng(5)
+    eng = BatchEngine(tiny, tokenizer, max_batch=8, prefill_chunk=16)
+    assert eng.bucketed
+    warmed = eng.warm_up(capacities=(256,))
+    assert warmed == 4  # rows 1, 2, 4, 8 at capacity 256
+    specs = [(rand_ids(60 + i, int(rng.integers(1, 40))), int(rng.integers(1, 12))) for i in range(10)]
+    reqs, shapes, sizes = [], set(), set()
+    for p, n in specs:
+        reqs.append(eng.submit(p, max_tokens=n, stop_tokens=()))
+        for _ in range(int(rng.integers(0, 3))):
+            eng.step()
+            if eng.solo is None and eng.cache[0].keys is not None:
+                shapes.add((eng.cache[0].keys.shape[0], eng.cache[0].keys.shape[2]))
+                sizes.add(len(eng.running))
+    while eng.has_work():
+        eng.step()
+        if eng.solo is None and eng.cache[0].keys is not None:
+            shapes.add((eng.cache[0].keys.shape[0], eng.cache[0].keys.shape[2]))
+            sizes.add(len(eng.running))
+    assert len(sizes) >= 4 and shapes <= {(1, 256), (2, 256), (4, 256), (8, 256)}, (sizes, shapes)
+    for (p, n), r in zip(specs, reqs):
+        assert r.tokens == greedy_without_cache(tiny, p, n)

@@ -98,8 +98,14 @@ class CompiledStep(GraphStep):
             return self.short(tokens)[:, -1, :]
         if L != 1 or empty or B > self.decoder.max_batch:
             return super().__call__(tokens)
-        position = offset if rows else self.decoder.position(offset)
-        return _over_buffers(self.cache, self.graph, tokens, position, 1)
+        if not rows:
+            return _over_buffers(self.cache, self.graph, tokens, self.decoder.position(offset), 1)
+        R = self.cache[0].keys.shape[0]
+        if R > B:  # a bucketed cache's padding rows: token 0 at position 0, logits dropped
+            tokens = mx.concatenate([tokens, mx.zeros((R - B, 1), tokens.dtype)])
+            offset = mx.concatenate([offset, mx.zeros((R - B,), offset.dtype)])
+        logits = _over_buffers(self.cache, self.graph, tokens, offset, 1)
+        return logits[:B] if R > B else logits
 
 
 def _over_buffers(cache: list, graph: Callable, tokens: mx.array, position: mx.array, n: int) -> mx.array:
