@@ -345,16 +345,17 @@ def test_chat_two_ranks_tensor_parallel_equals_single_process(tmp_path, tiny_cha
 
 
 @pytest.mark.parametrize("mode", ["pipeline", "tensor"])
-def test_serve_two_ranks_openai_client_then_sigterm(tmp_path, request, mode):
-    """`serve` under 2 ranks, by layers (SmolLM2) or by heads (a random model whose heads split):
+def test_serve_two_ranks_openai_client_then_sigterm(tmp_path, tiny_chat, mode):
+    """`serve` under 2 ranks, by layers or by heads, of a random model with SmolLM2's tokenizer and
+    template (the real model's layers split in test_chat_two_ranks_pipeline_equals_single_process):
     answers at temperature 0 (plain, streamed over a cached prefix, and after a stream the client
     dropped) equal the plain model's; SIGTERM to rank 0 ends every rank, exit 0."""
     import httpx2 as httpx
     import openai
     from test_server import free_port
 
-    folder = SMOLLM2 if mode == "pipeline" else request.getfixturevalue("tiny_chat")
-    model, tokenizer = request.getfixturevalue("smollm2") if mode == "pipeline" else load(folder, distributed=False)
+    folder = tiny_chat
+    model, tokenizer = load(folder, distributed=False)
 
     def oracle(messages):
         return generate(model, tokenizer, messages, max_tokens=6, sampler=make_sampler(0.0))
