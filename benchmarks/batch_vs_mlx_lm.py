@@ -14,6 +14,12 @@ Needs the `bench` (or `test`) extra (mlx-lm). Results go to --out as batch_vs_ml
   python benchmarks/batch_vs_mlx_lm.py --models smollm2 -p 32 -g 8 --streams 1,4,8
   # GPU (MLX CUDA or Metal):
   python3 benchmarks/batch_vs_mlx_lm.py --models 1b,8b -p 128 -g 128 --work /tmp/bench-work
+
+--first-second: first-request stalls instead. Each runtime in a process of its own loads the
+model, runs its public `batch_generate` on N prompts with 8 new tokens (the warm-up, at the timed
+runs' batch size and prompt length), then twice on N other prompts with -g new tokens: the first
+of those against the second (tokens/s, their ratio) is what a first request pays for new shapes.
+Results go to batch_first_second-<tag>.json/.md.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llama-mlx-bench"))
     p.add_argument("--tag", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-second", action="store_true",
+                   help="measure the first batch_generate against the second (each runtime in its own process)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # RUNTIME:FOLDER:STREAMS, --first-second's process
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.streams = [int(s) for s in args.streams.split(",") if s.strip()]
@@ -159,6 +168,78 @@ def run_mlx_lm(folder: Path, args) -> list[dict]:
     return out
 
 
+def first_second_child(spec: str, args) -> dict:
+    """In a fresh process: load, warm up (N prompts, 8 tokens), then two timed `batch_generate`s."""
+    runtime, folder, n = spec.rsplit(":", 2)
+    n = int(n)
+    if runtime == OURS:
+        import llama_mlx
+
+        model, tokenizer = llama_mlx.load(folder, lazy=False)
+
+        def run(prompts, g):
+            res = llama_mlx.batch_generate(model, tokenizer, prompts, max_tokens=g, max_batch=max(n, 8))
+            return sum(len(t) for t in res.tokens)
+    else:
+        import importlib
+
+        import mlx_lm
+
+        gen = importlib.import_module("mlx_lm.generate")
+        model, tokenizer = mlx_lm.load(folder)
+        mx.eval(model.parameters())
+
+        def run(prompts, g):
+            res = gen.batch_generate(model, tokenizer, prompts, max_tokens=g, return_token_ids=True)
+            return sum(len(t) for t in res.token_ids)
+    vocab = model.args.vocab_size
+    run(prompts_for(n, args.prompt_tokens, vocab, 98), 8)
+    out = {"runtime": runtime, "streams": n}
+    for i, name in enumerate(("first", "second")):
+        prompts = prompts_for(n, args.prompt_tokens, vocab, args.seed + i)
+        start = time.perf_counter()
+        tokens = run(prompts, args.gen_tokens)
+        wall = time.perf_counter() - start
+        out[name] = {"tokens": tokens, "wall_s": wall, "tps": tokens / wall}
+    out["first_over_second"] = out["first"]["tps"] / out["second"]["tps"]
+    return out
+
+
+def first_second(folder: Path, args) -> list[dict]:
+    import subprocess
+
+    rows = []
+    for n in args.streams:
+        for runtime in args.runtimes:
+            argv = [sys.executable, __file__, "--child", f"{runtime}:{folder}:{n}", "-p", str(args.prompt_tokens),
+                    "-g", str(args.gen_tokens), "--seed", str(args.seed)]
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode:
+                log(done.stderr[-2000:])
+                rows.append({"runtime": runtime, "streams": n, "error": done.stderr.strip().splitlines()[-1:]})
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            log(f"  {runtime:9s} streams {n}: first {row['first']['tps']:.1f} tok/s, second "
+                f"{row['second']['tps']:.1f} tok/s (first/second {row['first_over_second']:.2f})")
+    return rows
+
+
+def first_second_table(run: dict) -> str:
+    lines = []
+    for name, rows in run["models"].items():
+        lines += [f"### {name}", "", "| runtime | streams | first tok/s | second tok/s | first / second |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['runtime']} | {r['streams']} | error: {r['error']} | | |")
+            else:
+                lines.append(f"| {r['runtime']} | {r['streams']} | {r['first']['tps']:.1f} | "
+                             f"{r['second']['tps']:.1f} | {r['first_over_second']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def table(run: dict) -> str:
     lines = []
     for name, rows in run["models"].items():
@@ -181,6 +262,9 @@ def table(run: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.child:
+        print(json.dumps(first_second_child(args.child, args)))
+        return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     run = {"device": B.device_summary(), "versions": versions() if THEIRS in args.runtimes else {},
@@ -192,14 +276,17 @@ def main(argv=None) -> int:
         folder = model_folder(name, args, work)
         log(f"{name}: {folder}")
         rows = []
-        if OURS in args.runtimes:
+        if args.first_second:
+            rows = first_second(folder, args)
+        if OURS in args.runtimes and not args.first_second:
             rows += run_ours(folder, args)
-        if THEIRS in args.runtimes:
+        if THEIRS in args.runtimes and not args.first_second:
             rows += run_mlx_lm(folder, args)
         run["models"][name] = rows
-        (out / f"batch_vs_mlx_lm-{tag}.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
-        (out / f"batch_vs_mlx_lm-{tag}.md").write_text(f"# batch_vs_mlx_lm ({tag})\n\n" + table(run))
-    print(table(run))
+        stem, show = ("batch_first_second", first_second_table) if args.first_second else ("batch_vs_mlx_lm", table)
+        (out / f"{stem}-{tag}.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+        (out / f"{stem}-{tag}.md").write_text(f"# {stem} ({tag})\n\n" + show(run))
+    print(show(run))
     return 0
 
 
