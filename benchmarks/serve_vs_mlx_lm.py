@@ -14,9 +14,20 @@ tokens banned (so every answer has `--max-tokens` tokens):
   model with a small tokenizer TTFT is an upper bound, the same for both servers). Both servers
   batch: ours with `--decode-concurrency` and `--max-concurrency` set to the largest N, mlx-lm with
   its `--decode-concurrency`.
+- with `--model-b PATH`: a model switch. Three servers run at once (each idle while another is
+  measured), at their default settings: ours with both models preloaded (`-M A -M B`, both stay
+  loaded), ours with `--max-loaded-models 1` (B loaded on request, unloading A, and back), and
+  mlx_lm.server (it holds one model and loads the one a request names). Each of `--switch-trials`
+  trials asks every server in turn, by path, for B (the switch A->B), B again (steady), A (B->A),
+  A again (steady): streamed /v1/completions, a new prompt each time, TTFT of the first text frame.
+  Medians per server and the ratios mlx-lm/ours are reported (`--only-switch`: nothing else).
 
     python benchmarks/serve_vs_mlx_lm.py --model weights/SmolLM2-135M-Instruct --max-tokens 32
     python benchmarks/serve_vs_mlx_lm.py --model /tmp/rand-1b --random-shape 1b --streams 1,4,8 --only-streams
+    python benchmarks/serve_vs_mlx_lm.py --model /tmp/smol-f32 --model-b /tmp/rand-135m --random-shape-b 135m \
+        --random-dtype float32 --only-switch --out benchmarks/results/serve_vs_mlx_lm-cpu-switch.json
+    python benchmarks/serve_vs_mlx_lm.py --model /tmp/rand-1b --random-shape 1b --model-b /tmp/rand-8b \
+        --random-shape-b 8b --only-switch --out /tmp/switch-gpu.json        # GPU: bigger shapes
 """
 
 from __future__ import annotations
@@ -126,16 +137,17 @@ def system_prompt(tag: str, rules: int) -> str:
 WORDS = [f"t{i}" for i in range(3, 200)]  # words of random_model's tokenizer; plain words for real ones
 
 
-def stream_completion(base: str, prompt: str, max_tokens: int, bias: dict) -> dict:
-    body = {"model": "default_model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+def stream_completion(base: str, prompt: str, max_tokens: int, bias: dict, model: str = "default_model") -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if bias:
         body["logit_bias"] = bias
     start, first, tokens = time.perf_counter(), None, 0
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=1200) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"{base} {model}: HTTP {r.status_code}: {r.read()[:500]!r}")
         for chunk in sse_chunks(r):
-            if chunk.get("choices") and first is None:
+            if first is None and any(c.get("text") for c in chunk.get("choices") or []):
                 first = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -187,6 +199,113 @@ def measure(base: str, args, bias: dict) -> dict:
             "long_cold_ttft": cold["ttft"], "long_cached_ttft": warm["ttft"]}
 
 
+# -- a model switch: the first request for another model, ours against mlx_lm.server
+
+SHAPE_135M = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
+              "rope_factor": 8.0}  # SmolLM2's sizes
+
+
+def is_random(model: str) -> bool:
+    config = Path(model) / "config.json"
+    return config.is_file() and "llama_mlx_benchmark" in config.read_text()
+
+
+def switch_request(model: str) -> tuple[str, dict]:
+    """The prompt words and logit bias for `model`: a random folder's small word tokenizer has no text for
+    most ids its random head picks, so its first token is forced to a word (the forward pass is the same);
+    a real model's end tokens are banned (--stop-ids)."""
+    if is_random(model):
+        return "t5 t6 t7", {"10": 100}
+    return "Once upon a time, by the sea,", None
+
+
+def switch_servers(args, a: str, b: str) -> dict:
+    """name -> command(port) of the three servers of the switch benchmark."""
+    ours = [sys.executable, "-m", "llama_mlx_cli.main", "serve", "--log-level", "warning",
+            "--prompt-cache-bytes", str(args.prompt_cache_bytes)]
+    return {
+        "llama-mlx": lambda port: ours + ["-M", a, "-M", b, "--port", str(port)],
+        "llama-mlx max-loaded 1": lambda port: ours + ["-M", a, "--max-loaded-models", "1", "--port", str(port)],
+        "mlx-lm": lambda port: [sys.executable, "-m", "mlx_lm.server", "--model", a, "--port", str(port),
+                                "--prompt-cache-bytes", str(args.prompt_cache_bytes), "--log-level", "WARNING"],
+    }
+
+
+def measure_switch(args, bias: dict) -> dict:
+    """Medians of the switch A->B and B->A TTFTs and of the steady ones, per server (see the docstring)."""
+    a, b = (str(Path(m).resolve()) for m in (args.model, args.model_b))  # both servers key models by path
+    requests = {m: switch_request(m) for m in (a, b)}
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    servers, procs = {}, []
+    try:
+        for name, cmd in switch_servers(args, a, b).items():
+            port = free_port()
+            ready = "/health" if name.startswith("llama-mlx") else "/v1/models"
+            began = time.perf_counter()
+            procs.append(start(cmd(port), f"http://127.0.0.1:{port}{ready}", logs / f"bench-switch-{len(procs)}.log"))
+            servers[name] = {"base": f"http://127.0.0.1:{port}", "startup_s": time.perf_counter() - began,
+                             "samples": {k: [] for k in ("switch_a_b", "steady_b", "switch_b_a", "steady_a")}}
+        asked = 0
+
+        def ask(server: dict, model: str) -> float:
+            nonlocal asked
+            asked += 1  # a new prompt each time: no server answers from its prefix cache of a whole prompt
+            words, own_bias = requests[model]
+            out = stream_completion(server["base"], f"{asked} {words}", args.switch_tokens,
+                                    own_bias if own_bias is not None else bias, model)
+            return out["ttft"]
+
+        for server in servers.values():  # untimed: each model once (page cache, first calls), then A loaded
+            for model in (a, b, a):
+                ask(server, model)
+        for trial in range(args.switch_trials):
+            for name, server in servers.items():  # alternating servers: drift and other load hit all three
+                row = {k: ask(server, m) for k, m in (("switch_a_b", b), ("steady_b", b), ("switch_b_a", a),
+                                                      ("steady_a", a))}
+                for k, v in row.items():
+                    server["samples"][k].append(v)
+                print(f"  trial {trial + 1} {name}: " + " ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+        for name, server in servers.items():
+            if name.startswith("llama-mlx"):  # the loads and unloads it did: the switch reloaded or did not
+                stats = httpx.get(server["base"] + "/v1/internal/stats", timeout=30).json()["registry"]
+                server["registry"] = {"loads": stats["loads"], "unloads": stats["unloads"]}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+    results = {}
+    for name, server in servers.items():
+        samples = server.pop("samples")
+        results[name] = {"startup_s": server["startup_s"], **{k: statistics.median(v) for k, v in samples.items()},
+                         "samples": samples, **({"registry": server["registry"]} if "registry" in server else {})}
+        r = results[name]
+        r["switch"] = statistics.median(samples["switch_a_b"] + samples["switch_b_a"])
+        r["steady"] = statistics.median(samples["steady_a"] + samples["steady_b"])
+    theirs = results["mlx-lm"]
+    ratios = {f"{key} (mlx-lm/{name})": theirs[key] / results[name][key]
+              for name in ("llama-mlx", "llama-mlx max-loaded 1")
+              for key in ("switch", "switch_a_b", "switch_b_a", "steady")}
+    return {"model_a": a, "model_b": b, "switch_tokens": args.switch_tokens, "trials": args.switch_trials,
+            "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "results": results, "ratios": ratios}
+
+
+def switch_markdown(report: dict) -> str:
+    """The switch results as a Markdown table (seconds, medians)."""
+    keys = ("switch_a_b", "switch_b_a", "switch", "steady_a", "steady_b", "steady", "startup_s")
+    lines = [(f"A: `{report['model_a']}`, B: `{report['model_b']}`; {report['trials']} trials, "
+              f"{report['switch_tokens']} tokens per request; {report['machine']}"), "",
+             "| TTFT, s (median) | " + " | ".join(report["results"]) + " |",
+             "| --- |" + " ---: |" * len(report["results"])]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{r[key]:.3f}" for r in report["results"].values()) + " |")
+    lines += ["", "| ratio | x |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "weights" / "SmolLM2-135M-Instruct"))
@@ -204,7 +323,17 @@ def main() -> None:
     ap.add_argument("--random-shape", choices=["1b", "8b", "tiny"], default=None,
                     help="first write a random-weight model of this shape to --model "
                          "(benchmarks.random_model.write_random_model; reused when already there)")
+    ap.add_argument("--model-b", default=None, help="a second model: measure switching between --model and it")
+    ap.add_argument("--random-shape-b", choices=["1b", "8b", "tiny", "135m"], default=None,
+                    help="first write a random-weight model of this shape to --model-b (135m: SmolLM2's)")
+    ap.add_argument("--random-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="scales' dtype of the random models written (float32 matches llama-mlx's CPU default)")
+    ap.add_argument("--switch-trials", type=int, default=5)
+    ap.add_argument("--switch-tokens", type=int, default=4, help="tokens per request of the switch benchmark")
+    ap.add_argument("--only-switch", action="store_true", help="measure only the model switch (needs --model-b)")
     args = ap.parse_args()
+    if args.only_switch and not args.model_b:
+        ap.error("--only-switch needs --model-b")
     args.streams = [int(n) for n in args.streams.split(",") if n.strip()]
     bias = {i.strip(): -100 for i in args.stop_ids.split(",") if i.strip()}
     stream_bias = {i.strip(): -100 for i in args.stream_stop_ids.split(",") if i.strip()}
@@ -212,7 +341,21 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from benchmarks.random_model import write_random_model
 
-        write_random_model(args.model, args.random_shape)
+        write_random_model(args.model, args.random_shape, dtype=args.random_dtype)
+    if args.random_shape_b:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.random_model import write_random_model
+
+        shape = SHAPE_135M if args.random_shape_b == "135m" else args.random_shape_b
+        write_random_model(args.model_b, shape, dtype=args.random_dtype)
+    if args.model_b:
+        report = measure_switch(args, bias)
+        print(switch_markdown(report), flush=True)
+        if args.out and args.only_switch:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+            args.out.with_suffix(".md").write_text(switch_markdown(report))
+        if args.only_switch:
+            return
     random_words = bool(args.random_shape) or (Path(args.model) / "config.json").is_file() and "llama_mlx_benchmark" in (
         Path(args.model) / "config.json").read_text()
     most = max(args.streams, default=1)
