@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from .tools import ToolCallStream
+from .tools import ParsedReply, ToolCallStream, parse_tool_calls
 
-__all__ = ["ApiError"]
+__all__ = ["ApiError", "CutCall", "close_json", "forced", "read_reply"]
 
 
 class ApiError(Exception):
@@ -112,15 +115,121 @@ def _dumps(obj: Any) -> str:
         return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)
 
 
+# -- replies: tool calls, a forced one cut by max_tokens
+
+
+def forced(tools: Optional[list], tool_choice: Any) -> bool:
+    """Whether a request forces a tool call (tool_choice "required" or a named function, tools rendered)."""
+    return bool(tools) and (tool_choice == "required" or isinstance(tool_choice, dict))
+
+
+@dataclass
+class CutCall(ParsedReply):
+    """A forced tool call that max_tokens cut: the call, its arguments as far as written, closed into
+    JSON (`close_json`). Its finish reason stays the generation's ("length")."""
+
+    def finish_reason(self, generation_finish: str = "stop") -> str:
+        return generation_finish
+
+
+_CALL_START = re.compile(r'\s*(?:<\|python_tag\|>)?\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"'
+                         r'(?:\s*,\s*"(?:parameters|arguments)"\s*:\s*(.*))?', re.S)
+
+
+def read_reply(text: str, tools: Optional[list], tool_choice: Any, finish: Optional[str]) -> Optional[ParsedReply]:
+    """A whole reply's `ParsedReply` where `tools` were rendered (None without): its tool calls, or for a
+    forced call that max_tokens cut (`finish` "length"), a `CutCall`."""
+    if tools is None:
+        return None
+    reply = parse_tool_calls(text, tools)
+    if reply.tool_calls or finish != "length" or not forced(tools, tool_choice):
+        return reply
+    return cut_call(text, tools) or reply
+
+
+def cut_call(text: str, tools: list) -> Optional[CutCall]:
+    """The `CutCall` of a forced call's text `{"name": "f", "parameters": {...` cut short (None when it is
+    no such text). A name cut short is the one tool's, when there is one."""
+    names = [(t.get("function") or t).get("name") for t in tools]
+    m = _CALL_START.match(text)
+    name, arguments = None, ""
+    if m is not None:
+        try:
+            name = json.loads(f'"{m.group(1)}"')
+        except ValueError:
+            name = None
+        arguments = m.group(2) or ""
+    if name not in names:
+        if len(names) != 1 or not text.lstrip().startswith("{"):
+            return None
+        name, arguments = names[0], ""
+    call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": name, "arguments": close_json(arguments)}}
+    return CutCall(None, [call])
+
+
+def _scan(text: str) -> tuple[list[str], bool, bool, list[int]]:
+    """(open brackets, inside a string, after a backslash there, where values may be cut: the index
+    after each `{`/`[` and at each `,` outside strings) of JSON text cut anywhere."""
+    stack, cuts, in_string, escaped = [], [], False, False
+    for i, c in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            stack.append("}" if c == "{" else "]")
+            cuts.append(i + 1)
+        elif c in "}]" and stack:
+            stack.pop()
+        elif c == ",":
+            cuts.append(i)
+    return stack, in_string, escaped, cuts
+
+
+def close_json(text: str) -> str:
+    """JSON object text cut anywhere, closed: an open string ended, open objects and arrays closed, a
+    key or value left half-written dropped (`{"city": "Par` -> `{"city": "Par"}`, `{"city": ` -> `{}`)."""
+    try:  # whole already (what follows it, such as the call's own closing brace, aside)
+        value, _ = json.JSONDecoder().raw_decode(text.lstrip())
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
+    except ValueError:
+        pass
+    while True:
+        stack, in_string, escaped, cuts = _scan(text)
+        body = text[:-1] if escaped else text
+        if not in_string:
+            body = body.rstrip().removesuffix(",")
+        try:
+            value = json.loads(body + ('"' if in_string else "") + "".join(reversed(stack)))
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
+        shorter = [c for c in cuts if c < len(text)]
+        if not shorter:
+            return "{}"
+        text = text[: shorter[-1]]
+
+
 # -- streamed replies
 
 
-async def shown_text(job, tools: Optional[list]) -> AsyncIterator[tuple[str, Any, Any]]:
+async def shown_text(job, tools: Optional[list], tool_choice: Any = None) -> AsyncIterator[tuple[str, Any, Any]]:
     """A job's text as a stream shows it, the text of tool calls held back where `tools` were rendered
     (`llama_mlx.tools.ToolCallStream`): (text, None, None) for each piece to show, then, at the job's
-    last event, ("", that event, its `ParsedReply` with the tool calls, None without `tools`)."""
+    last event, ("", that event, its `ParsedReply` with the tool calls, None without `tools`; a
+    `CutCall` for a forced call that max_tokens cut, its text not shown)."""
     holder = ToolCallStream(tools) if tools is not None else None
+    whole = []
     async for e in job:
+        whole.append(e.text)
         text = holder.feed(e.text) if holder else e.text
         if text:
             yield text, None, None
@@ -129,7 +238,9 @@ async def shown_text(job, tools: Optional[list]) -> AsyncIterator[tuple[str, Any
         reply = None
         if holder:
             rest, reply = holder.finish()
-            if rest:
+            if not reply.tool_calls and e.finish_reason == "length" and forced(tools, tool_choice):
+                reply = cut_call("".join(whole), tools) or reply
+            if rest and not isinstance(reply, CutCall):
                 yield rest, None, None
         yield "", e, reply
 

@@ -5,8 +5,9 @@ Streams are newline-delimited JSON, on by default as ollama's are (`"stream": fa
 `format` ("json" or a JSON schema) goes through constrained decoding. `options` map onto sampling:
 temperature, top_p, top_k, min_p, seed, num_predict (-1/-2: up to the context), stop, presence_penalty,
 frequency_penalty, repeat_penalty and repeat_last_n; the others (num_ctx, num_gpu, num_thread,
-mirostat, tfs_z, typical_p, ...) are ignored. Unset, temperature, top_p and top_k take ollama's
-defaults (0.8, 0.9, 40). `keep_alive` goes to the model registry. /api/pull downloads a Hugging Face
+mirostat, tfs_z, typical_p, ...) are ignored. Unset, temperature and top_p are the model's (its
+generation_config.json or GGUF general.sampling.*, else Meta's 0.6 / 0.9; serve's --temp / --top-p
+first), top_k ollama's 40. `keep_alive` goes to the model registry. /api/pull downloads a Hugging Face
 id (org/name[:QUANT]) into the hub cache through llama_mlx.hub; ollama's own registry is not reached.
 """
 
@@ -40,7 +41,7 @@ log = logging.getLogger("llama_mlx.server")
 
 # The ollama API level these endpoints follow (clients gate features on it).
 OLLAMA_VERSION = "0.12.0"
-_DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}  # ollama's, where a request sets none
+_DEFAULTS = {"top_k": 40}  # ollama's, where a request sets none (temperature, top_p: the model's, as ollama's Modelfile)
 _FOREVER = "9999-12-31T23:59:59Z"
 # (handler name = path under /api/, method)
 ROUTES = [("version", "GET"), ("tags", "GET"), ("ps", "GET"), ("show", "POST"), ("chat", "POST"), ("generate", "POST"),

@@ -225,6 +225,11 @@ class Job:
         self._cached = 0
         self._finished = False  # its last event went out (a cancel after it is the reader letting go)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens read from the prefix cache (known once the first event has come)."""
+        return self._cached
+
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
@@ -613,6 +618,7 @@ class Engine:
         try:
             for r in stream:
                 tokens.append(r.token)
+                job._cached = r.cached_tokens
                 yield self._event(req, r, tokens, r.cached_tokens)
         finally:
             stream.close()

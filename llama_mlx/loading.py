@@ -21,7 +21,7 @@ from .resolve import DEFAULT_MODEL, ensure_default_model, resolve_model, weights
 from .tokenizer import load_tokenizer
 
 __all__ = ["DEFAULT_MODEL", "META_SAMPLING", "build_model", "ensure_default_model", "generation_defaults", "load",
-           "resolve_model", "weights_dir"]
+           "resolve_model", "resolve_sampling", "weights_dir"]
 
 META_SAMPLING = {"temp": 0.6, "top_p": 0.9}  # Meta's reference chat defaults (llama/generation.py)
 
@@ -125,3 +125,18 @@ def generation_defaults(path: str | Path) -> dict[str, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = int(value) if key == "top_k" else float(value)
     return out
+
+
+def resolve_sampling(recommended: dict[str, Any], **given: float | None) -> tuple[dict[str, float], dict[str, str]]:
+    """temp and top_p of a generation: `given`'s where not None, else the model's `recommended`
+    (`generation_defaults`), else Meta's chat defaults (0.6, 0.9), never 1.0 by omission. Returns
+    ({"temp", "top_p"}, {name: "given" | "model" | "meta"}, where each came from)."""
+    values, sources = {}, {}
+    for name in ("temp", "top_p"):
+        if given.get(name) is not None:
+            values[name], sources[name] = float(given[name]), "given"
+        elif name in recommended:
+            values[name], sources[name] = float(recommended[name]), "model"
+        else:
+            values[name], sources[name] = float(META_SAMPLING[name]), "meta"
+    return values, sources

@@ -186,6 +186,14 @@ class ModelRegistry:
                     return slot.name
         return None
 
+    def path_of(self, engine: Engine) -> Optional[Path]:
+        """Where the model served by `engine` lives (None for one added by engine only)."""
+        with self._lock:
+            for slot in self._slots.values():
+                if slot.engine is engine:
+                    return slot.path
+        return None
+
     def engines(self) -> dict[str, Engine]:
         """The started engines by model name."""
         with self._lock:

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -49,6 +50,7 @@ from starlette.routing import Route
 from . import api_common, api_embeddings, api_ollama, api_responses
 from .api_common import (
     ApiError,
+    CutCall,
     _data,
     _event,
     _finite,
@@ -58,11 +60,13 @@ from .api_common import (
     _sse,
     _stop_list,
     cut_streams,
+    read_reply,
     shown_text,
 )
 from .api_images import ImagePolicy, has_images, is_image_part, take_images
 from .engine import Engine, EngineClosedError, EngineEvent, GenerationRequest, KVCapacityError, QueueFullError
 from .errors import LlamaMLXError
+from .loading import generation_defaults, resolve_sampling
 from .metrics import Gauge, Metrics
 from .registry import ModelLoadError, ModelRegistry, RegistryBusyError, UnknownModelError
 from .sample import SamplingParams
@@ -71,7 +75,6 @@ from .tools import (
     ToolCallStream,
     apply_tool_chat_template,
     normalize_messages,
-    parse_tool_calls,
     supports_tools,
     tools_for_choice,
 )
@@ -100,12 +103,17 @@ class ServerConfig:
     max_prompt_bytes: int = 2 << 20
     max_tools_bytes: int = 256 << 10
     images: ImagePolicy = ImagePolicy()  # where images may come from besides data URLs
+    # Sampling of requests that set none (serve's --temp, --top-p); None: each model's own
+    # (generation_config.json, GGUF general.sampling.*), else Meta's 0.6 / 0.9.
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
 
 
 class _Api:
     def __init__(self, registry: ModelRegistry, config: ServerConfig):
         self.registry, self.config = registry, config
         self.metrics = Metrics()
+        self._defaults: "weakref.WeakKeyDictionary[Engine, dict]" = weakref.WeakKeyDictionary()
 
     @property
     def engine(self) -> Optional[Engine]:
@@ -203,14 +211,33 @@ class _Api:
             return None
         return results
 
+    def sampling_defaults(self, engine: Engine) -> dict[str, float]:
+        """{"temp", "top_p"} of `engine`'s requests that set none: serve's --temp / --top-p, else the
+        model's recommendation (`loading.generation_defaults`), else Meta's (`loading.resolve_sampling`)."""
+        found = self._defaults.get(engine)
+        if found is None:
+            path = self.registry.path_of(engine)
+            try:
+                recommended = generation_defaults(path) if path is not None else {}
+            except (LlamaMLXError, OSError) as e:  # the model loaded: serve it with Meta's defaults
+                log.warning("%s: the model's sampling defaults are unreadable (%s); using Meta's", path, e)
+                recommended = {}
+            found, _ = resolve_sampling(recommended, temp=self.config.temperature, top_p=self.config.top_p)
+            self._defaults[engine] = found
+        return found
+
     def sampling(self, engine: Engine, body: dict, prompt: list[int], *,
                  max_keys=("max_completion_tokens", "max_tokens"),
                  stop_key: str = "stop", temperature_max: float = 2.0) -> GenerationRequest:
-        temperature = _get(body, "temperature", (int, float), 1.0, "a number")
-        top_p = _get(body, "top_p", (int, float), 1.0, "a number")
+        defaults = self.sampling_defaults(engine)
+        temperature = _get(body, "temperature", (int, float), None, "a number")
+        top_p = _get(body, "top_p", (int, float), None, "a number")
         top_k = _get(body, "top_k", (int,), 0)
         _in_range("temperature", temperature, 0, temperature_max)
         _in_range("top_p", top_p, 0, 1, open_lo=True)
+        # Only a request's own values are range-checked: serve's --temp may exceed Anthropic's 1.
+        temperature = defaults["temp"] if temperature is None else temperature
+        top_p = defaults["top_p"] if top_p is None else top_p
         if top_k < 0:
             raise ApiError(400, "'top_k' must be >= 0", param="top_k")
         max_tokens = None
@@ -264,15 +291,16 @@ class _Api:
         except KVCapacityError as e:
             raise ApiError(503, f"{e} (--max-kv-bytes); ask for fewer tokens", code="kv_capacity_exceeded") from None
 
-    async def whole(self, request: Request, job, tools: Optional[list]) -> Optional[tuple]:
-        """(events, the last one, the text, the tool calls parsed from it where `tools` were rendered) of
-        a job run to its end; None when it ended without usage (the client went away)."""
+    async def whole(self, request: Request, job, tools: Optional[list], tool_choice: Any = None) -> Optional[tuple]:
+        """(events, the last one, the text, its `ParsedReply` where `tools` were rendered: see
+        `api_common.read_reply`) of a job run to its end; None when it ended without usage (the client
+        went away)."""
         events = await self.collect(request, job)
         last = events[-1] if events else None
         if last is None or last.usage is None:
             return None
         text = "".join(e.text for e in events)
-        return events, last, text, parse_tool_calls(text, tools) if tools is not None else None
+        return events, last, text, read_reply(text, tools, tool_choice, last.finish_reason)
 
     async def collect(self, request: Request, job) -> list[EngineEvent]:
         """All of a job's events; a client that goes away cancels it, and so does the end of the drain at
@@ -447,7 +475,7 @@ class _Api:
         jobs = self.submit_all(engine, req, n)
         meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.name_of(engine)}
         if stream:
-            return _sse(self.chat_stream(jobs, meta, tools, include_usage), headers)
+            return _sse(self.chat_stream(jobs, meta, tools, include_usage, tool_choice), headers)
         results = await self.collect_all(request, jobs)
         if results is None:
             return Response(status_code=499)
@@ -455,7 +483,7 @@ class _Api:
         for i, events in enumerate(results):
             last = events[-1]
             text = "".join(e.text for e in events)
-            reply = parse_tool_calls(text, tools) if tools is not None else None
+            reply = read_reply(text, tools, tool_choice, last.finish_reason)
             message = reply.message() if reply else {"role": "assistant", "content": text}
             choice = {"index": i, "message": message, "finish_reason": reply.finish_reason(last.finish_reason)
                       if reply else last.finish_reason, "logprobs": None}
@@ -476,14 +504,15 @@ class _Api:
 
         return {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top_logprobs or []]}
 
-    async def chat_stream(self, jobs: list, meta: dict, tools: Optional[list],
-                          include_usage: bool) -> AsyncIterator[bytes]:
+    async def chat_stream(self, jobs: list, meta: dict, tools: Optional[list], include_usage: bool,
+                          tool_choice: Any = None) -> AsyncIterator[bytes]:
         def chunk(index: int, delta: dict, finish: Optional[str] = None, logprobs: Optional[list] = None) -> bytes:
             choice = {"index": index, "delta": delta, "finish_reason": finish,
                       "logprobs": None if logprobs is None else {"content": logprobs}}
             return _data({**meta, "object": "chat.completion.chunk", "choices": [choice]})
 
         holders = [ToolCallStream(tools) if tools is not None else None for _ in jobs]
+        texts: list[list[str]] = [[] for _ in jobs]  # (a forced call cut by max_tokens is read from it)
         pending: list[list] = [[] for _ in jobs]  # log-probabilities of text held back
         with_logprobs = jobs[0].request.top_logprobs is not None
         lasts: list = [None] * len(jobs)
@@ -494,6 +523,7 @@ class _Api:
                 holder = holders[i]
                 if with_logprobs and e.logprob is not None:
                     pending[i].append(self.logprob_entry(jobs[i].engine, e))
+                texts[i].append(e.text)
                 text = holder.feed(e.text) if holder else e.text
                 if text:
                     yield chunk(i, {"content": text}, logprobs=pending[i] if with_logprobs else None)
@@ -503,7 +533,10 @@ class _Api:
                 finish = e.finish_reason
                 if holder:
                     rest, reply = holder.finish()
-                    if rest:
+                    if not reply.tool_calls and finish == "length":
+                        cut = read_reply("".join(texts[i]), tools, tool_choice, finish)
+                        reply = cut if isinstance(cut, CutCall) else reply
+                    if rest and not isinstance(reply, CutCall):
                         yield chunk(i, {"content": rest}, logprobs=pending[i] if with_logprobs else None)
                         pending[i] = []
                     if reply.tool_calls:
@@ -624,8 +657,8 @@ class _Api:
         job = self.submit(engine, req)
         meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.name_of(engine)}
         if stream:
-            return _sse(self.messages_stream(job, meta, rendered), headers)
-        answer = await self.whole(request, job, rendered)
+            return _sse(self.messages_stream(job, meta, rendered, tool_choice), headers)
+        answer = await self.whole(request, job, rendered, tool_choice)
         if answer is None:
             return Response(status_code=499)
         events, last, text, reply = answer
@@ -678,13 +711,22 @@ class _Api:
         prompt, rendered, headers = self.chat_prompt(engine, msgs, tools, tool_choice)
         return prompt, rendered, headers, tool_choice
 
-    async def messages_stream(self, job, meta: dict, tools: Optional[list]) -> AsyncIterator[bytes]:
+    async def messages_stream(self, job, meta: dict, tools: Optional[list],
+                              tool_choice: Any = None) -> AsyncIterator[bytes]:
         index, text_open = 0, False
         prompt_tokens = len(job.request.prompt)
         try:
+            # message_start waits for the first token: by then the prefix cache's share is known, and
+            # Anthropic's input_tokens are the prompt tokens not read from the cache.
+            first = await anext(job, None)
+            if first is None:
+                return
+            cached = job.cached_tokens
             yield _event("message_start", {"type": "message_start", "message": {
                 **meta, "type": "message", "role": "assistant", "content": [], "stop_reason": None,
-                "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+                "stop_sequence": None, "usage": {"input_tokens": prompt_tokens - cached, "output_tokens": 0,
+                                                 "cache_read_input_tokens": cached,
+                                                 "cache_creation_input_tokens": 0}}})
             yield _event("ping", {"type": "ping"})
 
             def text_delta(text: str) -> list[bytes]:
@@ -699,7 +741,7 @@ class _Api:
                                                               "delta": {"type": "text_delta", "text": text}}))
                 return out
 
-            async for text, e, reply in shown_text(job, tools):
+            async for text, e, reply in shown_text(_prepended(first, job), tools, tool_choice):
                 if e is None:
                     for frame in text_delta(text):
                         yield frame
@@ -819,6 +861,9 @@ def _from_anthropic(messages: list) -> list[dict]:
             elif kind == "tool_result":
                 result = block.get("content", "")
                 if isinstance(result, list):
+                    # A tool's image joins the user turn after the results (templates render no images in
+                    # tool turns): `chat_prompt` refuses it for a text model, reads it for a vision one.
+                    parts.extend(b for b in result if isinstance(b, dict) and b.get("type") == "image")
                     result = "".join(b.get("text", "") for b in result if isinstance(b, dict))
                 out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": result})
             else:
@@ -845,7 +890,7 @@ def _tool_use(call: dict) -> dict:
 
 
 def _stop_reason(last: EngineEvent, reply) -> str:
-    if reply is not None and reply.tool_calls:
+    if reply is not None and reply.tool_calls and not isinstance(reply, CutCall):
         return "tool_use"
     if last.finish_reason == "length":
         return "max_tokens"
@@ -879,6 +924,13 @@ class _Metered:
         if event.usage is not None:
             self._metrics.generation(self._model, event.usage, prompt=self._count_prompt)
         return event
+
+
+async def _prepended(first: EngineEvent, job) -> AsyncIterator[EngineEvent]:
+    """`first`, then the rest of `job`'s events."""
+    yield first
+    async for e in job:
+        yield e
 
 
 async def _merged(jobs: list) -> AsyncIterator[tuple[int, EngineEvent]]:
@@ -1221,7 +1273,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
         max_loaded_models: Optional[int] = None, max_loaded_bytes: Optional[int] = None,
         keep_alive: Optional[float] = None, images: ImagePolicy = ImagePolicy(),
         max_connections: Optional[int] = None, shutdown_timeout: float = 5.0, header_timeout: float = 10.0,
-        write_timeout: float = 60.0, adapter_path: Optional[Path] = None) -> bool:
+        write_timeout: float = 60.0, temperature: Optional[float] = None, top_p: Optional[float] = None,
+        adapter_path: Optional[Path] = None) -> bool:
     """Serve the model `loader()` returns (the default one, `model_name`, at `model_path`) on
     http://host:port until SIGINT or SIGTERM (both stop cleanly).
 
@@ -1235,6 +1288,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     images: where request images may come from besides data URLs (`api_images.ImagePolicy`).
     adapter_path: the adapter folder `loader` and `loader_for(path, adapter_path)` apply to the default and
     `models` (part of their identity in the registry: a request naming their path gets the base model).
+    temperature, top_p: sampling of requests that set none, for every model (None: each model's own
+    recommendation, else Meta's 0.6 / 0.9).
 
     Connections: at most `max_connections` at once (default `default_max_connections()`, below the
     open-file limit; requests beyond it are answered 503 at once); a client that has not sent its
@@ -1262,7 +1317,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
                             for name, path in models]
     config = ServerConfig(model_name=model_name, api_key=api_key, allowed_origins=tuple(allowed_origins),
                           host=host, allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes,
-                          default_max_tokens=default_max_tokens, images=images)
+                          default_max_tokens=default_max_tokens, images=images, temperature=temperature,
+                          top_p=top_p)
     app = create_app(registry, config)
     logging.getLogger("llama_mlx").setLevel(log_level.upper())
     if max_connections is None:

@@ -111,14 +111,38 @@ def grammar_for_response_format(
     return grammar
 
 
+_TABLES: "weakref.WeakKeyDictionary[Any, tuple[np.ndarray, np.ndarray]]" = weakref.WeakKeyDictionary()
+
+
+def _token_bytes_table(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(each id's first non-space byte, 0 for none or a special; whether it holds a quote or bracket),
+    once per tokenizer: what budget closing picks by."""
+    cached = _TABLES.get(tokenizer)
+    if cached is None:
+        specials = {int(i) for i in tokenizer.special_tokens.values()}
+        firsts = np.zeros(tokenizer.vocab_size, dtype=np.uint8)
+        closing = np.zeros(tokenizer.vocab_size, dtype=bool)
+        for i in range(tokenizer.vocab_size):
+            if i in specials:
+                continue
+            raw = tokenizer.token_bytes(i)
+            stripped = raw.lstrip(b" \t\n\r")
+            firsts[i] = stripped[0] if stripped else 0
+            closing[i] = b'"' in raw or b"}" in raw or b"]" in raw
+        cached = _TABLES[tokenizer] = (firsts, closing)
+    return cached
+
+
 class JSONLogitsProcessor:
     """A logits processor `(history_ids, logits[1, V]) -> logits` enforcing a grammar.
 
     The first call sees the prompt as history; each later call consumes the tokens sampled since.
     Tokens the grammar forbids get -inf; when the document is complete only stop tokens remain.
     Make a fresh one per generation (it holds the parse state). With `max_tokens` (the answer's
-    budget), the last `reserve` steps keep, where the grammar allows any, only tokens that close a
-    string, object or array, so the document most likely ends before the budget does.
+    budget), the last `reserve` steps keep, where the grammar allows any, only tokens that close what
+    is open: inside a string those starting with its closing quote, outside one those starting with
+    `}` or `]` (else any holding a quote or bracket), so the document most likely ends before the
+    budget does (`{"city": "Par` goes on `"}`, not with more of the string).
     """
 
     def __init__(self, tokenizer, grammar: str, *, max_tokens: Optional[int] = None, reserve: int = 48):
@@ -126,6 +150,7 @@ class JSONLogitsProcessor:
         self.max_tokens, self.reserve = max_tokens, reserve
         self._generated = 0
         self._closing: Optional[np.ndarray] = None
+        self._in_string = self._escaped = False  # where the generated text stands, lexically
         self.matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer), grammar, log_level=0)
         if self.matcher.is_error():
             raise ResponseFormatError(f"response_format: {self.matcher.get_error()}")
@@ -146,6 +171,18 @@ class JSONLogitsProcessor:
                 continue
             if not self.matcher.consume_token(token):
                 raise ResponseFormatError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
+            if token not in self.stop_tokens:
+                self._track(self.tokenizer.token_bytes(token))
+
+    def _track(self, data: bytes) -> None:
+        """Follow whether the text ends inside a JSON string (and after a backslash there)."""
+        for byte in data:
+            if self._escaped:
+                self._escaped = False
+            elif byte == 0x5C and self._in_string:  # backslash
+                self._escaped = True
+            elif byte == 0x22:  # quote
+                self._in_string = not self._in_string
 
     def allowed(self) -> np.ndarray:
         """A boolean mask over the vocabulary of the tokens allowed next."""
@@ -159,14 +196,25 @@ class JSONLogitsProcessor:
 
     def _closing_tokens(self) -> np.ndarray:
         if self._closing is None:
-            tok = self.tokenizer
-            specials = set(tok.special_tokens.values())
-            closing = np.zeros(tok.vocab_size, dtype=bool)
-            for i in range(tok.vocab_size):
-                closing[i] = i not in specials and any(c in tok.token_bytes(i) for c in (b'"', b"}", b"]"))
+            closing = _token_bytes_table(self.tokenizer)[1].copy()
             closing[self.stop_tokens] = True
             self._closing = closing
         return self._closing
+
+    def _closer(self, allowed: np.ndarray) -> np.ndarray:
+        """Of the `allowed` tokens, those that best close what is open (see the class docstring)."""
+        firsts = _token_bytes_table(self.tokenizer)[0]
+        if self._in_string:
+            if self._escaped:
+                return allowed
+            best = allowed & (firsts == ord('"'))
+        else:
+            best = allowed & ((firsts == ord("}")) | (firsts == ord("]")))
+        best[self.stop_tokens] = allowed[self.stop_tokens]
+        if best.any():
+            return best
+        closing = allowed & self._closing_tokens()
+        return closing if closing.any() else allowed
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         n = int(history.size)
@@ -178,9 +226,7 @@ class JSONLogitsProcessor:
             self._seen = n
         allowed = self.allowed()
         if self.max_tokens is not None and self._generated >= self.max_tokens - self.reserve:
-            closing = allowed & self._closing_tokens()
-            if closing.any():
-                allowed = closing
+            allowed = self._closer(allowed)
         mask = mx.array(allowed)
         V = logits.shape[-1]
         if V > mask.size:  # a model head padded beyond the vocabulary: those ids are never text

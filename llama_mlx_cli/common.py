@@ -405,19 +405,12 @@ class GenerationOptions:
     def use_model_defaults(self, recommended: dict[str, Any]) -> dict[str, str]:
         """Fill the sampling options left unset (None) from the model's recommendations, then Meta's
         chat defaults; returns where each of temp and top-p came from ({"temp": "command line", ...})."""
-        from llama_mlx.loading import META_SAMPLING
+        from llama_mlx.loading import resolve_sampling
 
-        sources = {}
-        for name in ("temp", "top_p"):
-            if getattr(self, name) is not None:
-                sources[name] = "command line"
-            elif name in recommended:
-                setattr(self, name, recommended[name])
-                sources[name] = "the model's generation_config"
-            else:
-                setattr(self, name, META_SAMPLING[name])
-                sources[name] = "Meta's defaults"
-        return sources
+        values, sources = resolve_sampling(recommended, temp=self.temp, top_p=self.top_p)
+        self.temp, self.top_p = values["temp"], values["top_p"]
+        named = {"given": "command line", "model": "the model's generation_config", "meta": "Meta's defaults"}
+        return {name: named[source] for name, source in sources.items()}
 
     def params(self, tokenizer=None):
         """The options' `SamplingParams` (logit bias ids read through `tokenizer`; before the

@@ -10,6 +10,7 @@ import typer
 
 from .common import (
     MODEL,
+    SAMPLING,
     DraftModelOpt,
     DtypeOpt,
     GgufFileOpt,
@@ -17,6 +18,7 @@ from .common import (
     PipelineOpt,
     PromptLookupOpt,
     TensorParallelOpt,
+    _top_p,
     distributed_arg,
     error_line,
     handle_errors,
@@ -175,6 +177,14 @@ def serve(
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", "-m", min=1, help="Answer length when a request does not say (capped by the context).",
         rich_help_panel=SERVER)] = 512,
+    temp: Annotated[Optional[float], typer.Option(
+        "--temp", "--temperature", min=0.0, show_default=False, rich_help_panel=SAMPLING,
+        help="Temperature of requests that set none, every model's (0: greedy); a request's own wins. "
+             "Default: each model's generation_config.json (or GGUF general.sampling.temp), else 0.6 (Meta's).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(
+        "--top-p", callback=_top_p, show_default=False, rich_help_panel=SAMPLING,
+        help="Top-p of requests that set none, every model's; a request's own wins. Default: each model's "
+             "generation_config.json (or GGUF general.sampling.top_p), else 0.9 (Meta's).")] = None,
     dtype: DtypeOpt = "auto",
     pipeline: PipelineOpt = False,
     tensor_parallel: TensorParallelOpt = False,
@@ -258,7 +268,7 @@ def serve(
         max_loaded_bytes=max_loaded_bytes, keep_alive=seconds,
         images=ImagePolicy(allow_urls=allow_image_urls, files_dir=allow_image_files),
         max_connections=max_connections, shutdown_timeout=shutdown_timeout, header_timeout=header_timeout,
-        adapter_path=adapter_path,
+        temperature=temp, top_p=top_p, adapter_path=adapter_path,
         on_ready=lambda: note_line(f"{', '.join(names)} loaded; serving on http://{host}:{port}/v1"))
     if not listened:
         error_line(f"could not listen on {host}:{port}")
