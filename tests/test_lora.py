@@ -113,8 +113,8 @@ def test_adapted_projections_stay_apart_under_fusion(folders):
     # GPU rows fuse q/k/v and gate/up at load: adapted projections must keep their own matmuls.
     import mlx_lm
 
-    theirs, _ = mlx_lm.load(str(folders["q4"]), adapter_path=str(folders["dora"]))
-    ours, _ = load(folders["q4"], adapter_path=folders["dora"], fuse=True)
+    theirs, _ = mlx_lm.load(str(folders["f32"]), adapter_path=str(folders["dora"]))
+    ours, _ = load(folders["f32"], adapter_path=folders["dora"], fuse=True)  # q_proj adapted, k/v plain
     assert hasattr(ours.layers[0].self_attn, "qkv_proj")
     assert mx.allclose(ours(IDS), theirs(IDS), atol=1e-4, rtol=1e-4).item()
 
