@@ -34,6 +34,7 @@ KEY = "test-key-123"
 SECRET = "zebra-quartz-7781"  # appears in prompts: must never reach the log
 T0 = {"temperature": 0}  # this anthropic client has no temperature argument
 CACHE_BOUND = 20_000_000  # two ~180-token SmolLM2 caches (46 KB a position in float32) at most, never three
+META_CACHE_BOUND = 450_000  # two ~180-token caches of the tiny model (1 KB a position in float32), never three
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -116,7 +117,8 @@ def oai(server):
 @pytest.fixture(scope="module")
 def meta_server(tmp_path_factory, tiny_meta_checkpoint):
     """A tiny random model with Meta's tokenizer: Llama 3.1's tool prompts (SmolLM2's template ignores tools)."""
-    s = Server(tmp_path_factory.mktemp("serve-meta"), "--api-key", KEY, model=tiny_meta_checkpoint)
+    s = Server(tmp_path_factory.mktemp("serve-meta"), "--api-key", KEY, "--prompt-cache-bytes", str(META_CACHE_BOUND),
+               model=tiny_meta_checkpoint)
     yield s
     s.stop()
 
@@ -185,11 +187,11 @@ def test_chat_stream_equals_non_stream_and_usage_is_real(server, oai, hf):
 
 
 def test_max_tokens_and_stop(oai):
-    r = chat(oai, "Count from one to twenty in words.", max_completion_tokens=40, logit_bias=stop_bias(None))
-    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 40
+    r = chat(oai, "Count from one to twenty in words.", max_completion_tokens=20, logit_bias=stop_bias(None))
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 20
     words = r.choices[0].message.content
     cut = words.split()[3]
-    s = chat(oai, "Count from one to twenty in words.", max_tokens=40, stop=[cut], logit_bias=stop_bias(None))
+    s = chat(oai, "Count from one to twenty in words.", max_tokens=20, stop=[cut], logit_bias=stop_bias(None))
     assert s.choices[0].finish_reason == "stop" and cut not in s.choices[0].message.content
     assert words.startswith(s.choices[0].message.content)
 
@@ -430,17 +432,18 @@ def test_prefix_cache_reuse_and_ttft(server, oai, hf):
     assert grew.prompt_tokens == hf_chat_len(hf, grown) and grew.prompt_tokens_details.cached_tokens > cold.prompt_tokens - 4
 
 
-def test_prefix_cache_is_bounded_and_lru(server, oai):
+def test_prefix_cache_is_bounded_and_lru(meta_server, meta_oai):
+    # (the cache's bookkeeping, not the model's text: the tiny model, ~177-token prompts)
     def ask(tag):
-        r = oai.chat.completions.create(model=NAME, temperature=0, max_tokens=2, messages=[
+        r = meta_oai.chat.completions.create(model=META, temperature=0, max_tokens=2, messages=[
             {"role": "system", "content": _system(tag)}, {"role": "user", "content": "ok?"}])
-        stats = server.stats()["prompt_cache"]
-        assert stats["bytes"] <= stats["max_bytes"] == CACHE_BOUND
+        stats = meta_server.stats()["prompt_cache"]
+        assert stats["bytes"] <= stats["max_bytes"] == META_CACHE_BOUND
         return r.usage.prompt_tokens_details.cached_tokens
 
-    evictions = server.stats()["prompt_cache"]["evictions"]
+    evictions = meta_server.stats()["prompt_cache"]["evictions"]
     assert [ask(t) for t in ("bravo", "charlie", "delta")] == [0, 0, 0]
-    assert server.stats()["prompt_cache"]["evictions"] > evictions
+    assert meta_server.stats()["prompt_cache"]["evictions"] > evictions
     assert ask("delta") > 120  # most recent: kept
     assert ask("bravo") == 0  # least recently used: evicted
 
@@ -505,7 +508,7 @@ def test_sigterm_finishes_in_flight_then_exits_0(small):
 
     def request():
         result["r"] = httpx.post(small.url + "/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 60, "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 24, "temperature": 0,
             "logit_bias": stop_bias(small)}).json()
 
     t = threading.Thread(target=request)
@@ -516,4 +519,4 @@ def test_sigterm_finishes_in_flight_then_exits_0(small):
     small.proc.send_signal(signal.SIGTERM)
     t.join(60)
     assert small.proc.wait(60) == 0
-    assert result["r"]["usage"]["completion_tokens"] == 60 and result["r"]["choices"][0]["finish_reason"] == "length"
+    assert result["r"]["usage"]["completion_tokens"] == 24 and result["r"]["choices"][0]["finish_reason"] == "length"
