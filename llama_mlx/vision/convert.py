@@ -14,10 +14,27 @@ from mlx.utils import tree_flatten
 
 from ..errors import CheckpointError
 
-__all__ = ["write_mllama"]
+__all__ = ["mlx_vlm_keys", "write_mllama"]
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
           "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
+def mlx_vlm_keys(config: dict) -> dict:
+    """`config` with the keys mlx-vlm's mllama reads (those of the Hugging Face hub's config.json):
+    transformers 5 writes `rope_parameters` and vision `attention_heads`, and mlx-vlm, missing
+    `rope_theta`, `rope_scaling` and `num_attention_heads`, would silently run its defaults
+    (theta 10000, no llama3 scaling, 16 vision heads)."""
+    text, vision = dict(config.get("text_config") or {}), dict(config.get("vision_config") or {})
+    rope = text.get("rope_parameters")
+    if isinstance(rope, dict):
+        text.setdefault("rope_theta", rope.get("rope_theta", 500000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        text.setdefault("rope_scaling", None if kind == "default" else
+                        {k: v for k, v in rope.items() if k != "rope_theta"})
+    if "attention_heads" in vision:
+        vision.setdefault("num_attention_heads", vision["attention_heads"])
+    return {**config, "text_config": text, "vision_config": vision}
 
 
 def write_mllama(src: Path, out: Path, *, quantize: bool = False, bits: int = 4, group_size: int = 64,
@@ -45,6 +62,7 @@ def write_mllama(src: Path, out: Path, *, quantize: bool = False, bits: int = 4,
         config["quantization"] = config["quantization_config"] = quantization
     for key in ("torch_dtype", "dtype"):
         config.pop(key, None)
+    config = mlx_vlm_keys(config)
     out_dtype = model.language_model.model.norm.weight.dtype
     config["torch_dtype"] = dtype_name(out_dtype)
     if marker is not None:
