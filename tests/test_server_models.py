@@ -142,16 +142,17 @@ def test_count_tokens_equals_messages_usage(one):
 def test_n_choices_greedy_seeded_and_streamed(one, oai):
     """n=3 greedy gives three choices equal to n=1, decoded together (the batch ran 3 rows); with a
     temperature and a seed, two calls give the same choices (which differ from each other); streamed
-    chunks carry each choice's index and rebuild the same texts; usage counts the prompt once."""
+    chunks carry each choice's index and rebuild the same texts; usage counts the prompt once. (The
+    batching, not the text: the tiny model.)"""
     messages = [{"role": "user", "content": "Write a line about the sea."}]
-    single = oai.chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0)
-    three = oai.chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0, n=3)
+    single = oai.chat.completions.create(model=TINY, messages=messages, max_tokens=6, temperature=0)
+    three = oai.chat.completions.create(model=TINY, messages=messages, max_tokens=6, temperature=0, n=3)
     assert [c.index for c in three.choices] == [0, 1, 2]
     assert [c.message.content for c in three.choices] == [single.choices[0].message.content] * 3
     assert three.usage.prompt_tokens == single.usage.prompt_tokens
     assert three.usage.completion_tokens == 3 * single.usage.completion_tokens
-    assert one.stats()["batch"]["max_rows"] >= 3
-    kw = dict(model=NAME, messages=messages, max_tokens=6, temperature=1.0, seed=7, n=3)
+    assert one.stats()["models"][TINY]["batch"]["max_rows"] >= 3
+    kw = dict(model=TINY, messages=messages, max_tokens=6, temperature=1.0, seed=7, n=3)
     a, b = (oai.chat.completions.create(**kw) for _ in range(2))
     texts = [c.message.content for c in a.choices]
     assert texts == [c.message.content for c in b.choices] and len(set(texts)) > 1
@@ -163,16 +164,16 @@ def test_n_choices_greedy_seeded_and_streamed(one, oai):
         usage = chunk.usage or usage
     assert [streamed[i] for i in range(3)] == texts
     assert usage.completion_tokens == a.usage.completion_tokens and usage.prompt_tokens == a.usage.prompt_tokens
-    legacy = oai.completions.create(model=NAME, prompt="The sea is", max_tokens=4, temperature=0, n=2)
+    legacy = oai.completions.create(model=TINY, prompt="The sea is", max_tokens=4, temperature=0, n=2)
     assert legacy.choices[0].text == legacy.choices[1].text and [c.index for c in legacy.choices] == [0, 1]
     parts = {0: "", 1: ""}
-    for chunk in oai.completions.create(model=NAME, prompt="The sea is", max_tokens=4, temperature=0, n=2,
+    for chunk in oai.completions.create(model=TINY, prompt="The sea is", max_tokens=4, temperature=0, n=2,
                                         stream=True):
         for c in chunk.choices:
             parts[c.index] += c.text
     assert parts == {0: legacy.choices[0].text, 1: legacy.choices[1].text}
     r = httpx.post(one.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": NAME, "messages": messages, "n": 9})
+                   json={"model": TINY, "messages": messages, "n": 9})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
 
 
@@ -193,20 +194,20 @@ def test_metrics_move_by_what_requests_reported(one, oai):
     requests reported (OpenAI's, Anthropic's and the Responses API's), its request counter by the
     requests sent; it needs the API key."""
     assert httpx.get(one.url + "/metrics").status_code == 401
-    oai.completions.create(model=NAME, prompt="warm", max_tokens=1, temperature=0)  # the default model loaded
+    oai.completions.create(model=TINY, prompt="warm", max_tokens=1, temperature=0)  # the tiny model loaded
     before = scrape(one)
-    m = (("model", NAME),)
-    r1 = oai.completions.create(model=NAME, prompt="Metrics are", max_tokens=5, temperature=0)
-    r2 = oai.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi there"}], max_tokens=4,
+    m = (("model", TINY),)
+    r1 = oai.completions.create(model=TINY, prompt="Metrics are", max_tokens=5, temperature=0)
+    r2 = oai.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "Hi there"}], max_tokens=4,
                                      temperature=0, n=2)
     usage = None
-    for chunk in oai.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Say yes"}],
+    for chunk in oai.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "Say yes"}],
                                              max_tokens=3, temperature=0, stream=True,
                                              stream_options={"include_usage": True}):
         usage = chunk.usage or usage
     m3 = one.anthropic().messages.create(
-        model=NAME, max_tokens=3, messages=[{"role": "user", "content": "Say no"}])
-    r4 = oai.responses.create(model=NAME, input="Say maybe", max_output_tokens=3, temperature=0)
+        model=TINY, max_tokens=3, messages=[{"role": "user", "content": "Say no"}])
+    r4 = oai.responses.create(model=TINY, input="Say maybe", max_output_tokens=3, temperature=0)
     after = scrape(one)
 
     def delta(name, labels=m):
