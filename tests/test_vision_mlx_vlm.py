@@ -17,12 +17,6 @@ import mlx_vlm
 import numpy as np
 import pytest
 import torch
-from mllama_oracle import (
-    IMAGE_TOKEN,
-    cross_attention_mask,
-    meta_semantics,
-    write_tiny_folder,
-)
 from mlx.utils import tree_map
 from mlx_vlm.convert import convert as vlm_convert
 from mlx_vlm.generate import generate_step as vlm_generate_step
@@ -31,6 +25,8 @@ from PIL import Image
 import llama_mlx
 from llama_mlx.convert import convert
 from llama_mlx.generate import stream_generate
+
+from mllama_oracle import IMAGE_TOKEN, cross_attention_mask, meta_semantics, write_tiny_folder
 
 PROMPT = [IMAGE_TOKEN, 256, *b"The picture shows"]
 N = 10
