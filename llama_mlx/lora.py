@@ -34,8 +34,8 @@ from mlx.utils import tree_unflatten
 from .errors import AdapterError
 from .safetensors_file import check_safetensors
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "Adapter", "DoRALinear", "LoRALinear", "apply_adapter",
-           "check_adapter", "check_fits", "fuse", "read_adapter", "weight_updater"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "Adapter", "DoRALinear", "LoRALinear", "apply_adapter", "check_adapter",
+           "check_against", "check_fits", "fuse", "load_tensors", "read_adapter", "targets", "weight_updater"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -189,8 +189,10 @@ def targets(adapter: Adapter, model: nn.Module) -> dict[str, nn.Module]:
                     found[f"{prefix}.{i}.{name}"] = m
         return found
     top = dict(model.named_modules())
-    for key in adapter.keys:
-        inner = dict(layers[0].named_modules()).get(key)
+    per_layer = [dict(layers[i].named_modules()) for i in chosen]
+    first = dict(layers[0].named_modules())
+    for key in dict.fromkeys(adapter.keys):  # (each once, however often listed)
+        inner = first.get(key)
         module = inner if inner is not None else top.get(key)
         if module is None:
             raise AdapterError(f"{cfg}: lora_parameters.keys names {key!r:.80}, which the model lacks")
@@ -200,8 +202,8 @@ def targets(adapter: Adapter, model: nn.Module) -> dict[str, nn.Module]:
         if inner is None:
             found[key] = module
             continue
-        for i in chosen:
-            found[f"{prefix}.{i}.{key}"] = dict(layers[i].named_modules())[key]
+        for i, modules in zip(chosen, per_layer):
+            found[f"{prefix}.{i}.{key}"] = modules[key]
     return found
 
 
@@ -322,7 +324,6 @@ def apply_adapter(model: nn.Module, adapter: Adapter | str | Path) -> nn.Module:
         model.update_modules(tree_unflatten(wrapped))
         mx.eval([layer.parameters() for _, layer in wrapped if isinstance(layer, DoRALinear)],
                 [layer._gain for _, layer in wrapped if isinstance(layer, DoRALinear)])
-    model.adapter = adapter.path
     return model
 
 
