@@ -699,6 +699,9 @@ def model_fingerprint(model) -> str:
     norm = getattr(getattr(getattr(model, "model", None), "norm", None), "weight", None)
     if norm is not None:
         h.update(memoryview(mx.contiguous(norm.astype(mx.bfloat16).view(mx.uint16))).cast("B"))
+    adapter = getattr(model, "adapter_fingerprint", None)  # llama_mlx.lora: the adapter applied, if any
+    if adapter is not None:
+        h.update(adapter.encode())
     return h.hexdigest()[:32]
 
 

@@ -19,9 +19,9 @@ DoRA then rescales each output row by m / ||W + scale * (lora_a @ lora_b).T||. A
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +320,12 @@ def apply_adapter(model: nn.Module, adapter: Adapter | str | Path) -> nn.Module:
         else:
             layer = LoRALinear(base, a, b, adapter.scale)
         wrapped.append((module, layer))
+    digest = hashlib.sha256(json.dumps([adapter.kind, adapter.rank, adapter.scale]).encode())
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(memoryview(mx.contiguous(tensors[name].astype(mx.float32))).cast("B"))
+    # Saved prompt caches name the model they belong to (`cache.model_fingerprint`): an adapted one is another.
+    model.adapter_fingerprint = digest.hexdigest()[:32]
     if wrapped:
         model.update_modules(tree_unflatten(wrapped))
         mx.eval([layer.parameters() for _, layer in wrapped if isinstance(layer, DoRALinear)],

@@ -129,6 +129,23 @@ def test_library_fuse_matches_mlx_lm_fuse(folders):
     assert mx.allclose(ours(IDS), want, atol=1e-4, rtol=1e-4).item()
 
 
+def test_saved_prompt_cache_knows_the_adapter(folders, tmp_path):
+    from llama_mlx import PromptCache, generate
+    from llama_mlx.errors import PromptCacheError
+
+    plain, tokenizer = load(folders["q4"])
+    adapted, _ = load(folders["q4"], adapter_path=folders["lora"])
+    for model, name in ((plain, "plain"), (adapted, "adapted")):
+        cache = PromptCache(model)
+        generate(model, tokenizer, PROMPT, max_tokens=2, prompt_cache=cache)
+        cache.save(tmp_path / f"{name}.safetensors")
+    assert PromptCache.load(adapted, tmp_path / "adapted.safetensors")[0].offset > 0
+    with pytest.raises(PromptCacheError, match="another model"):
+        PromptCache.load(adapted, tmp_path / "plain.safetensors")
+    with pytest.raises(PromptCacheError, match="another model"):
+        PromptCache.load(plain, tmp_path / "adapted.safetensors")
+
+
 def test_generate_cli_matches_mlx_lm_token_for_token(folders):
     tokens, text = mlx_lm_greedy(folders["q4"], folders["lora"], 16)
     assert tokens and tokens != mlx_lm_greedy(folders["q4"], None, 16)[0]
