@@ -71,7 +71,8 @@ def make_adapter(base: Path, out: Path, *, kind: str = "lora", num_layers: int =
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """{"q4": 4-bit base, "f32": it dequantized, "lora": LoRA on the last layer (every linear),
-    "dora": DoRA on both layers' q_proj and down_proj}."""
+    "dora": DoRA on both layers' q_proj and down_proj, "untied": a 4-bit base with an output head,
+    "head": LoRA on its last v_proj and its lm_head (a model-level key)}."""
     from benchmarks.random_model import SHAPES, write_random_model
     from llama_mlx.convert import convert
 
@@ -79,9 +80,12 @@ def folders(tmp_path_factory):
     # 256 ids, all in the tokenizer: every generated token shows in the text
     q4 = write_random_model(root / "q4", {**SHAPES["tiny"], "vocab_size": 256}, dtype="float32")
     f32 = convert(q4, root / "f32", dequantize=True).path
+    untied = write_random_model(root / "untied", {**SHAPES["tiny"], "vocab_size": 256, "tie_word_embeddings": False},
+                                dtype="float32")
     return {"q4": q4, "f32": f32, "lora": make_adapter(f32, root / "lora"),
             "dora": make_adapter(q4, root / "dora", kind="dora", num_layers=2,
-                                 keys=["self_attn.q_proj", "mlp.down_proj"], seed=1)}
+                                 keys=["self_attn.q_proj", "mlp.down_proj"], seed=1),
+            "untied": untied, "head": make_adapter(untied, root / "head", keys=["self_attn.v_proj", "lm_head"], seed=2)}
 
 
 def mlx_lm_greedy(base: Path, adapter, n: int) -> tuple[list[int], str]:
@@ -97,7 +101,8 @@ def mlx_lm_greedy(base: Path, adapter, n: int) -> tuple[list[int], str]:
     return tokens, tokenizer.decode(tokens)
 
 
-@pytest.mark.parametrize("base,adapter", [("f32", "lora"), ("q4", "lora"), ("q4", "dora"), ("f32", "dora")])
+@pytest.mark.parametrize("base,adapter", [("f32", "lora"), ("q4", "lora"), ("q4", "dora"), ("f32", "dora"),
+                                          ("untied", "head")])
 def test_adapted_logits_match_mlx_lm(folders, base, adapter):
     import mlx_lm
 
