@@ -240,7 +240,7 @@ class ModelRegistry:
             seen.add(key)
         if listed and self.factory is not None:
             for name, path, size in _listed():
-                if _key(path) in seen:
+                if _key(path) in seen or name in self._names:  # (a name served with an adapter answers so)
                     continue
                 seen.add(_key(path))
                 out.append(ModelInfo(name, str(path), size, False, False, 0, None, None))
