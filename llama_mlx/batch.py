@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import backends
-from .cache import BatchKVCache, KVCache, row_copy
+from .cache import BatchKVCache, KVCache, QuantizedBatchKVCache, QuantizedKVCache, make_prompt_cache, row_copy
 from .errors import ContextLengthError, LlamaMLXError
 from .generate import Prompt, context_length, prompt_ids
 from .sample import LogitsProcessor, Sampler, log_softmax
@@ -190,20 +190,26 @@ class BatchRequest:
         self._queue.put(_END)
 
 
+def _batch_cache(kv: dict, bucketed: bool = False) -> BatchKVCache:
+    if kv.get("kv_bits") is not None:
+        return QuantizedBatchKVCache(kv["kv_bits"], kv["kv_group_size"])
+    return BatchKVCache(bucketed=bucketed)
+
+
 class _Prefill:
     """Newcomers prefilling together, `todo[i]` the prompt tokens row i has still to run (its last
     one excepted: that goes in with its first decode step). One newcomer prefills into plain
     `KVCache`s, so that it can go on to decode alone; several are the rows of `BatchKVCache`s,
     each at its own length, run as one forward a chunk."""
 
-    def __init__(self, reqs: list[BatchRequest], layers: int):
+    def __init__(self, reqs: list[BatchRequest], layers: int, kv: dict):
         self.reqs = reqs
         self.todo = [r.prompt[r.cached_tokens : -1] for r in reqs]
         self.batched = len(reqs) > 1
         if not self.batched:
-            self.cache = reqs[0].prompt_cache or [KVCache() for _ in range(layers)]
+            self.cache = reqs[0].prompt_cache or make_prompt_cache(layers, **kv)
         else:
-            self.cache = [BatchKVCache() for _ in range(layers)]
+            self.cache = [_batch_cache(kv) for _ in range(layers)]
             bound = _prefill_bound(reqs)
             for i, c in enumerate(self.cache):
                 c.limit = bound
@@ -236,11 +242,14 @@ class BatchEngine:
     newcomers admitted together, whose prompts then run as the rows of one forward a chunk
     (requests arriving together, as a burst at a server, start decoding together after one
     prefill, not one after another). How the batched step runs is the backend row's choice
-    (`backends.rows_step`).
+    (`backends.rows_step`). kv_bits, kv_group_size: keep every sequence's keys and values
+    quantized (`QuantizedKVCache`, `QuantizedBatchKVCache`: the model's graph runs them), alone
+    or batched.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_kv_bytes: Optional[int] = None,
-                 max_batch: int = 8, prefill_chunk: int = 512, prefill_batch: int = 8):
+                 max_batch: int = 8, prefill_chunk: int = 512, prefill_batch: int = 8,
+                 kv_bits: Optional[int] = None, kv_group_size: int = 64):
         if max_batch < 1 or prefill_chunk < 1 or prefill_batch < 1:
             raise ValueError("max_batch, prefill_chunk and prefill_batch must be at least 1")
         self.model, self.tokenizer = model, tokenizer
@@ -248,9 +257,14 @@ class BatchEngine:
         self.prefill_batch = prefill_batch
         args = model.args
         dtype = model.model.compute_dtype or model.model.norm.weight.dtype
-        # Keys and values, every layer, one position.
-        self.bytes_per_token = 2 * len(model.layers) * args.num_key_value_heads * args.head_dim * dtype.size
-        self.bucketed = backends.rows_step(model, [BatchKVCache()]).kind != "graph"
+        if kv_bits is not None and args.head_dim % kv_group_size:
+            raise ValueError(f"kv_group_size {kv_group_size} does not divide the head size {args.head_dim}")
+        self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
+        # Keys and values, every layer, one position (quantized: codes, and a scale and bias a group).
+        per_head = args.head_dim * dtype.size if kv_bits is None else (
+            args.head_dim * kv_bits // 8 + 2 * (args.head_dim // kv_group_size) * dtype.size)
+        self.bytes_per_token = 2 * len(model.layers) * args.num_key_value_heads * per_head
+        self.bucketed = kv_bits is None and backends.rows_step(model, [BatchKVCache()]).kind != "graph"
         self._new_batch_cache()
         # The one running sequence's own caches and step, when it runs alone (else None).
         self.solo: Optional[list[KVCache]] = None
@@ -296,8 +310,13 @@ class BatchEngine:
         stops = set(self.tokenizer.stop_tokens) if stop_tokens is None else {int(t) for t in stop_tokens}
         caches = list(prompt_cache) if prompt_cache else None
         if caches is not None:
-            if len(caches) != len(self.model.layers) or not all(type(c) is KVCache for c in caches):
-                raise ValueError("prompt_cache must be one plain KVCache per layer")
+            kind = KVCache if self.kv["kv_bits"] is None else QuantizedKVCache
+            if len(caches) != len(self.model.layers) or not all(type(c) is kind for c in caches) or (
+                    kind is QuantizedKVCache and any(c.meta_state != caches[0].meta_state for c in caches)):
+                raise ValueError(f"prompt_cache must be one {kind.__name__} per layer, as the engine's")
+            if kind is QuantizedKVCache and (caches[0].bits, caches[0].group_size) != (
+                    self.kv["kv_bits"], self.kv["kv_group_size"]):
+                raise ValueError("prompt_cache's kv_bits and kv_group_size must be the engine's")
             if len({c.offset for c in caches}) != 1 or caches[0].offset >= len(ids):
                 raise ValueError("prompt_cache must hold the same prefix, shorter than the prompt, in every layer")
         with self._lock:
@@ -449,7 +468,7 @@ class BatchEngine:
 
     def kv_bytes(self) -> int:
         """Bytes of KV buffers held now (what `max_kv_bytes` caps)."""
-        return sum(c.keys.nbytes + c.values.nbytes for c in self.live_caches() if c.keys is not None)
+        return sum(c.nbytes for c in self.live_caches())
 
     # -- the engine's thread ---------------------------------------------------------------
     def step(self) -> list[tuple[BatchRequest, GenerationResponse]]:
@@ -471,7 +490,7 @@ class BatchEngine:
                     r.seq.started = now
                 if self.solo is not None:  # no longer alone: into the batch before the newcomers' buffers exist
                     self._batch_solo()
-                self._prefill = _Prefill(group, len(self.model.layers))
+                self._prefill = _Prefill(group, len(self.model.layers), self.kv)
         if self._prefill is not None:
             try:
                 self._prefill_chunk()
@@ -534,7 +553,8 @@ class BatchEngine:
                 layer.limit = max([layer.limit or 0] + [r.reservation for r in reqs])
                 keys, values = c.keys, c.values
                 if keys is not None and not whole:
-                    keys, values = mx.take(keys, idx, axis=0), mx.take(values, idx, axis=0)
+                    keys, values = (tuple(mx.take(a, idx, axis=0) for a in x) if isinstance(x, tuple)
+                                    else mx.take(x, idx, axis=0) for x in (keys, values))
                 layer.add_rows(keys, values, [c.lengths[b] for b in rows])
             rest = [b for b in range(len(p.reqs)) if b not in rows]
             if rest:
@@ -561,7 +581,7 @@ class BatchEngine:
 
     def _new_batch_cache(self) -> None:
         # A compiled step traces per buffer shape: its cache's shapes come from a few buckets.
-        self.cache = [BatchKVCache(bucketed=self.bucketed) for _ in self.model.layers]
+        self.cache = [_batch_cache(self.kv, self.bucketed) for _ in self.model.layers]
         self._rows_step = backends.rows_step(self.model, self.cache)
 
     def _inputs(self) -> mx.array:
@@ -633,7 +653,8 @@ class BatchEngine:
         n = min(caches[0].offset if self.solo else self.cache[0].lengths[b], len(held))
         if caches[0].keys is None or n == 0:
             return
-        r.kv_cache = [row_copy(c.keys, c.values, b, n) for c in caches]
+        quantized = caches[0].meta_state if self.kv["kv_bits"] is not None else None
+        r.kv_cache = [row_copy(c.keys, c.values, b, n, quantized) for c in caches]
         mx.eval([c.state for c in r.kv_cache])
         r.kv_tokens = held[:n]
 
@@ -712,8 +733,11 @@ def batch_generate(
     max_batch: int = 32,
     prefill_chunk: int = 512,
     prefill_batch: int = 8,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
 ) -> BatchResult:
-    """Complete every prompt (text, ids or chat messages), decoding them together.
+    """Complete every prompt (text, ids or chat messages), decoding them together (with `kv_bits`,
+    over quantized KV caches, batched all the same).
 
     `max_tokens` and `sampler` may be one for all or one per prompt; `logits_processors` one list
     for all or a list per prompt. Texts come back in the prompts' order.
@@ -729,7 +753,7 @@ def batch_generate(
     if not (len(limits) == len(samplers) == len(procs) == n):
         raise ValueError("per-prompt max_tokens, sampler and logits_processors need one entry per prompt")
     engine = BatchEngine(model, tokenizer, max_kv_bytes=max_kv_bytes, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                         prefill_batch=prefill_batch)
+                         prefill_batch=prefill_batch, kv_bits=kv_bits, kv_group_size=kv_group_size)
     start = time.perf_counter()
     reqs = [engine.submit(p, max_tokens=m, sampler=s, logits_processors=lp, stop=stop)
             for p, m, s, lp in zip(prompts, limits, samplers, procs)]

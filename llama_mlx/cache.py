@@ -29,6 +29,7 @@ __all__ = [
     "HandOver",
     "KVCache",
     "PromptCache",
+    "QuantizedBatchKVCache",
     "QuantizedKVCache",
     "RotatingKVCache",
     "RowsDecodeView",
@@ -334,9 +335,15 @@ def _round_up(n: int, step: int) -> int:
     return ((n + step - 1) // step) * step
 
 
-def row_copy(keys: Optional[mx.array], values: Optional[mx.array], row: int, n: int) -> KVCache:
-    """The first `n` positions of row `row` of batch buffers [B, H, S, D] as a plain `KVCache`."""
+def row_copy(keys, values, row: int, n: int, quantized: Optional[dict] = None) -> KVCache:
+    """The first `n` positions of row `row` of batch buffers [B, H, S, D] as a plain `KVCache`
+    (with `quantized`, a `QuantizedKVCache`'s meta_state: tuples of its buffers, as one)."""
     # Copies, not views: a view would keep the whole batch buffer alive.
+    if quantized is not None:
+        if keys is None or n == 0:
+            return QuantizedKVCache(quantized["bits"], quantized["group_size"])
+        state = [mx.contiguous(a[row : row + 1, :, :n]) for a in (*keys, *values)]
+        return QuantizedKVCache.from_state(state, quantized)
     if keys is None or n == 0:
         return KVCache()
     return KVCache.from_state([mx.contiguous(a[row : row + 1, :, :n]) for a in (keys, values)], {})
@@ -513,6 +520,106 @@ class BatchKVCache(HandOver):
 
     def is_trimmable(self) -> bool:
         return False
+
+
+class QuantizedBatchKVCache(BatchKVCache):
+    """A `BatchKVCache` whose keys and values are stored affine-quantized, as `QuantizedKVCache`'s
+    (each a tuple: codes, scales, biases [B, heads, positions, ...]) and attended the same way: a
+    batch's rows then hold `kv_bits`' share of the float cache's memory. The model's graph runs it
+    (no compiled step takes tuples); `add`/`add_rows` take a `QuantizedKVCache`'s tuples."""
+
+    def __init__(self, bits: int = 8, group_size: int = 64):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    def _grow(self, needed: int, like) -> None:
+        if self.keys is not None and needed <= self.keys[0].shape[2]:
+            return
+        cap = self._capacity(needed)
+
+        def grown(old, new):
+            bufs = tuple(mx.zeros((a.shape[0], a.shape[1], cap, a.shape[3]), a.dtype) for a in new)
+            if old is not None:
+                for b, o in zip(bufs, old):
+                    b[:, :, : o.shape[2]] = o
+            return bufs
+
+        self.keys, self.values = grown(self.keys, like[0]), grown(self.values, like[1])
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        B, H, L, _ = k.shape
+        needed = max(self.lengths) + L
+        qk, qv = (QuantizedKVCache._quantize(self, a) for a in (k, v))
+        self._grow(needed, (qk, qv))
+        pos = self.offset[:, None, None, None] + mx.arange(L, dtype=mx.int32)[None, None, :, None]
+        self.keys = tuple(mx.put_along_axis(b, mx.broadcast_to(pos, new.shape), new, axis=2)
+                          for b, new in zip(self.keys, qk))
+        self.values = tuple(mx.put_along_axis(b, mx.broadcast_to(pos, new.shape), new, axis=2)
+                            for b, new in zip(self.values, qv))
+        self._set_lengths([n + L for n in self.lengths])
+        return tuple(a[:, :, :needed] for a in self.keys), tuple(a[:, :, :needed] for a in self.values)
+
+    def attention(self, q, k, v, scale, mask):
+        # The batch's mask [B, 1, L, S] against scores [B, kv_heads, repeats, L, S].
+        return QuantizedKVCache.attention(self, q, k, v, scale, mask[:, :, None] if mask is not None else None)
+
+    def reserve(self, n: int) -> None:
+        raise ValueError("a quantized batch cache runs the model's graph only")
+
+    def add_rows(self, keys, values, lengths: Sequence[int]) -> None:
+        """As `BatchKVCache.add_rows`, keys and values as `QuantizedKVCache` tuples."""
+        lengths = list(lengths)
+        ref = keys if keys is not None else self.keys
+        if ref is None:
+            self._set_lengths(self.lengths + lengths)
+            return
+        B, n = len(self.lengths), len(lengths)
+        cap = max(self._capacity(max(self.lengths + lengths) + 1), 0 if self.keys is None else self.keys[0].shape[2])
+        m = max(lengths)
+
+        def joined(old, new):
+            bufs = tuple(mx.zeros((B + n, a.shape[1], cap, a.shape[3]), a.dtype) for a in ref)
+            for i, b in enumerate(bufs):
+                if old is not None and B:
+                    b[:B, :, : old[i].shape[2]] = old[i]
+                if new is not None and m:
+                    b[B:, :, :m] = new[i][:, :, :m]
+            return bufs
+
+        self.keys, self.values = joined(self.keys, keys), joined(self.values, values)
+        self._set_lengths(self.lengths + lengths)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        rows = list(rows)
+        self._set_lengths([self.lengths[i] for i in rows])
+        if not rows:
+            self.keys = self.values = None
+            return
+        if self.keys is None:
+            return
+        cap = min(self.keys[0].shape[2], self._capacity(max(self.lengths) + 1))
+        idx = mx.array(rows, dtype=mx.int32)
+        self.keys = tuple(mx.contiguous(mx.take(a, idx, axis=0)[:, :, :cap]) for a in self.keys)
+        self.values = tuple(mx.contiguous(mx.take(a, idx, axis=0)[:, :, :cap]) for a in self.values)
+
+    def extract(self, row: int, n: Optional[int] = None) -> KVCache:
+        """The first `n` positions (default: all) of row `row` as a `QuantizedKVCache` of its own."""
+        return row_copy(self.keys, self.values, row, self.lengths[row] if n is None else n, self.meta_state)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in _buffers(self.keys) + _buffers(self.values))
+
+    @property
+    def state(self) -> list[mx.array]:
+        if self.keys is None:
+            return []
+        S = max(self.lengths)
+        return [a[:, :, :S] for a in self.keys + self.values]
+
+    @property
+    def meta_state(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
 
 
 def make_prompt_cache(

@@ -454,8 +454,11 @@ class Engine:
         try:
             self.model, self.tokenizer = self._loader()
             self.pool = PrefixCachePool(self.model, self.prompt_cache_bytes, **self.cache_options)
+            # A quantized KV cache (kv_bits) batches too: its rows are QuantizedBatchKVCache's.
             self.batch = BatchEngine(self.model, self.tokenizer, max_kv_bytes=self.max_kv_bytes,
-                                     max_batch=self.decode_concurrency, prefill_chunk=self.prefill_step_size)
+                                     max_batch=self.decode_concurrency, prefill_chunk=self.prefill_step_size,
+                                     kv_bits=self.cache_options.get("kv_bits"),
+                                     kv_group_size=self.cache_options.get("kv_group_size", 64))
             self.batch.driven = True  # this thread steps it; nobody iterates its handles
             if self._speculative_loader is not None:
                 self.speculative = dict(self._speculative_loader() or {})
@@ -554,7 +557,8 @@ class Engine:
                                            sampler=None if params.greedy else params.sampler(),
                                            logits_processors=params.processors(self.tokenizer, req.max_tokens),
                                            stop=list(req.stop) or None,
-                                           prompt_cache=cache, keep_cache=self.pool.max_bytes > 0)
+                                           prompt_cache=cache,
+                                           keep_cache=self.pool.max_bytes > 0 and self.batch.kv["kv_bits"] is None)
         except Exception as e:  # noqa: BLE001 - handed to the request's handler
             job._push(e)
             self._retire(job, False, failed=True)

@@ -1274,7 +1274,7 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
         keep_alive: Optional[float] = None, images: ImagePolicy = ImagePolicy(),
         max_connections: Optional[int] = None, shutdown_timeout: float = 5.0, header_timeout: float = 10.0,
         write_timeout: float = 60.0, temperature: Optional[float] = None, top_p: Optional[float] = None,
-        adapter_path: Optional[Path] = None) -> bool:
+        adapter_path: Optional[Path] = None, cache_options: Optional[dict] = None) -> bool:
     """Serve the model `loader()` returns (the default one, `model_name`, at `model_path`) on
     http://host:port until SIGINT or SIGTERM (both stop cleanly).
 
@@ -1289,7 +1289,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     adapter_path: the adapter folder `loader` and `loader_for(path, adapter_path)` apply to the default and
     `models` (part of their identity in the registry: a request naming their path gets the base model).
     temperature, top_p: sampling of requests that set none, for every model (None: each model's own
-    recommendation, else Meta's 0.6 / 0.9).
+    recommendation, else Meta's 0.6 / 0.9). cache_options: `PromptCache`'s (kv_bits, kv_group_size:
+    a quantized KV cache, batched all the same).
 
     Connections: at most `max_connections` at once (default `default_max_connections()`, below the
     open-file limit; requests beyond it are answered 503 at once); a client that has not sent its
@@ -1301,7 +1302,7 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     import uvicorn
 
     options = dict(max_concurrency=max_concurrency, queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes,
-                   decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes)
+                   decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes, cache_options=cache_options)
     factory = None if loader_for is None else (lambda path: Engine(loader_for(path), **options))
     registry = ModelRegistry(factory, max_loaded=max_loaded_models, max_bytes=max_loaded_bytes, keep_alive=keep_alive)
     # The default model keeps its own options (speculative decoding) when loaded again; under

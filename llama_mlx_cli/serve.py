@@ -14,6 +14,8 @@ from .common import (
     DraftModelOpt,
     DtypeOpt,
     GgufFileOpt,
+    KVBitsOpt,
+    KVGroupSizeOpt,
     NumDraftTokensOpt,
     PipelineOpt,
     PromptLookupOpt,
@@ -186,6 +188,8 @@ def serve(
         help="Top-p of requests that set none, every model's; a request's own wins. Default: each model's "
              "generation_config.json (or GGUF general.sampling.top_p), else 0.9 (Meta's).")] = None,
     dtype: DtypeOpt = "auto",
+    kv_bits: KVBitsOpt = None,
+    kv_group_size: KVGroupSizeOpt = 64,
     pipeline: PipelineOpt = False,
     tensor_parallel: TensorParallelOpt = False,
     draft_model: DraftModelOpt = None,
@@ -268,6 +272,7 @@ def serve(
         max_loaded_bytes=max_loaded_bytes, keep_alive=seconds,
         images=ImagePolicy(allow_urls=allow_image_urls, files_dir=allow_image_files),
         max_connections=max_connections, shutdown_timeout=shutdown_timeout, header_timeout=header_timeout,
+        cache_options=None if kv_bits is None else dict(kv_bits=kv_bits, kv_group_size=kv_group_size),
         temperature=temp, top_p=top_p, adapter_path=adapter_path,
         on_ready=lambda: note_line(f"{', '.join(names)} loaded; serving on http://{host}:{port}/v1"))
     if not listened:

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import KVCache
+from ..cache import BatchKVCache, KVCache
 from ..errors import ArgumentError
 from . import cpu, cuda, fusion
 from .steps import GRAPHS, AllPositionsStep, CompiledCheckStep, CompiledStep, GraphStep, MaskedDecoder, RowsDecoder
@@ -226,7 +226,7 @@ def rows_step(model: nn.Module, cache: list) -> Step:
     `BatchKVCache`s, each row at its own position, updating the cache (other shapes take the graph):
     the row's first supported batch decoder, compiled over the cache's whole buffers (traced once
     per batch size and capacity), else the model's graph."""
-    decoder = _first(current().rows_decoders, model)
+    decoder = _first(current().rows_decoders, model) if all(type(c) is BatchKVCache for c in cache) else None
     return CompiledStep(model, cache, decoder) if decoder else GraphStep(model, cache)
 
 
