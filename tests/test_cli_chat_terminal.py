@@ -14,6 +14,7 @@ import pytest
 from test_cli_chat import PROMPT, STATS, Chat, clean
 
 from llama_mlx.chat import SESSION_FORMAT
+from llama_mlx_cli.chat import LONG_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +106,13 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(gguf, t
 
 
 def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(gguf):
-    # About 400 tokens of system prompt: long enough to show progress, and to be stopped in the middle.
-    system = " ".join(f"Rule {i}: answer politely and mention the number {i * 7}." for i in range(30))
+    # A prompt of 282 tokens: just long enough to show progress (over LONG_PROMPT), and to be stopped in the middle.
+    system = " ".join(f"Rule {i}: answer politely and mention the number {i * 7}." for i in range(18))
     chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "4", "--system", system, timeout=600)
     chat.p.sendline("Which rule mentions 21?")
     chat.p.expect(r"reading the prompt… (\d+)/(\d+) tokens")
     done, total = int(chat.p.match.group(1)), int(chat.p.match.group(2))
-    assert total > 300 and done < total
+    assert total > LONG_PROMPT and done < total
     sent = time.monotonic()
     chat.p.sendintr()
     chat.p.expect_exact(PROMPT)
@@ -132,7 +133,7 @@ def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(ggu
 
 
 def test_keys_typed_while_streaming_are_not_echoed_and_become_the_next_input(gguf):
-    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "48")
+    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "24")
     chat.p.sendline("Tell me a long story about a cat who sails the sea.")
     chat.p.expect(r"\?25h")  # the first token: streaming has begun
     chat.p.expect(r"[A-Za-z]+\W+[A-Za-z]+")
