@@ -9,7 +9,9 @@ device's own row, which is the fused step of `llama_mlx.backends.cuda` on CUDA)
 it prints generation tokens/s over `-g` tokens after `-p` prompt tokens, then the median per-step
 split of host and device time: building the graph in Python, `mx.async_eval` (MLX encoding the
 graph for the device), and waiting for the result. Parity compares the two paths' logits over
-ten decode steps, after a short prompt and after one long enough for split attention.
+ten decode steps, after a short prompt and after one long enough for split attention. With
+--mlx-lm, mlx-lm's model of the same shape is timed the same way (its generate_step, then its
+model's graph a step): the host time a step costs (build + async_eval) ours against theirs.
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ from llama_mlx.generate import generate_step  # noqa: E402
 from llama_mlx.model import Model, ModelArgs  # noqa: E402
 
 
-def build(shape: str) -> Model:
+def build(shape: str, row=None) -> Model:
     model = Model(ModelArgs.from_dict(shape_config(shape)))
     if mx.default_device() == mx.gpu:
         model.set_dtype(mx.bfloat16)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
-    backends.prepare(model, fuse=True, threads=1)  # fused everywhere, one CPU thread: the paths compared
+    previous = backends.use(row)  # prepared as that row prepares it (dtype, fusion, transform)
+    try:
+        backends.prepare(model, fuse=True, threads=1)  # fused everywhere, one CPU thread: the paths compared
+    finally:
+        backends.use(previous)
     mx.eval(model.parameters())
     return model
 
@@ -103,6 +109,49 @@ def _breakdown(model: Model, row, prompt: int, gen: int, vocab: int) -> str:
             f"async_eval {ms(encode_s):.2f} ms, wait {ms(wait_s):.2f} ms")
 
 
+def mlx_lm_breakdown(shape: str, prompt: int, gen: int, vocab: int) -> str:
+    """mlx-lm's model of the same shape (its own random 4-bit weights), timed as `_breakdown`."""
+    import importlib
+
+    from mlx_lm.models import llama as mlx_lm_llama
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    gen_mod = importlib.import_module("mlx_lm.generate")
+    model = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(shape_config(shape)))
+    if mx.default_device() == mx.gpu:
+        model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    p = mx.random.randint(0, vocab, (prompt,))
+    for _ in gen_mod.generate_step(p, model, max_tokens=4):
+        pass
+    t0 = None
+    for n, _ in enumerate(gen_mod.generate_step(p, model, max_tokens=gen)):
+        if n == 1:
+            t0 = time.perf_counter()
+    tps = (gen - 2) / (time.perf_counter() - t0)
+    cache = mlx_lm_cache(model)
+    model(p[None, :-1], cache=cache)
+    y = mx.argmax(model(p[None, -1:], cache=cache)[:, -1, :], axis=-1)
+    mx.eval(y)
+    build_s, encode_s, wait_s = [], [], []
+    for _ in range(20):
+        t1 = time.perf_counter()
+        y = mx.argmax(model(y[None], cache=cache)[:, -1, :], axis=-1)
+        t2 = time.perf_counter()
+        mx.async_eval(y)
+        t3 = time.perf_counter()
+        y.item()
+        t4 = time.perf_counter()
+        build_s.append(t2 - t1)
+        encode_s.append(t3 - t2)
+        wait_s.append(t4 - t3)
+    ms = lambda v: statistics.median(v) * 1e3  # noqa: E731
+    del model
+    return (f"mlx-lm: {tps:7.1f} tok/s | per step: build {ms(build_s):.2f} ms, "
+            f"async_eval {ms(encode_s):.2f} ms, wait {ms(wait_s):.2f} ms")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="1b,8b")
@@ -110,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("-g", "--gen-tokens", type=int, default=128)
     ap.add_argument("--no-parity", action="store_true")
     ap.add_argument("--parity-only", action="store_true")
+    ap.add_argument("--mlx-lm", action="store_true", help="also mlx-lm's model of each shape, timed the same way")
+    ap.add_argument("--rows", default="metal,default", help="rows to time: metal (the model's graph), default")
     args = ap.parse_args(argv)
     print(f"mlx {mx.__version__} on {mx.default_device()} ({mx.device_info().get('device_name', '?')})", flush=True)
     for name in args.models.split(","):
@@ -118,11 +169,20 @@ def main(argv=None) -> int:
         if not args.no_parity:
             for n in (30, 2100):
                 print(f"{name}: {parity(model, n, vocab)}", flush=True)
-        for row in () if args.parity_only else ("metal", None):
+        rows = [None if r == "default" else r for r in args.rows.split(",")]
+        for row in () if args.parity_only else rows:
+            if row is not None:  # built for that row
+                del model
+                gc.collect()
+                model = build(name, row)
             print(f"{name}: {breakdown(model, row, args.prompt_tokens, args.gen_tokens, vocab)}", flush=True)
         del model
         gc.collect()
         mx.clear_cache()
+        if args.mlx_lm and not args.parity_only:
+            print(f"{name}: {mlx_lm_breakdown(name, args.prompt_tokens, args.gen_tokens, vocab)}", flush=True)
+            gc.collect()
+            mx.clear_cache()
     return 0
 
 

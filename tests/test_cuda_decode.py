@@ -252,3 +252,23 @@ def test_queued_rounds_equal_mlx_lm_greedy_and_leave_checked_caches(monkeypatch,
             for x, y in zip(c, ref):
                 np.testing.assert_allclose(np.array(x.keys[..., :n, :]), np.array(y.keys[..., :n, :]), atol=1e-4)
                 np.testing.assert_allclose(np.array(x.values[..., :n, :]), np.array(y.values[..., :n, :]), atol=1e-4)
+
+
+def test_long_buffers_attend_by_sdpa_over_each_rows_positions(monkeypatch):
+    """From `kernels.SDPA_FROM` positions the CUDA wing's decode attention is MLX's SDPA (runs on the
+    CPU too): row b's one query over its positions 0..offset[b] of the buffers, grouped heads; numpy's
+    softmax attention is the oracle, the flat [B * Hq * D] layout the kernel's."""
+    monkeypatch.setattr(cuda.kernels, "SDPA_FROM", 64)
+    rng = np.random.default_rng(0)
+    B, HQ, HKV, C, D = 3, 4, 2, 64, 32
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, HQ, 1, D), (B, HKV, C, D), (B, HKV, C, D)))
+    offset = np.array([0, 17, 63], dtype=np.int32)
+    got = cuda.kernels.decode_attention(mx.array(q), mx.array(k), mx.array(v), mx.array(offset), D**-0.5)
+    want = np.zeros((B, HQ, D), np.float32)
+    for b in range(B):
+        for h in range(HQ):
+            n, g = offset[b] + 1, h // (HQ // HKV)
+            s = k[b, g, :n] @ q[b, h, 0] * D**-0.5
+            w = np.exp(s - s.max())
+            want[b, h] = (w / w.sum()) @ v[b, g, :n]
+    np.testing.assert_allclose(np.array(got), want.reshape(-1), atol=1e-5)

@@ -44,6 +44,9 @@ __all__ = [
 ROWS_PER_BLOCK = 16  # one warp per output row
 ATTN_CHUNK = 128  # positions per attention block (a warp each 32); blocks are merged in a second pass
 ATTN_WARPS = 4
+# Buffers of this many positions and more are attended by MLX's scaled_dot_product_attention
+# (masked to each row's positions) instead of the kernel, which loses there: benchmarks/attention_probe.py.
+SDPA_FROM = 4096
 
 _HEADER = r"""
 #define NEG_INF __int_as_float(0xff800000u)
@@ -489,10 +492,14 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.a
     q: [B, Hq, 1, D]; keys/values: [B, Hkv, C, D] buffers in q's dtype; offset: int32 array of
     shape [B], the position each row's token was just written at. Returns [B * Hq * D].
     shared: the rows are positions of one sequence, all attending over buffers [1, Hkv, C, D]
-    (a speculative check: row i at offset[i] sees itself and what precedes it).
+    (a speculative check: row i at offset[i] sees itself and what precedes it). Buffers of
+    `SDPA_FROM` positions or more (not shared) go to MLX's SDPA, masked the same way.
     """
     B, HQ, _, D = q.shape
     HKV, C = keys.shape[1], keys.shape[2]
+    if C >= SDPA_FROM and not shared:
+        mask = (mx.arange(C, dtype=mx.int32)[None] <= offset[:, None])[:, None, None]  # [B, 1, 1, C]
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask).reshape(-1)
     S = -(-C // ATTN_CHUNK)
     template = [("T", q.dtype), ("HQ", HQ), ("HKV", HKV), ("C", C), ("D", D), ("CHUNK", ATTN_CHUNK),
                 ("WARPS", ATTN_WARPS), ("SCALE_BITS", _float_bits(scale)), ("SHARED", shared)]
