@@ -214,7 +214,7 @@ def check_against(adapter: Adapter, modules: dict[str, tuple[int, int]]) -> None
         if module not in modules:
             raise AdapterError(f"{file}: {module}.{next(iter(leaves))} names a module the model lacks or "
                                f"the adapter's config does not adapt (num_layers {adapter.num_layers}, "
-                               f"keys {list(adapter.keys) if adapter.keys is not None else 'unset'})")
+                               f"keys {str(list(adapter.keys))[:120] if adapter.keys is not None else 'unset'})")
         in_dims, out_dims = modules[module]
         want = {"lora_a": (in_dims, adapter.rank), "lora_b": (adapter.rank, out_dims), "m": (out_dims,)}
         for leaf, shape in leaves.items():
@@ -253,6 +253,8 @@ def load_tensors(adapter: Adapter) -> dict[str, mx.array]:
         tensors = mx.load(str(_inside(adapter.path, WEIGHTS_FILE)))
     except (ValueError, RuntimeError, OSError) as e:
         raise AdapterError(f"{file}: cannot read: {e}") from None
+    if {n: tuple(t.shape) for n, t in tensors.items()} != {n: shape for n, (shape, _) in adapter.tensors.items()}:
+        raise AdapterError(f"{file}: changed while being read")
     for name, t in tensors.items():
         if not mx.all(mx.isfinite(t)).item():
             raise AdapterError(f"{file}: {name} holds NaN or infinite values")
