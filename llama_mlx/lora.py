@@ -231,18 +231,16 @@ def check_fits(adapter: Adapter, config: dict) -> None:
     check_against(adapter, {name: _in_out(m) for name, m in targets(adapter, model).items()})
 
 
-def check_adapter(adapter_path: str | Path, model: str | Path | None) -> Adapter:
-    """The adapter folder, checked against the model `model` names (a path or a name, as `load` takes)
-    from its config and headers alone: a server refuses a bad one before it starts."""
+def check_adapter(adapter_path: str | Path, model_path: Path) -> Adapter:
+    """The adapter folder, checked against the model at `model_path` (`resolve.resolve_model`'s) from its
+    config and headers alone: a server refuses a bad one before it starts."""
     from .checkpoints import read_checkpoint
-    from .resolve import resolve_model
     from .vision.loading import mllama_config
 
     adapter = read_adapter(adapter_path)
-    resolved = resolve_model(model)
-    if mllama_config(resolved) is not None:
-        raise AdapterError(f"{resolved}: adapters apply to Llama 3 text models, not Llama 3.2 Vision")
-    check_fits(adapter, read_checkpoint(resolved).config)
+    if mllama_config(model_path) is not None:
+        raise AdapterError(f"{model_path}: adapters apply to Llama 3 text models, not Llama 3.2 Vision")
+    check_fits(adapter, read_checkpoint(model_path).config)
     return adapter
 
 
