@@ -1,6 +1,7 @@
 """Speculative decoding: greedy outputs equal plain greedy decoding token for token on the real
 SmolLM2 (itself, an 8-bit requantized copy and prompt lookup as drafts); sampled outputs keep the
-target's distribution (a bound derived below); caches stay consistent; mismatched drafts refused."""
+target's distribution (a bound derived below); caches stay consistent (on a tiny random model);
+mismatched drafts refused."""
 
 import math
 import types
@@ -77,8 +78,15 @@ def test_prompt_lookup_equals_plain_greedy_on_a_copy_heavy_prompt(smollm2, plain
     assert last.accepted_tokens >= 10  # the answer copies the code: most drafts hold
 
 
-def test_prompt_cache_stays_consistent_across_turns(smollm2):
-    model, tok = smollm2
+@pytest.fixture(scope="module")
+def meta_tiny(tiny_meta_checkpoint):
+    """The tiny random model with Meta's tokenizer and chat format: for the caches' bookkeeping, where
+    the model's text does not matter."""
+    return llama_mlx.load(tiny_meta_checkpoint)
+
+
+def test_prompt_cache_stays_consistent_across_turns(meta_tiny):
+    model, tok = meta_tiny
     follow = [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Now one more tip, briefly."}]
 
     def two_turns(**kw):
@@ -105,8 +113,8 @@ def test_prompt_cache_stays_consistent_across_turns(smollm2):
                                        atol=1e-3)
 
 
-def test_closing_mid_round_leaves_only_handed_out_tokens_in_the_caches(smollm2):
-    model, tok = smollm2
+def test_closing_mid_round_leaves_only_handed_out_tokens_in_the_caches(meta_tiny):
+    model, tok = meta_tiny
     prompt = tok.apply_chat_template(CHAT)
     want = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=8)]
     for take in (2, 5):
