@@ -736,9 +736,6 @@ class PromptCache:
         Only a missing path or a regular file is replaced (UnsafeOutputError otherwise). `path` may
         also be a binary file open for writing (one of `fileio.atomic_files`), written as it is.
         """
-        if hasattr(self._model, "make_cache"):
-            raise PromptCacheError("saving the cache of a Llama 3.2 Vision model (its image keys and values) is "
-                                   "not supported yet")
         arrays = {f"{i}.{j}": a for i, c in enumerate(self.cache) for j, a in enumerate(c.state)}
         layers = [{"kind": type(c).__name__, "n": len(c.state), **c.meta_state} for c in self.cache]
         info = {"tokens": list(map(int, self.tokens)), "layers": layers, "fingerprint": self._fingerprint}
@@ -784,9 +781,16 @@ class PromptCache:
         names = set()
         cache = []
         for i, layer in enumerate(layers):
-            c = _checked_layer(i, layer, arrays, expected, pc, model, len(tokens), path)
+            own = type(pc.cache[i])
+            if own.__name__ not in _KINDS:  # the model's own kind (Llama 3.2 Vision's cross-attention)
+                c = _checked_own_layer(i, layer, arrays, own, model, tokens, path)
+            else:
+                c = _checked_layer(i, layer, arrays, expected, pc, model, len(tokens), path)
             names |= {f"{i}.{j}" for j in range(layer["n"])}
             cache.append(c)
+        own = {json.dumps(layer, sort_keys=True) for layer, c in zip(layers, cache) if type(c).__name__ not in _KINDS}
+        if len(own) > 1:  # each cross-attention layer holds the same images
+            raise PromptCacheError(f"{path}: the cross-attention layers hold different images")
         if set(arrays) != names:
             extra = sorted(set(arrays) - names)
             raise PromptCacheError(f"{path}: unexpected array {extra[0]!r:.40} in the prompt cache")
@@ -851,6 +855,22 @@ def _checked_options(options, path: Path) -> dict:
     if size is not None and bits is not None:
         raise PromptCacheError(f"{path}: prompt cache options ask for a rotating and a quantized cache")
     return {"max_kv_size": size, "kv_bits": bits, "kv_group_size": group}
+
+
+def _checked_own_layer(i, layer, arrays, own, model, tokens, path):
+    """A layer of a cache kind the model makes itself, which checks its saved state (`from_saved`)."""
+    where = f"{path}: layer {i}"
+    kind = layer.get("kind") if isinstance(layer, dict) else layer
+    if kind != own.__name__:
+        raise PromptCacheError(f"{where}: a {kind!r:.40} where the model has a {own.__name__}")
+    n = layer.get("n")
+    if not _is_int(n) or not 0 <= n <= 8 or any(f"{i}.{j}" not in arrays for j in range(n)):
+        raise PromptCacheError(f"{where}: {n!r:.20} arrays, or some missing")
+    meta = {k: v for k, v in layer.items() if k not in ("kind", "n")}
+    try:
+        return own.from_saved([arrays[f"{i}.{j}"] for j in range(n)], meta, model, tokens)
+    except ValueError as e:
+        raise PromptCacheError(f"{where}: {e}") from None
 
 
 def _checked_layer(i, layer, arrays, expected, pc, model, n_tokens, path) -> KVCache:

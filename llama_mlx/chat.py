@@ -459,6 +459,8 @@ class ChatSession:
         conversation, cache_file = session_files(path)
         if not conversation.parent.is_dir():
             raise SessionFileError(f"{conversation.parent}: no such folder")
+        if not all(isinstance(image, str) for image in self.images):
+            raise SessionFileError("an image given as bytes or a Pillow image cannot be saved: give its file path")
         info = {"format": SESSION_FORMAT, "model": self.name, "fingerprint": self.fingerprint(),
                 "saved": _dt.datetime.now().isoformat(timespec="seconds")}
         text = json.dumps({**info, "cache": cache_file.name, "cached_tokens": len(self.cache.tokens),
@@ -495,8 +497,19 @@ class ChatSession:
             cache, note = None, f"{cache_file.name} was saved with other KV cache settings"
         if cache is None and note is None:
             note = f"no KV cache beside it ({cache_file.name})"
+        images = [p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"]
+                  if p["type"] == "image"]
+        if images:
+            from .vision.prompt import sees_images
+
+            if not sees_images(self.model):
+                raise SessionFileError(f"{path}: the conversation holds images: it needs a Llama 3.2 Vision model")
+        held = next((len(c.spans) for c in cache.cache if hasattr(c, "spans")), 0) if cache is not None else 0
+        if held > len(images):
+            cache, note = None, f"{cache_file.name} holds more images than the conversation"
         self.messages = messages
         self.cache = cache if cache is not None else PromptCache(self.model, **self.cache.options)
+        self._attached = images[:held]  # the images the restored cache holds: not encoded again
         self.last = None
         self._rebuild()
         cached = len(self.cache.tokens)
@@ -532,7 +545,18 @@ def _read_conversation(path: Path) -> list[dict]:
 def _clean_messages(messages: list, path: Path) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise SessionFileError(f"{path}: message {i + 1} is not a {{\"role\", \"content\"}} object of strings")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(m.get("content"), str) or m["role"] == "user" and _image_parts(m.get("content"))):
+            raise SessionFileError(f"{path}: message {i + 1} is not a {{\"role\", \"content\"}} object of strings "
+                                   "(or a user's text and one image path)")
         out.append({k: m[k] for k in _MESSAGE_KEYS if k in m})
     return out
+
+
+def _image_parts(content) -> bool:
+    """Whether `content` is what `add_user(text, image=path)` makes: one image path, then text."""
+    return (isinstance(content, list) and len(content) == 2 and all(isinstance(p, dict) for p in content) and
+            content[0].keys() == {"type", "image"} and
+            content[0]["type"] == "image" and isinstance(content[0]["image"], str) and
+            content[1].keys() == {"type", "text"} and content[1]["type"] == "text" and
+            isinstance(content[1]["text"], str))

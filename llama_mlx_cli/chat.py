@@ -584,7 +584,7 @@ class ChatApp:
             load_image(path)
         except ImageError as e:
             raise ChatError(str(e)) from None
-        self.pending_image = str(path)
+        self.pending_image = str(path.resolve())  # a saved chat names it wherever it is resumed
         self.term.note(f"{path.name} goes with your next message")
 
     def _answer(self) -> None:

@@ -4,6 +4,7 @@ images=[...])`, chat turns with the prompt cache, and `llama-mlx generate --imag
 the oracle is transformers' MllamaProcessor + MllamaForConditionalGeneration.generate (float32)."""
 
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -104,12 +105,57 @@ def test_chat_turns_reuse_the_image(folder, image_path, monkeypatch):
     assert got == want
 
 
-def test_saving_a_vision_cache_is_refused(folder, tmp_path):
+def test_vision_prompt_cache_saves_and_loads(folder, image_path, tmp_path):
+    """A PromptCache holding an image (its cross-attention keys and values, spans, image-token positions)
+    round-trips through a file: the next turn from the loaded cache equals transformers on the whole
+    conversation without running the vision tower; files that do not fit the model are refused."""
+    from safetensors.numpy import load_file, save_file
+
     from llama_mlx.errors import PromptCacheError
 
-    model, _ = llama_mlx.load(folder[0])
-    with pytest.raises(PromptCacheError, match="not supported yet"):
-        PromptCache(model).save(tmp_path / "cache.safetensors")
+    model, processor = llama_mlx.load(folder[0])
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    pc = PromptCache(model)
+    reply = processor.decode(tokens(model, processor, first, images=[image_path], prompt_cache=pc))
+    pc.save(tmp_path / "cache.safetensors")
+    loaded, _ = PromptCache.load(model, tmp_path / "cache.safetensors")
+    assert loaded.tokens == pc.tokens
+    for a, b in zip(loaded.cache, pc.cache):
+        assert type(a) is type(b) and a.offset == b.offset
+        assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a.state, b.state))
+    # odd.png (71x33) takes 3 of the 4 tiles, 5 positions each
+    assert [c.spans for c in loaded.cache if isinstance(c, CrossAttentionCache)][0] == [(0, 5 * 3)]
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And the colours?"}]
+    model.encode_images = None  # the vision tower must not run again
+    assert tokens(model, processor, second, images=[image_path], prompt_cache=loaded) == oracle(
+        folder, second, [image_path])[0]
+
+    header = json.loads(load_header(tmp_path / "cache.safetensors")["llama_mlx"])
+    arrays = load_file(tmp_path / "cache.safetensors")
+    cross = [i for i, layer in enumerate(header["layers"]) if layer["kind"] == "CrossAttentionCache"]
+
+    def refused(match, change_layers=None, change_arrays=None):
+        h = json.loads(json.dumps(header))
+        a = dict(arrays)
+        (change_layers or (lambda _: None))(h["layers"])
+        (change_arrays or (lambda _: None))(a)
+        bad = tmp_path / "bad.safetensors"
+        save_file(a, bad, metadata={"llama_mlx": json.dumps(h), "metadata": "{}"})
+        with pytest.raises(PromptCacheError, match=match):
+            PromptCache.load(model, bad)
+
+    refused("different images", lambda ls: ls[cross[1]].update(spans=[[0, 10]]))
+    refused("are not the used tiles", lambda ls: [ls[i].update(spans=[[0, 16]]) for i in cross])
+    refused("image positions", lambda ls: [ls[i].update(image_positions=[]) for i in cross])
+    refused("do not fit 1 image", change_arrays=lambda a: a.update({f"{cross[0]}.0": a[f"{cross[0]}.0"][:, :, :4]}))
+    refused("where the model has a CrossAttentionCache", lambda ls: ls[cross[0]].update(kind="KVCache"))
+
+
+def load_header(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return f.metadata()
 
 
 def test_two_images_in_one_message_are_refused(folder, image_path):
@@ -240,6 +286,38 @@ def test_chat_session_and_cli_chat_image(folder, image_path, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "missing.png: no such file" in r.stderr and "odd.png goes with your next message" in r.stdout
     assert first in r.stdout and second in r.stdout
+
+
+def test_cli_chat_saves_and_resumes_a_vision_chat(folder, image_path, tmp_path):
+    """`/save` after a turn with `/image`, then `--load` in a new process with the image file gone: the
+    image's keys come from the saved cache (the conversation is not prefilled again), and the next answer equals
+    transformers on the whole conversation."""
+    import os
+    import subprocess
+
+    from test_cli_generate import command
+
+    image = tmp_path / "gone.png"
+    shutil.copyfile(image_path, image)
+    env = dict(os.environ, LLAMA_MLX_HISTORY="off")
+    chat = [*command(), "chat", "-M", str(folder[0]), "--temp", "0", "--max-tokens", str(N)]
+    r = subprocess.run(chat, input=f"/image {image}\nWhat is it?\n/save {tmp_path / 'chat.json'}\n/exit\n",
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "saved 1 exchange to" in r.stdout, r.stdout
+    cached = re.search(r"and (\d+) cached tokens", r.stdout).group(1)
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert saved["messages"][0]["content"][0] == {"type": "image", "image": str(image)}
+    first = saved["messages"][1]["content"]
+    image.unlink()
+    r = subprocess.run([*chat, "--load", str(tmp_path / "chat.json")], input="Why?\n/exit\n", capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{cached} tokens already in the KV cache" in r.stdout, r.stdout
+    image_message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
+    want = oracle(folder, [image_message, {"role": "assistant", "content": first}, {"role": "user", "content": "Why?"}],
+                  [image_path])[1]
+    assert want in r.stdout
 
 
 def test_batch_of_text_prompts_runs_the_text_layers(folder):

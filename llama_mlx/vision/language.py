@@ -23,6 +23,8 @@ from ..cache import KVCache
 from ..errors import ImageError
 from ..model import MLP, ModelArgs, TransformerBlock
 
+FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
 __all__ = ["CrossAttention", "CrossAttentionCache", "CrossAttentionDecoderLayer", "LanguageModel", "TextModel"]
 
 
@@ -62,6 +64,37 @@ class CrossAttentionCache:
     @property
     def meta_state(self) -> dict:
         return {"spans": self.spans, "image_positions": self.image_positions, "offset": self.offset}
+
+    @classmethod
+    def from_saved(cls, state: list, meta: dict, model, tokens: list[int]) -> "CrossAttentionCache":
+        """A cache from what `PromptCache.save` wrote (`state`, `meta_state`) for `tokens`, checked
+        against the model (ValueError says what does not fit): every `<|image|>` of `tokens` bound to
+        one attached image, each image's span its used tiles' positions in its own block."""
+        if set(meta) != {"spans", "image_positions", "offset"}:
+            raise ValueError("cross-attention cache settings must be spans, image_positions and offset")
+        spans, positions, offset = meta["spans"], meta["image_positions"], meta["offset"]
+        token = model.config.image_token_index
+        if offset != len(tokens) or positions != [i for i, t in enumerate(tokens) if t == token]:
+            raise ValueError(f"image positions {positions!r:.80} and offset {offset!r:.20} do not fit the "
+                             f"{len(tokens)} tokens")
+        vision = model.config.vision
+        block = vision.max_num_tiles * vision.num_patches  # an attached image's positions, used or not
+        used = [n * vision.num_patches for n in range(1, vision.max_num_tiles + 1)]
+        if not isinstance(spans, list) or len(spans) != len(positions) or not all(
+                isinstance(s, list) and len(s) == 2 and all(type(v) is int for v in s) and s[0] == i * block and
+                s[1] - s[0] in used for i, s in enumerate(spans)):
+            raise ValueError(f"spans {spans!r:.80} are not the used tiles of {len(positions)} image(s)")
+        want = (1, model.args.num_key_value_heads, len(spans) * block, model.args.head_dim)
+        if len(state) != (2 if spans else 0) or any(
+                not isinstance(a, mx.array) or tuple(a.shape) != want or a.dtype not in FLOATS for a in state):
+            got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in state if isinstance(a, mx.array)) or "none"
+            raise ValueError(f"image keys and values {got} do not fit {len(spans)} image(s): each {list(want)}")
+        cache = cls()
+        if spans:
+            cache.keys, cache.values = state
+        cache.spans = [tuple(s) for s in spans]
+        cache.image_positions, cache.offset = positions, offset
+        return cache
 
     def is_trimmable(self) -> bool:
         return True
