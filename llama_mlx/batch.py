@@ -89,6 +89,8 @@ class BatchRequest:
         # Positions its KV may ever hold: the whole prompt and every answer token, the last one
         # included (the step after it is queued before it is read).
         self.reservation = len(self.prompt) + seq.max_tokens
+        # Requests alike in prompt and warm start prefill once (`_Prefill.copies`).
+        self.prefill_key = hash((self.cached_tokens, tuple(self.prompt)))
         self._queue: queue.Queue = queue.Queue()
         self._cancel = False
         self.next_input = self.prompt[-1]
@@ -203,7 +205,14 @@ class _Prefill:
     each at its own length, run as one forward a chunk."""
 
     def __init__(self, reqs: list[BatchRequest], layers: int, kv: dict):
-        self.reqs = reqs
+        # Copies of one prompt from one start (a request's n choices) prefill once, as one row: the
+        # first runs it, the others (`copies`, by the first's id) take copies of its row when it joins.
+        self.copies: dict[int, list[BatchRequest]] = {}
+        self.reqs: list[BatchRequest] = []
+        for r in reqs:
+            if not self.attach(r):
+                self.reqs.append(r)
+        reqs = self.reqs
         self.todo = [r.prompt[r.cached_tokens : -1] for r in reqs]
         self.batched = len(reqs) > 1
         if not self.batched:
@@ -216,8 +225,36 @@ class _Prefill:
                 for r in reqs:
                     warm = r.prompt_cache[i] if r.prompt_cache else None
                     c.add(*((warm.keys, warm.values, warm.offset) if warm else (None, None, 0)))
-        for r in reqs:
+        for r in self.all:
             r.prompt_cache = None
+
+    @property
+    def all(self) -> list[BatchRequest]:
+        """Every request prefilling, copies included."""
+        return [c for r in self.reqs for c in [r] + self.copies.get(id(r), [])]
+
+    def attach(self, r: BatchRequest) -> bool:
+        """Make `r` a copy of the row with its prompt and start, if there is one."""
+        lead = next((q for q in self.reqs if q.prefill_key == r.prefill_key and q.cached_tokens == r.cached_tokens
+                     and q.prompt == r.prompt), None)
+        if lead is None:
+            return False
+        self.copies.setdefault(id(lead), []).append(r)
+        r.prompt_cache = None
+        return True
+
+    def joining(self, b: int) -> list[BatchRequest]:
+        """Row b's request and its copies, which join with it."""
+        return [self.reqs[b]] + self.copies.pop(id(self.reqs[b]), [])
+
+    def drop_cancelled(self) -> None:
+        """Forget cancelled copies; a cancelled row's first copy left takes its row (the same KV)."""
+        for b, r in enumerate(self.reqs):
+            left = [c for c in self.copies.pop(id(r), []) if not c._cancel]
+            if r._cancel and left:
+                self.reqs[b], left = left[0], left[1:]
+            if left:
+                self.copies[id(self.reqs[b])] = left
 
     def keep(self, rows: list[int]) -> None:
         self.reqs = [self.reqs[b] for b in rows]
@@ -433,7 +470,7 @@ class BatchEngine:
     @property
     def prefilling(self) -> list[BatchRequest]:
         """The newcomers being prefilled now."""
-        return list(self._prefill.reqs) if self._prefill is not None else []
+        return self._prefill.all if self._prefill is not None else []
 
     def _wake(self) -> None:
         with self._lock:
@@ -491,6 +528,13 @@ class BatchEngine:
                 if self.solo is not None:  # no longer alone: into the batch before the newcomers' buffers exist
                     self._batch_solo()
                 self._prefill = _Prefill(group, len(self.model.layers), self.kv)
+        elif self.waiting:
+            # Copies of the prompt being prefilled that queued after it (n choices reaching the queue
+            # a step apart) join that prefill rather than run it again, when they fit beside it.
+            for r in list(self.waiting):
+                if self._fits(self._prefill.all + [r]) and self._prefill.attach(r):
+                    self.waiting.remove(r)
+                    r.seq.started = time.perf_counter()
         if self._prefill is not None:
             try:
                 self._prefill_chunk()
@@ -534,20 +578,23 @@ class BatchEngine:
 
     def _join(self, rows: list[int]) -> None:
         p = self._prefill
-        reqs = [p.reqs[b] for b in rows]
+        groups = [p.joining(b) for b in rows]  # a row's copies join with it, each with a copy of its KV
+        reqs = [r for g in groups for r in g]
         if not p.batched:
             self._prefill = None
-            req, cache = reqs[0], p.cache
-            if not self.running and self._alone_fits(req):
+            cache = p.cache
+            if len(reqs) == 1 and not self.running and self._alone_fits(reqs[0]):
                 self.solo, self._solo_step = cache, backends.decode_step(self.model, cache)
             else:
                 for layer, c in zip(self.cache, cache):
-                    layer.limit = max(layer.limit or 0, req.reservation)
-                    layer.add(c.keys, c.values, c.offset)
+                    layer.limit = max([layer.limit or 0] + [r.reservation for r in reqs])
+                    for _ in reqs:
+                        layer.add(c.keys, c.values, c.offset)
                 mx.eval([c.state for c in self.cache])
         else:
             # A burst usually joins whole: its buffers are then copied in as they are, not gathered first.
-            whole = len(rows) == len(p.reqs)
+            whole = len(rows) == len(p.reqs) == len(reqs)
+            rows = [b for b, g in zip(rows, groups) for _ in g]
             idx = mx.array(rows, dtype=mx.int32)
             for layer, c in zip(self.cache, p.cache):
                 layer.limit = max([layer.limit or 0] + [r.reservation for r in reqs])
@@ -682,11 +729,12 @@ class BatchEngine:
         for r in [r for r in self.waiting if r._cancel]:
             self.waiting.remove(r)
             r._finish("cancelled")
-        if self._prefill is not None and any(r._cancel for r in self._prefill.reqs):
-            keep = [b for b, r in enumerate(self._prefill.reqs) if not r._cancel]
-            for r in self._prefill.reqs:
+        if self._prefill is not None and any(r._cancel for r in self._prefill.all):
+            for r in self._prefill.all:
                 if r._cancel:
                     r._finish("cancelled")
+            self._prefill.drop_cancelled()
+            keep = [b for b, r in enumerate(self._prefill.reqs) if not r._cancel]
             if keep:
                 self._prefill.keep(keep)
             else:

@@ -157,6 +157,39 @@ def test_memory_cap_bounds_a_burst(tiny, smol):
         assert r.tokens == greedy_without_cache(tiny, p, n)
 
 
+def test_copies_of_a_prompt_prefill_once(tiny, smol):
+    """One prompt submitted several times at once (a request's n choices) prefills once, as one row
+    (beside another prompt: a forward of two rows, not five), each copy joining the batch with a copy
+    of its KV; a copy queued once the prefill has begun joins it; when the row's first request is
+    cancelled mid-prefill a copy takes its row. Alone, the copies prefill as a single sequence.
+    Every sequence equals cache-free greedy decoding."""
+    _, tokenizer = smol
+    eng = BatchEngine(tiny, tokenizer, prefill_chunk=4)
+    prompt, other = rand_ids(60, 11), rand_ids(61, 6)
+    copies = [eng.submit(prompt, max_tokens=n, stop_tokens=()) for n in (5, 7, 6, 5)]
+    lone = eng.submit(other, max_tokens=6, stop_tokens=())
+    eng.step()
+    assert len(eng.prefilling) == 5 and eng.max_prefill_rows == 2
+    copies[0].cancel()
+    copies.append(eng.submit(prompt, max_tokens=3, stop_tokens=()))
+    eng.step()
+    assert copies[-1] in eng.prefilling and copies[0] not in eng.prefilling
+    while eng.has_work():
+        eng.step()
+    assert eng.max_prefill_rows == 2 and copies[0].finish_reason == "cancelled"
+    for r, n in zip(copies[1:], (7, 6, 5, 3)):
+        assert r.tokens == greedy_without_cache(tiny, prompt, n)
+    assert lone.tokens == greedy_without_cache(tiny, other, 6)
+
+    eng = BatchEngine(tiny, tokenizer, prefill_chunk=4)
+    copies = [eng.submit(prompt, max_tokens=n, stop_tokens=()) for n in (4, 6, 5)]
+    while eng.has_work():
+        eng.step()
+    assert eng.max_prefill_rows == 0 and eng.max_rows == 3  # one sequence prefilled, three decoded
+    for r, n in zip(copies, (4, 6, 5)):
+        assert r.tokens == greedy_without_cache(tiny, prompt, n)
+
+
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "user", "content": "Tell me a long story about a dragon who loves mathematics and a brave knight."}],
