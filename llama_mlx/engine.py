@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -35,6 +35,7 @@ from . import backends
 from .batch import BatchEngine, BatchRequest, KVCapacityError
 from .cache import KVCache, PromptCache, common_prefix
 from .errors import ImageError, LlamaMLXError
+from .fit import Fit, fit_model
 from .generate import context_length, stream_generate
 from .sample import SamplingParams
 
@@ -296,13 +297,17 @@ class Engine:
     with it every job runs alone, speculatively. lockstep: rank 0's `llama_mlx.lockstep.Leader`
     of a distributed group: every job runs alone, one at a time (max_concurrency becomes 1), on
     every rank; the worker sends the other ranks home when it stops.
+    fit: size the context and the KV cache to `memory_budget` bytes (default: the device's memory;
+    `llama_mlx.fit`): `context_length` is then what fits (a longer request is refused) and the
+    batch's KV cap, unless `max_kv_bytes` sets one, what is left beside the weights. `self.fit`
+    says what it found (None with fit off).
     """
 
     def __init__(self, loader: Callable[[], tuple[Any, Any]], *, max_concurrency: int = 8, queue_size: int = 16,
                  prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512,
                  cache_options: Optional[dict] = None, decode_concurrency: int = 8,
                  max_kv_bytes: Optional[int] = None, speculative: Optional[Callable[[], dict]] = None,
-                 lockstep=None):
+                 lockstep=None, fit: bool = True, memory_budget: Optional[int] = None):
         if max_concurrency < 1 or queue_size < 0 or prompt_cache_bytes < 0 or decode_concurrency < 1:
             raise ValueError("need max_concurrency >= 1, decode_concurrency >= 1, queue_size >= 0 and "
                              "prompt_cache_bytes >= 0")
@@ -313,6 +318,8 @@ class Engine:
         self.prompt_cache_bytes, self.prefill_step_size = prompt_cache_bytes, prefill_step_size
         self.decode_concurrency, self.max_kv_bytes = decode_concurrency, max_kv_bytes
         self.cache_options = dict(cache_options or {})
+        self._fit, self.memory_budget = fit, memory_budget
+        self.fit: Optional[Fit] = None
         self._speculative_loader = speculative
         self.speculative: dict = {}
         self.lockstep = lockstep
@@ -349,7 +356,8 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return context_length(self.model)
+        """Positions a request may fill: the model's context, or less where memory bounds it (`fit`)."""
+        return self.fit.context if self.fit is not None else context_length(self.model)
 
     @property
     def batched(self) -> bool:
@@ -439,6 +447,7 @@ class Engine:
             "max_rows": b.max_rows}
         out["speculative"] = sorted(k for k in self.speculative if k in ("draft_model", "prompt_lookup"))
         out["ranks"] = 1 if self.lockstep is None else self.lockstep.group.size()
+        out["fit"] = None if self.fit is None else {**asdict(self.fit), "limited": self.fit.limited}
         return out
 
     # -- worker thread
@@ -453,6 +462,11 @@ class Engine:
     def _serve(self) -> None:
         try:
             self.model, self.tokenizer = self._loader()
+            if self._fit:
+                self.fit = fit_model(self.model, self.memory_budget, kv_bits=self.cache_options.get("kv_bits"),
+                                     kv_group_size=self.cache_options.get("kv_group_size", 64))
+                if self.max_kv_bytes is None and self.fit.kv_budget:
+                    self.max_kv_bytes = self.fit.kv_budget
             self.pool = PrefixCachePool(self.model, self.prompt_cache_bytes, **self.cache_options)
             # A quantized KV cache (kv_bits) batches too: its rows are QuantizedBatchKVCache's.
             self.batch = BatchEngine(self.model, self.tokenizer, max_kv_bytes=self.max_kv_bytes,
@@ -460,6 +474,15 @@ class Engine:
                                      kv_bits=self.cache_options.get("kv_bits"),
                                      kv_group_size=self.cache_options.get("kv_group_size", 64))
             self.batch.driven = True  # this thread steps it; nobody iterates its handles
+            if self.fit is not None and self.fit.kv_budget and self.batched:
+                # A request joining the batch holds its prefill's buffer and its row at once: the
+                # context is what such a request may fill in the KV budget.
+                lo, hi = 1, self.fit.context
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    fits = self.batch.kv_bytes_needed(mid - 1, 1) <= self.fit.kv_budget
+                    lo, hi = (mid, hi) if fits else (lo, mid - 1)
+                self.fit = replace(self.fit, context=lo)
             if self._speculative_loader is not None:
                 self.speculative = dict(self._speculative_loader() or {})
             # Read the (lazily loaded) weights and trace the steps now, not in the first request's TTFT.

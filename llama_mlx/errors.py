@@ -11,6 +11,7 @@ __all__ = [
     "HubError",
     "ImageError",
     "LlamaMLXError",
+    "MemoryFitError",
     "ModelNotFoundError",
     "OutputExistsError",
     "OutsideModelError",
@@ -58,6 +59,10 @@ class ImageError(LlamaMLXError):
 
 class ContextLengthError(LlamaMLXError):
     """A prompt does not fit in the model's context."""
+
+
+class MemoryFitError(LlamaMLXError):
+    """A model's weights leave no room for a KV cache in the memory budget (`llama_mlx.fit`)."""
 
 
 class ModelNotFoundError(LlamaMLXError):

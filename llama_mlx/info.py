@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Union
+
+from .errors import MemoryFitError
+from .fit import fit_context
 
 __all__ = ["describe", "disk_size", "kv_cache_bytes", "model_info"]
 
@@ -27,8 +31,11 @@ def kv_cache_bytes(config: dict, tokens: int, elem_bytes: int, kv_bits: Optional
 
 
 def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] = None,
-             kv_bits: Optional[int] = None, kv_group_size: int = 64, images: int = 1) -> dict:
+             kv_bits: Optional[int] = None, kv_group_size: int = 64, images: int = 1,
+             memory_budget: Optional[int] = None) -> dict:
     """Figures about the checkpoint at `path`, from its config and tensor headers (no weights read).
+    `memory["fit"]`: the context that fits in `memory_budget` bytes (default: the device's memory)
+    beside the weights (`llama_mlx.fit`; None when not even its minimum does).
     Llama 3.2 Vision (`vision.info.describe_mllama`): the memory adds `images` images' cross-attention
     keys and values; a folder with config.json alone is estimated from the config and its quantization."""
     from .vision.loading import mllama_config
@@ -63,6 +70,12 @@ def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] 
     weights_bytes = sum(i.nbytes for i in loaded)
     kv_dtype = compute_dtype() or memory_dtype  # the cache holds activations' dtype
     kv_bytes = kv_cache_bytes(config, tokens, kv_dtype.size, kv_bits, kv_group_size)
+    try:
+        fit = fit_context(context_length or tokens, weights_bytes,
+                          kv_cache_bytes(config, 1, kv_dtype.size, kv_bits, kv_group_size), memory_budget)
+        fitted = {**asdict(fit), "limited": fit.limited, "text": fit.describe()}
+    except MemoryFitError:
+        fitted = None
     quant = config.get("quantization") or None
     return {
         "path": str(ckpt.path),
@@ -95,14 +108,15 @@ def describe(path: Path, *, context: Optional[int] = None, dtype: Optional[str] 
             "kv_dtype": dtype_name(kv_dtype),
             "kv_cache": kv_bytes,
             "total": weights_bytes + kv_bytes,
+            "fit": fitted,
         },
     }
 
 
 def model_info(model: Union[str, Path, None] = None, *, context: Optional[int] = None, dtype: Optional[str] = None,
-               kv_bits: Optional[int] = None, kv_group_size: int = 64) -> dict:
+               kv_bits: Optional[int] = None, kv_group_size: int = 64, memory_budget: Optional[int] = None) -> dict:
     """`describe` of a model as `load` names it (a path, a folder name in weights/, None for the default)."""
     from .resolve import resolve_model
 
     return describe(resolve_model(model), context=context, dtype=dtype, kv_bits=kv_bits,
-                    kv_group_size=kv_group_size)
+                    kv_group_size=kv_group_size, memory_budget=memory_budget)

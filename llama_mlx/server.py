@@ -249,7 +249,9 @@ class _Api:
                 break
         context = engine.context_length
         if len(prompt) >= context:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; the model's context holds {context}",
+            fit = getattr(engine, "fit", None)
+            holds = "the context that fits in memory" if fit is not None and fit.limited else "the model's context"
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; {holds} holds {context}",
                            code="context_length_exceeded")
         room = context - len(prompt)
         max_tokens = min(max_tokens or self.config.default_max_tokens, room)
@@ -1267,19 +1269,20 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
         allowed_hosts: Sequence[str] = (), max_body_bytes: int = 8 << 20, default_max_tokens: int = 512,
         max_concurrency: int = 8, queue_size: int = 16, prompt_cache_bytes: int = 1 << 30, decode_concurrency: int = 8,
         max_kv_bytes: Optional[int] = None, speculative: Optional[Callable[[], dict]] = None,
-        lockstep=None, log_level: str = "info", on_ready: Optional[Callable[[], None]] = None,
+        lockstep=None, log_level: str = "info", on_ready: Optional[Callable[[Engine], None]] = None,
         model_path: Optional[Path] = None, models: Sequence[tuple[str, Path]] = (),
         loader_for: Optional[Callable[[Path], Callable[[], tuple[Any, Any]]]] = None,
         max_loaded_models: Optional[int] = None, max_loaded_bytes: Optional[int] = None,
         keep_alive: Optional[float] = None, images: ImagePolicy = ImagePolicy(),
         max_connections: Optional[int] = None, shutdown_timeout: float = 5.0, header_timeout: float = 10.0,
         write_timeout: float = 60.0, temperature: Optional[float] = None, top_p: Optional[float] = None,
-        adapter_path: Optional[Path] = None, cache_options: Optional[dict] = None) -> bool:
+        adapter_path: Optional[Path] = None, cache_options: Optional[dict] = None, fit: bool = True,
+        memory_budget: Optional[int] = None) -> bool:
     """Serve the model `loader()` returns (the default one, `model_name`, at `model_path`) on
     http://host:port until SIGINT or SIGTERM (both stop cleanly).
 
     The engine (see `Engine` for max_concurrency .. lockstep; speculative and lockstep apply to this
-    model only) loads in the background; `on_ready` is called once it has. `models`: more (name,
+    model only) loads in the background; `on_ready(engine)` is called once it has. `models`: more (name,
     path) preloaded. With `loader_for(path)` (a loader of the model at path) any model `llama-mlx list`
     shows, a path, or a hub id in the cache is served on request, loaded then; `max_loaded_models`,
     `max_loaded_bytes` and `keep_alive` (seconds idle) are `ModelRegistry`'s bounds. The app's
@@ -1290,7 +1293,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     `models` (part of their identity in the registry: a request naming their path gets the base model).
     temperature, top_p: sampling of requests that set none, for every model (None: each model's own
     recommendation, else Meta's 0.6 / 0.9). cache_options: `PromptCache`'s (kv_bits, kv_group_size:
-    a quantized KV cache, batched all the same).
+    a quantized KV cache, batched all the same). fit, memory_budget: `Engine`'s (context and KV
+    sized to the memory budget).
 
     Connections: at most `max_connections` at once (default `default_max_connections()`, below the
     open-file limit; requests beyond it are answered 503 at once); a client that has not sent its
@@ -1302,7 +1306,8 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
     import uvicorn
 
     options = dict(max_concurrency=max_concurrency, queue_size=queue_size, prompt_cache_bytes=prompt_cache_bytes,
-                   decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes, cache_options=cache_options)
+                   decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes, cache_options=cache_options,
+                   fit=fit, memory_budget=memory_budget)
     factory = None if loader_for is None else (lambda path: Engine(loader_for(path), **options))
     registry = ModelRegistry(factory, max_loaded=max_loaded_models, max_bytes=max_loaded_bytes, keep_alive=keep_alive)
     # The default model keeps its own options (speculative decoding) when loaded again; under
@@ -1351,7 +1356,7 @@ def run(loader: Callable[[], tuple[Any, Any]], *, host: str = "127.0.0.1", port:
             for e in preloaded:
                 e.wait_ready()
             if on_ready is not None:
-                on_ready()
+                on_ready(engine)
         except BaseException as e:  # noqa: BLE001 - raised below, the server stops
             failed.append(e)
             server.should_exit = True

@@ -87,6 +87,11 @@ def render(d: dict, name: str) -> None:
                    + (f"+ image cache {format_bytes(mem['image_cache'])} for {mem['images']} image "
                       if "image_cache" in mem else "") + f"= {format_bytes(mem['total'])}"),
     ]
+    fit = mem.get("fit")
+    if fit is not None:
+        rows.append(("fits", fit["text"]))
+    elif "fit" in mem:
+        rows.append(("fits", "the weights leave no room for a KV cache in the memory budget"))
     if "vision" in d:
         v = d["vision"]
         rows.insert(3, ("vision", f"{v['layers']} + {v['global_layers']} global layers, hidden size "
@@ -108,15 +113,18 @@ def info(
     kv_bits: KVBitsOpt = None,
     kv_group_size: KVGroupSizeOpt = 64,
     dtype: DtypeOpt = "auto",
+    memory_budget: Annotated[Optional[int], typer.Option(
+        "--memory-budget", min=1, metavar="BYTES", show_default=False,
+        help="Memory the \"fits\" line sizes the context to (default: the device's).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a model's architecture, size, quantization, context length and memory needs."""
     model = with_gguf_file(model, gguf_file)
-    _run(model, context, kv_bits, kv_group_size, dtype, json_out)
+    _run(model, context, kv_bits, kv_group_size, dtype, json_out, memory_budget)
 
 
 @handle_errors
-def _run(model, context, kv_bits, kv_group_size, dtype, json_out) -> None:
+def _run(model, context, kv_bits, kv_group_size, dtype, json_out, memory_budget=None) -> None:
     from llama_mlx.info import model_info
 
     fetch_default_model(model)
@@ -125,7 +133,7 @@ def _run(model, context, kv_bits, kv_group_size, dtype, json_out) -> None:
         else contextlib.nullcontext()
     with status:
         d = model_info(model, context=context, dtype=resolve_dtype(dtype), kv_bits=kv_bits,
-                       kv_group_size=kv_group_size)
+                       kv_group_size=kv_group_size, memory_budget=memory_budget)
     if json_out:
         sys.stdout.write(json.dumps({"name": model_label(model), **d}) + "\n")
     else:

@@ -190,6 +190,14 @@ def serve(
     dtype: DtypeOpt = "auto",
     kv_bits: KVBitsOpt = None,
     kv_group_size: KVGroupSizeOpt = 64,
+    fit: Annotated[bool, typer.Option(
+        "--fit/--no-fit", rich_help_panel=SERVER,
+        help="Size the context and the KV cache to the memory budget (what the weights leave of it, less 10%): "
+             "longer requests get 400, and the KV of all requests is capped there unless --max-kv-bytes says.")] = True,
+    memory_budget: Annotated[Optional[int], typer.Option(
+        "--memory-budget", min=1, metavar="BYTES", show_default=False, rich_help_panel=SERVER,
+        help="Memory --fit sizes to. Default: the device's (Metal's recommended working set, a GPU's memory, "
+             "else the machine's RAM).")] = None,
     pipeline: PipelineOpt = False,
     tensor_parallel: TensorParallelOpt = False,
     draft_model: DraftModelOpt = None,
@@ -273,8 +281,11 @@ def serve(
         images=ImagePolicy(allow_urls=allow_image_urls, files_dir=allow_image_files),
         max_connections=max_connections, shutdown_timeout=shutdown_timeout, header_timeout=header_timeout,
         cache_options=None if kv_bits is None else dict(kv_bits=kv_bits, kv_group_size=kv_group_size),
+        fit=fit, memory_budget=memory_budget,
         temperature=temp, top_p=top_p, adapter_path=adapter_path,
-        on_ready=lambda: note_line(f"{', '.join(names)} loaded; serving on http://{host}:{port}/v1"))
+        on_ready=lambda engine: note_line(f"{', '.join(names)} loaded"
+                                          f"{f' ({engine.fit.describe()})' if engine.fit else ''}; "
+                                          f"serving on http://{host}:{port}/v1"))
     if not listened:
         error_line(f"could not listen on {host}:{port}")
         raise typer.Exit(1)

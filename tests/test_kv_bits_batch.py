@@ -95,13 +95,35 @@ def greedy(model, prompt, n, eos):
 
 
 def test_serve_kv_bits_batches_and_equals_mlx_lm(folder, theirs, tmp_path):
-    """`serve --kv-bits 4`: three concurrent requests decode together (batch rows > 1) and each
-    answer is mlx-lm's greedy answer over its own quantized cache."""
+    """`serve --kv-bits 4` in a memory budget that holds about 2,000 positions of its 4-bit KV
+    cache beside the weights: the startup line says the context that fits, a longer prompt gets a
+    400 saying so and one within it an answer; three concurrent requests decode together (batch
+    rows > 1) and each answer is mlx-lm's greedy answer over its own quantized cache."""
     import mlx_lm
+    from mlx.utils import tree_flatten
 
+    from llama_mlx.cache import QuantizedKVCache
+
+    ours, _ = llama_mlx.load(folder)
+    weights = sum(v.nbytes for _, v in tree_flatten(ours.parameters()))
+    probe = [QuantizedKVCache(BITS, GROUP) for _ in ours.layers]  # a real 4-bit cache of 256 positions
+    ours(mx.array([ids(9, 256)]), probe)
+    per_token = sum(a.nbytes for c in probe for a in c.keys + c.values) / probe[0].keys[0].shape[2]
+    budget = int((weights + 2000 * per_token) / 0.9)
     s = Server(tmp_path, "--kv-bits", str(BITS), "--kv-group-size", str(GROUP), "--decode-concurrency", "4",
-               model=folder)
+               "--memory-budget", str(budget), model=folder)
     try:
+        line = next(ln for ln in s.log_path.read_text().splitlines() if "serving on" in ln)
+        fitted = int(line.split("context ")[1].split(" tokens")[0].replace(",", ""))
+        # (a request joining the batch holds its prefill buffer and its row at once: about half)
+        assert 900 <= fitted <= 2000 and "what fits in memory" in line, line
+        assert s.stats()["fit"]["context"] == fitted
+        too_long = httpx.post(s.url + "/v1/completions", timeout=60,
+                              json={"prompt": ids(13, fitted), "max_tokens": 1})
+        assert too_long.status_code == 400 and "fits in memory holds" in too_long.json()["error"]["message"]
+        fits = httpx.post(s.url + "/v1/completions", timeout=60,
+                          json={"prompt": ids(13, fitted - 1), "max_tokens": 1, "temperature": 0})
+        assert fits.status_code == 200, fits.text
         specs = [(ids(10, 6), 10), (ids(11, 21), 12), (ids(12, 13), 8)]
 
         def ask(spec):
