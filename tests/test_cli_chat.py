@@ -72,13 +72,14 @@ class Chat:
 
 
 @pytest.fixture(scope="module")
-def gguf(smollm2_gguf_path):
-    return str(smollm2_gguf_path)
+def smol(default_model):
+    # SmolLM2's converted folder, not its GGUF: the same weights, loaded in 0.4 s instead of 2 s a process
+    return str(default_model)
 
 
-def test_chat_conversation_commands_interrupt_and_resume(gguf, tmp_path):
+def test_chat_conversation_commands_interrupt_and_resume(smol, tmp_path):
     session_file = tmp_path / "talk.safetensors"
-    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "12")
+    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "12")
 
     # 1. A question gets a streamed answer: its words arrive before the answer ends.
     chat.p.sendline("What is the capital of France?")
@@ -164,7 +165,7 @@ def test_chat_conversation_commands_interrupt_and_resume(gguf, tmp_path):
     assert chat.p.exitstatus == 0
 
     # /load in a new process continues the same conversation without prefilling it again.
-    again = Chat("--model", gguf, "--temp", "0", "--max-tokens", "12")
+    again = Chat("--model", smol, "--temp", "0", "--max-tokens", "12")
     out = again.command(f"/load {session_file}")
     assert f"{saved_tokens} tokens already in the KV cache" in out
     assert "dragon" in again.command("/history")
@@ -184,9 +185,9 @@ def test_chat_conversation_commands_interrupt_and_resume(gguf, tmp_path):
     assert again.p.exitstatus == 0
 
 
-def test_chat_drops_oldest_turns_when_the_context_is_full(gguf):
+def test_chat_drops_oldest_turns_when_the_context_is_full(smol):
     # An 80-token window: the third exchange no longer fits with the first one.
-    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "8", "--max-kv-size", "80",
+    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "8", "--max-kv-size", "80",
                 "--system", "Answer briefly.")
     seen = ""
     for question in ("What is the capital of France?", "What is the capital of Spain?",
@@ -206,12 +207,12 @@ def test_chat_drops_oldest_turns_when_the_context_is_full(gguf):
     assert chat.p.exitstatus == 0
 
 
-def test_chat_with_piped_input_and_output_is_plain_text(gguf):
+def test_chat_with_piped_input_and_output_is_plain_text(smol):
     import subprocess
 
     env = dict(os.environ, TERM="xterm-256color", LLAMA_MLX_HISTORY="")
     env.pop("FORCE_COLOR", None)
-    r = subprocess.run([*command(), "chat", "--model", gguf, "--temp", "0", "--max-tokens", "4"],
+    r = subprocess.run([*command(), "chat", "--model", smol, "--temp", "0", "--max-tokens", "4"],
                        input="Hello!\n/undo\n/stats\n/nonsense\n/exit\n", capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr
@@ -221,10 +222,10 @@ def test_chat_with_piped_input_and_output_is_plain_text(gguf):
     assert "error: unknown command /nonsense" in r.stderr  # the session went on after it
 
 
-def test_chat_history_file_keeps_bounded_inputs_outside_loaded_sessions(gguf, tmp_path):
+def test_chat_history_file_keeps_bounded_inputs_outside_loaded_sessions(smol, tmp_path):
     history = tmp_path / "history"
     session_file = tmp_path / "talk.json"
-    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "2", LLAMA_MLX_HISTORY=str(history),
+    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "2", LLAMA_MLX_HISTORY=str(history),
                 HOME=str(tmp_path / "home"))
     chat.command("/system kept marker")
     # A paste over 4096 characters (a pasted document): recalled in the session, never written.
@@ -245,7 +246,7 @@ def test_chat_history_file_keeps_bounded_inputs_outside_loaded_sessions(gguf, tm
     assert not (tmp_path / "home").exists()
 
     # --load: nothing typed in the resumed session is kept either; older entries stay.
-    again = Chat("--model", gguf, "--load", str(session_file), LLAMA_MLX_HISTORY=str(history))
+    again = Chat("--model", smol, "--load", str(session_file), LLAMA_MLX_HISTORY=str(history))
     again.command("/system typed after --load")
     again.p.sendline("/exit")
     again.p.expect(pexpect.EOF)
@@ -254,13 +255,13 @@ def test_chat_history_file_keeps_bounded_inputs_outside_loaded_sessions(gguf, tm
 
 
 @pytest.mark.parametrize("how", ["off", "--no-history"])
-def test_chat_history_off_leaves_no_file(gguf, tmp_path, how):
+def test_chat_history_off_leaves_no_file(smol, tmp_path, how):
     home = tmp_path / "home"
     home.mkdir()
     if how == "off":
-        chat = Chat("--model", gguf, LLAMA_MLX_HISTORY="off", HOME=str(home))
+        chat = Chat("--model", smol, LLAMA_MLX_HISTORY="off", HOME=str(home))
     else:
-        chat = Chat("--model", gguf, how, LLAMA_MLX_HISTORY=str(tmp_path / "history"), HOME=str(home))
+        chat = Chat("--model", smol, how, LLAMA_MLX_HISTORY=str(tmp_path / "history"), HOME=str(home))
     chat.command("/system remember nothing")
     chat.p.sendline("/exit")
     chat.p.expect(pexpect.EOF)

@@ -18,8 +18,9 @@ from llama_mlx_cli.chat import LONG_PROMPT
 
 
 @pytest.fixture(scope="module")
-def gguf(smollm2_gguf_path):
-    return str(smollm2_gguf_path)
+def smol(default_model):
+    # SmolLM2's converted folder, not its GGUF: the same weights, loaded in 0.4 s instead of 2 s a process
+    return str(default_model)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def hf_tokenizer():
     return AutoTokenizer.from_pretrained(str(weights_dir() / "SmolLM2-135M-Instruct"))
 
 
-def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(gguf, tmp_path, hf_tokenizer):
-    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "8")
+def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(smol, tmp_path, hf_tokenizer):
+    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "8")
     answer, _ = chat.ask("What is the capital of France?")
     assert "Paris" in answer
 
@@ -105,10 +106,10 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(gguf, t
     assert chat.p.exitstatus == 0
 
 
-def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(gguf):
+def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(smol):
     # A prompt of 282 tokens: just long enough to show progress (over LONG_PROMPT), and to be stopped in the middle.
     system = " ".join(f"Rule {i}: answer politely and mention the number {i * 7}." for i in range(18))
-    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "4", "--system", system, timeout=600)
+    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "4", "--system", system, timeout=600)
     chat.p.sendline("Which rule mentions 21?")
     chat.p.expect(r"reading the prompt… (\d+)/(\d+) tokens")
     done, total = int(chat.p.match.group(1)), int(chat.p.match.group(2))
@@ -132,8 +133,8 @@ def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(ggu
     chat.p.expect(pexpect.EOF)
 
 
-def test_keys_typed_while_streaming_are_not_echoed_and_become_the_next_input(gguf):
-    chat = Chat("--model", gguf, "--temp", "0", "--max-tokens", "24")
+def test_keys_typed_while_streaming_are_not_echoed_and_become_the_next_input(smol):
+    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "24")
     chat.p.sendline("Tell me a long story about a cat who sails the sea.")
     chat.p.expect(r"\?25h")  # the first token: streaming has begun
     chat.p.expect(r"[A-Za-z]+\W+[A-Za-z]+")
