@@ -190,11 +190,12 @@ def test_copies_of_a_prompt_prefill_once(tiny, smol):
         assert r.tokens == greedy_without_cache(tiny, prompt, n)
 
 
+BRIEF = {"role": "system", "content": "Be brief."}  # shorter than SmolLM2's default system prompt: fewer tokens to prefill
 PROMPTS = [
-    [{"role": "user", "content": "Hi"}],
-    [{"role": "user", "content": "Tell me a long story about a dragon who loves mathematics and a brave knight."}],
-    [{"role": "user", "content": "What is 2+2?"}],
-    [{"role": "user", "content": "List three colours."}],
+    [BRIEF, {"role": "user", "content": "Hi"}],
+    [BRIEF, {"role": "user", "content": "Tell me a long story about a dragon who loves mathematics and a brave knight."}],
+    [BRIEF, {"role": "user", "content": "What is 2+2?"}],
+    [BRIEF, {"role": "user", "content": "List three colours."}],
 ]
 
 
