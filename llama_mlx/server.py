@@ -15,6 +15,8 @@ a named function; Anthropic's any/tool) is a 400, and with "auto" the request is
 them (no tool-call parsing), its response marked `X-Llama-MLX-Warning`. Errors are OpenAI's JSON
 (`{"error": {...}}`; Anthropic's on /v1/messages). Prompts are never logged. What a web page of another
 origin could send (a foreign Host or Origin, a POST that is not application/json) is refused (`RequestGuard`).
+A request without temperature / top_p samples as its model recommends (`_Api.sampling_defaults`; serve's
+--temp / --top-p first, else Meta's 0.6 / 0.9); a forced tool call cut by max_tokens is a call (`CutCall`).
 """
 
 from __future__ import annotations
