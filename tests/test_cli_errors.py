@@ -35,8 +35,9 @@ def assert_one_line_error(r: subprocess.CompletedProcess, code: int, *words: str
 
 
 @pytest.fixture(scope="module")
-def gguf(smollm2_gguf_path):
-    return str(smollm2_gguf_path)
+def gguf(default_model):
+    # SmolLM2's converted folder (loads in 0.4 s, its GGUF in 2 s): the errors are the CLI's, not the format's
+    return str(default_model)
 
 
 @pytest.mark.parametrize("cmd", [["generate", "hi"], ["chat"], ["info"]])

@@ -47,14 +47,14 @@ def gguf_value(reader, key):
 
 
 @pytest.fixture(scope="module")
-def cache_itemsize(smollm2_gguf_path):
+def cache_itemsize(default_model):
     """Bytes per KV-cache element, as a real forward pass stores them (activations' dtype)."""
     import mlx.core as mx
 
     from llama_mlx import load
     from llama_mlx.cache import make_prompt_cache
 
-    model, _ = load(smollm2_gguf_path, dtype="float16")
+    model, _ = load(default_model, dtype="float16")  # (its converted folder: the GGUF loads 5x slower)
     cache = make_prompt_cache(len(model.layers))
     model(mx.array([[1, 2]]), cache)
     return cache[0].keys.dtype.size

@@ -53,39 +53,39 @@ def test_every_short_flag_means_one_thing_across_commands():
 
 
 @pytest.fixture(scope="module")
-def expected(smollm2_gguf_path):
-    model, tokenizer = load(smollm2_gguf_path, dtype=resolve_dtype(None))
+def expected(default_model):
+    model, tokenizer = load(default_model, dtype=resolve_dtype(None))
     return generate(model, tokenizer, [{"role": "user", "content": PROMPT}], 6)
 
 
-def test_generate_takes_prompt_option_and_verbose_prints_mlx_lm_stats(smollm2_gguf_path, expected):
+def test_generate_takes_prompt_option_and_verbose_prints_mlx_lm_stats(default_model, expected):
     for flag in ("--prompt", "-p"):
-        r = run("generate", "-M", str(smollm2_gguf_path), "-m", "6", flag, PROMPT, "--verbose")
+        r = run("generate", "-M", str(default_model), "-m", "6", flag, PROMPT, "--verbose")
         assert r.returncode == 0, r.stderr
         assert r.stdout.rstrip("\n") == expected.rstrip("\n")  # stdout: the text only
         # mlx_lm.generate's statistics lines, verbatim in form.
         assert re.search(r"^==========\nPrompt: \d+ tokens, \d+\.\d{3} tokens-per-sec\n"
                          r"Generation: 6 tokens, \d+\.\d{3} tokens-per-sec\nPeak memory: \d+\.\d{3} GB$",
                          r.stderr, re.M), r.stderr
-    r = run("generate", "-M", str(smollm2_gguf_path), "-p", PROMPT, PROMPT)
+    r = run("generate", "-M", str(default_model), "-p", PROMPT, PROMPT)
     assert r.returncode == 2 and "not both" in r.stderr
 
 
-def test_generate_with_an_empty_stdin_is_an_error(smollm2_gguf_path, tmp_path):
+def test_generate_with_an_empty_stdin_is_an_error(default_model, tmp_path):
     for stdin in ("", "\n"):
-        r = run("generate", "-M", str(smollm2_gguf_path), stdin=stdin, timeout=120)
+        r = run("generate", "-M", str(default_model), stdin=stdin, timeout=120)
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert r.stdout == ""
         assert r.stderr.strip() == "error: the prompt on stdin is empty; nothing to answer"
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    r = run("generate", "-M", str(smollm2_gguf_path), "-f", str(empty), timeout=120)
+    r = run("generate", "-M", str(default_model), "-f", str(empty), timeout=120)
     assert r.returncode == 1 and "is empty" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_convert_takes_mlx_lm_names(smollm2_gguf_path, tmp_path):
+def test_convert_takes_mlx_lm_names(default_model, tmp_path):
     out = tmp_path / "q"
-    r = run("convert", "--hf-path", str(smollm2_gguf_path), "--mlx-path", str(out), "-q", "--requantize", "--q-bits", "8",
+    r = run("convert", "--hf-path", str(default_model), "--mlx-path", str(out), "-q", "--requantize", "--q-bits", "8",
             "--q-group-size", "32")
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "config.json").read_text())
@@ -107,8 +107,8 @@ def test_convert_takes_mlx_lm_names(smollm2_gguf_path, tmp_path):
     assert r.returncode == 2 and "not both" in r.stderr
 
 
-def test_chat_sampling_defaults_follow_the_model(smollm2_gguf_path, tmp_path):
-    from llama_mlx.convert import convert
+def test_chat_sampling_defaults_follow_the_model(smollm2_gguf_path, default_model, tmp_path):
+    import shutil
 
     env_input = "/stats\n/exit\n"
     # SmolLM2's files carry no sampling values: Meta's defaults apply.
@@ -117,7 +117,7 @@ def test_chat_sampling_defaults_follow_the_model(smollm2_gguf_path, tmp_path):
     assert "temp 0.6, top-p 0.9 (Meta's defaults)" in r.stdout
     # A folder whose generation_config.json recommends values: those apply, unless given.
     folder = tmp_path / "smol"
-    convert(smollm2_gguf_path, folder)
+    shutil.copytree(default_model, folder)  # (the GGUF converted once, by the session's default_model)
     gen = json.loads((folder / "generation_config.json").read_text())
     gen.update(temperature=0.2, top_p=0.8)
     (folder / "generation_config.json").write_text(json.dumps(gen))
