@@ -237,6 +237,7 @@ def measure_switch(args, bias: dict) -> dict:
     a, b = (str(Path(m).resolve()) for m in (args.model, args.model_b))  # both servers key models by path
     requests = {m: switch_request(m) for m in (a, b)}
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    load_before = os.getloadavg()  # other work on the machine: the run's noise
     servers, procs = {}, []
     try:
         for name, cmd in switch_servers(args, a, b).items():
@@ -289,6 +290,7 @@ def measure_switch(args, bias: dict) -> dict:
               for key in ("switch", "switch_a_b", "switch_b_a", "steady")}
     return {"model_a": a, "model_b": b, "switch_tokens": args.switch_tokens, "trials": args.switch_trials,
             "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "results": results, "ratios": ratios}
 
 
@@ -296,7 +298,8 @@ def switch_markdown(report: dict) -> str:
     """The switch results as a Markdown table (seconds, medians)."""
     keys = ("switch_a_b", "switch_b_a", "switch", "steady_a", "steady_b", "steady", "startup_s")
     lines = [(f"A: `{report['model_a']}`, B: `{report['model_b']}`; {report['trials']} trials, "
-              f"{report['switch_tokens']} tokens per request; {report['machine']}"), "",
+              f"{report['switch_tokens']} tokens per request; {report['machine']}, {report['cpus']} CPUs, "
+              f"load average {report['loadavg_before'][0]:.1f} before, {report['loadavg_after'][0]:.1f} after"), "",
              "| TTFT, s (median) | " + " | ".join(report["results"]) + " |",
              "| --- |" + " ---: |" * len(report["results"])]
     for key in keys:
