@@ -267,8 +267,8 @@ class LoRALinear(nn.Module):
         self.linear, self.lora_a, self.lora_b, self.scale = linear, lora_a, lora_b, scale
 
     def delta(self) -> mx.array:
-        """The update to the weight, [out, in] in float32."""
-        return (self.scale * self.lora_b.T.astype(mx.float32)) @ self.lora_a.T.astype(mx.float32)
+        """The update to the weight, [out, in], in the adapter's dtype."""
+        return (self.scale * self.lora_b.T) @ self.lora_a.T
 
     def __call__(self, x: mx.array) -> mx.array:
         z = (x @ self.lora_a) @ self.lora_b
@@ -281,12 +281,12 @@ class DoRALinear(LoRALinear):
     def __init__(self, linear: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: float,
                  m: Optional[mx.array]):
         super().__init__(linear, lora_a, lora_b, scale)
-        w = _dense(linear).astype(mx.float32)
+        w = _dense(linear)
         if m is None:  # as mlx-lm, whose DoRA layer starts from the base weight's row norms
-            m = mx.linalg.norm(w, axis=1)
+            m = mx.linalg.norm(w.astype(mx.float32), axis=1)
         self.m = m
         # Weights are fixed here (no training): the row gains are computed once, not per call.
-        self._gain = m.astype(mx.float32) / mx.linalg.norm(w + self.delta(), axis=1)
+        self._gain = m / mx.linalg.norm(w + self.delta(), axis=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
@@ -334,10 +334,11 @@ def apply_adapter(model: nn.Module, adapter: Adapter | str | Path) -> nn.Module:
 
 
 def _fused_weight(kind: str, w: mx.array, delta: mx.array, m: Optional[mx.array]) -> mx.array:
-    """The adapted weight in float32 (mlx-lm's fuse): W + delta, DoRA's rows rescaled to m."""
-    fused = w.astype(mx.float32) + delta
+    """The adapted weight, with mlx_lm.fuse's arithmetic (in the weight's dtype, so that a re-quantized
+    weight gets the codes mlx-lm's does): W + delta, DoRA's rows rescaled to m."""
+    fused = w + delta.astype(w.dtype)
     if kind == "dora":
-        fused = (m.astype(mx.float32) / mx.linalg.norm(fused, axis=1))[:, None] * fused
+        fused = (m / mx.linalg.norm(fused, axis=1))[:, None] * fused
     return fused
 
 
@@ -366,15 +367,15 @@ def fuse(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
 
 
 def weight_updater(adapter: Adapter, config: dict) -> tuple[set[str], Callable[[str, mx.array], mx.array]]:
-    """For a conversion: (the modules whose weights change, update(module, float weight) -> fused weight in
-    float32), for a model of Hugging Face `config`. Checked against the model's shapes first."""
+    """For a conversion: (the modules whose weights change, update(module, float weight) -> fused weight),
+    for a model of Hugging Face `config`. Checked against the model's shapes first."""
     check_fits(adapter, config)
     tensors = load_tensors(adapter)
     changed = set(adapter.modules)
 
     def update(module: str, w: mx.array) -> mx.array:
         a, b = tensors[f"{module}.lora_a"], tensors[f"{module}.lora_b"]
-        delta = (adapter.scale * b.T.astype(mx.float32)) @ a.T.astype(mx.float32)
+        delta = (adapter.scale * b.T) @ a.T
         m = tensors.get(f"{module}.m")
         if adapter.kind == "dora" and m is None:
             m = mx.linalg.norm(w.astype(mx.float32), axis=1)

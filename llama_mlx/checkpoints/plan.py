@@ -149,7 +149,8 @@ def _float_or_quantized(ckpt: Checkpoint, module: str, logical: tuple, src: dict
         w = ckpt.tensors[name].read()
         if src is not None:  # dequantize first: re-quantizing or writing floats
             s, b = ckpt.tensors[module + ".scales"].read(), ckpt.tensors[module + ".biases"].read()
-            if src.get("mode", "affine") == "affine":  # float32: float16 scale*code + bias loses low bits
+            # float32: float16 scale*code + bias loses low bits (an update, as mlx_lm.fuse, works in the source's)
+            if src.get("mode", "affine") == "affine" and update is None:
                 s, b = s.astype(mx.float32), b.astype(mx.float32)
             w = mx.dequantize(w, s, b, group_size=src["group_size"], bits=src["bits"],
                               mode=src.get("mode", "affine"))
