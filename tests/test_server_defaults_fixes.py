@@ -228,3 +228,41 @@ def test_anthropic_input_tokens_leave_out_the_cached_prefix(srv):
     assert start.cache_read_input_tokens > 16
     assert start.input_tokens == total - start.cache_read_input_tokens
     assert claude.messages.count_tokens(model="greedy", system=system, messages=kw["messages"]).input_tokens == total
+
+
+def test_an_image_in_a_tool_result_reaches_a_vision_model(tmp_path_factory):
+    """Served by a vision model, a tool_result's image is read with the user turn after the results: the
+    answer is what this process generates for that conversation with that image (two images, two
+    answers: it was dropped before)."""
+    import base64
+    import io
+
+    import llama_mlx
+    from mllama_oracle import write_tiny_folder
+    from PIL import Image
+    from test_server_vision import png
+
+    folder = tmp_path_factory.mktemp("mllama") / "tiny-vision"
+    write_tiny_folder(folder)
+    s = Server(tmp_path_factory.mktemp("serve-vision-tool"), "--api-key", KEY, model=folder)
+    try:
+        claude = s.anthropic(timeout=300)
+        model, processor = llama_mlx.load(str(folder))
+        answers = {}
+        for seed in (1, 2):
+            result = [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                   "data": base64.b64encode(png(seed)).decode()}}]
+            r = claude.messages.create(model="tiny-vision", max_tokens=N, extra_body={"temperature": 0}, messages=[
+                {"role": "user", "content": "What is in front of you?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "camera", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": result}]}])
+            call = {"id": "toolu_1", "type": "function", "function": {"name": "camera", "arguments": {}}}
+            local = [{"role": "user", "content": "What is in front of you?"},
+                     {"role": "assistant", "content": '{"name": "camera", "parameters": {}}', "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "toolu_1", "content": ""},
+                     {"role": "user", "content": [{"type": "image"}]}]
+            answers[seed] = llama_mlx.generate(model, processor, local, N, images=[Image.open(io.BytesIO(png(seed)))])
+            assert r.content[0].text == answers[seed], seed
+        assert answers[1] != answers[2]
+    finally:
+        s.stop()
