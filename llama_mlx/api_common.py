@@ -278,14 +278,13 @@ def streams_cut() -> bool:
 _CUT_MESSAGE = "the server is shutting down: this stream was cut"
 
 
-async def _cuttable(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _cuttable(frames: AsyncIterator[bytes], named: bool = False) -> AsyncIterator[bytes]:
     """`frames`, until `cut_streams`: then a last error event (Anthropic's `event: error` in a stream of
-    named events, OpenAI's `data: {"error": ...}` otherwise) and the end."""
+    named events, or one that will be: `named`, OpenAI's `data: {"error": ...}` otherwise) and the end."""
     it = frames.__aiter__()
     cut = asyncio.get_running_loop().create_future()
     _cut_waiters.add(cut)
     step = None
-    named = False
     try:
         while not _cut:
             step = asyncio.ensure_future(it.__anext__())
@@ -311,6 +310,6 @@ async def _cuttable(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             step.cancel()  # (the stream's own `finally` cancels its jobs)
 
 
-def _sse(frames: AsyncIterator[bytes], headers: Optional[dict] = None) -> StreamingResponse:
-    return StreamingResponse(_cuttable(frames), media_type="text/event-stream",
+def _sse(frames: AsyncIterator[bytes], headers: Optional[dict] = None, *, named: bool = False) -> StreamingResponse:
+    return StreamingResponse(_cuttable(frames, named), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})

@@ -661,7 +661,8 @@ class _Api:
         job = self.submit(engine, req)
         meta = {"id": "msg_" + uuid.uuid4().hex[:24], "model": self.name_of(engine)}
         if stream:
-            return _sse(self.messages_stream(job, meta, rendered, tool_choice), headers)
+            # (named: a cut before message_start, which waits for the first token, is Anthropic's error event)
+            return _sse(self.messages_stream(job, meta, rendered, tool_choice), headers, named=True)
         answer = await self.whole(request, job, rendered, tool_choice)
         if answer is None:
             return Response(status_code=499)
