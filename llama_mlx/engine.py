@@ -300,7 +300,9 @@ class Engine:
     fit: size the context and the KV cache to `memory_budget` bytes (default: the device's memory;
     `llama_mlx.fit`): `context_length` is then what fits (a longer request is refused) and the
     batch's KV cap, unless `max_kv_bytes` sets one, what is left beside the weights. `self.fit`
-    says what it found (None with fit off).
+    says what it found (None with fit off). warm_up (an attribute, True by default): read the
+    weights and trace the batched steps at load, before the first request (False for a load that a
+    request already waits on: the warm-up would only add to its TTFT).
     """
 
     def __init__(self, loader: Callable[[], tuple[Any, Any]], *, max_concurrency: int = 8, queue_size: int = 16,
@@ -323,6 +325,7 @@ class Engine:
         self._speculative_loader = speculative
         self.speculative: dict = {}
         self.lockstep = lockstep
+        self.warm_up = True
         if lockstep is not None:
             self.max_concurrency = 1  # every rank runs each job: one at a time
         self.model = self.tokenizer = self.pool = self.batch = None
@@ -485,23 +488,8 @@ class Engine:
                 self.fit = replace(self.fit, context=lo)
             if self._speculative_loader is not None:
                 self.speculative = dict(self._speculative_loader() or {})
-            # Read the (lazily loaded) weights and trace the steps now, not in the first request's TTFT.
-            generate = self.lockstep.stream_generate if self.lockstep is not None else stream_generate
-            for _ in generate(self.model, self.tokenizer, [0, 0, 0], 2, prompt_cache=PromptCache(self.model)):
-                pass
-            if self.batched:
-                # Rows join one a step and all overlap, so batch sizes 1..n each run once.
-                n = backends.warmup_batch_sizes(min(self.decode_concurrency, self.max_concurrency))
-                try:
-                    for _ in range(n):
-                        self.batch.submit([0, 0, 0], max_tokens=n + 1, stop_tokens=())
-                except KVCapacityError:  # a cap this small: fewer rows then
-                    pass
-                while self.batch.has_work():
-                    self.batch.step()
-                self.batch.decode_steps = self.batch.multi_row_steps = self.batch.max_rows = 0
-                # Every bucket of rows at the first capacities, bounded: no first-request traces.
-                self.batch.warm_up(seconds=WARM_UP_SECONDS)
+            if self.warm_up:
+                self._warm_up()
         except BaseException as e:  # noqa: BLE001 - reported by wait_ready
             self.load_error = e
             self._closing = True
@@ -510,6 +498,25 @@ class Engine:
         self._ready.set()
         with backends.wired_limit(self.model):
             self._loop()
+
+    def _warm_up(self) -> None:
+        # Read the (lazily loaded) weights and trace the steps now, not in the first request's TTFT.
+        generate = self.lockstep.stream_generate if self.lockstep is not None else stream_generate
+        for _ in generate(self.model, self.tokenizer, [0, 0, 0], 2, prompt_cache=PromptCache(self.model)):
+            pass
+        if self.batched:
+            # Rows join one a step and all overlap, so batch sizes 1..n each run once.
+            n = backends.warmup_batch_sizes(min(self.decode_concurrency, self.max_concurrency))
+            try:
+                for _ in range(n):
+                    self.batch.submit([0, 0, 0], max_tokens=n + 1, stop_tokens=())
+            except KVCapacityError:  # a cap this small: fewer rows then
+                pass
+            while self.batch.has_work():
+                self.batch.step()
+            self.batch.decode_steps = self.batch.multi_row_steps = self.batch.max_rows = 0
+            # Every bucket of rows at the first capacities, bounded: no first-request traces.
+            self.batch.warm_up(seconds=WARM_UP_SECONDS)
 
     def _loop(self) -> None:
         while True:

@@ -325,7 +325,11 @@ class ModelRegistry:
                     raise ModelLoadError(f"{name}: unloaded, and this server cannot load it again")
                 await self._make_room(slot)
                 with self._lock:
-                    slot.engine = self._build(slot).start()
+                    engine = self._build(slot)
+                    # A request waits on this load: a warm-up (tracing every batch size, up to 30 s
+                    # on a GPU) would only add to its TTFT. Its requests trace what they run.
+                    engine.warm_up = False
+                    slot.engine = engine.start()
                     slot.weights = 0
                     self.loads += 1
             return slot.engine, slot

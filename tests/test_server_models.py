@@ -303,6 +303,7 @@ def test_registry_byte_budget_evicts_the_least_recently_used_idle_model(tmp_path
         return {i.name: i.loaded for i in registry.list(listed=False)}
 
     async def main():
+        assert (await registry.engine(str(a))).batch.steps == 0  # loaded for a request: no warm-up before it
         first = await answer(str(a))
         info = registry.list(listed=False)[0]
         registry.max_bytes = info.loaded_bytes + info.size_bytes - 1  # one model, never two
@@ -319,7 +320,8 @@ def test_registry_byte_budget_evicts_the_least_recently_used_idle_model(tmp_path
         await asyncio.sleep(1.1)  # past the hand-off grace
         assert await registry.sweep() == [str(a)] and not any(flags().values())
         # An engine nothing could load again (create_app(engine), mlx.launch's) is never unloaded.
-        pinned.add("one", None, engine=Engine(lambda: load(a), max_concurrency=1)).wait_ready()
+        preloaded = pinned.add("one", None, engine=Engine(lambda: load(a), max_concurrency=1))
+        assert preloaded.wait_ready() and preloaded.batch.steps > 0  # a preloaded model warms up
         await asyncio.sleep(1.1)
         assert await pinned.sweep() == [] and await pinned.unload("one") is False
         assert (await pinned.engine(None)).ready
