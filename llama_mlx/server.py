@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -224,6 +225,8 @@ class _Api:
             except (LlamaMLXError, OSError) as e:  # the model loaded: serve it with Meta's defaults
                 log.warning("%s: the model's sampling defaults are unreadable (%s); using Meta's", path, e)
                 recommended = {}
+            valid = {"temp": lambda v: 0 <= v < math.inf, "top_p": lambda v: 0 < v <= 1}  # (else: Meta's)
+            recommended = {k: v for k, v in recommended.items() if k in valid and valid[k](v)}
             found, _ = resolve_sampling(recommended, temp=self.config.temperature, top_p=self.config.top_p)
             self._defaults[engine] = found
         return found

@@ -20,8 +20,10 @@ from llama_mlx.loading import load
 PROMPT = list(range(1000, 1016))  # token ids of Meta's vocabulary
 N = 8
 AUTH = {"Authorization": f"Bearer {KEY}"}
-# The folders served: the tiny random model with generation_config.json saying greedy, saying hot, and none.
-CONFIGS = {"greedy": {"temperature": 0.0}, "hot": {"temperature": 1.5, "top_p": 0.95}, "plain": None}
+# The folders served: the tiny random model with generation_config.json saying greedy, saying hot, saying
+# nonsense, and none.
+CONFIGS = {"greedy": {"temperature": 0.0}, "hot": {"temperature": 1.5, "top_p": 0.95},
+           "odd": {"temperature": -1, "top_p": 0}, "plain": None}
 TOOL = {"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
@@ -43,9 +45,10 @@ def folders(tmp_path_factory, tiny_meta_checkpoint) -> dict:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, folders):
-    """The three folders, "greedy" the default, with --top-p 0.5 for every model's requests that set none."""
+    """The folders, "greedy" the default, with --top-p 0.5 for every model's requests that set none."""
     s = Server(tmp_path_factory.mktemp("serve-defaults"), "--api-key", KEY, "--top-p", "0.5",
-               "--model", str(folders["hot"]), "--model", str(folders["plain"]), model=folders["greedy"])
+               *(a for name in ("hot", "odd", "plain") for a in ("--model", str(folders[name]))),
+               model=folders["greedy"])
     yield s
     s.stop()
 
@@ -67,8 +70,9 @@ def expected(folders) -> str:
 
 def test_each_model_samples_with_its_own_defaults(oai):
     """A request without temperature / top_p takes its model's generation_config.json, else Meta's 0.6
-    (never 1.0); serve's --top-p stands in for every model's top_p; a request's own values win."""
-    for model, temp in (("greedy", 0.0), ("hot", 1.5), ("plain", 0.6)):
+    (never 1.0; values out of range there count as unset); serve's --top-p stands in for every model's
+    top_p; a request's own values win."""
+    for model, temp in (("greedy", 0.0), ("hot", 1.5), ("odd", 0.6), ("plain", 0.6)):
         r = oai.responses.create(model=model, input="hi", max_output_tokens=2)
         assert (model, r.temperature, r.top_p) == (model, temp, 0.5)
     r = oai.responses.create(model="hot", input="hi", max_output_tokens=2, temperature=0.3, top_p=0.8)
