@@ -161,7 +161,7 @@ def convert(
     except KeyboardInterrupt:
         error_line(f"{out}: interrupted; nothing was written there")
         raise typer.Exit(130)
-    _summary(result, src, time.perf_counter() - start)
+    _summary(result, src, time.perf_counter() - start, adapter_path)
 
 
 def _conversion_rows(errors: dict) -> list[tuple[str, str]]:
@@ -185,7 +185,7 @@ def _either(name: str, option: str, positional: Optional[Path], named: Optional[
     return positional if named is None else named
 
 
-def _summary(result, src: Path, seconds: float) -> None:
+def _summary(result, src: Path, seconds: float, adapter: Optional[Path] = None) -> None:
     q = result.quantization
     if q:
         overrides = {k: v for k, v in q.items() if isinstance(v, dict)}
@@ -199,6 +199,7 @@ def _summary(result, src: Path, seconds: float) -> None:
     table.add_column()
     for key, value in (
         ("Source", f"{src} ({result.source_format})"),
+        *([("Adapter", f"{adapter} (fused in)")] if adapter is not None else []),
         ("Output", str(result.path)),
         ("Parameters", format_count(result.parameters)),
         ("Quantization", quant),

@@ -183,6 +183,7 @@ def test_convert_fuses_as_mlx_lm_fuse(folders, tmp_path, base, adapter, dequanti
     if (base, adapter) == ("q4", "lora"):  # once through the CLI
         r = run("convert", folders[base], out, "--adapter-path", folders[adapter])
         assert r.returncode == 0, r.stderr
+        assert f"Adapter {folders[adapter]} (fused in)" in " ".join(r.stdout.split())
     else:
         from llama_mlx.convert import convert
 
