@@ -29,6 +29,7 @@ EOS = 2  # the random model's tokenizer: <|end_of_text|>
 
 def run(*args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
+    env["COLUMNS"] = "300"  # (tables unwrapped: long temp paths stay whole)
     return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
