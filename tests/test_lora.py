@@ -127,6 +127,26 @@ def test_adapted_projections_stay_apart_under_fusion(folders):
     assert mx.allclose(ours(IDS), theirs(IDS), atol=1e-4, rtol=1e-4).item()
 
 
+def test_batched_decoding_on_the_metal_row(folders, backend_row):
+    # The Metal row (forced here on the CPU): projections fused at load, a batch's step compiled.
+    import mlx_lm
+    from mlx_lm.generate import generate_step
+
+    from llama_mlx.batch import BatchEngine
+
+    backend_row("metal")
+    model, tokenizer = load(folders["q4"], adapter_path=folders["lora"])
+    theirs, _ = mlx_lm.load(str(folders["q4"]), adapter_path=str(folders["lora"]))
+    prompts = [[5, 9, 33], [70, 100, 7, 12, 40], [200]]
+    engine = BatchEngine(model, tokenizer, max_batch=4)
+    assert engine.bucketed and hasattr(model.layers[1].self_attn, "qkv_proj")  # compiled step, fused projections
+    reqs = [engine.submit(p, max_tokens=6, stop_tokens=()) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    for p, r in zip(prompts, reqs):
+        assert r.tokens == [int(t) for t, _ in generate_step(mx.array(p), theirs, max_tokens=6)]
+
+
 def test_library_fuse_matches_mlx_lm_fuse(folders):
     from llama_mlx.lora import LoRALinear, fuse
 
