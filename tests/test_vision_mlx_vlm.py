@@ -142,7 +142,7 @@ def test_our_float16_convert_reads_as_the_same_model_in_mlx_vlm(source, tmp_path
 def test_our_4bit_convert_loads_in_mlx_vlm(source, tmp_path):
     """`convert -q`: mlx-vlm quantizes exactly the layers we wrote scales for (the language model; the vision
     tower and projector stay float) and computes what we do from them."""
-    root, hf, image, arrays = source
+    root, _, image, arrays = source
     out = tmp_path / "q4"
     convert(root / "hf", out, quantize=True, bits=4, group_size=64)
     config = json.loads((out / "config.json").read_text())
@@ -150,7 +150,8 @@ def test_our_4bit_convert_loads_in_mlx_vlm(source, tmp_path):
     model, _ = mlx_vlm.load(str(out))
     ours, logits, tokens = _ours(out, image, arrays, as_float32=True)
     quantized = {k for k, m in model.named_modules() if hasattr(m, "scales")}
-    assert quantized == {k.replace("vision_model", "vision_tower") for k, m in ours.named_modules() if hasattr(m, "scales")}
+    ours_quantized = {k for k, m in ours.named_modules() if hasattr(m, "scales")}
+    assert quantized == {k.replace("vision_model", "vision_tower") for k in ours_quantized}
     assert any(k.startswith("language_model.") for k in quantized)
     assert not any(k.startswith(("vision_tower.", "multi_modal_projector")) for k in quantized)
     meta_indices(model)
