@@ -1,5 +1,7 @@
 """The image processor against transformers' MllamaImageProcessor (Pillow backend) on odd-sized images."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -64,6 +66,10 @@ def test_not_an_image(tmp_path):
         load_image(bad)
     with pytest.raises(ImageError, match="no such file"):
         load_image(tmp_path / "missing.png")
+    fifo = tmp_path / "pipe.png"  # a saved chat may name any path: reading a FIFO would wait forever
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(fifo)
     good = tmp_path / "ok.png"
     _image(10, 12).save(good)
     assert load_image(good).size == (10, 12)

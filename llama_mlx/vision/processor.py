@@ -81,8 +81,10 @@ def load_image(source: Any):
             image = Image.open(io.BytesIO(source))
             name = "the image data"
         else:
-            name = str(source)
-            image = Image.open(Path(source).expanduser())
+            name, path = str(source), Path(source).expanduser()
+            if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block the open
+                raise ImageError(f"{source}: not a regular file")
+            image = Image.open(path)
         image.load()
     except FileNotFoundError:
         raise ImageError(f"{source}: no such file") from None
