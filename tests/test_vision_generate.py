@@ -288,6 +288,25 @@ def test_chat_session_and_cli_chat_image(folder, image_path, tmp_path):
     assert first in r.stdout and second in r.stdout
 
 
+def test_saved_vision_chats_are_checked(folder, image_path, tmp_path):
+    """Only image paths are saved; a saved user message is text, or one image path and text."""
+    from llama_mlx.chat import SESSION_FORMAT, ChatSession, SessionFileError
+
+    model, processor = llama_mlx.load(folder[0])
+    session = ChatSession(model, processor, max_tokens=2)
+    session.add_user("What is it?", image=image_path.read_bytes())
+    with pytest.raises(SessionFileError, match="cannot be saved: give its file path"):
+        session.save(tmp_path / "bytes.json")
+    for content in ([{"type": "image", "image": 5}, {"type": "text", "text": "x"}],
+                    [{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"}],
+                    [{"type": "text", "text": "x"}, {"type": "image", "image": "a.png"}],
+                    [{"type": "image", "image": "a.png", "extra": 1}, {"type": "text", "text": "x"}]):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"format": SESSION_FORMAT, "messages": [{"role": "user", "content": content}]}))
+        with pytest.raises(SessionFileError, match="message 1 is not"):
+            ChatSession(model, processor).load(bad)
+
+
 def test_cli_chat_saves_and_resumes_a_vision_chat(folder, image_path, tmp_path):
     """`/save` after a turn with `/image`, then `--load` in a new process with the image file gone: the
     image's keys come from the saved cache (the conversation is not prefilled again), and the next answer equals
