@@ -73,9 +73,9 @@ def test_batched_chat_with_logprobs_and_schema_equals_alone(batched):
     bodies = [
         {"messages": [{"role": "user", "content": "Name a city as JSON."}], "max_tokens": 24,
          "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}},
-        {"messages": [{"role": "user", "content": "Say something about rain."}], "max_tokens": 16,
+        {"messages": [{"role": "user", "content": "Say something about rain."}], "max_tokens": 8,
          "logprobs": True, "top_logprobs": 3},
-        {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 16, "frequency_penalty": 1.0},
+        {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 8, "frequency_penalty": 1.0},
     ]
 
     def send(body):
@@ -108,8 +108,8 @@ PROMPT = list(range(1000, 1020))  # 20 tokens
 
 
 def kv_cap() -> int:
-    """One request of 20 + 40 positions (and its 256-position prefill buffer) fits; two do not."""
-    return (20 + 40 + 256) * bytes_per_token()
+    """One request of 20 + 20 positions (and its 256-position prefill buffer) fits; two do not."""
+    return (20 + 20 + 256) * bytes_per_token()
 
 
 def test_kv_cap_refuses_what_never_fits_and_queues_what_fits(tmp_path):
@@ -119,8 +119,8 @@ def test_kv_cap_refuses_what_never_fits_and_queues_what_fits(tmp_path):
                        json={"prompt": PROMPT, "max_tokens": 100, "temperature": 0})
         assert r.status_code == 503 and r.json()["error"]["code"] == "kv_capacity_exceeded"
         with ThreadPoolExecutor(2) as pool:
-            answers = list(pool.map(lambda _: ask(s, PROMPT, 40), range(2)))
-        assert [a["usage"]["completion_tokens"] for a in answers] == [40, 40]
+            answers = list(pool.map(lambda _: ask(s, PROMPT, 20), range(2)))
+        assert [a["usage"]["completion_tokens"] for a in answers] == [20, 20]
         assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
         deadline = time.time() + 10  # the rows are dropped at the worker's next step
         while (s.stats()["batch"]["kv_bytes"] or s.stats()["completed"] < 2) and time.time() < deadline:
