@@ -235,6 +235,8 @@ class Job:
         if not self.cancelled:
             self.cancelled = True
             self.engine._forget_waiting(self)
+            # The reader ends now, not after the step in flight (a drain's cut must beat uvicorn's own).
+            self._push(_END)
 
     def __aiter__(self) -> "Job":
         return self
