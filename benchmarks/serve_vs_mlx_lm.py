@@ -211,13 +211,14 @@ def is_random(model: str) -> bool:
     return config.is_file() and "llama_mlx_benchmark" in config.read_text()
 
 
-def switch_request(model: str) -> tuple[str, dict]:
-    """The prompt words and logit bias for `model`: a random folder's small word tokenizer has no text for
-    most ids its random head picks, so its first token is forced to a word (the forward pass is the same);
-    a real model's end tokens are banned (--stop-ids)."""
+def switch_request(model: str, i: int) -> tuple[str, dict | None]:
+    """The i-th prompt for `model` (its first word differs from the last one's, so that no server answers
+    from a cache of the whole prompt) and its logit bias: a random folder's small word tokenizer has no text
+    for most ids its random head picks, so its first token is forced to a word (the forward pass is the
+    same; its words are t3..t255, a number would be <unk>); a real model's end tokens are banned (--stop-ids)."""
     if is_random(model):
-        return "t5 t6 t7", {"10": 100}
-    return "Once upon a time, by the sea,", None
+        return f"t{3 + i % 250} t5 t6 t7", {"10": 100}
+    return f"{i} Once upon a time, by the sea,", None
 
 
 def switch_servers(args, a: str, b: str) -> dict:
@@ -235,7 +236,6 @@ def switch_servers(args, a: str, b: str) -> dict:
 def measure_switch(args, bias: dict) -> dict:
     """Medians of the switch A->B and B->A TTFTs and of the steady ones, per server (see the docstring)."""
     a, b = (str(Path(m).resolve()) for m in (args.model, args.model_b))  # both servers key models by path
-    requests = {m: switch_request(m) for m in (a, b)}
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     load_before = os.getloadavg()  # other work on the machine: the run's noise
     servers, procs = {}, []
@@ -251,9 +251,9 @@ def measure_switch(args, bias: dict) -> dict:
 
         def ask(server: dict, model: str) -> float:
             nonlocal asked
-            asked += 1  # a new prompt each time: no server answers from its prefix cache of a whole prompt
-            words, own_bias = requests[model]
-            out = stream_completion(server["base"], f"{asked} {words}", args.switch_tokens,
+            asked += 1
+            prompt, own_bias = switch_request(model, asked)
+            out = stream_completion(server["base"], prompt, args.switch_tokens,
                                     own_bias if own_bias is not None else bias, model)
             return out["ttft"]
 
