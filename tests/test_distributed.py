@@ -270,11 +270,6 @@ class Launched:
         self.proc.stdin.close()
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load(SMOLLM2, distributed=False)
-
-
 CHAT_STATS = re.compile(r"[\d.]+s to first token · prompt (\d+) tok at [\d.]+ tok/s \((\d+) cached\) · (\d+) tok at "
                         r"[\d.]+ tok/s · context (\d+)/\d+")
 CHAT_SCRIPT = "What is the capital of France?\nAnd of Italy?\n/undo\n/retry\n"
@@ -412,13 +407,29 @@ def test_serve_two_ranks_openai_client_then_sigterm(tmp_path, tiny_chat, mode):
         assert not Path(f"/proc/{pid}").exists()
 
 
-def test_generate_two_ranks_picks_pipeline_by_itself(tmp_path, smollm2):
-    """No flag: SmolLM2's 9 heads do not split over 2 ranks, so its layers do; said once on stderr."""
+@pytest.fixture(scope="module")
+def tiny_nine_heads(tmp_path_factory) -> Path:
+    """A random float32 model with SmolLM2's head counts (9 attention, 3 KV: no split in two) and its tokenizer."""
+    from benchmarks.random_model import shape_config
+
+    folder = tmp_path_factory.mktemp("tiny-nine")
+    config = shape_config({**TINY, "hidden_size": 144, "num_hidden_layers": 2, "num_attention_heads": 9,
+                           "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True})
+    _random_float32(folder, config, seed=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        (folder / name).write_bytes((SMOLLM2 / name).read_bytes())
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_generate_two_ranks_picks_pipeline_by_itself(tmp_path, tiny_nine_heads):
+    """No flag: SmolLM2's 9 heads (here on a random model of its head counts) do not split over 2 ranks,
+    so its layers do; said once on stderr."""
     prompt = "The capital of France is"
-    run = Launched(tmp_path, 2, "generate", "--model", str(SMOLLM2), "--raw", prompt, "--max-tokens", "6")
+    run = Launched(tmp_path, 2, "generate", "--model", str(tiny_nine_heads), "--raw", prompt, "--max-tokens", "6")
     rc, out, err = run.wait(120)
     assert rc == 0 and "exited with code" not in err, err
-    model, tokenizer = smollm2
+    model, tokenizer = load(tiny_nine_heads, distributed=False)
     assert out == generate(model, tokenizer, prompt, max_tokens=6, sampler=make_sampler(0.0)) + "\n"
     assert [line for line in err.splitlines() if "parallel" in line] == [
         "pipeline parallel chosen: tensor parallel over 2 ranks does not divide (9 attention heads and 3 KV heads "
