@@ -383,7 +383,7 @@ class BatchEngine:
         happen now rather than in the first requests; stops starting new shapes after `seconds`
         and skips shapes over `max_kv_bytes`. Returns the shapes run (0 where the step is the
         model's graph, which traces nothing)."""
-        if not self.bucketed:
+        if not self.bucketed or hasattr(self.model, "make_cache"):  # (a vision model's caches: not warmed)
             return 0
         deadline = time.perf_counter() + seconds
         probe = [KVCache() for _ in self.model.layers]  # the buffers' dtype and head shape, as a step makes them
