@@ -4,13 +4,9 @@
     print(llama_mlx.generate(model, tokenizer, "Why is the sky blue?"))
 """
 
-from .batch import BatchEngine, BatchResult, batch_generate
-from .cache import PromptCache
-from .chat import ChatSession
-from .embed import embed
-from .errors import LlamaMLXError
-from .generate import GenerationResponse, generate, generate_step, stream_generate
-from .sample import SamplingParams, make_logits_processors, make_sampler
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -33,15 +29,48 @@ __all__ = [
     "stream_generate",
 ]
 
+# Every public name is imported on first use (PEP 562): each CLI process would otherwise pay
+# for MLX, numpy, jinja2 and the model code (~0.4 s) before parsing its arguments.
+_SOURCES = {
+    "BatchEngine": "batch",
+    "BatchResult": "batch",
+    "batch_generate": "batch",
+    "PromptCache": "cache",
+    "ChatSession": "chat",
+    "embed": "embed",
+    "LlamaMLXError": "errors",
+    "GenerationResponse": "generate",
+    "generate": "generate",
+    "generate_step": "generate",
+    "stream_generate": "generate",
+    "SamplingParams": "sample",
+    "make_logits_processors": "sample",
+    "make_sampler": "sample",
+    "load": "loading",
+    "convert": "convert",
+}
+
 
 def __getattr__(name):
-    # Loading and conversion pull in the checkpoint readers: only import them when asked.
-    if name == "load":
-        from .loading import load
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'llama_mlx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{source}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return load
-    if name == "convert":
-        from .convert import convert
 
-        return convert
-    raise AttributeError(f"module 'llama_mlx' has no attribute {name!r}")
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    # Importing a submodule binds it on its package; `generate`, `embed` and `convert` name both a
+    # submodule and its function, and the package's name must stay the function, as when eager.
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _SOURCES.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
