@@ -17,12 +17,14 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
-from llama_mlx.chat import ChatError, ChatSession, Turn, session_files, session_path
 from llama_mlx.errors import ContextLengthError
+
+if TYPE_CHECKING:
+    from llama_mlx.chat import ChatSession, Turn
 
 from .common import (
     AdapterOpt,
@@ -386,6 +388,7 @@ class ChatApp:
 
     def run(self) -> int:
         """Read and answer until /exit, Ctrl-D, or Ctrl-C twice at the prompt; returns the exit code."""
+        from llama_mlx.chat import ChatError
         armed = False  # the last thing at the prompt was a Ctrl-C
         try:
             while True:
@@ -421,6 +424,7 @@ class ChatApp:
             self.term.save_history()
 
     def handle(self, text: str) -> Optional[bool]:
+        from llama_mlx.chat import ChatError
         stripped = text.strip()
         if stripped.startswith("//"):
             return self.ask(stripped[1:])
@@ -466,10 +470,12 @@ class ChatApp:
         self._answer()
 
     def _not_in_lockstep(self, command: str) -> None:
+        from llama_mlx.chat import ChatError
         if self.lockstep:
             raise ChatError(f"{command} is not available under mlx.launch (each rank's KV cache holds only its shard)")
 
     def cmd_save(self, arg: str) -> None:
+        from llama_mlx.chat import ChatError, session_files
         self._not_in_lockstep("/save")
         if not arg:
             raise ChatError("usage: /save FILE")
@@ -480,6 +486,7 @@ class ChatApp:
                        f"{len(s.cache.tokens)} cached tokens to {cache}")
 
     def cmd_load(self, arg: str) -> None:
+        from llama_mlx.chat import ChatError
         self._not_in_lockstep("/load")
         if not arg:
             raise ChatError("usage: /load FILE")
@@ -538,6 +545,7 @@ class ChatApp:
         return ", ".join(parts)
 
     def cmd_set(self, arg: str) -> None:
+        from llama_mlx.chat import ChatError
         if not arg:
             self.term.note("settings: " + self._settings_text())
             return
@@ -571,6 +579,7 @@ class ChatApp:
         self._answer()
 
     def cmd_image(self, arg: str) -> None:
+        from llama_mlx.chat import ChatError
         from llama_mlx.errors import ImageError
         from llama_mlx.vision.processor import load_image
         from llama_mlx.vision.prompt import sees_images
@@ -623,6 +632,8 @@ class ChatApp:
 
     def _answer_once(self) -> bool:
         """Stream one answer; returns whether it ended by itself (not stopped before it began)."""
+        from llama_mlx.chat import ChatError
+
         s, t = self.session, self.term
         self._stop = False
         status = None
@@ -785,6 +796,7 @@ def python_tool_warning(tokenizer) -> Optional[str]:
 @handle_errors
 def _run(model, system, dtype, load_session, opts: GenerationOptions, tools=None, yes=False, tool_timeout=10.0,
          tool_memory=1024, pipeline=None, history=True, adapter_path=None) -> int:
+    from llama_mlx.chat import ChatSession, session_path
     from llama_mlx.loading import generation_defaults, resolve_model
 
     if load_session is not None:
