@@ -138,6 +138,13 @@ def resolve(model: str, env: dict, **kw) -> subprocess.CompletedProcess:
     return py(RESOLVE.format(model), env, **kw)
 
 
+def resolve_all(models: list[str], env: dict, **kw) -> list[Path]:
+    """Resolve several ids in one fresh process (huggingface_hub reads its environment once, at import)."""
+    r = py(f"from llama_mlx.loading import resolve_model\nfor m in {models!r}: print(resolve_model(m))", env, **kw)
+    assert r.returncode == 0, r.stderr
+    return [Path(line) for line in r.stdout.splitlines()]
+
+
 def snapshot_of(home, repo_id: str) -> Path:
     repo = home["hf"] / "hub" / ("models--" + repo_id.replace("/", "--"))
     return repo / "snapshots" / (repo / "refs" / "main").read_text()
@@ -198,13 +205,12 @@ def fake_hub():
 
 def test_offline_resolves_the_cached_snapshot_and_loads_it(home):
     env = env_for(home, offline=True)
-    r = resolve(MLX_REPO, env)
-    assert r.returncode == 0, r.stderr
-    assert Path(r.stdout.strip()) == snapshot_of(home, MLX_REPO)
     # The model loaded through the hub id computes what mlx-lm computes from the original folder.
     code = f"""
 import json, mlx.core as mx, numpy as np, llama_mlx
+from llama_mlx.loading import resolve_model
 from mlx_lm import load as mlx_lm_load
+print(resolve_model({MLX_REPO!r}))
 model, tok = llama_mlx.load({MLX_REPO!r}, dtype="float32")
 ref, _ = mlx_lm_load({str(home['sources'] / 'tiny-mlx')!r})
 ids = mx.array([[1, 5, 9, 77, 200, 3]])
@@ -213,6 +219,7 @@ print(json.dumps({{"diff": float(np.abs(a - b).max()), "scale": float(np.abs(b).
 """
     r = py(code, env)
     assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.splitlines()[0]) == snapshot_of(home, MLX_REPO)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["scale"] > 0 and out["diff"] <= 1e-4 * out["scale"], out
 
@@ -221,11 +228,8 @@ def test_a_complete_snapshot_resolves_without_any_network_call(home, fake_hub):
     # Not offline, hub "reachable": a recording server that would fail every request. None arrives.
     hub = fake_hub(500, {})
     env = env_for(home, offline=False, endpoint=hub.url)
-    for model, want in ((MLX_REPO, snapshot_of(home, MLX_REPO)),
-                        (GGUF_REPO + ":Q8_0", snapshot_of(home, GGUF_REPO) / "tiny-Q8_0.gguf")):
-        r = resolve(model, env)
-        assert r.returncode == 0, r.stderr
-        assert Path(r.stdout.strip()) == want
+    assert resolve_all([MLX_REPO, GGUF_REPO + ":Q8_0"], env) == [snapshot_of(home, MLX_REPO),
+                                                                 snapshot_of(home, GGUF_REPO) / "tiny-Q8_0.gguf"]
     assert hub.seen == []
     # And with the endpoint on a closed loopback port (an mlx-lm user on a plane).
     r = resolve(MLX_REPO, env_for(home, offline=False))
@@ -286,20 +290,21 @@ def test_missing_repo_on_the_hub_is_one_line(home, fake_hub):
 def test_gguf_quant_tags_select_one_file_and_list_the_choices(home):
     env = env_for(home, offline=True)
     snap = snapshot_of(home, GGUF_REPO)
-    for model, want in ((GGUF_REPO + ":Q8_0", "tiny-Q8_0.gguf"), (GGUF_REPO + ":f16", "tiny-F16.gguf"),
-                        (GGUF_REPO + ":tiny-F16.gguf", "tiny-F16.gguf")):
-        r = resolve(model, env)
-        assert r.returncode == 0 and Path(r.stdout.strip()) == snap / want, (model, r.stderr)
-    r = py(f"from llama_mlx.loading import resolve_model; print(resolve_model({GGUF_REPO!r}, gguf_file='tiny-Q8_0.gguf'))",
-           env)
-    assert r.returncode == 0 and Path(r.stdout.strip()) == snap / "tiny-Q8_0.gguf", r.stderr
+    # One process: the three tags, the gguf_file argument, and the chosen file loading (the GGUF the test wrote).
+    r = py(f"""import llama_mlx
+from llama_mlx.loading import resolve_model
+for m in {[GGUF_REPO + ":Q8_0", GGUF_REPO + ":f16", GGUF_REPO + ":tiny-F16.gguf"]!r}: print(resolve_model(m))
+print(resolve_model({GGUF_REPO!r}, gguf_file='tiny-Q8_0.gguf'))
+m, t = llama_mlx.load({GGUF_REPO + ':Q8_0'!r}); print(m.args.hidden_size)""", env)
+    assert r.returncode == 0, r.stderr
+    *paths, hidden = r.stdout.splitlines()
+    assert [Path(p) for p in paths] == [snap / "tiny-Q8_0.gguf", snap / "tiny-F16.gguf", snap / "tiny-F16.gguf",
+                                        snap / "tiny-Q8_0.gguf"]
+    assert hidden == str(TINY_PARAMS["dim"])
     one_error_line(cli("info", "--model", GGUF_REPO, env=env), GGUF_REPO, "2 .gguf files match",
                    "F16 (tiny-F16.gguf)", "Q8_0 (tiny-Q8_0.gguf)", f"{GGUF_REPO}:TAG")
     one_error_line(cli("info", "--model", GGUF_REPO + ":Q4_K_M", env=env), "no .gguf file matches 'Q4_K_M'",
                    "F16 (tiny-F16.gguf)", "Q8_0 (tiny-Q8_0.gguf)")
-    # The chosen file loads: it is the GGUF the test wrote.
-    r = py(f"import llama_mlx; m, t = llama_mlx.load({GGUF_REPO + ':Q8_0'!r}); print(m.args.hidden_size)", env)
-    assert r.returncode == 0 and r.stdout.strip() == str(TINY_PARAMS["dim"]), r.stderr
 
 
 def test_file_selection_on_published_repo_listings():
@@ -378,13 +383,28 @@ def test_rm_refuses_anything_outside_the_two_places(home, sources):
     inner = home["weights"] / "real"
     inner.mkdir()
     (inner / "tiny.gguf").write_bytes((sources / "tiny-F16.gguf").read_bytes())
-    for name, words in ((str(outside), ["outside the weights folder"]), ("../outside-model", ["'..'"]),
-                        ("linked", ["link to", "outside the weights folder"]),
-                        (str(home["weights"]), ["the weights folder itself"]),
-                        (str(outside / "tiny.gguf"), ["outside the weights folder"])):
-        one_error_line(cli("rm", name, "--yes", env=env), *words)
+    refusals = ((str(outside), ["outside the weights folder"]), ("../outside-model", ["'..'"]),
+                ("linked", ["link to", "outside the weights folder"]),
+                (str(home["weights"]), ["the weights folder itself"]),
+                (str(outside / "tiny.gguf"), ["outside the weights folder"]),
+                ("no-such-model", ["no-such-model", "no such model"]))
+    # The CLI's refusal is one error line; the library refuses the rest alike (one process for all of them).
+    one_error_line(cli("rm", refusals[0][0], "--yes", env=env), *refusals[0][1])
+    r = py(f"""import json
+from llama_mlx.errors import LlamaMLXError
+from llama_mlx.store import remove_model
+out = []
+for name in {[name for name, _ in refusals]!r}:
+    try:
+        remove_model(name)
+        out.append(None)
+    except LlamaMLXError as e:
+        out.append(str(e))
+print(json.dumps(out))""", env)
+    assert r.returncode == 0, r.stderr
+    for (name, words), message in zip(refusals, json.loads(r.stdout)):
+        assert message is not None and all(w in message for w in words), (name, message)
     assert (outside / "tiny.gguf").is_file() and (home["weights"] / "linked").is_symlink() and inner.is_dir()
-    one_error_line(cli("rm", "no-such-model", "--yes", env=env), "no-such-model", "no such model")
     r = cli("rm", str(inner), "--yes", env=env)  # a path inside the weights folder is fine
     assert r.returncode == 0 and not inner.exists(), r.stderr
 
@@ -481,9 +501,8 @@ def test_pull_downloads_only_what_the_layout_needs(tmp_path, sources):
         one_error_line(cli("pull", "remote/tiny-GGUF", env=env), "2 .gguf files match", "F16 (tiny-F16.gguf)")
         # Now cached: resolved with the hub gone, and not asked again when it is there.
         env_gone = env_for(home, offline=False)
-        for model in ("remote/tiny", "remote/tiny-GGUF:Q8_0"):
-            r = resolve(model, env_gone)
-            assert r.returncode == 0, r.stderr
+        assert resolve_all(["remote/tiny", "remote/tiny-GGUF:Q8_0"], env_gone) == [
+            snap, snapshot_of(home, "remote/tiny-GGUF") / "tiny-Q8_0.gguf"]
         before = len(hub.seen)
         r = cli("info", "--model", "remote/tiny", env=env)
         assert r.returncode == 0 and len(hub.seen) == before, (r.stderr, hub.seen[before:])
