@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .api_common import ApiError, _event, _get, _sse, shown_text
+from .api_common import ApiError, CutCall, _event, _get, _sse, shown_text
 from .engine import EngineEvent
 
 __all__ = ["responses"]
@@ -204,20 +204,29 @@ async def responses(api, request: Request) -> Response:
     shape = _Shape(body, api.name_of(engine), req, tool_choice)
     job = api.submit(engine, req)
     if stream:
-        return _sse(_stream(job, shape, rendered), headers)
-    answer = await api.whole(request, job, rendered)
+        return _sse(_stream(job, shape, rendered, tool_choice), headers)
+    answer = await api.whole(request, job, rendered, tool_choice)
     if answer is None:
         return Response(status_code=499)
     events, last, text, reply = answer
     output = []
     if reply is None or reply.content or not reply.tool_calls:
         output.append(_message_item("msg_" + uuid.uuid4().hex, (reply.content or "") if reply else text))
-    output += [_call_item(call) for call in (reply.tool_calls if reply else [])]
-    status = "incomplete" if last.finish_reason == "length" and not (reply and reply.tool_calls) else "completed"
-    return JSONResponse(shape.response(status, output, last), headers=headers)
+    output += [_call_item(call, _call_status(reply)) for call in (reply.tool_calls if reply else [])]
+    return JSONResponse(shape.response(_status(last, reply), output, last), headers=headers)
 
 
-async def _stream(job, shape: _Shape, tools: Optional[list]) -> AsyncIterator[bytes]:
+def _call_status(reply) -> str:
+    # A forced call that max_output_tokens cut: its arguments closed into JSON, the item incomplete.
+    return "incomplete" if isinstance(reply, CutCall) else "completed"
+
+
+def _status(last: EngineEvent, reply) -> str:
+    calls = reply.tool_calls if reply else []
+    return "incomplete" if last.finish_reason == "length" and (not calls or isinstance(reply, CutCall)) else "completed"
+
+
+async def _stream(job, shape: _Shape, tools: Optional[list], tool_choice: Any = None) -> AsyncIterator[bytes]:
     seq = 0
 
     def event(kind: str, **fields) -> bytes:
@@ -259,7 +268,7 @@ async def _stream(job, shape: _Shape, tools: Optional[list]) -> AsyncIterator[by
     try:
         yield event("response.created", response=shape.response("in_progress", []))
         yield event("response.in_progress", response=shape.response("in_progress", []))
-        async for text, e, reply in shown_text(job, tools):
+        async for text, e, reply in shown_text(job, tools, tool_choice):
             if e is None:
                 for frame in delta(text):
                     yield frame
@@ -273,7 +282,7 @@ async def _stream(job, shape: _Shape, tools: Optional[list]) -> AsyncIterator[by
                     yield frame
             for call in calls:
                 index = len(output)
-                item = _call_item(call)
+                item = _call_item(call, _call_status(reply))
                 output.append(item)
                 yield event("response.output_item.added", output_index=index, item=_call_item(call, "in_progress", ""))
                 yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
@@ -281,7 +290,7 @@ async def _stream(job, shape: _Shape, tools: Optional[list]) -> AsyncIterator[by
                 yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                             name=item["name"], arguments=item["arguments"])
                 yield event("response.output_item.done", output_index=index, item=item)
-            status = "incomplete" if e.finish_reason == "length" and not calls else "completed"
+            status = _status(e, reply)
             yield event(f"response.{status}", response=shape.response(status, output, e))
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
         log.exception("generation failed")

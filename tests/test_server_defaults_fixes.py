@@ -184,6 +184,17 @@ def test_a_forced_call_cut_by_max_tokens_is_a_partial_call(srv, oai):
         final = s.get_final_message()
     assert final.stop_reason == "max_tokens"
     assert [(b.type, b.name, b.input) for b in final.content] == [("tool_use", "get_weather", m.content[0].input)]
+    # The Responses API: an incomplete function_call item (max_output_tokens), streamed or not.
+    rtool = {"type": "function", **WEATHER["function"]}
+    rkw = dict(model="greedy", input=messages, tools=[rtool], tool_choice={"type": "function", "name": "get_weather"},
+               max_output_tokens=cut_at)
+    resp = oai.responses.create(**rkw)
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert [(o.type, o.name, o.status) for o in resp.output] == [("function_call", "get_weather", "incomplete")]
+    assert json.loads(resp.output[0].arguments) == json.loads(call.function.arguments)
+    events = list(oai.responses.create(**rkw, stream=True))
+    assert events[-1].type == "response.incomplete"
+    assert [(o.type, o.arguments) for o in events[-1].response.output] == [("function_call", resp.output[0].arguments)]
 
 
 def test_the_budget_closes_an_open_string_before_its_object(tokenizer_model_path):
