@@ -65,10 +65,11 @@ def __dir__():
 
 
 class _Package(types.ModuleType):
-    # Importing a submodule binds it on its package; `generate`, `embed` and `convert` name both a
-    # submodule and its function, and the package's name must stay the function, as when eager.
+    # Importing a submodule binds it on its package; `generate` and `embed` name both a submodule and
+    # its function, and were imported eagerly: the package's name stays the function, as it was then.
+    # (`convert` was lazy already: its submodule, once imported, is what the name gives, as before.)
     def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _SOURCES.get(name) == name:
+        if isinstance(value, types.ModuleType) and name in ("generate", "embed"):
             return
         super().__setattr__(name, value)
 
