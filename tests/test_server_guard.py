@@ -11,18 +11,19 @@ import subprocess
 import anthropic
 import openai
 import pytest
-from test_server import CLI, NAME, Server
+from test_server import CLI, Server
 
 from llama_mlx.server import RequestGuard
 
 ALLOWED = "https://app.example"
+NAME = "tiny"  # tiny_meta_checkpoint's folder: the guard, not a model's text, is tested
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_meta_checkpoint):
     s = Server(tmp_path_factory.mktemp("guard"), "--allowed-hosts", "mybox.lan, other.test",
-               "--allowed-origins", ALLOWED, "--max-concurrency", "1")
+               "--allowed-origins", ALLOWED, "--max-concurrency", "1", model=tiny_meta_checkpoint)
     yield s
     s.stop()
 
