@@ -11,16 +11,19 @@ import threading
 import time
 
 import pytest
-from test_server import NAME, Server
+from test_server import NAME as SMOLLM2_NAME
+from test_server import Server
 
 CHAT = "/v1/chat/completions"
+NAME = "tiny"  # tiny_meta_checkpoint's folder, served by the module's server
 MESSAGES = "/v1/messages"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_meta_checkpoint):
+    # The tiny Meta-tokenizer model: hostile bodies and connections, not SmolLM2's text, are tested.
     s = Server(tmp_path_factory.mktemp("hostile-input"), "--max-concurrency", "2", "--max-connections", "8",
-               "--header-timeout", "2")
+               "--header-timeout", "2", model=tiny_meta_checkpoint)
     yield s
     s.stop()
 
@@ -189,7 +192,7 @@ def test_a_big_prompt_is_refused_fast_and_templating_leaves_health_alone(server)
     done = {}
     worker = threading.Thread(target=lambda: done.setdefault("r", post(server, CHAT, allowed)))
     worker.start()
-    time.sleep(0.3)
+    time.sleep(0.1)  # the upload under way (Meta's tokenizer templates it in well under a second here)
     waits = []
     while worker.is_alive():
         waits.append(health(server))
@@ -225,7 +228,7 @@ def test_idle_connections_over_the_cap_neither_lock_out_nor_last(server):
 
 
 def _stream_request(port: int, max_tokens: int = 4000) -> socket.socket:
-    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "Tell me a long story."}],
+    body = json.dumps({"model": SMOLLM2_NAME, "messages": [{"role": "user", "content": "Tell me a long story."}],
                        "max_tokens": max_tokens, "stream": True, "logit_bias": {"0": -100, "1": -100, "2": -100}})
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -242,7 +245,7 @@ def test_sigterm_drains_for_shutdown_timeout_then_cuts_streams(tmp_path):
     try:
         stalled, reader = _stream_request(s.port), _stream_request(s.port)
         whole = {}
-        long_chat = chat(max_tokens=4000, logit_bias={"0": -100, "1": -100, "2": -100})
+        long_chat = chat(model=SMOLLM2_NAME, max_tokens=4000, logit_bias={"0": -100, "1": -100, "2": -100})
         waiting = threading.Thread(target=lambda: whole.setdefault("r", post(s, CHAT, long_chat)))
         waiting.start()
         received = bytearray()
