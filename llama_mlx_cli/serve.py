@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -288,4 +290,12 @@ def serve(
                                           f"serving on http://{host}:{port}/v1"))
     if not listened:
         error_line(f"could not listen on {host}:{port}")
+    if leader is not None:
+        # Under mlx.launch, leave without the interpreter's teardown: its C++ destructors could abort
+        # (SIGABRT, "terminate called without an active exception") while a ring thread still waits on a peer.
+        leader.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if listened else 1)
+    if not listened:
         raise typer.Exit(1)
