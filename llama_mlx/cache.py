@@ -484,12 +484,18 @@ class BatchKVCache(HandOver):
             return
         if self.keys is None:
             return
-        cap = min(self.keys.shape[2], self._capacity(max(self.lengths) + 1))
+        cap = min(self._buffer_positions(), self._capacity(max(self.lengths) + 1))
         # (bucketed: the first kept row again as padding)
         idx = mx.array(rows + rows[:1] * (self.rows(len(rows)) - len(rows)), dtype=mx.int32)
+        self.keys, self.values = self._take(self.keys, idx, cap), self._take(self.values, idx, cap)
+
+    def _buffer_positions(self) -> int:
+        return self.keys.shape[2]
+
+    @staticmethod
+    def _take(a: mx.array, idx: mx.array, cap: int) -> mx.array:
         # A gather then a contiguous copy: fresh buffers of exactly the kept size, no view of the old.
-        self.keys = mx.contiguous(mx.take(self.keys, idx, axis=0)[:, :, :cap])
-        self.values = mx.contiguous(mx.take(self.values, idx, axis=0)[:, :, :cap])
+        return mx.contiguous(mx.take(a, idx, axis=0)[:, :, :cap])
 
     def extract(self, row: int, n: Optional[int] = None) -> KVCache:
         """The first `n` positions (default: all) of row `row` as a plain `KVCache` of its own."""
@@ -589,18 +595,12 @@ class QuantizedBatchKVCache(BatchKVCache):
         self.keys, self.values = joined(self.keys, keys), joined(self.values, values)
         self._set_lengths(self.lengths + lengths)
 
-    def keep(self, rows: Sequence[int]) -> None:
-        rows = list(rows)
-        self._set_lengths([self.lengths[i] for i in rows])
-        if not rows:
-            self.keys = self.values = None
-            return
-        if self.keys is None:
-            return
-        cap = min(self.keys[0].shape[2], self._capacity(max(self.lengths) + 1))
-        idx = mx.array(rows, dtype=mx.int32)
-        self.keys = tuple(mx.contiguous(mx.take(a, idx, axis=0)[:, :, :cap]) for a in self.keys)
-        self.values = tuple(mx.contiguous(mx.take(a, idx, axis=0)[:, :, :cap]) for a in self.values)
+    def _buffer_positions(self) -> int:
+        return self.keys[0].shape[2]
+
+    @staticmethod
+    def _take(parts: tuple, idx: mx.array, cap: int) -> tuple:
+        return tuple(BatchKVCache._take(a, idx, cap) for a in parts)
 
     def extract(self, row: int, n: Optional[int] = None) -> KVCache:
         """The first `n` positions (default: all) of row `row` as a `QuantizedKVCache` of its own."""

@@ -178,21 +178,19 @@ class ModelRegistry:
         slot = self._slots.get(self._default) if self._default else None
         return slot.engine if slot else None
 
+    def _slot_of(self, engine: Engine):
+        with self._lock:
+            return next((slot for slot in self._slots.values() if slot.engine is engine), None)
+
     def name_of(self, engine: Engine) -> Optional[str]:
         """The name the model served by `engine` answers to."""
-        with self._lock:
-            for slot in self._slots.values():
-                if slot.engine is engine:
-                    return slot.name
-        return None
+        slot = self._slot_of(engine)
+        return slot.name if slot else None
 
     def path_of(self, engine: Engine) -> Optional[Path]:
         """Where the model served by `engine` lives (None for one added by engine only)."""
-        with self._lock:
-            for slot in self._slots.values():
-                if slot.engine is engine:
-                    return slot.path
-        return None
+        slot = self._slot_of(engine)
+        return slot.path if slot else None
 
     def engines(self) -> dict[str, Engine]:
         """The started engines by model name."""
