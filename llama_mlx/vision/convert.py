@@ -48,9 +48,11 @@ def write_mllama(src: Path, out: Path, *, quantize: bool = False, bits: int = 4,
     from ..checkpoints.writer import fsync_dir, write_json
     from ..quant import quantize as quantize_model
     from .loading import load_mllama
+    from .meta import META_LAYOUT, write_meta_tokenizer
 
     config = dict(config) if config is not None else read_json(src / "config.json", "config")
-    model, _ = load_mllama(src, dtype=parse_dtype(dtype), allow_vocab_mismatch=True, config=config)
+    model, processor = load_mllama(src, dtype=parse_dtype(dtype), allow_vocab_mismatch=True, config=config)
+    meta = bool(config.pop(META_LAYOUT, False))
     parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
     was_quantized = bool(config.get("quantization"))
     if was_quantized and quantize:
@@ -65,8 +67,9 @@ def write_mllama(src: Path, out: Path, *, quantize: bool = False, bits: int = 4,
     config = mlx_vlm_keys(config)
     out_dtype = model.language_model.model.norm.weight.dtype
     config["torch_dtype"] = dtype_name(out_dtype)
+    source_format = "meta" if meta else "mlx" if was_quantized else "hf"
     if marker is not None:
-        config["converted_from"] = {"format": "mlx" if was_quantized else "hf", "path": str(src.resolve()), **marker}
+        config["converted_from"] = {"format": source_format, "path": str(src.resolve()), **marker}
     weights = dict(tree_flatten(model.parameters()))
     try:
         mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -74,9 +77,18 @@ def write_mllama(src: Path, out: Path, *, quantize: bool = False, bits: int = 4,
         for name in COPIED:
             if (src / name).is_file():
                 shutil.copyfile(src / name, out / name)
+        if meta:  # Meta ships tokenizer.model and no processor config: write what Hugging Face's folder has
+            write_meta_tokenizer(processor.tokenizer, out, model.config.image_token_index)
+            ip = processor.image_processor  # the reference's tile size, tiles, mean and std
+            write_json(out / "preprocessor_config.json", {
+                "image_processor_type": "MllamaImageProcessor", "processor_class": "MllamaProcessor",
+                "size": {"height": ip.tile_size, "width": ip.tile_size}, "max_image_tiles": ip.max_image_tiles,
+                "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+                "rescale_factor": ip.rescale_factor, "do_resize": True, "do_pad": True, "do_rescale": True,
+                "do_normalize": True, "do_convert_rgb": True, "resample": 2})
         fsync_dir(out)
     except OSError as e:
         raise CheckpointError(f"{out}: cannot write the output: {e.strerror or e}") from None
     return {"parameters": parameters, "nbytes": sum(v.nbytes for v in weights.values()), "tensors": len(weights),
             "dtype": dtype_name(out_dtype), "quantization": config.get("quantization"),
-            "source_format": "mlx" if was_quantized else "hf"}
+            "source_format": source_format}

@@ -45,7 +45,10 @@ def mllama_config(path: str | Path) -> Optional[dict]:
         return None
     file = (path if path.is_dir() else path.parent) / "config.json"
     if not file.is_file():
-        return None
+        from .meta import is_meta_vision_folder, meta_mllama_config
+
+        folder = path if path.is_dir() else path.parent
+        return meta_mllama_config(folder) if is_meta_vision_folder(folder) else None  # Meta's own layout
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):  # the text loader's read_json says what is wrong
@@ -60,8 +63,8 @@ def is_mllama_folder(path: str | Path) -> bool:
 
 def load_mllama(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = True,
                 allow_vocab_mismatch: bool = False, config: Optional[dict] = None):
-    """(Model, Processor) from a Hugging Face or mlx-vlm Llama 3.2 Vision folder; `config`: its
-    config.json already read (`mllama_config`), else it is read here."""
+    """(Model, Processor) from a Hugging Face, mlx-vlm or Meta (`vision.meta`) Llama 3.2 Vision folder;
+    `config`: its config.json already read (`mllama_config`), else it is read here."""
     from .. import backends
     from ..build import check_vocabulary
     from ..checkpoints.base import is_float, read_json
@@ -75,8 +78,11 @@ def load_mllama(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: boo
         config = read_json(folder / "config.json", "config")
     if not isinstance(config.get("text_config"), dict) or not isinstance(config.get("vision_config"), dict):
         raise ConfigError(f"{folder / 'config.json'}: a Llama 3.2 Vision config needs text_config and vision_config")
-    files = _weight_files(folder)
-    if not files:
+    from .meta import META_LAYOUT, read_meta_mllama, vision_tokenizer
+
+    meta = bool(config.get(META_LAYOUT))
+    files = [] if meta else _weight_files(folder)
+    if not files and not meta:
         raise CheckpointError(f"{folder}: no model*.safetensors weight files")
     weights: dict[str, mx.array] = {}
     for f in files:
@@ -87,6 +93,9 @@ def load_mllama(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: boo
             if dtype is not None and is_float(a.dtype) and a.dtype != dtype:
                 a = a.astype(dtype)
             weights[name] = a
+    if meta:  # consolidated.NN.pth, merged and renamed
+        weights = {name: a.astype(dtype) if dtype is not None and is_float(a.dtype) and a.dtype != dtype else a
+                   for name, a in read_meta_mllama(folder, config).items()}
     try:
         model = Model(MllamaArgs.from_dict(config))
     except (TypeError, ValueError, KeyError) as e:
@@ -104,6 +113,8 @@ def load_mllama(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: boo
         mx.eval(model.parameters())
 
     tokenizer = load_tokenizer(folder)
+    if meta:
+        tokenizer = vision_tokenizer(tokenizer, model.config.image_token_index)
     if not allow_vocab_mismatch:
         check_vocabulary(tokenizer, model.args.vocab_size, folder)
     pre = folder / "preprocessor_config.json"

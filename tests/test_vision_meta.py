@@ -1,0 +1,255 @@
+"""Meta's own Llama 3.2 Vision layout (params.json with vision keys, consolidated.NN.pth, tokenizer.model)
+loads, merges model-parallel shards and converts: against Meta's reference (llama-models 0.3.0:
+VisionEncoder, the vision projection and CrossAttentionTransformerText, at a tiny width with the
+reference's fixed encoder depth, heads and intermediate layers) run on the very state dict we save.
+transformers' convert_mllama_weights_to_hf cannot serve: transformers 5 ships no converter, and 4.x's
+hard-codes the 11B/90B vision encoder (width 1280)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import types
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from test_cli_errors import assert_one_line_error, run
+
+import llama_mlx
+from llama_mlx.convert import convert
+from llama_mlx.vision.processor import supported_aspect_ratios
+
+VOCAB = 300  # 44 byte tokens, then Llama 3's 256 special tokens (BOS 44); the image token is 300
+WIDTH = 32
+PARAMS = {"dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "vocab_size": VOCAB, "multiple_of": 32,
+          "ffn_dim_multiplier": 0.75, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
+          "max_seq_len": 64, "vision_chunk_size": 28, "vision_max_num_chunks": 4,
+          "vision_num_cross_attention_layers": 2}
+ALPHABET = b" abcdefghijklmnopqrstuvwxyz0123456789.,?!\n:'"
+TOL = 1e-4
+NL = ALPHABET.index(b"\n")
+
+
+def _write_tokenizer_model(path) -> None:
+    """Meta's tiktoken format: one `base64(token) rank` line per token; 44 single bytes here."""
+    assert len(ALPHABET) == VOCAB - 256
+    path.write_bytes(b"".join(base64.b64encode(bytes([c])) + b" %d\n" % i for i, c in enumerate(ALPHABET)))
+
+
+def _reference(seed: int = 0):
+    """Meta's modules at the tiny size, random (gates far from zero); returns (whole, run)."""
+    # The image transform imports torchvision (not installed): stand-ins while the module imports, gone
+    # after (transformers, which mlx-vlm imports, takes any torchvision module for the real one).
+    stubs = [n for n in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+             if n not in sys.modules]
+    sys.modules.update({n: types.ModuleType(n) for n in stubs})
+    try:
+        from llama_models.llama3.multimodal.model import (
+            CrossAttentionTransformerText,
+            VisionEncoder,
+            _pad_masks,
+        )
+    finally:
+        for n in stubs:
+            sys.modules.pop(n, None)
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
+    from llama_models.llama3.args import ModelArgs
+    from oracles import _init_fairscale
+
+    _init_fairscale()
+    torch.manual_seed(seed)
+    args = ModelArgs(**PARAMS)
+    vision = torch.nn.Module()  # CrossAttentionTransformerVision's attributes, its encoder at width 32
+    vision.vision_encoder = VisionEncoder(max_num_tiles=4, image_size=28, patch_size=14, width=WIDTH, layers=32,
+                                          heads=16, mlp_ratio=4.0, n_global_layers=8, global_model=True,
+                                          return_intermediate=[3, 7, 15, 23, 30])
+    vision.vision_projection = ColumnParallelLinear(6 * WIDTH, args.dim, bias=True, init_method=lambda x: x)
+    whole = torch.nn.Module()  # CrossAttentionTransformer's two halves, so the state dict has Meta's names
+    whole.vision_model, whole.text_model = vision, CrossAttentionTransformerText(args)
+    whole.eval()
+    with torch.no_grad():
+        for name, p in whole.named_parameters():
+            if "gate" in name:
+                p.copy_(torch.empty_like(p).uniform_(-1.2, 1.2))
+            elif "norm" in name or ".ln_" in name:
+                p.copy_((0 if name.endswith("bias") else 1) + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    text = whole.text_model
+    state = {k: v.clone() for k, v in whole.state_dict().items()}
+    text.setup_cache(1, torch.device("cpu"), torch.float32)
+
+    def run(tokens, pixels=None, grid=None):
+        """Meta's logits: with an image (its token first, so every row sees it), or text only."""
+        with torch.no_grad():
+            ids = torch.tensor([tokens])
+            positions = torch.arange(len(tokens))
+            h = text.get_partially_trainable_embedding(ids)
+            if pixels is None:
+                return text.forward(positions, h, None, None, None, text_only_inference=True).numpy()
+            states = vision.vision_encoder(torch.tensor(pixels), torch.tensor([list(grid)]))
+            states = torch.nn.functional.linear(states, vision.vision_projection.weight, vision.vision_projection.bias)
+            B, _, T, _, D = states.shape
+            caches = torch.stack([layer.compute_xattn_kv_cache(states.view(B, -1, D))
+                                  for layer in text.cross_attention_layers])
+            masks = _pad_masks([[[0, -1]]], [[grid[0] * grid[1]]], len(tokens), T)
+            xattn_mask, rows = text._get_xattn_mask(len(tokens), "cpu", torch.float32, states, masks)
+            return text.forward(positions, h, xattn_mask, rows, caches).numpy()
+
+    return state, run
+
+
+def _split(state: dict, ranks: int) -> list[dict]:
+    """Model-parallel shards as Meta's reshard (llama_models/checkpoint.py) cuts them; it replicates the two
+    tensors missing from its tables, which the parallel layers split on dim 0 like their kin (VocabParallel
+    `learnable_embedding`, ColumnParallelLinear's bias; transformers' converter concatenates both so)."""
+    from llama_models.checkpoint import reshard_mp
+
+    shards = [reshard_mp([state], size=ranks, rank=r) for r in range(ranks)]
+    for key in ("text_model.learnable_embedding.weight", "vision_model.vision_projection.bias"):
+        for r, part in enumerate(state[key].chunk(ranks, dim=0)):
+            shards[r][key] = part.clone()
+    return shards
+
+
+def _write(folder, shards: list[dict], params: dict = PARAMS) -> None:
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(params))
+    _write_tokenizer_model(folder / "tokenizer.model")
+    for i, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meta-vision")
+    state, run = _reference()
+    _write(root / "one", [state])
+    _write(root / "two", _split(state, 2))
+    pixels = np.zeros((1, 1, 4, 3, 28, 28), np.float32)
+    pixels[0, 0, :2] = np.random.default_rng(1).standard_normal((2, 3, 28, 28))
+    return root, state, run, pixels
+
+
+TOKENS = [VOCAB, 44, 50, 20, 5, 9, 51, 10, 11, 12]  # <|image|><|begin_of_text|><|start_header_id|>...
+GRID = (2, 1)
+
+
+def _ours(folder, pixels=None):
+    model, processor = llama_mlx.load(folder)
+    cache = model.make_cache()
+    if pixels is not None:
+        ids = supported_aspect_ratios(4).index(GRID) + 1
+        model.attach_images(cache, pixels, np.array([[ids]]), np.array([[[1, 1, 0, 0]]]))
+    return np.array(model(mx.array([TOKENS if pixels is not None else TOKENS[1:]]), cache)), model, processor
+
+
+def test_meta_folder_equals_metas_reference(meta):
+    """One consolidated.00.pth: logits with the image (2 tiles of 4) and text only equal Meta's forward;
+    the folder is Llama 3.2 Vision as Hugging Face lays it out (interleaved layers, vocab + 8 rows)."""
+    root, _, run, pixels = meta
+    got, model, processor = _ours(root / "one", pixels)
+    want = run(TOKENS, pixels, GRID)
+    assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
+    got, _, _ = _ours(root / "one")
+    want = run(TOKENS[1:])
+    assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
+    assert model.config.cross_attention_layers == [0, 3]  # Meta's fusion schedule [0, 2], each before its layer
+    assert model.language_model.model.embed_tokens.weight.shape == (VOCAB + 8, 64)
+    ip = processor.image_processor  # the reference's transform: chunk size, chunks, CLIP mean and std
+    assert (ip.tile_size, ip.max_image_tiles) == (28, 4)
+    assert tuple(ip.image_mean) == (0.48145466, 0.4578275, 0.40821073)
+    assert tuple(ip.image_std) == (0.26862954, 0.26130258, 0.27577711)
+    assert processor.apply_chat_template(CHAT) == _reference_chat(root / "one")
+
+
+CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " what is it? "}]},
+        {"role": "assistant", "content": "a cat."}, {"role": "user", "content": "and now?"}]
+
+
+def _reference_chat(folder) -> list[int]:
+    """llama-models' ChatFormat on the folder's tokenizer.model: the ids it feeds the model (its image token
+    128256 is the vocabulary's end, 300 here)."""
+    import io
+
+    from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    messages = [RawMessage(role="user", content=[RawMediaItem(data=png.getvalue()), RawTextItem(text=" what is it? ")]),
+                RawMessage(role="assistant", content="a cat.", stop_reason="end_of_turn"),
+                RawMessage(role="user", content="and now?")]
+    tokens = ChatFormat(Tokenizer(folder / "tokenizer.model")).encode_dialog_prompt(messages).tokens
+    return [VOCAB if t == 128256 else t for t in tokens]
+
+
+def test_two_model_parallel_shards_merge_to_the_same_model(meta):
+    root, _, run, pixels = meta
+    got, _, _ = _ours(root / "two", pixels)
+    want = run(TOKENS, pixels, GRID)
+    assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
+
+
+def test_convert_writes_a_folder_we_and_mlx_vlm_load(meta, tmp_path):
+    """`convert META OUT`: float32 Hugging Face names, tokenizer and preprocessor files; mlx-vlm (given Meta's
+    intermediate states, as in test_vision_mlx_vlm) and we read Meta's model from it."""
+    import mlx_vlm
+    from test_vision_mlx_vlm import meta_indices
+
+    root, _, run, pixels = meta
+    out = tmp_path / "out"
+    convert(root / "two", out, dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["converted_from"]["format"] == "meta" and "meta_layout" not in config
+    want = run(TOKENS, pixels, GRID)
+    got, _, _ = _ours(out, pixels)
+    assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
+    model, processor = mlx_vlm.load(str(out))
+    meta_indices(model)
+    ids = supported_aspect_ratios(4).index(GRID) + 1  # Hugging Face's ids, which mlx-vlm shares
+    mask = np.zeros((1, len(TOKENS), 1, 4), np.int64)
+    mask[0, :, 0, :2] = 1
+    logits = model(mx.array([TOKENS]), pixel_values=mx.array(pixels), aspect_ratio_ids=mx.array([[ids]]),
+                   aspect_ratio_mask=mx.array([[[1, 1, 0, 0]]]), cross_attention_mask=mx.array(mask)).logits
+    assert np.abs(np.array(logits) - want).max() < TOL
+    assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == VOCAB
+    ids = processor.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    assert list(getattr(ids, "input_ids", ids)) == _reference_chat(root / "one")
+
+
+@pytest.mark.parametrize("case", ["absurd", "missing_param", "missing_tensor", "unknown_tensor", "cli"])
+def test_hostile_meta_folders(meta, tmp_path, case):
+    """Bad params.json or shards: a named error naming the file and the key, before any tensor is read
+    (through the real CLI once: one stderr line, no traceback)."""
+    from llama_mlx.errors import LlamaMLXError
+
+    _, state, _, _ = meta
+    params, shard = dict(PARAMS), dict(state)
+    if case == "absurd":
+        params["vision_chunk_size"] = 10 ** 12
+        file, words = "params.json", ["'vision_chunk_size'", str(10 ** 12)]
+    elif case == "missing_param":
+        del params["vision_num_cross_attention_layers"]
+        file, words = "params.json", ["missing key 'vision_num_cross_attention_layers'"]
+    elif case == "missing_tensor":
+        del shard["vision_model.vision_encoder.class_embedding"]
+        file, words = "consolidated.00.pth", ["missing tensor 'vision_model.vision_encoder.class_embedding'"]
+    else:
+        shard["text_model.layers.0.attention.bogus.weight"] = torch.zeros(2)
+        file, words = "consolidated.00.pth", ["unexpected tensor 'text_model.layers.0.attention.bogus.weight'"]
+    folder = tmp_path / "bad"
+    _write(folder, [shard], params)
+    if case == "cli":
+        assert_one_line_error(run("generate", "--model", folder, "-p", "hi", "-m", "1"), 1, str(folder / file), *words)
+        return
+    with pytest.raises(LlamaMLXError) as e:
+        llama_mlx.load(folder)
+    message = str(e.value)
+    assert "\n" not in message and str(folder / file) in message, message
+    assert all(w in message for w in words), message
