@@ -16,10 +16,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from test_cli_errors import assert_one_line_error, run
+from mlx.utils import tree_flatten
+from test_cli_errors import assert_one_line_error
+from test_cli_errors import run as run_cli
 
 import llama_mlx
 from llama_mlx.convert import convert
+from llama_mlx.info import describe
 from llama_mlx.vision.processor import supported_aspect_ratios
 
 VOCAB = 300  # 44 byte tokens, then Llama 3's 256 special tokens (BOS 44); the image token is 300
@@ -31,6 +34,7 @@ PARAMS = {"dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "vocab_size":
 ALPHABET = b" abcdefghijklmnopqrstuvwxyz0123456789.,?!\n:'"
 TOL = 1e-4
 NL = ALPHABET.index(b"\n")
+PRINTABLE = NL  # the tokens before it: space, letters, digits, .,?!
 
 
 def _write_tokenizer_model(path) -> None:
@@ -78,12 +82,13 @@ def _reference(seed: int = 0):
                 p.copy_((0 if name.endswith("bias") else 1) + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))
+        whole.text_model.output.weight[PRINTABLE:] = 0  # greedy answers in letters, digits and punctuation
     text = whole.text_model
     state = {k: v.clone() for k, v in whole.state_dict().items()}
     text.setup_cache(1, torch.device("cpu"), torch.float32)
 
-    def run(tokens, pixels=None, grid=None):
-        """Meta's logits: with an image (its token first, so every row sees it), or text only."""
+    def run(tokens, pixels=None, grid=None, image_at=0):
+        """Meta's logits: with an image (its token at `image_at`; rows before it see none), or text only."""
         with torch.no_grad():
             ids = torch.tensor([tokens])
             positions = torch.arange(len(tokens))
@@ -95,7 +100,7 @@ def _reference(seed: int = 0):
             B, _, T, _, D = states.shape
             caches = torch.stack([layer.compute_xattn_kv_cache(states.view(B, -1, D))
                                   for layer in text.cross_attention_layers])
-            masks = _pad_masks([[[0, -1]]], [[grid[0] * grid[1]]], len(tokens), T)
+            masks = _pad_masks([[[image_at, -1]]], [[grid[0] * grid[1]]], len(tokens), T)
             xattn_mask, rows = text._get_xattn_mask(len(tokens), "cpu", torch.float32, states, masks)
             return text.forward(positions, h, xattn_mask, rows, caches).numpy()
 
@@ -164,13 +169,16 @@ def test_meta_folder_equals_metas_reference(meta):
     assert tuple(ip.image_mean) == (0.48145466, 0.4578275, 0.40821073)
     assert tuple(ip.image_std) == (0.26862954, 0.26130258, 0.27577711)
     assert processor.apply_chat_template(CHAT) == _reference_chat(root / "one")
+    info = describe(root / "one")  # sizes from the shards' shapes, without reading tensors
+    assert info["format"] == "meta" and info["dtype"] == "float32"
+    assert info["parameters"] == sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " what is it? "}]},
         {"role": "assistant", "content": "a cat."}, {"role": "user", "content": "and now?"}]
 
 
-def _reference_chat(folder) -> list[int]:
+def _reference_chat(folder, first=None, turns: int = 3) -> list[int]:
     """llama-models' ChatFormat on the folder's tokenizer.model: the ids it feeds the model (its image token
     128256 is the vocabulary's end, 300 here)."""
     import io
@@ -182,9 +190,11 @@ def _reference_chat(folder) -> list[int]:
 
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, format="PNG")
-    messages = [RawMessage(role="user", content=[RawMediaItem(data=png.getvalue()), RawTextItem(text=" what is it? ")]),
+    parts = [RawMediaItem(data=png.getvalue()) if p["type"] == "image" else RawTextItem(text=p["text"])
+             for p in (first or CHAT[0]["content"])]
+    messages = [RawMessage(role="user", content=parts),
                 RawMessage(role="assistant", content="a cat.", stop_reason="end_of_turn"),
-                RawMessage(role="user", content="and now?")]
+                RawMessage(role="user", content="and now?")][:turns]
     tokens = ChatFormat(Tokenizer(folder / "tokenizer.model")).encode_dialog_prompt(messages).tokens
     return [VOCAB if t == 128256 else t for t in tokens]
 
@@ -222,6 +232,34 @@ def test_convert_writes_a_folder_we_and_mlx_vlm_load(meta, tmp_path):
     ids = processor.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
     assert list(getattr(ids, "input_ids", ids)) == _reference_chat(root / "one")
 
+    convert(root / "one", tmp_path / "q4", quantize=True, bits=4, group_size=32)  # `convert -q`
+    model, _ = mlx_vlm.load(str(tmp_path / "q4"))
+    ours, _ = llama_mlx.load(tmp_path / "q4")
+    quantized = {k for k, m in model.named_modules() if hasattr(m, "scales")}
+    assert quantized and quantized == {k.replace("vision_model", "vision_tower") for k, m in ours.named_modules()
+                                       if hasattr(m, "scales")}
+
+
+def test_cli_generate_with_an_image_answers_as_metas_reference(meta, tmp_path):
+    """`llama-mlx generate --model META --image`: the greedy answer of Meta's model to llama-models' own chat
+    ids for the prompt, given the image as our processor tiles it (a 2 x 1 grid)."""
+    from PIL import Image
+
+    root, _, run, _ = meta
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(image)
+    r = run_cli("generate", "--model", root / "one", "--image", image, "-p", "what is it?", "-m", "4", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    _, processor = llama_mlx.load(root / "one")
+    arrays = processor.image_processor([Image.open(image)])
+    grid = supported_aspect_ratios(4)[int(arrays["aspect_ratio_ids"][0, 0]) - 1]
+    ids = _reference_chat(root / "one", [{"type": "image"}, {"type": "text", "text": "what is it?"}], turns=1)
+    answer = []
+    for _ in range(4):
+        logits = run(ids + answer, arrays["pixel_values"], grid, image_at=ids.index(VOCAB))
+        answer.append(int(logits[0, -1].argmax()))
+    assert r.stdout.strip() == bytes(ALPHABET[t] for t in answer).decode().strip() != "", (r.stdout, answer)
+
 
 @pytest.mark.parametrize("case", ["absurd", "missing_param", "missing_tensor", "unknown_tensor", "cli"])
 def test_hostile_meta_folders(meta, tmp_path, case):
@@ -246,7 +284,7 @@ def test_hostile_meta_folders(meta, tmp_path, case):
     folder = tmp_path / "bad"
     _write(folder, [shard], params)
     if case == "cli":
-        assert_one_line_error(run("generate", "--model", folder, "-p", "hi", "-m", "1"), 1, str(folder / file), *words)
+        assert_one_line_error(run_cli("generate", "--model", folder, "-p", "hi", "-m", "1"), 1, str(folder / file), *words)
         return
     with pytest.raises(LlamaMLXError) as e:
         llama_mlx.load(folder)

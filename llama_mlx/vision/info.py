@@ -91,19 +91,22 @@ def describe_mllama(path: Path, config: dict, *, dtype: Optional[str] = None, im
 
     args = MllamaArgs.from_dict(config)
     t, v = args.text, args.vision
+    from .meta import META_LAYOUT, meta_weight_files
+
     quant = config.get("quantization") or None
-    files = _weight_files(path)
+    meta = bool(config.get(META_LAYOUT))  # Meta's consolidated.NN.pth: sizes from config.json's figures
+    files = meta_weight_files(path) if meta else _weight_files(path)
     memory_dtype = parse_dtype(dtype) or parse_dtype(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     elem = memory_dtype.size
     parameters, estimated = weight_bytes(config, bits=(quant or {}).get("bits"),
                                          group_size=(quant or {}).get("group_size", 64), elem=elem)
     stored = None
-    if files:
+    if files and not meta:
         stored = sum(a.nbytes for f in files for a in load_safetensors(f)[0].values())  # headers only
     weights = estimated if stored is None or dtype is not None else stored
     image = image_cache_bytes(config, images, elem)
     return {
-        "path": str(path), "format": "mlx" if quant else "hf", "architecture": "mllama",
+        "path": str(path), "format": "meta" if meta else "mlx" if quant else "hf", "architecture": "mllama",
         "layers": t.num_hidden_layers, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
         "attention_heads": t.num_attention_heads, "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
         "vocab_size": t.vocab_size, "tie_word_embeddings": False, "rope_theta": t.rope_theta,

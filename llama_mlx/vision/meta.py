@@ -22,15 +22,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..checkpoints.base import MAX_LAYERS, read_json
+from ..checkpoints.base import MAX_LAYERS, dtype_name, read_json
 from ..checkpoints.meta import config_from_params
 from ..checkpoints.safe_pickle import PthTensor, load_pth
 from ..errors import CheckpointError, ConfigError
 from ..paths import resolve_inside
 from .processor import supported_aspect_ratios
 
-__all__ = ["IMAGE_CHAT_TEMPLATE", "META_VISION_TO_HF", "is_meta_vision_folder", "meta_mllama_config",
-           "read_meta_mllama", "vision_tokenizer", "write_meta_tokenizer"]
+__all__ = ["IMAGE_CHAT_TEMPLATE", "META_LAYOUT", "META_VISION_TO_HF", "is_meta_vision_folder", "meta_mllama_config",
+           "meta_weight_files", "read_meta_mllama", "vision_tokenizer", "write_meta_tokenizer"]
 
 META_LAYOUT = "meta_layout"  # config key marking a config made from a Meta folder (never written out)
 
@@ -125,8 +125,12 @@ def shard_axis(name: str) -> int | None:
     return 1 if _AXIS_1.search(name) else None
 
 
-def _shards(folder: Path) -> list[Path]:
+def meta_weight_files(folder: Path) -> list[Path]:
+    """The consolidated.NN.pth files of a Meta folder, in rank order."""
     return sorted(folder.glob("consolidated.*.pth")) or sorted(folder.glob("consolidated.pth"))
+
+
+_shards = meta_weight_files
 
 
 def is_meta_vision_folder(folder: str | Path) -> bool:
@@ -255,7 +259,8 @@ def _config(params: dict, file: Path, sizes, shards: list[dict], files: list[Pat
                      "supported_aspect_ratios": [list(g) for g in supported_aspect_ratios(tiles)]}
     return {"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama",
             "image_token_index": text_config["vocab_size"], "text_config": text_config,
-            "vision_config": vision_config, "torch_dtype": "bfloat16"}
+            "vision_config": vision_config,
+            "torch_dtype": dtype_name(shards[0]["text_model.tok_embeddings.weight"].mx_dtype)}
 
 
 def meta_mllama_config(folder: str | Path) -> dict:
