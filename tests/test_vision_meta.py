@@ -43,8 +43,10 @@ def _write_tokenizer_model(path) -> None:
     path.write_bytes(b"".join(base64.b64encode(bytes([c])) + b" %d\n" % i for i, c in enumerate(ALPHABET)))
 
 
-def _reference(seed: int = 0):
-    """Meta's modules at the tiny size, random (gates far from zero); returns (whole, run)."""
+def _reference(seed: int = 0, chunk: int = 28):
+    """Meta's modules at the tiny size, random (gates far from zero), saved for 28-pixel chunks; returns
+    (state dict, run). Another `chunk`: `run` is the encoder for it given that state dict (Meta's load
+    hooks resize the position embeddings)."""
     # The image transform imports torchvision (not installed): stand-ins while the module imports, gone
     # after (transformers, which mlx-vlm imports, takes any torchvision module for the real one).
     stubs = [n for n in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
@@ -85,6 +87,13 @@ def _reference(seed: int = 0):
         whole.text_model.output.weight[PRINTABLE:] = 0  # greedy answers in letters, digits and punctuation
     text = whole.text_model
     state = {k: v.clone() for k, v in whole.state_dict().items()}
+    if chunk != 28:
+        vision.vision_encoder = VisionEncoder(max_num_tiles=4, image_size=chunk, patch_size=14, width=WIDTH,
+                                              layers=32, heads=16, mlp_ratio=4.0, n_global_layers=8,
+                                              global_model=True, return_intermediate=[3, 7, 15, 23, 30]).eval()
+        prefix = "vision_model.vision_encoder."
+        vision.vision_encoder.load_state_dict({k[len(prefix):]: v.clone() for k, v in state.items()
+                                               if k.startswith(prefix)})
     text.setup_cache(1, torch.device("cpu"), torch.float32)
 
     def run(tokens, pixels=None, grid=None, image_at=0):
@@ -238,6 +247,19 @@ def test_convert_writes_a_folder_we_and_mlx_vlm_load(meta, tmp_path):
     quantized = {k for k, m in model.named_modules() if hasattr(m, "scales")}
     assert quantized and quantized == {k.replace("vision_model", "vision_tower") for k, m in ours.named_modules()
                                        if hasattr(m, "scales")}
+
+
+def test_position_embeddings_for_another_chunk_size_resize_as_metas_load_hooks(tmp_path):
+    """params.json's vision_chunk_size 42 (3 x 3 patches) over embeddings trained for 28 (2 x 2): the local
+    and the tiled position tables are resized as the reference's load hooks do (bilinear, corners kept)."""
+    state, run = _reference(seed=3, chunk=42)
+    _write(tmp_path / "m", [state], {**PARAMS, "vision_chunk_size": 42})
+    pixels = np.zeros((1, 1, 4, 3, 42, 42), np.float32)
+    pixels[0, 0, :2] = np.random.default_rng(4).standard_normal((2, 3, 42, 42))
+    got, model, _ = _ours(tmp_path / "m", pixels)
+    assert model.config.vision.image_size == 42
+    want = run(TOKENS, pixels, GRID)
+    assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
 
 
 def test_cli_generate_with_an_image_answers_as_metas_reference(meta, tmp_path):

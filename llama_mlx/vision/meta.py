@@ -8,7 +8,8 @@ names and layouts our mllama model takes (what transformers' convert_mllama_weig
   `embed_tokens`;
 - self-attention q/k rows go from Meta's interleaved RoPE pairs to Hugging Face's halves;
 - the patch convolution `conv1._linear` [D, 3*p*p] becomes [D, 3, p, p]; the tile and position
-  embeddings per (rows, columns) become tables per aspect-ratio id.
+  embeddings per (rows, columns) become tables per aspect-ratio id; position embeddings trained for
+  another chunk size are resized as the reference's load hooks do (bilinear, corners kept).
 
 params.json does not describe the vision encoder: its shapes come from the tensors, its heads and
 intermediate layers are the reference's constants (CrossAttentionTransformerVision).
@@ -21,6 +22,7 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..checkpoints.base import MAX_LAYERS, dtype_name, read_json
 from ..checkpoints.meta import config_from_params
@@ -38,7 +40,7 @@ META_LAYOUT = "meta_layout"  # config key marking a config made from a Meta fold
 VISION_HEADS = 16
 VISION_INTERMEDIATE = (3, 7, 15, 23, 30)
 MAX_TILES = 16
-MAX_TILE_SIZE = 4096
+MAX_TILE_SIZE = 1792  # 128 x 128 patches of 14 (Meta's: 448, 560)
 
 # Meta name -> Hugging Face name. `{n}`: a layer number kept; `{self}` / `{cross}`: a Meta self- /
 # cross-attention layer number, replaced by its place among the interleaved layers.
@@ -157,6 +159,52 @@ def _positive(params: dict, key: str, file: Path, limit: int, default=None) -> i
     return value
 
 
+def _grid(rows: int) -> int | None:
+    """n for a position table of 1 + n * n rows (class token, n x n patches), else None."""
+    n = math.isqrt(max(rows - 1, 0))
+    return n if n > 0 and n * n == rows - 1 else None
+
+
+def _bilinear(n: int, m: int) -> np.ndarray:
+    """[m, n] weights of 1-D linear interpolation from n to m points with the ends kept (torch's
+    `F.interpolate(mode="bilinear", align_corners=True)` is this along each axis)."""
+    w = np.zeros((m, n), np.float64)
+    for i in range(m):
+        x = i * (n - 1) / (m - 1) if m > 1 else 0.0
+        lo = min(math.floor(x), n - 1)
+        hi = min(lo + 1, n - 1)
+        w[i, lo] += 1 - (x - lo)
+        w[i, hi] += x - lo
+    return w
+
+
+def _resize_local(table: mx.array, grid: int) -> mx.array:
+    """[1 + n * n, D] -> [1 + grid * grid, D] (the reference's `resize_local_position_embedding`)."""
+    n = _grid(table.shape[0])
+    if n == grid:
+        return table
+    a = np.array(table.astype(mx.float32))
+    img = a[1:].reshape(n, n, -1)
+    w = _bilinear(n, grid)
+    out = np.einsum("ai,bj,ijd->abd", w, w, img).reshape(grid * grid, -1)
+    return mx.array(np.concatenate([a[:1], out]).astype(np.float32)).astype(table.dtype)
+
+
+def _resize_tiled(table: mx.array, grid: int) -> mx.array:
+    """[T, T, 1 + n * n, D] -> [T, T, 1 + grid * grid, D]: the patches of all tiles as one grid, resized
+    (the reference's `resize_global_position_embedding`; the class rows keep their tiles)."""
+    T, _, rows, d = table.shape
+    n = _grid(rows)
+    if n == grid:
+        return table
+    a = np.array(table.astype(mx.float32))
+    patches = a[:, :, 1:].reshape(T, T, n, n, d).transpose(0, 2, 1, 3, 4).reshape(T * n, T * n, d)
+    w = _bilinear(T * n, T * grid)
+    out = np.einsum("ai,bj,ijd->abd", w, w, patches).reshape(T, grid, T, grid, d).transpose(0, 2, 1, 3, 4)
+    out = np.concatenate([a[:, :, :1], out.reshape(T, T, grid * grid, d)], axis=2)
+    return mx.array(out.astype(np.float32)).astype(table.dtype)
+
+
 def fusion_schedule(n_layers: int, n_cross: int) -> list[int]:
     """The self-attention layers a cross-attention layer runs before (the reference's `_init_fusion_schedule`)."""
     k = math.ceil(n_layers / n_cross)
@@ -214,13 +262,21 @@ def _config(params: dict, file: Path, sizes, shards: list[dict], files: list[Pat
     if len(conv) != 2 or conv[0] != width or 3 * patch * patch != conv[1] or tile % patch:
         raise CheckpointError(f"{files[0]}: 'conv1._linear.weight' has shape {conv}: not 3 x p x p patches of "
                               f"width {width} tiling {tile}-pixel chunks")
-    want = {v + "positional_embedding": [(tile // patch) ** 2 + 1, width],
-            v + "pre_tile_pos_embed.embedding": [tiles, tiles, 1, width],
-            v + "gated_positional_embedding": [tiles, tiles, (tile // patch) ** 2 + 1, width]}
-    for name, shape in want.items():
-        if _shape(name, shards, files) != shape:
-            raise CheckpointError(f"{files[0]}: {name!r} has shape {_shape(name, shards, files)}, params.json "
-                                  f"(vision_chunk_size {tile}, vision_max_num_chunks {tiles}) needs {shape}")
+    # Position embeddings trained for another chunk size are resized as the reference's load hooks do;
+    # the tile tables must have params.json's tile count.
+    local, pre, post = (_shape(v + n, shards, files) for n in ("positional_embedding", "pre_tile_pos_embed.embedding",
+                                                               "post_tile_pos_embed.embedding"))
+    tiled = _shape(v + "gated_positional_embedding", shards, files)
+    if len(local) != 2 or local[1] != width or _grid(local[0]) is None:
+        raise CheckpointError(f"{files[0]}: {v + 'positional_embedding'!r} has shape {local}: not a class row and "
+                              f"a square grid of patches of width {width}")
+    if len(tiled) != 4 or tiled[:2] != [tiles, tiles] or tiled[3] != width or _grid(tiled[2]) is None:
+        raise CheckpointError(f"{files[0]}: {v + 'gated_positional_embedding'!r} has shape {tiled}, params.json's "
+                              f"vision_max_num_chunks {tiles} needs [{tiles}, {tiles}, 1 + n * n, {width}]")
+    for name, shape in (("pre_tile_pos_embed.embedding", pre), ("post_tile_pos_embed.embedding", post)):
+        if shape != [tiles, tiles, 1, width]:
+            raise CheckpointError(f"{files[0]}: {v + name!r} has shape {shape}, params.json's vision_max_num_chunks "
+                                  f"{tiles} needs {[tiles, tiles, 1, width]}")
     names = shards[0].keys()
 
     def count(prefix: str) -> int:
@@ -301,6 +357,7 @@ def read_meta_mllama(folder: str | Path, config: dict) -> dict[str, mx.array]:
     params, _, sizes, files, shards = _read(folder)
     n_layers, n_cross = sizes[0], sizes[1]
     text, tiles = config["text_config"], config["vision_config"]["max_num_tiles"]
+    grid = config["vision_config"]["image_size"] // config["vision_config"]["patch_size"]
     cross_at = text["cross_attention_layers"]
     self_at = [i for i in range(n_layers + n_cross) if i not in cross_at]
     heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
@@ -323,7 +380,11 @@ def read_meta_mllama(folder: str | Path, config: dict) -> dict[str, mx.array]:
         elif name.endswith("conv1._linear.weight"):
             p = config["vision_config"]["patch_size"]
             w = w.reshape(w.shape[0], 3, p, p)
-        elif name.endswith(("gated_positional_embedding", "tile_pos_embed.embedding")):
+        elif name.endswith("vision_encoder.positional_embedding"):
+            w = _resize_local(w, grid)
+        elif name.endswith("gated_positional_embedding"):
+            w = _per_aspect_ratio(_resize_tiled(w, grid), tiles)
+        elif name.endswith("tile_pos_embed.embedding"):
             w = _per_aspect_ratio(w, tiles)
         elif name.endswith("learnable_embedding.weight"):
             continue  # appended to the vocabulary below
