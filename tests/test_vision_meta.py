@@ -43,29 +43,35 @@ def _write_tokenizer_model(path) -> None:
     path.write_bytes(b"".join(base64.b64encode(bytes([c])) + b" %d\n" % i for i, c in enumerate(ALPHABET)))
 
 
-def _reference(seed: int = 0, chunk: int = 28):
-    """Meta's modules at the tiny size, random (gates far from zero), saved for 28-pixel chunks; returns
-    (state dict, run). Another `chunk`: `run` is the encoder for it given that state dict (Meta's load
-    hooks resize the position embeddings)."""
-    # The image transform imports torchvision (not installed): stand-ins while the module imports, gone
-    # after (transformers, which mlx-vlm imports, takes any torchvision module for the real one).
+def _reference_modules() -> None:
+    """Import llama-models' multimodal model (model parallel of size 1). Its image transform imports
+    torchvision (not installed): stand-ins while it imports, gone after (transformers, which mlx-vlm
+    imports, would take any torchvision module for the real one)."""
+    from oracles import _init_fairscale
+
     stubs = [n for n in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
              if n not in sys.modules]
     sys.modules.update({n: types.ModuleType(n) for n in stubs})
     try:
-        from llama_models.llama3.multimodal.model import (
-            CrossAttentionTransformerText,
-            VisionEncoder,
-            _pad_masks,
-        )
+        import llama_models.llama3.multimodal.model  # noqa: F401
     finally:
         for n in stubs:
             sys.modules.pop(n, None)
+    _init_fairscale()
+
+
+def _reference(seed: int = 0, chunk: int = 28):
+    """Meta's modules at the tiny size, random (gates far from zero), saved for 28-pixel chunks; returns
+    (state dict, run). Another `chunk`: `run` is the encoder for it given that state dict (Meta's load
+    hooks resize the position embeddings)."""
+    _reference_modules()
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear
     from llama_models.llama3.args import ModelArgs
-    from oracles import _init_fairscale
-
-    _init_fairscale()
+    from llama_models.llama3.multimodal.model import (
+        CrossAttentionTransformerText,
+        VisionEncoder,
+        _pad_masks,
+    )
     torch.manual_seed(seed)
     args = ModelArgs(**PARAMS)
     vision = torch.nn.Module()  # CrossAttentionTransformerVision's attributes, its encoder at width 32
@@ -260,6 +266,40 @@ def test_position_embeddings_for_another_chunk_size_resize_as_metas_load_hooks(t
     assert model.config.vision.image_size == 42
     want = run(TOKENS, pixels, GRID)
     assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("size", ["11B", "90B"])
+def test_real_sizes_give_the_hubs_configs(size, tmp_path, monkeypatch):
+    """Meta's Llama-3.2-{11B,90B}-Vision-Instruct: params.json as llama-models' sku_list gives it, the shards'
+    names and shapes those of the reference's CrossAttentionTransformerVision / Text (meta device, no data):
+    the config is the Hugging Face hub's (tests/test_vision_info.py), every tensor name mapped."""
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.multimodal.model import (
+        CrossAttentionTransformerText,
+        CrossAttentionTransformerVision,
+    )
+    from llama_models.sku_list import all_registered_models
+    from test_vision_info import CONFIGS, ROPE, VISION
+
+    import llama_mlx.vision.meta as meta_module
+    from llama_mlx.vision.meta import meta_mllama_config
+
+    _reference_modules()
+    (sku,) = [m for m in all_registered_models() if m.huggingface_repo == f"meta-llama/Llama-3.2-{size}-Vision-Instruct"]
+    with torch.device("meta"):
+        whole = torch.nn.Module()
+        whole.vision_model = CrossAttentionTransformerVision(ModelArgs(**sku.arch_args))
+        whole.text_model = CrossAttentionTransformerText(ModelArgs(**sku.arch_args))
+    shapes = {k: types.SimpleNamespace(shape=tuple(v.shape), mx_dtype=mx.bfloat16) for k, v in whole.state_dict().items()}
+    monkeypatch.setattr(meta_module, "load_pth", lambda _file: shapes)
+    (tmp_path / "params.json").write_text(json.dumps(sku.arch_args))
+    (tmp_path / "consolidated.00.pth").write_bytes(b"")  # its tensors: `shapes`
+    config = meta_mllama_config(tmp_path)
+    text, vision = config["text_config"], config["vision_config"]
+    assert {k: text[k] for k in CONFIGS[size]} == CONFIGS[size]
+    assert text["vocab_size"] == config["image_token_index"] == 128256 and text["max_position_embeddings"] == 131072
+    assert {**text["rope_scaling"], "rope_theta": text["rope_theta"]} == ROPE
+    assert {k: vision[k] for k in VISION} == VISION and config["torch_dtype"] == "bfloat16"
 
 
 def test_cli_generate_with_an_image_answers_as_metas_reference(meta, tmp_path):
