@@ -323,7 +323,8 @@ def test_cli_generate_with_an_image_answers_as_metas_reference(meta, tmp_path):
     assert r.stdout.strip() == bytes(ALPHABET[t] for t in answer).decode().strip() != "", (r.stdout, answer)
 
 
-@pytest.mark.parametrize("case", ["absurd", "missing_param", "missing_tensor", "unknown_tensor", "cli"])
+@pytest.mark.parametrize("case", ["absurd", "missing_param", "missing_tensor", "bad_shape", "missing_layer_tensor",
+                                  "unknown_tensor", "cli"])
 def test_hostile_meta_folders(meta, tmp_path, case):
     """Bad params.json or shards: a named error naming the file and the key, before any tensor is read
     (through the real CLI once: one stderr line, no traceback)."""
@@ -340,6 +341,13 @@ def test_hostile_meta_folders(meta, tmp_path, case):
     elif case == "missing_tensor":
         del shard["vision_model.vision_encoder.class_embedding"]
         file, words = "consolidated.00.pth", ["missing tensor 'vision_model.vision_encoder.class_embedding'"]
+    elif case == "bad_shape":
+        shard["text_model.layers.1.attention.wq.weight"] = torch.zeros(7, 64)
+        file, words = "consolidated.00.pth", ["'text_model.layers.1.attention.wq.weight' has shape [7, 64]",
+                                              "language_model.model.layers.2.self_attn.q_proj.weight", "[64, 64]"]
+    elif case == "missing_layer_tensor":
+        del shard["text_model.cross_attention_layers.1.gate_ffwd"]
+        file, words = "consolidated.00.pth", ["language_model.model.layers.3.cross_attn_mlp_gate"]
     else:
         shard["text_model.layers.0.attention.bogus.weight"] = torch.zeros(2)
         file, words = "consolidated.00.pth", ["unexpected tensor 'text_model.layers.0.attention.bogus.weight'"]

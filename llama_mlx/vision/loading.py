@@ -93,13 +93,13 @@ def load_mllama(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: boo
             if dtype is not None and is_float(a.dtype) and a.dtype != dtype:
                 a = a.astype(dtype)
             weights[name] = a
-    if meta:  # consolidated.NN.pth, merged and renamed
-        weights = {name: a.astype(dtype) if dtype is not None and is_float(a.dtype) and a.dtype != dtype else a
-                   for name, a in read_meta_mllama(folder, config).items()}
     try:
         model = Model(MllamaArgs.from_dict(config))
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    if meta:  # consolidated.NN.pth, merged, renamed and checked against the model's shapes
+        weights = {name: a.astype(dtype) if dtype is not None and is_float(a.dtype) and a.dtype != dtype else a
+                   for name, a in read_meta_mllama(folder, config, model).items()}
     weights = model.sanitize(weights)
     if config.get("quantization"):
         prepare_quantized(model, weights)

@@ -102,6 +102,7 @@ META_VISION_TO_HF = {
        for g in ("gate_attn", "gate_ffn")},
 }
 IGNORED = {"text_model.rope.freqs"}
+LEARNABLE = "text_model.learnable_embedding.weight"
 
 # How model-parallel ranks split each Meta tensor (its last name parts): concatenation axis; the rest
 # is replicated. ColumnParallelLinear / VocabParallelEmbedding: axis 0 (weight and bias);
@@ -350,11 +351,15 @@ def _per_aspect_ratio(table: mx.array, tiles: int) -> mx.array:
     return mx.stack(rows).reshape(len(rows), -1)
 
 
-def read_meta_mllama(folder: str | Path, config: dict) -> dict[str, mx.array]:
+def read_meta_mllama(folder: str | Path, config: dict, model=None) -> dict[str, mx.array]:
     """The weights of a Meta Llama 3.2 Vision folder under Hugging Face's names and layouts
-    (`config`: `meta_mllama_config(folder)`), model-parallel shards merged."""
+    (`config`: `meta_mllama_config(folder)`), model-parallel shards merged; with `model` (a
+    `vision.model.Model` of `config`), each checked against its parameter's shape."""
+    from mlx.utils import tree_flatten
+
     folder = Path(folder).expanduser()
-    params, _, sizes, files, shards = _read(folder)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())} if model is not None else {}
+    _, _, sizes, files, shards = _read(folder)
     n_layers, n_cross = sizes[0], sizes[1]
     text, tiles = config["text_config"], config["vision_config"]["max_num_tiles"]
     grid = config["vision_config"]["image_size"] // config["vision_config"]["patch_size"]
@@ -363,7 +368,7 @@ def read_meta_mllama(folder: str | Path, config: dict) -> dict[str, mx.array]:
     heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
     out: dict[str, mx.array] = {}
     for name in shards[0]:
-        if name in IGNORED:
+        if name in IGNORED or name == LEARNABLE:  # the latter: appended to the vocabulary below
             continue
         target, n = _lookup(name)
         target = target.replace("{n}", str(n))
@@ -373,31 +378,37 @@ def read_meta_mllama(folder: str | Path, config: dict) -> dict[str, mx.array]:
             if n >= n_cross:
                 raise CheckpointError(f"{files[0]}: {name!r}: there are {n_cross} cross-attention layers")
             target = target.replace("{cross}", str(cross_at[n]))
-        _shape(name, shards, files)  # shards agree
+        shape = _shape(name, shards, files)  # shards agree
         w = _merge(name, [s[name] for s in shards])
-        if name.startswith("text_model.layers.") and name.endswith((".wq.weight", ".wk.weight")):
-            w = _rope_halves(w, heads if ".wq." in name else kv_heads)
-        elif name.endswith("conv1._linear.weight"):
-            p = config["vision_config"]["patch_size"]
-            w = w.reshape(w.shape[0], 3, p, p)
-        elif name.endswith("vision_encoder.positional_embedding"):
-            w = _resize_local(w, grid)
-        elif name.endswith("gated_positional_embedding"):
-            w = _per_aspect_ratio(_resize_tiled(w, grid), tiles)
-        elif name.endswith("tile_pos_embed.embedding"):
-            w = _per_aspect_ratio(w, tiles)
-        elif name.endswith("learnable_embedding.weight"):
-            continue  # appended to the vocabulary below
+        try:
+            if name.startswith("text_model.layers.") and name.endswith((".wq.weight", ".wk.weight")):
+                w = _rope_halves(w, heads if ".wq." in name else kv_heads)
+            elif name.endswith("conv1._linear.weight"):  # channels last, as our convolution takes it
+                p = config["vision_config"]["patch_size"]
+                w = w.reshape(w.shape[0], 3, p, p).transpose(0, 2, 3, 1)
+            elif name.endswith("vision_encoder.positional_embedding"):
+                w = _resize_local(w, grid)
+            elif name.endswith("gated_positional_embedding"):
+                w = _per_aspect_ratio(_resize_tiled(w, grid), tiles)
+            elif name.endswith("tile_pos_embed.embedding"):
+                w = _per_aspect_ratio(w, tiles)
+        except ValueError:
+            w = None
+        want = expected.get(target)
+        if want is not None and name == "text_model.tok_embeddings.weight":
+            want = (want[0] - 8, *want[1:])  # the 8 learnable rows follow
+        if w is None or (expected and tuple(w.shape) != want):
+            raise CheckpointError(f"{files[0]}: {name!r} has shape {shape}, which does not give the model's "
+                                  f"{target} ({'shape ' + str(list(want)) if want else 'no such parameter'})")
         out[target] = w
-    extra = _merge("text_model.learnable_embedding.weight", [s["text_model.learnable_embedding.weight"]
-                                                            for s in shards]) \
-        if "text_model.learnable_embedding.weight" in shards[0] else None
-    if extra is None or extra.shape[0] != 8:
-        raise CheckpointError(f"{files[0]}: 'text_model.learnable_embedding.weight' must hold the 8 rows past "
-                              "the vocabulary (the image token first)")
+    if _shape(LEARNABLE, shards, files)[0] != 8:
+        raise CheckpointError(f"{files[0]}: {LEARNABLE!r} must hold the 8 rows past the vocabulary (the image "
+                              "token first)")
     key = "language_model.model.embed_tokens.weight"
-    out[key] = mx.concatenate([out[key], extra.astype(out[key].dtype)])
-    del params
+    out[key] = mx.concatenate([out[key], _merge(LEARNABLE, [s[LEARNABLE] for s in shards]).astype(out[key].dtype)])
+    if expected and (tuple(out[key].shape) != expected[key] or set(out) != set(expected)):
+        name = next(iter(sorted(set(expected) - set(out))), key)
+        raise CheckpointError(f"{files[0]}: no tensor gives the model's {name} (shape {list(expected[name])})")
     return out
 
 
