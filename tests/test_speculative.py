@@ -21,10 +21,11 @@ from llama_mlx.sample import make_sampler
 from llama_mlx.speculative import lookup_draft, speculative_generate_step
 
 SMOLLM2 = Path(__file__).resolve().parent.parent / "weights" / "SmolLM2-135M-Instruct"
-CHAT = [{"role": "user", "content": "Give three short tips for writing clear emails."}]
+BRIEF = {"role": "system", "content": "Be brief."}  # shorter than SmolLM2's default system prompt: less to prefill
+CHAT = [BRIEF, {"role": "user", "content": "Give three short tips for writing clear emails."}]
 CODE = "def area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n"
-COPY = [{"role": "user", "content": "Rewrite this Python code, renaming the functions to rect_area and "
-                                    "rect_perimeter and changing nothing else:\n\n" + CODE}]
+COPY = [BRIEF, {"role": "user", "content": "Rewrite this Python code, renaming the functions to rect_area and "
+                                           "rect_perimeter and changing nothing else:\n\n" + CODE}]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def tokens_of(model, tokenizer, prompt, n, **kw):
 @pytest.fixture(scope="module")
 def plain(smollm2):
     model, tok = smollm2
-    return {name: tokens_of(model, tok, p, n)[0] for name, p, n in (("chat", CHAT, 16), ("copy", COPY, 24))}
+    return {name: tokens_of(model, tok, p, n)[0] for name, p, n in (("chat", CHAT, 16), ("copy", COPY, 20))}
 
 
 def test_same_model_draft_equals_plain_greedy(smollm2, plain):
@@ -73,7 +74,7 @@ def test_8bit_draft_equals_plain_greedy(smollm2, draft8, plain):
 
 def test_prompt_lookup_equals_plain_greedy_on_a_copy_heavy_prompt(smollm2, plain):
     model, tok = smollm2
-    out, last = tokens_of(model, tok, COPY, 24, prompt_lookup=3, num_draft_tokens=4, adaptive=False)
+    out, last = tokens_of(model, tok, COPY, 20, prompt_lookup=3, num_draft_tokens=4, adaptive=False)
     assert out == plain["copy"]
     assert last.accepted_tokens >= 10  # the answer copies the code: most drafts hold
 
