@@ -209,10 +209,10 @@ def test_smollm2_joining_mid_stream_equals_alone(smol):
     tokens and text `stream_generate` gives it alone."""
     model, tokenizer = smol
     options = [
-        dict(max_tokens=12),
-        dict(max_tokens=7, logits_processors=make_logits_processors(repetition_penalty=1.3)),
-        dict(max_tokens=10, stop=["4"]),
-        dict(max_tokens=9, seed=3),
+        dict(max_tokens=12),  # ends on the end-of-turn token, after 9
+        dict(max_tokens=5, logits_processors=make_logits_processors(repetition_penalty=1.3)),
+        dict(max_tokens=8, stop=[" math"]),  # "The answer to this classic math problem ...": stops at the 6th
+        dict(max_tokens=4, seed=3),
     ]
 
     def kwargs(o, engine):
@@ -242,14 +242,16 @@ def test_smollm2_joining_mid_stream_equals_alone(smol):
         assert r.text == "".join(w.text for w in want)
         assert r.finish_reason == want[-1].finish_reason
         ends.add(r.finished)
-    assert reqs[2].finish_reason == "stop" and "4" not in reqs[2].text
+    assert reqs[0].finish_reason == "stop" and len(reqs[0].tokens) < 12
+    assert reqs[2].finish_reason == "stop" and "math" not in reqs[2].text
     assert len(ends) == 4
 
 
 def test_batch_generate_texts_equal_generate_alone(smol):
     model, tokenizer = smol
-    result = batch_generate(model, tokenizer, PROMPTS[:3], max_tokens=[6, 9, 8], prefill_chunk=CHUNK)
-    for p, n, text, tokens, stats in zip(PROMPTS, [6, 9, 8], result.texts, result.tokens, result.stats):
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]  # 18, 24 and 21 tokens: three lengths, none long to prefill
+    result = batch_generate(model, tokenizer, prompts, max_tokens=[3, 5, 4], prefill_chunk=CHUNK)
+    for p, n, text, tokens, stats in zip(prompts, [3, 5, 4], result.texts, result.tokens, result.stats):
         assert text == generate(model, tokenizer, p, n, prefill_step_size=CHUNK)
         assert stats.generation_tokens == len(tokens) <= n
         assert stats.prompt_tokens == len(tokenizer.apply_chat_template(p, add_generation_prompt=True))
