@@ -1,4 +1,5 @@
-"""Issue 13, items 1-4: the chat as a terminal user expects it, in a real pseudo-terminal on SmolLM2.
+"""Issue 13, items 1-4: the chat as a terminal user expects it, in a real pseudo-terminal (on SmolLM2
+where the answers or its template matter, else on a random model: the terminal is what is tested).
 
 Ctrl-C at the prompt clears the line; Ctrl-C during a long prefill is back at the prompt within
 2 s; keys typed while an answer streams are not echoed and become the next input; /save writes a
@@ -21,6 +22,24 @@ from llama_mlx_cli.chat import LONG_PROMPT
 def smol(default_model):
     # SmolLM2's converted folder, not its GGUF: the same weights, loaded in 0.4 s instead of 2 s a process
     return str(default_model)
+
+
+@pytest.fixture(scope="module")
+def random_meta(tmp_path_factory):
+    """A random 4-bit model with Meta's tokenizer, big enough that a prompt of a few hundred tokens
+    takes a second or two to prefill (SmolLM2 takes half a minute here), and deterministic at temp 0."""
+    import shutil
+
+    import assets
+    from benchmarks.random_model import SHAPES, write_random_model
+
+    shape = {**SHAPES["tiny"], "hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+             "vocab_size": 128256}
+    folder = write_random_model(tmp_path_factory.mktemp("random-meta") / "m", shape, dtype="float32")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # its own word-level tokenizer: Meta's instead
+        (folder / name).unlink()
+    shutil.copyfile(assets.TOKENIZER_MODEL, folder / "tokenizer.model")
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +113,7 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(smol, t
     out = chat.command(f"/load {name}")
     assert f"0 tokens already in the KV cache, {want} to prefill with the next answer" in out, out
     assert "no KV cache beside it" in out
+    chat.command("/set max-tokens 1")  # the prefill is what counts here
     answer, stats = chat.ask("And of Italy?")
     assert int(stats.group(3)) == 0 and int(stats.group(2)) > want  # it really prefilled them all
 
@@ -106,10 +126,10 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(smol, t
     assert chat.p.exitstatus == 0
 
 
-def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(smol):
-    # A prompt of 282 tokens: just long enough to show progress (over LONG_PROMPT), and to be stopped in the middle.
-    system = " ".join(f"Rule {i}: answer politely and mention the number {i * 7}." for i in range(18))
-    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "4", "--system", system, timeout=600)
+def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(random_meta):
+    # A prompt of about 450 tokens: long enough to show progress (over LONG_PROMPT), and to be stopped in the middle.
+    system = " ".join(f"Rule {i}: answer politely and mention the number {i * 7}." for i in range(30))
+    chat = Chat("--model", random_meta, "--temp", "0", "--max-tokens", "4", "--system", system, timeout=600)
     chat.p.sendline("Which rule mentions 21?")
     chat.p.expect(r"reading the prompt… (\d+)/(\d+) tokens")
     done, total = int(chat.p.match.group(1)), int(chat.p.match.group(2))
@@ -123,7 +143,7 @@ def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(smo
     assert "stopped before the answer began" in out
     # The cache is consistent: it holds part of the system prompt, the question is dropped ...
     stats = chat.command("/stats")
-    used = int(re.search(r"context: (\d+)/8192", stats).group(1))
+    used = int(re.search(r"context: (\d+)/\d+", stats).group(1))
     assert 0 < used < total
     assert "Which rule" not in chat.command("/history")
     # ... and the next question reuses what was prefilled before the stop.
@@ -133,8 +153,8 @@ def test_ctrl_c_during_a_long_prefill_is_back_at_the_prompt_within_2_seconds(smo
     chat.p.expect(pexpect.EOF)
 
 
-def test_keys_typed_while_streaming_are_not_echoed_and_become_the_next_input(smol):
-    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "24")
+def test_keys_typed_while_streaming_are_not_echoed_and_become_the_next_input(random_meta):
+    chat = Chat("--model", random_meta, "--temp", "0", "--max-tokens", "24")
     chat.p.sendline("Tell me a long story about a cat who sails the sea.")
     chat.p.expect(r"\?25h")  # the first token: streaming has begun
     chat.p.expect(r"[A-Za-z]+\W+[A-Za-z]+")
