@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import gguf
@@ -186,11 +187,11 @@ def test_q4_k_converted_smollm2_still_answers(q4k):
     tmp, _, _ = q4k
     model, tokenizer = load(tmp / "out")
     answer = generate(model, tokenizer, [{"role": "user", "content": "What is the capital of France?"}],
-                      max_tokens=16)
+                      max_tokens=8)
     assert "Paris" in answer, answer
 
 
-def test_quantizing_a_quantized_gguf_needs_requantize(tiny_quantized_gguf, tmp_path):
+def test_quantizing_a_quantized_gguf_needs_requantize(tiny_quantized_gguf, converted, tmp_path):
     src = tiny_quantized_gguf  # (Q4_1 and Q8_0 blocks as SmolLM2's, a few hundred KB)
     refused = run_convert(src, tmp_path / "q", "-q")
     assert refused.returncode == 1
@@ -198,26 +199,24 @@ def test_quantizing_a_quantized_gguf_needs_requantize(tiny_quantized_gguf, tmp_p
     assert len(lines) == 1 and str(src) in lines[0] and "--requantize" in lines[0], refused.stderr
     assert not (tmp_path / "q").exists()
 
-    done = run_convert(src, tmp_path / "q", "-q", "--requantize")
+    done, folder = converted("-q", "--requantize")
     assert done.returncode == 0, done.stderr
-    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": 4}
-    out = load_output(tmp_path / "q")
+    out = load_output(folder)
     assert out["model.layers.0.mlp.down_proj.scales"].shape == (TINY_PARAMS["dim"], FFN // 64)
 
 
-def test_dequantize_writes_gguf_reference_values(tiny_quantized_gguf, tmp_path):
-    src = tiny_quantized_gguf
-    done = run_convert(src, tmp_path / "f", "-d")
+def test_dequantize_writes_gguf_reference_values(tiny_source, converted):
+    done, folder = converted("-d")
     assert done.returncode == 0, done.stderr
-    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
     assert "quantization" not in config and config["torch_dtype"] == "float16"
-    out = load_output(tmp_path / "f")
+    out = load_output(folder)
     assert not [n for n in out if n.endswith((".scales", ".biases"))]
-    reader = gguf.GGUFReader(str(src))
-    assert len(out) == len(reader.tensors) >= 3 + 9 * TINY_PARAMS["n_layers"]
-    assert {t.tensor_type for t in reader.tensors} >= {T.Q4_1, T.Q8_0}
-    for t in reader.tensors:
+    assert len(out) == len(tiny_source) >= 3 + 9 * TINY_PARAMS["n_layers"]
+    assert {t.tensor_type for t in tiny_source} >= {T.Q4_1, T.Q8_0}
+    for t in tiny_source:
         name = gguf_to_hf(t.name)
         got = out[name]
         assert got.dtype == mx.float16, name
@@ -237,22 +236,45 @@ def tiny_quantized_gguf(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_source(tiny_quantized_gguf):
+    """gguf-py's reading of the tiny GGUF's tensors, copied out: its SmolLM2 vocabulary makes a read
+    take seconds, so the tests share one."""
+    return [types.SimpleNamespace(name=t.name, tensor_type=t.tensor_type, shape=[int(n) for n in t.shape],
+                                  data=np.array(t.data))
+            for t in gguf.GGUFReader(str(tiny_quantized_gguf)).tensors]
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_quantized_gguf, tmp_path_factory):
+    """`llama-mlx convert TINY OUT *args`, run once per distinct args for the whole module."""
+    runs = {}
+
+    def run(*args: str) -> tuple[subprocess.CompletedProcess, Path]:
+        if args not in runs:
+            out = tmp_path_factory.mktemp("converted") / "out"
+            runs[args] = (run_convert(tiny_quantized_gguf, out, *args), out)
+        return runs[args]
+
+    return run
+
+
 @pytest.mark.parametrize("args, written", [
     (["-q", "--requantize"], "4-bit group 64 (float16 scales)"),
     (["-d"], "float16 weights"),
     (["--dtype", "bfloat16"], None),  # carried over, its float16 scales rounded to bfloat16
 ])
-def test_summary_describes_what_was_written(tiny_quantized_gguf, tmp_path, args, written):
-    done = run_convert(tiny_quantized_gguf, tmp_path / "out", *args)
+def test_summary_describes_what_was_written(tiny_source, converted, args, written):
+    done, folder = converted(*args)
     assert done.returncode == 0, done.stderr
     rows = summary_rows(done.stdout)
     assert set(rows) == {"Q4_1", "Q8_0"}, done.stdout
 
     # Independently: gguf-py's dequantization of each source tensor against the written tensor.
-    out = load_output(tmp_path / "out")
-    q = json.loads((tmp_path / "out" / "config.json").read_text()).get("quantization")
+    out = load_output(folder)
+    q = json.loads((folder / "config.json").read_text()).get("quantization")
     per_type: dict[str, list] = {}
-    for t in gguf.GGUFReader(str(tiny_quantized_gguf)).tensors:
+    for t in tiny_source:
         if t.tensor_type not in (T.Q4_1, T.Q8_0):
             continue
         module = gguf_to_hf(t.name)[: -len(".weight")]
