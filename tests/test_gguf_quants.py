@@ -250,11 +250,17 @@ print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
-def _convert_peak_mb(src: Path, dst: Path) -> float:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(dst)], capture_output=True, text=True,
-                         timeout=300, check=True)
-    kb = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"]
-    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS reports bytes
+def _convert_peak_mb(*jobs: tuple[Path, Path]) -> list[float]:
+    """Each (src, dst) converted in its own process, all at once (each reports its own peak)."""
+    children = [subprocess.Popen([sys.executable, "-c", _CHILD, str(src), str(dst)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for src, dst in jobs]
+    peaks = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err
+        kb = json.loads(out.strip().splitlines()[-1])["maxrss_kb"]
+        peaks.append(kb / 1024 / (1024 if sys.platform == "darwin" else 1))  # macOS reports bytes
+    return peaks
 
 
 def test_convert_holds_one_tensor_at_a_time_not_the_file(tmp_path):
@@ -267,8 +273,8 @@ def test_convert_holds_one_tensor_at_a_time_not_the_file(tmp_path):
                       **{m: "Q4_K" for m in MODULES}}, rng, keep=False)
     size_mb = (tmp_path / "big.gguf").stat().st_size / 2**20
     assert size_mb > 60
-    baseline = _convert_peak_mb(tmp_path / "small.gguf", tmp_path / "small-mlx")
-    peak = _convert_peak_mb(tmp_path / "big.gguf", tmp_path / "big-mlx")
+    baseline, peak = _convert_peak_mb((tmp_path / "small.gguf", tmp_path / "small-mlx"),
+                                      (tmp_path / "big.gguf", tmp_path / "big-mlx"))
     # reading the file whole would add at least its size; one tensor at a time adds a few MB
     assert peak - baseline < 0.25 * size_mb, (peak, baseline, size_mb)
     assert read_checkpoint(tmp_path / "big-mlx").config["quantization"]["bits"] == 4
