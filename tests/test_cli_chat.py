@@ -1,4 +1,5 @@
-"""`llama-mlx chat` in a real pseudo-terminal on the real SmolLM2 model (greedy, short answers)."""
+"""`llama-mlx chat` in a real pseudo-terminal on the real SmolLM2 model (greedy, short answers), and on a
+tiny random model where what the answers say does not matter."""
 
 import os
 import re
@@ -151,7 +152,7 @@ def test_chat_conversation_commands_interrupt_and_resume(smol, tmp_path):
     assert "dragon" in history and history.rstrip().split("assistant:")[-1].strip()
 
     # The cache is consistent with the kept partial answer: the next turn reuses it.
-    chat.command("/set max-tokens 12")
+    chat.command("/set max-tokens 1")  # what counts is the cache, not the answer
     answer, stats4 = chat.ask("What is 2 + 2?")
     assert int(stats4.group(3)) >= int(stopped.group(5)) - 4
 
@@ -165,7 +166,7 @@ def test_chat_conversation_commands_interrupt_and_resume(smol, tmp_path):
     assert chat.p.exitstatus == 0
 
     # /load in a new process continues the same conversation without prefilling it again.
-    again = Chat("--model", smol, "--temp", "0", "--max-tokens", "12")
+    again = Chat("--model", smol, "--temp", "0", "--max-tokens", "1")
     out = again.command(f"/load {session_file}")
     assert f"{saved_tokens} tokens already in the KV cache" in out
     assert "dragon" in again.command("/history")
@@ -185,9 +186,9 @@ def test_chat_conversation_commands_interrupt_and_resume(smol, tmp_path):
     assert again.p.exitstatus == 0
 
 
-def test_chat_drops_oldest_turns_when_the_context_is_full(smol):
+def test_chat_drops_oldest_turns_when_the_context_is_full(tiny_meta_checkpoint):
     # An 80-token window: the third exchange no longer fits with the first one.
-    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "8", "--max-kv-size", "80",
+    chat = Chat("--model", str(tiny_meta_checkpoint), "--temp", "0", "--max-tokens", "8", "--max-kv-size", "80",
                 "--system", "Answer briefly.")
     seen = ""
     for question in ("What is the capital of France?", "What is the capital of Spain?",
@@ -207,18 +208,18 @@ def test_chat_drops_oldest_turns_when_the_context_is_full(smol):
     assert chat.p.exitstatus == 0
 
 
-def test_chat_with_piped_input_and_output_is_plain_text(smol):
+def test_chat_with_piped_input_and_output_is_plain_text(tiny_meta_checkpoint):
     import subprocess
 
     env = dict(os.environ, TERM="xterm-256color", LLAMA_MLX_HISTORY="")
     env.pop("FORCE_COLOR", None)
-    r = subprocess.run([*command(), "chat", "--model", smol, "--temp", "0", "--max-tokens", "4"],
+    r = subprocess.run([*command(), "chat", "--model", str(tiny_meta_checkpoint), "--temp", "0", "--max-tokens", "4"],
                        input="Hello!\n/undo\n/stats\n/nonsense\n/exit\n", capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "\x1b[" not in r.stdout and "\x1b[" not in r.stderr
     assert STATS.search(r.stdout)
-    assert "dropped the last exchange" in r.stdout and "context: 0/8192" in r.stdout
+    assert "dropped the last exchange" in r.stdout and re.search(r"context: 0/\d+", r.stdout)
     assert "error: unknown command /nonsense" in r.stderr  # the session went on after it
 
 
