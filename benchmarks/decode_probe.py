@@ -12,12 +12,17 @@ graph for the device), and waiting for the result. Parity compares the two paths
 ten decode steps, after a short prompt and after one long enough for split attention. With
 --mlx-lm, mlx-lm's model of the same shape is timed the same way (its generate_step, then its
 model's graph a step): the host time a step costs (build + async_eval) ours against theirs.
+With --nodes, the primitives of one decode step's graph (`mx.export_to_dot`), ours on the Metal
+row against mlx-lm's, by kind (on a CPU the `mx.fast` ops appear as their fallback graphs, on both sides).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import re
+import tempfile
 import statistics
 import sys
 import time
@@ -125,6 +130,48 @@ def mlx_lm_breakdown(shape: str, prompt: int, gen: int, vocab: int) -> str:
     return f"mlx-lm: {tps:7.1f} tok/s | " + times
 
 
+def _primitives(y: mx.array) -> collections.Counter:
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.export_to_dot(f"{tmp}/step.dot", y)
+        text = Path(f"{tmp}/step.dot").read_text()
+    return collections.Counter(re.findall(r'\[label ="([^"]+)", shape=rectangle\]', text))
+
+
+def graph_nodes(shape: str) -> str:
+    """The primitives of one decode step, ours (the Metal row's model graph) against mlx-lm's
+    model of the same shape, after a 16-token prompt: totals, per layer, and by kind."""
+    from mlx_lm.models import llama as mlx_lm_llama
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    p = mx.random.randint(0, 1000, (16,))
+    mx.eval(p)  # its own graph stays out of the count
+    ours = build(shape, "metal")
+    cache = make_prompt_cache(len(ours.layers))
+    previous = backends.use("metal")
+    try:
+        step = backends.decode_step(ours, cache)
+        ours(p[None, :-1], cache)
+        mx.eval([c.state for c in cache])
+        mine = _primitives(step(p[None, -1:]))
+    finally:
+        backends.use(previous)
+    layers = len(ours.layers)
+    del ours, cache
+    gc.collect()
+    theirs_model = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(shape_config(shape)))
+    nn.quantize(theirs_model, group_size=64, bits=4)
+    mx.eval(theirs_model.parameters())
+    cache = mlx_lm_cache(theirs_model)
+    theirs_model(p[None, :-1], cache=cache)
+    mx.eval([c.state for c in cache])
+    theirs = _primitives(theirs_model(p[None, -1:], cache=cache)[:, -1, :])
+    del theirs_model, cache
+    a, b = sum(mine.values()), sum(theirs.values())
+    kinds = ", ".join(f"{k} {mine[k]}/{theirs[k]}" for k in sorted(set(mine) | set(theirs)) if mine[k] != theirs[k])
+    return (f"nodes a step: ours {a} ({a / layers:.1f} a layer), mlx-lm {b} ({b / layers:.1f} a layer), "
+            f"{a / b:.2f}x | differing kinds, ours/mlx-lm: {kinds}")
+
+
 def _host_times(logits, y) -> str:
     # Per decode step: building the graph, handing it to the device (async_eval), then waiting for it.
     build_s, encode_s, wait_s = [], [], []
@@ -151,10 +198,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-parity", action="store_true")
     ap.add_argument("--parity-only", action="store_true")
     ap.add_argument("--mlx-lm", action="store_true", help="also mlx-lm's model of each shape, timed the same way")
+    ap.add_argument("--nodes", action="store_true", help="only count one decode step's graph nodes, ours vs mlx-lm")
     ap.add_argument("--rows", default="metal,default", help="rows to time: metal (the model's graph), default")
     args = ap.parse_args(argv)
     print(f"mlx {mx.__version__} on {mx.default_device()} ({mx.device_info().get('device_name', '?')})", flush=True)
     for name in args.models.split(","):
+        if args.nodes:
+            print(f"{name}: {graph_nodes(name)}", flush=True)
+            continue
         model = build(name)
         vocab = min(model.args.vocab_size, 1000)
         if not args.no_parity:
