@@ -31,6 +31,7 @@ def random_meta(tmp_path_factory):
     import shutil
 
     import assets
+
     from benchmarks.random_model import SHAPES, write_random_model
 
     shape = {**SHAPES["tiny"], "hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,

@@ -53,21 +53,22 @@ def test_every_short_flag_means_one_thing_across_commands():
 
 
 @pytest.fixture(scope="module")
-def expected(default_model):
-    model, tokenizer = load(default_model, dtype=resolve_dtype(None))
+def expected(tiny_meta_checkpoint):
+    # The names and the printout are tested, not the model: the tiny random one (greedy) answers at once.
+    model, tokenizer = load(tiny_meta_checkpoint, dtype=resolve_dtype(None))
     return generate(model, tokenizer, [{"role": "user", "content": PROMPT}], 6)
 
 
-def test_generate_takes_prompt_option_and_verbose_prints_mlx_lm_stats(default_model, expected):
+def test_generate_takes_prompt_option_and_verbose_prints_mlx_lm_stats(tiny_meta_checkpoint, expected):
     for flag in ("--prompt", "-p"):
-        r = run("generate", "-M", str(default_model), "-m", "6", flag, PROMPT, "--verbose")
+        r = run("generate", "-M", str(tiny_meta_checkpoint), "-m", "6", flag, PROMPT, "--verbose")
         assert r.returncode == 0, r.stderr
         assert r.stdout.rstrip("\n") == expected.rstrip("\n")  # stdout: the text only
         # mlx_lm.generate's statistics lines, verbatim in form.
         assert re.search(r"^==========\nPrompt: \d+ tokens, \d+\.\d{3} tokens-per-sec\n"
                          r"Generation: 6 tokens, \d+\.\d{3} tokens-per-sec\nPeak memory: \d+\.\d{3} GB$",
                          r.stderr, re.M), r.stderr
-    r = run("generate", "-M", str(default_model), "-p", PROMPT, PROMPT)
+    r = run("generate", "-M", str(tiny_meta_checkpoint), "-p", PROMPT, PROMPT)
     assert r.returncode == 2 and "not both" in r.stderr
 
 
@@ -83,9 +84,9 @@ def test_generate_with_an_empty_stdin_is_an_error(default_model, tmp_path):
     assert r.returncode == 1 and "is empty" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_convert_takes_mlx_lm_names(default_model, tmp_path):
+def test_convert_takes_mlx_lm_names(tiny_meta_checkpoint, tmp_path):
     out = tmp_path / "q"
-    r = run("convert", "--hf-path", str(default_model), "--mlx-path", str(out), "-q", "--requantize", "--q-bits", "8",
+    r = run("convert", "--hf-path", str(tiny_meta_checkpoint), "--mlx-path", str(out), "-q", "--requantize", "--q-bits", "8",
             "--q-group-size", "32")
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "config.json").read_text())
