@@ -82,6 +82,22 @@ def test_chat_conversation_commands_interrupt_and_resume(smol, tmp_path):
     session_file = tmp_path / "talk.safetensors"
     chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "12")
 
+    # Multi-line input: a trailing backslash continues the message, and so does a paste. (Before the first
+    # question: a new system prompt is a new start of the conversation, to prefill again.)
+    chat.p.sendline("/system You are terse.\\")
+    chat.p.expect_exact("... ")
+    chat.command("Answer in one word.")
+    assert "You are terse.\\nAnswer in one word." in chat.command("/system")
+    chat.command("/system -")
+    chat.p.send("/system pasted one\rpasted two\r")  # arrives at once, as a paste does
+    chat.wait_prompt()
+    assert "pasted one\\npasted two" in chat.command("/system")
+    chat.p.sendline('"""/system block one')
+    chat.p.expect_exact("... ")
+    chat.command('block two"""')
+    assert "block one\\nblock two" in chat.command("/system")
+    chat.command("/system -")
+
     # 1. A question gets a streamed answer: its words arrive before the answer ends.
     chat.p.sendline("What is the capital of France?")
     chat.p.expect(r"\?25h")  # the spinner stops at the first token
@@ -120,21 +136,6 @@ def test_chat_conversation_commands_interrupt_and_resume(smol, tmp_path):
     out = chat.command("/stats")
     used = int(re.search(r"context: (\d+)/8192", out).group(1))
     assert context1 <= used < context2
-
-    # Multi-line input: a trailing backslash continues the message, and so does a paste.
-    chat.p.sendline("/system You are terse.\\")
-    chat.p.expect_exact("... ")
-    chat.command("Answer in one word.")
-    assert "You are terse.\\nAnswer in one word." in chat.command("/system")
-    chat.command("/system -")
-    chat.p.send("/system pasted one\rpasted two\r")  # arrives at once, as a paste does
-    chat.wait_prompt()
-    assert "pasted one\\npasted two" in chat.command("/system")
-    chat.p.sendline('"""/system block one')
-    chat.p.expect_exact("... ")
-    chat.command('block two"""')
-    assert "block one\\nblock two" in chat.command("/system")
-    chat.command("/system -")
 
     # 3. Ctrl-C mid-answer: back at the prompt, the process alive, the partial answer kept.
     chat.command("/set max-tokens 300")
