@@ -32,7 +32,11 @@ def test_sandbox_runs_code_in_a_scratch_folder_with_limits(sandbox):
     assert r.output.splitlines() == ["42", str(sandbox.scratch)] and r.returncode == 0
     assert (sandbox.scratch / "kept.txt").read_text() == "hi"
     assert sandbox.run("print(open('kept.txt').read())").output.strip() == "hi"  # one folder per session
-    r = sandbox.run("while True: pass")
+    limit, sandbox.timeout = sandbox.timeout, 1.0  # a loop that never ends: stopped at the limit, here 1 s
+    try:
+        r = sandbox.run("while True: pass")
+    finally:
+        sandbox.timeout = limit
     assert r.timed_out and r.as_tool_output().endswith("[timed out]")
     r = sandbox.run("x = bytearray(512 << 20)\nprint('allocated')")  # twice the 256 MB limit
     assert "MemoryError" in r.output and "allocated" not in r.output and r.returncode == 1
