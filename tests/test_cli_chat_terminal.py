@@ -53,7 +53,8 @@ def hf_tokenizer():
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(smol, tmp_path, hf_tokenizer):
-    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "8")
+    # A short system prompt in place of SmolLM2's default one: fewer tokens to prefill, twice.
+    chat = Chat("--model", smol, "--temp", "0", "--max-tokens", "8", "--system", "Be brief.")
     answer, _ = chat.ask("What is the capital of France?")
     assert "Paris" in answer
 
@@ -80,8 +81,8 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(smol, t
     assert f"to {name} (JSON)" in out and f"{name}.safetensors" in out
     saved = json.loads(name.read_text(encoding="utf-8"))
     assert saved["format"] == SESSION_FORMAT
-    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
-    assert saved["messages"][0]["content"] == "What is the capital of France?"
+    assert [m["role"] for m in saved["messages"]] == ["system", "user", "assistant"]
+    assert saved["messages"][1]["content"] == "What is the capital of France?"
     assert (tmp_path / "talk.safetensors").is_file()
 
     # A file that is not a saved chat: one clear error line, and the chat goes on.
