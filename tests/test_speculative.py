@@ -52,21 +52,21 @@ def tokens_of(model, tokenizer, prompt, n, **kw):
 @pytest.fixture(scope="module")
 def plain(smollm2):
     model, tok = smollm2
-    return {name: tokens_of(model, tok, p, n)[0] for name, p, n in (("chat", CHAT, 16), ("copy", COPY, 20))}
+    return {name: tokens_of(model, tok, p, n)[0] for name, p, n in (("chat", CHAT, 12), ("copy", COPY, 20))}
 
 
 def test_same_model_draft_equals_plain_greedy(smollm2, plain):
     model, tok = smollm2
-    out, last = tokens_of(model, tok, CHAT, 16, draft_model=model, draft_tokenizer=tok, num_draft_tokens=3,
+    out, last = tokens_of(model, tok, CHAT, 12, draft_model=model, draft_tokenizer=tok, num_draft_tokens=3,
                           adaptive=False)
     assert out == plain["chat"]
     # Its own draft agrees with itself: nearly every draft is accepted (so speculation really ran).
-    assert last.draft_tokens >= 8 and last.accepted_tokens >= 0.9 * last.draft_tokens
+    assert last.draft_tokens >= 6 and last.accepted_tokens >= 0.9 * last.draft_tokens
 
 
 def test_8bit_draft_equals_plain_greedy(smollm2, draft8, plain):
     model, tok = smollm2
-    out, last = tokens_of(model, tok, CHAT, 16, draft_model=draft8[0], draft_tokenizer=draft8[1], num_draft_tokens=4,
+    out, last = tokens_of(model, tok, CHAT, 12, draft_model=draft8[0], draft_tokenizer=draft8[1], num_draft_tokens=4,
                           adaptive=False)
     assert out == plain["chat"]
     assert last.draft_tokens > 0 and 0 < last.accepted_tokens <= last.draft_tokens
