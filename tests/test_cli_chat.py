@@ -61,6 +61,13 @@ class Chat:
         out = self.wait_prompt()
         return out.split("\n", 1)[1] if "\n" in out else ""  # drop the echoed input
 
+    def ctrl_c_at_prompt(self) -> None:
+        """Ctrl-C at the prompt just seen, once readline waits for keys. It prints the prompt just before
+        it waits, and Python's readline looks at signals only when that wait is interrupted: a Ctrl-C
+        landing in between is seen at the next key (no person is that quick; a test is)."""
+        time.sleep(0.2)
+        self.p.sendintr()
+
     def ask(self, line: str) -> tuple[str, re.Match]:
         """Send a question; returns (everything printed before the stats line, the stats match)."""
         self.p.sendline(line)
@@ -179,9 +186,10 @@ def test_chat_conversation_commands_interrupt_and_resume(smol, tmp_path):
     # (issue 13: the first Ctrl-C clears the line, a second one on the empty line leaves)
     assert "conversation cleared" in again.command("/reset")
     assert "context: 0/8192" in again.command("/stats")
-    again.p.sendintr()
+    again.ctrl_c_at_prompt()
     again.p.expect_exact("Ctrl-C again")
-    again.p.sendintr()
+    again.wait_prompt()
+    again.ctrl_c_at_prompt()
     again.p.expect(pexpect.EOF)
     again.p.close()
     assert again.p.exitstatus == 0

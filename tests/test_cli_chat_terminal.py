@@ -120,9 +120,10 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_save_load_are_truthful(smol, t
     assert int(stats.group(3)) == 0 and int(stats.group(2)) > want  # it really prefilled them all
 
     # Two Ctrl-C on an empty line leave, with code 0.
-    chat.p.sendintr()
+    chat.ctrl_c_at_prompt()
     chat.p.expect_exact("Ctrl-C again")
-    chat.p.sendintr()
+    chat.wait_prompt()
+    chat.ctrl_c_at_prompt()
     chat.p.expect(pexpect.EOF)
     chat.p.close()
     assert chat.p.exitstatus == 0
