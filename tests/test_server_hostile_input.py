@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-from test_server import NAME as SMOLLM2_NAME
 from test_server import Server
 
 CHAT = "/v1/chat/completions"
@@ -227,9 +226,13 @@ def test_idle_connections_over_the_cap_neither_lock_out_nor_last(server):
             s.close()
 
 
+# The tiny model's end tokens (<|end_of_text|>, <|eom_id|>, <|eot_id|>) barred: its answers run to max_tokens.
+NO_END = {"128001": -100, "128008": -100, "128009": -100}
+
+
 def _stream_request(port: int, max_tokens: int = 4000) -> socket.socket:
-    body = json.dumps({"model": SMOLLM2_NAME, "messages": [{"role": "user", "content": "Tell me a long story."}],
-                       "max_tokens": max_tokens, "stream": True, "logit_bias": {"0": -100, "1": -100, "2": -100}})
+    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "Tell me a long story."}],
+                       "max_tokens": max_tokens, "stream": True, "logit_bias": NO_END})
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
@@ -238,14 +241,14 @@ def _stream_request(port: int, max_tokens: int = 4000) -> socket.socket:
     return sock
 
 
-def test_sigterm_drains_for_shutdown_timeout_then_cuts_streams(tmp_path):
+def test_sigterm_drains_for_shutdown_timeout_then_cuts_streams(tmp_path, tiny_meta_checkpoint):
     """A client that stops reading does not keep the server alive past --shutdown-timeout; one that reads
     gets a last error event (JSON) when its stream is cut."""
-    s = Server(tmp_path, "--shutdown-timeout", "2")
+    s = Server(tmp_path, "--shutdown-timeout", "2", model=tiny_meta_checkpoint)
     try:
         stalled, reader = _stream_request(s.port), _stream_request(s.port)
         whole = {}
-        long_chat = chat(model=SMOLLM2_NAME, max_tokens=4000, logit_bias={"0": -100, "1": -100, "2": -100})
+        long_chat = chat(max_tokens=4000, logit_bias=NO_END)
         waiting = threading.Thread(target=lambda: whole.setdefault("r", post(s, CHAT, long_chat)))
         waiting.start()
         received = bytearray()
@@ -274,8 +277,8 @@ def test_sigterm_drains_for_shutdown_timeout_then_cuts_streams(tmp_path):
         s.stop()
 
 
-def test_a_second_sigint_exits_at_once_in_one_line(tmp_path):
-    s = Server(tmp_path, "--shutdown-timeout", "60")
+def test_a_second_sigint_exits_at_once_in_one_line(tmp_path, tiny_meta_checkpoint):
+    s = Server(tmp_path, "--shutdown-timeout", "60", model=tiny_meta_checkpoint)
     try:
         stalled = _stream_request(s.port)
         time.sleep(1)
