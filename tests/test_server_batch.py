@@ -34,9 +34,9 @@ def ask(server, prompt, max_tokens, path="/v1/completions"):
 def test_joining_mid_stream_equals_alone(batched):
     """A long stream runs; three requests of other prompt lengths and answer lengths join it while
     it decodes (and each other's prefill); every answer equals the same request sent alone."""
-    long = ("Write a long story about a lighthouse keeper.", 40)
-    others = [("Hi", 12), ("List the planets of the solar system, from the closest to the sun outwards.", 20),
-              ("Name a colour.", 6)]
+    long = ("Write a long story about a lighthouse keeper.", 28)
+    others = [("Hi", 8), ("List the planets of the solar system, from the closest to the sun outwards.", 12),
+              ("Name a colour.", 4)]
     results, threads = {}, []
 
     def run(i, prompt, n, delay):
