@@ -352,6 +352,7 @@ def test_real_sizes_give_the_hubs_configs(size, tmp_path, monkeypatch):
     """Meta's Llama-3.2-{11B,90B}-Vision-Instruct: params.json as llama-models' sku_list gives it, the shards'
     names and shapes those of the reference's CrossAttentionTransformerVision / Text (meta device, no data):
     the config is the Hugging Face hub's (tests/test_vision_info.py), every tensor name mapped."""
+    _reference_modules()  # (run alone, nothing imported it yet)
     from llama_models.llama3.args import ModelArgs
     from llama_models.llama3.multimodal.model import (
         CrossAttentionTransformerText,
@@ -360,17 +361,17 @@ def test_real_sizes_give_the_hubs_configs(size, tmp_path, monkeypatch):
     from llama_models.sku_list import all_registered_models
     from test_vision_info import CONFIGS, ROPE, VISION
 
-    import llama_mlx.vision.meta as meta_module
+    import llama_mlx.checkpoints.meta as checkpoints_meta
     from llama_mlx.vision.meta import meta_mllama_config
 
-    _reference_modules()
     (sku,) = [m for m in all_registered_models() if m.huggingface_repo == f"meta-llama/Llama-3.2-{size}-Vision-Instruct"]
     with torch.device("meta"):
         whole = torch.nn.Module()
         whole.vision_model = CrossAttentionTransformerVision(ModelArgs(**sku.arch_args))
         whole.text_model = CrossAttentionTransformerText(ModelArgs(**sku.arch_args))
-    shapes = {k: types.SimpleNamespace(shape=tuple(v.shape), mx_dtype=mx.bfloat16) for k, v in whole.state_dict().items()}
-    monkeypatch.setattr(meta_module, "load_pth", lambda _file: shapes)
+    shapes = {k: types.SimpleNamespace(shape=tuple(v.shape), mx_dtype=mx.bfloat16, to_mlx=None)  # never read
+              for k, v in whole.state_dict().items()}
+    monkeypatch.setattr(checkpoints_meta, "load_pth", lambda _file: shapes)  # what load_shards reads
     (tmp_path / "params.json").write_text(json.dumps(sku.arch_args))
     (tmp_path / "consolidated.00.pth").write_bytes(b"")  # its tensors: `shapes`
     config = meta_mllama_config(tmp_path)

@@ -15,7 +15,7 @@ from .base import MAX_DIM, MAX_LAYERS, Checkpoint, Tensor, check_config, read_js
 from .keymap import meta_shard_axis, meta_to_hf
 from .safe_pickle import PthTensor, load_pth
 
-__all__ = ["config_from_params", "is_meta_folder", "read_meta"]
+__all__ = ["config_from_params", "is_meta_folder", "load_shards", "merge_shards", "positive_int", "read_meta"]
 
 IGNORED = {"rope.freqs"}  # precomputed frequencies some Meta checkpoints carry
 
@@ -32,7 +32,8 @@ def _contained_shards(folder: Path) -> list[Path]:
     return [resolve_inside(folder, f.name, what="weight file") for f in _shards(folder)]
 
 
-def _int(params: dict, key: str, file: Path, default=None, limit: int = MAX_DIM) -> int:
+def positive_int(params: dict, key: str, file: Path, default=None, limit: int = MAX_DIM) -> int:
+    """params[key] (else `default`) as a positive integer of at most `limit`, or a ConfigError naming file and key."""
     value = params.get(key)
     value = default if value is None else value
     if value is None:
@@ -59,17 +60,17 @@ def config_from_params(params: dict, file: Path, *, vocab_size: int | None = Non
 
     The RoPE factor is not in params.json: 32 for the Llama 3.2 1B/3B shapes, else 8, unless given.
     """
-    dim = _int(params, "dim", file)
-    n_layers = _int(params, "n_layers", file, limit=MAX_LAYERS)
-    n_heads = _int(params, "n_heads", file)
-    n_kv = _int(params, "n_kv_heads", file, n_heads)
-    multiple_of = _int(params, "multiple_of", file, 256)
+    dim = positive_int(params, "dim", file)
+    n_layers = positive_int(params, "n_layers", file, limit=MAX_LAYERS)
+    n_heads = positive_int(params, "n_heads", file)
+    n_kv = positive_int(params, "n_kv_heads", file, n_heads)
+    multiple_of = positive_int(params, "multiple_of", file, 256)
     mult = _float(params, "ffn_dim_multiplier", file, None)
     vocab = params.get("vocab_size", -1)
     if vocab is None or vocab == -1:  # Meta writes -1: the tokenizer's size, read from the embedding
         vocab = vocab_size
     else:
-        vocab = _int(params, "vocab_size", file)
+        vocab = positive_int(params, "vocab_size", file)
     scaled = params.get("use_scaled_rope", False)
     if not isinstance(scaled, bool):
         raise ConfigError(f"{file}: 'use_scaled_rope' must be true or false, found {scaled!r:.80}")
@@ -86,8 +87,19 @@ def config_from_params(params: dict, file: Path, *, vocab_size: int | None = Non
     return check_config(config, file)
 
 
-def _merge(name: str, parts: list[PthTensor], files: list[Path]) -> Tensor:
-    axis = meta_shard_axis(name)
+def load_shards(files: list[Path]) -> list[dict[str, PthTensor]]:
+    """The tensor indexes of model-parallel shards (no data read), checked to name the same tensors."""
+    shards = [load_pth(f) for f in files]
+    for f, shard in zip(files[1:], shards[1:]):
+        if set(shard) != set(shards[0]):
+            diff = sorted(set(shard) ^ set(shards[0]))
+            raise CheckpointError(f"{f}: tensor names differ from {files[0].name} (e.g. {diff[0]!r})")
+    return shards
+
+
+def merge_shards(name: str, parts: list[PthTensor], files: list[Path], axis: int | None) -> Tensor:
+    """One lazy tensor of a tensor's model-parallel parts, concatenated on `axis` (None: replicated),
+    their shapes and dtypes checked first."""
     first = parts[0]
     if axis is None or len(parts) == 1:
         for p, f in zip(parts[1:], files[1:]):
@@ -117,12 +129,8 @@ def read_meta(folder: Path, *, rope_factor: float | None = None) -> Checkpoint:
     shard_files = _contained_shards(folder)
     if not shard_files:
         raise CheckpointError(f"{folder}: no consolidated.NN.pth weight files")
-    shards = [load_pth(f) for f in shard_files]
+    shards = load_shards(shard_files)
     names = list(shards[0])
-    for f, s in zip(shard_files[1:], shards[1:]):
-        if set(s) != set(names):
-            diff = sorted(set(s) ^ set(names))
-            raise CheckpointError(f"{f}: tensor names differ from {shard_files[0].name} (e.g. {diff[0]!r})")
 
     tensors: dict[str, Tensor] = {}
     for name in names:
@@ -131,7 +139,7 @@ def read_meta(folder: Path, *, rope_factor: float | None = None) -> Checkpoint:
         hf = meta_to_hf(name)
         if hf is None:
             raise CheckpointError(f"{shard_files[0]}: unexpected tensor {name!r} in a Llama checkpoint")
-        tensors[hf] = _merge(name, [s[name] for s in shards], shard_files)
+        tensors[hf] = merge_shards(name, [s[name] for s in shards], shard_files, meta_shard_axis(name))
 
     emb = tensors.get("model.embed_tokens.weight")
     config = config_from_params(

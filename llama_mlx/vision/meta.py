@@ -25,8 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..checkpoints.base import MAX_LAYERS, dtype_name, read_json
-from ..checkpoints.meta import config_from_params
-from ..checkpoints.safe_pickle import PthTensor, load_pth
+from ..checkpoints.meta import config_from_params, load_shards, merge_shards, positive_int
 from ..errors import CheckpointError, ConfigError
 from ..paths import resolve_inside
 from .processor import supported_aspect_ratios
@@ -133,31 +132,17 @@ def meta_weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("consolidated.*.pth")) or sorted(folder.glob("consolidated.pth"))
 
 
-_shards = meta_weight_files
-
-
 def is_meta_vision_folder(folder: str | Path) -> bool:
     """Whether `folder` is Meta's Llama 3.2 Vision layout: params.json with vision keys and consolidated*.pth."""
     folder = Path(folder).expanduser()
     params = folder / "params.json"
-    if not folder.is_dir() or not params.is_file() or not _shards(folder):
+    if not folder.is_dir() or not params.is_file() or not meta_weight_files(folder):
         return False
     try:
         text = params.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
     return '"vision_chunk_size"' in text or '"vision_num_cross_attention_layers"' in text
-
-
-def _positive(params: dict, key: str, file: Path, limit: int, default=None) -> int:
-    value = params.get(key, default)
-    if value is None:
-        raise ConfigError(f"{file}: missing key {key!r}")
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{file}: {key!r} must be a positive integer, found {value!r:.80}")
-    if value > limit:
-        raise ConfigError(f"{file}: {key!r} is {value}, more than the {limit} a Llama 3.2 Vision model has")
-    return value
 
 
 def _grid(rows: int) -> int | None:
@@ -217,36 +202,29 @@ def _read(folder: Path):
     params = read_json(params_file, "params.json")
     params = params.get("model", params) if isinstance(params.get("model"), dict) else params
     # Validated before any shard is read.
-    n_layers = _positive(params, "n_layers", params_file, MAX_LAYERS)
-    n_cross = _positive(params, "vision_num_cross_attention_layers", params_file, n_layers)
-    tile = _positive(params, "vision_chunk_size", params_file, MAX_TILE_SIZE)
-    tiles = _positive(params, "vision_max_num_chunks", params_file, MAX_TILES, default=4)
-    files = [resolve_inside(folder, f.name, what="weight file") for f in _shards(folder)]
+    n_layers = positive_int(params, "n_layers", params_file, limit=MAX_LAYERS)
+    n_cross = positive_int(params, "vision_num_cross_attention_layers", params_file, limit=n_layers)
+    tile = positive_int(params, "vision_chunk_size", params_file, limit=MAX_TILE_SIZE)
+    tiles = positive_int(params, "vision_max_num_chunks", params_file, 4, limit=MAX_TILES)
+    files = [resolve_inside(folder, f.name, what="weight file") for f in meta_weight_files(folder)]
     if not files:
         raise CheckpointError(f"{folder}: no consolidated.NN.pth weight files")
-    shards = [load_pth(f) for f in files]
-    for f, s in zip(files[1:], shards[1:]):
-        if set(s) != set(shards[0]):
-            diff = sorted(set(s) ^ set(shards[0]))
-            raise CheckpointError(f"{f}: tensor names differ from {files[0].name} (e.g. {diff[0]!r})")
+    shards = load_shards(files)
     for name in shards[0]:
         if name not in IGNORED and _lookup(name)[0] is None:
             raise CheckpointError(f"{files[0]}: unexpected tensor {name!r} in a Llama 3.2 Vision checkpoint")
     return params, params_file, (n_layers, n_cross, tile, tiles), files, shards
 
 
-def _shape(name: str, shards: list[dict], files: list[Path]) -> list[int]:
+def _tensor(name: str, shards: list[dict], files: list[Path]):
+    """A tensor's shards as one lazy tensor (shapes checked, nothing read)."""
     if name not in shards[0]:
         raise CheckpointError(f"{files[0]}: missing tensor {name!r}")
-    parts = [s[name].shape for s in shards]
-    axis = shard_axis(name)
-    shape = list(parts[0])
-    for p, f in zip(parts[1:], files[1:]):
-        if len(p) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(p, parts[0])) if i != axis):
-            raise CheckpointError(f"{f}: shard of {name!r} has shape {list(p)}, shard 0 has {list(parts[0])}")
-        if axis is not None:
-            shape[axis] += p[axis]
-    return shape
+    return merge_shards(name, [s[name] for s in shards], files, shard_axis(name))
+
+
+def _shape(name: str, shards: list[dict], files: list[Path]) -> list[int]:
+    return list(_tensor(name, shards, files).shape)
 
 
 def _config(params: dict, file: Path, sizes, shards: list[dict], files: list[Path]) -> dict:
@@ -328,13 +306,6 @@ def meta_mllama_config(folder: str | Path) -> dict:
     return {**_config(params, file, sizes, shards, files), META_LAYOUT: True}
 
 
-def _merge(name: str, parts: list[PthTensor]) -> mx.array:
-    axis = shard_axis(name)
-    if axis is None or len(parts) == 1:
-        return parts[0].to_mlx()
-    return mx.concatenate([p.to_mlx() for p in parts], axis=axis)
-
-
 def _rope_halves(w: mx.array, heads: int) -> mx.array:
     """q/k rows from Meta's interleaved RoPE pairs to Hugging Face's halves (transformers' permute_for_rope)."""
     rows, cols = w.shape
@@ -378,8 +349,8 @@ def read_meta_mllama(folder: str | Path, config: dict, model=None) -> dict[str, 
             if n >= n_cross:
                 raise CheckpointError(f"{files[0]}: {name!r}: there are {n_cross} cross-attention layers")
             target = target.replace("{cross}", str(cross_at[n]))
-        shape = _shape(name, shards, files)  # shards agree
-        w = _merge(name, [s[name] for s in shards])
+        tensor = _tensor(name, shards, files)
+        shape, w = list(tensor.shape), tensor.read()
         try:
             if name.startswith("text_model.layers.") and name.endswith((".wq.weight", ".wk.weight")):
                 w = _rope_halves(w, heads if ".wq." in name else kv_heads)
@@ -405,7 +376,7 @@ def read_meta_mllama(folder: str | Path, config: dict, model=None) -> dict[str, 
         raise CheckpointError(f"{files[0]}: {LEARNABLE!r} must hold the 8 rows past the vocabulary (the image "
                               "token first)")
     key = "language_model.model.embed_tokens.weight"
-    out[key] = mx.concatenate([out[key], _merge(LEARNABLE, [s[LEARNABLE] for s in shards]).astype(out[key].dtype)])
+    out[key] = mx.concatenate([out[key], _tensor(LEARNABLE, shards, files).read().astype(out[key].dtype)])
     if expected and (tuple(out[key].shape) != expected[key] or set(out) != set(expected)):
         name = next(iter(sorted(set(expected) - set(out))), key)
         raise CheckpointError(f"{files[0]}: no tensor gives the model's {name} (shape {list(expected[name])})")
