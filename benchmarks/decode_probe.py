@@ -12,6 +12,10 @@ graph for the device), and waiting for the result. Parity compares the two paths
 ten decode steps, after a short prompt and after one long enough for split attention. With
 --mlx-lm, mlx-lm's model of the same shape is timed the same way (its generate_step, then its
 model's graph a step): the host time a step costs (build + async_eval) ours against theirs.
+With --variants, alternating trials of mlx-lm's generate_step and ours on the Metal row as built
+(q/k/v and gate/up fused), unfused, and fused with the one-token q/k/v split before RoPE (as
+mlx-lm's separate projections give it): median tokens/s of each, which says what fusion and
+the one-token layout cost or save where a step is bound by host time (a GPU).
 With --nodes, the primitives of one decode step's graph (`mx.export_to_dot`), ours on the Metal
 row against mlx-lm's, by kind (on a CPU the `mx.fast` ops appear as their fallback graphs, on both sides).
 """
@@ -35,6 +39,7 @@ import mlx.nn as nn  # noqa: E402
 
 from benchmarks.random_model import shape_config  # noqa: E402
 from llama_mlx import backends  # noqa: E402
+from llama_mlx.backends import fusion  # noqa: E402
 from llama_mlx.cache import make_prompt_cache  # noqa: E402
 from llama_mlx.generate import generate_step  # noqa: E402
 from llama_mlx.model import Model, ModelArgs  # noqa: E402
@@ -172,6 +177,67 @@ def graph_nodes(shape: str) -> str:
             f"{a / b:.2f}x | differing kinds, ours/mlx-lm: {kinds}")
 
 
+class _SplitAttention(fusion.FusedAttention):
+    """Fused q/k/v whose one-token output is split, then reshaped and rotated per projection."""
+
+    def project(self, x, offset):
+        B, L, _ = x.shape
+        if L > 1:
+            return super().project(x, offset)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = mx.split(self.qkv_proj(x), [q_dim, q_dim + kv_dim], axis=-1)
+        q = self.rope(q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3), offset)
+        k = self.rope(k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3), offset)
+        return q, k, v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+
+
+def variants(shape: str, prompt: int, gen: int, trials: int) -> str:
+    """Median decode tokens/s over alternating trials: mlx-lm, ours fused / unfused / split (Metal row)."""
+    import importlib
+
+    from mlx_lm.models import llama as mlx_lm_llama
+
+    gen_mod = importlib.import_module("mlx_lm.generate")
+    theirs = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(shape_config(shape)))
+    if mx.default_device() == mx.gpu:
+        theirs.set_dtype(mx.bfloat16)
+    nn.quantize(theirs, group_size=64, bits=4)
+    mx.eval(theirs.parameters())
+    fused = build(shape, "metal")
+    split = build(shape, "metal")
+    for layer in split.layers:
+        layer.self_attn.__class__ = _SplitAttention
+    unfused = Model(ModelArgs.from_dict(shape_config(shape)))
+    if mx.default_device() == mx.gpu:
+        unfused.set_dtype(mx.bfloat16)
+    nn.quantize(unfused, group_size=64, bits=4)
+    previous = backends.use("metal")
+    try:
+        backends.prepare(unfused, fuse=False)
+        mx.eval(unfused.parameters())
+        p = mx.random.randint(0, min(theirs.args.vocab_size, 1000), (prompt,))
+        runs = {
+            "mlx-lm": lambda: gen_mod.generate_step(p, theirs, max_tokens=gen),
+            "fused": lambda: generate_step(p, fused, max_tokens=gen),
+            "unfused": lambda: generate_step(p, unfused, max_tokens=gen),
+            "split": lambda: generate_step(p, split, max_tokens=gen),
+        }
+        tps = {name: [] for name in runs}
+        for trial in range(trials + 1):  # the first round warms up, untimed
+            for name, run in runs.items():
+                t0 = None
+                for n, _ in enumerate(run()):
+                    if n == 1:
+                        t0 = time.perf_counter()
+                if trial:
+                    tps[name].append((gen - 2) / (time.perf_counter() - t0))
+    finally:
+        backends.use(previous)
+    med = {name: statistics.median(v) for name, v in tps.items()}
+    return " | ".join(f"{name} {med[name]:.1f} tok/s ({med[name] / med['mlx-lm']:.2f}x) [{min(v):.0f}-{max(v):.0f}]"
+                      for name, v in tps.items())
+
+
 def _host_times(logits, y) -> str:
     # Per decode step: building the graph, handing it to the device (async_eval), then waiting for it.
     build_s, encode_s, wait_s = [], [], []
@@ -199,12 +265,19 @@ def main(argv=None) -> int:
     ap.add_argument("--parity-only", action="store_true")
     ap.add_argument("--mlx-lm", action="store_true", help="also mlx-lm's model of each shape, timed the same way")
     ap.add_argument("--nodes", action="store_true", help="only count one decode step's graph nodes, ours vs mlx-lm")
+    ap.add_argument("--variants", type=int, default=0, metavar="N",
+                    help="only N alternating trials of mlx-lm and our Metal-row variants (fused, unfused, split)")
     ap.add_argument("--rows", default="metal,default", help="rows to time: metal (the model's graph), default")
     args = ap.parse_args(argv)
     print(f"mlx {mx.__version__} on {mx.default_device()} ({mx.device_info().get('device_name', '?')})", flush=True)
     for name in args.models.split(","):
         if args.nodes:
             print(f"{name}: {graph_nodes(name)}", flush=True)
+            continue
+        if args.variants:
+            print(f"{name}: {variants(name, args.prompt_tokens, args.gen_tokens, args.variants)}", flush=True)
+            gc.collect()
+            mx.clear_cache()
             continue
         model = build(name)
         vocab = min(model.args.vocab_size, 1000)
