@@ -447,6 +447,7 @@ class BatchEngine:
             self.step()
         finally:
             self.driven = False
+            backends.finish_thread()
 
     def start(self) -> None:
         """Run `serve` on a thread of the engine's own until `close`."""

@@ -463,6 +463,7 @@ class Engine:
         finally:
             if self.lockstep is not None and self.model is not None:
                 self.lockstep.shutdown()  # (a failed load failed on every rank: nobody waits then)
+            backends.finish_thread()
 
     def _serve(self) -> None:
         try:

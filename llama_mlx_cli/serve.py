@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -291,11 +292,11 @@ def serve(
     if not listened:
         error_line(f"could not listen on {host}:{port}")
     if leader is not None:
-        # Under mlx.launch, leave without the interpreter's teardown: its C++ destructors could abort
-        # (SIGABRT, "terminate called without an active exception") while a ring thread still waits on a peer.
         leader.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0 if listened else 1)
-    if not listened:
-        raise typer.Exit(1)
+    # The engines' threads have drained their streams; leave without the interpreter's teardown all
+    # the same: MLX's C++ destructors may abort it (SIGABRT, "terminate called without an active
+    # exception") while a thread, a ring peer's under mlx.launch, still waits.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if listened else 1)

@@ -41,7 +41,7 @@ from .steps import GRAPHS, AllPositionsStep, CompiledCheckStep, CompiledStep, Gr
 
 __all__ = [
     "BACKENDS", "Backend", "CPU", "CUDA", "GRAPHS", "METAL", "Step", "check_cost", "compute_dtype", "current",
-    "decode_step", "draft_tokens", "lookup_by_default", "prepare", "read_ahead", "rows_step", "use", "verify_step",
+    "decode_step", "draft_tokens", "finish_thread", "lookup_by_default", "prepare", "read_ahead", "rows_step", "use", "verify_step",
     "warmup_batch_sizes", "wired_limit",
     "AllPositionsStep", "CompiledCheckStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder",
 ]
@@ -263,6 +263,16 @@ def lookup_by_default() -> bool:
 def read_ahead() -> int:
     """Speculative rounds the row queues ahead of the host where its steps are `positioned`."""
     return current().read_ahead
+
+
+def finish_thread() -> None:
+    """Wait for everything this thread queued on the device and the CPU to finish. A thread that
+    ran a model calls it before it ends: MLX's stream threads must be idle when the process
+    exits, or tearing them down may abort it (SIGABRT, "terminate called without an active
+    exception"), and no other thread can wait on this one's streams."""
+    if mx.default_device() != mx.cpu:
+        mx.synchronize(mx.default_stream(mx.default_device()))
+    cpu.drain_thread()
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ __all__ = [
     "ThreadedMLP",
     "ThreadedQuantizedEmbedding",
     "ThreadedQuantizedLinear",
+    "drain_thread",
     "row_parts",
     "threaded_quantized_matmul",
     "use_threads",
@@ -43,7 +44,7 @@ def _streams(n: int) -> list:
         return _cpu_streams[:n]
     if not _drain_registered:
         _drain_registered = True
-        atexit.register(_drain)
+        atexit.register(drain_thread)
     # A new stream starts a thread, which inherits this thread's signal mask: with SIGINT blocked
     # there, Ctrl-C always reaches the main thread (else it may wake a worker and be missed).
     blocking = hasattr(signal, "pthread_sigmask")
@@ -58,10 +59,12 @@ def _streams(n: int) -> list:
     return _cpu_streams[:n]
 
 
-def _drain() -> None:
+def drain_thread() -> None:
+    """Wait for the work this thread queued on its CPU streams to finish."""
     # Work still queued at exit (a decode step runs one token ahead) must finish before MLX tears
     # its stream threads down: a stream waiting on another one already stopped would never return.
-    # (atexit runs on the main thread: the streams it can reach are its own.)
+    # (atexit runs on the main thread, which reaches only its own streams: other threads that ran
+    # a model call `backends.finish_thread` before they end.)
     for stream in [mx.default_stream(mx.cpu), *getattr(_local, "streams", [])]:
         mx.synchronize(stream)
 
