@@ -95,3 +95,21 @@ def tiny_meta_checkpoint(tmp_path_factory) -> Path:
         (folder / name).unlink()
     shutil.copyfile(assets.TOKENIZER_MODEL, folder / "tokenizer.model")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_checkpoint(tmp_path_factory, default_model) -> Path:
+    """A random-weight, 4-bit MLX folder of a tiny Llama 3 shape with SmolLM2's own tokenizer, chat template
+    and end tokens (49152 vocabulary rows, 8192 positions), named `tiny-smol`: for tests whose claim is how
+    SmolLM2's prompts, usage counts and protocols are handled, not what SmolLM2 answers (a token costs
+    ~1/10 of SmolLM2's on this CPU)."""
+    import shutil
+
+    from benchmarks.random_model import SHAPES, write_random_model
+
+    shape = {**SHAPES["tiny"], "vocab_size": 49152, "max_position_embeddings": 8192}
+    folder = write_random_model(tmp_path_factory.mktemp("tiny-smol") / "tiny-smol", shape, bits=4, group_size=64,
+                                dtype="float32")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copyfile(default_model / name, folder / name)
+    return folder

@@ -1,7 +1,11 @@
 """`llama-mlx serve` as a real process on a free loopback port, driven by the official `openai` and
 `anthropic` clients and raw HTTP. Oracles: transformers' tokenizer and chat template for the usage
 counts, jsonschema for structured output, the same request alone for concurrency, the server's own
-non-streamed answer for the streamed one (temperature 0)."""
+non-streamed answer for the streamed one (temperature 0).
+
+Most servers run a tiny random model: `tiny-smol` (SmolLM2's tokenizer, template and end tokens) or
+`tiny` (Meta's tokenizer, Llama 3.1's tool prompts). SmolLM2 itself answers where a real model's
+answer or cost is the claim (structured output, the prefix cache's time to first token)."""
 
 import json
 import os
@@ -27,13 +31,14 @@ from llama_mlx.model import Model, ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
-NAME = MODEL.name  # what requests name it (an unknown name is a 404)
+SMOL = MODEL.name  # what requests to the real SmolLM2 name it (an unknown name is a 404)
+NAME = "tiny-smol"  # the tiny model with SmolLM2's tokenizer (conftest.tiny_smol_checkpoint)
 META = "tiny"  # the tiny Meta-tokenizer model's folder name
 CLI = Path(sys.executable).parent / "llama-mlx"
 KEY = "test-key-123"
 SECRET = "zebra-quartz-7781"  # appears in prompts: must never reach the log
 T0 = {"temperature": 0}  # this anthropic client has no temperature argument
-CACHE_BOUND = 20_000_000  # two ~180-token SmolLM2 caches (46 KB a position in float32) at most, never three
+CACHE_BOUND = 20_000_000  # ~180-token SmolLM2 caches (46 KB a position in float32): two at most, never three
 META_CACHE_BOUND = 450_000  # two ~180-token caches of the tiny model (1 KB a position in float32), never three
 
 WEATHER = {"type": "function", "function": {
@@ -94,17 +99,25 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_smol_checkpoint):
     s = Server(tmp_path_factory.mktemp("serve"), "--api-key", KEY, "--max-concurrency", "3", "--queue-size", "8",
-               "--prompt-cache-bytes", str(CACHE_BOUND), "--max-body-bytes", "1000000")
+               "--max-body-bytes", "1000000", model=tiny_smol_checkpoint)
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def smol(tmp_path_factory):
+    """The real SmolLM2 (the default model)."""
+    s = Server(tmp_path_factory.mktemp("serve-smol"), "--api-key", KEY, "--prompt-cache-bytes", str(CACHE_BOUND))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, tiny_smol_checkpoint):
     s = Server(tmp_path_factory.mktemp("serve1"), "--max-concurrency", "1", "--queue-size", "1",
-               "--shutdown-timeout", "60")  # (test_sigterm_finishes_in_flight_then_exits_0 drains)
+               "--shutdown-timeout", "60", model=tiny_smol_checkpoint)  # (the SIGTERM test drains)
     yield s
     s.stop()
 
@@ -147,13 +160,13 @@ def stop_bias(server) -> dict:
     return {"0": -100, "2": -100}
 
 
-def chat(oai, content, **kw):
-    return oai.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}],
-                                       temperature=0, **kw)
+def chat(oai, content, model=NAME, **kw):
+    return oai.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                       **{"temperature": 0, **kw})
 
 
-def stream_chat(oai, content, **kw):
-    chunks = list(oai.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}],
+def stream_chat(oai, content, model=NAME, **kw):
+    chunks = list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                               temperature=0, stream=True, **kw))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return text, chunks
@@ -165,7 +178,7 @@ def stream_chat(oai, content, **kw):
 def test_health_and_models(server, oai):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     first = oai.models.list().data[0]  # the default model first, then what `llama-mlx list` shows
-    assert first.id == "SmolLM2-135M-Instruct" and first.loaded is True
+    assert first.id == NAME and first.loaded is True
 
 
 def test_chat_stream_equals_non_stream_and_usage_is_real(server, oai, hf):
@@ -325,15 +338,16 @@ def test_tools_the_template_ignores_are_never_pretended(server, oai):
     assert [b.type for b in raw.parse().content] == ["text"]
 
 
-def test_json_schema_output_validates(oai):
+def test_json_schema_output_validates(smol):
+    # (SmolLM2: a real model closes its JSON; a random one may ramble on inside a string)
+    oai = smol.openai()
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 120}},
               "required": ["name", "age"], "additionalProperties": False}
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
-    for seed in (1, 2):
-        r = chat(oai, "Describe a person.", max_tokens=60, response_format=fmt, seed=seed).choices[0]
-        jsonschema.validate(json.loads(r.message.content), schema)
-    text, _ = stream_chat(oai, "Give me JSON.", max_tokens=60, response_format={"type": "json_object"})
+    r = chat(oai, "Describe a person.", SMOL, max_tokens=60, response_format=fmt, temperature=0.8, seed=1).choices[0]
+    jsonschema.validate(json.loads(r.message.content), schema)
+    text, _ = stream_chat(oai, "Give me JSON.", SMOL, max_tokens=60, response_format={"type": "json_object"})
     assert isinstance(json.loads(text), dict)
 
 
@@ -411,13 +425,14 @@ def _system(tag: str) -> str:
     return f"You are assistant {tag}. " + " ".join(f"Rule {i}: answer {tag} questions with care." for i in range(14))
 
 
-def test_prefix_cache_reuse_and_ttft(server, oai, hf):
-    system = _system("alpha")
+def test_prefix_cache_reuse_and_ttft(smol, hf):
+    # (SmolLM2: a real prefill's cost, against which a cached prefix's time to first token is measured)
+    system, oai = _system("alpha"), smol.openai()
 
     def ask(messages):
         start, ttft = time.perf_counter(), None
         chunks = []
-        for c in oai.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=8, stream=True,
+        for c in oai.chat.completions.create(model=SMOL, messages=messages, temperature=0, max_tokens=4, stream=True,
                                              stream_options={"include_usage": True}):
             if ttft is None and c.choices and c.choices[0].delta.content:
                 ttft = time.perf_counter() - start
@@ -485,7 +500,7 @@ def test_prompts_are_not_logged(server):
 # -- queue bound and shutdown (a server with one slot and one waiting place)
 
 
-def _slow(server, max_tokens=400):
+def _slow(server, max_tokens=4000):
     return httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120, json={
         "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": max_tokens,
         "logit_bias": stop_bias(server), "stream": True})
@@ -493,12 +508,14 @@ def _slow(server, max_tokens=400):
 
 def test_queue_full_is_503(small):
     with _slow(small) as a:
-        next(a.iter_lines())
+        lines = a.iter_lines()  # (kept: a line iterator freed closes the connection, which cancels the job)
+        next(lines)
         with _slow(small) as b:  # waits
             assert b.status_code == 200
             deadline = time.time() + 5
             while small.stats()["waiting"] < 1 and time.time() < deadline:
                 time.sleep(0.05)
+            assert small.stats()["active"] == 1
             r = httpx.post(small.url + "/v1/chat/completions", timeout=30,
                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
             assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error"

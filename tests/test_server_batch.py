@@ -1,7 +1,8 @@
 """`llama-mlx serve` with continuous batching, a KV cap and speculative decoding, as a real process.
 Oracles: each request sent alone to the same server (a batch of one row) for the batched answers,
 the batched server's answer for the speculative one (greedy speculation must not change it), the
-model's config for the KV bytes a request needs."""
+model's config for the KV bytes a request needs. The model is the tiny random one with Meta's
+tokenizer: what is checked is how rows are decoded together, not what the answers say."""
 
 import json
 import threading
@@ -12,14 +13,16 @@ import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_server import MODEL, Server, stop_bias
+from test_server import Server
 
-BIAS = stop_bias(None)  # answers run to max_tokens: rows leave at the steps their lengths say
+# Meta's end tokens barred: answers run to max_tokens, so rows leave at the steps their lengths say.
+BIAS = {"128001": -100, "128008": -100, "128009": -100}
 
 
 @pytest.fixture(scope="module")
-def batched(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("batch"), "--decode-concurrency", "4", "--max-concurrency", "4")
+def batched(tmp_path_factory, tiny_meta_checkpoint):
+    s = Server(tmp_path_factory.mktemp("batch"), "--decode-concurrency", "4", "--max-concurrency", "4",
+               model=tiny_meta_checkpoint)
     yield s
     s.stop()
 
@@ -34,14 +37,15 @@ def ask(server, prompt, max_tokens, path="/v1/completions"):
 def test_joining_mid_stream_equals_alone(batched):
     """A long stream runs; three requests of other prompt lengths and answer lengths join it while
     it decodes (and each other's prefill); every answer equals the same request sent alone."""
-    long = ("Write a long story about a lighthouse keeper.", 28)
+    long = ("Write a long story about a lighthouse keeper.", 160)
     others = [("Hi", 8), ("List the planets of the solar system, from the closest to the sun outwards.", 12),
               ("Name a colour.", 4)]
-    results, threads = {}, []
+    results, ended, threads = {}, {}, []
 
     def run(i, prompt, n, delay):
         time.sleep(delay)
         results[i] = ask(batched, prompt, n)["choices"][0]["text"]
+        ended[i] = time.monotonic()
 
     with httpx.stream("POST", batched.url + "/v1/completions", timeout=300, json={
             "prompt": long[0], "max_tokens": long[1], "temperature": 0, "logit_bias": BIAS, "stream": True}) as r:
@@ -51,14 +55,17 @@ def test_joining_mid_stream_equals_alone(batched):
                 continue
             texts.append(json.loads(line[6:])["choices"][0]["text"])
             if len(texts) == 4:  # mid-stream: the others join now, a little apart
-                threads = [threading.Thread(target=run, args=(i, p, n, 0.4 * i)) for i, (p, n) in enumerate(others)]
+                threads = [threading.Thread(target=run, args=(i, p, n, 0.1 * i)) for i, (p, n) in enumerate(others)]
                 for t in threads:
                     t.start()
         results["long"] = "".join(texts)
+        long_ended = time.monotonic()
     for t in threads:
         t.join(300)
     stats = batched.stats()["batch"]
     assert stats["max_rows"] > 1 and stats["multi_row_steps"] > 0, stats
+    print(f"the others ended {[round(long_ended - ended[i], 2) for i in ended]} s before the long one; {stats}")
+    assert all(ended[i] < long_ended for i in range(len(others)))  # each joined and left while it ran
     alone = {i: ask(batched, p, n)["choices"][0]["text"] for i, (p, n) in enumerate(others)}
     alone["long"] = ask(batched, *long)["choices"][0]["text"]
     assert results == alone
@@ -94,12 +101,9 @@ def test_batched_chat_with_logprobs_and_schema_equals_alone(batched):
     assert all(abs(a["logprob"] - b["logprob"]) < 1e-3 for a, b in zip(got, want))
 
 
-def bytes_per_token() -> int:
+def bytes_per_token(model) -> int:
     """Keys and values of every layer, float32 (the CPU backend's compute dtype), for one position."""
-    from llama_mlx.resolve import ensure_default_model
-
-    ensure_default_model()
-    c = json.loads((MODEL / "config.json").read_text())
+    c = json.loads((model / "config.json").read_text())
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 4
 
@@ -107,13 +111,14 @@ def bytes_per_token() -> int:
 PROMPT = list(range(1000, 1020))  # 20 tokens
 
 
-def kv_cap() -> int:
+def kv_cap(model) -> int:
     """One request of 20 + 20 positions (and its 256-position prefill buffer) fits; two do not."""
-    return (20 + 20 + 256) * bytes_per_token()
+    return (20 + 20 + 256) * bytes_per_token(model)
 
 
-def test_kv_cap_refuses_what_never_fits_and_queues_what_fits(tmp_path):
-    s = Server(tmp_path, "--max-kv-bytes", str(kv_cap()), "--prompt-cache-bytes", "0")
+def test_kv_cap_refuses_what_never_fits_and_queues_what_fits(tmp_path, tiny_meta_checkpoint):
+    s = Server(tmp_path, "--max-kv-bytes", str(kv_cap(tiny_meta_checkpoint)), "--prompt-cache-bytes", "0",
+               model=tiny_meta_checkpoint)
     try:
         r = httpx.post(s.url + "/v1/completions", timeout=60,
                        json={"prompt": PROMPT, "max_tokens": 100, "temperature": 0})
@@ -132,11 +137,11 @@ def test_kv_cap_refuses_what_never_fits_and_queues_what_fits(tmp_path):
         s.stop()
 
 
-def test_prompt_lookup_server_equals_plain(batched, tmp_path):
+def test_prompt_lookup_server_equals_plain(batched, tmp_path, tiny_meta_checkpoint):
     """--prompt-lookup 3: requests run alone, speculatively; greedy answers equal the batched server's."""
     prompt = "Copy this line twice: the quick brown fox jumps over the lazy dog. the quick brown fox"
     plain = ask(batched, prompt, 24)["choices"][0]["text"]
-    s = Server(tmp_path, "--prompt-lookup", "3")
+    s = Server(tmp_path, "--prompt-lookup", "3", model=tiny_meta_checkpoint)
     try:
         assert s.stats()["speculative"] == ["prompt_lookup"] and not s.stats()["batch"]["enabled"]
         assert ask(s, prompt, 24)["choices"][0]["text"] == plain

@@ -12,7 +12,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import KEY, MODEL, NAME, Server
+from test_server import KEY, MODEL, SMOL as NAME, Server
 
 from llama_mlx.generate import stream_generate
 from llama_mlx.loading import load
@@ -264,7 +264,9 @@ def test_stream_goes_on_while_another_model_loads_and_keep_alive(kept):
     ended = time.monotonic()
     during = [s for s in stamps if start < s < done]
     gaps = [b - a for a, b in zip(stamps, stamps[1:]) if start <= b and a <= done]
-    assert len(stamps) > 50 and len(during) >= 3 and max(gaps) < 1.0, (len(during), max(gaps), done - start)
+    # (the tiny load takes ~0.7 s here, a SmolLM2 token 0.2-0.35 s: a stream held up by the load would
+    # show one chunk in that window at most, and a gap as long as the load)
+    assert len(stamps) > 50 and len(during) >= 2 and max(gaps) < 1.0, (len(during), max(gaps), done - start)
     while loaded(kept)[TINY]:
         assert time.monotonic() - done < 15, "keep-alive never unloaded the tiny model"
         time.sleep(0.1)
