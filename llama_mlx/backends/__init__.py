@@ -102,7 +102,8 @@ CPU = Backend(
 # - The weights' dtype: Metal's fp16/bf16 kernels are MLX's native path (mlx-lm runs them).
 # - Fused q/k/v and gate/up: the same bytes read in 2 matmuls instead of 5 per layer, fewer
 #   dispatches a token; a prompt runs the fused weight as row blocks (fusion.py). Measured on the
-#   proxy (H100, CUDA kernels off) beside mlx-lm: docs/ARCHITECTURE.md.
+#   proxy (H100, this row forced, 7 alternating trials, 1B shape): fused 1.15x mlx-lm's decode,
+#   unfused 1.01x (benchmarks/results/gpu-nvidia-h100-2026-12-08.md).
 # - No load-time transform: the other rows' suit their own backends' kernels (one thread per
 #   quantized matmul on the CPU, 2-7 row matmuls padded to 8 on CUDA); Metal's run as mlx-lm's do.
 # - One-token step and check as the model's graph, as mlx-lm runs them: Metal encodes a node in

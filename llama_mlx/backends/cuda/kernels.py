@@ -44,11 +44,12 @@ __all__ = [
 ROWS_PER_BLOCK = 16  # one warp per output row
 ATTN_CHUNK = 128  # positions per attention block (a warp each 32); blocks are merged in a second pass
 ATTN_WARPS = 4
-# Buffers of this many positions and more are attended by MLX's scaled_dot_product_attention
-# (masked to each row's positions) instead of the kernel, which loses there. 4096 from issue 33's
-# H100 figure (8B after 4,096 prompt tokens: 119-124 tok/s with the kernel, 157 without); the
-# crossing itself is what benchmarks/attention_probe.py measures (not yet run on a GPU).
-SDPA_FROM = 4096
+# Buffers of this many positions and more would be attended by MLX's scaled_dot_product_attention
+# (masked to each row's positions) instead of the kernel. Never: on an H100 the kernel won at every
+# length measured, 1024-8192 positions, 1 and 8 rows, 1B and 8B heads (benchmarks/attention_probe.py,
+# results/attention_probe-gpu-nvidia-h100.json: 33-280 us vs 72-608 us a call), and decoding at
+# position 4096 took 0.80x (1B) and 0.77x (8B) of mlx-lm's time a token (results/gpu-nvidia-h100-2026-12-08.md).
+SDPA_FROM = 1 << 30
 
 _HEADER = r"""
 #define NEG_INF __int_as_float(0xff800000u)
