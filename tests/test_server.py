@@ -421,13 +421,13 @@ def test_concurrent_answers_equal_answers_alone(meta_oai):
     assert together == alone * 2
 
 
-def _system(tag: str) -> str:
-    return f"You are assistant {tag}. " + " ".join(f"Rule {i}: answer {tag} questions with care." for i in range(14))
+def _system(tag: str, rules: int = 14) -> str:
+    return f"You are assistant {tag}. " + " ".join(f"Rule {i}: answer {tag} questions with care." for i in range(rules))
 
 
 def test_prefix_cache_reuse_and_ttft(smol, hf):
     # (SmolLM2: a real prefill's cost, against which a cached prefix's time to first token is measured)
-    system, oai = _system("alpha"), smol.openai()
+    system, oai = _system("alpha", rules=8), smol.openai()  # (101 tokens: ~8x the warm turn's new ones)
 
     def ask(messages):
         start, ttft = time.perf_counter(), None
@@ -442,7 +442,7 @@ def test_prefix_cache_reuse_and_ttft(smol, hf):
 
     first = [{"role": "system", "content": system}, {"role": "user", "content": "Hello?"}]
     cold_ttft, cold, answer = ask(first)
-    assert cold.prompt_tokens_details.cached_tokens == 0 and cold.prompt_tokens > 120
+    assert cold.prompt_tokens_details.cached_tokens == 0 and cold.prompt_tokens > 90
     warm_ttft, warm, _ = ask([first[0], {"role": "user", "content": "Who are you?"}])
     system_len = hf_chat_len(hf, [first[0]]) - 6  # the system turn, less the (generation) headers
     assert warm.prompt_tokens_details.cached_tokens >= system_len
