@@ -247,8 +247,9 @@ def test_smollm2_joining_mid_stream_equals_alone(smol):
     assert len(ends) == 4
 
 
-def test_batch_generate_texts_equal_generate_alone(smol):
-    model, tokenizer = smol
+def test_batch_generate_texts_equal_generate_alone(tiny_smol_checkpoint):
+    # (the batch_generate API against generate, not SmolLM2's text: the tiny model on SmolLM2's template)
+    model, tokenizer = llama_mlx.load(tiny_smol_checkpoint)
     # Two rows of 18 and 24 prompt tokens (the four-row mix is the test above's, on the engine itself).
     prompts = [PROMPTS[0], PROMPTS[2]]
     result = batch_generate(model, tokenizer, prompts, max_tokens=[3, 5], prefill_chunk=CHUNK)
