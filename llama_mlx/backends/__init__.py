@@ -41,8 +41,8 @@ from .steps import GRAPHS, AllPositionsStep, CompiledCheckStep, CompiledStep, Gr
 
 __all__ = [
     "BACKENDS", "Backend", "CPU", "CUDA", "GRAPHS", "METAL", "Step", "check_cost", "compute_dtype", "current",
-    "decode_step", "draft_tokens", "finish_thread", "lookup_by_default", "prepare", "read_ahead", "rows_step", "use", "verify_step",
-    "warmup_batch_sizes", "wired_limit",
+    "decode_step", "draft_tokens", "finish_thread", "lookup_by_default", "prepare", "read_ahead", "rows_step", "use",
+    "verify_step", "warmup_batch_sizes", "wired_limit",
     "AllPositionsStep", "CompiledCheckStep", "CompiledStep", "GraphStep", "MaskedDecoder", "RowsDecoder",
 ]
 
