@@ -105,19 +105,26 @@ def _breakdown(model: Model, row, prompt: int, gen: int, vocab: int) -> str:
     return f"{'default' if row is None else 'graph'}: {tps:7.1f} tok/s | " + _host_times(step, y)
 
 
-def mlx_lm_breakdown(shape: str, prompt: int, gen: int, vocab: int) -> str:
-    """mlx-lm's model of the same shape (its own random 4-bit weights), timed as `_breakdown`."""
-    import importlib
-
+def _mlx_lm_model(shape: str):
+    """mlx-lm's model of a shape with its own random 4-bit weights (bfloat16 on GPUs), as `build` makes ours."""
     from mlx_lm.models import llama as mlx_lm_llama
-    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
-    gen_mod = importlib.import_module("mlx_lm.generate")
     model = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(shape_config(shape)))
     if mx.default_device() == mx.gpu:
         model.set_dtype(mx.bfloat16)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
+    return model
+
+
+def mlx_lm_breakdown(shape: str, prompt: int, gen: int, vocab: int) -> str:
+    """mlx-lm's model of the same shape (its own random 4-bit weights), timed as `_breakdown`."""
+    import importlib
+
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    gen_mod = importlib.import_module("mlx_lm.generate")
+    model = _mlx_lm_model(shape)
     p = mx.random.randint(0, vocab, (prompt,))
     for _ in gen_mod.generate_step(p, model, max_tokens=4):
         pass
@@ -195,14 +202,8 @@ def variants(shape: str, prompt: int, gen: int, trials: int) -> str:
     """Median decode tokens/s over alternating trials: mlx-lm, ours fused / unfused / split (Metal row)."""
     import importlib
 
-    from mlx_lm.models import llama as mlx_lm_llama
-
     gen_mod = importlib.import_module("mlx_lm.generate")
-    theirs = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(shape_config(shape)))
-    if mx.default_device() == mx.gpu:
-        theirs.set_dtype(mx.bfloat16)
-    nn.quantize(theirs, group_size=64, bits=4)
-    mx.eval(theirs.parameters())
+    theirs = _mlx_lm_model(shape)
     fused = build(shape, "metal")
     split = build(shape, "metal")
     for layer in split.layers:
