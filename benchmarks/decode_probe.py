@@ -45,7 +45,7 @@ from llama_mlx.generate import generate_step  # noqa: E402
 from llama_mlx.model import Model, ModelArgs  # noqa: E402
 
 
-def build(shape: str, row=None) -> Model:
+def build(shape: str, row=None, fuse: bool = True) -> Model:
     model = Model(ModelArgs.from_dict(shape_config(shape)))
     if mx.default_device() == mx.gpu:
         model.set_dtype(mx.bfloat16)
@@ -53,7 +53,7 @@ def build(shape: str, row=None) -> Model:
     mx.eval(model.parameters())
     previous = backends.use(row)  # prepared as that row prepares it (dtype, fusion, transform)
     try:
-        backends.prepare(model, fuse=True, threads=1)  # fused everywhere, one CPU thread: the paths compared
+        backends.prepare(model, fuse=fuse, threads=1)  # fused everywhere unless asked, one CPU thread
     finally:
         backends.use(previous)
     mx.eval(model.parameters())
@@ -208,14 +208,9 @@ def variants(shape: str, prompt: int, gen: int, trials: int) -> str:
     split = build(shape, "metal")
     for layer in split.layers:
         layer.self_attn.__class__ = _SplitAttention
-    unfused = Model(ModelArgs.from_dict(shape_config(shape)))
-    if mx.default_device() == mx.gpu:
-        unfused.set_dtype(mx.bfloat16)
-    nn.quantize(unfused, group_size=64, bits=4)
+    unfused = build(shape, "metal", fuse=False)
     previous = backends.use("metal")
     try:
-        backends.prepare(unfused, fuse=False)
-        mx.eval(unfused.parameters())
         p = mx.random.randint(0, min(theirs.args.vocab_size, 1000), (prompt,))
         runs = {
             "mlx-lm": lambda: gen_mod.generate_step(p, theirs, max_tokens=gen),

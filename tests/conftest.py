@@ -80,21 +80,28 @@ def load_checkpoint(path, *, rope_factor=None):
     return ckpt.config, LazyWeights(ckpt.tensors), load_tokenizer(ckpt.tokenizer_source or ckpt.path)
 
 
+def _tiny_folder(tmp_path_factory, name: str, vocab: int, tokenizer_files: list[Path], **sizes) -> Path:
+    """A random-weight, 4-bit float32 MLX folder of the tiny shape whose word-level tokenizer (the random
+    model's own) is replaced by `tokenizer_files`."""
+    import shutil
+
+    from benchmarks.random_model import SHAPES, write_random_model
+
+    folder = write_random_model(tmp_path_factory.mktemp(name) / name, {**SHAPES["tiny"], "vocab_size": vocab, **sizes},
+                                bits=4, group_size=64, dtype="float32")
+    for own in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / own).unlink()
+    for f in tokenizer_files:
+        shutil.copyfile(f, folder / f.name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_meta_checkpoint(tmp_path_factory) -> Path:
     """A random-weight, 4-bit MLX folder of a tiny Llama 3 shape (128256 vocabulary rows) with Meta's
     real tokenizer.model and no chat template: it loads with Meta's Llama 3 chat format, whose tool
     prompts are Llama 3.1's layout."""
-    import shutil
-
-    from benchmarks.random_model import SHAPES, write_random_model
-
-    folder = write_random_model(tmp_path_factory.mktemp("tiny-meta") / "tiny", {**SHAPES["tiny"], "vocab_size": 128256},
-                                bits=4, group_size=64, dtype="float32")
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # the random model's own word-level tokenizer
-        (folder / name).unlink()
-    shutil.copyfile(assets.TOKENIZER_MODEL, folder / "tokenizer.model")
-    return folder
+    return _tiny_folder(tmp_path_factory, "tiny", 128256, [assets.TOKENIZER_MODEL])
 
 
 @pytest.fixture(scope="session")
@@ -103,13 +110,6 @@ def tiny_smol_checkpoint(tmp_path_factory, default_model) -> Path:
     and end tokens (49152 vocabulary rows, 8192 positions), named `tiny-smol`: for tests whose claim is how
     SmolLM2's prompts, usage counts and protocols are handled, not what SmolLM2 answers (a token costs
     ~1/10 of SmolLM2's on this CPU)."""
-    import shutil
-
-    from benchmarks.random_model import SHAPES, write_random_model
-
-    shape = {**SHAPES["tiny"], "vocab_size": 49152, "max_position_embeddings": 8192}
-    folder = write_random_model(tmp_path_factory.mktemp("tiny-smol") / "tiny-smol", shape, bits=4, group_size=64,
-                                dtype="float32")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        shutil.copyfile(default_model / name, folder / name)
-    return folder
+    files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+    return _tiny_folder(tmp_path_factory, "tiny-smol", 49152, [default_model / f for f in files],
+                        max_position_embeddings=8192)

@@ -38,7 +38,6 @@ CLI = Path(sys.executable).parent / "llama-mlx"
 KEY = "test-key-123"
 SECRET = "zebra-quartz-7781"  # appears in prompts: must never reach the log
 T0 = {"temperature": 0}  # this anthropic client has no temperature argument
-CACHE_BOUND = 20_000_000  # ~180-token SmolLM2 caches (46 KB a position in float32): two at most, never three
 META_CACHE_BOUND = 450_000  # two ~180-token caches of the tiny model (1 KB a position in float32), never three
 
 WEATHER = {"type": "function", "function": {
@@ -109,7 +108,7 @@ def server(tmp_path_factory, tiny_smol_checkpoint):
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     """The real SmolLM2 (the default model)."""
-    s = Server(tmp_path_factory.mktemp("serve-smol"), "--api-key", KEY, "--prompt-cache-bytes", str(CACHE_BOUND))
+    s = Server(tmp_path_factory.mktemp("serve-smol"), "--api-key", KEY)
     yield s
     s.stop()
 
